@@ -1,0 +1,2 @@
+//! allot's metering server (filled by the metering-server issue).
+#![forbid(unsafe_code)]

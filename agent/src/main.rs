@@ -1,0 +1,2 @@
+//! `allot-agent`: the metering server binary.
+fn main() {}

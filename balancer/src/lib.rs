@@ -1,0 +1,2 @@
+//! allot's central balancer.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! `allot-balancer`.
+fn main() {}

@@ -1,0 +1,213 @@
+//! The vocabulary of DESIGN.md as types: products and their policies, servers, moves and runs.
+//!
+//! Units are counted as `u32` (a product never has more than a million units per request and a
+//! few billion in total); stores widen them to `BIGINT`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a metering server does when a checkout finds no free unit in its allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Deny (after trying an instant balance) — the licence terms are strict.
+    #[default]
+    HardStop,
+    /// Grant beyond the allocation, flag the checkout as overdraft and raise an event.
+    SoftStop,
+    /// Grant and only count; for site licences where usage is merely measured.
+    NoStop,
+}
+
+/// How checkouts consume units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seat {
+    /// Every checkout takes its own units.
+    #[default]
+    Concurrent,
+    /// Repeated launches by one user on one host share one seat.
+    PerUserHost,
+    /// All launches by one user, on any host, share one seat.
+    PerUser,
+}
+
+/// Who may check a product out. Deny lists win over allow lists; an empty allow list allows all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acl {
+    /// Users allowed; empty means everyone not denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_users: Vec<String>,
+    /// Users refused even if allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_users: Vec<String>,
+    /// Hosts allowed; empty means every host not denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
+    /// Hosts refused even if allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_hosts: Vec<String>,
+    /// Groups allowed (a client states its groups); empty means every group not denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_groups: Vec<String>,
+    /// Groups refused even if allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_groups: Vec<String>,
+}
+
+impl Acl {
+    /// Whether the ACL restricts nobody, so it can be skipped in displays.
+    pub fn is_open(&self) -> bool {
+        *self == Acl::default()
+    }
+
+    /// Every list with its field name, so validation and display walk them uniformly.
+    pub fn lists(&self) -> [(&'static str, &[String]); 6] {
+        [
+            ("acl.allow_users", &self.allow_users),
+            ("acl.deny_users", &self.deny_users),
+            ("acl.allow_hosts", &self.allow_hosts),
+            ("acl.deny_hosts", &self.deny_hosts),
+            ("acl.allow_groups", &self.allow_groups),
+            ("acl.deny_groups", &self.deny_groups),
+        ]
+    }
+}
+
+/// The rules a metering server applies to a product's checkouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// What happens when no unit is free.
+    pub enforcement: Enforcement,
+    /// How checkouts share units.
+    pub seat: Seat,
+    /// How often a client should heartbeat its checkout.
+    pub heartbeat_seconds: u32,
+    /// How long without a heartbeat before a checkout is released (staleout).
+    pub staleout_seconds: u32,
+    /// Who may check the product out.
+    #[serde(default, skip_serializing_if = "Acl::is_open")]
+    pub acl: Acl,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            enforcement: Enforcement::HardStop,
+            seat: Seat::Concurrent,
+            heartbeat_seconds: DEFAULT_HEARTBEAT_SECONDS,
+            staleout_seconds: DEFAULT_STALEOUT_SECONDS,
+            acl: Acl::default(),
+        }
+    }
+}
+
+/// Default heartbeat interval: once a minute keeps the load of 100,000 checkouts modest.
+pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 60;
+/// Default staleout: five missed heartbeats, so a brief network hiccup never frees a seat.
+pub const DEFAULT_STALEOUT_SECONDS: u32 = 300;
+
+/// Lifecycle of a metering server as the balancer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    /// Takes part in balancing.
+    Active,
+    /// Being emptied: the planner targets zero above in-use and ignores its minimums.
+    Draining,
+    /// Unheard of beyond its lease; its units have returned to the reserve.
+    Lost,
+}
+
+/// Direction of a move between a server and the reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveKind {
+    /// Server → reserve. Only free units are ever released.
+    Release,
+    /// Reserve → server. The units travel through in-transit until the server confirms.
+    Grant,
+}
+
+/// Where a move stands in the move log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    /// Logged before it is sent; a grant's units are already in transit.
+    Planned,
+    /// Confirmed by the server and booked.
+    Applied,
+    /// Given up; a grant's in-transit units went back to the reserve.
+    Abandoned,
+}
+
+/// What started a balance run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunTrigger {
+    /// The cron schedule.
+    Scheduled,
+    /// A metering server ran dry and asked.
+    Instant,
+    /// An operator asked (`POST /v1/balance`).
+    Manual,
+    /// A lost server's units came back.
+    Reclaim,
+}
+
+macro_rules! wire_enum_text {
+    ($($ty:ty { $($variant:ident = $text:literal),+ $(,)? })+) => {$(
+        impl $ty {
+            /// The name used on the wire, in the store and on the command line.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(format!(
+                        concat!("unknown ", stringify!($ty), " {:?}; expected one of: ", $($text, " "),+),
+                        s
+                    )),
+                }
+            }
+        }
+    )+};
+}
+
+wire_enum_text! {
+    Enforcement { HardStop = "hard_stop", SoftStop = "soft_stop", NoStop = "no_stop" }
+    Seat { Concurrent = "concurrent", PerUserHost = "per_user_host", PerUser = "per_user" }
+    ServerState { Active = "active", Draining = "draining", Lost = "lost" }
+    MoveKind { Release = "release", Grant = "grant" }
+    MoveState { Planned = "planned", Applied = "applied", Abandoned = "abandoned" }
+    RunTrigger { Scheduled = "scheduled", Instant = "instant", Manual = "manual", Reclaim = "reclaim" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_round_trips_and_matches_serde() {
+        for e in [Enforcement::HardStop, Enforcement::SoftStop, Enforcement::NoStop] {
+            assert_eq!(e.as_str().parse::<Enforcement>().unwrap(), e);
+            assert_eq!(serde_json::to_string(&e).unwrap(), format!("\"{e}\""));
+        }
+        for s in [Seat::Concurrent, Seat::PerUserHost, Seat::PerUser] {
+            assert_eq!(s.as_str().parse::<Seat>().unwrap(), s);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert!("hardstop".parse::<Enforcement>().is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! allot's pure core.
+//!
+//! Everything here is deterministic and free of I/O: the vocabulary of DESIGN.md as types
+//! ([`domain`]), the JSON shapes of the HTTP APIs ([`wire`]), the stable error codes
+//! ([`error`]), the edge validation rules ([`validate`]) and the decision makers that the
+//! balancer and the metering servers call with their inputs (including `now`) as arguments.
+//! Shells — stores, HTTP handlers, schedulers — translate and persist around this crate.
+#![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod error;
+pub mod validate;
+pub mod wire;
+
+pub use error::ErrorCode;

@@ -1,0 +1,184 @@
+//! Validation rules applied at every edge, before anything is stored or sent.
+//!
+//! One definition per rule so the balancer, the metering server and the CLI refuse the same
+//! things with the same words.
+
+use crate::domain::{Acl, Policy};
+
+/// The largest unit count a single request may name.
+pub const MAX_UNITS: u32 = 1_000_000;
+/// The longest name (product, server, site, user, host, reference) in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+/// The largest request body any allot API accepts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The most entries one ACL list may hold, to bound the work of every checkout.
+pub const MAX_ACL_ENTRIES: usize = 1_000;
+/// The longest heartbeat interval or staleout: one week.
+pub const MAX_POLICY_SECONDS: u32 = 7 * 24 * 3600;
+
+/// A field that failed validation, with a message that names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The JSON field or flag that was wrong.
+    pub field: String,
+    /// What was wrong with it.
+    pub message: String,
+}
+
+impl Invalid {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A name: 1–128 printable characters, no control characters, no surrounding whitespace.
+pub fn name(field: &str, value: &str) -> Result<(), Invalid> {
+    let chars = value.chars().count();
+    if chars == 0 {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if chars > MAX_NAME_CHARS {
+        return Err(Invalid::new(
+            field,
+            format!("must be at most {MAX_NAME_CHARS} characters, got {chars}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    if value.trim() != value {
+        return Err(Invalid::new(
+            field,
+            "must not start or end with whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// A name that also appears in URL paths: no `/`, so `/v1/products/{name}` stays unambiguous.
+pub fn path_name(field: &str, value: &str) -> Result<(), Invalid> {
+    name(field, value)?;
+    if value.contains('/') {
+        return Err(Invalid::new(field, "must not contain '/'"));
+    }
+    Ok(())
+}
+
+/// A unit count of a request: 1–1,000,000.
+pub fn units(field: &str, value: u32) -> Result<(), Invalid> {
+    if value == 0 || value > MAX_UNITS {
+        return Err(Invalid::new(
+            field,
+            format!("must be between 1 and {MAX_UNITS}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A unit count that may be zero (a minimum or a buffer): 0–1,000,000.
+pub fn units_or_zero(field: &str, value: u32) -> Result<(), Invalid> {
+    if value > MAX_UNITS {
+        return Err(Invalid::new(
+            field,
+            format!("must be between 0 and {MAX_UNITS}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A URL a balancer can call: http or https, with a host.
+pub fn http_url(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.len() > 2048 {
+        return Err(Invalid::new(field, "must be at most 2048 bytes"));
+    }
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"))
+        .ok_or_else(|| Invalid::new(field, "must start with http:// or https://"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Invalid::new(field, "must name a host and contain no whitespace"));
+    }
+    Ok(())
+}
+
+/// A product policy: sane heartbeat and staleout, bounded ACL of valid names.
+pub fn policy(policy: &Policy) -> Result<(), Invalid> {
+    let (hb, so) = (policy.heartbeat_seconds, policy.staleout_seconds);
+    if hb == 0 || hb > MAX_POLICY_SECONDS {
+        return Err(Invalid::new(
+            "heartbeat_seconds",
+            format!("must be between 1 and {MAX_POLICY_SECONDS}, got {hb}"),
+        ));
+    }
+    if so < hb || so > MAX_POLICY_SECONDS {
+        return Err(Invalid::new(
+            "staleout_seconds",
+            format!("must be between heartbeat_seconds ({hb}) and {MAX_POLICY_SECONDS}, got {so}"),
+        ));
+    }
+    acl(&policy.acl)
+}
+
+/// An ACL: each list bounded, each entry a valid name.
+pub fn acl(acl: &Acl) -> Result<(), Invalid> {
+    for (field, list) in acl.lists() {
+        if list.len() > MAX_ACL_ENTRIES {
+            return Err(Invalid::new(
+                field,
+                format!("must hold at most {MAX_ACL_ENTRIES} entries"),
+            ));
+        }
+        for entry in list {
+            name(field, entry)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_bounded_and_printable() {
+        assert!(name("name", "CAD Suite 2026").is_ok());
+        assert!(name("name", "").is_err());
+        assert!(name("name", &"x".repeat(129)).is_err());
+        assert!(name("name", &"é".repeat(128)).is_ok());
+        assert!(name("name", "a\nb").is_err());
+        assert!(name("name", " a").is_err());
+        assert!(path_name("name", "a/b").is_err());
+    }
+
+    #[test]
+    fn units_are_bounded() {
+        assert!(units("units", 0).is_err());
+        assert!(units("units", 1).is_ok());
+        assert!(units("units", MAX_UNITS).is_ok());
+        assert!(units("units", MAX_UNITS + 1).is_err());
+        assert!(units_or_zero("min_units", 0).is_ok());
+    }
+
+    #[test]
+    fn staleout_must_cover_a_heartbeat() {
+        let mut p = Policy::default();
+        assert!(policy(&p).is_ok());
+        p.staleout_seconds = p.heartbeat_seconds - 1;
+        assert_eq!(policy(&p).unwrap_err().field, "staleout_seconds");
+    }
+
+    #[test]
+    fn urls_need_scheme_and_host() {
+        assert!(http_url("url", "http://127.0.0.1:7401").is_ok());
+        assert!(http_url("url", "https://meter.example.com/").is_ok());
+        assert!(http_url("url", "ftp://x").is_err());
+        assert!(http_url("url", "http://").is_err());
+        assert!(http_url("url", "http://a b").is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! The metering server's API: the client side (checkout, heartbeat, checkin, products) and the
+//! balancer side (status, release, grant).
+
+use crate::domain::Policy;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+fn one() -> u32 {
+    1
+}
+
+/// `POST /v1/checkout`: ask for units of a product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// The product's name.
+    pub product: String,
+    /// Who runs the program (ACL and seat rules use it).
+    pub user: String,
+    /// Where the program runs (ACL and seat rules use it).
+    pub host: String,
+    /// Groups the user belongs to, for group ACLs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Units wanted; 1 unless the product counts cores or tokens.
+    #[serde(default = "one")]
+    pub units: u32,
+    /// How long the client will wait in the queue when nothing is free (0 = answer at once).
+    #[serde(default)]
+    pub wait_seconds: u32,
+}
+
+/// The answer to a granted checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutResponse {
+    /// Names the checkout in heartbeats and the checkin.
+    pub handle: String,
+    /// Units held by this checkout's seat.
+    pub units: u32,
+    /// How often to heartbeat.
+    pub heartbeat_seconds: u32,
+    /// True when a soft-stop product granted beyond the allocation.
+    pub overdraft: bool,
+}
+
+/// `POST /v1/heartbeat` and `POST /v1/checkin`: name a checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandleRequest {
+    /// The handle returned by the checkout.
+    pub handle: String,
+}
+
+/// The answer to a heartbeat or a checkin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleResponse {
+    /// The handle acted on.
+    pub handle: String,
+    /// Seconds until the checkout would stale out without another heartbeat (0 after checkin).
+    pub staleout_in_seconds: u32,
+}
+
+/// One product as a metering server's clients see it (`GET /v1/products`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProduct {
+    /// The product's name.
+    pub product: String,
+    /// Units this server holds.
+    pub allocated: u32,
+    /// Units checked out now.
+    pub in_use: u32,
+    /// Units free to check out now (never negative, even in overdraft).
+    pub free: u32,
+    /// Clients waiting in the queue.
+    pub waiting: u32,
+    /// The policy the server applies.
+    pub policy: Policy,
+}
+
+/// `GET /v1/products` on a metering server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProducts {
+    /// One entry per product the server knows.
+    pub products: Vec<AgentProduct>,
+}
+
+/// Counters of one product on one metering server, over some window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageCounters {
+    /// The highest in-use count seen.
+    pub peak_in_use: u32,
+    /// Checkouts granted.
+    pub checkouts: u64,
+    /// Checkouts refused for lack of units.
+    pub denials: u64,
+    /// Checkouts granted beyond the allocation (soft stop).
+    pub overdrafts: u64,
+    /// Checkouts released by staleout.
+    pub staleouts: u64,
+    /// Instant balances asked of the balancer.
+    pub instant_requests: u64,
+}
+
+/// One product in a metering server's status report to the balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductStatus {
+    /// The product's name.
+    pub product: String,
+    /// Units the server holds, as it has applied them.
+    pub allocation: u32,
+    /// Bumped by every applied release or grant, so the balancer can tell what the server saw.
+    pub generation: u64,
+    /// Units checked out now.
+    pub in_use: u32,
+    /// Clients waiting in the queue now.
+    pub waiting: u32,
+    /// Counters since the previous status read (the read resets them).
+    pub since_last: UsageCounters,
+    /// Counters since the server's store was created.
+    pub totals: UsageCounters,
+}
+
+/// `GET /v1/status`: what the balancer needs to plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The server's own name.
+    pub server: String,
+    /// Per product figures.
+    pub products: Vec<ProductStatus>,
+}
+
+/// `POST /v1/allocations/release` and `POST /v1/allocations/grant`: one move, by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The move's id in the balancer's move log; a repeat is answered from the first outcome.
+    pub move_id: Uuid,
+    /// The product's name.
+    pub product: String,
+    /// Units to release or grant.
+    pub units: u32,
+}
+
+/// The outcome of a release or a grant on a metering server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveResponse {
+    /// The move acted on.
+    pub move_id: Uuid,
+    /// Units actually moved: a release takes only free units, so it may move fewer than asked.
+    pub units: u32,
+    /// The server's allocation after the move.
+    pub allocation: u32,
+    /// The allocation's generation after the move.
+    pub generation: u64,
+}
