@@ -153,3 +153,59 @@ pub struct MoveResponse {
     /// The allocation's generation after the move.
     pub generation: u64,
 }
+
+/// `PUT /v1/products/{product}` on a metering server: define a product or replace its policy.
+///
+/// The same fields as [`Policy`], but strict: an unknown field is an error, not a silently
+/// ignored setting (the balancer pushes definitions here; `--products-file` uses it too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductDefinition {
+    /// What happens when no unit is free.
+    #[serde(default)]
+    pub enforcement: crate::domain::Enforcement,
+    /// How checkouts share units.
+    #[serde(default)]
+    pub seat: crate::domain::Seat,
+    /// How often a client should heartbeat.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u32,
+    /// How long without a heartbeat before a checkout is released.
+    #[serde(default = "default_staleout")]
+    pub staleout_seconds: u32,
+    /// Who may check the product out.
+    #[serde(default)]
+    pub acl: crate::domain::Acl,
+}
+
+fn default_heartbeat() -> u32 {
+    crate::domain::DEFAULT_HEARTBEAT_SECONDS
+}
+
+fn default_staleout() -> u32 {
+    crate::domain::DEFAULT_STALEOUT_SECONDS
+}
+
+impl From<ProductDefinition> for Policy {
+    fn from(d: ProductDefinition) -> Self {
+        Policy {
+            enforcement: d.enforcement,
+            seat: d.seat,
+            heartbeat_seconds: d.heartbeat_seconds,
+            staleout_seconds: d.staleout_seconds,
+            acl: d.acl,
+        }
+    }
+}
+
+impl From<Policy> for ProductDefinition {
+    fn from(p: Policy) -> Self {
+        ProductDefinition {
+            enforcement: p.enforcement,
+            seat: p.seat,
+            heartbeat_seconds: p.heartbeat_seconds,
+            staleout_seconds: p.staleout_seconds,
+            acl: p.acl,
+        }
+    }
+}
