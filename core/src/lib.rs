@@ -10,6 +10,7 @@
 pub mod checkout;
 pub mod domain;
 pub mod error;
+pub mod planner;
 pub mod validate;
 pub mod wire;
 
