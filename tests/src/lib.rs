@@ -1,2 +1,6 @@
-//! Harness for the end-to-end tests: start real processes on loopback ports and talk HTTP.
+//! Harness for the tests that cross crates: real processes on loopback ports talked to over
+//! HTTP, and a fresh PostgreSQL database per test for the store conformance suite.
 #![forbid(unsafe_code)]
+
+pub mod pg;
+pub mod process;

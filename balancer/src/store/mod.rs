@@ -1,0 +1,273 @@
+//! The balancer's books: products, purchases, allocations, the reserve, the move log, runs,
+//! usage samples, settings and the audit log.
+//!
+//! [`Store`] speaks in domain words; two implementations share one body of SQL
+//! ([`sql.rs`](sql)), compiled once per backend with that backend's connection type:
+//! [`sqlite`] (the embedded default) and [`postgres`] (production). The SQL is written in the
+//! dialect both accept (`$n` parameters, `RETURNING`, `ON CONFLICT`); the backends differ only
+//! in how a write transaction begins and in their migrations.
+//!
+//! **Conservation is enforced here**: every mutation of purchases, allocations, the reserve or
+//! moves runs in one transaction that keeps `reserve + in_transit + Σ allocation = purchased`,
+//! and a change that would drive the reserve negative is refused with [`StoreError::Conflict`]
+//! (the schema's `CHECK (reserve >= 0)` backs the code up).
+
+pub mod postgres;
+mod rows;
+pub mod sqlite;
+
+use allot_core::domain::{MoveKind, MoveState};
+use allot_core::wire::balancer::{
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
+    RegisterServer, Server, SetAllocation,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Why a store call failed; each variant maps to one stable API error code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named product does not exist.
+    #[error("unknown product {0:?}")]
+    UnknownProduct(String),
+    /// Another addressed thing (server, entitlement, move) does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The change contradicts the books (units not free, duplicate name, stale move).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed; the text is logged, never shown to clients.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed at start.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store could not be opened as configured.
+    #[error("{0}")]
+    Config(String),
+    /// A stored value could not be read back (a bug or a hand-edited database).
+    #[error("corrupt store value: {0}")]
+    Corrupt(String),
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The schedule as stored: a cron expression and the time zone it is read in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScheduleSetting {
+    /// Standard 5- or 6-field cron expression, validated by the API before it is stored.
+    pub cron: String,
+    /// IANA time zone name.
+    pub timezone: String,
+}
+
+/// A move about to be logged (and, for a grant, taken out of the reserve into transit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMove {
+    /// Idempotency key, sent with the move to the metering server.
+    pub id: Uuid,
+    /// The balance run that planned it, if any.
+    pub run_id: Option<i64>,
+    /// The product's name.
+    pub product: String,
+    /// The server's name.
+    pub server: String,
+    /// Release or grant.
+    pub kind: MoveKind,
+    /// Units asked for.
+    pub units: u64,
+    /// The leader epoch that planned it, for fencing.
+    pub epoch: i64,
+}
+
+/// A move as the move log holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MoveRecord {
+    /// The move's id.
+    pub id: Uuid,
+    /// The run that planned it.
+    pub run_id: Option<i64>,
+    /// The product's name.
+    pub product: String,
+    /// The server's name.
+    pub server: String,
+    /// Release or grant.
+    pub kind: MoveKind,
+    /// Units asked for.
+    pub units: u64,
+    /// Planned, applied or abandoned.
+    pub state: MoveState,
+    /// Units the server confirmed, once applied.
+    pub applied_units: Option<u64>,
+    /// The epoch that planned it.
+    pub epoch: i64,
+}
+
+/// One product's books as stored, with the sums they must agree with; see [`BooksCheck::errors`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct BooksCheck {
+    /// The product's name.
+    pub product: String,
+    /// The stored purchased total.
+    pub purchased: i64,
+    /// The stored reserve.
+    pub reserve: i64,
+    /// The stored in-transit count.
+    pub in_transit: i64,
+    /// Σ allocations of the product.
+    pub allocated: i64,
+    /// Σ live (not removed) entitlements.
+    pub entitled: i64,
+    /// Σ units of grants still planned (their units are in transit).
+    pub planned_grants: i64,
+}
+
+impl BooksCheck {
+    /// Every way these books disagree with themselves; empty when they balance.
+    pub fn errors(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let sum = self.reserve + self.in_transit + self.allocated;
+        if sum != self.purchased {
+            errors.push(format!(
+                "{}: reserve {} + in_transit {} + allocated {} = {} ≠ purchased {}",
+                self.product, self.reserve, self.in_transit, self.allocated, sum, self.purchased
+            ));
+        }
+        if self.entitled != self.purchased {
+            errors.push(format!(
+                "{}: live entitlements sum to {} ≠ purchased {}",
+                self.product, self.entitled, self.purchased
+            ));
+        }
+        if self.planned_grants != self.in_transit {
+            errors.push(format!(
+                "{}: planned grants hold {} ≠ in_transit {}",
+                self.product, self.planned_grants, self.in_transit
+            ));
+        }
+        if self.reserve < 0 || self.in_transit < 0 {
+            errors.push(format!("{}: negative pool", self.product));
+        }
+        errors
+    }
+}
+
+/// Which page of the audit log to read, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// At most this many entries.
+    pub limit: u32,
+    /// Only entries with an id below this (the previous page's last id).
+    pub before_id: Option<i64>,
+}
+
+/// What the balancer needs from its database, in domain words. Every mutation is one
+/// transaction, audited in that same transaction.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for the start-up summary and `/healthz`.
+    fn backend(&self) -> &'static str;
+
+    /// Defines a product with an empty pool. A taken name is a conflict.
+    async fn create_product(&self, actor: &str, def: &CreateProduct) -> StoreResult<Product>;
+    /// Every product with its books, by name.
+    async fn products(&self) -> StoreResult<Vec<Product>>;
+    /// One product with its per-server split.
+    async fn product(&self, name: &str) -> StoreResult<ProductDetail>;
+
+    /// Records a purchase: purchased and reserve both grow by its units.
+    async fn add_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        req: &AddEntitlement,
+    ) -> StoreResult<Entitlement>;
+    /// The product's live entitlements.
+    async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>>;
+    /// Removes a purchase; refused with a conflict unless its units are free in the reserve.
+    async fn remove_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        id: i64,
+    ) -> StoreResult<Entitlement>;
+
+    /// Registers a metering server with the hash of its token. A taken name is a conflict.
+    async fn register_server(
+        &self,
+        actor: &str,
+        req: &RegisterServer,
+        token_hash: &str,
+    ) -> StoreResult<Server>;
+    /// Every registered (not removed) server, by name.
+    async fn servers(&self) -> StoreResult<Vec<Server>>;
+    /// The server whose token hashes to `token_hash`, for authenticating metering servers.
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>>;
+    /// Marks a server draining: balancing empties it down to its in-use units.
+    async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server>;
+    /// Removes a server; refused with a conflict while it holds units or has moves in flight.
+    async fn remove_server(&self, actor: &str, name: &str) -> StoreResult<Server>;
+
+    /// Sets a cell's floor and buffer, creating the cell (with no units) when absent.
+    async fn set_allocation_limits(
+        &self,
+        actor: &str,
+        server: &str,
+        product: &str,
+        req: &SetAllocation,
+    ) -> StoreResult<AllocationView>;
+
+    /// The stored schedule.
+    async fn schedule(&self) -> StoreResult<ScheduleSetting>;
+    /// Replaces the schedule (validated by the caller).
+    async fn set_schedule(&self, actor: &str, setting: &ScheduleSetting) -> StoreResult<()>;
+
+    /// A page of the audit log, newest first.
+    async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+
+    /// Logs a move as planned before it is sent. A grant's units leave the reserve into
+    /// transit in the same transaction (refused with a conflict if the reserve is short).
+    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord>;
+    /// Books a move the server confirmed: a release's `applied_units` (≤ asked, only free
+    /// units) go to the reserve; a grant's units leave transit into the allocation. Repeating
+    /// it for an applied move changes nothing and returns the record.
+    async fn complete_move(
+        &self,
+        id: Uuid,
+        applied_units: u64,
+        generation: u64,
+    ) -> StoreResult<MoveRecord>;
+    /// Gives a planned move up: a grant's in-transit units return to the reserve. Only call it
+    /// when the server is known not to have applied the move.
+    async fn abandon_move(&self, id: Uuid, reason: &str) -> StoreResult<MoveRecord>;
+    /// Moves logged but neither applied nor abandoned, oldest first, to resume.
+    async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>>;
+
+    /// Each product's books with the sums they must equal, for tests and `doctor`.
+    async fn books(&self) -> StoreResult<Vec<BooksCheck>>;
+}
+
+/// Opens the store named by `database_url` (`postgres://…`), or the SQLite file
+/// `allot.db` under `data_dir` when no URL is given, and applies pending migrations.
+pub async fn open(database_url: Option<&str>, data_dir: &Path) -> StoreResult<Arc<dyn Store>> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::SqlStore::connect(url).await?))
+        }
+        Some(url) if url.starts_with("sqlite:") => {
+            Ok(Arc::new(sqlite::SqlStore::connect(url).await?))
+        }
+        Some(url) => Err(StoreError::Config(format!(
+            "unsupported database URL {url:?}: use postgres://… or sqlite:…"
+        ))),
+        None => {
+            let path = data_dir.join("allot.db");
+            let url = format!("sqlite://{}?mode=rwc", path.display());
+            Ok(Arc::new(sqlite::SqlStore::connect(&url).await?))
+        }
+    }
+}

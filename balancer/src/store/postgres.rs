@@ -1,0 +1,37 @@
+//! The books on PostgreSQL: production, and the shared store of several balancers.
+//!
+//! Transactions run at READ COMMITTED: every change to a pool is a single conditional
+//! `UPDATE … WHERE reserve >= $n`, which PostgreSQL re-checks on the locked row, so concurrent
+//! writers serialise on the product's row without serialisation failures to retry.
+
+use super::StoreResult;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Pool, Transaction};
+use std::time::Duration;
+
+/// The sqlx database type the shared SQL is compiled for here.
+type Db = sqlx::Postgres;
+
+#[path = "sql.rs"]
+mod sql;
+pub use sql::SqlStore;
+
+const BACKEND: &str = "postgres";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/balancer-postgres");
+
+async fn connect_pool(url: &str) -> StoreResult<Pool<Db>> {
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await?;
+    Ok(pool)
+}
+
+async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    pool.begin().await
+}
+
+/// Row lock on the product, taken first by every transaction that changes its pool.
+const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1 FOR UPDATE";

@@ -1,0 +1,845 @@
+//! The SQL implementation of [`Store`], written once in the dialect SQLite and PostgreSQL
+//! share and compiled by each backend module with its own `Db`, `begin_write`, `connect_pool`
+//! and `MIGRATOR` (see [`super`]).
+//!
+//! Every pool change is a conditional `UPDATE … WHERE reserve >= $n` (or `in_transit`, or
+//! `units`) whose affected-row count decides: zero rows means the units are not there, the
+//! transaction rolls back and the caller gets a conflict. The books never pass through a
+//! state that breaks conservation at a commit.
+
+use super::{BACKEND, Db, LOCK_PRODUCT, MIGRATOR, begin_write, connect_pool};
+use crate::store::rows::{
+    AuditRow, CellRow, EntitlementRow, MoveRow, ProductRow, ServerRow, cell_columns,
+    entitlement_columns, move_columns, now_ms, product_columns, server_columns,
+};
+use crate::store::{
+    AuditQuery, BooksCheck, MoveRecord, NewMove, ScheduleSetting, Store, StoreError, StoreResult,
+};
+use allot_core::domain::{MoveKind, MoveState, ServerState};
+use allot_core::wire::balancer::{
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
+    RegisterServer, Server, SetAllocation,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::{Database, Pool};
+use uuid::Uuid;
+
+type Conn = <Db as Database>::Connection;
+
+/// The balancer's books in one SQL database.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: Pool<Db>,
+}
+
+impl SqlStore {
+    /// Connects and applies pending migrations, so a store is always at the code's schema.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let pool = connect_pool(url).await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for tests that inspect the database directly.
+    pub fn pool(&self) -> &Pool<Db> {
+        &self.pool
+    }
+}
+
+/// Maps constraint violations to conflicts: a taken name or a refused CHECK is the caller's
+/// problem, not a server fault.
+fn conflict_on_constraint(err: sqlx::Error, what: &str) -> StoreError {
+    if let sqlx::Error::Database(db) = &err
+        && (db.is_unique_violation() || db.is_check_violation() || db.is_foreign_key_violation())
+    {
+        return StoreError::Conflict(format!("{what}: {}", db.message()));
+    }
+    StoreError::Database(err)
+}
+
+fn json<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_string(value).ok()
+}
+
+async fn audit(
+    conn: &mut Conn,
+    actor: &str,
+    action: &str,
+    target: &str,
+    before: Option<String>,
+    after: Option<String>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, target, before, after) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(now_ms())
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(before)
+    .bind(after)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn product_id(conn: &mut Conn, name: &str) -> StoreResult<i64> {
+    sqlx::query_scalar::<_, i64>("SELECT id FROM products WHERE name = $1")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::UnknownProduct(name.to_owned()))
+}
+
+/// Takes the product's row lock before any other row of the transaction, so every writer
+/// locks in the same order (product, then allocations) and concurrent moves cannot deadlock.
+async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<()> {
+    sqlx::query(LOCK_PRODUCT).bind(product_id).execute(conn).await?;
+    Ok(())
+}
+
+async fn server_row(conn: &mut Conn, name: &str) -> StoreResult<ServerRow> {
+    sqlx::query_as::<_, ServerRow>(concat!(
+        "SELECT ",
+        server_columns!(),
+        " FROM servers s WHERE s.name = $1 AND s.removed_at IS NULL"
+    ))
+    .bind(name)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("server {name:?}")))
+}
+
+async fn product_by_id(conn: &mut Conn, id: i64) -> StoreResult<Product> {
+    sqlx::query_as::<_, ProductRow>(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products p WHERE p.id = $1"
+    ))
+    .bind(id)
+    .fetch_one(conn)
+    .await?
+    .into_product()
+}
+
+async fn cell(conn: &mut Conn, server_id: i64, product_id: i64) -> StoreResult<AllocationView> {
+    sqlx::query_as::<_, CellRow>(concat!(
+        "SELECT ",
+        cell_columns!(),
+        " FROM allocations a JOIN servers s ON s.id = a.server_id \
+         WHERE a.server_id = $1 AND a.product_id = $2"
+    ))
+    .bind(server_id)
+    .bind(product_id)
+    .fetch_one(conn)
+    .await?
+    .into_view()
+}
+
+async fn move_row(conn: &mut Conn, id: Uuid) -> StoreResult<MoveRow> {
+    sqlx::query_as::<_, MoveRow>(concat!(
+        "SELECT ",
+        move_columns!(),
+        " FROM moves m JOIN products p ON p.id = m.product_id \
+         JOIN servers s ON s.id = m.server_id WHERE m.id = $1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("move {id}")))
+}
+
+async fn set_move_state(
+    conn: &mut Conn,
+    id: &str,
+    state: MoveState,
+    applied_units: Option<i64>,
+    error: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE moves SET state = $1, applied_units = $2, error = $3, updated_at = $4 \
+         WHERE id = $5 AND state = 'planned'",
+    )
+    .bind(state.as_str())
+    .bind(applied_units)
+    .bind(error)
+    .bind(now_ms())
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A transfer inside a product's pool that needs the source column to hold the units.
+#[derive(Clone, Copy)]
+enum PoolShift {
+    /// A grant is sent: its units leave the reserve and travel.
+    ReserveToTransit,
+    /// A grant is given up: its units come back.
+    TransitToReserve,
+}
+
+/// Applies a [`PoolShift`], refusing with a conflict when the source column is short.
+async fn shift_pool(
+    conn: &mut Conn,
+    product_id: i64,
+    shift: PoolShift,
+    units: i64,
+) -> StoreResult<()> {
+    let sql = match shift {
+        PoolShift::ReserveToTransit => {
+            "UPDATE products SET reserve = reserve - $1, in_transit = in_transit + $1 \
+             WHERE id = $2 AND reserve >= $1"
+        }
+        PoolShift::TransitToReserve => {
+            "UPDATE products SET in_transit = in_transit - $1, reserve = reserve + $1 \
+             WHERE id = $2 AND in_transit >= $1"
+        }
+    };
+    let moved = sqlx::query(sql)
+        .bind(units)
+        .bind(product_id)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    if moved == 0 {
+        let from = match shift {
+            PoolShift::ReserveToTransit => "the reserve",
+            PoolShift::TransitToReserve => "transit",
+        };
+        return Err(StoreError::Conflict(format!(
+            "fewer than {units} units in {from}"
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    #[tracing::instrument(skip_all, fields(product = %def.name))]
+    async fn create_product(&self, actor: &str, def: &CreateProduct) -> StoreResult<Product> {
+        let mut tx = begin_write(&self.pool).await?;
+        let policy = def.policy();
+        let id = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO products (name, publisher, version, enforcement, seat, \
+             heartbeat_seconds, staleout_seconds, acl, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(&def.name)
+        .bind(&def.publisher)
+        .bind(&def.version)
+        .bind(policy.enforcement.as_str())
+        .bind(policy.seat.as_str())
+        .bind(i64::from(policy.heartbeat_seconds))
+        .bind(i64::from(policy.staleout_seconds))
+        .bind(json(&policy.acl).unwrap_or_else(|| "{}".into()))
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_constraint(e, &format!("product {:?}", def.name)))?;
+        let product = product_by_id(&mut tx, id).await?;
+        audit(
+            &mut tx,
+            actor,
+            "product.create",
+            &def.name,
+            None,
+            json(&product),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(product)
+    }
+
+    async fn products(&self) -> StoreResult<Vec<Product>> {
+        sqlx::query_as::<_, ProductRow>(concat!(
+            "SELECT ",
+            product_columns!(),
+            " FROM products p ORDER BY p.name"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ProductRow::into_product)
+        .collect()
+    }
+
+    async fn product(&self, name: &str) -> StoreResult<ProductDetail> {
+        let mut conn = self.pool.acquire().await?;
+        let id = product_id(&mut conn, name).await?;
+        let product = product_by_id(&mut conn, id).await?;
+        let servers = sqlx::query_as::<_, CellRow>(concat!(
+            "SELECT ",
+            cell_columns!(),
+            " FROM allocations a JOIN servers s ON s.id = a.server_id \
+             WHERE a.product_id = $1 AND s.removed_at IS NULL ORDER BY s.name"
+        ))
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(CellRow::into_view)
+        .collect::<StoreResult<_>>()?;
+        Ok(ProductDetail { product, servers })
+    }
+
+    #[tracing::instrument(skip_all, fields(product, units = req.units))]
+    async fn add_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        req: &AddEntitlement,
+    ) -> StoreResult<Entitlement> {
+        let mut tx = begin_write(&self.pool).await?;
+        let pid = product_id(&mut tx, product).await?;
+        let units = i64::from(req.units);
+        let id = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO entitlements (product_id, units, expires_at, reference, created_at, \
+             created_by) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(pid)
+        .bind(units)
+        .bind(req.expires_at.map(|t| t.timestamp_millis()))
+        .bind(&req.reference)
+        .bind(now_ms())
+        .bind(actor)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE products SET purchased = purchased + $1, reserve = reserve + $1 WHERE id = $2",
+        )
+        .bind(units)
+        .bind(pid)
+        .execute(&mut *tx)
+        .await?;
+        let entitlement: Entitlement = sqlx::query_as::<_, EntitlementRow>(concat!(
+            "SELECT ",
+            entitlement_columns!(),
+            " FROM entitlements e \
+             JOIN products p ON p.id = e.product_id WHERE e.id = $1"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .into();
+        audit(
+            &mut tx,
+            actor,
+            "entitlement.add",
+            product,
+            None,
+            json(&entitlement),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(entitlement)
+    }
+
+    async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>> {
+        let mut conn = self.pool.acquire().await?;
+        let pid = product_id(&mut conn, product).await?;
+        Ok(sqlx::query_as::<_, EntitlementRow>(concat!(
+            "SELECT ",
+            entitlement_columns!(),
+            " FROM entitlements e \
+             JOIN products p ON p.id = e.product_id \
+             WHERE e.product_id = $1 AND e.removed_at IS NULL ORDER BY e.id"
+        ))
+        .bind(pid)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(Entitlement::from)
+        .collect())
+    }
+
+    #[tracing::instrument(skip_all, fields(product, entitlement = id))]
+    async fn remove_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        id: i64,
+    ) -> StoreResult<Entitlement> {
+        let mut tx = begin_write(&self.pool).await?;
+        let pid = product_id(&mut tx, product).await?;
+        lock_product(&mut tx, pid).await?;
+        let entitlement: Entitlement = sqlx::query_as::<_, EntitlementRow>(concat!(
+            "SELECT ",
+            entitlement_columns!(),
+            " FROM entitlements e \
+             JOIN products p ON p.id = e.product_id \
+             WHERE e.id = $1 AND e.product_id = $2 AND e.removed_at IS NULL"
+        ))
+        .bind(id)
+        .bind(pid)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("entitlement {id} of {product:?}")))?
+        .into();
+        let units = i64::try_from(entitlement.units).unwrap_or(i64::MAX);
+        let removed = sqlx::query(
+            "UPDATE products SET purchased = purchased - $1, reserve = reserve - $1 \
+             WHERE id = $2 AND reserve >= $1",
+        )
+        .bind(units)
+        .bind(pid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if removed == 0 {
+            let reserve: i64 = sqlx::query_scalar("SELECT reserve FROM products WHERE id = $1")
+                .bind(pid)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Err(StoreError::Conflict(format!(
+                "entitlement {id} holds {units} units but only {reserve} are free in the \
+                 reserve of {product:?}; release units from servers first"
+            )));
+        }
+        sqlx::query("UPDATE entitlements SET removed_at = $1, removed_by = $2 WHERE id = $3")
+            .bind(now_ms())
+            .bind(actor)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            actor,
+            "entitlement.remove",
+            product,
+            json(&entitlement),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(entitlement)
+    }
+
+    #[tracing::instrument(skip_all, fields(server = %req.name))]
+    async fn register_server(
+        &self,
+        actor: &str,
+        req: &RegisterServer,
+        token_hash: &str,
+    ) -> StoreResult<Server> {
+        let mut tx = begin_write(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO servers (name, url, site, token_hash, state, created_at) \
+             VALUES ($1, $2, $3, $4, 'active', $5)",
+        )
+        .bind(&req.name)
+        .bind(&req.url)
+        .bind(&req.site)
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_constraint(e, &format!("server {:?}", req.name)))?;
+        let server = server_row(&mut tx, &req.name).await?.into_server()?;
+        audit(
+            &mut tx,
+            actor,
+            "server.register",
+            &req.name,
+            None,
+            json(&server),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(server)
+    }
+
+    async fn servers(&self) -> StoreResult<Vec<Server>> {
+        sqlx::query_as::<_, ServerRow>(concat!(
+            "SELECT ",
+            server_columns!(),
+            " FROM servers s WHERE s.removed_at IS NULL ORDER BY s.name"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ServerRow::into_server)
+        .collect()
+    }
+
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>> {
+        sqlx::query_as::<_, ServerRow>(concat!(
+            "SELECT ",
+            server_columns!(),
+            " FROM servers s \
+             WHERE s.token_hash = $1 AND s.removed_at IS NULL"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(ServerRow::into_server)
+        .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(server = name))]
+    async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        let mut tx = begin_write(&self.pool).await?;
+        let before = server_row(&mut tx, name).await?.into_server()?;
+        sqlx::query("UPDATE servers SET state = $1 WHERE name = $2 AND removed_at IS NULL")
+            .bind(ServerState::Draining.as_str())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let after = server_row(&mut tx, name).await?.into_server()?;
+        audit(
+            &mut tx,
+            actor,
+            "server.drain",
+            name,
+            json(&before),
+            json(&after),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    #[tracing::instrument(skip_all, fields(server = name))]
+    async fn remove_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        let mut tx = begin_write(&self.pool).await?;
+        let row = server_row(&mut tx, name).await?;
+        let id = row.id;
+        let server = row.into_server()?;
+        let (held, in_flight): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COALESCE((SELECT SUM(units) FROM allocations WHERE server_id = $1), 0) \
+             AS BIGINT), (SELECT COUNT(*) FROM moves WHERE server_id = $1 AND state = 'planned')",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if held > 0 || in_flight > 0 {
+            return Err(StoreError::Conflict(format!(
+                "server {name:?} still holds {held} units and has {in_flight} moves in flight; \
+                 drain it and let a balance run empty it first"
+            )));
+        }
+        sqlx::query("DELETE FROM allocations WHERE server_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE servers SET removed_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit(&mut tx, actor, "server.remove", name, json(&server), None).await?;
+        tx.commit().await?;
+        Ok(server)
+    }
+
+    #[tracing::instrument(skip_all, fields(server, product))]
+    async fn set_allocation_limits(
+        &self,
+        actor: &str,
+        server: &str,
+        product: &str,
+        req: &SetAllocation,
+    ) -> StoreResult<AllocationView> {
+        let mut tx = begin_write(&self.pool).await?;
+        let pid = product_id(&mut tx, product).await?;
+        let sid = server_row(&mut tx, server).await?.id;
+        let before = cell(&mut tx, sid, pid).await.ok();
+        sqlx::query(
+            "INSERT INTO allocations (server_id, product_id, min_units, buffer_units) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (server_id, product_id) DO UPDATE \
+             SET min_units = excluded.min_units, buffer_units = excluded.buffer_units",
+        )
+        .bind(sid)
+        .bind(pid)
+        .bind(i64::from(req.min_units))
+        .bind(i64::from(req.buffer_units))
+        .execute(&mut *tx)
+        .await?;
+        let after = cell(&mut tx, sid, pid).await?;
+        let target = format!("{server}/{product}");
+        audit(
+            &mut tx,
+            actor,
+            "allocation.set",
+            &target,
+            before.as_ref().and_then(json),
+            json(&after),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    async fn schedule(&self) -> StoreResult<ScheduleSetting> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT key, value FROM settings WHERE key IN ('schedule.cron', 'schedule.timezone')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let get = |key: &str| {
+            rows.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| StoreError::Corrupt(format!("setting {key} missing")))
+        };
+        Ok(ScheduleSetting {
+            cron: get("schedule.cron")?,
+            timezone: get("schedule.timezone")?,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(cron = %setting.cron, timezone = %setting.timezone))]
+    async fn set_schedule(&self, actor: &str, setting: &ScheduleSetting) -> StoreResult<()> {
+        let before = self.schedule().await?;
+        let mut tx = begin_write(&self.pool).await?;
+        for (key, value) in [
+            ("schedule.cron", &setting.cron),
+            ("schedule.timezone", &setting.timezone),
+        ] {
+            sqlx::query(
+                "INSERT INTO settings (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        audit(
+            &mut tx,
+            actor,
+            "schedule.set",
+            "schedule",
+            json(&before),
+            json(setting),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        Ok(sqlx::query_as::<_, AuditRow>(
+            "SELECT id, at, actor, action, target, before, after FROM audit_log \
+             WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(query.before_id.unwrap_or(i64::MAX))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(AuditEntry::from)
+        .collect())
+    }
+
+    #[tracing::instrument(skip_all, fields(move_id = %mv.id, kind = %mv.kind, product = %mv.product, server = %mv.server, units = mv.units))]
+    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
+        let units = i64::try_from(mv.units)
+            .ok()
+            .filter(|u| *u > 0)
+            .ok_or_else(|| StoreError::Conflict(format!("a move of {} units", mv.units)))?;
+        let mut tx = begin_write(&self.pool).await?;
+        let pid = product_id(&mut tx, &mv.product).await?;
+        lock_product(&mut tx, pid).await?;
+        let sid = server_row(&mut tx, &mv.server).await?.id;
+        match mv.kind {
+            MoveKind::Release => {
+                let held: Option<i64> = sqlx::query_scalar(
+                    "SELECT units FROM allocations WHERE server_id = $1 AND product_id = $2",
+                )
+                .bind(sid)
+                .bind(pid)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if held.unwrap_or(0) < units {
+                    return Err(StoreError::Conflict(format!(
+                        "server {:?} holds {} units of {:?}, cannot release {units}",
+                        mv.server,
+                        held.unwrap_or(0),
+                        mv.product
+                    )));
+                }
+            }
+            MoveKind::Grant => {
+                shift_pool(&mut tx, pid, PoolShift::ReserveToTransit, units).await?;
+                sqlx::query(
+                    "INSERT INTO allocations (server_id, product_id) VALUES ($1, $2) \
+                     ON CONFLICT (server_id, product_id) DO NOTHING",
+                )
+                .bind(sid)
+                .bind(pid)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO moves (id, run_id, product_id, server_id, kind, units, state, epoch, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'planned', $7, $8, $8)",
+        )
+        .bind(mv.id.to_string())
+        .bind(mv.run_id)
+        .bind(pid)
+        .bind(sid)
+        .bind(mv.kind.as_str())
+        .bind(units)
+        .bind(mv.epoch)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_constraint(e, &format!("move {}", mv.id)))?;
+        let record = move_row(&mut tx, mv.id).await?.to_record()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    #[tracing::instrument(skip_all, fields(move_id = %id, applied_units, generation))]
+    async fn complete_move(
+        &self,
+        id: Uuid,
+        applied_units: u64,
+        generation: u64,
+    ) -> StoreResult<MoveRecord> {
+        let mut tx = begin_write(&self.pool).await?;
+        let row = move_row(&mut tx, id).await?;
+        lock_product(&mut tx, row.product_id).await?;
+        // Read again under the lock: a concurrent completion may have just committed.
+        let row = move_row(&mut tx, id).await?;
+        let record = row.to_record()?;
+        match record.state {
+            MoveState::Applied => return Ok(record),
+            MoveState::Abandoned => {
+                return Err(StoreError::Conflict(format!("move {id} was abandoned")));
+            }
+            MoveState::Planned => {}
+        }
+        let applied = i64::try_from(applied_units).unwrap_or(i64::MAX);
+        let generation = i64::try_from(generation).unwrap_or(i64::MAX);
+        let refuse = |why: String| Err(StoreError::Conflict(format!("move {id}: {why}")));
+        match record.kind {
+            MoveKind::Release => {
+                if applied > row.units {
+                    return refuse(format!("released {applied} of {} asked", row.units));
+                }
+                let taken = sqlx::query(
+                    "UPDATE allocations SET units = units - $1, generation = \
+                     CASE WHEN generation > $2 THEN generation ELSE $2 END \
+                     WHERE server_id = $3 AND product_id = $4 AND units >= $1",
+                )
+                .bind(applied)
+                .bind(generation)
+                .bind(row.server_id)
+                .bind(row.product_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if taken == 0 {
+                    return refuse(format!("the allocation holds fewer than {applied} units"));
+                }
+                sqlx::query("UPDATE products SET reserve = reserve + $1 WHERE id = $2")
+                    .bind(applied)
+                    .bind(row.product_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            MoveKind::Grant => {
+                if applied != row.units {
+                    return refuse(format!("granted {applied} of {} sent", row.units));
+                }
+                let landed = sqlx::query(
+                    "UPDATE products SET in_transit = in_transit - $1 \
+                     WHERE id = $2 AND in_transit >= $1",
+                )
+                .bind(applied)
+                .bind(row.product_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if landed == 0 {
+                    return refuse("its units are not in transit".into());
+                }
+                sqlx::query(
+                    "UPDATE allocations SET units = units + $1, generation = \
+                     CASE WHEN generation > $2 THEN generation ELSE $2 END \
+                     WHERE server_id = $3 AND product_id = $4",
+                )
+                .bind(applied)
+                .bind(generation)
+                .bind(row.server_id)
+                .bind(row.product_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        set_move_state(&mut tx, &row.id, MoveState::Applied, Some(applied), None).await?;
+        let record = move_row(&mut tx, id).await?.to_record()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    #[tracing::instrument(skip_all, fields(move_id = %id, reason))]
+    async fn abandon_move(&self, id: Uuid, reason: &str) -> StoreResult<MoveRecord> {
+        let mut tx = begin_write(&self.pool).await?;
+        let row = move_row(&mut tx, id).await?;
+        lock_product(&mut tx, row.product_id).await?;
+        // Read again under the lock: a concurrent completion may have just committed.
+        let row = move_row(&mut tx, id).await?;
+        let record = row.to_record()?;
+        match record.state {
+            MoveState::Abandoned => return Ok(record),
+            MoveState::Applied => {
+                return Err(StoreError::Conflict(format!("move {id} was applied")));
+            }
+            MoveState::Planned => {}
+        }
+        if record.kind == MoveKind::Grant {
+            shift_pool(
+                &mut tx,
+                row.product_id,
+                PoolShift::TransitToReserve,
+                row.units,
+            )
+            .await?;
+        }
+        set_move_state(&mut tx, &row.id, MoveState::Abandoned, None, Some(reason)).await?;
+        let record = move_row(&mut tx, id).await?.to_record()?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>> {
+        sqlx::query_as::<_, MoveRow>(concat!(
+            "SELECT ",
+            move_columns!(),
+            " FROM moves m JOIN products p ON p.id = m.product_id \
+             JOIN servers s ON s.id = m.server_id WHERE m.state = 'planned' \
+             ORDER BY m.created_at, m.id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(MoveRow::to_record)
+        .collect()
+    }
+
+    async fn books(&self) -> StoreResult<Vec<BooksCheck>> {
+        Ok(sqlx::query_as::<_, BooksCheck>(
+            "SELECT p.name AS product, p.purchased, p.reserve, p.in_transit, \
+             CAST(COALESCE((SELECT SUM(a.units) FROM allocations a \
+                 WHERE a.product_id = p.id), 0) AS BIGINT) AS allocated, \
+             CAST(COALESCE((SELECT SUM(e.units) FROM entitlements e \
+                 WHERE e.product_id = p.id AND e.removed_at IS NULL), 0) AS BIGINT) AS entitled, \
+             CAST(COALESCE((SELECT SUM(m.units) FROM moves m WHERE m.product_id = p.id \
+                 AND m.kind = 'grant' AND m.state = 'planned'), 0) AS BIGINT) AS planned_grants \
+             FROM products p ORDER BY p.name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

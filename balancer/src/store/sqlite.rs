@@ -1,0 +1,45 @@
+//! The books on SQLite: the embedded default, one file under the data directory.
+//!
+//! SQLite has one writer at a time. Write transactions begin with `BEGIN IMMEDIATE`, taking the
+//! write lock up front, so two transactions that read then write can never deadlock on the
+//! upgrade from read to write lock; `busy_timeout` queues them instead of failing. WAL mode lets
+//! reads proceed during a write; `synchronous = FULL` makes each commit durable before it is
+//! acknowledged (the books are worth an fsync per change).
+
+use super::StoreResult;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Pool, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The sqlx database type the shared SQL is compiled for here.
+type Db = sqlx::Sqlite;
+
+#[path = "sql.rs"]
+mod sql;
+pub use sql::SqlStore;
+
+const BACKEND: &str = "sqlite";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/balancer-sqlite");
+
+async fn connect_pool(url: &str) -> StoreResult<Pool<Db>> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(30));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
+/// `BEGIN IMMEDIATE` already holds the database's write lock: reading the row is enough.
+const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1";

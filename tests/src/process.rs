@@ -1,0 +1,126 @@
+//! Real allot processes for end-to-end tests: built by cargo, started on a free loopback port,
+//! waited for with a deadline, killed (gracefully or with SIGKILL) on demand and on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's target directory binaries live in (next to this test's executable).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, built once per test process so it is never stale.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "allot-balancer",
+                "-p",
+                "allot-agent",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the allot binaries failed");
+    });
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free loopback port. Another process could take it before ours binds; tests accept that.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A child process that is killed when dropped, so a failing test leaves nothing running.
+pub struct Running {
+    child: Child,
+    /// The base URL the process serves, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+}
+
+impl Running {
+    /// Starts `binary` with `args` and `envs`, serving on `port`, and waits until `/healthz`
+    /// answers (at most 30 s).
+    pub async fn start(binary: &Path, args: &[&str], envs: &[(&str, &str)], port: u16) -> Self {
+        let child = Command::new(binary)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+        let running = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        running.wait_healthy(Duration::from_secs(30)).await;
+        running
+    }
+
+    async fn wait_healthy(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never became healthy",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (at most 30 s) for a graceful exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        false
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

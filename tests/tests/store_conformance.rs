@@ -1,0 +1,614 @@
+//! The store conformance suite: every case runs against SQLite and against PostgreSQL (a fresh
+//! database per test), so both backends keep exactly the same behaviour.
+
+use allot_balancer::store::{self, AuditQuery, NewMove, ScheduleSetting, Store, StoreError};
+use allot_core::domain::{MoveKind, MoveState, ServerState};
+use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
+use allot_tests::pg::TestDatabase;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// One backend's store for one test, reopenable to check what survives a restart.
+struct Fixture {
+    url: Option<String>,
+    dir: tempfile::TempDir,
+    _db: Option<TestDatabase>,
+}
+
+impl Fixture {
+    async fn open(&self) -> Arc<dyn Store> {
+        store::open(self.url.as_deref(), self.dir.path())
+            .await
+            .expect("open the store")
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let fixture = super::Fixture {
+                        url: None,
+                        dir: tempfile::tempdir().unwrap(),
+                        _db: None,
+                    };
+                    super::$case(&fixture).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let Some(db) = super::TestDatabase::create(stringify!($case)).await else {
+                        return;
+                    };
+                    let fixture = super::Fixture {
+                        url: Some(db.url().to_owned()),
+                        dir: tempfile::tempdir().unwrap(),
+                        _db: Some(db),
+                    };
+                    super::$case(&fixture).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    products_are_created_listed_and_shown,
+    duplicate_names_are_conflicts,
+    unknown_product_is_reported_by_name,
+    entitlements_grow_purchased_and_reserve,
+    entitlement_removal_needs_free_units,
+    servers_register_drain_and_remove,
+    allocation_limits_create_the_cell_and_are_audited,
+    schedule_has_a_default_and_can_be_replaced,
+    grant_travels_through_transit,
+    release_returns_only_confirmed_units,
+    moves_are_idempotent_and_final,
+    moves_that_would_break_the_books_change_nothing,
+    books_survive_a_reopen,
+    concurrent_mutations_keep_conservation,
+);
+
+fn product(name: &str) -> CreateProduct {
+    serde_json::from_value(serde_json::json!({ "name": name })).unwrap()
+}
+
+fn entitlement(units: u32) -> AddEntitlement {
+    AddEntitlement {
+        units,
+        expires_at: None,
+        reference: Some("PO-1".into()),
+    }
+}
+
+fn server(name: &str) -> RegisterServer {
+    RegisterServer {
+        name: name.into(),
+        url: format!("http://{name}.example:7401"),
+        site: "hq".into(),
+    }
+}
+
+fn new_move(kind: MoveKind, product: &str, server: &str, units: u64) -> NewMove {
+    NewMove {
+        id: Uuid::new_v4(),
+        run_id: None,
+        product: product.into(),
+        server: server.into(),
+        kind,
+        units,
+        epoch: 0,
+    }
+}
+
+async fn assert_balanced(store: &dyn Store) {
+    for check in store.books().await.unwrap() {
+        assert!(
+            check.errors().is_empty(),
+            "books out of balance: {:?}",
+            check.errors()
+        );
+    }
+}
+
+/// A store with product `cad` holding `purchased` units and server `s1` registered.
+async fn stocked(fixture: &Fixture, purchased: u32) -> Arc<dyn Store> {
+    let store = fixture.open().await;
+    store
+        .create_product("admin", &product("cad"))
+        .await
+        .unwrap();
+    store
+        .add_entitlement("admin", "cad", &entitlement(purchased))
+        .await
+        .unwrap();
+    store
+        .register_server("admin", &server("s1"), "hash-s1")
+        .await
+        .unwrap();
+    store
+}
+
+/// Grants `units` of `cad` to `server` and confirms it, as a finished balance would.
+async fn grant(store: &dyn Store, server: &str, units: u64) {
+    let mv = new_move(MoveKind::Grant, "cad", server, units);
+    store.begin_move(&mv).await.unwrap();
+    store.complete_move(mv.id, units, 1).await.unwrap();
+}
+
+async fn products_are_created_listed_and_shown(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let mut def = product("matlab");
+    def.publisher = Some("MathWorks".into());
+    def.staleout_seconds = 900;
+    let created = store.create_product("admin", &def).await.unwrap();
+    assert_eq!(created.name, "matlab");
+    assert_eq!(created.policy.staleout_seconds, 900);
+    assert_eq!(
+        (created.purchased, created.reserve, created.allocated),
+        (0, 0, 0)
+    );
+    store
+        .create_product("admin", &product("ansys"))
+        .await
+        .unwrap();
+    let names: Vec<_> = store
+        .products()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["ansys", "matlab"]);
+    let detail = store.product("matlab").await.unwrap();
+    assert_eq!(detail.product.publisher.as_deref(), Some("MathWorks"));
+    assert!(detail.servers.is_empty());
+}
+
+async fn duplicate_names_are_conflicts(fixture: &Fixture) {
+    let store = fixture.open().await;
+    store
+        .create_product("admin", &product("cad"))
+        .await
+        .unwrap();
+    let err = store
+        .create_product("admin", &product("cad"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    store
+        .register_server("admin", &server("s1"), "h1")
+        .await
+        .unwrap();
+    let err = store
+        .register_server("admin", &server("s1"), "h2")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(store.products().await.unwrap().len(), 1);
+    assert_eq!(store.servers().await.unwrap().len(), 1);
+}
+
+async fn unknown_product_is_reported_by_name(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let err = store
+        .add_entitlement("admin", "nope", &entitlement(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::UnknownProduct(n) if n == "nope"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        store.product("nope").await,
+        Err(StoreError::UnknownProduct(_))
+    ));
+    assert!(matches!(
+        store.entitlements("nope").await,
+        Err(StoreError::UnknownProduct(_))
+    ));
+}
+
+async fn entitlements_grow_purchased_and_reserve(fixture: &Fixture) {
+    let store = fixture.open().await;
+    store
+        .create_product("admin", &product("cad"))
+        .await
+        .unwrap();
+    let first = store
+        .add_entitlement("alice", "cad", &entitlement(10))
+        .await
+        .unwrap();
+    store
+        .add_entitlement("alice", "cad", &entitlement(5))
+        .await
+        .unwrap();
+    assert_eq!(first.units, 10);
+    assert_eq!(first.created_by, "alice");
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.purchased, p.reserve, p.in_transit), (15, 15, 0));
+    assert_eq!(store.entitlements("cad").await.unwrap().len(), 2);
+    let audit = store
+        .audit(AuditQuery {
+            limit: 10,
+            before_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit[0].action, "entitlement.add");
+    assert_eq!(audit[0].actor, "alice");
+    assert_eq!(audit[0].after.as_ref().unwrap()["units"], 5);
+    assert_balanced(&*store).await;
+}
+
+async fn entitlement_removal_needs_free_units(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    let extra = store
+        .add_entitlement("admin", "cad", &entitlement(4))
+        .await
+        .unwrap();
+    grant(&*store, "s1", 12).await;
+    // Reserve is 2: the 4-unit entitlement cannot go.
+    let err = store
+        .remove_entitlement("admin", "cad", extra.id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.purchased, p.reserve, p.allocated), (14, 2, 12));
+    assert_eq!(store.entitlements("cad").await.unwrap().len(), 2);
+    // Release 2 units: the reserve covers it now.
+    let mv = new_move(MoveKind::Release, "cad", "s1", 2);
+    store.begin_move(&mv).await.unwrap();
+    store.complete_move(mv.id, 2, 2).await.unwrap();
+    let removed = store
+        .remove_entitlement("admin", "cad", extra.id)
+        .await
+        .unwrap();
+    assert_eq!(removed.units, 4);
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.purchased, p.reserve, p.allocated), (10, 0, 10));
+    assert!(matches!(
+        store.remove_entitlement("admin", "cad", extra.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_balanced(&*store).await;
+}
+
+async fn servers_register_drain_and_remove(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    let found = store
+        .server_by_token_hash("hash-s1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.name, "s1");
+    assert_eq!(found.state, ServerState::Active);
+    assert!(store.server_by_token_hash("other").await.unwrap().is_none());
+    grant(&*store, "s1", 3).await;
+    let drained = store.drain_server("admin", "s1").await.unwrap();
+    assert_eq!(drained.state, ServerState::Draining);
+    let err = store.remove_server("admin", "s1").await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let mv = new_move(MoveKind::Release, "cad", "s1", 3);
+    store.begin_move(&mv).await.unwrap();
+    store.complete_move(mv.id, 3, 2).await.unwrap();
+    store.remove_server("admin", "s1").await.unwrap();
+    assert!(store.servers().await.unwrap().is_empty());
+    assert!(
+        store
+            .server_by_token_hash("hash-s1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        store.drain_server("admin", "s1").await,
+        Err(StoreError::NotFound(_))
+    ));
+    // The name is free again (the old row stays for the move log's history).
+    store
+        .register_server("admin", &server("s1"), "hash-s1-new")
+        .await
+        .unwrap();
+    assert_balanced(&*store).await;
+}
+
+async fn allocation_limits_create_the_cell_and_are_audited(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    let limits = SetAllocation {
+        min_units: 2,
+        buffer_units: 3,
+    };
+    let view = store
+        .set_allocation_limits("bob", "s1", "cad", &limits)
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.allocation, view.min_units, view.buffer_units),
+        (0, 2, 3)
+    );
+    let again = SetAllocation {
+        min_units: 4,
+        buffer_units: 1,
+    };
+    store
+        .set_allocation_limits("bob", "s1", "cad", &again)
+        .await
+        .unwrap();
+    let detail = store.product("cad").await.unwrap();
+    assert_eq!(detail.servers.len(), 1);
+    assert_eq!(detail.servers[0].min_units, 4);
+    assert_eq!(detail.servers[0].site, "hq");
+    let audit = store
+        .audit(AuditQuery {
+            limit: 1,
+            before_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit[0].action, "allocation.set");
+    assert_eq!(audit[0].target, "s1/cad");
+    assert_eq!(audit[0].before.as_ref().unwrap()["min_units"], 2);
+    assert_eq!(audit[0].after.as_ref().unwrap()["min_units"], 4);
+    let older = store
+        .audit(AuditQuery {
+            limit: 100,
+            before_id: Some(audit[0].id),
+        })
+        .await
+        .unwrap();
+    assert!(older.iter().all(|e| e.id < audit[0].id));
+    assert!(matches!(
+        store
+            .set_allocation_limits("bob", "ghost", "cad", &limits)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn schedule_has_a_default_and_can_be_replaced(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let default = store.schedule().await.unwrap();
+    assert_eq!(default.cron, "*/15 * * * *");
+    assert_eq!(default.timezone, "UTC");
+    let new = ScheduleSetting {
+        cron: "0 6-18 * * 1-5".into(),
+        timezone: "Europe/Paris".into(),
+    };
+    store.set_schedule("admin", &new).await.unwrap();
+    assert_eq!(store.schedule().await.unwrap(), new);
+    let audit = store
+        .audit(AuditQuery {
+            limit: 1,
+            before_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit[0].action, "schedule.set");
+}
+
+async fn grant_travels_through_transit(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
+    let planned = store.begin_move(&mv).await.unwrap();
+    assert_eq!(planned.state, MoveState::Planned);
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (6, 4, 0));
+    assert_eq!(store.unfinished_moves().await.unwrap(), vec![planned]);
+    assert_balanced(&*store).await;
+    let applied = store.complete_move(mv.id, 4, 7).await.unwrap();
+    assert_eq!(applied.state, MoveState::Applied);
+    let detail = store.product("cad").await.unwrap();
+    assert_eq!((detail.product.reserve, detail.product.in_transit), (6, 0));
+    assert_eq!(detail.servers[0].allocation, 4);
+    assert_eq!(detail.servers[0].generation, 7);
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+    // Abandoning a planned grant puts its units back.
+    let mv = new_move(MoveKind::Grant, "cad", "s1", 5);
+    store.begin_move(&mv).await.unwrap();
+    let abandoned = store
+        .abandon_move(mv.id, "server never saw it")
+        .await
+        .unwrap();
+    assert_eq!(abandoned.state, MoveState::Abandoned);
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (6, 0, 4));
+    assert_balanced(&*store).await;
+}
+
+async fn release_returns_only_confirmed_units(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    grant(&*store, "s1", 8).await;
+    let mv = new_move(MoveKind::Release, "cad", "s1", 5);
+    store.begin_move(&mv).await.unwrap();
+    // Logged but unconfirmed: nothing moves yet.
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.allocated), (2, 8));
+    // The server had only 3 free units.
+    let done = store.complete_move(mv.id, 3, 9).await.unwrap();
+    assert_eq!(done.applied_units, Some(3));
+    let detail = store.product("cad").await.unwrap();
+    assert_eq!(
+        (detail.product.reserve, detail.servers[0].allocation),
+        (5, 5)
+    );
+    // A release that claims more than asked is refused.
+    let mv = new_move(MoveKind::Release, "cad", "s1", 1);
+    store.begin_move(&mv).await.unwrap();
+    assert!(matches!(
+        store.complete_move(mv.id, 2, 10).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_balanced(&*store).await;
+}
+
+async fn moves_are_idempotent_and_final(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
+    store.begin_move(&mv).await.unwrap();
+    let first = store.complete_move(mv.id, 4, 1).await.unwrap();
+    let second = store.complete_move(mv.id, 4, 1).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 4);
+    assert!(matches!(
+        store.abandon_move(mv.id, "late").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.begin_move(&mv).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let dropped = new_move(MoveKind::Grant, "cad", "s1", 1);
+    store.begin_move(&dropped).await.unwrap();
+    store.abandon_move(dropped.id, "x").await.unwrap();
+    store.abandon_move(dropped.id, "x").await.unwrap();
+    assert!(matches!(
+        store.complete_move(dropped.id, 1, 2).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.complete_move(Uuid::new_v4(), 1, 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (6, 0, 4));
+    assert_balanced(&*store).await;
+}
+
+async fn moves_that_would_break_the_books_change_nothing(fixture: &Fixture) {
+    let store = stocked(fixture, 5).await;
+    let before = store.books().await.unwrap();
+    let too_big = new_move(MoveKind::Grant, "cad", "s1", 6);
+    assert!(matches!(
+        store.begin_move(&too_big).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let unheld = new_move(MoveKind::Release, "cad", "s1", 1);
+    assert!(matches!(
+        store.begin_move(&unheld).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let ghost = new_move(MoveKind::Grant, "cad", "ghost", 1);
+    assert!(matches!(
+        store.begin_move(&ghost).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let zero = new_move(MoveKind::Grant, "cad", "s1", 0);
+    assert!(matches!(
+        store.begin_move(&zero).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.books().await.unwrap(), before);
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+}
+
+async fn books_survive_a_reopen(fixture: &Fixture) {
+    let store = stocked(fixture, 10).await;
+    grant(&*store, "s1", 3).await;
+    let planned = new_move(MoveKind::Grant, "cad", "s1", 2);
+    store.begin_move(&planned).await.unwrap();
+    let books = store.books().await.unwrap();
+    drop(store);
+    let store = fixture.open().await;
+    assert_eq!(store.books().await.unwrap(), books);
+    assert_eq!(store.unfinished_moves().await.unwrap()[0].id, planned.id);
+    store.complete_move(planned.id, 2, 2).await.unwrap();
+    assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 5);
+    assert_balanced(&*store).await;
+}
+
+/// Eight writers race random mutations; after every one of them the books must balance.
+async fn concurrent_mutations_keep_conservation(fixture: &Fixture) {
+    let store = fixture.open().await;
+    store
+        .create_product("admin", &product("cad"))
+        .await
+        .unwrap();
+    store
+        .create_product("admin", &product("fea"))
+        .await
+        .unwrap();
+    for s in ["s1", "s2", "s3"] {
+        store
+            .register_server("admin", &server(s), &format!("hash-{s}"))
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for seed in 1..=8u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let mut applied = 0;
+            for _ in 0..25 {
+                let product = ["cad", "fea"][next(2) as usize];
+                let server = ["s1", "s2", "s3"][next(3) as usize];
+                let units = 1 + next(5);
+                let outcome = match next(5) {
+                    0 => store
+                        .add_entitlement("hammer", product, &entitlement(units as u32))
+                        .await
+                        .map(drop),
+                    1 => match store.entitlements(product).await.unwrap().first() {
+                        Some(e) => store
+                            .remove_entitlement("hammer", product, e.id)
+                            .await
+                            .map(drop),
+                        None => Ok(()),
+                    },
+                    2 | 3 => {
+                        let mv = new_move(MoveKind::Grant, product, server, units);
+                        match store.begin_move(&mv).await {
+                            Ok(_) if next(4) == 0 => {
+                                store.abandon_move(mv.id, "test").await.map(drop)
+                            }
+                            Ok(_) => store.complete_move(mv.id, units, 1).await.map(drop),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    _ => {
+                        let mv = new_move(MoveKind::Release, product, server, units);
+                        match store.begin_move(&mv).await {
+                            Ok(_) => store
+                                .complete_move(mv.id, next(units + 1), 1)
+                                .await
+                                .map(drop),
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(()) => applied += 1,
+                    Err(StoreError::Conflict(_) | StoreError::NotFound(_)) => {}
+                    Err(e) => panic!("unexpected store error: {e:?}"),
+                }
+                for check in store.books().await.unwrap() {
+                    assert!(check.errors().is_empty(), "{:?}", check.errors());
+                }
+            }
+            applied
+        }));
+    }
+    let mut applied = 0;
+    for task in tasks {
+        applied += task.await.unwrap();
+    }
+    assert!(
+        applied > 50,
+        "the hammer barely mutated anything ({applied})"
+    );
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+    assert_balanced(&*store).await;
+}
