@@ -1,2 +1,234 @@
-//! `allot-agent`: the metering server binary.
-fn main() {}
+//! `allot-agent`: the metering server (`serve`) and its client commands (`run`, `status`).
+#![forbid(unsafe_code)]
+
+use allot_agent::cli;
+use allot_agent::client::Client;
+use allot_agent::server::{self, ProductsFile, ServerConfig};
+use allot_core::checkout::Limits;
+use allot_core::wire::agent::CheckoutRequest;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// allot's metering server and its client commands.
+#[derive(Debug, Parser)]
+#[command(name = "allot-agent", version, about)]
+struct Args {
+    /// Log format.
+    #[arg(
+        long,
+        env = "ALLOT_LOG_FORMAT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the metering server.
+    Serve(ServeArgs),
+    /// Check a license out, run a command while heartbeating, check in when it exits.
+    Run(RunArgs),
+    /// Show the server's products.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, env = "ALLOT_LISTEN", default_value = "127.0.0.1:7401")]
+    listen: SocketAddr,
+    /// Directory of the server's store (default: $XDG_DATA_HOME/allot/agent or
+    /// ~/.local/share/allot/agent).
+    #[arg(long, env = "ALLOT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The server's own token, presented by the balancer (status, release, grant, products).
+    #[arg(long, env = "ALLOT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A key clients must present as a bearer token; none → any client may check out.
+    #[arg(long, env = "ALLOT_CLIENT_KEY", hide_env_values = true)]
+    client_key: Option<String>,
+    /// The server's name in status reports.
+    #[arg(long, env = "ALLOT_NAME", default_value = "agent")]
+    name: String,
+    /// Local product definitions (JSON), for running without a balancer.
+    #[arg(long, env = "ALLOT_PRODUCTS_FILE")]
+    products_file: Option<PathBuf>,
+    /// Most live checkouts; past it checkouts answer 503 `unavailable`.
+    #[arg(long, env = "ALLOT_MAX_CHECKOUTS", default_value_t = 1_000_000)]
+    max_checkouts: usize,
+    /// Most waiting clients; past it waiting checkouts answer 503 `unavailable`.
+    #[arg(long, env = "ALLOT_MAX_WAITING", default_value_t = 10_000)]
+    max_waiting: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The metering server.
+    #[arg(long, env = "ALLOT_URL", default_value = "http://127.0.0.1:7401")]
+    url: String,
+    /// The client key, if the server wants one.
+    #[arg(long, env = "ALLOT_CLIENT_KEY", hide_env_values = true)]
+    client_key: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The product to check out.
+    #[arg(long, env = "ALLOT_PRODUCT")]
+    product: String,
+    /// Seconds to wait in the queue when nothing is free.
+    #[arg(long, env = "ALLOT_WAIT", default_value_t = 0)]
+    wait: u32,
+    /// Units to check out.
+    #[arg(long, env = "ALLOT_UNITS", default_value_t = 1)]
+    units: u32,
+    /// User to check out as (default: $USER).
+    #[arg(long, env = "ALLOT_USER")]
+    user: Option<String>,
+    /// Host to check out from (default: this host's name).
+    #[arg(long, env = "ALLOT_HOST")]
+    host: Option<String>,
+    /// Groups for group ACLs (comma-separated).
+    #[arg(long, env = "ALLOT_GROUPS", value_delimiter = ',')]
+    groups: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Machine output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("allot").join("agent")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let products = match &args.products_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let file: ProductsFile = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            file.products
+        }
+        None => Vec::new(),
+    };
+    let config = ServerConfig {
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        name: args.name,
+        token: args.token.filter(|t| !t.is_empty()),
+        client_key: args.client_key.filter(|k| !k.is_empty()),
+        products,
+        limits: Limits {
+            max_checkouts: args.max_checkouts,
+            max_waiting: args.max_waiting,
+        },
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+    Ok(Client::new(&args.url)?.with_bearer(args.client_key.clone()))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let code = match args.command {
+        Command::Serve(a) => match serve(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "metering server failed");
+                1
+            }
+        },
+        Command::Run(a) => match client(&a.client) {
+            Ok(c) => {
+                let req = CheckoutRequest {
+                    product: a.product,
+                    user: a.user.unwrap_or_else(cli::default_user),
+                    host: a.host.unwrap_or_else(cli::default_host),
+                    groups: a.groups,
+                    units: a.units,
+                    wait_seconds: a.wait,
+                };
+                cli::run_command(&c, req, &a.command).await
+            }
+            Err(e) => {
+                eprintln!("allot-agent: {e:#}");
+                64
+            }
+        },
+        Command::Status(a) => match status(&a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("allot-agent: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let products = client(&args.client)?.products().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&products)?);
+    } else {
+        print!("{}", cli::products_table(&products));
+    }
+    Ok(())
+}

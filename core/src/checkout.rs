@@ -446,14 +446,15 @@ impl Book {
     }
 
     /// Sets a product's allocation from local configuration (standalone use): a decrease takes
-    /// only free units, like a release. Returns the new allocation and generation if it changed.
+    /// only free units, like a release. Returns the new allocation, generation and the waiters
+    /// served, if it changed.
     pub fn set_allocation(
         &mut self,
         product: &str,
         target: u32,
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
-    ) -> Option<(u32, u64)> {
+    ) -> Option<(u32, u64, Vec<Served>)> {
         let p = self.products.get_mut(product)?;
         let new = if target < p.allocation {
             p.allocation - releasable(p.allocation, p.in_use, p.allocation - target)
@@ -465,9 +466,9 @@ impl Book {
         }
         p.allocation = new;
         p.generation += 1;
-        let out = (p.allocation, p.generation);
-        let _ = self.serve(product, now, handles);
-        Some(out)
+        let (allocation, generation) = (p.allocation, p.generation);
+        let served = self.serve(product, now, handles);
+        Some((allocation, generation, served))
     }
 
     /// A checkout request. `wait` says the client will wait in the queue when nothing is free.
@@ -692,13 +693,13 @@ impl Book {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    /// Stales out every checkout whose deadline has passed. Returns the staled handles and the
-    /// waiters their units serve.
+    /// Stales out every checkout whose deadline has passed. Returns the staled handles (with
+    /// their product) and the waiters their units serve.
     pub fn expire(
         &mut self,
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
-    ) -> (Vec<Handle>, Vec<Served>) {
+    ) -> (Vec<(Handle, Arc<str>)>, Vec<Served>) {
         let mut staled = Vec::new();
         let mut served = Vec::new();
         while let Some(&(deadline, handle)) = self.deadlines.first() {
@@ -709,7 +710,7 @@ impl Book {
                 if let Some(p) = self.products.get_mut(&product) {
                     p.count(|c| c.staleouts += 1);
                 }
-                staled.push(handle);
+                staled.push((handle, product));
                 served.extend(s);
             } else {
                 self.deadlines.pop_first();
@@ -1110,7 +1111,7 @@ mod tests {
         b.heartbeat(c.record.handle, 20_000).unwrap();
         assert_eq!(b.next_deadline(), Some(50_000));
         assert!(b.expire(49_999, &mut || g.next()).0.is_empty());
-        assert_eq!(b.expire(50_000, &mut || g.next()).0, vec![c.record.handle]);
+        assert_eq!(b.expire(50_000, &mut || g.next()).0[0].0, c.record.handle);
         assert_eq!(b.heartbeat(c.record.handle, 50_001), Err(BadHandle));
         assert_eq!(b.next_deadline(), None);
         assert_eq!(b.status(false)[0].since_last.staleouts, 1);
@@ -1345,7 +1346,7 @@ mod tests {
                     Op::Tick(ms) => {
                         now += ms;
                         let (staled, s) = b.expire(now, &mut || g.next());
-                        for h in staled {
+                        for (h, _) in staled {
                             prop_assert!(!b.is_live(h));
                         }
                         served = s;

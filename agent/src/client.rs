@@ -1,0 +1,286 @@
+//! The Rust client of the metering server: plain calls, and a [`Lease`] that heartbeats while
+//! it lives and checks in when dropped.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), allot_agent::client::ClientError> {
+//! use allot_agent::client::Client;
+//! use allot_core::wire::agent::CheckoutRequest;
+//! let client = Client::new("http://127.0.0.1:7401")?;
+//! let lease = client
+//!     .lease(&CheckoutRequest {
+//!         product: "cad".into(),
+//!         user: "ann".into(),
+//!         host: "ws1".into(),
+//!         groups: vec![],
+//!         units: 1,
+//!         wait_seconds: 0,
+//!     })
+//!     .await?;
+//! // ... run the licensed work ...
+//! lease.checkin().await?;
+//! # Ok(()) }
+//! ```
+
+use allot_core::ErrorCode;
+use allot_core::error::ErrorBody;
+use allot_core::wire::Health;
+use allot_core::wire::agent::{
+    AgentProduct, AgentProducts, AgentStatus, CheckoutRequest, CheckoutResponse, HandleRequest,
+    HandleResponse, MoveRequest, MoveResponse, ProductDefinition,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{status} {}: {}", body.error.code, body.error.message)]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The server's error.
+        body: ErrorBody,
+    },
+    /// The server could not be reached or answered something that is not allot's JSON.
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    /// The URL given is not usable.
+    #[error("bad server URL {0:?}")]
+    Url(String),
+}
+
+impl ClientError {
+    /// The server's stable error code, when the server answered one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { body, .. } => Some(body.error.code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection pool to one metering server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    bearer: Option<String>,
+}
+
+impl Client {
+    /// A client of the server at `url` (e.g. `http://127.0.0.1:7401`).
+    pub fn new(url: &str) -> Result<Self, ClientError> {
+        allot_core::validate::http_url("url", url).map_err(|_| ClientError::Url(url.to_owned()))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Client {
+            http,
+            base: url.trim_end_matches('/').to_owned(),
+            bearer: None,
+        })
+    }
+
+    /// Presents `token` as `Authorization: Bearer` (the client key, or the server token for the
+    /// balancer-facing calls).
+    pub fn with_bearer(mut self, token: Option<String>) -> Self {
+        self.bearer = token;
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.bearer {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(rb: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let resp = rb.send().await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.json().await?);
+        }
+        let bytes = resp.bytes().await?;
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        });
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            body,
+        })
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        Self::send(self.request(reqwest::Method::POST, path).json(body)).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// Checks units out (waits in the queue if `wait_seconds > 0`). The caller heartbeats and
+    /// checks in; [`Client::lease`] does both for you.
+    pub async fn checkout(&self, req: &CheckoutRequest) -> Result<CheckoutResponse, ClientError> {
+        let rb = self
+            .request(reqwest::Method::POST, "/v1/checkout")
+            .json(req)
+            .timeout(Duration::from_secs(u64::from(req.wait_seconds) + 30));
+        Self::send(rb).await
+    }
+
+    /// Keeps a checkout alive.
+    pub async fn heartbeat(&self, handle: &str) -> Result<HandleResponse, ClientError> {
+        self.post(
+            "/v1/heartbeat",
+            &HandleRequest {
+                handle: handle.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Ends a checkout.
+    pub async fn checkin(&self, handle: &str) -> Result<HandleResponse, ClientError> {
+        self.post(
+            "/v1/checkin",
+            &HandleRequest {
+                handle: handle.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// The server's products as its clients see them.
+    pub async fn products(&self) -> Result<AgentProducts, ClientError> {
+        self.get("/v1/products").await
+    }
+
+    /// The balancer's view (needs the server token); resets the since-last counters.
+    pub async fn status(&self) -> Result<AgentStatus, ClientError> {
+        self.get("/v1/status").await
+    }
+
+    /// Releases free units to the reserve (server token).
+    pub async fn release(&self, req: &MoveRequest) -> Result<MoveResponse, ClientError> {
+        self.post("/v1/allocations/release", req).await
+    }
+
+    /// Grants units from the reserve (server token).
+    pub async fn grant(&self, req: &MoveRequest) -> Result<MoveResponse, ClientError> {
+        self.post("/v1/allocations/grant", req).await
+    }
+
+    /// Defines a product or replaces its policy (server token).
+    pub async fn define(
+        &self,
+        product: &str,
+        def: &ProductDefinition,
+    ) -> Result<AgentProduct, ClientError> {
+        Self::send(
+            self.request(reqwest::Method::PUT, &format!("/v1/products/{product}"))
+                .json(def),
+        )
+        .await
+    }
+
+    /// The server's health.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/healthz").await
+    }
+
+    /// Checks out and starts heartbeating; the returned [`Lease`] checks in when dropped.
+    pub async fn lease(&self, req: &CheckoutRequest) -> Result<Lease, ClientError> {
+        let grant = self.checkout(req).await?;
+        let (lost_tx, lost) = watch::channel(false);
+        let client = self.clone();
+        let handle = grant.handle.clone();
+        let every = Duration::from_secs(u64::from(grant.heartbeat_seconds.max(1)));
+        let heartbeat = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                match client.heartbeat(&handle).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some(ErrorCode::BadHandle) => {
+                        tracing::warn!("checkout lost (staled out or unknown to the server)");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+                }
+            }
+        });
+        Ok(Lease {
+            client: self.clone(),
+            grant,
+            heartbeat: Some(heartbeat),
+            lost,
+        })
+    }
+}
+
+/// A live checkout: heartbeats in the background; [`Lease::checkin`] ends it, and dropping it
+/// ends it too (from a spawned task, so a tokio runtime must be running).
+#[derive(Debug)]
+pub struct Lease {
+    client: Client,
+    grant: CheckoutResponse,
+    heartbeat: Option<JoinHandle<()>>,
+    lost: watch::Receiver<bool>,
+}
+
+impl Lease {
+    /// The server's answer: handle, units, heartbeat interval, overdraft.
+    pub fn grant(&self) -> &CheckoutResponse {
+        &self.grant
+    }
+
+    /// Whether the server no longer knows the checkout (it staled out).
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Ends the checkout now and reports the outcome.
+    pub async fn checkin(mut self) -> Result<(), ClientError> {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        let result = self.client.checkin(&self.grant.handle).await.map(|_| ());
+        self.grant.handle.clear();
+        result
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if self.grant.handle.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            let handle = std::mem::take(&mut self.grant.handle);
+            rt.spawn(async move {
+                if let Err(e) = client.checkin(&handle).await {
+                    tracing::warn!(error = %e, "checkin on drop failed");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The metering server's API errors: one enum, each variant a stable code and an HTTP status.
+//!
+//! Handlers return [`ApiError`]; its `IntoResponse` writes `{"error": {"code", "message"}}`
+//! (`allot_core::error::ErrorBody`). Internal failures are logged here and answered with a bare
+//! `internal`, never with SQL text or paths. [`ApiJson`] makes axum's JSON rejections (bad
+//! syntax, unknown fields, a body over 64 KiB) answer in the same shape.
+
+use allot_core::ErrorCode;
+use allot_core::error::ErrorBody;
+use allot_core::validate::{Invalid, MAX_BODY_BYTES};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Why a request to the metering server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, an unknown field or an out-of-range value.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is over the 64 KiB limit.
+    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    /// The route exists but not for this method.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// Missing or wrong bearer token.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// The ACL refuses the requester.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such route.
+    #[error("no such path")]
+    NotFound,
+    /// The product is not defined on this server.
+    #[error("unknown product {0:?}")]
+    UnknownProduct(String),
+    /// No unit could be granted.
+    #[error("{0}")]
+    LicenseUnavailable(String),
+    /// The handle is unknown or has staled out.
+    #[error("unknown or staled-out handle")]
+    BadHandle,
+    /// The request contradicts the state (a move id reused for another move).
+    #[error("{0}")]
+    Conflict(String),
+    /// A configured limit is reached, the store failed earlier, or the server is stopping.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a failure of the store; the detail goes to the log only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::TooLarge | ApiError::MethodNotAllowed => {
+                ErrorCode::BadRequest
+            }
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::NotFound => ErrorCode::NotFound,
+            ApiError::UnknownProduct(_) => ErrorCode::UnknownProduct,
+            ApiError::LicenseUnavailable(_) => ErrorCode::LicenseUnavailable,
+            ApiError::BadHandle => ErrorCode::BadHandle,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            other => StatusCode::from_u16(other.code().http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "request failed");
+        }
+        let body = ErrorBody::new(self.code(), self.to_string());
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+/// A JSON body extractor whose rejections are [`ApiError`]s, so every failure has the JSON
+/// error shape (axum's own `Json` answers in plain text).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }),
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

@@ -1,0 +1,323 @@
+//! The metering server's durable log: one SQLite file in WAL mode under the data directory.
+//!
+//! In-memory state (an `allot_core::checkout::Book`) is authoritative for reads and decisions;
+//! this store is the log that makes it survive kill -9. At start [`Store::load`] rebuilds the
+//! book; afterwards one writer task applies batches of [`Mutation`]s, each batch in one
+//! transaction (group commit), and only then acknowledges them.
+//!
+//! Durability: `journal_mode=WAL` with `synchronous=FULL`, so every commit fsyncs the WAL before
+//! it returns. That survives a power loss, not only a process crash (WAL with `NORMAL` would
+//! survive kill -9 but could lose the last commits on power loss). Group commit pays the fsync
+//! once per batch, so FULL costs little throughput under load.
+
+use allot_core::checkout::{AppliedMove, Book, CheckoutRecord, Handle, Millis};
+use allot_core::domain::{MoveKind, Policy};
+use allot_core::wire::agent::{MoveResponse, UsageCounters};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Row};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The migrations of the metering server's store, embedded at build time.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/agent-sqlite");
+
+/// Why the store failed; logged, never returned to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// SQLite refused an operation.
+    #[error("sqlite: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row cannot be read back (corruption or a newer format).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// One change to the durable state, in the order it was applied in memory.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    /// A product defined or its policy, allocation or generation set locally.
+    Product {
+        /// The product.
+        name: String,
+        /// Its policy.
+        policy: Policy,
+        /// Its allocation at the time.
+        allocation: u32,
+        /// Its generation at the time.
+        generation: u64,
+    },
+    /// A checkout granted.
+    Checkout(CheckoutRecord),
+    /// A checkout ended (checkin or staleout).
+    Checkin {
+        /// The ended checkout.
+        handle: Handle,
+        /// Its product, so the batch knows whose totals to write.
+        product: Arc<str>,
+    },
+    /// A release or grant applied.
+    Move {
+        /// The move and its answer.
+        applied: AppliedMove,
+        /// When it was applied.
+        at: Millis,
+    },
+}
+
+impl Mutation {
+    fn product(&self) -> &str {
+        match self {
+            Mutation::Product { name, .. } => name,
+            Mutation::Checkout(r) => &r.product,
+            Mutation::Checkin { product, .. } => product,
+            Mutation::Move { applied, .. } => &applied.product,
+        }
+    }
+}
+
+/// The open SQLite file.
+#[derive(Debug)]
+pub struct Store {
+    conn: SqliteConnection,
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u32_of(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {v}")))
+}
+
+fn u64_of(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {v}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) `agent.db` in `data_dir` and applies the migrations.
+    #[tracing::instrument(skip_all, fields(data_dir = %data_dir.display()))]
+    pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("agent.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut conn).await?;
+        Ok(Store { conn })
+    }
+
+    /// Rebuilds the in-memory book from the log. Live checkouts restart their staleout clock at
+    /// `now`, since clients could not heartbeat while the server was down.
+    #[tracing::instrument(skip_all)]
+    pub async fn load(&mut self, book: &mut Book, now: Millis) -> Result<(), StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, policy, allocation, generation, peak_in_use, checkouts, denials, \
+             overdrafts, staleouts, instant_requests FROM products",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        for row in rows {
+            let name: String = row.try_get("name")?;
+            let policy: String = row.try_get("policy")?;
+            let policy: Policy = serde_json::from_str(&policy)
+                .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
+            let totals = UsageCounters {
+                peak_in_use: u32_of(row.try_get("peak_in_use")?, "peak_in_use")?,
+                checkouts: u64_of(row.try_get("checkouts")?, "checkouts")?,
+                denials: u64_of(row.try_get("denials")?, "denials")?,
+                overdrafts: u64_of(row.try_get("overdrafts")?, "overdrafts")?,
+                staleouts: u64_of(row.try_get("staleouts")?, "staleouts")?,
+                instant_requests: u64_of(row.try_get("instant_requests")?, "instant_requests")?,
+            };
+            book.restore_product(
+                &name,
+                policy,
+                u32_of(row.try_get("allocation")?, "allocation")?,
+                u64_of(row.try_get("generation")?, "generation")?,
+                totals,
+            );
+        }
+        let rows = sqlx::query(
+            "SELECT handle, product, user, host, seat, units, overdraft, created_ms \
+             FROM checkouts ORDER BY rowid",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        for row in rows {
+            let handle: String = row.try_get("handle")?;
+            let record = CheckoutRecord {
+                handle: handle
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("handle {handle:?}")))?,
+                product: row.try_get("product")?,
+                user: row.try_get("user")?,
+                host: row.try_get("host")?,
+                seat: row.try_get("seat")?,
+                units: u32_of(row.try_get("units")?, "units")?,
+                overdraft: row.try_get::<i64, _>("overdraft")? != 0,
+                created_at: u64_of(row.try_get("created_ms")?, "created_ms")?,
+            };
+            book.restore_checkout(&record, now);
+        }
+        let rows = sqlx::query(
+            "SELECT move_id, kind, product, requested, units, allocation, generation FROM moves",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        for row in rows {
+            let id: String = row.try_get("move_id")?;
+            let kind: String = row.try_get("kind")?;
+            book.restore_move(AppliedMove {
+                kind: kind.parse::<MoveKind>().map_err(StoreError::Corrupt)?,
+                product: row.try_get("product")?,
+                requested: u32_of(row.try_get("requested")?, "requested")?,
+                response: MoveResponse {
+                    move_id: id
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("move id {id:?}")))?,
+                    units: u32_of(row.try_get("units")?, "units")?,
+                    allocation: u32_of(row.try_get("allocation")?, "allocation")?,
+                    generation: u64_of(row.try_get("generation")?, "generation")?,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes one batch in one transaction, then the totals of the products it touched.
+    /// Returns only once the commit is durable.
+    #[tracing::instrument(skip_all, fields(mutations = batch.len()))]
+    pub async fn write_batch(
+        &mut self,
+        batch: &[Mutation],
+        totals: &[(String, UsageCounters)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.conn.begin().await?;
+        for m in batch {
+            match m {
+                Mutation::Product {
+                    name,
+                    policy,
+                    allocation,
+                    generation,
+                } => {
+                    let policy = serde_json::to_string(policy)
+                        .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
+                    sqlx::query(
+                        "INSERT INTO products (name, policy, allocation, generation) \
+                         VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET \
+                         policy = excluded.policy, allocation = excluded.allocation, \
+                         generation = excluded.generation",
+                    )
+                    .bind(name.as_str())
+                    .bind(policy)
+                    .bind(i64::from(*allocation))
+                    .bind(i64_of(*generation))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Mutation::Checkout(r) => {
+                    sqlx::query(
+                        "INSERT INTO checkouts (handle, product, user, host, seat, units, \
+                         overdraft, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(r.handle.to_string())
+                    .bind(r.product.as_str())
+                    .bind(r.user.as_str())
+                    .bind(r.host.as_str())
+                    .bind(r.seat.as_deref())
+                    .bind(i64::from(r.units))
+                    .bind(i64::from(r.overdraft))
+                    .bind(i64_of(r.created_at))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Mutation::Checkin { handle, .. } => {
+                    sqlx::query("DELETE FROM checkouts WHERE handle = ?")
+                        .bind(handle.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Mutation::Move { applied, at } => {
+                    let r = &applied.response;
+                    sqlx::query(
+                        "INSERT INTO moves (move_id, kind, product, requested, units, \
+                         allocation, generation, applied_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(r.move_id.to_string())
+                    .bind(applied.kind.as_str())
+                    .bind(applied.product.as_str())
+                    .bind(i64::from(applied.requested))
+                    .bind(i64::from(r.units))
+                    .bind(i64::from(r.allocation))
+                    .bind(i64_of(r.generation))
+                    .bind(i64_of(*at))
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE products SET allocation = ?, generation = ? WHERE name = ?",
+                    )
+                    .bind(i64::from(r.allocation))
+                    .bind(i64_of(r.generation))
+                    .bind(applied.product.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        for (name, t) in totals {
+            sqlx::query(
+                "UPDATE products SET peak_in_use = ?, checkouts = ?, denials = ?, \
+                 overdrafts = ?, staleouts = ?, instant_requests = ? WHERE name = ?",
+            )
+            .bind(i64::from(t.peak_in_use))
+            .bind(i64_of(t.checkouts))
+            .bind(i64_of(t.denials))
+            .bind(i64_of(t.overdrafts))
+            .bind(i64_of(t.staleouts))
+            .bind(i64_of(t.instant_requests))
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Checkpoints the WAL into the main file and closes the connection cleanly.
+    #[tracing::instrument(skip_all)]
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut self.conn)
+            .await?;
+        self.conn.close().await?;
+        Ok(())
+    }
+}
+
+/// The products a batch touched, so only their totals are written.
+pub fn touched(batch: &[Mutation]) -> Vec<&str> {
+    let mut out: Vec<&str> = batch.iter().map(Mutation::product).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
