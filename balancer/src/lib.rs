@@ -1,5 +1,11 @@
-//! allot's central balancer: the books ([`store`]), the admin API ([`api`]), authentication
-//! ([`auth`]), the schedule ([`schedule`]) and the admin CLI ([`cli`]).
+//! allot's central balancer: the books ([`store`]), the admin API ([`api`]), tokens
+//! ([`auth`]), the balance schedule ([`schedule`]), configuration ([`config`]) and the admin
+//! CLI ([`cli`]).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod schedule;
 pub mod store;

@@ -171,6 +171,8 @@ pub struct AuditQuery {
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, for the start-up summary and `/healthz`.
     fn backend(&self) -> &'static str;
+    /// Waits for in-flight statements and closes the connections (graceful shutdown).
+    async fn close(&self);
 
     /// Defines a product with an empty pool. A taken name is a conflict.
     async fn create_product(&self, actor: &str, def: &CreateProduct) -> StoreResult<Product>;

@@ -96,7 +96,10 @@ async fn product_id(conn: &mut Conn, name: &str) -> StoreResult<i64> {
 /// Takes the product's row lock before any other row of the transaction, so every writer
 /// locks in the same order (product, then allocations) and concurrent moves cannot deadlock.
 async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<()> {
-    sqlx::query(LOCK_PRODUCT).bind(product_id).execute(conn).await?;
+    sqlx::query(LOCK_PRODUCT)
+        .bind(product_id)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -220,6 +223,10 @@ async fn shift_pool(
 impl Store for SqlStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 
     #[tracing::instrument(skip_all, fields(product = %def.name))]

@@ -1,0 +1,100 @@
+//! Products and their purchases.
+
+use super::error::ApiError;
+use super::{Admin, ApiJson, ApiPath, AppState};
+use allot_core::validate;
+use allot_core::wire::balancer::{
+    AddEntitlement, CreateProduct, Entitlement, List, Product, ProductDetail,
+};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+fn validate_product(def: &CreateProduct) -> Result<(), validate::Invalid> {
+    validate::path_name("name", &def.name)?;
+    if let Some(publisher) = &def.publisher {
+        validate::name("publisher", publisher)?;
+    }
+    if let Some(version) = &def.version {
+        validate::name("version", version)?;
+    }
+    validate::policy(&def.policy())
+}
+
+pub(super) async fn create_product(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiJson(def): ApiJson<CreateProduct>,
+) -> Result<(StatusCode, Json<Product>), ApiError> {
+    validate_product(&def)?;
+    let product = state.store.create_product(Admin::ACTOR, &def).await?;
+    tracing::info!(product = %product.name, "product created");
+    Ok((StatusCode::CREATED, Json(product)))
+}
+
+pub(super) async fn list_products(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<List<Product>>, ApiError> {
+    Ok(Json(List {
+        items: state.store.products().await?,
+    }))
+}
+
+pub(super) async fn show_product(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(product): ApiPath<String>,
+) -> Result<Json<ProductDetail>, ApiError> {
+    validate::path_name("product", &product)?;
+    Ok(Json(state.store.product(&product).await?))
+}
+
+pub(super) async fn add_entitlement(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(product): ApiPath<String>,
+    ApiJson(req): ApiJson<AddEntitlement>,
+) -> Result<(StatusCode, Json<Entitlement>), ApiError> {
+    validate::path_name("product", &product)?;
+    validate::units("units", req.units)?;
+    if let Some(reference) = &req.reference {
+        validate::name("reference", reference)?;
+    }
+    if let Some(expires_at) = req.expires_at
+        && expires_at <= chrono::Utc::now()
+    {
+        return Err(ApiError::bad_request("expires_at: must be in the future"));
+    }
+    let entitlement = state
+        .store
+        .add_entitlement(Admin::ACTOR, &product, &req)
+        .await?;
+    tracing::info!(%product, id = entitlement.id, units = entitlement.units, "entitlement added");
+    Ok((StatusCode::CREATED, Json(entitlement)))
+}
+
+pub(super) async fn list_entitlements(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(product): ApiPath<String>,
+) -> Result<Json<List<Entitlement>>, ApiError> {
+    validate::path_name("product", &product)?;
+    Ok(Json(List {
+        items: state.store.entitlements(&product).await?,
+    }))
+}
+
+pub(super) async fn remove_entitlement(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath((product, id)): ApiPath<(String, i64)>,
+) -> Result<Json<Entitlement>, ApiError> {
+    validate::path_name("product", &product)?;
+    let entitlement = state
+        .store
+        .remove_entitlement(Admin::ACTOR, &product, id)
+        .await?;
+    tracing::info!(%product, id, units = entitlement.units, "entitlement removed");
+    Ok(Json(entitlement))
+}

@@ -1,0 +1,142 @@
+//! The balancer's HTTP API (v1): thin handlers that validate at the edge, call the store and
+//! answer JSON. Every route but `/healthz`, `/metrics` and `/v1/openapi.json` needs the admin
+//! token.
+
+mod books;
+pub mod error;
+mod servers;
+mod settings;
+
+use crate::auth::AdminToken;
+use crate::store::Store;
+use allot_core::ErrorCode;
+use allot_core::validate::MAX_BODY_BYTES;
+use allot_core::wire::Health;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use error::ApiError;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The books.
+    pub store: Arc<dyn Store>,
+    /// The admin token's digest.
+    pub admin: AdminToken,
+}
+
+/// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// Path parameters whose rejections answer in the API's error shape.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// Query parameters whose rejections answer in the API's error shape.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Proof that the caller presented the admin token; the audit log names it `admin`.
+pub struct Admin;
+
+impl Admin {
+    /// The actor recorded in the audit log.
+    pub const ACTOR: &'static str = "admin";
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if state.admin.verify(token) => Ok(Admin),
+            _ => {
+                let path = parts
+                    .extensions
+                    .get::<axum::extract::OriginalUri>()
+                    .map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
+                tracing::warn!(method = %parts.method, %path, "admin call refused: bad or missing token");
+                Err(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "admin calls need `Authorization: Bearer <admin token>`",
+                ))
+            }
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/products",
+            post(books::create_product).get(books::list_products),
+        )
+        .route("/products/{product}", get(books::show_product))
+        .route(
+            "/products/{product}/entitlements",
+            post(books::add_entitlement).get(books::list_entitlements),
+        )
+        .route(
+            "/products/{product}/entitlements/{id}",
+            axum::routing::delete(books::remove_entitlement),
+        )
+        .route("/servers", post(servers::register).get(servers::list))
+        .route("/servers/{server}", axum::routing::delete(servers::remove))
+        .route("/servers/{server}/drain", post(servers::drain))
+        .route(
+            "/servers/{server}/products/{product}",
+            put(servers::set_allocation_limits),
+        )
+        .route(
+            "/schedule",
+            get(settings::schedule).put(settings::set_schedule),
+        )
+        .route("/audit", get(settings::audit));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/v1", v1)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(30),
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        leader: true,
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

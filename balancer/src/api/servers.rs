@@ -1,0 +1,81 @@
+//! Metering servers and their per-product floors and buffers.
+
+use super::error::ApiError;
+use super::{Admin, ApiJson, ApiPath, AppState};
+use crate::auth;
+use allot_core::validate;
+use allot_core::wire::balancer::{
+    AllocationView, List, RegisterServer, RegisteredServer, Server, SetAllocation,
+};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+pub(super) async fn register(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiJson(req): ApiJson<RegisterServer>,
+) -> Result<(StatusCode, Json<RegisteredServer>), ApiError> {
+    validate::path_name("name", &req.name)?;
+    validate::http_url("url", &req.url)?;
+    validate::name("site", &req.site)?;
+    let token = auth::generate_token();
+    let server = state
+        .store
+        .register_server(Admin::ACTOR, &req, &auth::hash_token(&token))
+        .await?;
+    tracing::info!(server = %server.name, site = %server.site, "server registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisteredServer { server, token }),
+    ))
+}
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<List<Server>>, ApiError> {
+    Ok(Json(List {
+        items: state.store.servers().await?,
+    }))
+}
+
+pub(super) async fn drain(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(server): ApiPath<String>,
+) -> Result<Json<Server>, ApiError> {
+    validate::path_name("server", &server)?;
+    let drained = state.store.drain_server(Admin::ACTOR, &server).await?;
+    tracing::info!(%server, "server draining");
+    Ok(Json(drained))
+}
+
+pub(super) async fn remove(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(server): ApiPath<String>,
+) -> Result<Json<Server>, ApiError> {
+    validate::path_name("server", &server)?;
+    let removed = state.store.remove_server(Admin::ACTOR, &server).await?;
+    tracing::info!(%server, "server removed");
+    Ok(Json(removed))
+}
+
+pub(super) async fn set_allocation_limits(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath((server, product)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<SetAllocation>,
+) -> Result<Json<AllocationView>, ApiError> {
+    validate::path_name("server", &server)?;
+    validate::path_name("product", &product)?;
+    validate::units_or_zero("min_units", req.min_units)?;
+    validate::units_or_zero("buffer_units", req.buffer_units)?;
+    let view = state
+        .store
+        .set_allocation_limits(Admin::ACTOR, &server, &product, &req)
+        .await?;
+    tracing::info!(%server, %product, min = req.min_units, buffer = req.buffer_units, "allocation limits set");
+    Ok(Json(view))
+}

@@ -1,0 +1,75 @@
+//! The schedule and the audit log.
+
+use super::error::ApiError;
+use super::{Admin, ApiJson, ApiQuery, AppState};
+use crate::schedule::Schedule as ParsedSchedule;
+use crate::store::{AuditQuery, ScheduleSetting};
+use allot_core::wire::balancer::{AuditEntry, List, Schedule, SetSchedule};
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+
+/// How many upcoming runs `GET /v1/schedule` shows.
+const NEXT_RUNS: usize = 5;
+
+fn view(setting: ScheduleSetting) -> Result<Schedule, ApiError> {
+    let parsed = ParsedSchedule::parse(&setting.cron, Some(&setting.timezone))?;
+    Ok(Schedule {
+        next_runs: parsed.next_runs(chrono::Utc::now(), NEXT_RUNS),
+        cron: setting.cron,
+        timezone: setting.timezone,
+    })
+}
+
+pub(super) async fn schedule(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<Schedule>, ApiError> {
+    Ok(Json(view(state.store.schedule().await?)?))
+}
+
+pub(super) async fn set_schedule(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiJson(req): ApiJson<SetSchedule>,
+) -> Result<Json<Schedule>, ApiError> {
+    let parsed = ParsedSchedule::parse(&req.cron, req.timezone.as_deref())?;
+    let setting = ScheduleSetting {
+        cron: req.cron,
+        timezone: parsed.timezone_name().to_owned(),
+    };
+    state.store.set_schedule(Admin::ACTOR, &setting).await?;
+    tracing::info!(cron = %setting.cron, timezone = %setting.timezone, "schedule set");
+    Ok(Json(view(setting)?))
+}
+
+/// Paging of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditParams {
+    /// Page size, 1–1000 (default 100).
+    limit: Option<u32>,
+    /// Entries older than this id (the last id of the previous page).
+    before: Option<i64>,
+}
+
+pub(super) async fn audit(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiQuery(params): ApiQuery<AuditParams>,
+) -> Result<Json<List<AuditEntry>>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit: must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let items = state
+        .store
+        .audit(AuditQuery {
+            limit,
+            before_id: params.before,
+        })
+        .await?;
+    Ok(Json(List { items }))
+}

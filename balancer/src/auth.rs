@@ -1,0 +1,142 @@
+//! Tokens: how the balancer recognises its admins and its metering servers.
+//!
+//! Tokens are 256-bit random secrets shown once. Only their SHA-256 digest is stored or kept in
+//! memory, and presented tokens are compared digest to digest in constant time, so neither a
+//! leaked database nor response timing reveals a usable token. A plain digest (no salt, no
+//! key stretching) is enough because the secrets are random, not chosen by people.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use subtle::ConstantTimeEq;
+
+/// The prefix of every allot token, so secret scanners and people recognise one.
+const TOKEN_PREFIX: &str = "allot_";
+
+/// A fresh random token.
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+}
+
+/// The stored form of a token: its SHA-256 digest, hex-encoded.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The admin token's digest, checked against every admin call.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+impl AdminToken {
+    /// Keeps only the digest of `token`.
+    pub fn new(token: &str) -> Self {
+        Self {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+
+    /// Whether `presented` is the admin token, in time independent of where they differ.
+    pub fn verify(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.digest.ct_eq(&digest).into()
+    }
+}
+
+/// Where the admin token comes from, for the start-up summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminTokenSource {
+    /// `--admin-token` / `ALLOT_ADMIN_TOKEN`.
+    Configured,
+    /// Read from the file written at an earlier first start.
+    File(PathBuf),
+    /// Generated now and written to this file; the caller prints it once.
+    Generated(PathBuf, String),
+}
+
+/// The admin token file under a data directory.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin-token")
+}
+
+/// The configured admin token, or the one in the data directory, or a new one written there
+/// with mode 0600 (owner-only) on first start.
+pub fn load_or_create_admin_token(
+    configured: Option<&str>,
+    data_dir: &Path,
+) -> std::io::Result<(AdminToken, AdminTokenSource)> {
+    if let Some(token) = configured {
+        return Ok((AdminToken::new(token), AdminTokenSource::Configured));
+    }
+    let path = admin_token_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok((AdminToken::new(token.trim()), AdminTokenSource::File(path))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = generate_token();
+            write_secret(&path, &token)?;
+            Ok((
+                AdminToken::new(&token),
+                AdminTokenSource::Generated(path, token),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a secret readable by its owner only; refuses to overwrite an existing file.
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_verified_by_digest() {
+        let (a, b) = (generate_token(), generate_token());
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() == TOKEN_PREFIX.len() + 64);
+        let admin = AdminToken::new(&a);
+        assert!(admin.verify(&a));
+        assert!(!admin.verify(&b));
+        assert!(!admin.verify(""));
+        assert_eq!(hash_token(&a).len(), 64);
+    }
+
+    #[test]
+    fn first_start_writes_an_owner_only_token_and_later_starts_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, source) = load_or_create_admin_token(None, dir.path()).unwrap();
+        let AdminTokenSource::Generated(path, secret) = source else {
+            panic!("expected a generated token");
+        };
+        assert!(token.verify(&secret));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (again, source) = load_or_create_admin_token(None, dir.path()).unwrap();
+        assert!(matches!(source, AdminTokenSource::File(_)));
+        assert!(again.verify(&secret));
+        let (configured, _) = load_or_create_admin_token(Some("x"), dir.path()).unwrap();
+        assert!(configured.verify("x") && !configured.verify(&secret));
+    }
+}

@@ -1,0 +1,667 @@
+//! The admin CLI: subcommands that talk to a balancer's HTTP API (never to its database), with
+//! human tables by default and the API's JSON with `--json`.
+
+use crate::auth::admin_token_path;
+use crate::config::default_data_dir;
+use allot_core::domain::{Enforcement, Seat};
+use allot_core::error::ErrorBody;
+use allot_core::wire::balancer::{
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, List, Product,
+    ProductDetail, RegisterServer, RegisteredServer, Schedule, Server, SetAllocation, SetSchedule,
+};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+
+/// How to reach the balancer.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The balancer's URL.
+    #[arg(long, env = "ALLOT_URL", default_value = "http://127.0.0.1:7400")]
+    pub url: String,
+    /// The admin token; absent → `<data-dir>/admin-token` of a balancer on this machine.
+    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Where a local balancer keeps its admin token.
+    #[arg(long, env = "ALLOT_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, env = "ALLOT_JSON")]
+    pub json: bool,
+}
+
+/// `allot-balancer product …`.
+#[derive(Debug, Subcommand)]
+pub enum ProductCommand {
+    /// Define a product and its policy.
+    Add {
+        /// Unique name.
+        name: String,
+        /// Who sells it.
+        #[arg(long)]
+        publisher: Option<String>,
+        /// Which release.
+        #[arg(long = "product-version")]
+        version: Option<String>,
+        /// hard_stop, soft_stop or no_stop.
+        #[arg(long, default_value = "hard_stop")]
+        enforcement: Enforcement,
+        /// concurrent, per_user_host or per_user.
+        #[arg(long, default_value = "concurrent")]
+        seat: Seat,
+        /// Client heartbeat interval.
+        #[arg(long, default_value_t = allot_core::domain::DEFAULT_HEARTBEAT_SECONDS)]
+        heartbeat_seconds: u32,
+        /// Release a checkout after this long without a heartbeat.
+        #[arg(long, default_value_t = allot_core::domain::DEFAULT_STALEOUT_SECONDS)]
+        staleout_seconds: u32,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every product with its books.
+    List {
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One product and how it is split among servers.
+    Show {
+        /// The product's name.
+        name: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer entitlement …`.
+#[derive(Debug, Subcommand)]
+pub enum EntitlementCommand {
+    /// Record a purchase.
+    Add {
+        /// The product.
+        product: String,
+        /// Units purchased.
+        units: u32,
+        /// RFC 3339 expiry, e.g. 2027-12-31T23:59:59Z.
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Order number or note.
+        #[arg(long)]
+        reference: Option<String>,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A product's purchases.
+    List {
+        /// The product.
+        product: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a purchase (refused unless its units are free in the reserve).
+    Remove {
+        /// The product.
+        product: String,
+        /// The entitlement's id.
+        id: i64,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer server …`.
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Register a metering server; prints its token once.
+    Add {
+        /// Unique name.
+        name: String,
+        /// Its balancer-facing URL.
+        #[arg(long = "server-url")]
+        server_url: String,
+        /// Its site or region.
+        #[arg(long)]
+        site: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every registered server.
+    List {
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Empty a server down to its in-use units.
+    Drain {
+        /// The server.
+        name: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove an empty server.
+    Remove {
+        /// The server.
+        name: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer allocation …`.
+#[derive(Debug, Subcommand)]
+pub enum AllocationCommand {
+    /// Set a server's floor and buffer for a product.
+    Set {
+        /// The server.
+        server: String,
+        /// The product.
+        product: String,
+        /// Units never reclaimed while the server is alive.
+        #[arg(long = "min")]
+        min_units: u32,
+        /// Free units the server should hold above its demand.
+        #[arg(long = "buffer")]
+        buffer_units: u32,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer schedule …`.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// The schedule and its next five runs.
+    Get {
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replace the schedule.
+    Set {
+        /// A 5- or 6-field cron expression, e.g. "*/15 7-19 * * 1-5".
+        cron: String,
+        /// IANA time zone, e.g. Europe/Paris (default UTC).
+        #[arg(long)]
+        timezone: Option<String>,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// At most this many entries.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// A typed admin client of the balancer's API.
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// A client for `args.url` with the admin token from the flag, the environment or the
+    /// local balancer's data directory.
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        let token = match &args.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let path = admin_token_path(&args.data_dir);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no admin token: pass --admin-token or ALLOT_ADMIN_TOKEN (could not \
+                             read {})",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+            base: args.url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// Calls the API; a non-2xx answer becomes an error naming its code and message.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("could not reach the balancer at {url}"))?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => bail!("{} ({status}): {}", body.error.code, body.error.message),
+                Err(_) => bail!("{status}: {}", String::from_utf8_lossy(&bytes)),
+            }
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+}
+
+/// Percent-encodes one path segment (names may hold spaces and other characters).
+fn segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    table
+}
+
+fn opt<T: ToString>(value: &Option<T>) -> String {
+    value
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints `value` as JSON or through `human`.
+fn output<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+fn products_table(products: &[Product]) -> Table {
+    let mut t = table(&[
+        "product",
+        "enforcement",
+        "seat",
+        "purchased",
+        "allocated",
+        "in transit",
+        "reserve",
+    ]);
+    for p in products {
+        t.add_row(vec![
+            p.name.clone(),
+            p.policy.enforcement.to_string(),
+            p.policy.seat.to_string(),
+            p.purchased.to_string(),
+            p.allocated.to_string(),
+            p.in_transit.to_string(),
+            p.reserve.to_string(),
+        ]);
+    }
+    t
+}
+
+fn cells_table(cells: &[AllocationView]) -> Table {
+    let mut t = table(&[
+        "server",
+        "site",
+        "state",
+        "allocation",
+        "in use",
+        "min",
+        "buffer",
+    ]);
+    for c in cells {
+        t.add_row(vec![
+            c.server.clone(),
+            c.site.clone(),
+            c.state.to_string(),
+            c.allocation.to_string(),
+            opt(&c.in_use),
+            c.min_units.to_string(),
+            c.buffer_units.to_string(),
+        ]);
+    }
+    t
+}
+
+fn entitlements_table(items: &[Entitlement]) -> Table {
+    let mut t = table(&[
+        "id",
+        "product",
+        "units",
+        "expires",
+        "reference",
+        "added",
+        "by",
+    ]);
+    for e in items {
+        t.add_row(vec![
+            e.id.to_string(),
+            e.product.clone(),
+            e.units.to_string(),
+            opt(&e.expires_at.map(|t| t.to_rfc3339())),
+            opt(&e.reference),
+            e.created_at.to_rfc3339(),
+            e.created_by.clone(),
+        ]);
+    }
+    t
+}
+
+fn servers_table(items: &[Server]) -> Table {
+    let mut t = table(&["server", "site", "state", "url", "last seen"]);
+    for s in items {
+        t.add_row(vec![
+            s.name.clone(),
+            s.site.clone(),
+            s.state.to_string(),
+            s.url.clone(),
+            opt(&s.last_seen_at.map(|t| t.to_rfc3339())),
+        ]);
+    }
+    t
+}
+
+impl ProductCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Add {
+                name,
+                publisher,
+                version,
+                enforcement,
+                seat,
+                heartbeat_seconds,
+                staleout_seconds,
+                client,
+            } => {
+                let def = CreateProduct {
+                    name,
+                    publisher,
+                    version,
+                    enforcement,
+                    seat,
+                    heartbeat_seconds,
+                    staleout_seconds,
+                    acl: Default::default(),
+                };
+                let product: Product = AdminClient::new(&client)?
+                    .call(Method::POST, "/v1/products", Some(&def))
+                    .await?;
+                output(client.json, &product, |p| {
+                    println!("{}", products_table(std::slice::from_ref(p)));
+                })
+            }
+            Self::List { client } => {
+                let list: List<Product> = AdminClient::new(&client)?.get("/v1/products").await?;
+                output(client.json, &list, |l| {
+                    println!("{}", products_table(&l.items))
+                })
+            }
+            Self::Show { name, client } => {
+                let detail: ProductDetail = AdminClient::new(&client)?
+                    .get(&format!("/v1/products/{}", segment(&name)))
+                    .await?;
+                output(client.json, &detail, |d| {
+                    println!("{}", products_table(std::slice::from_ref(&d.product)));
+                    println!("{}", cells_table(&d.servers));
+                })
+            }
+        }
+    }
+}
+
+impl EntitlementCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Add {
+                product,
+                units,
+                expires_at,
+                reference,
+                client,
+            } => {
+                let req = AddEntitlement {
+                    units,
+                    expires_at,
+                    reference,
+                };
+                let e: Entitlement = AdminClient::new(&client)?
+                    .call(
+                        Method::POST,
+                        &format!("/v1/products/{}/entitlements", segment(&product)),
+                        Some(&req),
+                    )
+                    .await?;
+                output(client.json, &e, |e| {
+                    println!("{}", entitlements_table(std::slice::from_ref(e)));
+                })
+            }
+            Self::List { product, client } => {
+                let list: List<Entitlement> = AdminClient::new(&client)?
+                    .get(&format!("/v1/products/{}/entitlements", segment(&product)))
+                    .await?;
+                output(client.json, &list, |l| {
+                    println!("{}", entitlements_table(&l.items))
+                })
+            }
+            Self::Remove {
+                product,
+                id,
+                client,
+            } => {
+                let e: Entitlement = AdminClient::new(&client)?
+                    .call::<(), _>(
+                        Method::DELETE,
+                        &format!("/v1/products/{}/entitlements/{id}", segment(&product)),
+                        None,
+                    )
+                    .await?;
+                output(client.json, &e, |e| {
+                    println!(
+                        "removed entitlement {} ({} units of {})",
+                        e.id, e.units, e.product
+                    );
+                })
+            }
+        }
+    }
+}
+
+impl ServerCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Add {
+                name,
+                server_url,
+                site,
+                client,
+            } => {
+                let req = RegisterServer {
+                    name,
+                    url: server_url,
+                    site,
+                };
+                let r: RegisteredServer = AdminClient::new(&client)?
+                    .call(Method::POST, "/v1/servers", Some(&req))
+                    .await?;
+                output(client.json, &r, |r| {
+                    println!("{}", servers_table(std::slice::from_ref(&r.server)));
+                    println!(
+                        "token (shown once, give it to the metering server): {}",
+                        r.token
+                    );
+                })
+            }
+            Self::List { client } => {
+                let list: List<Server> = AdminClient::new(&client)?.get("/v1/servers").await?;
+                output(client.json, &list, |l| {
+                    println!("{}", servers_table(&l.items))
+                })
+            }
+            Self::Drain { name, client } => {
+                let s: Server = AdminClient::new(&client)?
+                    .call::<(), _>(
+                        Method::POST,
+                        &format!("/v1/servers/{}/drain", segment(&name)),
+                        None,
+                    )
+                    .await?;
+                output(client.json, &s, |s| {
+                    println!("{}", servers_table(std::slice::from_ref(s)))
+                })
+            }
+            Self::Remove { name, client } => {
+                let s: Server = AdminClient::new(&client)?
+                    .call::<(), _>(
+                        Method::DELETE,
+                        &format!("/v1/servers/{}", segment(&name)),
+                        None,
+                    )
+                    .await?;
+                output(client.json, &s, |s| println!("removed server {}", s.name))
+            }
+        }
+    }
+}
+
+impl AllocationCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Self::Set {
+            server,
+            product,
+            min_units,
+            buffer_units,
+            client,
+        } = self;
+        let req = SetAllocation {
+            min_units,
+            buffer_units,
+        };
+        let cell: AllocationView = AdminClient::new(&client)?
+            .call(
+                Method::PUT,
+                &format!(
+                    "/v1/servers/{}/products/{}",
+                    segment(&server),
+                    segment(&product)
+                ),
+                Some(&req),
+            )
+            .await?;
+        output(client.json, &cell, |c| {
+            println!("{}", cells_table(std::slice::from_ref(c)))
+        })
+    }
+}
+
+fn print_schedule(s: &Schedule) {
+    println!("cron:     {}", s.cron);
+    println!("timezone: {}", s.timezone);
+    println!("next runs:");
+    for run in &s.next_runs {
+        println!("  {}", run.to_rfc3339());
+    }
+}
+
+impl ScheduleCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Get { client } => {
+                let s: Schedule = AdminClient::new(&client)?.get("/v1/schedule").await?;
+                output(client.json, &s, print_schedule)
+            }
+            Self::Set {
+                cron,
+                timezone,
+                client,
+            } => {
+                let req = SetSchedule { cron, timezone };
+                let s: Schedule = AdminClient::new(&client)?
+                    .call(Method::PUT, "/v1/schedule", Some(&req))
+                    .await?;
+                output(client.json, &s, print_schedule)
+            }
+        }
+    }
+}
+
+impl AuditArgs {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let list: List<AuditEntry> = AdminClient::new(&self.client)?
+            .get(&format!("/v1/audit?limit={}", self.limit))
+            .await?;
+        output(self.client.json, &list, |l| {
+            let mut t = table(&["id", "at", "actor", "action", "target", "after"]);
+            for e in &l.items {
+                t.add_row(vec![
+                    e.id.to_string(),
+                    e.at.to_rfc3339(),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.target.clone(),
+                    opt(&e.after.as_ref().map(|v| v.to_string())),
+                ]);
+            }
+            println!("{t}");
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(super::segment("CAD Suite/2"), "CAD%20Suite%2F2");
+        assert_eq!(super::segment("matlab-r2026a"), "matlab-r2026a");
+    }
+}

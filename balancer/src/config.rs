@@ -1,0 +1,90 @@
+//! Command-line and environment configuration. Every flag has an `ALLOT_…` twin.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// allot's central balancer and its admin CLI.
+#[derive(Debug, Parser)]
+#[command(name = "allot-balancer", version, about)]
+pub struct Cli {
+    /// Log format of the service.
+    #[arg(long, env = "ALLOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people at a terminal.
+    Human,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the balancer: HTTP API and scheduler.
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(StoreArgs),
+    /// Products: add, list, show.
+    #[command(subcommand)]
+    Product(crate::cli::ProductCommand),
+    /// Purchases: add, list, remove.
+    #[command(subcommand)]
+    Entitlement(crate::cli::EntitlementCommand),
+    /// Metering servers: add, list, drain, remove.
+    #[command(subcommand)]
+    Server(crate::cli::ServerCommand),
+    /// Per (server, product) floors and buffers.
+    #[command(subcommand)]
+    Allocation(crate::cli::AllocationCommand),
+    /// The balance schedule.
+    #[command(subcommand)]
+    Schedule(crate::cli::ScheduleCommand),
+    /// The audit log, newest first.
+    Audit(crate::cli::AuditArgs),
+}
+
+/// Where the books live.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Files of this process (the SQLite database, the generated admin token).
+    #[arg(long, env = "ALLOT_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// `postgres://…` for PostgreSQL; absent → SQLite `allot.db` in the data directory.
+    #[arg(long, env = "ALLOT_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// `allot-balancer serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address and port of the HTTP API.
+    #[arg(long, env = "ALLOT_LISTEN", default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// The books.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The admin token; absent → read from, or generated into, `<data-dir>/admin-token`.
+    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+/// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else
+/// `~/.local/share/allot/balancer`, else `./allot-data`.
+pub fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
+    match base {
+        Some(base) => base.join("allot").join("balancer"),
+        None => PathBuf::from("allot-data"),
+    }
+}
