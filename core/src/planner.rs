@@ -403,23 +403,12 @@ pub fn plan(snapshot: &Snapshot, config: &PlannerConfig) -> Result<Plan, PlanErr
             product: snapshot.products[pair[0]].product,
         });
     }
+    let mut scratch = Scratch::default();
     let products = order
         .into_iter()
-        .map(|i| plan_product(&snapshot.products[i], config))
+        .map(|i| plan_product_with(&snapshot.products[i], config, &mut scratch))
         .collect::<Result<_, _>>()?;
     Ok(Plan { products })
-}
-
-/// Per-cell working state of one product's planning, in server-id order.
-struct Work {
-    /// Index into the snapshot's cells.
-    cell: usize,
-    /// Units held so far by the fair-share computation.
-    level: u64,
-    /// The three levels above the floor: in-use cover, mins, wants.
-    levels: [u64; 3],
-    /// Rank for the odd units of a water-fill: starving first, then a fixed mix of ids.
-    rank: (bool, u64),
 }
 
 /// Plans one product; the same rules as [`plan`], for a caller that balances a single product
@@ -428,19 +417,45 @@ pub fn plan_product(
     product: &ProductSnapshot,
     config: &PlannerConfig,
 ) -> Result<ProductPlan, PlanError> {
-    let cells = &product.cells;
-    let mut order: Vec<usize> = (0..cells.len()).collect();
-    order.sort_unstable_by_key(|&i| cells[i].server);
-    if let Some(pair) = order
-        .windows(2)
-        .find(|pair| cells[pair[0]].server == cells[pair[1]].server)
-    {
-        return Err(PlanError::DuplicateCell {
-            product: product.product,
-            server: cells[pair[0]].server,
-        });
-    }
+    plan_product_with(product, config, &mut Scratch::default())
+}
 
+/// Per-cell working state of one product's planning.
+struct Work {
+    /// Index into the snapshot's cells.
+    cell: usize,
+    /// The cell's server, the sort key.
+    server: ServerId,
+    /// Whether the cell is starving: first in line for the odd units, never held back.
+    starving: bool,
+    /// Units held so far by the fair-share computation; in the end, the fair share.
+    level: u64,
+    /// Units planned after hysteresis.
+    target: u64,
+    /// The three levels above the floor: in-use cover, mins, wants.
+    levels: [u64; 3],
+}
+
+/// Buffers reused from one product to the next, so planning a million cells does not ask the
+/// allocator for thousands of fresh vectors.
+#[derive(Default)]
+struct Scratch {
+    /// One entry per cell, sorted by server id.
+    work: Vec<Work>,
+    /// The positive needs of a water-fill, sorted.
+    needs: Vec<u64>,
+    /// Positions (in `work`) of the cells a water-fill left short.
+    short: Vec<usize>,
+    /// Releases held back by hysteresis: (units, position in `work`).
+    held: Vec<(u64, usize)>,
+}
+
+fn plan_product_with(
+    product: &ProductSnapshot,
+    config: &PlannerConfig,
+    scratch: &mut Scratch,
+) -> Result<ProductPlan, PlanError> {
+    let cells = &product.cells;
     let allocated: u128 = cells.iter().map(|c| u128::from(c.allocation)).sum();
     let books = u128::from(product.reserve) + u128::from(product.in_transit) + allocated;
     if books != u128::from(product.purchased) {
@@ -452,29 +467,40 @@ pub fn plan_product(
             allocated,
         });
     }
-    // Fits in u64: it is at most `purchased`.
+    // At most `purchased`, so every per-product sum below fits in u64 once the floors are in.
     let pool = u128::from(product.reserve) + allocated;
 
-    let mut work: Vec<Work> = order
-        .iter()
-        .map(|&i| {
-            let c = &cells[i];
-            let floor = c.floor();
-            let levels = if c.draining {
-                [floor; 3]
-            } else {
-                let cover = floor.max(c.in_use);
-                let mins = cover.max(c.min_units);
-                [cover, mins, mins.max(c.want())]
-            };
-            Work {
-                cell: i,
-                level: floor,
-                levels,
-                rank: (!c.demand.starving(), mix(product.product, c.server)),
-            }
-        })
-        .collect();
+    let work = &mut scratch.work;
+    work.clear();
+    work.extend(cells.iter().enumerate().map(|(i, c)| {
+        let floor = c.floor();
+        let levels = if c.draining {
+            [floor; 3]
+        } else {
+            let cover = floor.max(c.in_use);
+            let mins = cover.max(c.min_units);
+            [cover, mins, mins.max(c.want())]
+        };
+        Work {
+            cell: i,
+            server: c.server,
+            starving: c.demand.starving(),
+            level: floor,
+            target: floor,
+            levels,
+        }
+    }));
+    // Cells usually arrive sorted, which this sort detects in one pass.
+    work.sort_unstable_by_key(|w| w.server);
+    if let Some(pair) = work
+        .windows(2)
+        .find(|pair| pair[0].server == pair[1].server)
+    {
+        return Err(PlanError::DuplicateCell {
+            product: product.product,
+            server: pair[0].server,
+        });
+    }
 
     // Rules 3 and 4: fill the levels in order; share the first that does not fit.
     let mut remaining = pool - work.iter().map(|w| u128::from(w.level)).sum::<u128>();
@@ -489,96 +515,117 @@ pub fn plan_product(
             .map(|w| u128::from(w.levels[tier].saturating_sub(w.level)))
             .sum();
         if need <= remaining {
-            for w in &mut work {
+            for w in work.iter_mut() {
                 w.level = w.level.max(w.levels[tier]);
             }
             remaining -= need;
         } else {
-            water_level = Some(water_fill(&mut work, tier, remaining));
+            let water = water_fill(
+                work,
+                tier,
+                remaining,
+                product.product,
+                &mut scratch.needs,
+                &mut scratch.short,
+            );
+            water_level = Some(water);
             scarcity = short;
             break;
         }
     }
 
     // Rule 6: hysteresis, then let held releases go if the grants need their units.
-    let mut targets: Vec<u64> = Vec::with_capacity(work.len());
-    let mut held_releases: Vec<(u64, usize)> = Vec::new();
+    let held = &mut scratch.held;
+    held.clear();
     let mut planned: u128 = 0;
-    for (k, w) in work.iter().enumerate() {
+    let mut moves = 0usize;
+    for (k, w) in work.iter_mut().enumerate() {
         let c = &cells[w.cell];
         let fair = w.level;
-        let mut target = fair;
+        w.target = fair;
         if !c.draining && fair != c.allocation {
             let margin = config.margin(c.want());
             if fair > c.allocation {
-                let urgent = c.allocation < w.levels[1] || c.demand.starving();
+                let urgent = c.allocation < w.levels[1] || w.starving;
                 if !urgent && fair - c.allocation <= margin {
-                    target = c.allocation;
+                    w.target = c.allocation;
                 }
             } else if c.allocation - fair <= margin {
-                target = c.allocation;
-                held_releases.push((c.allocation - fair, k));
+                w.target = c.allocation;
+                held.push((c.allocation - fair, k));
             }
         }
-        planned += u128::from(target);
-        targets.push(target);
+        planned += u128::from(w.target);
+        moves += usize::from(w.target != c.allocation);
     }
     if planned > pool {
-        held_releases.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (units, k) in held_releases {
+        held.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(units, k) in held.iter() {
             if planned <= pool {
                 break;
             }
-            targets[k] -= units;
+            work[k].target -= units;
             planned -= u128::from(units);
+            moves += 1;
         }
     }
 
-    let mut plans = Vec::with_capacity(work.len());
-    let mut releases = Vec::new();
-    let mut grants = Vec::new();
-    for (w, &target) in work.iter().zip(&targets) {
-        let c = &cells[w.cell];
-        plans.push(CellPlan {
-            server: c.server,
-            allocation: c.allocation,
-            floor: c.floor(),
-            want: c.want(),
-            fair_share: w.level,
-            target,
-        });
-        if target < c.allocation {
-            releases.push(Move::Release {
+    let cell_plans = work
+        .iter()
+        .map(|w| {
+            let c = &cells[w.cell];
+            CellPlan {
                 server: c.server,
-                units: c.allocation - target,
-            });
-        } else if target > c.allocation {
-            grants.push(Move::Grant {
-                server: c.server,
-                units: target - c.allocation,
-            });
-        }
-    }
-    releases.append(&mut grants);
+                allocation: c.allocation,
+                floor: c.floor(),
+                want: c.want(),
+                fair_share: w.level,
+                target: w.target,
+            }
+        })
+        .collect();
+    let mut planned_moves = Vec::with_capacity(moves);
+    planned_moves.extend(work.iter().filter_map(|w| {
+        let allocation = cells[w.cell].allocation;
+        (w.target < allocation).then(|| Move::Release {
+            server: w.server,
+            units: allocation - w.target,
+        })
+    }));
+    planned_moves.extend(work.iter().filter_map(|w| {
+        let allocation = cells[w.cell].allocation;
+        (w.target > allocation).then(|| Move::Grant {
+            server: w.server,
+            units: w.target - allocation,
+        })
+    }));
 
     Ok(ProductPlan {
         product: product.product,
         reserve: u64::try_from(pool - planned).expect("the reserve is at most purchased"),
         scarcity,
         water_level,
-        cells: plans,
-        moves: releases,
+        cells: cell_plans,
+        moves: planned_moves,
     })
 }
 
 /// Raises every cell toward `levels[tier]` by max-min fair increments, spending exactly
 /// `budget` units (less than the total need), and returns the water level reached.
-fn water_fill(work: &mut [Work], tier: usize, budget: u128) -> u64 {
-    let mut needs: Vec<u64> = work
-        .iter()
-        .map(|w| w.levels[tier].saturating_sub(w.level))
-        .filter(|&n| n > 0)
-        .collect();
+fn water_fill(
+    work: &mut [Work],
+    tier: usize,
+    budget: u128,
+    product: ProductId,
+    needs: &mut Vec<u64>,
+    short: &mut Vec<usize>,
+) -> u64 {
+    needs.clear();
+    needs.extend(
+        work.iter()
+            .map(|w| w.levels[tier].saturating_sub(w.level))
+            .filter(|&n| n > 0),
+    );
     needs.sort_unstable();
 
     // Find s, the largest water level with Σ min(need, s) ≤ budget.
@@ -586,20 +633,20 @@ fn water_fill(work: &mut [Work], tier: usize, budget: u128) -> u64 {
     let mut base = 0u64;
     let mut water = 0u64;
     for (j, &need) in needs.iter().enumerate() {
-        let short = (needs.len() - j) as u128;
-        let step = u128::from(need - base) * short;
+        let cells_short = (needs.len() - j) as u128;
+        let step = u128::from(need - base) * cells_short;
         if step <= left {
             left -= step;
             base = need;
         } else {
-            // left / short < need - base, so it fits in u64.
-            water = base + u64::try_from(left / short).expect("below a need");
-            left %= short;
+            // left / cells_short < need - base, so it fits in u64.
+            water = base + u64::try_from(left / cells_short).expect("below a need");
+            left %= cells_short;
             break;
         }
     }
 
-    let mut short: Vec<usize> = Vec::new();
+    short.clear();
     for (k, w) in work.iter_mut().enumerate() {
         let need = w.levels[tier].saturating_sub(w.level);
         w.level += need.min(water);
@@ -607,10 +654,12 @@ fn water_fill(work: &mut [Work], tier: usize, budget: u128) -> u64 {
             short.push(k);
         }
     }
-    // `left` < short.len(): the odd units go one each to the best-ranked short cells.
+    // `left` < short.len(): the odd units go one each to the best-ranked short cells —
+    // starving first, then by a fixed scramble of (product, server).
     let odd = usize::try_from(left).expect("fewer than the cells");
     if odd > 0 {
-        short.select_nth_unstable_by_key(odd - 1, |&k| work[k].rank);
+        let rank = |k: &usize| (!work[*k].starving, mix(product, work[*k].server));
+        short.select_nth_unstable_by_key(odd - 1, rank);
         for &k in &short[..odd] {
             work[k].level += 1;
         }
@@ -704,18 +753,24 @@ mod tests {
             .enumerate()
             .map(|(k, &(level, cap))| Work {
                 cell: k,
+                server: k as ServerId,
+                starving: false,
                 level,
+                target: level,
                 levels: [cap; 3],
-                rank: (true, k as u64),
             })
             .collect()
+    }
+
+    fn fill(work: &mut [Work], budget: u128) -> u64 {
+        water_fill(work, 2, budget, 0, &mut Vec::new(), &mut Vec::new())
     }
 
     #[test]
     fn water_fill_gives_equal_increments_capped_by_need() {
         // Needs 1, 5, 10; 9 units: 1 to the first, 4 each to the others.
         let mut w = work(&[(0, 1), (3, 8), (0, 10)]);
-        let water = water_fill(&mut w, 2, 9);
+        let water = fill(&mut w, 9);
         assert_eq!(water, 4);
         let levels: Vec<u64> = w.iter().map(|w| w.level).collect();
         assert_eq!(levels, [1, 7, 4]);
@@ -724,8 +779,8 @@ mod tests {
     #[test]
     fn water_fill_gives_odd_units_by_rank() {
         let mut w = work(&[(0, 10), (0, 10), (0, 10)]);
-        w[2].rank = (false, 99); // starving: first in line for the odd unit
-        let water = water_fill(&mut w, 2, 7);
+        w[2].starving = true; // first in line for the odd unit
+        let water = fill(&mut w, 7);
         assert_eq!(water, 2);
         let levels: Vec<u64> = w.iter().map(|w| w.level).collect();
         assert_eq!(levels, [2, 2, 3]);

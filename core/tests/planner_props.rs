@@ -212,13 +212,13 @@ fn check_fair(p: &ProductSnapshot, shares: &[(u32, u64)]) -> Result<(), String> 
                 inc[i], need[i]
             ));
         }
-        if inc[i] < need[i] {
-            if let Some(j) = (0..lv.len()).find(|&j| inc[j] > inc[i] + 1) {
-                return Err(format!(
-                    "cell {i} is short ({} of {}) while cell {j} got {}",
-                    inc[i], need[i], inc[j]
-                ));
-            }
+        if inc[i] < need[i]
+            && let Some(j) = (0..lv.len()).find(|&j| inc[j] > inc[i] + 1)
+        {
+            return Err(format!(
+                "cell {i} is short ({} of {}) while cell {j} got {}",
+                inc[i], need[i], inc[j]
+            ));
         }
     }
     Ok(())
@@ -234,7 +234,7 @@ fn check_product(
     let servers: Vec<u32> = pp.cells.iter().map(|c| c.server).collect();
     let mut expected: Vec<u32> = p.cells.iter().map(|c| c.server).collect();
     expected.sort_unstable();
-    prop_assert_eq_str(&servers, &expected, "cells sorted by server")?;
+    same(&servers, &expected, "cells sorted by server")?;
 
     // Conservation.
     let targets: u64 = pp.cells.iter().map(|c| c.target).sum();
@@ -359,10 +359,10 @@ fn check_product(
                 }
             }
         }
-        if let Some(prev) = last {
-            if prev >= (grant, m.server()) {
-                return Err("moves out of order".into());
-            }
+        if let Some(prev) = last
+            && prev >= (grant, m.server())
+        {
+            return Err("moves out of order".into());
         }
         last = Some((grant, m.server()));
         moved.insert(m.server());
@@ -375,11 +375,7 @@ fn check_product(
     Ok(())
 }
 
-fn prop_assert_eq_str<T: PartialEq + std::fmt::Debug>(
-    a: &T,
-    b: &T,
-    what: &str,
-) -> Result<(), String> {
+fn same<T: PartialEq + std::fmt::Debug>(a: &T, b: &T, what: &str) -> Result<(), String> {
     if a == b {
         Ok(())
     } else {
@@ -401,9 +397,8 @@ proptest! {
         expected.sort_unstable();
         prop_assert_eq!(ids, expected);
         for p in &snapshot.products {
-            if let Err(e) = check_product(p, product_plan(&plan, p.product), &config) {
-                prop_assert!(false, "product {}: {}", p.product, e);
-            }
+            check_product(p, product_plan(&plan, p.product), &config)
+                .map_err(|e| TestCaseError::fail(format!("product {}: {e}", p.product)))?;
         }
     }
 
