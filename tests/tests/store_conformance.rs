@@ -4,60 +4,18 @@
 use allot_balancer::store::{self, AuditQuery, NewMove, ScheduleSetting, Store, StoreError};
 use allot_core::domain::{MoveKind, MoveState, ServerState};
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
-use allot_tests::pg::TestDatabase;
+use allot_tests::{Backend, on_both_backends};
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// One backend's store for one test, reopenable to check what survives a restart.
-struct Fixture {
-    url: Option<String>,
-    dir: tempfile::TempDir,
-    _db: Option<TestDatabase>,
+/// Opens (or reopens, to check what survives a restart) the backend's store.
+async fn open(backend: &Backend) -> Arc<dyn Store> {
+    store::open(backend.database_url.as_deref(), backend.data_dir.path())
+        .await
+        .expect("open the store")
 }
 
-impl Fixture {
-    async fn open(&self) -> Arc<dyn Store> {
-        store::open(self.url.as_deref(), self.dir.path())
-            .await
-            .expect("open the store")
-    }
-}
-
-macro_rules! conformance {
-    ($($case:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let fixture = super::Fixture {
-                        url: None,
-                        dir: tempfile::tempdir().unwrap(),
-                        _db: None,
-                    };
-                    super::$case(&fixture).await;
-                }
-            )+
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let Some(db) = super::TestDatabase::create(stringify!($case)).await else {
-                        return;
-                    };
-                    let fixture = super::Fixture {
-                        url: Some(db.url().to_owned()),
-                        dir: tempfile::tempdir().unwrap(),
-                        _db: Some(db),
-                    };
-                    super::$case(&fixture).await;
-                }
-            )+
-        }
-    };
-}
-
-conformance!(
+on_both_backends!(
     products_are_created_listed_and_shown,
     duplicate_names_are_conflicts,
     unknown_product_is_reported_by_name,
@@ -117,8 +75,8 @@ async fn assert_balanced(store: &dyn Store) {
 }
 
 /// A store with product `cad` holding `purchased` units and server `s1` registered.
-async fn stocked(fixture: &Fixture, purchased: u32) -> Arc<dyn Store> {
-    let store = fixture.open().await;
+async fn stocked(backend: &Backend, purchased: u32) -> Arc<dyn Store> {
+    let store = open(backend).await;
     store
         .create_product("admin", &product("cad"))
         .await
@@ -141,8 +99,8 @@ async fn grant(store: &dyn Store, server: &str, units: u64) {
     store.complete_move(mv.id, units, 1).await.unwrap();
 }
 
-async fn products_are_created_listed_and_shown(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn products_are_created_listed_and_shown(backend: Backend) {
+    let store = open(&backend).await;
     let mut def = product("matlab");
     def.publisher = Some("MathWorks".into());
     def.staleout_seconds = 900;
@@ -170,8 +128,8 @@ async fn products_are_created_listed_and_shown(fixture: &Fixture) {
     assert!(detail.servers.is_empty());
 }
 
-async fn duplicate_names_are_conflicts(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn duplicate_names_are_conflicts(backend: Backend) {
+    let store = open(&backend).await;
     store
         .create_product("admin", &product("cad"))
         .await
@@ -194,8 +152,8 @@ async fn duplicate_names_are_conflicts(fixture: &Fixture) {
     assert_eq!(store.servers().await.unwrap().len(), 1);
 }
 
-async fn unknown_product_is_reported_by_name(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn unknown_product_is_reported_by_name(backend: Backend) {
+    let store = open(&backend).await;
     let err = store
         .add_entitlement("admin", "nope", &entitlement(1))
         .await
@@ -214,8 +172,8 @@ async fn unknown_product_is_reported_by_name(fixture: &Fixture) {
     ));
 }
 
-async fn entitlements_grow_purchased_and_reserve(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn entitlements_grow_purchased_and_reserve(backend: Backend) {
+    let store = open(&backend).await;
     store
         .create_product("admin", &product("cad"))
         .await
@@ -246,8 +204,8 @@ async fn entitlements_grow_purchased_and_reserve(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn entitlement_removal_needs_free_units(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn entitlement_removal_needs_free_units(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     let extra = store
         .add_entitlement("admin", "cad", &entitlement(4))
         .await
@@ -280,8 +238,8 @@ async fn entitlement_removal_needs_free_units(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn servers_register_drain_and_remove(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn servers_register_drain_and_remove(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     let found = store
         .server_by_token_hash("hash-s1")
         .await
@@ -319,8 +277,8 @@ async fn servers_register_drain_and_remove(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn allocation_limits_create_the_cell_and_are_audited(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn allocation_limits_create_the_cell_and_are_audited(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     let limits = SetAllocation {
         min_units: 2,
         buffer_units: 3,
@@ -372,8 +330,8 @@ async fn allocation_limits_create_the_cell_and_are_audited(fixture: &Fixture) {
     ));
 }
 
-async fn schedule_has_a_default_and_can_be_replaced(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn schedule_has_a_default_and_can_be_replaced(backend: Backend) {
+    let store = open(&backend).await;
     let default = store.schedule().await.unwrap();
     assert_eq!(default.cron, "*/15 * * * *");
     assert_eq!(default.timezone, "UTC");
@@ -393,8 +351,8 @@ async fn schedule_has_a_default_and_can_be_replaced(fixture: &Fixture) {
     assert_eq!(audit[0].action, "schedule.set");
 }
 
-async fn grant_travels_through_transit(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn grant_travels_through_transit(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
     let planned = store.begin_move(&mv).await.unwrap();
     assert_eq!(planned.state, MoveState::Planned);
@@ -422,8 +380,8 @@ async fn grant_travels_through_transit(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn release_returns_only_confirmed_units(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn release_returns_only_confirmed_units(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     grant(&*store, "s1", 8).await;
     let mv = new_move(MoveKind::Release, "cad", "s1", 5);
     store.begin_move(&mv).await.unwrap();
@@ -448,8 +406,8 @@ async fn release_returns_only_confirmed_units(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn moves_are_idempotent_and_final(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn moves_are_idempotent_and_final(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
     store.begin_move(&mv).await.unwrap();
     let first = store.complete_move(mv.id, 4, 1).await.unwrap();
@@ -481,8 +439,8 @@ async fn moves_are_idempotent_and_final(fixture: &Fixture) {
     assert_balanced(&*store).await;
 }
 
-async fn moves_that_would_break_the_books_change_nothing(fixture: &Fixture) {
-    let store = stocked(fixture, 5).await;
+async fn moves_that_would_break_the_books_change_nothing(backend: Backend) {
+    let store = stocked(&backend, 5).await;
     let before = store.books().await.unwrap();
     let too_big = new_move(MoveKind::Grant, "cad", "s1", 6);
     assert!(matches!(
@@ -508,14 +466,14 @@ async fn moves_that_would_break_the_books_change_nothing(fixture: &Fixture) {
     assert!(store.unfinished_moves().await.unwrap().is_empty());
 }
 
-async fn books_survive_a_reopen(fixture: &Fixture) {
-    let store = stocked(fixture, 10).await;
+async fn books_survive_a_reopen(backend: Backend) {
+    let store = stocked(&backend, 10).await;
     grant(&*store, "s1", 3).await;
     let planned = new_move(MoveKind::Grant, "cad", "s1", 2);
     store.begin_move(&planned).await.unwrap();
     let books = store.books().await.unwrap();
     drop(store);
-    let store = fixture.open().await;
+    let store = open(&backend).await;
     assert_eq!(store.books().await.unwrap(), books);
     assert_eq!(store.unfinished_moves().await.unwrap()[0].id, planned.id);
     store.complete_move(planned.id, 2, 2).await.unwrap();
@@ -524,8 +482,8 @@ async fn books_survive_a_reopen(fixture: &Fixture) {
 }
 
 /// Eight writers race random mutations; after every one of them the books must balance.
-async fn concurrent_mutations_keep_conservation(fixture: &Fixture) {
-    let store = fixture.open().await;
+async fn concurrent_mutations_keep_conservation(backend: Backend) {
+    let store = open(&backend).await;
     store
         .create_product("admin", &product("cad"))
         .await

@@ -1,0 +1,167 @@
+//! A real `allot-balancer serve` process and a small JSON client for its API.
+
+use crate::Backend;
+use crate::process::{Running, binary, free_port};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// The admin token the test balancers are started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A running balancer on a loopback port, restartable on the same books.
+pub struct Balancer {
+    process: Running,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Balancer {
+    /// Starts a balancer on `backend` with the test admin token.
+    pub async fn start(backend: &Backend) -> Self {
+        let port = free_port();
+        let mut args = vec![
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".to_owned(),
+            backend.data_dir.path().display().to_string(),
+            "--admin-token".to_owned(),
+            ADMIN_TOKEN.to_owned(),
+        ];
+        if let Some(url) = &backend.database_url {
+            args.extend(["--database-url".to_owned(), url.clone()]);
+        }
+        let process = Self::spawn(&args, port).await;
+        Self {
+            process,
+            port,
+            args,
+        }
+    }
+
+    async fn spawn(args: &[String], port: u16) -> Running {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Running::start(
+            &binary("allot-balancer"),
+            &args,
+            &[("RUST_LOG", "warn")],
+            port,
+        )
+        .await
+    }
+
+    /// The balancer's base URL.
+    pub fn url(&self) -> &str {
+        &self.process.url
+    }
+
+    /// An API client with the admin token.
+    pub fn api(&self) -> Api {
+        Api::new(self.url(), Some(ADMIN_TOKEN))
+    }
+
+    /// SIGKILL, then start again on the same port and books.
+    pub async fn kill9_and_restart(&mut self) {
+        self.process.kill9();
+        self.process = Self::spawn(&self.args, self.port).await;
+    }
+
+    /// SIGTERM; returns whether the process exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        self.process.terminate()
+    }
+}
+
+/// A JSON client that returns status and body, so tests can assert on errors as well.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    /// A client of `base`, presenting `token` when given.
+    pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.to_owned(),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// The same client with another token (or none).
+    pub fn with_token(&self, token: Option<&str>) -> Self {
+        Self {
+            token: token.map(str::to_owned),
+            ..self.clone()
+        }
+    }
+
+    /// Sends a request with an optional raw body; answers status and JSON (Null if empty).
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("the request reaches the server");
+        let status = response.status();
+        let bytes = response.bytes().await.expect("a body");
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "non-JSON answer {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, value)
+    }
+
+    /// Sends `body` as JSON.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.raw(method, path, body.map(|b| serde_json::to_vec(&b).unwrap()))
+            .await
+    }
+
+    /// GET that must succeed.
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.send(Method::GET, path, None).await;
+        assert!(status.is_success(), "GET {path}: {status} {body}");
+        body
+    }
+
+    /// POST that must succeed.
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, answer) = self.send(Method::POST, path, Some(body)).await;
+        assert!(status.is_success(), "POST {path}: {status} {answer}");
+        answer
+    }
+
+    /// PUT that must succeed.
+    pub async fn put(&self, path: &str, body: Value) -> Value {
+        let (status, answer) = self.send(Method::PUT, path, Some(body)).await;
+        assert!(status.is_success(), "PUT {path}: {status} {answer}");
+        answer
+    }
+}
