@@ -120,8 +120,15 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        let mut conn = SqliteConnection::connect_with(&options).await?;
-        MIGRATOR.run(&mut conn).await?;
+        // Migrate through a short-lived pool: `Migrator::run` on a bare connection yields a
+        // future that is not `Send` for every lifetime, which a spawned server needs.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        pool.close().await;
+        let conn = SqliteConnection::connect_with(&options).await?;
         Ok(Store { conn })
     }
 
