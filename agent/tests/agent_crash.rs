@@ -1,0 +1,242 @@
+//! kill -9 of the real `allot-agent` binary during a checkout storm, then a restart on the same
+//! data directory: every acknowledged checkout is still live under its handle, acknowledged
+//! checkins stay checked in, hard stop is not over-granted, applied moves stay applied.
+
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "crash-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(dir: &std::path::Path, port: u16, products: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_allot-agent"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token",
+            TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--products-file")
+        .arg(products)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn allot-agent")
+}
+
+async fn wait_healthy(http: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("allot-agent did not become healthy");
+}
+
+#[derive(Default)]
+struct Acked {
+    live: Vec<String>,
+    checked_in: Vec<String>,
+    moves: Vec<(Value, Value)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let products = dir.path().join("products.json");
+    std::fs::write(
+        &products,
+        json!({"products": [{"product": "cad", "allocation": 40,
+            "policy": {"enforcement": "hard_stop", "seat": "concurrent",
+                       "heartbeat_seconds": 60, "staleout_seconds": 600}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut child = spawn(&data, port, &products);
+    wait_healthy(&http, &url).await;
+
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (http, url, acked) = (http.clone(), url.clone(), acked.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let body = json!({"product": "cad", "user": format!("u{w}-{i}"), "host": "h"});
+                let Ok(r) = http
+                    .post(format!("{url}/v1/checkout"))
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status() != 200 {
+                    if r.status() == 409 {
+                        continue;
+                    }
+                    return;
+                }
+                let Ok(c) = r.json::<Value>().await else {
+                    return;
+                };
+                let handle = c["handle"].as_str().unwrap().to_owned();
+                acked.lock().unwrap().live.push(handle.clone());
+                if i % 2 == 0 {
+                    let Ok(r) = http
+                        .post(format!("{url}/v1/checkin"))
+                        .json(&json!({"handle": handle}))
+                        .send()
+                        .await
+                    else {
+                        return;
+                    };
+                    if r.status() == 200 {
+                        let mut a = acked.lock().unwrap();
+                        a.live.retain(|h| *h != handle);
+                        a.checked_in.push(handle);
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let (http, url, acked) = (http.clone(), url.clone(), acked.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0u32.. {
+                let path = if i % 3 == 2 { "release" } else { "grant" };
+                let body = json!({"move_id": uuid::Uuid::new_v4(), "product": "cad", "units": 1});
+                let Ok(r) = http
+                    .post(format!("{url}/v1/allocations/{path}"))
+                    .bearer_auth(TOKEN)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status() != 200 {
+                    return;
+                }
+                let Ok(answer) = r.json::<Value>().await else {
+                    return;
+                };
+                acked
+                    .lock()
+                    .unwrap()
+                    .moves
+                    .push((json!({"path": path, "body": body}), answer));
+            }
+        }));
+    }
+    // Let the storm run, then kill -9 in the middle of it.
+    let storm = Instant::now();
+    while storm.elapsed() < Duration::from_millis(1500) {
+        let a = acked.lock().unwrap();
+        if a.live.len() + a.checked_in.len() > 300 && a.moves.len() > 10 {
+            break;
+        }
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    for w in workers {
+        let _ = w.await;
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(
+        acked.live.len() + acked.checked_in.len() > 20,
+        "the storm acknowledged too little to prove anything"
+    );
+
+    let mut child = spawn(&data, port, &products);
+    wait_healthy(&http, &url).await;
+    for handle in &acked.live {
+        let r = http
+            .post(format!("{url}/v1/heartbeat"))
+            .json(&json!({"handle": handle}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "acknowledged checkout {handle} was lost");
+    }
+    for handle in &acked.checked_in {
+        let r = http
+            .post(format!("{url}/v1/heartbeat"))
+            .json(&json!({"handle": handle}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "acknowledged checkin {handle} came back");
+    }
+    for (req, answer) in &acked.moves {
+        let r = http
+            .post(format!(
+                "{url}/v1/allocations/{}",
+                req["path"].as_str().unwrap()
+            ))
+            .bearer_auth(TOKEN)
+            .json(&req["body"])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            &r.json::<Value>().await.unwrap(),
+            answer,
+            "move not kept as applied"
+        );
+    }
+    let status: Value = http
+        .get(format!("{url}/v1/status"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p = &status["products"][0];
+    let (allocation, in_use) = (
+        p["allocation"].as_u64().unwrap(),
+        p["in_use"].as_u64().unwrap(),
+    );
+    assert!(
+        in_use <= allocation,
+        "hard stop over-granted: {in_use} > {allocation}"
+    );
+    assert!(in_use >= acked.live.len() as u64);
+    let last_generation = acked
+        .moves
+        .iter()
+        .map(|(_, a)| a["generation"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    assert!(p["generation"].as_u64().unwrap() >= last_generation);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
