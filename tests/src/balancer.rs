@@ -98,13 +98,14 @@ impl Api {
         }
     }
 
-    /// Sends a request with an optional raw body; answers status and JSON (Null if empty).
-    pub async fn raw(
+    /// Sends a request with an optional raw body; answers status and JSON (Null if empty), or
+    /// the transport error (connection refused or reset, as when the server is killed).
+    pub async fn try_raw(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> (StatusCode, Value) {
+    ) -> Result<(StatusCode, Value), reqwest::Error> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -114,12 +115,9 @@ impl Api {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body);
         }
-        let response = request
-            .send()
-            .await
-            .expect("the request reaches the server");
+        let response = request.send().await?;
         let status = response.status();
-        let bytes = response.bytes().await.expect("a body");
+        let bytes = response.bytes().await?;
         let value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -130,7 +128,19 @@ impl Api {
                 )
             })
         };
-        (status, value)
+        Ok((status, value))
+    }
+
+    /// [`Api::try_raw`] for a server that must be up.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
+        self.try_raw(method, path, body)
+            .await
+            .expect("the request reaches the server")
     }
 
     /// Sends `body` as JSON.
