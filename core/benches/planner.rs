@@ -109,11 +109,13 @@ fn bench(c: &mut Criterion) {
             drop(planned);
 
             group.throughput(Throughput::Elements(cells));
-            group.measurement_time(Duration::from_millis(if cells >= 100_000 {
-                3_000
-            } else {
-                1_000
-            }));
+            // Ten samples of the largest size need about four seconds.
+            let measure = match cells {
+                1_000_000.. => 4_000,
+                100_000.. => 2_000,
+                _ => 1_000,
+            };
+            group.measurement_time(Duration::from_millis(measure));
             group.bench_with_input(
                 BenchmarkId::new("plan", format!("{servers}x{products}")),
                 &input,
