@@ -49,8 +49,10 @@
 //!    server id) until the books balance, so hysteresis never starves anyone of a grant.
 //!
 //! Applying a plan and planning again with the same demand signals yields no moves
-//! (idempotence): fair shares depend on the allocations only through the floors, and every
-//! target keeps them where they were.
+//! (idempotence). Fair shares depend on the allocations only through the floors and never on
+//! them in the odd-unit order. Once a plan is applied, either every level it covered stays
+//! covered, which gives the same fair shares, or the pool is used up at the floors. A difference
+//! that hysteresis held is held again, and the held units are still affordable.
 
 use crate::domain::MoveKind;
 use serde::{Deserialize, Serialize};
