@@ -23,6 +23,48 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Derives each metering server's token from the balancer's key and a per-registration salt.
+///
+/// The balancer must present a server's token when it calls that server, and check it when the
+/// server calls back, yet never store it: `token = HMAC-SHA256(key, name ‖ salt)` lets it
+/// recompute the token on demand while the store keeps only the salt and the token's digest.
+/// The key lives in the store (shared by every balancer on it), so the store must be protected
+/// like the tokens themselves; rotating a token is a new salt.
+#[derive(Clone)]
+pub struct ServerTokens {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTokens(…)")
+    }
+}
+
+impl ServerTokens {
+    /// Tokens under `key` (the store's `server.token.key`).
+    pub fn new(key: &str) -> Self {
+        Self {
+            key: key.as_bytes().to_vec(),
+        }
+    }
+
+    /// A fresh salt for a registration or a rotation.
+    pub fn new_salt() -> String {
+        hex::encode(rand::random::<[u8; 16]>())
+    }
+
+    /// The token of server `name` registered with `salt`.
+    pub fn token(&self, name: &str, salt: &str) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key size");
+        mac.update(name.as_bytes());
+        mac.update(b"\n");
+        mac.update(salt.as_bytes());
+        format!("{TOKEN_PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
 /// The admin token's digest, checked against every admin call.
 #[derive(Clone)]
 pub struct AdminToken {
@@ -117,6 +159,22 @@ mod tests {
         assert!(!admin.verify(&b));
         assert!(!admin.verify(""));
         assert_eq!(hash_token(&a).len(), 64);
+    }
+
+    #[test]
+    fn server_tokens_are_stable_per_salt_and_differ_between_servers() {
+        let tokens = ServerTokens::new("key");
+        let salt = ServerTokens::new_salt();
+        assert_eq!(tokens.token("a", &salt), tokens.token("a", &salt));
+        assert_ne!(tokens.token("a", &salt), tokens.token("b", &salt));
+        assert_ne!(
+            tokens.token("a", &salt),
+            tokens.token("a", &ServerTokens::new_salt())
+        );
+        assert_ne!(
+            tokens.token("a", &salt),
+            ServerTokens::new("other").token("a", &salt)
+        );
     }
 
     #[test]

@@ -105,6 +105,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     let state = AppState {
+        tokens: auth::ServerTokens::new(&store.token_key().await?),
         store: store.clone(),
         admin,
     };

@@ -86,7 +86,7 @@ async fn stocked(backend: &Backend, purchased: u32) -> Arc<dyn Store> {
         .await
         .unwrap();
     store
-        .register_server("admin", &server("s1"), "hash-s1")
+        .register_server("admin", &server("s1"), "salt", "hash-s1")
         .await
         .unwrap();
     store
@@ -140,11 +140,11 @@ async fn duplicate_names_are_conflicts(backend: Backend) {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     store
-        .register_server("admin", &server("s1"), "h1")
+        .register_server("admin", &server("s1"), "salt", "h1")
         .await
         .unwrap();
     let err = store
-        .register_server("admin", &server("s1"), "h2")
+        .register_server("admin", &server("s1"), "salt", "h2")
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -271,7 +271,7 @@ async fn servers_register_drain_and_remove(backend: Backend) {
     ));
     // The name is free again (the old row stays for the move log's history).
     store
-        .register_server("admin", &server("s1"), "hash-s1-new")
+        .register_server("admin", &server("s1"), "salt", "hash-s1-new")
         .await
         .unwrap();
     assert_balanced(&*store).await;
@@ -494,7 +494,7 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
         .unwrap();
     for s in ["s1", "s2", "s3"] {
         store
-            .register_server("admin", &server(s), &format!("hash-{s}"))
+            .register_server("admin", &server(s), "salt", &format!("hash-{s}"))
             .await
             .unwrap();
     }

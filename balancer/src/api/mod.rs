@@ -7,7 +7,7 @@ pub mod error;
 mod servers;
 mod settings;
 
-use crate::auth::AdminToken;
+use crate::auth::{AdminToken, ServerTokens};
 use crate::store::Store;
 use allot_core::ErrorCode;
 use allot_core::validate::MAX_BODY_BYTES;
@@ -30,6 +30,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The admin token's digest.
     pub admin: AdminToken,
+    /// Derives metering servers' tokens.
+    pub tokens: ServerTokens,
 }
 
 /// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.

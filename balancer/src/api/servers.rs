@@ -19,10 +19,11 @@ pub(super) async fn register(
     validate::path_name("name", &req.name)?;
     validate::http_url("url", &req.url)?;
     validate::name("site", &req.site)?;
-    let token = auth::generate_token();
+    let salt = auth::ServerTokens::new_salt();
+    let token = state.tokens.token(&req.name, &salt);
     let server = state
         .store
-        .register_server(Admin::ACTOR, &req, &auth::hash_token(&token))
+        .register_server(Admin::ACTOR, &req, &salt, &auth::hash_token(&token))
         .await?;
     tracing::info!(server = %server.name, site = %server.site, "server registered");
     Ok((

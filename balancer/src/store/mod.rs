@@ -16,12 +16,13 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
-use allot_core::domain::{MoveKind, MoveState};
+use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
-    RegisterServer, Server, SetAllocation,
+    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
 };
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -156,6 +157,101 @@ impl BooksCheck {
     }
 }
 
+/// A server as the balancing engine needs it: where to call it and how to derive its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRecord {
+    /// Unique name.
+    pub name: String,
+    /// Its balancer-facing URL.
+    pub url: String,
+    /// Its site.
+    pub site: String,
+    /// Active, draining or lost.
+    pub state: ServerState,
+    /// The salt its token is derived from (see [`crate::auth::ServerTokens`]).
+    pub token_salt: String,
+    /// When the balancer last heard from it (a sync or a status read).
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// When it was registered; a never-heard-of server's lease runs from here.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One (server, product) cell of the books, with the last usage sample the planner uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellRecord {
+    /// The server.
+    pub server: String,
+    /// The product.
+    pub product: String,
+    /// Units held.
+    pub units: u64,
+    /// Floor.
+    pub min_units: u64,
+    /// Buffer.
+    pub buffer_units: u64,
+    /// Last booked generation.
+    pub generation: u64,
+    /// Peak in use of the newest usage sample, as a smoothed-demand signal.
+    pub last_peak: Option<u64>,
+}
+
+/// A usage sample of one (server, product) at one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageSample {
+    /// The server.
+    pub server: String,
+    /// The product.
+    pub product: String,
+    /// Its allocation as the server reported it.
+    pub allocation: u64,
+    /// Units in use.
+    pub in_use: u64,
+    /// Peak in use since the previous read.
+    pub peak_in_use: u64,
+    /// Checkouts since the previous read.
+    pub checkouts: u64,
+    /// Denials since the previous read.
+    pub denials: u64,
+    /// Overdrafts since the previous read.
+    pub overdrafts: u64,
+    /// Staleouts since the previous read.
+    pub staleouts: u64,
+    /// Clients waiting now.
+    pub waiting: u64,
+    /// Instant balances asked since the previous read.
+    pub instant_requests: u64,
+}
+
+/// How a balance run ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// `ok`, `partial` or `failed`.
+    pub status: String,
+    /// Servers whose status was read.
+    pub servers_queried: u64,
+    /// Servers skipped as unreachable.
+    pub servers_unreachable: u64,
+    /// Moves applied.
+    pub moves: u64,
+    /// Units they carried.
+    pub units_moved: u64,
+    /// One line per problem.
+    pub errors: Vec<String>,
+}
+
+/// A recorded instant-balance request, so a repeat grants nothing more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstantRecord {
+    /// The asking server.
+    pub server: String,
+    /// The product.
+    pub product: String,
+    /// Units asked.
+    pub units: u64,
+    /// Units granted.
+    pub granted: u64,
+}
+
 /// Which page of the audit log to read, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditQuery {
@@ -198,11 +294,13 @@ pub trait Store: Send + Sync + 'static {
         id: i64,
     ) -> StoreResult<Entitlement>;
 
-    /// Registers a metering server with the hash of its token. A taken name is a conflict.
+    /// Registers a metering server with the salt and the hash of its token. A taken name is a
+    /// conflict.
     async fn register_server(
         &self,
         actor: &str,
         req: &RegisterServer,
+        token_salt: &str,
         token_hash: &str,
     ) -> StoreResult<Server>;
     /// Every registered (not removed) server, by name.
@@ -251,6 +349,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// Each product's books with the sums they must equal, for tests and `doctor`.
     async fn books(&self) -> StoreResult<Vec<BooksCheck>>;
+
+    /// The secret server tokens are derived from, created with the store and shared by every
+    /// balancer on it.
+    async fn token_key(&self) -> StoreResult<String>;
+    /// Every registered server with what the engine needs to call it.
+    async fn server_records(&self) -> StoreResult<Vec<ServerRecord>>;
+    /// Notes that the server was heard from now (its lease restarts).
+    async fn touch_server(&self, name: &str) -> StoreResult<()>;
+    /// Declares a silent server lost: in one transaction its allocations return to the reserve,
+    /// its planned moves are abandoned, and its state becomes `lost`. Returns (product, units)
+    /// reclaimed.
+    async fn reclaim_lost_server(&self, name: &str) -> StoreResult<Vec<(String, u64)>>;
+    /// Makes a lost server active again; returns whether it had been lost.
+    async fn revive_server(&self, name: &str) -> StoreResult<bool>;
+    /// Every cell of every registered server.
+    async fn cells(&self) -> StoreResult<Vec<CellRecord>>;
+
+    /// Opens a run record.
+    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64>;
+    /// Closes a run record.
+    async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()>;
+    /// Records the usage samples of a run.
+    async fn record_samples(&self, run_id: i64, samples: &[UsageSample]) -> StoreResult<()>;
+    /// Runs, newest first.
+    async fn runs(&self, limit: u32, before_id: Option<i64>) -> StoreResult<Vec<RunSummary>>;
+    /// One run with its moves.
+    async fn run(&self, run_id: i64) -> StoreResult<RunDetail>;
+
+    /// The outcome of an instant-balance request already answered, if any.
+    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;
+    /// Records an answered instant-balance request.
+    async fn record_instant_request(
+        &self,
+        request_id: Uuid,
+        record: &InstantRecord,
+    ) -> StoreResult<()>;
 }
 
 /// Opens the store named by `database_url` (`postgres://…`), or the SQLite file

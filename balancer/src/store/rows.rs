@@ -3,9 +3,11 @@
 //! Shared by both backends: `sqlx::FromRow` derives are generic over the row type, so only the
 //! queries themselves are compiled per backend.
 
-use super::{MoveRecord, StoreError, StoreResult};
+use super::{CellRecord, MoveRecord, ServerRecord, StoreError, StoreResult};
 use allot_core::domain::{Acl, Policy};
-use allot_core::wire::balancer::{AllocationView, AuditEntry, Entitlement, Product, Server};
+use allot_core::wire::balancer::{
+    AllocationView, AuditEntry, Entitlement, MoveView, Product, RunSummary, Server,
+};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -119,7 +121,7 @@ impl From<EntitlementRow> for Entitlement {
 macro_rules! server_columns {
     () => {
         "s.id, s.name, s.url, s.site, s.state, s.created_at, \
-    s.last_seen_at"
+    s.last_seen_at, s.token_salt"
     };
 }
 pub(super) use server_columns;
@@ -133,9 +135,22 @@ pub(super) struct ServerRow {
     pub state: String,
     pub created_at: i64,
     pub last_seen_at: Option<i64>,
+    pub token_salt: String,
 }
 
 impl ServerRow {
+    pub fn into_record(self) -> StoreResult<ServerRecord> {
+        Ok(ServerRecord {
+            state: parse(&self.state)?,
+            name: self.name,
+            url: self.url,
+            site: self.site,
+            token_salt: self.token_salt,
+            last_seen_at: self.last_seen_at.map(time),
+            created_at: time(self.created_at),
+        })
+    }
+
     pub fn into_server(self) -> StoreResult<Server> {
         Ok(Server {
             state: parse(&self.state)?,
@@ -249,6 +264,100 @@ impl MoveRow {
             state: parse(&self.state)?,
             applied_units: self.applied_units.map(count),
             epoch: self.epoch,
+        })
+    }
+}
+
+impl MoveRow {
+    pub fn to_view(&self) -> StoreResult<MoveView> {
+        let record = self.to_record()?;
+        Ok(MoveView {
+            id: record.id,
+            product: record.product,
+            server: record.server,
+            kind: record.kind,
+            units: record.units,
+            state: record.state,
+            applied_units: record.applied_units,
+        })
+    }
+}
+
+/// The columns of [`CellRecordRow`].
+macro_rules! cell_record_columns {
+    () => {
+        "s.name AS server, p.name AS product, a.units, a.min_units, a.buffer_units, \
+         a.generation, (SELECT u.peak_in_use FROM usage_samples u \
+         WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
+         ORDER BY u.at DESC LIMIT 1) AS last_peak"
+    };
+}
+pub(super) use cell_record_columns;
+
+#[derive(sqlx::FromRow)]
+pub(super) struct CellRecordRow {
+    pub server: String,
+    pub product: String,
+    pub units: i64,
+    pub min_units: i64,
+    pub buffer_units: i64,
+    pub generation: i64,
+    pub last_peak: Option<i64>,
+}
+
+impl From<CellRecordRow> for CellRecord {
+    fn from(row: CellRecordRow) -> Self {
+        CellRecord {
+            server: row.server,
+            product: row.product,
+            units: count(row.units),
+            min_units: count(row.min_units),
+            buffer_units: count(row.buffer_units),
+            generation: count(row.generation),
+            last_peak: row.last_peak.map(count),
+        }
+    }
+}
+
+/// The columns of [`RunRow`].
+macro_rules! run_columns {
+    () => {
+        "r.id, r.trigger, r.status, r.started_at, r.finished_at, r.servers_queried, \
+         r.servers_unreachable, r.moves, r.units_moved, r.errors"
+    };
+}
+pub(super) use run_columns;
+
+#[derive(sqlx::FromRow)]
+pub(super) struct RunRow {
+    pub id: i64,
+    pub trigger: String,
+    pub status: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub servers_queried: i64,
+    pub servers_unreachable: i64,
+    pub moves: i64,
+    pub units_moved: i64,
+    pub errors: Option<String>,
+}
+
+impl RunRow {
+    pub fn into_summary(self) -> StoreResult<RunSummary> {
+        Ok(RunSummary {
+            id: self.id,
+            trigger: parse(&self.trigger)?,
+            status: self.status,
+            started_at: time(self.started_at),
+            finished_at: self.finished_at.map(time),
+            servers_queried: count(self.servers_queried),
+            servers_unreachable: count(self.servers_unreachable),
+            moves: count(self.moves),
+            units_moved: count(self.units_moved),
+            errors: self
+                .errors
+                .and_then(|e| serde_json::from_str(&e).ok())
+                .unwrap_or_default(),
         })
     }
 }

@@ -9,16 +9,18 @@
 
 use super::{BACKEND, Db, LOCK_PRODUCT, MIGRATOR, begin_write, connect_pool};
 use crate::store::rows::{
-    AuditRow, CellRow, EntitlementRow, MoveRow, ProductRow, ServerRow, cell_columns,
-    entitlement_columns, move_columns, now_ms, product_columns, server_columns,
+    AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
+    cell_columns, cell_record_columns, count, entitlement_columns, move_columns, now_ms,
+    product_columns, run_columns, server_columns,
 };
 use crate::store::{
-    AuditQuery, BooksCheck, MoveRecord, NewMove, ScheduleSetting, Store, StoreError, StoreResult,
+    AuditQuery, BooksCheck, CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome,
+    ScheduleSetting, ServerRecord, Store, StoreError, StoreResult, UsageSample,
 };
-use allot_core::domain::{MoveKind, MoveState, ServerState};
+use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
-    RegisterServer, Server, SetAllocation,
+    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
 };
 use async_trait::async_trait;
 use serde::Serialize;
@@ -38,6 +40,15 @@ impl SqlStore {
     pub async fn connect(url: &str) -> StoreResult<Self> {
         let pool = connect_pool(url).await?;
         MIGRATOR.run(&pool).await?;
+        // The key server tokens are derived from: made once, kept with the books.
+        let key = hex::encode(rand::random::<[u8; 32]>());
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('server.token.key', $1) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .execute(&pool)
+        .await?;
         Ok(Self { pool })
     }
 
@@ -433,17 +444,19 @@ impl Store for SqlStore {
         &self,
         actor: &str,
         req: &RegisterServer,
+        token_salt: &str,
         token_hash: &str,
     ) -> StoreResult<Server> {
         let mut tx = begin_write(&self.pool).await?;
         sqlx::query(
-            "INSERT INTO servers (name, url, site, token_hash, state, created_at) \
-             VALUES ($1, $2, $3, $4, 'active', $5)",
+            "INSERT INTO servers (name, url, site, token_hash, token_salt, state, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6)",
         )
         .bind(&req.name)
         .bind(&req.url)
         .bind(&req.site)
         .bind(token_hash)
+        .bind(token_salt)
         .bind(now_ms())
         .execute(&mut *tx)
         .await
@@ -848,5 +861,302 @@ impl Store for SqlStore {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn token_key(&self) -> StoreResult<String> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = 'server.token.key'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn server_records(&self) -> StoreResult<Vec<ServerRecord>> {
+        sqlx::query_as::<_, ServerRow>(concat!(
+            "SELECT ",
+            server_columns!(),
+            " FROM servers s WHERE s.removed_at IS NULL ORDER BY s.name"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ServerRow::into_record)
+        .collect()
+    }
+
+    async fn touch_server(&self, name: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE servers SET last_seen_at = $1 WHERE name = $2 AND removed_at IS NULL")
+            .bind(now_ms())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(server = name))]
+    async fn reclaim_lost_server(&self, name: &str) -> StoreResult<Vec<(String, u64)>> {
+        let mut tx = begin_write(&self.pool).await?;
+        let server = server_row(&mut tx, name).await?;
+        let before = server_row(&mut tx, name).await?.into_server()?;
+        let held: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT a.product_id, p.name, a.units FROM allocations a \
+             JOIN products p ON p.id = a.product_id WHERE a.server_id = $1 ORDER BY a.product_id",
+        )
+        .bind(server.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let planned: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM moves WHERE server_id = $1 AND state = 'planned' ORDER BY id",
+        )
+        .bind(server.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut product_ids: Vec<i64> = held.iter().map(|(pid, _, _)| *pid).collect();
+        for id in &planned {
+            let id = Uuid::parse_str(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            product_ids.push(move_row(&mut tx, id).await?.product_id);
+        }
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        for pid in &product_ids {
+            lock_product(&mut tx, *pid).await?;
+        }
+        for id in planned {
+            let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let row = move_row(&mut tx, uuid).await?;
+            if row.kind == MoveKind::Grant.as_str() {
+                shift_pool(
+                    &mut tx,
+                    row.product_id,
+                    PoolShift::TransitToReserve,
+                    row.units,
+                )
+                .await?;
+            }
+            set_move_state(
+                &mut tx,
+                &id,
+                MoveState::Abandoned,
+                None,
+                Some("server lost"),
+            )
+            .await?;
+        }
+        let mut reclaimed = Vec::new();
+        for (pid, product, units) in held {
+            if units > 0 {
+                sqlx::query("UPDATE products SET reserve = reserve + $1 WHERE id = $2")
+                    .bind(units)
+                    .bind(pid)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE allocations SET units = 0, generation = generation + 1 \
+                     WHERE server_id = $1 AND product_id = $2",
+                )
+                .bind(server.id)
+                .bind(pid)
+                .execute(&mut *tx)
+                .await?;
+                reclaimed.push((product, count(units)));
+            }
+        }
+        sqlx::query("UPDATE servers SET state = $1 WHERE id = $2")
+            .bind(ServerState::Lost.as_str())
+            .bind(server.id)
+            .execute(&mut *tx)
+            .await?;
+        let after = server_row(&mut tx, name).await?.into_server()?;
+        let detail = serde_json::json!({ "server": after, "reclaimed": reclaimed });
+        audit(
+            &mut tx,
+            "balancer",
+            "server.lost",
+            name,
+            json(&before),
+            json(&detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(reclaimed)
+    }
+
+    async fn revive_server(&self, name: &str) -> StoreResult<bool> {
+        let mut tx = begin_write(&self.pool).await?;
+        let revived = sqlx::query(
+            "UPDATE servers SET state = 'active', last_seen_at = $1 \
+             WHERE name = $2 AND removed_at IS NULL AND state = 'lost'",
+        )
+        .bind(now_ms())
+        .bind(name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if revived {
+            audit(&mut tx, "balancer", "server.revive", name, None, None).await?;
+        }
+        tx.commit().await?;
+        Ok(revived)
+    }
+
+    async fn cells(&self) -> StoreResult<Vec<CellRecord>> {
+        Ok(sqlx::query_as::<_, CellRecordRow>(concat!(
+            "SELECT ",
+            cell_record_columns!(),
+            " FROM allocations a JOIN servers s ON s.id = a.server_id \
+              JOIN products p ON p.id = a.product_id \
+              WHERE s.removed_at IS NULL ORDER BY p.name, s.name"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(CellRecord::from)
+        .collect())
+    }
+
+    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO balance_runs (trigger, status, epoch, started_at) \
+             VALUES ($1, 'running', $2, $3) RETURNING id",
+        )
+        .bind(trigger.as_str())
+        .bind(epoch)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()> {
+        let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query(
+            "UPDATE balance_runs SET status = $1, finished_at = $2, servers_queried = $3, \
+             servers_unreachable = $4, moves = $5, units_moved = $6, errors = $7 WHERE id = $8",
+        )
+        .bind(&outcome.status)
+        .bind(now_ms())
+        .bind(wide(outcome.servers_queried))
+        .bind(wide(outcome.servers_unreachable))
+        .bind(wide(outcome.moves))
+        .bind(wide(outcome.units_moved))
+        .bind(json(&outcome.errors))
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_samples(&self, run_id: i64, samples: &[UsageSample]) -> StoreResult<()> {
+        let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut tx = begin_write(&self.pool).await?;
+        let now = now_ms();
+        for s in samples {
+            sqlx::query(
+                "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
+                 in_use, peak_in_use, checkouts, denials, overdrafts, staleouts, waiting, \
+                 instant_requests) SELECT $1, s.id, p.id, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                 $11 FROM servers s, products p \
+                 WHERE s.name = $12 AND s.removed_at IS NULL AND p.name = $13",
+            )
+            .bind(run_id)
+            .bind(now)
+            .bind(wide(s.allocation))
+            .bind(wide(s.in_use))
+            .bind(wide(s.peak_in_use))
+            .bind(wide(s.checkouts))
+            .bind(wide(s.denials))
+            .bind(wide(s.overdrafts))
+            .bind(wide(s.staleouts))
+            .bind(wide(s.waiting))
+            .bind(wide(s.instant_requests))
+            .bind(&s.server)
+            .bind(&s.product)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn runs(&self, limit: u32, before_id: Option<i64>) -> StoreResult<Vec<RunSummary>> {
+        sqlx::query_as::<_, RunRow>(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM balance_runs r WHERE r.id < $1 ORDER BY r.id DESC LIMIT $2"
+        ))
+        .bind(before_id.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(RunRow::into_summary)
+        .collect()
+    }
+
+    async fn run(&self, run_id: i64) -> StoreResult<RunDetail> {
+        let run = sqlx::query_as::<_, RunRow>(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM balance_runs r WHERE r.id = $1"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("run {run_id}")))?
+        .into_summary()?;
+        let move_log = sqlx::query_as::<_, MoveRow>(concat!(
+            "SELECT ",
+            move_columns!(),
+            " FROM moves m JOIN products p ON p.id = m.product_id \
+              JOIN servers s ON s.id = m.server_id WHERE m.run_id = $1 \
+              ORDER BY m.created_at, m.id"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(MoveRow::to_view)
+        .collect::<StoreResult<_>>()?;
+        Ok(RunDetail { run, move_log })
+    }
+
+    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
+        let row: Option<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT s.name, p.name, i.units, i.granted FROM instant_requests i \
+             JOIN servers s ON s.id = i.server_id JOIN products p ON p.id = i.product_id \
+             WHERE i.id = $1",
+        )
+        .bind(request_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(server, product, units, granted)| InstantRecord {
+            server,
+            product,
+            units: count(units),
+            granted: count(granted),
+        }))
+    }
+
+    async fn record_instant_request(
+        &self,
+        request_id: Uuid,
+        record: &InstantRecord,
+    ) -> StoreResult<()> {
+        let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO instant_requests (id, server_id, product_id, units, granted, created_at) \
+             SELECT $1, s.id, p.id, $2, $3, $4 FROM servers s, products p \
+             WHERE s.name = $5 AND s.removed_at IS NULL AND p.name = $6 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(request_id.to_string())
+        .bind(wide(record.units))
+        .bind(wide(record.granted))
+        .bind(now_ms())
+        .bind(&record.server)
+        .bind(&record.product)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

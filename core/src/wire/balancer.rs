@@ -236,3 +236,193 @@ pub struct List<T> {
     /// The entries.
     pub items: Vec<T>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Balancing: runs, moves, the doctor.
+
+/// `POST /v1/balance`: run a manual balance now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceRequest {
+    /// Only this product; all products when absent.
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+/// One move as the move log holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveView {
+    /// The move's id, sent to the metering server as the idempotency key.
+    pub id: uuid::Uuid,
+    /// The product.
+    pub product: String,
+    /// The server.
+    pub server: String,
+    /// Release or grant.
+    pub kind: crate::domain::MoveKind,
+    /// Units asked for.
+    pub units: u64,
+    /// Planned, applied or abandoned.
+    pub state: crate::domain::MoveState,
+    /// Units the server confirmed.
+    pub applied_units: Option<u64>,
+}
+
+/// A balance run's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Increasing id.
+    pub id: i64,
+    /// What started it.
+    pub trigger: crate::domain::RunTrigger,
+    /// `running`, `ok`, `partial` (some servers unreachable or moves unfinished) or `failed`.
+    pub status: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Servers whose status was read.
+    pub servers_queried: u64,
+    /// Servers that could not be reached (skipped, their units left in place).
+    pub servers_unreachable: u64,
+    /// Moves applied.
+    pub moves: u64,
+    /// Units those moves carried.
+    pub units_moved: u64,
+    /// What went wrong, one line each.
+    pub errors: Vec<String>,
+}
+
+/// `GET /v1/runs/{id}` and the answer of `POST /v1/balance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDetail {
+    /// The run's record.
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// The moves the run logged.
+    pub move_log: Vec<MoveView>,
+}
+
+/// One (server, product) cell as the store and the server each see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorCell {
+    /// The server.
+    pub server: String,
+    /// The allocation in the balancer's books.
+    pub store_allocation: u64,
+    /// The last generation the balancer booked.
+    pub store_generation: u64,
+    /// The allocation the server reports applied (absent when unreachable).
+    pub server_allocation: Option<u64>,
+    /// The generation the server reports.
+    pub server_generation: Option<u64>,
+    /// Units the server reports in use.
+    pub in_use: Option<u64>,
+}
+
+/// One product's books and the servers' views of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorProduct {
+    /// The product.
+    pub product: String,
+    /// Σ live entitlements.
+    pub purchased: u64,
+    /// Free units.
+    pub reserve: u64,
+    /// Units granted but unconfirmed.
+    pub in_transit: u64,
+    /// Σ allocations in the books.
+    pub allocated: u64,
+    /// Per server.
+    pub servers: Vec<DoctorCell>,
+}
+
+/// `GET /v1/doctor`: do the books and every reachable server agree?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorReport {
+    /// True when nothing below is wrong.
+    pub ok: bool,
+    /// Per product.
+    pub products: Vec<DoctorProduct>,
+    /// Every disagreement found, one line each.
+    pub discrepancies: Vec<String>,
+    /// Servers that could not be asked.
+    pub unreachable: Vec<String>,
+    /// Moves logged but not yet applied or abandoned.
+    pub unfinished_moves: Vec<MoveView>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The metering servers' side of the balancer (authenticated by the server's own token).
+
+/// `POST /v1/sync`: a metering server announces itself and learns its products and allocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// The metering server's version, for the balancer's log.
+    pub version: String,
+}
+
+/// A product definition as a metering server needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProduct {
+    /// The product's name.
+    pub name: String,
+    /// Its checkout rules.
+    pub policy: Policy,
+}
+
+/// The allocation the balancer's books give a server for one product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncAllocation {
+    /// The product's name.
+    pub product: String,
+    /// Units in the books.
+    pub units: u64,
+    /// The last generation the balancer booked.
+    pub generation: u64,
+}
+
+/// The answer to a sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// The server's registered name.
+    pub server: String,
+    /// How long the server may keep granting without another successful sync. The balancer
+    /// reclaims a silent server's units only after its own, longer lease (plus a clock-skew
+    /// margin), so the two never overlap.
+    pub lease_seconds: u32,
+    /// Every product, with its policy.
+    pub products: Vec<SyncProduct>,
+    /// The server's allocations in the books.
+    pub allocations: Vec<SyncAllocation>,
+    /// True when the server had been declared lost and its units reclaimed: it must adopt
+    /// `allocations` as its new allocations (moves it applied while lost are void).
+    pub reset: bool,
+}
+
+/// `POST /v1/instant-balance`: a server ran dry and asks for units now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstantBalanceRequest {
+    /// Idempotency key: the same id twice grants once.
+    pub request_id: uuid::Uuid,
+    /// The product.
+    pub product: String,
+    /// Units wanted.
+    pub units: u32,
+}
+
+/// The answer to an instant balance. The units themselves arrive as a grant move on the
+/// server's balancer-facing API before this answer is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstantBalanceResponse {
+    /// The request answered.
+    pub request_id: uuid::Uuid,
+    /// The product.
+    pub product: String,
+    /// Units granted (0 when none could be found).
+    pub granted: u64,
+    /// The server's allocation after the grant, as booked.
+    pub allocation: u64,
+}
