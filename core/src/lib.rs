@@ -11,6 +11,7 @@ pub mod checkout;
 pub mod domain;
 pub mod error;
 pub mod planner;
+pub mod trigger;
 pub mod validate;
 pub mod wire;
 
