@@ -126,7 +126,9 @@ fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// What the writer task receives.
+/// What the writer task receives. `Write` is by far the most common message, so it is not
+/// boxed to keep the other variants small.
+#[allow(clippy::large_enum_variant)]
 enum WriterMsg {
     /// Persist, then acknowledge (if anyone waits).
     Write(Mutation, Option<oneshot::Sender<bool>>),
@@ -918,27 +920,26 @@ pub async fn run(
             lp.policy.clone(),
             now,
         ));
-        if let Some(target) = lp.allocation {
-            if let Some((allocation, generation, served)) =
+        if let Some(target) = lp.allocation
+            && let Some((allocation, generation, served)) =
                 inner
                     .book
                     .set_allocation(&lp.product, target, now, &mut new_handle)
-            {
-                let policy = lp.policy.clone().into();
-                acks.push(app.log(
-                    &mut inner,
-                    Mutation::Product {
-                        name: lp.product.clone(),
-                        policy,
-                        allocation,
-                        generation,
-                    },
-                ));
-                app.dispatch(&mut inner, served, now);
-                if allocation != target {
-                    tracing::warn!(product = %lp.product, target, allocation,
+        {
+            let policy = lp.policy.clone().into();
+            acks.push(app.log(
+                &mut inner,
+                Mutation::Product {
+                    name: lp.product.clone(),
+                    policy,
+                    allocation,
+                    generation,
+                },
+            ));
+            app.dispatch(&mut inner, served, now);
+            if allocation != target {
+                tracing::warn!(product = %lp.product, target, allocation,
                         "allocation lowered only to the units in use");
-                }
             }
         }
     }

@@ -219,14 +219,21 @@ impl Store {
         totals: &[(String, UsageCounters)],
     ) -> Result<(), StoreError> {
         let mut tx = self.conn.begin().await?;
+        // Checkouts and checkins go out as multi-row statements: the SQLite driver runs on its
+        // own thread, so one statement per row would cost a thread round trip per row.
+        let mut inserts: Vec<&CheckoutRecord> = Vec::new();
+        let mut deletes: Vec<Handle> = Vec::new();
         for m in batch {
             match m {
+                Mutation::Checkout(r) => inserts.push(r),
+                Mutation::Checkin { handle, .. } => deletes.push(*handle),
                 Mutation::Product {
                     name,
                     policy,
                     allocation,
                     generation,
                 } => {
+                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
                     let policy = serde_json::to_string(policy)
                         .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
                     sqlx::query(
@@ -242,29 +249,8 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Mutation::Checkout(r) => {
-                    sqlx::query(
-                        "INSERT INTO checkouts (handle, product, user, host, seat, units, \
-                         overdraft, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(r.handle.to_string())
-                    .bind(r.product.as_str())
-                    .bind(r.user.as_str())
-                    .bind(r.host.as_str())
-                    .bind(r.seat.as_deref())
-                    .bind(i64::from(r.units))
-                    .bind(i64::from(r.overdraft))
-                    .bind(i64_of(r.created_at))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Mutation::Checkin { handle, .. } => {
-                    sqlx::query("DELETE FROM checkouts WHERE handle = ?")
-                        .bind(handle.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 Mutation::Move { applied, at } => {
+                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
                     let r = &applied.response;
                     sqlx::query(
                         "INSERT INTO moves (move_id, kind, product, requested, units, \
@@ -291,6 +277,7 @@ impl Store {
                 }
             }
         }
+        flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
         for (name, t) in totals {
             sqlx::query(
                 "UPDATE products SET peak_in_use = ?, checkouts = ?, denials = ?, \
@@ -319,6 +306,72 @@ impl Store {
         self.conn.close().await?;
         Ok(())
     }
+}
+
+/// Row counts of the multi-row statements: few distinct texts, so prepared statements are
+/// reused from the driver's cache.
+const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+fn chunk_size(left: usize) -> usize {
+    CHUNKS.into_iter().find(|c| *c <= left).unwrap_or(1)
+}
+
+/// Writes pending checkout inserts, then pending deletes (a checkin always follows its
+/// checkout, so inserts go first), in multi-row statements.
+async fn flush_checkouts(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    inserts: &mut Vec<&CheckoutRecord>,
+    deletes: &mut Vec<Handle>,
+) -> Result<(), StoreError> {
+    let mut rest: &[&CheckoutRecord] = inserts;
+    while !rest.is_empty() {
+        let n = chunk_size(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        let mut sql = String::from(
+            "INSERT INTO checkouts (handle, product, user, host, seat, units, overdraft, \
+             created_ms) VALUES ",
+        );
+        for i in 0..n {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+            });
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.handle.to_string())
+                .bind(r.product.as_str())
+                .bind(r.user.as_str())
+                .bind(r.host.as_str())
+                .bind(r.seat.as_deref())
+                .bind(i64::from(r.units))
+                .bind(i64::from(r.overdraft))
+                .bind(i64_of(r.created_at));
+        }
+        q.execute(&mut **tx).await?;
+        rest = tail;
+    }
+    inserts.clear();
+    let mut rest: &[Handle] = deletes;
+    while !rest.is_empty() {
+        let n = chunk_size(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        let mut sql = String::from("DELETE FROM checkouts WHERE handle IN (");
+        for i in 0..n {
+            sql.push_str(if i == 0 { "?" } else { ", ?" });
+        }
+        sql.push(')');
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for h in chunk {
+            q = q.bind(h.to_string());
+        }
+        q.execute(&mut **tx).await?;
+        rest = tail;
+    }
+    deletes.clear();
+    Ok(())
 }
 
 /// The products a batch touched, so only their totals are written.

@@ -155,11 +155,13 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
     // Let the storm run, then kill -9 in the middle of it.
     let storm = Instant::now();
     while storm.elapsed() < Duration::from_millis(1500) {
-        let a = acked.lock().unwrap();
-        if a.live.len() + a.checked_in.len() > 300 && a.moves.len() > 10 {
+        let enough = {
+            let a = acked.lock().unwrap();
+            a.live.len() + a.checked_in.len() > 300 && a.moves.len() > 10
+        };
+        if enough {
             break;
         }
-        drop(a);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     child.kill().expect("kill -9");

@@ -596,10 +596,7 @@ impl Book {
         handles: &mut impl FnMut() -> Handle,
     ) -> Vec<Served> {
         let mut served = Vec::new();
-        loop {
-            let Some(p) = self.products.get_mut(product) else {
-                break;
-            };
+        while let Some(p) = self.products.get_mut(product) {
             let Some(head) = p.queue.front() else { break };
             let key = seat_key(p.policy.seat, &head.user, &head.host);
             let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));

@@ -1,0 +1,396 @@
+//! Load benchmark of the metering server over real HTTP on loopback (not a timed test).
+//!
+//! In one run it measures:
+//! 1. the ceiling: requests/s of a bare axum handler that does nothing, with the same client,
+//!    connections and bodies;
+//! 2. the durable server (`allot_agent::run`, SQLite WAL + synchronous=FULL, group commit):
+//!    checkout+checkin pairs/s and latency percentiles, closed loop;
+//! 3. the durable server at 80% of its measured peak, open loop (latency from the scheduled
+//!    send time, so queueing is not hidden);
+//! 4. the RSS of the real `allot-agent` binary holding 100,000 live checkouts.
+//!
+//! Run: `cargo bench -p allot-agent --bench load` (env `ALLOT_BENCH_SECONDS`, default 3;
+//! `ALLOT_BENCH_CONNECTIONS`, default 32; `ALLOT_BENCH_ROUNDS`, default 3).
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+struct Result {
+    ops: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Starts a bare axum server (one handler that ignores its body) on the server runtime.
+fn start_bare(rt: &Runtime) -> (String, oneshot::Sender<()>) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = axum::Router::new().route("/v1/checkout", axum::routing::post(|| async { "" }));
+    rt.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (url, tx)
+}
+
+fn start_durable(rt: &Runtime, dir: &std::path::Path) -> (String, oneshot::Sender<()>) {
+    use allot_agent::server::{LocalProduct, ServerConfig};
+    let mut config = ServerConfig::new(dir);
+    config.products = vec![LocalProduct {
+        product: "cad".into(),
+        allocation: Some(1_000_000),
+        policy: serde_json::from_value(json!({"enforcement": "hard_stop",
+            "heartbeat_seconds": 600, "staleout_seconds": 3600}))
+        .unwrap(),
+    }];
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    rt.spawn(async move {
+        allot_agent::run(listener, config, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (url, tx)
+}
+
+/// One checkout+checkin pair; returns the two latencies in µs measured from `scheduled`.
+async fn pair(http: &reqwest::Client, url: &str, user: &str, scheduled: Instant) -> [u64; 2] {
+    let r = http
+        .post(format!("{url}/v1/checkout"))
+        .json(&json!({"product": "cad", "user": user, "host": "bench"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c: serde_json::Value = r.json().await.unwrap();
+    let t1 = scheduled.elapsed().as_micros() as u64;
+    let start = Instant::now();
+    let r = http
+        .post(format!("{url}/v1/checkin"))
+        .json(&json!({"handle": c["handle"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    [t1, start.elapsed().as_micros() as u64]
+}
+
+/// Closed loop: `conns` workers, each on its own keep-alive connection, for `secs`.
+/// `bare` sends one request per iteration; otherwise a checkout+checkin pair.
+fn closed_loop(rt: &Runtime, url: &str, conns: usize, secs: u64, bare: bool) -> Result {
+    let url = Arc::new(url.to_owned());
+    let (ops, mut lat) = rt.block_on(async {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for w in 0..conns {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                let user = format!("u{w}");
+                let body = json!({"product": "cad", "user": user, "host": "bench"});
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let s = Instant::now();
+                    if bare {
+                        let r = http
+                            .post(format!("{url}/v1/checkout"))
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        r.bytes().await.unwrap();
+                        lat.push(s.elapsed().as_micros() as u64);
+                    } else {
+                        lat.extend(pair(&http, &url, &user, s).await);
+                    }
+                    n += 1;
+                }
+                (n, lat)
+            }));
+        }
+        let mut ops = 0;
+        let mut lat = Vec::new();
+        for t in tasks {
+            let (n, l) = t.await.unwrap();
+            ops += n;
+            lat.extend(l);
+        }
+        (ops, lat)
+    });
+    lat.sort_unstable();
+    Result {
+        ops: ops as f64 / secs as f64,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+/// Open loop at `rate` pairs/s spread over `conns` workers; latency from the scheduled time.
+fn open_loop(rt: &Runtime, url: &str, conns: usize, secs: u64, rate: f64) -> Result {
+    let url = Arc::new(url.to_owned());
+    let per_worker = rate / conns as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_worker);
+    let (ops, mut lat) = rt.block_on(async {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for w in 0..conns {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                let user = format!("u{w}");
+                let mut lat = Vec::new();
+                // Stagger the workers over one interval.
+                let mut next = start + interval.mul_f64(w as f64 / conns as f64);
+                let mut n = 0u64;
+                while next < end {
+                    tokio::time::sleep_until(next.into()).await;
+                    lat.extend(pair(&http, &url, &user, next).await);
+                    n += 1;
+                    next += interval;
+                }
+                (n, lat)
+            }));
+        }
+        let mut ops = 0;
+        let mut lat = Vec::new();
+        for t in tasks {
+            let (n, l) = t.await.unwrap();
+            ops += n;
+            lat.extend(l);
+        }
+        (ops, lat)
+    });
+    lat.sort_unstable();
+    Result {
+        ops: ops as f64 / secs as f64,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// RSS of the real binary with 100,000 live checkouts.
+fn rss_with_live_checkouts(
+    rt: &Runtime,
+    dir: &std::path::Path,
+    live: usize,
+    conns: usize,
+) -> (u64, u64) {
+    let products = dir.join("products.json");
+    std::fs::write(
+        &products,
+        json!({"products": [{"product": "bulk", "allocation": live,
+            "policy": {"enforcement": "hard_stop", "heartbeat_seconds": 600, "staleout_seconds": 3600}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_allot-agent"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("rss-data"))
+        .arg("--products-file")
+        .arg(&products)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let (before, after) = rt.block_on(async {
+        let http = client();
+        for _ in 0..1000 {
+            if http.get(format!("{url}/healthz")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = rss_kib(child.id());
+        let per = live / conns;
+        let mut tasks = Vec::new();
+        for w in 0..conns {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                for i in 0..per {
+                    let r = http
+                        .post(format!("{url}/v1/checkout"))
+                        .json(&json!({"product": "bulk", "user": format!("user-{w}-{i}"),
+                            "host": format!("host-{}.example.com", i % 500)}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    r.bytes().await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let products: serde_json::Value = http
+            .get(format!("{url}/v1/products"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(products["products"][0]["in_use"], (per * conns) as u64);
+        (before, rss_kib(child.id()))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (before, after)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument is a filter we ignore.
+    let secs = env_or("ALLOT_BENCH_SECONDS", 3);
+    let conns = env_or("ALLOT_BENCH_CONNECTIONS", 32) as usize;
+    let rounds = env_or("ALLOT_BENCH_ROUNDS", 3) as usize;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("allot-load-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let (bare_url, bare_stop) = start_bare(&server_rt);
+    let (url, stop) = start_durable(&server_rt, &dir.path().join("durable"));
+    std::thread::sleep(Duration::from_millis(300));
+    // Warm up both.
+    closed_loop(&client_rt, &bare_url, conns, 1, true);
+    closed_loop(&client_rt, &url, conns, 1, false);
+
+    let (mut bare, mut pairs, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let b = closed_loop(&client_rt, &bare_url, conns, secs, true);
+        let d = closed_loop(&client_rt, &url, conns, secs, false);
+        eprintln!(
+            "round {round}: bare {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms); durable {:.0} pairs/s = {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms)",
+            b.ops,
+            b.p50_ms,
+            b.p99_ms,
+            d.ops,
+            d.ops * 2.0,
+            d.p50_ms,
+            d.p99_ms
+        );
+        bare.push(b.ops);
+        pairs.push(d.ops);
+        p50.push(d.p50_ms);
+        p99.push(d.p99_ms);
+    }
+    let (bare, pairs) = (median(bare), median(pairs));
+    let target = pairs * 0.8;
+    let (mut o50, mut o99, mut orate) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let o = open_loop(&client_rt, &url, conns, secs, target);
+        eprintln!(
+            "round {round}: open loop at {target:.0} pairs/s: achieved {:.0}, p50 {:.2} ms, p99 {:.2} ms",
+            o.ops, o.p50_ms, o.p99_ms
+        );
+        orate.push(o.ops);
+        o50.push(o.p50_ms);
+        o99.push(o.p99_ms);
+    }
+    let _ = bare_stop.send(());
+    let _ = stop.send(());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let live = env_or("ALLOT_BENCH_LIVE", 100_000) as usize;
+    let (rss_before, rss_after) = rss_with_live_checkouts(&client_rt, dir.path(), live, conns);
+
+    println!("| measure | median of {rounds} rounds |");
+    println!("| --- | --- |");
+    println!("| bare axum handler (ceiling) | {bare:.0} req/s |");
+    println!(
+        "| durable checkout+checkin | {pairs:.0} pairs/s = {:.0} req/s |",
+        pairs * 2.0
+    );
+    println!(
+        "| durable vs ceiling | {:.0}% (requests/s), {:.0}% (pairs/s vs req/s) |",
+        200.0 * pairs / bare,
+        100.0 * pairs / bare
+    );
+    println!(
+        "| closed-loop latency per request | p50 {:.2} ms, p99 {:.2} ms |",
+        median(p50),
+        median(p99)
+    );
+    println!(
+        "| open loop at 80% of peak ({target:.0} pairs/s; achieved {:.0}) | p50 {:.2} ms, p99 {:.2} ms |",
+        median(orate),
+        median(o50),
+        median(o99)
+    );
+    println!(
+        "| RSS of allot-agent, idle → {live} live checkouts | {:.1} MiB → {:.1} MiB |",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+}
