@@ -6,8 +6,9 @@ use crate::config::default_data_dir;
 use allot_core::domain::{Enforcement, Seat};
 use allot_core::error::ErrorBody;
 use allot_core::wire::balancer::{
-    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, List, Product,
-    ProductDetail, RegisterServer, RegisteredServer, Schedule, Server, SetAllocation, SetSchedule,
+    AddEntitlement, AllocationView, AuditEntry, BalanceRequest, CreateProduct, DoctorReport,
+    Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RunDetail,
+    RunSummary, Schedule, Server, SetAllocation, SetSchedule,
 };
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -208,6 +209,47 @@ pub struct AuditArgs {
     /// At most this many entries.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer balance`.
+#[derive(Debug, Args)]
+pub struct BalanceArgs {
+    /// Only this product.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer runs …`.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Recent runs, newest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One run and its moves.
+    Show {
+        /// The run's id.
+        id: i64,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `allot-balancer doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
     /// How to reach the balancer.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -663,5 +705,151 @@ mod tests {
     fn path_segments_are_percent_encoded() {
         assert_eq!(super::segment("CAD Suite/2"), "CAD%20Suite%2F2");
         assert_eq!(super::segment("matlab-r2026a"), "matlab-r2026a");
+    }
+}
+
+fn runs_table(runs: &[RunSummary]) -> Table {
+    let mut t = table(&[
+        "run",
+        "trigger",
+        "status",
+        "started",
+        "ms",
+        "servers",
+        "unreachable",
+        "moves",
+        "units",
+    ]);
+    for r in runs {
+        let ms = r
+            .finished_at
+            .map(|f| (f - r.started_at).num_milliseconds().to_string())
+            .unwrap_or_else(|| "-".into());
+        t.add_row(vec![
+            r.id.to_string(),
+            r.trigger.to_string(),
+            r.status.clone(),
+            r.started_at.to_rfc3339(),
+            ms,
+            r.servers_queried.to_string(),
+            r.servers_unreachable.to_string(),
+            r.moves.to_string(),
+            r.units_moved.to_string(),
+        ]);
+    }
+    t
+}
+
+fn print_run(detail: &RunDetail) {
+    println!("{}", runs_table(std::slice::from_ref(&detail.run)));
+    let mut t = table(&[
+        "move", "kind", "product", "server", "units", "state", "applied",
+    ]);
+    for m in &detail.move_log {
+        t.add_row(vec![
+            m.id.to_string(),
+            m.kind.to_string(),
+            m.product.clone(),
+            m.server.clone(),
+            m.units.to_string(),
+            m.state.to_string(),
+            opt(&m.applied_units),
+        ]);
+    }
+    println!("{t}");
+    for e in &detail.run.errors {
+        println!("! {e}");
+    }
+}
+
+impl BalanceArgs {
+    /// Runs a manual balance and prints its moves.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let req = BalanceRequest {
+            product: self.product,
+        };
+        let detail: RunDetail = AdminClient::new(&self.client)?
+            .call(Method::POST, "/v1/balance", Some(&req))
+            .await?;
+        output(self.client.json, &detail, print_run)
+    }
+}
+
+impl RunsCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::List { limit, client } => {
+                let list: List<RunSummary> = AdminClient::new(&client)?
+                    .get(&format!("/v1/runs?limit={limit}"))
+                    .await?;
+                output(client.json, &list, |l| println!("{}", runs_table(&l.items)))
+            }
+            Self::Show { id, client } => {
+                let detail: RunDetail = AdminClient::new(&client)?
+                    .get(&format!("/v1/runs/{id}"))
+                    .await?;
+                output(client.json, &detail, print_run)
+            }
+        }
+    }
+}
+
+impl DoctorArgs {
+    /// Prints the books, each server's view and every discrepancy; fails when any is found.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let report: DoctorReport = AdminClient::new(&self.client)?.get("/v1/doctor").await?;
+        output(self.client.json, &report, |r| {
+            for p in &r.products {
+                println!(
+                    "{}: purchased {} = reserve {} + in transit {} + allocated {}",
+                    p.product, p.purchased, p.reserve, p.in_transit, p.allocated
+                );
+                let mut t = table(&[
+                    "server",
+                    "books",
+                    "books gen",
+                    "server",
+                    "server gen",
+                    "in use",
+                ]);
+                for c in &p.servers {
+                    t.add_row(vec![
+                        c.server.clone(),
+                        c.store_allocation.to_string(),
+                        c.store_generation.to_string(),
+                        opt(&c.server_allocation),
+                        opt(&c.server_generation),
+                        opt(&c.in_use),
+                    ]);
+                }
+                println!("{t}");
+            }
+            for d in &r.discrepancies {
+                println!("DISCREPANCY: {d}");
+            }
+            for u in &r.unreachable {
+                println!("UNREACHABLE: {u}");
+            }
+            for m in &r.unfinished_moves {
+                println!(
+                    "UNFINISHED: {} {} {} of {} to {}",
+                    m.id, m.kind, m.units, m.product, m.server
+                );
+            }
+            println!(
+                "{}",
+                if r.ok {
+                    "OK: the books and every server agree"
+                } else {
+                    "NOT OK"
+                }
+            );
+        })?;
+        if report.ok {
+            Ok(())
+        } else {
+            anyhow::bail!("doctor found problems")
+        }
     }
 }

@@ -49,6 +49,13 @@ pub enum Command {
     Schedule(crate::cli::ScheduleCommand),
     /// The audit log, newest first.
     Audit(crate::cli::AuditArgs),
+    /// Run a balance now and print its moves.
+    Balance(crate::cli::BalanceArgs),
+    /// Balance runs: list, show.
+    #[command(subcommand)]
+    Runs(crate::cli::RunsCommand),
+    /// Compare the books with every server; exits non-zero on any discrepancy.
+    Doctor(crate::cli::DoctorArgs),
 }
 
 /// Where the books live.
@@ -74,6 +81,31 @@ pub struct ServeArgs {
     /// The admin token; absent → read from, or generated into, `<data-dir>/admin-token`.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A metering server unheard of for this long is declared lost and its units reclaimed.
+    #[arg(long, env = "ALLOT_LEASE_SECONDS", default_value_t = 24 * 3600)]
+    pub lease_seconds: u64,
+    /// Servers stop granting this long before the balancer's lease ends (clock-skew margin).
+    #[arg(long, env = "ALLOT_LEASE_MARGIN_SECONDS", default_value_t = 300)]
+    pub lease_margin_seconds: u64,
+    /// Timeout of each call to a metering server, in milliseconds.
+    #[arg(long, env = "ALLOT_CALL_TIMEOUT_MS", default_value_t = 5000)]
+    pub call_timeout_ms: u64,
+    /// Most calls to metering servers in flight at once during a run.
+    #[arg(long, env = "ALLOT_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+impl ServeArgs {
+    /// The balancing engine's settings.
+    pub fn engine_config(&self) -> crate::balance::EngineConfig {
+        crate::balance::EngineConfig {
+            call_timeout: std::time::Duration::from_millis(self.call_timeout_ms.max(1)),
+            concurrency: self.concurrency.max(1),
+            lease: std::time::Duration::from_secs(self.lease_seconds.max(1)),
+            lease_margin: std::time::Duration::from_secs(self.lease_margin_seconds),
+            planner: Default::default(),
+        }
+    }
 }
 
 /// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else

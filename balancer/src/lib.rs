@@ -5,7 +5,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod fault;
 pub mod schedule;
 pub mod store;

@@ -3,10 +3,13 @@
 
 use allot_balancer::api::{self, AppState};
 use allot_balancer::auth::{self, AdminTokenSource};
+use allot_balancer::balance::{Engine, scheduler};
 use allot_balancer::config::{Cli, Command, LogFormat, ServeArgs, StoreArgs};
 use allot_balancer::store;
 use anyhow::Context;
 use clap::Parser;
+use std::sync::Arc;
+use tokio::sync::{Notify, watch};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -50,6 +53,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Allocation(cmd) => cmd.run().await,
         Command::Schedule(cmd) => cmd.run().await,
         Command::Audit(cmd) => cmd.run().await,
+        Command::Balance(cmd) => cmd.run().await,
+        Command::Runs(cmd) => cmd.run().await,
+        Command::Doctor(cmd) => cmd.run().await,
     }
 }
 
@@ -104,14 +110,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              file (mode 0600)"
         ),
     }
+    let tokens = auth::ServerTokens::new(&store.token_key().await?);
+    let engine = Engine::new(store.clone(), tokens.clone(), args.engine_config());
+    tracing::info!(
+        lease_seconds = args.lease_seconds,
+        lease_margin_seconds = args.lease_margin_seconds,
+        call_timeout_ms = args.call_timeout_ms,
+        concurrency = args.concurrency,
+        "balancing settings"
+    );
+    match engine.resume_unfinished().await {
+        Ok(errors) if errors.is_empty() => {}
+        Ok(errors) => tracing::warn!(
+            ?errors,
+            "unfinished moves could not all be resumed; the next run retries"
+        ),
+        Err(e) => tracing::error!(error = %e, "could not resume unfinished moves"),
+    }
+    let schedule_changed = Arc::new(Notify::new());
+    let (stop_scheduler, stopped) = watch::channel(false);
+    let scheduler = tokio::spawn(scheduler::run(
+        engine.clone(),
+        store.clone(),
+        schedule_changed.clone(),
+        stopped,
+    ));
     let state = AppState {
-        tokens: auth::ServerTokens::new(&store.token_key().await?),
+        tokens,
         store: store.clone(),
         admin,
+        engine,
+        schedule_changed,
     };
     api::run(listener, state, shutdown_signal()).await?;
-    tracing::info!("HTTP server stopped; closing the store");
+    tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
+    let _ = stop_scheduler.send(true);
+    let _ = scheduler.await;
     store.close().await;
+    tracing::info!("store closed; bye");
     Ok(())
 }
 

@@ -2,8 +2,10 @@
 //! answer JSON. Every route but `/healthz`, `/metrics` and `/v1/openapi.json` needs the admin
 //! token.
 
+mod balancing;
 mod books;
 pub mod error;
+mod metering;
 mod servers;
 mod settings;
 
@@ -32,6 +34,10 @@ pub struct AppState {
     pub admin: AdminToken,
     /// Derives metering servers' tokens.
     pub tokens: ServerTokens,
+    /// Runs balances.
+    pub engine: crate::balance::Engine,
+    /// Wakes the scheduler when the schedule changes.
+    pub schedule_changed: Arc<tokio::sync::Notify>,
 }
 
 /// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
@@ -110,7 +116,13 @@ pub fn router(state: AppState) -> Router {
             "/schedule",
             get(settings::schedule).put(settings::set_schedule),
         )
-        .route("/audit", get(settings::audit));
+        .route("/audit", get(settings::audit))
+        .route("/balance", post(balancing::balance))
+        .route("/runs", get(balancing::runs))
+        .route("/runs/{id}", get(balancing::run))
+        .route("/doctor", get(balancing::doctor))
+        .route("/sync", post(metering::sync))
+        .route("/instant-balance", post(metering::instant_balance));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1", v1)

@@ -39,6 +39,7 @@ pub(super) async fn set_schedule(
         timezone: parsed.timezone_name().to_owned(),
     };
     state.store.set_schedule(Admin::ACTOR, &setting).await?;
+    state.schedule_changed.notify_one();
     tracing::info!(cron = %setting.cron, timezone = %setting.timezone, "schedule set");
     Ok(Json(view(setting)?))
 }

@@ -1,0 +1,84 @@
+//! Balance runs on demand, their history, and the doctor.
+
+use super::error::ApiError;
+use super::{Admin, ApiJson, ApiPath, ApiQuery, AppState};
+use crate::balance::BalanceError;
+use allot_core::ErrorCode;
+use allot_core::domain::RunTrigger;
+use allot_core::validate;
+use allot_core::wire::balancer::{BalanceRequest, DoctorReport, List, RunDetail, RunSummary};
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+
+impl From<BalanceError> for ApiError {
+    fn from(e: BalanceError) -> Self {
+        match e {
+            BalanceError::Store(e) => e.into(),
+            BalanceError::Plan(why) => {
+                tracing::error!(%why, "the planner refused the books");
+                ApiError::new(
+                    ErrorCode::Internal,
+                    "the planner refused the books; see the log",
+                )
+            }
+        }
+    }
+}
+
+pub(super) async fn balance(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiJson(req): ApiJson<BalanceRequest>,
+) -> Result<Json<RunDetail>, ApiError> {
+    if let Some(product) = &req.product {
+        validate::path_name("product", product)?;
+    }
+    Ok(Json(
+        state
+            .engine
+            .run(RunTrigger::Manual, req.product.as_deref())
+            .await?,
+    ))
+}
+
+/// Paging of `GET /v1/runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RunsParams {
+    /// Page size, 1–1000 (default 50).
+    limit: Option<u32>,
+    /// Runs older than this id.
+    before: Option<i64>,
+}
+
+pub(super) async fn runs(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiQuery(params): ApiQuery<RunsParams>,
+) -> Result<Json<List<RunSummary>>, ApiError> {
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit: must be between 1 and 1000, got {limit}"
+        )));
+    }
+    Ok(Json(List {
+        items: state.store.runs(limit, params.before).await?,
+    }))
+}
+
+pub(super) async fn run(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<RunDetail>, ApiError> {
+    Ok(Json(state.store.run(id).await?))
+}
+
+pub(super) async fn doctor(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<DoctorReport>, ApiError> {
+    Ok(Json(state.engine.doctor().await?))
+}

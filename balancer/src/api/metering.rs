@@ -1,0 +1,115 @@
+//! The metering servers' side of the balancer, authenticated by each server's own token:
+//! `POST /v1/sync` (announce, learn products and allocations, renew the lease) and
+//! `POST /v1/instant-balance`.
+
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use crate::auth;
+use crate::store::ServerRecord;
+use allot_core::ErrorCode;
+use allot_core::validate;
+use allot_core::wire::balancer::{
+    InstantBalanceRequest, InstantBalanceResponse, SyncAllocation, SyncProduct, SyncRequest,
+    SyncResponse,
+};
+use axum::Json;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+
+/// A metering server that presented its own token; it may act only on its own allocations.
+pub struct MeteringServer(pub ServerRecord);
+
+impl FromRequestParts<AppState> for MeteringServer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let refused = || {
+            tracing::warn!(path = %parts.uri.path(), "metering-server call refused: bad or missing token");
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "metering-server calls need `Authorization: Bearer <the server's token>`",
+            )
+        };
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(refused)?;
+        let server = state
+            .store
+            .server_by_token_hash(&auth::hash_token(token))
+            .await?
+            .ok_or_else(refused)?;
+        let record = state
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .find(|s| s.name == server.name)
+            .ok_or_else(refused)?;
+        // The digest matched; compare the derived token too, in constant time.
+        if !auth::AdminToken::new(&state.tokens.token(&record.name, &record.token_salt))
+            .verify(token)
+        {
+            return Err(refused());
+        }
+        Ok(Self(record))
+    }
+}
+
+pub(super) async fn sync(
+    State(state): State<AppState>,
+    MeteringServer(server): MeteringServer,
+    ApiJson(req): ApiJson<SyncRequest>,
+) -> Result<Json<SyncResponse>, ApiError> {
+    validate::name("version", &req.version)?;
+    let reset = state.store.revive_server(&server.name).await?;
+    state.store.touch_server(&server.name).await?;
+    if reset {
+        tracing::warn!(server = %server.name, "a lost server is back; it adopts the books' allocations");
+    }
+    let products = state
+        .store
+        .products()
+        .await?
+        .into_iter()
+        .map(|p| SyncProduct {
+            name: p.name,
+            policy: p.policy,
+        })
+        .collect();
+    let allocations = state
+        .store
+        .cells()
+        .await?
+        .into_iter()
+        .filter(|c| c.server == server.name)
+        .map(|c| SyncAllocation {
+            product: c.product,
+            units: c.units,
+            generation: c.generation,
+        })
+        .collect();
+    let lease_seconds =
+        u32::try_from(state.engine.config().server_lease().as_secs()).unwrap_or(u32::MAX);
+    tracing::debug!(server = %server.name, version = %req.version, "server synced");
+    Ok(Json(SyncResponse {
+        server: server.name,
+        lease_seconds,
+        products,
+        allocations,
+        reset,
+    }))
+}
+
+pub(super) async fn instant_balance(
+    State(state): State<AppState>,
+    MeteringServer(server): MeteringServer,
+    ApiJson(req): ApiJson<InstantBalanceRequest>,
+) -> Result<Json<InstantBalanceResponse>, ApiError> {
+    validate::path_name("product", &req.product)?;
+    validate::units("units", req.units)?;
+    state.store.product(&req.product).await?;
+    Ok(Json(state.engine.instant(&server, &req).await?))
+}

@@ -1,0 +1,118 @@
+//! Outbound calls from the balancer to metering servers: status, release, grant.
+//!
+//! Every call carries the server's own token, has a timeout, and is idempotent on the server's
+//! side (moves by move id), so a call whose answer was lost can simply be sent again.
+
+use crate::auth::ServerTokens;
+use crate::store::ServerRecord;
+use allot_core::error::ErrorBody;
+use allot_core::wire::agent::{AgentStatus, MoveRequest, MoveResponse};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// Why a call to a metering server failed. Displayed in run records and logs.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No answer: refused, reset, timed out. The server's state is unknown.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The server answered with an error; it did not apply the call.
+    #[error("refused with {status}: {code}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The error code the server gave.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// A client of every metering server's balancer-facing API.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+    tokens: ServerTokens,
+}
+
+impl AgentClient {
+    /// A client whose calls give up after `timeout`.
+    pub fn new(tokens: ServerTokens, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(4)
+            .build()
+            .expect("a reqwest client with rustls");
+        Self { http, tokens }
+    }
+
+    /// `GET /v1/status` (resets the server's since-last counters unless `peek`).
+    pub async fn status(
+        &self,
+        server: &ServerRecord,
+        peek: bool,
+    ) -> Result<AgentStatus, CallError> {
+        let path = if peek {
+            "/v1/status?peek=true"
+        } else {
+            "/v1/status"
+        };
+        self.call::<(), _>(server, reqwest::Method::GET, path, None)
+            .await
+    }
+
+    /// `POST /v1/allocations/release` or `/grant`.
+    pub async fn send_move(
+        &self,
+        server: &ServerRecord,
+        release: bool,
+        request: &MoveRequest,
+    ) -> Result<MoveResponse, CallError> {
+        let path = if release {
+            "/v1/allocations/release"
+        } else {
+            "/v1/allocations/grant"
+        };
+        self.call(server, reqwest::Method::POST, path, Some(request))
+            .await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        server: &ServerRecord,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, CallError> {
+        let url = format!("{}{path}", server.url.trim_end_matches('/'));
+        let token = self.tokens.token(&server.name, &server.token_salt);
+        let mut request = self.http.request(method, &url).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| CallError::Unreachable(format!("{url}: {e}")))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::Unreachable(format!("{url}: {e}")))?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error.code.to_string(), body.error.message),
+                Err(_) => ("?".into(), String::from_utf8_lossy(&bytes).into_owned()),
+            };
+            return Err(CallError::Refused {
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::Unreachable(format!("{url}: unreadable answer: {e}")))
+    }
+}

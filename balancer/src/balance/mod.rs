@@ -1,0 +1,755 @@
+//! The balancing engine: scheduled, manual and instant balance runs, the move protocol,
+//! reconciliation, lost servers and the doctor.
+//!
+//! The engine is a shell around the pure planner: it reads the books and every server's
+//! status, builds a [`Snapshot`], calls [`planner::plan`], and executes the moves through
+//! [`Engine::execute`] — the one function that carries a move from the move log to a server and
+//! back into the books:
+//!
+//! 1. the move is logged `planned` (a grant's units leave the reserve into transit) **before**
+//!    it is sent;
+//! 2. the server applies it, idempotently by move id, and answers with what it applied;
+//! 3. the answer is booked (released units enter the reserve, granted units become the
+//!    allocation). An unanswered move stays `planned` and is re-sent, never re-planned, by the
+//!    next run or at start-up.
+//!
+//! Releases run before grants, so the units a run grants were free in the reserve when it
+//! granted them: the allocations servers have applied never sum above purchased.
+
+mod agent_client;
+pub mod scheduler;
+
+pub use agent_client::{AgentClient, CallError};
+
+use crate::auth::ServerTokens;
+use crate::store::{
+    CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord, Store, StoreError,
+    UsageSample,
+};
+use allot_core::domain::{MoveKind, RunTrigger, ServerState};
+use allot_core::planner::{self, CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot};
+use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
+use allot_core::wire::balancer::{
+    DoctorCell, DoctorProduct, DoctorReport, InstantBalanceRequest, InstantBalanceResponse,
+    MoveView, Product, RunDetail,
+};
+use chrono::Utc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+/// How the engine talks to servers and decides who is lost.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Timeout of each call to a metering server.
+    pub call_timeout: Duration,
+    /// Most calls to metering servers in flight at once.
+    pub concurrency: usize,
+    /// A server unheard of for this long is declared lost and its units reclaimed.
+    pub lease: Duration,
+    /// Servers stop granting this much before the balancer's lease ends, so clock skew never
+    /// lets a server grant units the balancer already reclaimed.
+    pub lease_margin: Duration,
+    /// Hysteresis and other planner settings.
+    pub planner: PlannerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(5),
+            concurrency: 32,
+            lease: Duration::from_secs(24 * 3600),
+            lease_margin: Duration::from_secs(300),
+            planner: PlannerConfig::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The lease a metering server applies to itself: the balancer's lease minus the margin.
+    pub fn server_lease(&self) -> Duration {
+        self.lease
+            .saturating_sub(self.lease_margin)
+            .max(Duration::from_secs(1))
+    }
+}
+
+/// Why a balancing call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    /// The books refused (unknown product, conflict) or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The planner refused the snapshot (a bug: the store keeps the books balanced).
+    #[error("planner: {0}")]
+    Plan(String),
+}
+
+/// Runs balances. Cheap to clone; clones share locks.
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn Store>,
+    agents: AgentClient,
+    config: Arc<EngineConfig>,
+    /// One balance at a time per product: instant requests for a product are serialised with
+    /// each other and with runs; different products proceed in parallel.
+    product_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// One scheduled/manual/reclaim run at a time.
+    run_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A server's answer to a status read in a run.
+type StatusMap = BTreeMap<String, AgentStatus>;
+
+impl Engine {
+    /// An engine over `store` that calls servers with tokens from `tokens`.
+    pub fn new(store: Arc<dyn Store>, tokens: ServerTokens, config: EngineConfig) -> Self {
+        Self {
+            agents: AgentClient::new(tokens, config.call_timeout),
+            store,
+            config: Arc::new(config),
+            product_locks: Arc::default(),
+            run_lock: Arc::default(),
+        }
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn product_lock(&self, product: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.product_locks.lock().expect("product locks");
+        locks.entry(product.to_owned()).or_default().clone()
+    }
+
+    /// Carries one logged move to its server and books the answer. Returns the booked record,
+    /// or the move as it stands (still planned) with the reason it could not finish.
+    #[tracing::instrument(skip_all, fields(move_id = %mv.id, kind = %mv.kind, product = %mv.product, server = %server.name, units = mv.units))]
+    pub async fn execute(
+        &self,
+        server: &ServerRecord,
+        mv: &MoveRecord,
+    ) -> Result<MoveRecord, String> {
+        let request = MoveRequest {
+            move_id: mv.id,
+            product: mv.product.clone(),
+            units: u32::try_from(mv.units).unwrap_or(u32::MAX),
+        };
+        let release = mv.kind == MoveKind::Release;
+        match self.agents.send_move(server, release, &request).await {
+            Ok(answer) => {
+                crate::fault::point("after_move_sent");
+                let booked = self
+                    .store
+                    .complete_move(mv.id, u64::from(answer.units), answer.generation)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "move {} applied by {} but not booked: {e}",
+                            mv.id, server.name
+                        )
+                    })?;
+                tracing::info!(
+                    applied = answer.units,
+                    generation = answer.generation,
+                    "move applied"
+                );
+                Ok(booked)
+            }
+            Err(CallError::Refused {
+                status,
+                code,
+                message,
+            }) if mv.kind == MoveKind::Grant && (400..500).contains(&status) && status != 401 => {
+                // The server refused the grant outright (e.g. it does not know the product): it
+                // did not apply it, so its units go back to the reserve.
+                let reason = format!("{code}: {message}");
+                self.store
+                    .abandon_move(mv.id, &reason)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::warn!(%reason, "grant refused by the server; abandoned");
+                Err(format!(
+                    "grant {} refused by {}: {reason}",
+                    mv.id, server.name
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "move not confirmed; it stays planned and will be resent");
+                Err(format!("{} {} to {}: {e}", mv.kind, mv.id, server.name))
+            }
+        }
+    }
+
+    /// Logs and executes one planned move; `None` when the store refused to log it.
+    async fn log_and_execute(
+        &self,
+        server: &ServerRecord,
+        new: NewMove,
+        errors: &Mutex<Vec<String>>,
+    ) -> Option<MoveRecord> {
+        let logged = match self.store.begin_move(&new).await {
+            Ok(record) => record,
+            Err(e) => {
+                errors.lock().expect("errors").push(format!(
+                    "{} of {} {} to {} not logged: {e}",
+                    new.kind, new.units, new.product, new.server
+                ));
+                return None;
+            }
+        };
+        match self.execute(server, &logged).await {
+            Ok(done) => Some(done),
+            Err(e) => {
+                errors.lock().expect("errors").push(e);
+                None
+            }
+        }
+    }
+
+    /// Re-sends every unfinished move (start-up, and the start of every run). Moves of a
+    /// server that is lost or removed were abandoned when it was reclaimed.
+    pub async fn resume_unfinished(&self) -> Result<Vec<String>, BalanceError> {
+        let servers = self.servers_by_name().await?;
+        let mut errors = Vec::new();
+        for mv in self.store.unfinished_moves().await? {
+            match servers.get(&mv.server) {
+                Some(server) => {
+                    if let Err(e) = self.execute(server, &mv).await {
+                        errors.push(e);
+                    }
+                }
+                None => errors.push(format!(
+                    "move {} names an unknown server {}",
+                    mv.id, mv.server
+                )),
+            }
+        }
+        Ok(errors)
+    }
+
+    async fn servers_by_name(&self) -> Result<BTreeMap<String, ServerRecord>, BalanceError> {
+        Ok(self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect())
+    }
+
+    /// Reads the status of every given server concurrently (bounded, with timeouts).
+    async fn statuses(
+        &self,
+        servers: &[ServerRecord],
+        peek: bool,
+    ) -> (StatusMap, BTreeMap<String, String>) {
+        let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for server in servers.iter().cloned() {
+            let agents = self.agents.clone();
+            let semaphore = semaphore.clone();
+            tasks.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                let answer = agents.status(&server, peek).await;
+                (server.name, answer)
+            });
+        }
+        let (mut ok, mut failed) = (StatusMap::new(), BTreeMap::new());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((name, Ok(status))) => {
+                    ok.insert(name, status);
+                }
+                Ok((name, Err(e))) => {
+                    tracing::warn!(server = %name, error = %e, "server unreachable; skipped");
+                    failed.insert(name, e.to_string());
+                }
+                Err(e) => tracing::error!(error = %e, "status task failed"),
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Declares lost every server unheard of for longer than the lease and returns its units
+    /// to the reserve, recorded as a `reclaim` run. Returns the servers reclaimed.
+    pub async fn reclaim_lost(&self) -> Result<Vec<String>, BalanceError> {
+        let lease = chrono::Duration::from_std(self.config.lease).unwrap_or(chrono::Duration::MAX);
+        let now = Utc::now();
+        let silent: Vec<ServerRecord> = self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .filter(|s| s.state != ServerState::Lost)
+            .filter(|s| now - s.last_seen_at.unwrap_or(s.created_at) > lease)
+            .collect();
+        if silent.is_empty() {
+            return Ok(Vec::new());
+        }
+        let run_id = self.store.begin_run(RunTrigger::Reclaim, 0).await?;
+        let mut outcome = RunOutcome {
+            status: "ok".into(),
+            ..RunOutcome::default()
+        };
+        let mut names = Vec::new();
+        for server in silent {
+            let reclaimed = self.store.reclaim_lost_server(&server.name).await?;
+            let units: u64 = reclaimed.iter().map(|(_, u)| u).sum();
+            tracing::warn!(server = %server.name, units, ?reclaimed, run_id, "server lost; its units returned to the reserve");
+            outcome.units_moved += units;
+            outcome.moves += reclaimed.len() as u64;
+            outcome
+                .errors
+                .push(format!("{} lost: reclaimed {units} units", server.name));
+            names.push(server.name);
+        }
+        self.store.finish_run(run_id, &outcome).await?;
+        Ok(names)
+    }
+
+    /// A scheduled or manual balance over every product, or one.
+    #[tracing::instrument(skip(self))]
+    pub async fn run(
+        &self,
+        trigger: RunTrigger,
+        only: Option<&str>,
+    ) -> Result<RunDetail, BalanceError> {
+        let _one_run_at_a_time = self.run_lock.lock().await;
+        if let Some(name) = only {
+            self.store.product(name).await?;
+        }
+        self.reclaim_lost().await?;
+        let run_id = self.store.begin_run(trigger, 0).await?;
+        let started = std::time::Instant::now();
+        let errors = Mutex::new(self.resume_unfinished().await?);
+
+        let servers: Vec<ServerRecord> = self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .filter(|s| s.state != ServerState::Lost)
+            .collect();
+        let (statuses, unreachable) = self.statuses(&servers, false).await;
+        for (name, reason) in &unreachable {
+            errors
+                .lock()
+                .expect("errors")
+                .push(format!("{name} unreachable: {reason}"));
+        }
+        for name in statuses.keys() {
+            self.store.touch_server(name).await?;
+        }
+        let cells = self.store.cells().await?;
+        let samples = usage_samples(&statuses);
+        self.store.record_samples(run_id, &samples).await?;
+        let discrepancies = reconcile(&cells, &statuses);
+        for d in &discrepancies {
+            tracing::warn!(discrepancy = %d, run_id, "reconciliation");
+        }
+        errors.lock().expect("errors").extend(discrepancies);
+
+        let products: Vec<Product> = self
+            .store
+            .products()
+            .await?
+            .into_iter()
+            .filter(|p| only.is_none_or(|o| o == p.name))
+            .collect();
+        let by_name: BTreeMap<&str, &ServerRecord> =
+            servers.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut moved = (0u64, 0u64);
+        for product in &products {
+            let lock = self.product_lock(&product.name);
+            let _serialised = lock.lock().await;
+            // The books may have moved since the run began (instant balances): reread them.
+            let product = self.store.product(&product.name).await?.product;
+            let cells = self.store.cells().await?;
+            let Some(built) = build_snapshot(&product, &cells, &statuses, &servers) else {
+                continue;
+            };
+            let plan = planner::plan_product(&built.snapshot, &self.config.planner)
+                .map_err(|e| BalanceError::Plan(format!("{}: {e:?}", product.name)))?;
+            let (releases, grants): (Vec<&Move>, Vec<&Move>) = plan
+                .moves
+                .iter()
+                .partition(|m| m.kind() == MoveKind::Release);
+            let released_first = !releases.is_empty();
+            for (index, phase) in [releases, grants].into_iter().enumerate() {
+                if index == 1 && released_first {
+                    crate::fault::point("between_release_and_grant");
+                }
+                let mut tasks = tokio::task::JoinSet::new();
+                for m in phase {
+                    let server = by_name[built.server_names[m.server() as usize].as_str()].clone();
+                    let new = NewMove {
+                        id: Uuid::now_v7(),
+                        run_id: Some(run_id),
+                        product: product.name.clone(),
+                        server: server.name.clone(),
+                        kind: m.kind(),
+                        units: m.units(),
+                        epoch: 0,
+                    };
+                    let engine = self.clone();
+                    tasks.spawn(async move {
+                        let errors = Mutex::new(Vec::new());
+                        let done = engine.log_and_execute(&server, new, &errors).await;
+                        (done, errors.into_inner().expect("errors"))
+                    });
+                }
+                while let Some(joined) = tasks.join_next().await {
+                    let Ok((done, errs)) = joined else { continue };
+                    errors.lock().expect("errors").extend(errs);
+                    if let Some(done) = done {
+                        moved.0 += 1;
+                        moved.1 += done.applied_units.unwrap_or(0);
+                    }
+                }
+            }
+        }
+
+        let errors = errors.into_inner().expect("errors");
+        let outcome = RunOutcome {
+            status: if errors.is_empty() { "ok" } else { "partial" }.into(),
+            servers_queried: statuses.len() as u64,
+            servers_unreachable: unreachable.len() as u64,
+            moves: moved.0,
+            units_moved: moved.1,
+            errors,
+        };
+        self.store.finish_run(run_id, &outcome).await?;
+        tracing::info!(
+            run_id,
+            trigger = %trigger,
+            servers = outcome.servers_queried,
+            unreachable = outcome.servers_unreachable,
+            moves = outcome.moves,
+            units = outcome.units_moved,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "balance run finished"
+        );
+        Ok(self.store.run(run_id).await?)
+    }
+
+    /// Serves a server that ran dry: from the reserve, else by reclaiming free units from the
+    /// lowest-activity servers above their floor, then grants. The same request id twice
+    /// grants once.
+    #[tracing::instrument(skip_all, fields(server = %server.name, product = %req.product, units = req.units, request_id = %req.request_id))]
+    pub async fn instant(
+        &self,
+        server: &ServerRecord,
+        req: &InstantBalanceRequest,
+    ) -> Result<InstantBalanceResponse, BalanceError> {
+        let answer = |granted: u64, allocation: u64| InstantBalanceResponse {
+            request_id: req.request_id,
+            product: req.product.clone(),
+            granted,
+            allocation,
+        };
+        let allocation_of = |cells: &[CellRecord]| {
+            cells
+                .iter()
+                .find(|c| c.server == server.name && c.product == req.product)
+                .map_or(0, |c| c.units)
+        };
+        if let Some(done) = self.store.instant_request(req.request_id).await? {
+            return Ok(answer(
+                done.granted,
+                allocation_of(&self.store.cells().await?),
+            ));
+        }
+        let lock = self.product_lock(&req.product);
+        let _serialised = lock.lock().await;
+        if let Some(done) = self.store.instant_request(req.request_id).await? {
+            return Ok(answer(
+                done.granted,
+                allocation_of(&self.store.cells().await?),
+            ));
+        }
+        let wanted = u64::from(req.units);
+        let run_id = self.store.begin_run(RunTrigger::Instant, 0).await?;
+        let errors = Mutex::new(Vec::new());
+        let mut reserve = self.store.product(&req.product).await?.product.reserve;
+        let mut moves = 0u64;
+        let mut units_moved = 0u64;
+        if reserve < wanted {
+            // Reclaim free units, lowest activity first, from servers above their floor.
+            let servers = self.servers_by_name().await?;
+            let mut donors: Vec<CellRecord> = self
+                .store
+                .cells()
+                .await?
+                .into_iter()
+                .filter(|c| c.product == req.product && c.server != server.name)
+                .filter(|c| {
+                    servers
+                        .get(&c.server)
+                        .is_some_and(|s| s.state != ServerState::Lost)
+                })
+                .filter(|c| c.units > c.min_units)
+                .collect();
+            donors.sort_by_key(|c| (c.last_peak.unwrap_or(0), std::cmp::Reverse(c.units)));
+            for donor in donors {
+                if reserve >= wanted {
+                    break;
+                }
+                let spare = donor.units
+                    - donor
+                        .min_units
+                        .max(donor.last_peak.unwrap_or(0).min(donor.units));
+                let ask = spare.min(wanted - reserve);
+                if ask == 0 {
+                    continue;
+                }
+                let new = NewMove {
+                    id: Uuid::now_v7(),
+                    run_id: Some(run_id),
+                    product: req.product.clone(),
+                    server: donor.server.clone(),
+                    kind: MoveKind::Release,
+                    units: ask,
+                    epoch: 0,
+                };
+                if let Some(done) = self
+                    .log_and_execute(&servers[&donor.server], new, &errors)
+                    .await
+                {
+                    let released = done.applied_units.unwrap_or(0);
+                    reserve += released;
+                    moves += 1;
+                    units_moved += released;
+                }
+            }
+        }
+        let grant = wanted.min(reserve);
+        let mut granted = 0;
+        if grant > 0 {
+            let new = NewMove {
+                id: Uuid::now_v7(),
+                run_id: Some(run_id),
+                product: req.product.clone(),
+                server: server.name.clone(),
+                kind: MoveKind::Grant,
+                units: grant,
+                epoch: 0,
+            };
+            if let Some(done) = self.log_and_execute(server, new, &errors).await {
+                granted = done.applied_units.unwrap_or(0);
+                moves += 1;
+                units_moved += granted;
+            }
+        }
+        let errors = errors.into_inner().expect("errors");
+        // Only a settled outcome is remembered: a grant still in flight is finished by the next
+        // run, and a retry of this request may then find the units already there.
+        if errors.is_empty() {
+            self.store
+                .record_instant_request(
+                    req.request_id,
+                    &InstantRecord {
+                        server: server.name.clone(),
+                        product: req.product.clone(),
+                        units: wanted,
+                        granted,
+                    },
+                )
+                .await?;
+        }
+        self.store
+            .finish_run(
+                run_id,
+                &RunOutcome {
+                    status: if errors.is_empty() { "ok" } else { "partial" }.into(),
+                    servers_queried: 0,
+                    servers_unreachable: 0,
+                    moves,
+                    units_moved,
+                    errors,
+                },
+            )
+            .await?;
+        tracing::info!(granted, run_id, "instant balance answered");
+        Ok(answer(granted, allocation_of(&self.store.cells().await?)))
+    }
+
+    /// Compares the books with every reachable server's view, without moving anything and
+    /// without resetting the servers' counters.
+    pub async fn doctor(&self) -> Result<DoctorReport, BalanceError> {
+        let servers: Vec<ServerRecord> = self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .filter(|s| s.state != ServerState::Lost)
+            .collect();
+        let (statuses, unreachable) = self.statuses(&servers, true).await;
+        let cells = self.store.cells().await?;
+        let mut discrepancies = reconcile(&cells, &statuses);
+        for check in self.store.books().await? {
+            discrepancies.extend(check.errors());
+        }
+        let mut products = Vec::new();
+        for product in self.store.products().await? {
+            let servers = cells
+                .iter()
+                .filter(|c| c.product == product.name)
+                .map(|c| {
+                    let seen = reported(&statuses, &c.server, &c.product);
+                    DoctorCell {
+                        server: c.server.clone(),
+                        store_allocation: c.units,
+                        store_generation: c.generation,
+                        server_allocation: seen.map(|s| u64::from(s.allocation)),
+                        server_generation: seen.map(|s| s.generation),
+                        in_use: seen.map(|s| u64::from(s.in_use)),
+                    }
+                })
+                .collect();
+            products.push(DoctorProduct {
+                product: product.name,
+                purchased: product.purchased,
+                reserve: product.reserve,
+                in_transit: product.in_transit,
+                allocated: product.allocated,
+                servers,
+            });
+        }
+        let unfinished_moves: Vec<MoveView> = self
+            .store
+            .unfinished_moves()
+            .await?
+            .into_iter()
+            .map(|m| MoveView {
+                id: m.id,
+                product: m.product,
+                server: m.server,
+                kind: m.kind,
+                units: m.units,
+                state: m.state,
+                applied_units: m.applied_units,
+            })
+            .collect();
+        Ok(DoctorReport {
+            ok: discrepancies.is_empty() && unreachable.is_empty() && unfinished_moves.is_empty(),
+            products,
+            discrepancies,
+            unreachable: unreachable.into_keys().collect(),
+            unfinished_moves,
+        })
+    }
+}
+
+fn reported<'a>(statuses: &'a StatusMap, server: &str, product: &str) -> Option<&'a ProductStatus> {
+    statuses
+        .get(server)?
+        .products
+        .iter()
+        .find(|p| p.product == product)
+}
+
+/// Every way a reachable server's applied allocation disagrees with the books.
+fn reconcile(cells: &[CellRecord], statuses: &StatusMap) -> Vec<String> {
+    let mut found = Vec::new();
+    for cell in cells {
+        let Some(status) = statuses.get(&cell.server) else {
+            continue;
+        };
+        let seen = status.products.iter().find(|p| p.product == cell.product);
+        let (allocation, generation) =
+            seen.map_or((0, 0), |p| (u64::from(p.allocation), p.generation));
+        if allocation != cell.units {
+            found.push(format!(
+                "{}/{}: server applied {allocation} units (generation {generation}), books say {} (generation {})",
+                cell.server, cell.product, cell.units, cell.generation
+            ));
+        }
+    }
+    found
+}
+
+fn usage_samples(statuses: &StatusMap) -> Vec<UsageSample> {
+    statuses
+        .iter()
+        .flat_map(|(server, status)| {
+            status.products.iter().map(move |p| UsageSample {
+                server: server.clone(),
+                product: p.product.clone(),
+                allocation: u64::from(p.allocation),
+                in_use: u64::from(p.in_use),
+                peak_in_use: u64::from(p.since_last.peak_in_use),
+                checkouts: p.since_last.checkouts,
+                denials: p.since_last.denials,
+                overdrafts: p.since_last.overdrafts,
+                staleouts: p.since_last.staleouts,
+                waiting: u64::from(p.waiting),
+                instant_requests: p.since_last.instant_requests,
+            })
+        })
+        .collect()
+}
+
+/// A planner snapshot of one product and the names behind its compact server ids.
+struct BuiltSnapshot {
+    snapshot: ProductSnapshot,
+    server_names: Vec<String>,
+}
+
+/// The planner's view of one product: cells of servers that answered and know the product.
+/// Units held by servers that did not answer are set aside (left where they are), so the
+/// planner's books balance over what it may move. `None` when the product has moves in flight.
+fn build_snapshot(
+    product: &Product,
+    cells: &[CellRecord],
+    statuses: &StatusMap,
+    servers: &[ServerRecord],
+) -> Option<BuiltSnapshot> {
+    if product.in_transit > 0 {
+        return None;
+    }
+    let mut set_aside = 0u64;
+    let mut snapshot_cells = Vec::new();
+    let mut server_names = Vec::new();
+    for server in servers {
+        let cell = cells
+            .iter()
+            .find(|c| c.server == server.name && c.product == product.name);
+        let held = cell.map_or(0, |c| c.units);
+        let Some(seen) = reported(statuses, &server.name, &product.name) else {
+            set_aside += held;
+            continue;
+        };
+        let id = server_names.len() as u32;
+        server_names.push(server.name.clone());
+        snapshot_cells.push(CellSnapshot {
+            server: id,
+            allocation: held,
+            in_use: u64::from(seen.in_use),
+            min_units: cell.map_or(0, |c| c.min_units),
+            buffer_units: cell.map_or(0, |c| c.buffer_units),
+            draining: server.state == ServerState::Draining,
+            demand: Demand {
+                peak_in_use: u64::from(seen.since_last.peak_in_use),
+                denials: seen.since_last.denials,
+                waiting: u64::from(seen.waiting),
+                instant_requests: seen.since_last.instant_requests,
+                smoothed: cell.and_then(|c| c.last_peak).unwrap_or(0),
+            },
+        });
+    }
+    Some(BuiltSnapshot {
+        snapshot: ProductSnapshot {
+            product: 0,
+            purchased: product.purchased - set_aside,
+            reserve: product.reserve,
+            in_transit: 0,
+            cells: snapshot_cells,
+        },
+        server_names,
+    })
+}
