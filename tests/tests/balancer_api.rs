@@ -471,5 +471,4 @@ async fn sigterm_shuts_down_cleanly(backend: Backend) {
         balancer.terminate(),
         "SIGTERM must end the balancer with status 0"
     );
-    let _ = ADMIN_TOKEN;
 }
