@@ -4,6 +4,7 @@ use crate::Backend;
 use crate::process::{Running, binary, free_port};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use std::time::Duration;
 
 /// The admin token the test balancers are started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -18,6 +19,11 @@ pub struct Balancer {
 impl Balancer {
     /// Starts a balancer on `backend` with the test admin token.
     pub async fn start(backend: &Backend) -> Self {
+        Self::start_with(backend, &[], &[]).await
+    }
+
+    /// Starts a balancer with extra `serve` flags and environment (e.g. a crash point).
+    pub async fn start_with(backend: &Backend, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut args = vec![
             "serve".to_owned(),
@@ -31,7 +37,8 @@ impl Balancer {
         if let Some(url) = &backend.database_url {
             args.extend(["--database-url".to_owned(), url.clone()]);
         }
-        let process = Self::spawn(&args, port).await;
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let process = Self::spawn(&args, port, env).await;
         Self {
             process,
             port,
@@ -39,15 +46,11 @@ impl Balancer {
         }
     }
 
-    async fn spawn(args: &[String], port: u16) -> Running {
+    async fn spawn(args: &[String], port: u16, env: &[(&str, &str)]) -> Running {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Running::start(
-            &binary("allot-balancer"),
-            &args,
-            &[("RUST_LOG", "warn")],
-            port,
-        )
-        .await
+        let mut envs = vec![("RUST_LOG", "warn")];
+        envs.extend_from_slice(env);
+        Running::start(&binary("allot-balancer"), &args, &envs, port).await
     }
 
     /// The balancer's base URL.
@@ -63,7 +66,17 @@ impl Balancer {
     /// SIGKILL, then start again on the same port and books.
     pub async fn kill9_and_restart(&mut self) {
         self.process.kill9();
-        self.process = Self::spawn(&self.args, self.port).await;
+        self.process = Self::spawn(&self.args, self.port, &[]).await;
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself, e.g. at a crash point, then
+    /// starts it again on the same port and books, without the crash point.
+    pub async fn restart_after_exit(&mut self, limit: Duration) {
+        assert!(
+            self.process.wait_exit(limit),
+            "the balancer did not stop at its crash point"
+        );
+        self.process = Self::spawn(&self.args, self.port, &[]).await;
     }
 
     /// SIGTERM; returns whether the process exited cleanly.

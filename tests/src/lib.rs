@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod balancer;
+pub mod fleet;
 pub mod pg;
 pub mod process;
 

@@ -102,6 +102,18 @@ impl Running {
         let _ = self.child.wait();
     }
 
+    /// Waits (at most `limit`) for the process to exit by itself; true when it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// SIGTERM, then wait (at most 30 s) for a graceful exit; returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
         let _ = Command::new("kill")

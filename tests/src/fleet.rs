@@ -1,0 +1,233 @@
+//! A balancer and its metering servers as real child processes on loopback: the fleet the
+//! balancing tests drive over HTTP and kill at awkward moments.
+
+use crate::Backend;
+use crate::balancer::{Api, Balancer};
+use crate::process::{Running, binary, free_port};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A metering server process registered with the fleet's balancer.
+pub struct Meter {
+    /// The server's registered name.
+    pub name: String,
+    /// Its token, as the balancer gave it at registration.
+    pub token: String,
+    process: Option<Running>,
+    port: u16,
+    data_dir: PathBuf,
+    balancer_url: String,
+    env: Vec<(String, String)>,
+}
+
+impl Meter {
+    /// The server's base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client of its API, with its token (for the balancer-facing calls).
+    pub fn api(&self) -> Api {
+        Api::new(&self.url(), Some(&self.token))
+    }
+
+    /// Starts (or restarts) the process with extra environment `env` (e.g. a crash point).
+    pub async fn start(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        let port = self.port.to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let data_dir = self.data_dir.display().to_string();
+        let args = [
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data_dir,
+            "--name",
+            &self.name,
+            "--token",
+            &self.token,
+            "--balancer",
+            &self.balancer_url,
+            "--sync-seconds",
+            "1",
+        ];
+        let mut envs: Vec<(&str, &str)> = vec![("RUST_LOG", "warn")];
+        envs.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.process = Some(Running::start(&binary("allot-agent"), &args, &envs, self.port).await);
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill9();
+        }
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself, e.g. at a crash point.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        self.process.as_mut().is_some_and(|p| p.wait_exit(limit))
+    }
+
+    /// Checks out `units` of `product` for `user`; answers status and body.
+    pub async fn checkout(&self, product: &str, user: &str) -> (u16, Value) {
+        let (status, body) = Api::new(&self.url(), None)
+            .send(
+                reqwest::Method::POST,
+                "/v1/checkout",
+                Some(json!({"product": product, "user": user, "host": "h"})),
+            )
+            .await;
+        (status.as_u16(), body)
+    }
+
+    /// Checks a handle in.
+    pub async fn checkin(&self, handle: &str) {
+        let (status, body) = Api::new(&self.url(), None)
+            .send(
+                reqwest::Method::POST,
+                "/v1/checkin",
+                Some(json!({"handle": handle})),
+            )
+            .await;
+        assert_eq!(status.as_u16(), 200, "checkin: {body}");
+    }
+
+    /// The server's own view of a product (allocated, in use, free, waiting).
+    pub async fn product(&self, product: &str) -> Value {
+        let products = Api::new(&self.url(), None).get("/v1/products").await;
+        products["products"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["product"] == product))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+/// A balancer with metering servers.
+pub struct Fleet {
+    /// The balancer.
+    pub balancer: Balancer,
+    /// The metering servers, in registration order.
+    pub meters: Vec<Meter>,
+    /// The books' backend; kept alive for the fleet's lifetime.
+    pub backend: Backend,
+}
+
+impl Fleet {
+    /// A balancer on `backend` (with `extra` serve flags and `env`) and no servers yet.
+    pub async fn start(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let balancer = Balancer::start_with(&backend, extra, env).await;
+        Self {
+            balancer,
+            meters: Vec::new(),
+            backend,
+        }
+    }
+
+    /// The admin API.
+    pub fn api(&self) -> Api {
+        self.balancer.api()
+    }
+
+    /// Registers a server named `name` and starts its process; returns its index.
+    pub async fn add_meter(&mut self, name: &str) -> usize {
+        let port = free_port();
+        let registered = self
+            .api()
+            .post(
+                "/v1/servers",
+                json!({"name": name, "url": format!("http://127.0.0.1:{port}"), "site": name}),
+            )
+            .await;
+        let data_dir = self.backend.data_dir.path().join(format!("meter-{name}"));
+        std::fs::create_dir_all(&data_dir).expect("meter data dir");
+        let mut meter = Meter {
+            name: name.into(),
+            token: registered["token"].as_str().expect("a token").into(),
+            process: None,
+            port,
+            data_dir,
+            balancer_url: self.balancer.url().to_owned(),
+            env: Vec::new(),
+        };
+        meter.start(&[]).await;
+        self.meters.push(meter);
+        self.meters.len() - 1
+    }
+
+    /// Defines a product with `units` purchased.
+    pub async fn product(&self, name: &str, units: u32) {
+        self.api().post("/v1/products", json!({"name": name})).await;
+        self.api()
+            .post(
+                &format!("/v1/products/{name}/entitlements"),
+                json!({"units": units}),
+            )
+            .await;
+    }
+
+    /// Sets a cell's min and buffer.
+    pub async fn limits(&self, server: &str, product: &str, min: u32, buffer: u32) {
+        self.api()
+            .put(
+                &format!("/v1/servers/{server}/products/{product}"),
+                json!({"min_units": min, "buffer_units": buffer}),
+            )
+            .await;
+    }
+
+    /// Runs a manual balance; returns the run.
+    pub async fn balance(&self) -> Value {
+        self.api().post("/v1/balance", json!({})).await
+    }
+
+    /// The books' allocation of `server` for `product`.
+    pub async fn allocation(&self, server: &str, product: &str) -> u64 {
+        let detail = self.api().get(&format!("/v1/products/{product}")).await;
+        detail["servers"]
+            .as_array()
+            .and_then(|cells| cells.iter().find(|c| c["server"] == server))
+            .and_then(|c| c["allocation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// The doctor's report.
+    pub async fn doctor(&self) -> Value {
+        self.api().get("/v1/doctor").await
+    }
+
+    /// Waits until every server knows `product` (they learn it by syncing).
+    pub async fn wait_synced(&self, product: &str) {
+        for meter in &self.meters {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while meter.product(product).await.is_null() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} never learned {product}",
+                    meter.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Asserts invariant 2 as the servers see it: the allocations they have applied never sum
+    /// above what was purchased.
+    pub async fn assert_no_over_grant(&self, product: &str, purchased: u64) {
+        let mut applied = 0;
+        for meter in &self.meters {
+            applied += meter.product(product).await["allocated"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        assert!(
+            applied <= purchased,
+            "servers applied {applied} > purchased {purchased}"
+        );
+    }
+}
