@@ -89,9 +89,8 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();
         let error = Self::bad_request(rejection.body_text());
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            error.with_status(status)
-        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        // Keep HTTP's more precise statuses for a body too large or not JSON.
+        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             error.with_status(status)
         } else {
             error

@@ -15,6 +15,8 @@ use std::time::Duration;
 /// The sqlx database type the shared SQL is compiled for here.
 type Db = sqlx::Sqlite;
 
+// The shared SQL, compiled once per backend on purpose (see the module docs of `store`).
+#[allow(clippy::duplicate_mod)]
 #[path = "sql.rs"]
 mod sql;
 pub use sql::SqlStore;
