@@ -221,6 +221,12 @@ pub enum Refusal {
     Unavailable,
     /// The server's cap on live checkouts or waiting clients is reached.
     Full,
+    /// The server's lease from the balancer ran out at `since` (Unix ms; 0 when it never had
+    /// one): it may not grant, because the balancer may already have reclaimed its units.
+    LeaseExpired {
+        /// When the lease ended.
+        since: Millis,
+    },
 }
 
 /// Why a heartbeat or checkin was refused: the handle is unknown or staled out.
@@ -338,6 +344,9 @@ pub struct Book {
     waiting: usize,
     next_waiter: u64,
     limits: Limits,
+    /// `None`: standalone, no lease needed. `Some(t)`: new grants only while `now < t`, so a
+    /// server the balancer may have declared lost never grants units it no longer owns.
+    lease: Option<Millis>,
 }
 
 impl Book {
@@ -471,6 +480,74 @@ impl Book {
         Some((allocation, generation, served))
     }
 
+    /// Sets the lease: `None` for a standalone server, `Some(until)` for one under a balancer
+    /// (`Some(0)` before its first sync). Returns the waiters a renewed lease now serves.
+    pub fn set_lease(
+        &mut self,
+        lease: Option<Millis>,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Vec<Served> {
+        let was = self.leased(now);
+        self.lease = lease;
+        if was || !self.leased(now) {
+            return Vec::new();
+        }
+        let mut names: Vec<Arc<str>> = self.products.keys().cloned().collect();
+        names.sort_unstable();
+        let mut served = Vec::new();
+        for name in names {
+            served.extend(self.serve(&name, now, handles));
+        }
+        served
+    }
+
+    /// The lease: `None` when standalone, else when it ends (Unix ms).
+    pub fn lease(&self) -> Option<Millis> {
+        self.lease
+    }
+
+    /// Whether new checkouts may be granted at `now` (standalone, or within the lease).
+    pub fn leased(&self, now: Millis) -> bool {
+        self.lease.is_none_or(|until| now < until)
+    }
+
+    /// Adopts the allocation the balancer's books give a product after the server was declared
+    /// lost (its units were reclaimed). Unlike a release this may go below the units in use:
+    /// live checkouts continue, new grants follow the new allocation. The generation moves past
+    /// both the local one and the books' one, so the balancer sees a change. Returns the new
+    /// allocation, generation and the waiters served; `None` for an unknown product.
+    pub fn adopt_allocation(
+        &mut self,
+        product: &str,
+        units: u32,
+        generation: u64,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Option<(u32, u64, Vec<Served>)> {
+        let p = self.products.get_mut(product)?;
+        p.allocation = units;
+        p.generation = p.generation.saturating_add(1).max(generation);
+        let (allocation, generation) = (p.allocation, p.generation);
+        let served = self.serve(product, now, handles);
+        Some((allocation, generation, served))
+    }
+
+    /// Units asked by the clients queued for a product: the `short_units` of the instant-balance
+    /// trigger (`crate::trigger`).
+    pub fn queued_units(&self, product: &str) -> u64 {
+        self.products.get(product).map_or(0, |p| {
+            p.queue.iter().map(|w| u64::from(w.units)).sum::<u64>()
+        })
+    }
+
+    /// Counts an instant balance asked of the balancer (status counters and totals).
+    pub fn count_instant_request(&mut self, product: &str) {
+        if let Some(p) = self.products.get_mut(product) {
+            p.count(|c| c.instant_requests += 1);
+        }
+    }
+
     /// A checkout request. `wait` says the client will wait in the queue when nothing is free.
     pub fn checkout(
         &mut self,
@@ -486,6 +563,12 @@ impl Book {
             .get_mut(product)
             .ok_or(Refusal::UnknownProduct)?;
         acl_check(&p.policy.acl, &who).map_err(Refusal::Forbidden)?;
+        if let Some(until) = self.lease
+            && now >= until
+        {
+            p.count(|c| c.denials += 1);
+            return Err(Refusal::LeaseExpired { since: until });
+        }
         let key = seat_key(p.policy.seat, who.user, who.host);
         let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
         let decision = decide(
@@ -596,6 +679,10 @@ impl Book {
         handles: &mut impl FnMut() -> Handle,
     ) -> Vec<Served> {
         let mut served = Vec::new();
+        if !self.leased(now) {
+            // Without a lease nothing new is granted; the waiters stay until their timeout.
+            return served;
+        }
         while let Some(p) = self.products.get_mut(product) {
             let Some(head) = p.queue.front() else { break };
             let key = seat_key(p.policy.seat, &head.user, &head.host);
@@ -1224,6 +1311,98 @@ mod tests {
         assert_eq!(r.figures("cad").unwrap().2, 2);
         r.checkin(a2.record.handle, 0, &mut || g.next()).unwrap();
         assert_eq!(r.figures("cad").unwrap().2, 0);
+    }
+
+    #[test]
+    fn expired_lease_refuses_new_checkouts_but_not_heartbeats_or_checkins() {
+        let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 3);
+        assert!(b.set_lease(Some(10_000), 0, &mut || g.next()).is_empty());
+        let held = granted(b.checkout("cad", who("a", "h"), 1, false, 9_999, g.next()));
+        assert_eq!(
+            b.checkout("cad", who("b", "h"), 1, false, 10_000, g.next()),
+            Err(Refusal::LeaseExpired { since: 10_000 })
+        );
+        // Nobody joins a queue without a lease either.
+        assert_eq!(
+            b.checkout("cad", who("b", "h"), 1, true, 10_000, g.next()),
+            Err(Refusal::LeaseExpired { since: 10_000 })
+        );
+        assert_eq!(b.status(false)[0].since_last.denials, 2);
+        assert!(b.heartbeat(held.record.handle, 10_001).is_ok());
+        assert!(
+            b.checkin(held.record.handle, 10_002, &mut || g.next())
+                .is_ok()
+        );
+        assert_eq!(b.figures("cad"), Some((3, 1, 0)));
+        // Standalone: no lease at all.
+        b.set_lease(None, 20_000, &mut || g.next());
+        assert!(b.leased(u64::MAX));
+        granted(b.checkout("cad", who("b", "h"), 1, false, 20_000, g.next()));
+    }
+
+    #[test]
+    fn a_renewed_lease_serves_the_queue_and_an_expired_one_does_not() {
+        let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 1);
+        b.set_lease(Some(1_000), 0, &mut || g.next());
+        let held = granted(b.checkout("cad", who("a", "h"), 1, false, 0, g.next()));
+        let Ok(Outcome::Queued(w)) = b.checkout("cad", who("b", "h"), 1, true, 0, g.next()) else {
+            panic!("should queue")
+        };
+        assert_eq!(b.queued_units("cad"), 1);
+        // The unit frees after the lease ended: the waiter is not served.
+        let (_, served) = b
+            .checkin(held.record.handle, 2_000, &mut || g.next())
+            .unwrap();
+        assert!(served.is_empty());
+        let served = b.set_lease(Some(5_000), 2_001, &mut || g.next());
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].waiter, w);
+        assert_eq!(b.queued_units("cad"), 0);
+    }
+
+    #[test]
+    fn adopting_the_books_allocation_may_go_below_in_use_and_moves_the_generation_on() {
+        let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 4);
+        for u in ["a", "b", "c"] {
+            granted(b.checkout("cad", who(u, "h"), 1, false, 0, g.next()));
+        }
+        let (allocation, generation, served) = b
+            .adopt_allocation("cad", 1, 0, 0, &mut || g.next())
+            .unwrap();
+        assert_eq!((allocation, generation), (1, 2));
+        assert!(served.is_empty());
+        assert_eq!(b.figures("cad"), Some((1, 2, 3)));
+        assert_eq!(b.products()[0].free, 0);
+        assert_eq!(
+            b.checkout("cad", who("d", "h"), 1, false, 0, g.next()),
+            Err(Refusal::Unavailable)
+        );
+        // The books' generation wins when it is ahead.
+        let (_, generation, _) = b
+            .adopt_allocation("cad", 5, 9, 0, &mut || g.next())
+            .unwrap();
+        assert_eq!(generation, 9);
+        assert!(
+            b.adopt_allocation("nope", 1, 1, 0, &mut || g.next())
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn instant_requests_are_counted_since_last_and_in_totals() {
+        let (mut b, _) = book_with(Enforcement::HardStop, Seat::Concurrent, 0);
+        b.count_instant_request("cad");
+        b.count_instant_request("nope");
+        let s = &b.status(true)[0];
+        assert_eq!(
+            (s.since_last.instant_requests, s.totals.instant_requests),
+            (1, 1)
+        );
+        let s = &b.status(false)[0];
+        assert_eq!(
+            (s.since_last.instant_requests, s.totals.instant_requests),
+            (0, 1)
+        );
     }
 
     #[derive(Debug, Clone)]
