@@ -56,6 +56,8 @@ pub enum Command {
     Runs(crate::cli::RunsCommand),
     /// Compare the books with every server; exits non-zero on any discrepancy.
     Doctor(crate::cli::DoctorArgs),
+    /// A balancer, three metering servers and simulated users over a compressed day.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Where the books live.

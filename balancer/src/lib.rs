@@ -8,6 +8,8 @@ pub mod auth;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod fault;
 pub mod schedule;
+pub mod service;
 pub mod store;

@@ -1,15 +1,9 @@
 //! `allot-balancer`: the central balancer service and its admin CLI.
 #![forbid(unsafe_code)]
 
-use allot_balancer::api::{self, AppState};
-use allot_balancer::auth::{self, AdminTokenSource};
-use allot_balancer::balance::{Engine, scheduler};
-use allot_balancer::config::{Cli, Command, LogFormat, ServeArgs, StoreArgs};
-use allot_balancer::store;
-use anyhow::Context;
+use allot_balancer::config::{Cli, Command, LogFormat};
+use allot_balancer::service;
 use clap::Parser;
-use std::sync::Arc;
-use tokio::sync::{Notify, watch};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -38,11 +32,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(cli.log_format);
-            serve(args).await
+            service::serve(args, service::shutdown_signal()).await
         }
         Command::Migrate(args) => {
             init_logging(cli.log_format);
-            let store = open_store(&args).await?;
+            let store = service::open_store(&args).await?;
             tracing::info!(backend = store.backend(), "migrations applied");
             store.close().await;
             Ok(())
@@ -56,7 +50,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Balance(cmd) => cmd.run().await,
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,
+        Command::Demo(args) => {
+            init_logging_to_stderr_quietly();
+            allot_balancer::demo::run(args).await
+        }
     }
+}
+
+/// The demo draws on the terminal: only warnings and errors may interrupt it.
+fn init_logging_to_stderr_quietly() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn init_logging(format: LogFormat) {
@@ -67,109 +75,4 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-async fn open_store(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn store::Store>> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
-    store::open(args.database_url.as_deref(), &args.data_dir)
-        .await
-        .context("open the store")
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.store).await?;
-    let (admin, source) =
-        auth::load_or_create_admin_token(args.admin_token.as_deref(), &args.store.data_dir)
-            .context("load the admin token")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
-    let schedule = store.schedule().await?;
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        listen = %listener.local_addr()?,
-        data_dir = %args.store.data_dir.display(),
-        store = store.backend(),
-        schedule = %schedule.cron,
-        timezone = %schedule.timezone,
-        "allot-balancer starting"
-    );
-    if store.backend() == "sqlite" {
-        tracing::info!("SQLite store: single balancer (high availability needs PostgreSQL)");
-    }
-    match &source {
-        AdminTokenSource::Configured => tracing::info!("admin token: from --admin-token"),
-        AdminTokenSource::File(path) => {
-            tracing::info!(path = %path.display(), "admin token: from file");
-        }
-        AdminTokenSource::Generated(path, token) => tracing::warn!(
-            path = %path.display(),
-            token = %token,
-            "admin token generated on first start; it is shown only this once and kept in the \
-             file (mode 0600)"
-        ),
-    }
-    let tokens = auth::ServerTokens::new(&store.token_key().await?);
-    let engine = Engine::new(store.clone(), tokens.clone(), args.engine_config());
-    tracing::info!(
-        lease_seconds = args.lease_seconds,
-        lease_margin_seconds = args.lease_margin_seconds,
-        call_timeout_ms = args.call_timeout_ms,
-        concurrency = args.concurrency,
-        "balancing settings"
-    );
-    match engine.resume_unfinished().await {
-        Ok(errors) if errors.is_empty() => {}
-        Ok(errors) => tracing::warn!(
-            ?errors,
-            "unfinished moves could not all be resumed; the next run retries"
-        ),
-        Err(e) => tracing::error!(error = %e, "could not resume unfinished moves"),
-    }
-    let schedule_changed = Arc::new(Notify::new());
-    let (stop_scheduler, stopped) = watch::channel(false);
-    let scheduler = tokio::spawn(scheduler::run(
-        engine.clone(),
-        store.clone(),
-        schedule_changed.clone(),
-        stopped,
-    ));
-    let state = AppState {
-        tokens,
-        store: store.clone(),
-        admin,
-        engine,
-        schedule_changed,
-    };
-    api::run(listener, state, shutdown_signal()).await?;
-    tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
-    let _ = stop_scheduler.send(true);
-    let _ = scheduler.await;
-    store.close().await;
-    tracing::info!("store closed; bye");
-    Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown signal received");
 }

@@ -1,0 +1,123 @@
+//! The balancer service as a function: open the books, resume unfinished moves, start the
+//! scheduler and serve the API until a shutdown future resolves, then finish the run in flight
+//! and close the store. The binary calls it with a SIGTERM/SIGINT future; the demo with its own.
+
+use crate::api::{self, AppState};
+use crate::auth::{self, AdminTokenSource};
+use crate::balance::{Engine, scheduler};
+use crate::config::{ServeArgs, StoreArgs};
+use crate::store;
+use anyhow::Context;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::{Notify, watch};
+
+/// Opens (creating the data directory and migrating) the store the arguments name.
+pub async fn open_store(args: &StoreArgs) -> anyhow::Result<Arc<dyn store::Store>> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
+    store::open(args.database_url.as_deref(), &args.data_dir)
+        .await
+        .context("open the store")
+}
+
+/// Runs the balancer until `shutdown` resolves.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = open_store(&args.store).await?;
+    let (admin, source) =
+        auth::load_or_create_admin_token(args.admin_token.as_deref(), &args.store.data_dir)
+            .context("load the admin token")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let schedule = store.schedule().await?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %listener.local_addr()?,
+        data_dir = %args.store.data_dir.display(),
+        store = store.backend(),
+        schedule = %schedule.cron,
+        timezone = %schedule.timezone,
+        "allot-balancer starting"
+    );
+    if store.backend() == "sqlite" {
+        tracing::info!("SQLite store: single balancer (high availability needs PostgreSQL)");
+    }
+    match &source {
+        AdminTokenSource::Configured => tracing::info!("admin token: from --admin-token"),
+        AdminTokenSource::File(path) => {
+            tracing::info!(path = %path.display(), "admin token: from file");
+        }
+        AdminTokenSource::Generated(path, token) => tracing::warn!(
+            path = %path.display(),
+            token = %token,
+            "admin token generated on first start; it is shown only this once and kept in the \
+             file (mode 0600)"
+        ),
+    }
+    let tokens = auth::ServerTokens::new(&store.token_key().await?);
+    let engine = Engine::new(store.clone(), tokens.clone(), args.engine_config());
+    tracing::info!(
+        lease_seconds = args.lease_seconds,
+        lease_margin_seconds = args.lease_margin_seconds,
+        call_timeout_ms = args.call_timeout_ms,
+        concurrency = args.concurrency,
+        "balancing settings"
+    );
+    match engine.resume_unfinished().await {
+        Ok(errors) if errors.is_empty() => {}
+        Ok(errors) => tracing::warn!(
+            ?errors,
+            "unfinished moves could not all be resumed; the next run retries"
+        ),
+        Err(e) => tracing::error!(error = %e, "could not resume unfinished moves"),
+    }
+    let schedule_changed = Arc::new(Notify::new());
+    let (stop_scheduler, stopped) = watch::channel(false);
+    let scheduler = tokio::spawn(scheduler::run(
+        engine.clone(),
+        store.clone(),
+        schedule_changed.clone(),
+        stopped,
+    ));
+    let state = AppState {
+        tokens,
+        store: store.clone(),
+        admin,
+        engine,
+        schedule_changed,
+    };
+    api::run(listener, state, shutdown).await?;
+    tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
+    let _ = stop_scheduler.send(true);
+    let _ = scheduler.await;
+    store.close().await;
+    tracing::info!("store closed; bye");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,268 @@
+//! Balancing end to end: a real `allot-balancer` and real `allot-agent` processes on loopback,
+//! on SQLite and on PostgreSQL, driven over HTTP and killed at awkward moments. After every
+//! scenario the doctor must find the books and every server in agreement.
+
+use allot_tests::fleet::Fleet;
+use allot_tests::{Backend, on_both_backends};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+on_both_backends!(
+    demand_shifting_between_servers_is_followed,
+    instant_balance_turns_a_denial_into_a_grant,
+    instant_balance_reclaims_from_an_idle_server,
+    kill9_between_release_and_grant_loses_nothing,
+    kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
+    a_silent_server_is_reclaimed_once_and_rejoins,
+);
+
+async fn assert_doctor_ok(fleet: &Fleet) {
+    let report = fleet.doctor().await;
+    assert_eq!(report["ok"], true, "doctor: {report:#}");
+}
+
+/// Checks out `n` units one at a time; returns the handles of those granted.
+async fn checkout_n(fleet: &Fleet, meter: usize, product: &str, n: usize) -> Vec<String> {
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let (status, body) = fleet.meters[meter]
+            .checkout(product, &format!("user{meter}-{i}"))
+            .await;
+        if status == 200 {
+            handles.push(body["handle"].as_str().unwrap().to_owned());
+        }
+    }
+    handles
+}
+
+fn moves_of(run: &Value) -> Vec<(String, String, u64)> {
+    run["move_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "applied")
+        .map(|m| {
+            (
+                m["kind"].as_str().unwrap().to_owned(),
+                m["server"].as_str().unwrap().to_owned(),
+                m["applied_units"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn demand_shifting_between_servers_is_followed(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 20).await;
+    fleet.add_meter("paris").await;
+    fleet.add_meter("tokyo").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("paris", "cad", 0, 2).await;
+    fleet.limits("tokyo", "cad", 0, 2).await;
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("paris", "cad").await, 2);
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 2);
+
+    // Paris's morning: 8 users. Instant balances serve them; the run then sizes Paris for its
+    // load plus buffer and leaves Tokyo its buffer.
+    let paris = checkout_n(&fleet, 0, "cad", 8).await;
+    assert_eq!(paris.len(), 8, "every Paris checkout is served");
+    fleet.balance().await;
+    assert!(fleet.allocation("paris", "cad").await >= 10);
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 2);
+    fleet.assert_no_over_grant("cad", 20).await;
+
+    // Paris goes home, Tokyo wakes up: the units follow.
+    for handle in &paris {
+        fleet.meters[0].checkin(handle).await;
+    }
+    let tokyo = checkout_n(&fleet, 1, "cad", 12).await;
+    assert_eq!(tokyo.len(), 12, "every Tokyo checkout is served");
+    fleet.balance().await;
+    let run = fleet.balance().await;
+    assert!(fleet.allocation("tokyo", "cad").await >= 14);
+    assert!(
+        fleet.allocation("paris", "cad").await <= 4,
+        "Paris keeps about its buffer"
+    );
+    assert_eq!(run["status"], "ok", "{run:#}");
+    fleet.assert_no_over_grant("cad", 20).await;
+    assert_doctor_ok(&fleet).await;
+}
+
+async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 3).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    // Nothing allocated yet: without instant balancing this checkout would be denied.
+    let started = Instant::now();
+    let (status, body) = fleet.meters[0].checkout("cad", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(fleet.allocation("paris", "cad").await >= 1);
+    // Exhaust the purchase: the fourth checkout is denied, after the hold bound, not hung.
+    let more = checkout_n(&fleet, 0, "cad", 3).await;
+    assert_eq!(more.len(), 2);
+    let (status, body) = fleet.meters[0].checkout("cad", "late").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "license_unavailable");
+    fleet.assert_no_over_grant("cad", 3).await;
+    let runs = fleet.api().get("/v1/runs?limit=100").await;
+    assert!(
+        runs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["trigger"] == "instant"),
+        "instant balances are recorded as runs"
+    );
+    assert_doctor_ok(&fleet).await;
+}
+
+async fn instant_balance_reclaims_from_an_idle_server(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 4).await;
+    fleet.add_meter("idle").await;
+    fleet.add_meter("busy").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("idle", "cad", 0, 4).await;
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("idle", "cad").await, 4);
+    // The reserve is empty; the busy server's checkout reclaims a free unit from the idle one.
+    let (status, body) = fleet.meters[1].checkout("cad", "bob").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fleet.allocation("busy", "cad").await, 1);
+    assert_eq!(fleet.allocation("idle", "cad").await, 3);
+    fleet.assert_no_over_grant("cad", 4).await;
+    assert_doctor_ok(&fleet).await;
+}
+
+async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
+    let mut fleet = Fleet::start(
+        backend,
+        &[],
+        &[("ALLOT_FAULT_CRASH_AT", "between_release_and_grant")],
+    )
+    .await;
+    fleet.product("cad", 6).await;
+    fleet.add_meter("from").await;
+    fleet.add_meter("to").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("from", "cad", 0, 6).await;
+    // Allocations move without releases first: no crash on the way in.
+    let run = fleet.balance().await;
+    assert_eq!(moves_of(&run), [("grant".into(), "from".into(), 6)]);
+    let held = checkout_n(&fleet, 0, "cad", 2).await;
+    assert_eq!(held.len(), 2);
+    // Now the run must release from `from` and grant to `to`: the balancer dies in between.
+    fleet.limits("from", "cad", 0, 0).await;
+    fleet.limits("to", "cad", 0, 4).await;
+    let (status, _) = fleet
+        .api()
+        .try_raw(reqwest::Method::POST, "/v1/balance", Some(b"{}".to_vec()))
+        .await
+        .map(|(s, b)| (s.as_u16(), b))
+        .unwrap_or((0, Value::Null));
+    assert_ne!(status, 200, "the balancer should have crashed mid-run");
+    fleet
+        .balancer
+        .restart_after_exit(Duration::from_secs(10))
+        .await;
+    fleet.assert_no_over_grant("cad", 6).await;
+    // The release was booked before the crash; nothing is in transit, nothing lost.
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(detail["purchased"], 6);
+    assert_eq!(detail["in_transit"], 0);
+    assert_doctor_ok(&fleet).await;
+    // The next run finishes the job; the live checkouts were never touched.
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("to", "cad").await, 4);
+    assert_eq!(fleet.allocation("from", "cad").await, 2);
+    assert_eq!(fleet.meters[0].product("cad").await["in_use"], 2);
+    fleet.assert_no_over_grant("cad", 6).await;
+    assert_doctor_ok(&fleet).await;
+}
+
+async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
+    fleet.product("cad", 5).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    // The server dies after applying the grant durably, before answering it.
+    fleet.meters[0].kill9();
+    fleet.meters[0]
+        .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
+        .await;
+    fleet.limits("paris", "cad", 0, 3).await;
+    let run = fleet.balance().await;
+    assert_eq!(run["status"], "partial", "{run:#}");
+    assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(
+        detail["in_transit"], 3,
+        "the unconfirmed grant stays in transit"
+    );
+    assert_eq!(detail["reserve"], 2);
+    // The server comes back; the next run resends the same move, which it answers from its log.
+    fleet.meters[0].start(&[]).await;
+    fleet.balance().await;
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(detail["in_transit"], 0);
+    assert_eq!(fleet.allocation("paris", "cad").await, 3);
+    assert_eq!(
+        fleet.meters[0].product("cad").await["allocated"],
+        3,
+        "applied exactly once"
+    );
+    fleet.assert_no_over_grant("cad", 5).await;
+    assert_doctor_ok(&fleet).await;
+}
+
+async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
+    let mut fleet = Fleet::start(
+        backend,
+        &["--lease-seconds", "4", "--lease-margin-seconds", "2"],
+        &[],
+    )
+    .await;
+    fleet.product("cad", 5).await;
+    fleet.add_meter("paris").await;
+    fleet.add_meter("tokyo").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("tokyo", "cad", 0, 3).await;
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 3);
+    // Tokyo goes silent for longer than the lease.
+    fleet.meters[1].kill9();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.balance().await;
+    let servers = fleet.api().get("/v1/servers").await;
+    let tokyo = servers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tokyo")
+        .unwrap()
+        .clone();
+    assert_eq!(tokyo["state"], "lost");
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 0);
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(
+        detail["reserve"], 5,
+        "Tokyo's units are back in the reserve"
+    );
+    // Paris can use them now.
+    assert_eq!(checkout_n(&fleet, 0, "cad", 5).await.len(), 5);
+    // Tokyo returns: it adopts the books (nothing), so no unit is counted twice.
+    fleet.meters[1].start(&[]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.meters[1].product("cad").await["allocated"] != 0 {
+        assert!(Instant::now() < deadline, "tokyo never adopted the books");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = fleet.meters[1].checkout("cad", "late").await;
+    assert_eq!(status, 409, "all 5 units are in use in Paris: {body}");
+    fleet.assert_no_over_grant("cad", 5).await;
+    assert_doctor_ok(&fleet).await;
+}
