@@ -40,6 +40,9 @@ pub enum ApiError {
     /// No unit could be granted.
     #[error("{0}")]
     LicenseUnavailable(String),
+    /// The server's balancer lease ran out: it may not grant new checkouts.
+    #[error("{0}")]
+    LicenseExpired(String),
     /// The handle is unknown or has staled out.
     #[error("unknown or staled-out handle")]
     BadHandle,
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::UnknownProduct(_) => ErrorCode::UnknownProduct,
             ApiError::LicenseUnavailable(_) => ErrorCode::LicenseUnavailable,
+            ApiError::LicenseExpired(_) => ErrorCode::LicenseExpired,
             ApiError::BadHandle => ErrorCode::BadHandle,
             ApiError::Conflict(_) => ErrorCode::Conflict,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,

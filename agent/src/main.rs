@@ -1,6 +1,7 @@
 //! `allot-agent`: the metering server (`serve`) and its client commands (`run`, `status`).
 #![forbid(unsafe_code)]
 
+use allot_agent::balancer::BalancerConfig;
 use allot_agent::cli;
 use allot_agent::client::Client;
 use allot_agent::server::{self, ProductsFile, ServerConfig};
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// allot's metering server and its client commands.
 #[derive(Debug, Parser)]
@@ -72,6 +74,18 @@ struct ServeArgs {
     /// Most waiting clients; past it waiting checkouts answer 503 `unavailable`.
     #[arg(long, env = "ALLOT_MAX_WAITING", default_value_t = 10_000)]
     max_waiting: usize,
+    /// Balancer URL(s), comma-separated, tried in order; none → standalone (no lease).
+    #[arg(long, env = "ALLOT_BALANCER", value_delimiter = ',')]
+    balancer: Vec<String>,
+    /// Seconds between syncs with the balancer (products, lease).
+    #[arg(long, env = "ALLOT_SYNC_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    sync_seconds: u64,
+    /// Milliseconds a hard-stop checkout that found nothing free is held for an instant
+    /// balance before it is denied.
+    #[arg(long, env = "ALLOT_INSTANT_WAIT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    instant_wait_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,6 +175,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
+    let urls: Vec<String> = args
+        .balancer
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    for url in &urls {
+        reqwest::Url::parse(url).with_context(|| format!("--balancer {url:?}"))?;
+    }
+    let balancer = (!urls.is_empty()).then(|| BalancerConfig {
+        sync_interval: Duration::from_secs(args.sync_seconds),
+        instant_wait: Duration::from_millis(args.instant_wait_ms),
+        ..BalancerConfig::new(urls)
+    });
     let config = ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         name: args.name,
@@ -171,6 +199,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_checkouts: args.max_checkouts,
             max_waiting: args.max_waiting,
         },
+        balancer,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -21,6 +21,8 @@ pub enum DenialReason {
     Forbidden,
     /// A server cap (live checkouts, waiting clients) was reached.
     Limit,
+    /// The balancer lease ran out.
+    LeaseExpired,
 }
 
 impl DenialReason {
@@ -30,8 +32,38 @@ impl DenialReason {
             DenialReason::Timeout => "timeout",
             DenialReason::Forbidden => "forbidden",
             DenialReason::Limit => "limit",
+            DenialReason::LeaseExpired => "lease_expired",
         }
     }
+}
+
+/// How an instant-balance request ended, as a metric label.
+#[derive(Debug, Clone, Copy)]
+pub enum InstantOutcome {
+    /// The balancer granted every unit asked.
+    Granted,
+    /// It granted fewer (possibly none): the pool is scarce.
+    Short,
+    /// No balancer answered.
+    Failed,
+}
+
+impl InstantOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            InstantOutcome::Granted => "granted",
+            InstantOutcome::Short => "short",
+            InstantOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// The gauges of a server that works with a balancer (absent when standalone, so a standalone
+/// server never looks like one that lost its balancer).
+#[derive(Debug, Clone)]
+struct BalancerGauges {
+    up: IntGauge,
+    lease_seconds_left: IntGauge,
 }
 
 /// The server's metric families.
@@ -49,6 +81,8 @@ pub struct Metrics {
     in_use: IntGaugeVec,
     live: IntGauge,
     checkout_seconds: Histogram,
+    instant_requests: IntCounterVec,
+    balancer: Option<BalancerGauges>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -76,6 +110,12 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every family in a fresh registry (one per server, so tests do not share).
     pub fn new() -> Self {
+        Self::with_balancer(false)
+    }
+
+    /// Like [`Metrics::new`], plus `allot_agent_balancer_up` and
+    /// `allot_agent_lease_seconds_left` when the server works with a balancer.
+    pub fn with_balancer(balanced: bool) -> Self {
         let r = Registry::new();
         let heartbeats = IntCounter::new("allot_agent_heartbeats_total", "Heartbeats accepted.")
             .expect("valid metric");
@@ -96,7 +136,33 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(checkout_seconds.clone()))
             .expect("unique metric");
+        let balancer = balanced.then(|| {
+            let up = IntGauge::new(
+                "allot_agent_balancer_up",
+                "1 when the last sync with the balancer succeeded, else 0.",
+            )
+            .expect("valid metric");
+            r.register(Box::new(up.clone())).expect("unique metric");
+            let lease_seconds_left = IntGauge::new(
+                "allot_agent_lease_seconds_left",
+                "Seconds until the balancer lease runs out (0: new checkouts are refused).",
+            )
+            .expect("valid metric");
+            r.register(Box::new(lease_seconds_left.clone()))
+                .expect("unique metric");
+            BalancerGauges {
+                up,
+                lease_seconds_left,
+            }
+        });
         Metrics {
+            instant_requests: counter(
+                &r,
+                "allot_agent_instant_requests_total",
+                "Instant balances asked of the balancer, by outcome (granted, short, failed).",
+                &["product", "outcome"],
+            ),
+            balancer,
             checkouts: counter(
                 &r,
                 "allot_agent_checkouts_total",
@@ -171,8 +237,32 @@ impl Metrics {
         self.heartbeats.inc();
     }
 
-    /// Renders the text exposition, with the gauges set from the current figures.
-    pub fn render(&self, products: &[AgentProduct], live: usize) -> String {
+    /// Counts an answered (or failed) instant-balance request.
+    pub fn instant_request(&self, product: &str, outcome: InstantOutcome) {
+        self.instant_requests
+            .with_label_values(&[product, outcome.as_str()])
+            .inc();
+    }
+
+    /// Records the outcome of the last sync.
+    pub fn balancer_up(&self, up: bool) {
+        if let Some(b) = &self.balancer {
+            b.up.set(i64::from(up));
+        }
+    }
+
+    /// Renders the text exposition, with the gauges set from the current figures
+    /// (`lease_seconds_left`: `None` when standalone).
+    pub fn render(
+        &self,
+        products: &[AgentProduct],
+        live: usize,
+        lease_seconds_left: Option<u64>,
+    ) -> String {
+        if let (Some(b), Some(left)) = (&self.balancer, lease_seconds_left) {
+            b.lease_seconds_left
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+        }
         for p in products {
             let l = [p.product.as_str()];
             self.waiting.with_label_values(&l).set(i64::from(p.waiting));

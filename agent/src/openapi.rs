@@ -54,6 +54,7 @@ pub fn document() -> Value {
                     "403": error_response("forbidden (ACL)"),
                     "404": error_response("unknown_product"),
                     "409": error_response("license_unavailable (hard stop, or the wait timed out)"),
+                    "410": error_response("license_expired (the balancer lease ran out)"),
                     "413": error_response("bad_request (body over 64 KiB)"),
                     "503": error_response("unavailable (server limit reached or stopping)")
                 }}},
@@ -78,9 +79,13 @@ pub fn document() -> Value {
                 "responses": {"200": ok("AgentProduct"), "400": error_response("bad_request"),
                     "401": error_response("unauthorized")}}},
             "/v1/status": {"get": {
-                "summary": "Per-product figures for the balancer; resets the since_last counters",
+                "summary": "Per-product figures for the balancer; resets the since_last counters unless peek=true",
                 "security": balancer,
-                "responses": {"200": ok("AgentStatus"), "401": error_response("unauthorized")}}},
+                "parameters": [{"name": "peek", "in": "query", "required": false,
+                    "schema": {"type": "boolean", "default": false},
+                    "description": "true: read without resetting the since_last counters (doctor)"}],
+                "responses": {"200": ok("AgentStatus"), "400": error_response("bad_request"),
+                    "401": error_response("unauthorized")}}},
             "/v1/allocations/release": {"post": {
                 "summary": "Release free units to the reserve (never in-use units); idempotent by move_id",
                 "security": balancer, "requestBody": body("MoveRequest"),

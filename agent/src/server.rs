@@ -10,19 +10,23 @@
 //! unacknowledged work, and what survives is a prefix of the decision order, which is itself a
 //! valid state (hard stop never over-granted at any point of it).
 
+use crate::balancer::{BalancerConfig, BalancerLink};
 use crate::error::{ApiError, ApiJson};
-use crate::metrics::{DenialReason, Metrics};
-use crate::store::{self, Mutation, Store, StoreError};
+use crate::metrics::{DenialReason, InstantOutcome, Metrics};
+use crate::store::{self, LeaseRecord, Mutation, Store, StoreError};
 use allot_core::checkout::{
     self, Book, Handle, Limits, Millis, MoveRefusal, Outcome, Refusal, Served, Who,
 };
+use allot_core::domain::Enforcement;
+use allot_core::trigger::{TriggerState, instant_request};
 use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::Health;
 use allot_core::wire::agent::{
     AgentProduct, AgentProducts, AgentStatus, CheckoutRequest, CheckoutResponse, HandleRequest,
     HandleResponse, MoveRequest, MoveResponse, ProductDefinition,
 };
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use allot_core::wire::balancer::{InstantBalanceRequest, SyncResponse};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -80,6 +84,9 @@ pub struct ServerConfig {
     pub products: Vec<LocalProduct>,
     /// Caps on live checkouts and waiting clients.
     pub limits: Limits,
+    /// The balancer this server syncs with, asks for instant balances and holds a lease from;
+    /// `None`: standalone (no lease, no instant balance).
+    pub balancer: Option<BalancerConfig>,
 }
 
 impl ServerConfig {
@@ -92,6 +99,7 @@ impl ServerConfig {
             client_key: None,
             products: Vec::new(),
             limits: Limits::default(),
+            balancer: None,
         }
     }
 }
@@ -144,6 +152,16 @@ struct WaiterGrant {
     durable: oneshot::Receiver<bool>,
 }
 
+/// Per-product state of the instant-balance trigger that the book does not keep.
+#[derive(Debug, Default)]
+struct Pull {
+    /// The request in flight: its id (so a late answer of an older one clears nothing) and
+    /// when it was sent.
+    in_flight: Option<(uuid::Uuid, Millis)>,
+    /// When the balancer last granted fewer units than asked (the pool is scarce).
+    short_answer_at: Option<Millis>,
+}
+
 /// The state behind the lock.
 struct Inner {
     book: Book,
@@ -151,7 +169,42 @@ struct Inner {
     waiters: HashMap<u64, oneshot::Sender<WaiterGrant>>,
     /// The deadline the staleout task sleeps until, so a checkout only wakes it when earlier.
     armed: Millis,
+    /// Instant-balance trigger state, by product.
+    pulls: HashMap<String, Pull>,
+    /// When the last successful sync was sent, so an expired lease can say since when the
+    /// balancer has been unreachable.
+    synced_at: Option<Millis>,
 }
+
+/// The balancer link and its settings, when one is configured.
+struct Balancing {
+    link: BalancerLink,
+    config: BalancerConfig,
+}
+
+/// Lets a repeated warning through at most once per interval, counting what it held back, so
+/// a long outage logs its reason without flooding the log.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(held back since the last one)` when a line may be logged now.
+    fn ready(&mut self, every: Duration) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < every) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// How often a failing sync or instant balance is logged.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What every handler shares.
 struct Shared {
@@ -165,6 +218,10 @@ struct Shared {
     /// Set when a batch failed to commit: memory is ahead of the log, so refuse mutations.
     poisoned: AtomicBool,
     stopping: watch::Sender<bool>,
+    /// `None` when standalone.
+    balancer: Option<Balancing>,
+    /// Rate limit of the instant-balance failure warnings.
+    instant_failures: Mutex<Throttle>,
 }
 
 type App = Arc<Shared>;
@@ -405,17 +462,26 @@ async fn checkout_handler(
         Granted(checkout::Grant, oneshot::Receiver<bool>),
         Queued(u64, oneshot::Receiver<WaiterGrant>),
     }
+    // With a balancer, a hard-stop checkout that finds nothing free is held in the queue
+    // (FIFO with the waiting clients) while an instant balance is asked for.
+    let hold = app.balancer.is_some();
     let next = {
         let mut inner = app.lock();
-        let outcome = inner.book.checkout(
+        let mut outcome = inner.book.checkout(
             &req.product,
             who,
             req.units,
-            req.wait_seconds > 0,
+            req.wait_seconds > 0 || hold,
             now,
             new_handle(),
         );
-        match outcome {
+        if hold && req.wait_seconds == 0 && outcome == Err(Refusal::Full) {
+            // No room to hold it: the plain answer, as without a balancer.
+            outcome = inner
+                .book
+                .checkout(&req.product, who, req.units, false, now, new_handle());
+        }
+        let next = match outcome {
             Ok(Outcome::Granted(grant)) => {
                 let ack = app.log(&mut inner, Mutation::Checkout(grant.record.clone()));
                 let deadline =
@@ -428,8 +494,12 @@ async fn checkout_handler(
                 inner.waiters.insert(waiter, tx);
                 Ok(Next::Queued(waiter, rx))
             }
-            Err(refusal) => Err(refusal),
+            Err(refusal) => Err((refusal, inner.synced_at)),
+        };
+        if next.is_ok() {
+            pull(&app, &mut inner, &req.product, now);
         }
+        next
     };
     match next {
         Ok(Next::Granted(grant, ack)) => {
@@ -450,7 +520,7 @@ async fn checkout_handler(
             Ok(Json(answer(&grant)))
         }
         Ok(Next::Queued(waiter, rx)) => wait_in_queue(&app, req, waiter, rx, started).await,
-        Err(refusal) => Err(refused(&app, &req.product, refusal)),
+        Err((refusal, synced_at)) => Err(refused(&app, &req.product, refusal, synced_at)),
     }
 }
 
@@ -458,8 +528,39 @@ fn policy_staleout(inner: &Inner, product: &str) -> u32 {
     inner.book.policy(product).map_or(0, |p| p.staleout_seconds)
 }
 
-fn refused(app: &Shared, product: &str, refusal: Refusal) -> ApiError {
+/// A Unix-ms instant as RFC 3339, for messages.
+fn rfc3339(ms: Millis) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(
+            || format!("{ms} ms"),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+}
+
+/// Why an expired lease refuses: when it ended and since when no sync succeeded.
+fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
+    match synced_at {
+        Some(synced) if since > 0 => format!(
+            "this server's lease from the balancer expired at {}: the balancer has been \
+             unreachable since {} (the last successful sync); new checkouts resume after the \
+             next successful sync",
+            rfc3339(since),
+            rfc3339(synced)
+        ),
+        _ => "this server has no lease from the balancer yet (it has never synced with it); \
+              new checkouts start after the first successful sync"
+            .to_owned(),
+    }
+}
+
+fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Millis>) -> ApiError {
     match refusal {
+        Refusal::LeaseExpired { since } => {
+            app.metrics.denial(product, DenialReason::LeaseExpired);
+            ApiError::LicenseExpired(lease_message(since, synced_at))
+        }
         Refusal::UnknownProduct => ApiError::UnknownProduct(product.to_owned()),
         Refusal::Forbidden(why) => {
             app.metrics.denial(product, DenialReason::Forbidden);
@@ -493,7 +594,11 @@ async fn wait_in_queue(
         rx: Some(rx),
     };
     let mut stopping = app.stopping.subscribe();
-    let wait = Duration::from_secs(u64::from(req.wait_seconds));
+    let mut wait = Duration::from_secs(u64::from(req.wait_seconds));
+    if let Some(b) = &app.balancer {
+        // Held for an instant balance: the longer of the client's wait and the hold bound.
+        wait = wait.max(b.config.instant_wait);
+    }
     let got = {
         let rx = guard.rx.as_mut().expect("receiver present until taken");
         tokio::select! {
@@ -517,6 +622,16 @@ async fn wait_in_queue(
     else {
         if *app.stopping.borrow() {
             return Err(ApiError::Unavailable("the server is stopping".to_owned()));
+        }
+        if req.wait_seconds == 0 {
+            // Held only for an instant balance that brought nothing in time.
+            app.metrics.denial(&req.product, DenialReason::Unavailable);
+            return Err(ApiError::LicenseUnavailable(format!(
+                "no free unit of {:?} on this server, and none arrived from the balancer \
+                 within {} ms",
+                req.product,
+                wait.as_millis()
+            )));
         }
         app.metrics.denial(&req.product, DenialReason::Timeout);
         return Err(ApiError::LicenseUnavailable(format!(
@@ -579,6 +694,7 @@ async fn checkin_handler(
             },
         );
         app.dispatch(&mut inner, served, now);
+        pull(&app, &mut inner, &product, now);
         (product, ack)
     };
     app.metrics.checkin(&product);
@@ -595,11 +711,33 @@ async fn products_handler(State(app): State<App>, _auth: ClientAuth) -> Json<Age
     })
 }
 
+/// Reads `peek` from the status query: `true`/`1` reads without resetting the counters.
+fn parse_peek(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut peek = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        peek = match pair {
+            "peek" | "peek=true" | "peek=1" => true,
+            "peek=false" | "peek=0" => false,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "query: expected peek=true or peek=false, got {:?}",
+                    pair.chars().take(64).collect::<String>()
+                )));
+            }
+        };
+    }
+    Ok(peek)
+}
+
+/// `GET /v1/status[?peek=true]`: a plain read resets the since-last counters (the balancer's
+/// runs read them once per run); a peek (the doctor) leaves them for the next run.
 async fn status_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<AgentStatus>, ApiError> {
-    let products = app.lock().book.status(true);
+    let peek = parse_peek(query.as_deref())?;
+    let products = app.lock().book.status(!peek);
     // Report nothing that is not yet durable.
     app.barrier().await?;
     Ok(Json(AgentStatus {
@@ -609,7 +747,7 @@ async fn status_handler(
 }
 
 async fn move_handler(
-    app: &Shared,
+    app: &App,
     req: MoveRequest,
     release: bool,
 ) -> Result<Json<MoveResponse>, ApiError> {
@@ -617,7 +755,7 @@ async fn move_handler(
     validate::units("units", req.units)?;
     app.check_writable()?;
     let now = now_ms();
-    let (response, ack) = {
+    let (response, ack, fresh) = {
         let mut inner = app.lock();
         let outcome = if release {
             inner.book.release(req.move_id, &req.product, req.units)
@@ -633,10 +771,12 @@ async fn move_handler(
                 req.move_id
             )),
         })?;
+        let fresh = outcome.applied.is_some();
         let ack = match outcome.applied {
             Some(applied) => {
                 let ack = app.log(&mut inner, Mutation::Move { applied, at: now });
                 app.dispatch(&mut inner, outcome.served, now);
+                pull(app, &mut inner, &req.product, now);
                 tracing::info!(move_id = %req.move_id, product = %req.product, release,
                 units = outcome.response.units, allocation = outcome.response.allocation,
                 generation = outcome.response.generation, "move applied");
@@ -649,9 +789,12 @@ async fn move_handler(
                 rx
             }
         };
-        (outcome.response, ack)
+        (outcome.response, ack, fresh)
     };
     durable(ack).await?;
+    if fresh && !release {
+        crate::fault::point("agent_grant_applied");
+    }
     Ok(Json(response))
 }
 
@@ -732,11 +875,16 @@ async fn health_handler() -> Json<Health> {
 }
 
 async fn metrics_handler(State(app): State<App>) -> Response {
-    let (products, live) = {
+    let (products, live, lease) = {
         let inner = app.lock();
-        (inner.book.products(), inner.book.live_checkouts())
+        (
+            inner.book.products(),
+            inner.book.live_checkouts(),
+            inner.book.lease(),
+        )
     };
-    let body = app.metrics.render(&products, live);
+    let left = lease.map(|until| until.saturating_sub(now_ms()) / 1000);
+    let body = app.metrics.render(&products, live, left);
     (
         [(
             header::CONTENT_TYPE,
@@ -851,12 +999,19 @@ async fn staleout_task(app: App) {
             let mut inner = app.lock();
             let now = now_ms();
             let (staled, served) = inner.book.expire(now, &mut new_handle);
+            let mut touched: Vec<Arc<str>> = Vec::new();
             for (handle, product) in staled {
                 app.metrics.staleout(&product);
                 tracing::info!(%product, "checkout staled out");
+                touched.push(product.clone());
                 app.log_quiet(&mut inner, Mutation::Checkin { handle, product });
             }
             app.dispatch(&mut inner, served, now);
+            touched.sort_unstable();
+            touched.dedup();
+            for product in touched {
+                pull(&app, &mut inner, &product, now);
+            }
             let next = inner.book.next_deadline();
             inner.armed = next.unwrap_or(Millis::MAX);
             next
@@ -875,6 +1030,241 @@ async fn staleout_task(app: App) {
     }
 }
 
+/// Evaluates the instant-balance trigger (`allot_core::trigger`) for `product` after a change
+/// of its allocation, in-use count or queue and, when it asks, sends the request from a spawned
+/// task. Called with the lock held; never awaits, so the balancer's grant — which arrives on
+/// this server's API while the request is in flight — takes the lock and wakes the waiters.
+fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
+    let Some(balancing) = &app.balancer else {
+        return;
+    };
+    if !inner.book.leased(now) {
+        return;
+    }
+    match inner.book.policy(product) {
+        Some(p) if p.enforcement != Enforcement::NoStop => {}
+        _ => return,
+    }
+    let Some((allocation, _, in_use)) = inner.book.figures(product) else {
+        return;
+    };
+    let (in_flight_since, short_answer_at) = inner.pulls.get(product).map_or((None, None), |p| {
+        (p.in_flight.map(|(_, t)| t), p.short_answer_at)
+    });
+    let state = TriggerState {
+        now,
+        allocation: u64::from(allocation),
+        in_use: u64::from(in_use),
+        short_units: inner.book.queued_units(product),
+        in_flight_since,
+        short_answer_at,
+    };
+    let Some(units) = instant_request(&state, &balancing.config.trigger) else {
+        return;
+    };
+    let request = InstantBalanceRequest {
+        request_id: uuid::Uuid::new_v4(),
+        product: product.to_owned(),
+        units: u32::try_from(units).unwrap_or(u32::MAX),
+    };
+    inner.pulls.entry(product.to_owned()).or_default().in_flight = Some((request.request_id, now));
+    inner.book.count_instant_request(product);
+    tracing::debug!(%product, units, allocation, in_use, short_units = state.short_units,
+        request_id = %request.request_id, "asking the balancer for an instant balance");
+    tokio::spawn(instant_balance(app.clone(), request));
+}
+
+/// Sends one instant-balance request and books its answer: clears the in-flight mark, records a
+/// short answer, and — when units came — evaluates the trigger again for the clients still
+/// short (a burst is served by a chain of requests, one at a time).
+async fn instant_balance(app: App, request: InstantBalanceRequest) {
+    let Some(balancing) = &app.balancer else {
+        return;
+    };
+    let result = balancing.link.instant(&request).await;
+    let now = now_ms();
+    let product = request.product.as_str();
+    let outcome = match &result {
+        Ok(a) if a.granted >= u64::from(request.units) => InstantOutcome::Granted,
+        Ok(_) => InstantOutcome::Short,
+        Err(_) => InstantOutcome::Failed,
+    };
+    app.metrics.instant_request(product, outcome);
+    let mut inner = app.lock();
+    if let Some(track) = inner.pulls.get_mut(product) {
+        if track
+            .in_flight
+            .is_some_and(|(id, _)| id == request.request_id)
+        {
+            track.in_flight = None;
+        }
+        if matches!(outcome, InstantOutcome::Short) {
+            track.short_answer_at = Some(now);
+        }
+    }
+    match result {
+        Ok(answer) => {
+            tracing::debug!(%product, asked = request.units, granted = answer.granted,
+                allocation = answer.allocation, "instant balance answered");
+            if answer.granted > 0 {
+                pull(&app, &mut inner, product, now);
+            }
+        }
+        Err(e) => {
+            drop(inner);
+            let ready = app
+                .instant_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ready(FAILURE_LOG_EVERY);
+            if let Some(held_back) = ready {
+                tracing::warn!(%product, units = request.units, error = %e, held_back,
+                    "instant balance failed; held checkouts are denied after the hold bound");
+            }
+        }
+    }
+}
+
+/// Applies a sync answer: defines or updates every product's policy, adopts the books'
+/// allocations after a reset, renews the lease (`sent + lease_seconds`) and waits until all of
+/// it is durable.
+async fn apply_sync(app: &App, resp: SyncResponse, sent: Millis) -> Result<(), String> {
+    let until = sent.saturating_add(u64::from(resp.lease_seconds).saturating_mul(1000));
+    let acks = {
+        let mut inner = app.lock();
+        let now = now_ms();
+        let mut acks = Vec::new();
+        for p in resp.products {
+            if let Err(e) =
+                validate::path_name("product", &p.name).and_then(|()| validate::policy(&p.policy))
+            {
+                tracing::warn!(product = %p.name, error = %e, "sync: product skipped");
+                continue;
+            }
+            if inner.book.policy(&p.name) != Some(&p.policy) {
+                tracing::info!(product = %p.name, "sync: product defined or its policy updated");
+                acks.push(define(app, &mut inner, &p.name, p.policy.into(), now));
+            }
+        }
+        if resp.reset {
+            let books: HashMap<&str, (u32, u64)> = resp
+                .allocations
+                .iter()
+                .map(|a| {
+                    let units = u32::try_from(a.units).unwrap_or(u32::MAX);
+                    (a.product.as_str(), (units, a.generation))
+                })
+                .collect();
+            for view in inner.book.products() {
+                let (units, generation) = books
+                    .get(view.product.as_str())
+                    .copied()
+                    .unwrap_or_default();
+                let Some((allocation, generation, served)) = inner.book.adopt_allocation(
+                    &view.product,
+                    units,
+                    generation,
+                    now,
+                    &mut new_handle,
+                ) else {
+                    continue;
+                };
+                acks.push(app.log(
+                    &mut inner,
+                    Mutation::Product {
+                        name: view.product.clone(),
+                        policy: view.policy,
+                        allocation,
+                        generation,
+                    },
+                ));
+                app.dispatch(&mut inner, served, now);
+                tracing::warn!(product = %view.product, before = view.allocated, allocation,
+                    generation, in_use = view.in_use,
+                    "this server had been declared lost: adopted the balancer's allocation");
+            }
+        }
+        let served = inner.book.set_lease(Some(until), now, &mut new_handle);
+        acks.push(app.log(
+            &mut inner,
+            Mutation::Lease(LeaseRecord {
+                until,
+                synced_at: sent,
+            }),
+        ));
+        app.dispatch(&mut inner, served, now);
+        inner.synced_at = Some(sent);
+        for view in inner.book.products() {
+            pull(app, &mut inner, &view.product, now);
+        }
+        acks
+    };
+    for ack in acks {
+        durable(ack)
+            .await
+            .map_err(|e| format!("cannot store the sync: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Syncs with the balancer at start and every sync interval: learns the products, renews the
+/// lease, adopts the books after a reset. A failure never stops the server; it is logged with
+/// its reason (at most once a minute) and retried at the next interval.
+async fn sync_task(app: App) {
+    let Some(balancing) = &app.balancer else {
+        return;
+    };
+    let mut stopping = app.stopping.subscribe();
+    let mut throttle = Throttle::default();
+    let mut failing = false;
+    let mut named = false;
+    loop {
+        let attempt = tokio::select! {
+            r = balancing.link.sync(now_ms) => Some(r),
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        let Some(attempt) = attempt else { return };
+        let result = match attempt {
+            Ok((sent, resp)) => {
+                if !named && resp.server != app.name {
+                    tracing::warn!(balancer_name = %resp.server, name = %app.name,
+                        "the balancer knows this server under another name than --name");
+                }
+                named = true;
+                let reset = resp.reset;
+                apply_sync(&app, resp, sent).await.map(|()| reset)
+            }
+            Err(e) => Err(e),
+        };
+        app.metrics.balancer_up(result.is_ok());
+        match result {
+            Ok(reset) => {
+                if failing || reset {
+                    tracing::info!(reset, "sync with the balancer succeeded; lease renewed");
+                }
+                failing = false;
+                throttle = Throttle::default();
+            }
+            Err(e) => {
+                failing = true;
+                if let Some(held_back) = throttle.ready(FAILURE_LOG_EVERY) {
+                    let (lease, synced_at) = {
+                        let inner = app.lock();
+                        (inner.book.lease().unwrap_or(0), inner.synced_at)
+                    };
+                    tracing::warn!(error = %e, held_back, lease_until = %rfc3339(lease),
+                        last_sync = %synced_at.map_or_else(|| "never".to_owned(), rfc3339),
+                        "sync with the balancer failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(balancing.config.sync_interval) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Runs the metering server on `listener` until `shutdown` resolves, then stops accepting,
 /// finishes in-flight requests (waiting clients are answered `unavailable`), flushes the log
 /// and closes the store.
@@ -883,10 +1273,33 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let balancer = match &config.balancer {
+        Some(b) => {
+            let token = config.token.as_deref().ok_or_else(|| {
+                ServeError::Config(
+                    "--balancer needs --token (the server's token, presented to the balancer)"
+                        .to_owned(),
+                )
+            })?;
+            if b.urls.is_empty() {
+                return Err(ServeError::Config("--balancer names no URL".to_owned()));
+            }
+            Some(Balancing {
+                link: BalancerLink::new(b, token),
+                config: b.clone(),
+            })
+        }
+        None => None,
+    };
     let mut store = Store::open(&config.data_dir).await?;
     let mut book = Book::new(config.limits);
     let now = now_ms();
     store.load(&mut book, now).await?;
+    let lease = store.load_lease().await?;
+    if balancer.is_some() {
+        // Never synced: no lease, so no new checkouts until the first sync succeeds.
+        book.set_lease(Some(lease.map_or(0, |l| l.until)), now, &mut new_handle);
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let (stopping, _) = watch::channel(false);
     let app: App = Arc::new(Shared {
@@ -894,15 +1307,19 @@ pub async fn run(
             book,
             waiters: HashMap::new(),
             armed: Millis::MAX,
+            pulls: HashMap::new(),
+            synced_at: lease.map(|l| l.synced_at),
         }),
         writer: tx,
         staleout_wake: Notify::new(),
-        metrics: Metrics::new(),
+        metrics: Metrics::with_balancer(balancer.is_some()),
         token: config.token.as_deref().map(hash),
         client_key: config.client_key.as_deref().map(hash),
         name: config.name.clone(),
         poisoned: AtomicBool::new(false),
         stopping,
+        balancer,
+        instant_failures: Mutex::new(Throttle::default()),
     });
     let writer = tokio::spawn(writer_task(store, rx, app.clone()));
 
@@ -962,6 +1379,8 @@ pub async fn run(
             client_key = config.client_key.is_some(),
             max_checkouts = config.limits.max_checkouts,
             max_waiting = config.limits.max_waiting,
+            balancer = ?config.balancer.as_ref().map(|b| &b.urls),
+            lease_until = ?inner.book.lease().map(rfc3339),
             "metering server started"
         );
     }
@@ -973,6 +1392,7 @@ pub async fn run(
     }
 
     let staleout = tokio::spawn(staleout_task(app.clone()));
+    let sync = tokio::spawn(sync_task(app.clone()));
     let stop_app = app.clone();
     let served = axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(async move {
@@ -983,6 +1403,7 @@ pub async fn run(
         .await;
     app.stopping.send_replace(true);
     let _ = staleout.await;
+    let _ = sync.await;
     let (done_tx, done_rx) = oneshot::channel();
     let _ = app.writer.send(WriterMsg::Close(done_tx));
     let _ = done_rx.await;

@@ -74,17 +74,30 @@ pub enum Mutation {
         /// When it was applied.
         at: Millis,
     },
+    /// A successful sync renewed the balancer lease.
+    Lease(LeaseRecord),
 }
 
 impl Mutation {
-    fn product(&self) -> &str {
+    fn product(&self) -> Option<&str> {
         match self {
-            Mutation::Product { name, .. } => name,
-            Mutation::Checkout(r) => &r.product,
-            Mutation::Checkin { product, .. } => product,
-            Mutation::Move { applied, .. } => &applied.product,
+            Mutation::Product { name, .. } => Some(name),
+            Mutation::Checkout(r) => Some(&r.product),
+            Mutation::Checkin { product, .. } => Some(product),
+            Mutation::Move { applied, .. } => Some(&applied.product),
+            Mutation::Lease(_) => None,
         }
     }
+}
+
+/// The balancer lease as persisted: a restart within it keeps granting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// New checkouts are granted only before this instant (Unix ms).
+    pub until: Millis,
+    /// When the last successful sync was sent (Unix ms): the balancer has been unreachable
+    /// since then when the lease runs out.
+    pub synced_at: Millis,
 }
 
 /// The open SQLite file.
@@ -210,6 +223,29 @@ impl Store {
         Ok(())
     }
 
+    /// The persisted balancer lease, if a sync ever succeeded.
+    #[tracing::instrument(skip_all)]
+    pub async fn load_lease(&mut self) -> Result<Option<LeaseRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, value FROM settings WHERE key IN ('lease_until_ms', 'last_sync_ms')",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        let (mut until, mut synced_at) = (None, None);
+        for row in rows {
+            let key: String = row.try_get("key")?;
+            let value = u64_of(row.try_get("value")?, &key)?;
+            match key.as_str() {
+                "lease_until_ms" => until = Some(value),
+                _ => synced_at = Some(value),
+            }
+        }
+        Ok(until.map(|until| LeaseRecord {
+            until,
+            synced_at: synced_at.unwrap_or(0),
+        }))
+    }
+
     /// Writes one batch in one transaction, then the totals of the products it touched.
     /// Returns only once the commit is durable.
     #[tracing::instrument(skip_all, fields(mutations = batch.len()))]
@@ -274,6 +310,21 @@ impl Store {
                     .bind(applied.product.as_str())
                     .execute(&mut *tx)
                     .await?;
+                }
+                Mutation::Lease(lease) => {
+                    for (key, value) in [
+                        ("lease_until_ms", lease.until),
+                        ("last_sync_ms", lease.synced_at),
+                    ] {
+                        sqlx::query(
+                            "INSERT INTO settings (key, value) VALUES (?, ?) \
+                             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        )
+                        .bind(key)
+                        .bind(i64_of(value))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
             }
         }
@@ -376,7 +427,7 @@ async fn flush_checkouts(
 
 /// The products a batch touched, so only their totals are written.
 pub fn touched(batch: &[Mutation]) -> Vec<&str> {
-    let mut out: Vec<&str> = batch.iter().map(Mutation::product).collect();
+    let mut out: Vec<&str> = batch.iter().filter_map(Mutation::product).collect();
     out.sort_unstable();
     out.dedup();
     out
