@@ -14,7 +14,7 @@ use crate::store::Store;
 use allot_core::ErrorCode;
 use allot_core::validate::MAX_BODY_BYTES;
 use allot_core::wire::Health;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -125,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         .route("/instant-balance", post(metering::instant_balance));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -142,6 +143,10 @@ async fn healthz() -> Json<Health> {
         leader: true,
         version: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
+    Ok(crate::metrics::render(&*state.store).await?)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.

@@ -349,6 +349,9 @@ impl Engine {
         let samples = usage_samples(&statuses);
         self.store.record_samples(run_id, &samples).await?;
         let discrepancies = reconcile(&cells, &statuses);
+        crate::metrics::METRICS
+            .discrepancies
+            .inc_by(discrepancies.len() as u64);
         for d in &discrepancies {
             tracing::warn!(discrepancy = %d, run_id, "reconciliation");
         }
@@ -424,6 +427,14 @@ impl Engine {
             errors,
         };
         self.store.finish_run(run_id, &outcome).await?;
+        let m = &*crate::metrics::METRICS;
+        m.runs
+            .with_label_values(&[trigger.as_str(), outcome.status.as_str()])
+            .inc();
+        m.run_seconds
+            .with_label_values(&[trigger.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        m.unreachable.set(outcome.servers_unreachable as i64);
         tracing::info!(
             run_id,
             trigger = %trigger,
@@ -473,6 +484,7 @@ impl Engine {
             ));
         }
         let wanted = u64::from(req.units);
+        let timer = std::time::Instant::now();
         let run_id = self.store.begin_run(RunTrigger::Instant, 0).await?;
         let errors = Mutex::new(Vec::new());
         let mut reserve = self.store.product(&req.product).await?.product.reserve;
@@ -574,6 +586,14 @@ impl Engine {
                 },
             )
             .await?;
+        let m = &*crate::metrics::METRICS;
+        let outcome = match granted {
+            _ if granted == wanted => "granted",
+            0 => "none",
+            _ => "short",
+        };
+        m.instant_requests.with_label_values(&[outcome]).inc();
+        m.instant_seconds.observe(timer.elapsed().as_secs_f64());
         tracing::info!(granted, run_id, "instant balance answered");
         Ok(answer(granted, allocation_of(&self.store.cells().await?)))
     }
