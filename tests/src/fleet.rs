@@ -122,6 +122,11 @@ impl Fleet {
     /// A balancer on `backend` (with `extra` serve flags and `env`) and no servers yet.
     pub async fn start(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let balancer = Balancer::start_with(&backend, extra, env).await;
+        // Tests run balances themselves; a scheduled run must not interleave with their steps.
+        balancer
+            .api()
+            .put("/v1/schedule", json!({"cron": "0 0 1 1 *"}))
+            .await;
         Self {
             balancer,
             meters: Vec::new(),

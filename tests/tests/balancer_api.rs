@@ -61,7 +61,10 @@ async fn an_admin_sets_up_the_books(backend: Backend) {
         metrics.contains(r#"allot_units{pool="purchased",product="CAD Suite"} 40"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"allot_servers{state="active"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"allot_servers{state="active"} 1"#),
+        "{metrics}"
+    );
     let detail = api.get("/v1/products/CAD%20Suite").await;
     assert_eq!(detail["purchased"], 40);
     assert_eq!(detail["reserve"], 40);

@@ -164,18 +164,19 @@ impl Engine {
                 status,
                 code,
                 message,
-            }) if mv.kind == MoveKind::Grant && (400..500).contains(&status) && status != 401 => {
-                // The server refused the grant outright (e.g. it does not know the product): it
-                // did not apply it, so its units go back to the reserve.
+            }) if (400..500).contains(&status) => {
+                // A refusal means the server did not apply the move (a move it had applied is
+                // answered from its log, never refused): a grant's units go back to the reserve,
+                // a release simply did not happen.
                 let reason = format!("{code}: {message}");
                 self.store
                     .abandon_move(mv.id, &reason)
                     .await
                     .map_err(|e| e.to_string())?;
-                tracing::warn!(%reason, "grant refused by the server; abandoned");
+                tracing::warn!(%reason, "move refused by the server; abandoned");
                 Err(format!(
-                    "grant {} refused by {}: {reason}",
-                    mv.id, server.name
+                    "{} {} refused by {}: {reason}",
+                    mv.kind, mv.id, server.name
                 ))
             }
             Err(e) => {
