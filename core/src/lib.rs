@@ -7,6 +7,7 @@
 //! Shells — stores, HTTP handlers, schedulers — translate and persist around this crate.
 #![forbid(unsafe_code)]
 
+pub mod advisor;
 pub mod checkout;
 pub mod domain;
 pub mod error;
