@@ -1,2 +1,12 @@
-//! placeholder
+//! allot's workload simulator: a deterministic, seeded discrete-event simulation of an estate
+//! of metering servers and one balancer, run with the real planner and the real agent-side
+//! trigger policy from `allot-core`, side by side with the baselines and the one-pool oracle
+//! on the same arrivals. See docs/simulator.md.
 #![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod flexnet;
+pub mod metrics;
+pub mod report;
+pub mod rng;
+pub mod workload;

@@ -1,2 +1,124 @@
-//! placeholder
-fn main() {}
+//! `allot-sim`: runs every policy over the workloads and prints the Markdown tables of
+//! docs/BENCHMARKS.md; with `--img DIR`, also writes the PNG plots.
+//!
+//! ```text
+//! cargo run --release -p allot-sim -- [--workload NAME]... [--traces DIR] [--img DIR]
+//!     [--days N] [--products N] [--load F] [--seed N] [--threads N]
+//! ```
+#![forbid(unsafe_code)]
+
+use allot_sim::engine::SimConfig;
+use allot_sim::report::{
+    SUMMARY_HEAD, load_font, plot_allocation, plot_denials, policies, run_all,
+};
+use allot_sim::workload::{DAY, SYNTHETIC, Scale, synthetic};
+use allot_sim::{flexnet, workload::Workload};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const REPLAYS: [(&str, &str, usize); 3] = [
+    ("replay-matlab", "matlab-upm-2022.log", 20),
+    ("replay-ansys", "ansys-umich-2017.log", 20),
+    ("replay-autodesk", "autodesk-2016.log", 20),
+];
+
+fn main() {
+    let mut names: Vec<String> = Vec::new();
+    let mut traces =
+        PathBuf::from(std::env::var("ALLOT_TRACES").unwrap_or_else(|_| "../shared/traces".into()));
+    let mut img: Option<PathBuf> = None;
+    let mut scale = Scale::default();
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+        };
+        match a.as_str() {
+            "--workload" => names.push(val()),
+            "--traces" => traces = val().into(),
+            "--img" => img = Some(val().into()),
+            "--days" => scale.duration = parse::<u64>(&val()) * DAY,
+            "--products" => scale.products = parse(&val()),
+            "--load" => scale.load = parse(&val()),
+            "--seed" => scale.seed = parse(&val()),
+            "--threads" => threads = parse(&val()),
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    if names.is_empty() {
+        names = SYNTHETIC.iter().map(|s| s.to_string()).collect();
+        names.extend(REPLAYS.iter().map(|r| r.0.to_string()));
+    }
+    let fonts = img.is_some() && load_font();
+    if img.is_some() && !fonts {
+        eprintln!("no font found (set ALLOT_SIM_FONT to a .ttf): plots skipped");
+    }
+    let cfg = SimConfig::default();
+    let policies = policies();
+    let mut summary = vec![SUMMARY_HEAD.to_string()];
+    let mut tables = Vec::new();
+    for name in &names {
+        let started = Instant::now();
+        let Some(w) = build(name, scale, &traces) else {
+            eprintln!("skipping {name}: unknown workload or trace not found");
+            continue;
+        };
+        let r = run_all(&w, &policies, &cfg, threads);
+        eprintln!(
+            "{name}: {} checkouts x {} policies in {:.1} s",
+            w.arrivals.len(),
+            policies.len(),
+            started.elapsed().as_secs_f64()
+        );
+        summary.push(r.summary_row());
+        tables.push(r.table());
+        if fonts && let Some(dir) = &img {
+            let _ = std::fs::create_dir_all(dir);
+            if let Err(e) = plot_denials(&r, &dir.join(format!("sim-{name}-denials.png"))) {
+                eprintln!("plot failed: {e}");
+            }
+            if matches!(name.as_str(), "follow-the-sun" | "partition" | "step") {
+                let day = if name == "step" { 2 } else { 1 };
+                for policy in ["allot", "sms-1h"] {
+                    let path = dir.join(format!("sim-{name}-allocation-{policy}.png"));
+                    if let Err(e) = plot_allocation(&r, policy, day, &path) {
+                        eprintln!("plot failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+    println!("{}\n", summary.join("\n"));
+    for t in tables {
+        println!("{t}");
+    }
+}
+
+fn build(name: &str, scale: Scale, traces: &std::path::Path) -> Option<Workload> {
+    if let Some(&(_, file, products)) = REPLAYS.iter().find(|r| r.0 == name) {
+        let text = std::fs::read_to_string(traces.join(file)).ok()?;
+        let parsed = flexnet::parse(&text);
+        return Some(flexnet::replay(name, &parsed, 5, products));
+    }
+    synthetic(name, scale)
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> T {
+    s.parse()
+        .unwrap_or_else(|_| usage(&format!("bad number {s}")))
+}
+
+fn usage(why: &str) -> ! {
+    if !why.is_empty() {
+        eprintln!("allot-sim: {why}");
+    }
+    eprintln!(
+        "usage: allot-sim [--workload NAME]... [--traces DIR] [--img DIR] [--days N] [--products N] [--load F] [--seed N] [--threads N]\n\
+         workloads: {} replay-matlab replay-ansys replay-autodesk",
+        SYNTHETIC.join(" ")
+    );
+    std::process::exit(if why.is_empty() { 0 } else { 2 })
+}

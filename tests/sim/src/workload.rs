@@ -200,7 +200,7 @@ pub fn synthesize(s: &Synth<'_>) -> Vec<Arrival> {
     let mut out = Vec::new();
     for site in 0..s.sites.len() {
         for product in 0..s.products {
-            let mut rng = Rng::new(s.seed ^ ((site as u64) << 32 | product as u64) * 0x9e37);
+            let mut rng = Rng::new(s.seed ^ (((site as u64) << 32 | product as u64) * 0x9e37));
             let max = (s.max_load)(site, product);
             if max <= 0.0 {
                 continue;
@@ -407,7 +407,10 @@ pub fn synthetic(name: &str, scale: Scale) -> Option<Workload> {
         hold_mean: scale.hold_mean,
         load: &*load,
         max_load: &max,
-        seed: scale.seed ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b)),
+        seed: scale.seed
+            ^ name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b)),
     });
     if name == "night-batch" {
         // Every night at 01:00 local, Sao Paulo and Bangalore start 25 batch jobs per product
@@ -441,7 +444,11 @@ pub fn synthetic(name: &str, scale: Scale) -> Option<Workload> {
         (0..np)
             .map(|p| {
                 let peak = (0..(DAY / (15 * MINUTE)))
-                    .map(|k| (0..sites.len()).map(|s| load(s, p, k * 15 * MINUTE)).sum::<f64>())
+                    .map(|k| {
+                        (0..sites.len())
+                            .map(|s| load(s, p, k * 15 * MINUTE))
+                            .sum::<f64>()
+                    })
                     .fold(0.0, f64::max);
                 (peak * 0.7).round().max(1.0) as u64
             })
@@ -482,10 +489,16 @@ pub fn synthetic(name: &str, scale: Scale) -> Option<Workload> {
     let description = match name {
         "follow-the-sun" => "office hours in ten time zones from UTC-8 to UTC+9",
         "login-storm" => "three clusters of zones; everyone logs in at 08:30 local",
-        "night-batch" => "follow-the-sun plus 25 two-hour batch jobs per product at 01:00 in two sites",
-        "step" => "follow-the-sun; on Wednesday 08:00 UTC 80 % of London's demand moves to Johannesburg",
+        "night-batch" => {
+            "follow-the-sun plus 25 two-hour batch jobs per product at 01:00 in two sites"
+        }
+        "step" => {
+            "follow-the-sun; on Wednesday 08:00 UTC 80 % of London's demand moves to Johannesburg"
+        }
         "scarcity" => "clustered zones; purchases 30 % below the aggregate peak",
-        "partition" => "follow-the-sun; London cut off from the balancer on Tuesday 05:00-12:00 local",
+        "partition" => {
+            "follow-the-sun; London cut off from the balancer on Tuesday 05:00-12:00 local"
+        }
         "holiday" => "follow-the-sun; Singapore and Tokyo on holiday Wednesday and Thursday",
         "faults" => "follow-the-sun; balancer down 4 h, a metering-server crash, a night partition",
         _ => "",
@@ -504,7 +517,13 @@ pub fn synthetic(name: &str, scale: Scale) -> Option<Workload> {
 }
 
 /// A stationary Poisson workload (constant load per site), for the Erlang-B checks.
-pub fn stationary(sites: usize, load_per_site: f64, hold_mean: u64, duration: u64, seed: u64) -> Workload {
+pub fn stationary(
+    sites: usize,
+    load_per_site: f64,
+    hold_mean: u64,
+    duration: u64,
+    seed: u64,
+) -> Workload {
     let site_list: Vec<Site> = (0..sites)
         .map(|s| Site {
             name: format!("site-{s}"),

@@ -1,0 +1,1216 @@
+//! The discrete-event engine: one balancing policy over one workload.
+//!
+//! Every policy sees the same arrivals. Metering servers grant from their own allocation; a
+//! message between a site and the balancer takes `latency` one way; a move takes effect where it
+//! lands (a release when the server applies it, a grant when the server receives it), and units
+//! between the two ends are *in transit*. The books (`reserve + in_transit + Σ allocation =
+//! purchased`), the hard stop (`in_use ≤ allocation`) and the reserve's sign are checked after
+//! every event, and every failure is counted as a safety violation.
+//!
+//! allot's policy calls the real planner ([`allot_core::planner::plan_product`]) on the
+//! scheduled runs and the real trigger ([`allot_core::trigger::instant_request`]) on the
+//! metering servers; nothing of either is re-implemented here.
+
+use crate::metrics::{Metrics, apportion, water_fill};
+use crate::workload::{Arrival, DAY, Fault, HOUR, MINUTE, Workload};
+use allot_core::planner::{
+    CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
+};
+use allot_core::trigger::{TriggerConfig, TriggerState, instant_request};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+/// How a policy balances; see docs/simulator.md for each one's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One central pool, zero latency: the floor no split can beat.
+    Oracle,
+    /// Equal shares, never moved.
+    StaticEqual,
+    /// Shares proportional to each site's mean demand over the run, never moved.
+    StaticProportional,
+    /// SMS 2.0 scheduled balancing only: in use plus a buffer, the rest in proportion.
+    Sms {
+        /// Time between runs.
+        interval: u64,
+    },
+    /// Pull when empty: the denied checkout triggers a one-unit instant balance.
+    InstantOnly,
+    /// Doorman-style lease refresh of wants (in use + denials): ProportionalShare or FairShare.
+    Doorman {
+        /// Time between refreshes.
+        interval: u64,
+        /// FairShare (max-min) instead of ProportionalShare.
+        fair: bool,
+    },
+    /// Sentinel-style threshold borrowing: borrow 10 % at 90 % used, free pool first, then
+    /// unused units of other sites.
+    Sentinel,
+    /// allot: the real planner on a schedule, with or without the real trigger policy.
+    Allot {
+        /// Time between scheduled runs.
+        interval: u64,
+        /// Whether metering servers call the trigger (instant balancing on).
+        instant: bool,
+    },
+}
+
+/// A named policy: a column of the results tables.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The column name.
+    pub name: String,
+    /// Its behaviour.
+    pub kind: Kind,
+}
+
+impl Policy {
+    fn new(name: &str, kind: Kind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+        }
+    }
+}
+
+/// Every policy of the results tables, the oracle first and allot last.
+pub fn all_policies() -> Vec<Policy> {
+    vec![
+        Policy::new("oracle", Kind::Oracle),
+        Policy::new("static-equal", Kind::StaticEqual),
+        Policy::new("static-prop", Kind::StaticProportional),
+        Policy::new("sms-24h", Kind::Sms { interval: DAY }),
+        Policy::new("sms-1h", Kind::Sms { interval: HOUR }),
+        Policy::new(
+            "sms-15m",
+            Kind::Sms {
+                interval: 15 * MINUTE,
+            },
+        ),
+        Policy::new("instant-only", Kind::InstantOnly),
+        Policy::new(
+            "doorman-prop",
+            Kind::Doorman {
+                interval: MINUTE,
+                fair: false,
+            },
+        ),
+        Policy::new(
+            "doorman-fair",
+            Kind::Doorman {
+                interval: MINUTE,
+                fair: true,
+            },
+        ),
+        Policy::new("sentinel", Kind::Sentinel),
+        Policy::new(
+            "allot-sched-24h",
+            Kind::Allot {
+                interval: DAY,
+                instant: false,
+            },
+        ),
+        Policy::new(
+            "allot-sched-1h",
+            Kind::Allot {
+                interval: HOUR,
+                instant: false,
+            },
+        ),
+        Policy::new(
+            "allot-sched-15m",
+            Kind::Allot {
+                interval: 15 * MINUTE,
+                instant: false,
+            },
+        ),
+        Policy::new(
+            "allot",
+            Kind::Allot {
+                interval: 15 * MINUTE,
+                instant: true,
+            },
+        ),
+    ]
+}
+
+/// Knobs of the simulated estate, shared by every policy of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConfig {
+    /// One-way latency of every message between a site and the balancer.
+    pub latency: u64,
+    /// How long a metering server holds a checkout while it asks for an instant balance.
+    pub hold_bound: u64,
+    /// The real trigger policy's knobs (allot only).
+    pub trigger: TriggerConfig,
+    /// The real planner's knobs (allot only).
+    pub planner: PlannerConfig,
+    /// How far ahead allot's forecast looks at yesterday's and last week's peaks.
+    pub lookahead: u64,
+    /// How far back allot's recent peak looks (grow at once, shrink after this window).
+    pub window: u64,
+    /// Sampling period of the time series (allocations, fairness, the step).
+    pub sample_every: u64,
+}
+
+impl Default for SimConfig {
+    /// 50 ms one way, the design's 500 ms hold bound, default trigger and planner, a 3 h
+    /// look-ahead and a 1 h window.
+    fn default() -> Self {
+        Self {
+            latency: 50,
+            hold_bound: 500,
+            trigger: TriggerConfig::default(),
+            planner: PlannerConfig::default(),
+            lookahead: 3 * HOUR,
+            window: HOUR,
+            sample_every: 5 * MINUTE,
+        }
+    }
+}
+
+/// Width of one bucket of the per-cell in-use history the forecast reads.
+const BUCKET: u64 = 10 * MINUTE;
+/// Buckets kept: eight days, so last week's same hour plus the look-ahead is still there.
+const BUCKETS: usize = (8 * DAY / BUCKET) as usize;
+
+/// A checkout held while its server asks for an instant balance.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    id: u64,
+    units: u64,
+    hold: u64,
+    arrived: u64,
+}
+
+/// One (site, product): the metering server's side plus the counters the balancer reads.
+#[derive(Debug, Clone)]
+struct Cell {
+    site: usize,
+    product: usize,
+    alloc: u64,
+    in_use: u64,
+    queue: VecDeque<Pending>,
+    queued_units: u64,
+    in_flight_since: Option<u64>,
+    short_answer_at: Option<u64>,
+    /// Since the last scheduled run.
+    peak: u64,
+    denials: u64,
+    /// Since the last sample (fairness reference).
+    sample_denials: u64,
+    /// Peak in use per bucket, a ring.
+    hist: Vec<u32>,
+    hist_bucket: u64,
+    epoch: u32,
+    /// Recent moves for ping-pong: (time, +units granted / −units released).
+    recent_moves: VecDeque<(u64, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Books {
+    purchased: u64,
+    reserve: u64,
+    in_transit: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Depart {
+        cell: usize,
+        units: u64,
+        epoch: u32,
+    },
+    HoldExpire {
+        cell: usize,
+        id: u64,
+    },
+    InstantAtBalancer {
+        cell: usize,
+        units: u64,
+        deficit: u64,
+    },
+    Grant {
+        cell: usize,
+        units: u64,
+        reply: Option<u64>,
+    },
+    Release {
+        cell: usize,
+        units: u64,
+        for_cell: Option<usize>,
+    },
+    ReleaseConfirm {
+        product: usize,
+        units: u64,
+        for_cell: Option<usize>,
+    },
+    RunGrants {
+        product: usize,
+        grants: Vec<(usize, u64)>,
+    },
+    Scheduled,
+    Sample,
+    Crash {
+        site: usize,
+        down_for: u64,
+    },
+}
+
+struct Entry {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // A min-heap on (time, sequence): ties run in the order they were scheduled.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// Runs one policy over one workload and returns its metrics.
+pub fn run(w: &Workload, policy: &Policy, cfg: &SimConfig) -> Metrics {
+    if policy.kind == Kind::Oracle {
+        return run_oracle(w, policy);
+    }
+    let mut sim = Sim::new(w, policy, cfg);
+    sim.run();
+    sim.metrics
+}
+
+/// The oracle: one pool per product, no latency, no faults.
+fn run_oracle(w: &Workload, policy: &Policy) -> Metrics {
+    let mut m = Metrics::new(&policy.name, w);
+    let mut used = vec![0u64; w.products.len()];
+    let mut ends: BinaryHeap<std::cmp::Reverse<(u64, usize, u64)>> = BinaryHeap::new();
+    for a in &w.arrivals {
+        while let Some(&std::cmp::Reverse((end, p, u))) = ends.peek() {
+            if end > a.at {
+                break;
+            }
+            used[p] -= u;
+            ends.pop();
+        }
+        let p = a.product as usize;
+        let u = u64::from(a.units);
+        m.asked(a);
+        if used[p] + u <= w.purchased[p] {
+            used[p] += u;
+            ends.push(std::cmp::Reverse((a.at + a.hold, p, u)));
+        } else {
+            m.denied(a, false, false);
+        }
+    }
+    m
+}
+
+struct Sim<'a> {
+    w: &'a Workload,
+    kind: Kind,
+    cfg: &'a SimConfig,
+    np: usize,
+    cells: Vec<Cell>,
+    books: Vec<Books>,
+    heap: BinaryHeap<Entry>,
+    seq: u64,
+    next_id: u64,
+    down_until: Vec<u64>,
+    metrics: Metrics,
+    now: u64,
+}
+
+impl<'a> Sim<'a> {
+    fn new(w: &'a Workload, policy: &Policy, cfg: &'a SimConfig) -> Self {
+        let np = w.products.len();
+        let ns = w.sites.len();
+        let mut cells = Vec::with_capacity(ns * np);
+        for site in 0..ns {
+            for product in 0..np {
+                cells.push(Cell {
+                    site,
+                    product,
+                    alloc: 0,
+                    in_use: 0,
+                    queue: VecDeque::new(),
+                    queued_units: 0,
+                    in_flight_since: None,
+                    short_answer_at: None,
+                    peak: 0,
+                    denials: 0,
+                    sample_denials: 0,
+                    hist: vec![0; BUCKETS],
+                    hist_bucket: 0,
+                    epoch: 0,
+                    recent_moves: VecDeque::new(),
+                });
+            }
+        }
+        let mean = w.mean_load();
+        let books = (0..np)
+            .map(|p| {
+                let purchased = w.purchased[p];
+                let shares = match policy.kind {
+                    Kind::StaticProportional => {
+                        let weights: Vec<f64> = (0..ns).map(|s| mean[s][p]).collect();
+                        apportion(purchased, &weights)
+                    }
+                    _ => apportion(purchased, &vec![1.0; ns]),
+                };
+                for (s, units) in shares.into_iter().enumerate() {
+                    cells[s * np + p].alloc = units;
+                }
+                Books {
+                    purchased,
+                    reserve: 0,
+                    in_transit: 0,
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            w,
+            kind: policy.kind,
+            cfg,
+            np,
+            cells,
+            books,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            next_id: 0,
+            down_until: vec![0; ns],
+            metrics: Metrics::new(&policy.name, w),
+            now: 0,
+        };
+        if matches!(
+            policy.kind,
+            Kind::Sms { .. } | Kind::Doorman { .. } | Kind::Allot { .. }
+        ) {
+            sim.at(0, Ev::Scheduled);
+        }
+        sim.at(0, Ev::Sample);
+        for f in &w.faults {
+            if let Fault::Crash { site, at, down_for } = *f {
+                sim.at(
+                    at,
+                    Ev::Crash {
+                        site: site as usize,
+                        down_for,
+                    },
+                );
+            }
+        }
+        sim
+    }
+
+    fn at(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Entry {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn run(&mut self) {
+        let arrivals = &self.w.arrivals;
+        let mut next = 0usize;
+        loop {
+            let heap_at = self.heap.peek().map(|e| e.at);
+            let arrival_at = arrivals.get(next).map(|a| a.at);
+            match (heap_at, arrival_at) {
+                (None, None) => break,
+                (Some(h), a) if a.is_none_or(|a| h <= a) => {
+                    let e = self.heap.pop().expect("peeked");
+                    if e.at > self.w.duration && matches!(e.ev, Ev::Scheduled | Ev::Sample) {
+                        continue;
+                    }
+                    self.now = e.at;
+                    self.event(e.ev);
+                }
+                _ => {
+                    let a = arrivals[next];
+                    next += 1;
+                    self.now = a.at;
+                    self.checkout(&a);
+                    self.check(a.product as usize);
+                }
+            }
+        }
+        self.metrics.finish();
+    }
+
+    // ---- reachability -------------------------------------------------------------------
+
+    fn balancer_up(&self, t: u64) -> bool {
+        !self
+            .w
+            .faults
+            .iter()
+            .any(|f| matches!(*f, Fault::BalancerDown { from, to } if (from..to).contains(&t)))
+    }
+
+    fn partitioned(&self, site: usize, t: u64) -> bool {
+        self.w.faults.iter().any(|f| {
+            matches!(*f, Fault::Partition { site: s, from, to }
+                if s as usize == site && (from..to).contains(&t))
+        })
+    }
+
+    /// Whether the balancer and the site can talk now.
+    fn reachable(&self, site: usize, t: u64) -> bool {
+        self.balancer_up(t) && !self.partitioned(site, t) && self.down_until[site] <= t
+    }
+
+    fn cell(&self, site: usize, product: usize) -> usize {
+        site * self.np + product
+    }
+
+    // ---- safety ---------------------------------------------------------------------------
+
+    /// The invariants, after every event that touched `product`.
+    fn check(&mut self, product: usize) {
+        let b = self.books[product];
+        let mut allocated = 0u64;
+        for s in 0..self.w.sites.len() {
+            let c = &self.cells[s * self.np + product];
+            allocated += c.alloc;
+            if c.in_use > c.alloc {
+                self.metrics.violations.over_grant += 1;
+            }
+        }
+        if allocated > b.purchased {
+            self.metrics.violations.over_grant += 1;
+        }
+        if b.reserve + b.in_transit + allocated != b.purchased {
+            self.metrics.violations.conservation += 1;
+        }
+    }
+
+    // ---- metering server ------------------------------------------------------------------
+
+    fn record_in_use(&mut self, k: usize) {
+        let now = self.now;
+        let c = &mut self.cells[k];
+        let b = now / BUCKET;
+        if b > c.hist_bucket {
+            let from = (c.hist_bucket + 1).max(b.saturating_sub(BUCKETS as u64));
+            for x in from..=b {
+                c.hist[(x % BUCKETS as u64) as usize] = c.in_use as u32;
+            }
+            c.hist_bucket = b;
+        }
+        let slot = &mut c.hist[(b % BUCKETS as u64) as usize];
+        *slot = (*slot).max(c.in_use as u32);
+        c.peak = c.peak.max(c.in_use);
+    }
+
+    fn checkout(&mut self, a: &Arrival) {
+        let (s, p) = (a.site as usize, a.product as usize);
+        let k = self.cell(s, p);
+        let u = u64::from(a.units);
+        self.metrics.asked(a);
+        if self.down_until[s] > self.now {
+            self.deny(k, u, a.hold, a.at);
+            return;
+        }
+        let c = &self.cells[k];
+        if c.queue.is_empty() && c.alloc.saturating_sub(c.in_use) >= u {
+            self.grant_checkout(k, u, a.hold);
+        } else {
+            match self.kind {
+                Kind::Allot { instant: true, .. } => {
+                    self.next_id += 1;
+                    let id = self.next_id;
+                    let c = &mut self.cells[k];
+                    c.queue.push_back(Pending {
+                        id,
+                        units: u,
+                        hold: a.hold,
+                        arrived: a.at,
+                    });
+                    c.queued_units += u;
+                    self.at(
+                        self.now + self.cfg.hold_bound,
+                        Ev::HoldExpire { cell: k, id },
+                    );
+                }
+                Kind::InstantOnly => {
+                    self.deny(k, u, a.hold, a.at);
+                    if self.cells[k].in_flight_since.is_none() {
+                        self.send_instant(k, u, u);
+                    }
+                }
+                _ => self.deny(k, u, a.hold, a.at),
+            }
+        }
+        self.after_change(k);
+    }
+
+    /// Calls the policy's agent-side hook after anything changed at a cell.
+    fn after_change(&mut self, k: usize) {
+        let now = self.now;
+        match self.kind {
+            Kind::Allot { instant: true, .. } => {
+                let c = &self.cells[k];
+                let state = TriggerState {
+                    now,
+                    allocation: c.alloc,
+                    in_use: c.in_use,
+                    short_units: c.queued_units,
+                    in_flight_since: c.in_flight_since,
+                    short_answer_at: c.short_answer_at,
+                };
+                if let Some(units) = instant_request(&state, &self.cfg.trigger) {
+                    let free = c.alloc.saturating_sub(c.in_use);
+                    let deficit = c.queued_units.saturating_sub(free);
+                    self.send_instant(k, units, deficit);
+                }
+            }
+            Kind::Sentinel => {
+                let c = &self.cells[k];
+                let timed_out = c
+                    .in_flight_since
+                    .is_some_and(|t| now >= t + self.cfg.trigger.in_flight_timeout_ms);
+                let backing_off = c
+                    .short_answer_at
+                    .is_some_and(|t| now < t + self.cfg.trigger.backoff_ms);
+                if (c.in_flight_since.is_none() || timed_out)
+                    && !backing_off
+                    && c.in_use > 0
+                    && c.in_use * 10 >= c.alloc * 9
+                {
+                    let units = c.alloc.div_ceil(10).max(1);
+                    self.send_instant(k, units, 0);
+                }
+            }
+            Kind::InstantOnly => {
+                let c = &mut self.cells[k];
+                if c.in_flight_since
+                    .is_some_and(|t| now >= t + self.cfg.trigger.in_flight_timeout_ms)
+                {
+                    c.in_flight_since = None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn grant_checkout(&mut self, k: usize, units: u64, hold: u64) {
+        let c = &mut self.cells[k];
+        c.in_use += units;
+        let epoch = c.epoch;
+        self.record_in_use(k);
+        self.at(
+            self.now + hold,
+            Ev::Depart {
+                cell: k,
+                units,
+                epoch,
+            },
+        );
+    }
+
+    fn deny(&mut self, k: usize, units: u64, hold: u64, arrived: u64) {
+        let (s, p) = (self.cells[k].site, self.cells[k].product);
+        let mut anywhere = self.books[p].reserve;
+        let mut reachable = if self.reachable(s, self.now) {
+            self.books[p].reserve
+        } else {
+            0
+        };
+        let own_reachable = self.reachable(s, self.now);
+        for o in 0..self.w.sites.len() {
+            if o == s {
+                continue;
+            }
+            let c = &self.cells[o * self.np + p];
+            let free = c.alloc.saturating_sub(c.in_use);
+            anywhere += free;
+            if own_reachable && self.reachable(o, self.now) {
+                reachable += free;
+            }
+        }
+        let c = &mut self.cells[k];
+        c.denials += units;
+        c.sample_denials += units;
+        let a = Arrival {
+            at: arrived,
+            site: s as u16,
+            product: p as u16,
+            units: units as u32,
+            hold,
+        };
+        self.metrics
+            .denied(&a, anywhere >= units, reachable >= units);
+    }
+
+    /// Grants queued checkouts in FIFO order while units are free.
+    fn serve_queue(&mut self, k: usize) {
+        loop {
+            let c = &mut self.cells[k];
+            let Some(&head) = c.queue.front() else { break };
+            if c.alloc.saturating_sub(c.in_use) < head.units {
+                break;
+            }
+            c.queue.pop_front();
+            c.queued_units -= head.units;
+            self.metrics.waited(self.now - head.arrived);
+            self.grant_checkout(k, head.units, head.hold);
+        }
+    }
+
+    fn send_instant(&mut self, k: usize, units: u64, deficit: u64) {
+        let now = self.now;
+        let site = self.cells[k].site;
+        let c = &mut self.cells[k];
+        c.in_flight_since = Some(now);
+        self.metrics.transactions += 1;
+        self.metrics.instant_requests += 1;
+        if self.reachable(site, now) {
+            self.at(
+                now + self.cfg.latency,
+                Ev::InstantAtBalancer {
+                    cell: k,
+                    units,
+                    deficit,
+                },
+            );
+        }
+    }
+
+    // ---- events ---------------------------------------------------------------------------
+
+    fn event(&mut self, ev: Ev) {
+        let lat = self.cfg.latency;
+        match ev {
+            Ev::Depart { cell, units, epoch } => {
+                if self.cells[cell].epoch != epoch {
+                    return; // lost in a crash
+                }
+                self.cells[cell].in_use -= units;
+                self.record_in_use(cell);
+                self.serve_queue(cell);
+                self.after_change(cell);
+                self.check(self.cells[cell].product);
+            }
+            Ev::HoldExpire { cell, id } => {
+                let c = &mut self.cells[cell];
+                if let Some(i) = c.queue.iter().position(|x| x.id == id) {
+                    let x = c.queue.remove(i).expect("found");
+                    c.queued_units -= x.units;
+                    self.metrics.waited(self.now - x.arrived);
+                    self.deny(cell, x.units, x.hold, x.arrived);
+                    self.serve_queue(cell);
+                }
+            }
+            Ev::InstantAtBalancer {
+                cell,
+                units,
+                deficit,
+            } => {
+                if !self.balancer_up(self.now) {
+                    return;
+                }
+                let p = self.cells[cell].product;
+                let g = units.min(self.books[p].reserve);
+                self.books[p].reserve -= g;
+                self.books[p].in_transit += g;
+                if g > 0 {
+                    self.metrics.moved(g);
+                }
+                self.metrics.transactions += 1;
+                self.at(
+                    self.now + lat,
+                    Ev::Grant {
+                        cell,
+                        units: g,
+                        reply: Some(units),
+                    },
+                );
+                if g < units {
+                    self.reclaim(cell, units - g, deficit.saturating_sub(g));
+                }
+                self.check(p);
+            }
+            Ev::Grant { cell, units, reply } => {
+                let p = self.cells[cell].product;
+                self.books[p].in_transit -= units;
+                let c = &mut self.cells[cell];
+                c.alloc += units;
+                if let Some(asked) = reply {
+                    c.in_flight_since = None;
+                    if units < asked {
+                        c.short_answer_at = Some(self.now);
+                    }
+                }
+                if units > 0 {
+                    self.ping_pong(cell, units as i64);
+                }
+                self.serve_queue(cell);
+                self.after_change(cell);
+                self.check(p);
+            }
+            Ev::Release {
+                cell,
+                units,
+                for_cell,
+            } => {
+                let p = self.cells[cell].product;
+                let c = &mut self.cells[cell];
+                let r = units.min(c.alloc.saturating_sub(c.in_use));
+                c.alloc -= r;
+                self.books[p].in_transit += r;
+                if r > 0 {
+                    self.ping_pong(cell, -(r as i64));
+                    self.metrics.moved(r);
+                }
+                self.at(
+                    self.now + lat,
+                    Ev::ReleaseConfirm {
+                        product: p,
+                        units: r,
+                        for_cell,
+                    },
+                );
+                self.after_change(cell);
+                self.check(p);
+            }
+            Ev::ReleaseConfirm {
+                product,
+                units,
+                for_cell,
+            } => {
+                let b = &mut self.books[product];
+                b.in_transit -= units;
+                b.reserve += units;
+                if let Some(to) = for_cell
+                    && units > 0
+                {
+                    let g = units.min(b.reserve);
+                    b.reserve -= g;
+                    b.in_transit += g;
+                    self.metrics.moved(g);
+                    self.metrics.transactions += 1;
+                    self.at(
+                        self.now + lat,
+                        Ev::Grant {
+                            cell: to,
+                            units: g,
+                            reply: None,
+                        },
+                    );
+                }
+                self.check(product);
+            }
+            Ev::RunGrants { product, grants } => {
+                for (cell, units) in grants {
+                    if !self.reachable(self.cells[cell].site, self.now) {
+                        continue;
+                    }
+                    let b = &mut self.books[product];
+                    let g = units.min(b.reserve);
+                    if g == 0 {
+                        continue;
+                    }
+                    b.reserve -= g;
+                    b.in_transit += g;
+                    self.metrics.moved(g);
+                    self.metrics.transactions += 1;
+                    self.at(
+                        self.now + lat,
+                        Ev::Grant {
+                            cell,
+                            units: g,
+                            reply: None,
+                        },
+                    );
+                }
+                self.check(product);
+            }
+            Ev::Scheduled => {
+                let interval = match self.kind {
+                    Kind::Sms { interval }
+                    | Kind::Doorman { interval, .. }
+                    | Kind::Allot { interval, .. } => interval,
+                    _ => return,
+                };
+                self.at(self.now + interval, Ev::Scheduled);
+                if self.balancer_up(self.now) {
+                    for p in 0..self.np {
+                        self.scheduled(p);
+                    }
+                }
+            }
+            Ev::Sample => {
+                self.sample();
+                self.at(self.now + self.cfg.sample_every, Ev::Sample);
+            }
+            Ev::Crash { site, down_for } => {
+                self.down_until[site] = self.now + down_for;
+                for p in 0..self.np {
+                    let k = self.cell(site, p);
+                    let c = &mut self.cells[k];
+                    c.in_use = 0;
+                    c.epoch += 1;
+                    let lost: Vec<Pending> = c.queue.drain(..).collect();
+                    c.queued_units = 0;
+                    for x in lost {
+                        self.deny(k, x.units, x.hold, x.arrived);
+                    }
+                    self.check(p);
+                }
+            }
+        }
+    }
+
+    /// Matches a move against opposite moves of the same cell within the last hour.
+    fn ping_pong(&mut self, k: usize, signed: i64) {
+        let now = self.now;
+        let c = &mut self.cells[k];
+        while c.recent_moves.front().is_some_and(|&(t, _)| t + HOUR < now) {
+            c.recent_moves.pop_front();
+        }
+        let mut left = signed.unsigned_abs() as i64;
+        for m in c.recent_moves.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            if m.1.signum() == -signed.signum() && m.1 != 0 {
+                let matched = left.min(m.1.abs());
+                self.metrics.ping_pong_units += matched as u64;
+                left -= matched;
+                m.1 -= matched * m.1.signum();
+            }
+        }
+        if left > 0 {
+            c.recent_moves.push_back((now, left * signed.signum()));
+        }
+    }
+
+    /// The balancer's instant handler when the reserve is short: release free units from the
+    /// sites that need them least, then grant them to the asker (DESIGN.md flow 3).
+    fn reclaim(&mut self, asker: usize, short: u64, urgent: u64) {
+        let p = self.cells[asker].product;
+        let now = self.now;
+        let trigger = self.cfg.trigger;
+        // (spare above own needs, free, site) per reachable donor.
+        let mut donors: Vec<(u64, u64, usize)> = (0..self.w.sites.len())
+            .filter(|&s| s != self.cells[asker].site && self.reachable(s, now))
+            .map(|s| {
+                let c = &self.cells[s * self.np + p];
+                let free = c.alloc.saturating_sub(c.in_use + c.queued_units);
+                let spare = match self.kind {
+                    Kind::Allot { .. } => free.saturating_sub(trigger.headroom(c.in_use)),
+                    // Sentinel lends only what keeps the lender below its own threshold.
+                    Kind::Sentinel => c.alloc.saturating_sub((c.in_use * 10).div_ceil(9) + 1),
+                    _ => free,
+                };
+                (spare, free, s)
+            })
+            .filter(|d| d.1 > 0)
+            .collect();
+        donors.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        let mut asks = vec![0u64; self.w.sites.len()];
+        let mut left = short;
+        for d in &donors {
+            let take = d.0.min(left);
+            asks[d.2] += take;
+            left -= take;
+        }
+        // Below the donors' own headroom only for clients waiting right now.
+        let mut urgent_left = urgent.min(left);
+        for d in &donors {
+            let take = (d.1 - asks[d.2].min(d.1)).min(urgent_left);
+            asks[d.2] += take;
+            urgent_left -= take;
+        }
+        for (s, units) in asks.into_iter().enumerate() {
+            if units > 0 {
+                self.metrics.transactions += 1;
+                let cell = self.cell(s, p);
+                self.at(
+                    now + self.cfg.latency,
+                    Ev::Release {
+                        cell,
+                        units,
+                        for_cell: Some(asker),
+                    },
+                );
+            }
+        }
+    }
+
+    /// One product's scheduled run: compute targets by the policy, release, then grant.
+    fn scheduled(&mut self, p: usize) {
+        let now = self.now;
+        let ns = self.w.sites.len();
+        let live: Vec<usize> = (0..ns).filter(|&s| self.reachable(s, now)).collect();
+        let ks: Vec<usize> = live.iter().map(|&s| self.cell(s, p)).collect();
+        let pool: u64 =
+            self.books[p].reserve + ks.iter().map(|&k| self.cells[k].alloc).sum::<u64>();
+        let targets: Vec<u64> = match self.kind {
+            Kind::Sms { .. } => {
+                let base: Vec<u64> = ks
+                    .iter()
+                    .map(|&k| {
+                        let c = &self.cells[k];
+                        c.in_use + c.in_use.div_ceil(10).max(1)
+                    })
+                    .collect();
+                let total: u64 = base.iter().sum();
+                let weights: Vec<f64> = base.iter().map(|&b| b as f64).collect();
+                if total <= pool {
+                    let extra = apportion(pool - total, &weights);
+                    base.iter().zip(extra).map(|(b, e)| b + e).collect()
+                } else {
+                    apportion(pool, &weights)
+                }
+            }
+            Kind::Doorman { fair, .. } => {
+                let wants: Vec<u64> = ks
+                    .iter()
+                    .map(|&k| {
+                        let c = &self.cells[k];
+                        // What a client would sensibly ask for: its peak, the demand it
+                        // turned away, and the same 10 % (at least one unit) spare as SMS.
+                        c.in_use.max(c.peak) + c.denials + c.in_use.div_ceil(10).max(1)
+                    })
+                    .collect();
+                if fair {
+                    water_fill(pool, &wants)
+                } else {
+                    doorman_proportional(pool, &wants)
+                }
+            }
+            Kind::Allot { instant, .. } => {
+                self.plan_allot(p, &ks, instant);
+                for &k in &ks {
+                    let c = &mut self.cells[k];
+                    c.peak = c.in_use;
+                    c.denials = 0;
+                }
+                return;
+            }
+            _ => return,
+        };
+        let mut grants = Vec::new();
+        for (&k, &t) in ks.iter().zip(&targets) {
+            let c = &mut self.cells[k];
+            if t < c.alloc {
+                let units = c.alloc - t;
+                self.metrics.transactions += 1;
+                self.at(
+                    now + self.cfg.latency,
+                    Ev::Release {
+                        cell: k,
+                        units,
+                        for_cell: None,
+                    },
+                );
+            } else if t > c.alloc {
+                grants.push((k, t - c.alloc));
+            }
+            let c = &mut self.cells[k];
+            c.peak = c.in_use;
+            c.denials = 0;
+        }
+        if !grants.is_empty() {
+            self.at(
+                now + 2 * self.cfg.latency,
+                Ev::RunGrants { product: p, grants },
+            );
+        }
+    }
+
+    /// The forecast level of a cell: the max of its recent peak (the window), and the peaks
+    /// of the same time yesterday and last week looking ahead.
+    fn forecast(&mut self, k: usize) -> u64 {
+        self.record_in_use(k);
+        let c = &self.cells[k];
+        let b = self.now / BUCKET;
+        let at = |x: u64| u64::from(c.hist[(x % BUCKETS as u64) as usize]);
+        let back = self.cfg.window / BUCKET;
+        let mut level = (b.saturating_sub(back)..=b).map(at).max().unwrap_or(0);
+        let ahead = self.cfg.lookahead / BUCKET;
+        for lag in [DAY / BUCKET, 7 * DAY / BUCKET] {
+            if b >= lag {
+                let from = b - lag;
+                level = level.max((from..=from + ahead).map(at).max().unwrap_or(0));
+            }
+        }
+        level
+    }
+
+    /// allot's scheduled run: demand signals → the real planner → its moves.
+    fn plan_allot(&mut self, p: usize, live: &[usize], instant: bool) {
+        let now = self.now;
+        let trigger = self.cfg.trigger;
+        let mut cells = Vec::with_capacity(self.w.sites.len());
+        let mut levels = vec![0u64; self.cells.len()];
+        for &k in live {
+            levels[k] = self.forecast(k);
+        }
+        for s in 0..self.w.sites.len() {
+            let k = self.cell(s, p);
+            let c = &self.cells[k];
+            if live.contains(&k) {
+                let level = levels[k];
+                cells.push(CellSnapshot {
+                    server: s as u32,
+                    allocation: c.alloc,
+                    in_use: c.in_use,
+                    min_units: 0,
+                    buffer_units: trigger.headroom(level.max(c.in_use)),
+                    draining: false,
+                    demand: Demand {
+                        peak_in_use: c.peak,
+                        denials: c.denials,
+                        waiting: c.queued_units,
+                        instant_requests: 0,
+                        smoothed: level,
+                    },
+                });
+            } else {
+                // Unreachable: frozen where it is (its want is exactly its allocation).
+                cells.push(CellSnapshot {
+                    server: s as u32,
+                    allocation: c.alloc,
+                    in_use: c.alloc,
+                    ..CellSnapshot::default()
+                });
+            }
+        }
+        if !instant {
+            // Between runs nobody can pull from the reserve: hand the expected surplus out
+            // as buffers in proportion to the forecast levels.
+            let pool: u64 = self.books[p].reserve + cells.iter().map(|c| c.allocation).sum::<u64>();
+            let wants: u64 = cells.iter().map(|c| c.want()).sum();
+            if pool > wants {
+                let weights: Vec<f64> = cells
+                    .iter()
+                    .map(|c| {
+                        if live.contains(&self.cell(c.server as usize, p)) {
+                            1.0 + c.demand.smoothed as f64
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                for (c, extra) in cells.iter_mut().zip(apportion(pool - wants, &weights)) {
+                    c.buffer_units += extra;
+                }
+            }
+        }
+        let snapshot = ProductSnapshot {
+            product: p as u32,
+            purchased: self.books[p].purchased,
+            reserve: self.books[p].reserve,
+            in_transit: self.books[p].in_transit,
+            cells,
+        };
+        let plan = match plan_product(&snapshot, &self.cfg.planner) {
+            Ok(plan) => plan,
+            Err(_) => {
+                self.metrics.violations.conservation += 1;
+                return;
+            }
+        };
+        let mut grants = Vec::new();
+        for m in plan.moves {
+            let k = self.cell(m.server() as usize, p);
+            match m {
+                Move::Release { units, .. } => {
+                    self.metrics.transactions += 1;
+                    self.at(
+                        now + self.cfg.latency,
+                        Ev::Release {
+                            cell: k,
+                            units,
+                            for_cell: None,
+                        },
+                    );
+                }
+                Move::Grant { units, .. } => grants.push((k, units)),
+            }
+        }
+        if !grants.is_empty() {
+            self.at(
+                now + 2 * self.cfg.latency,
+                Ev::RunGrants { product: p, grants },
+            );
+        }
+    }
+
+    /// Time series, the step metric and the fairness reference.
+    fn sample(&mut self) {
+        let now = self.now;
+        let ns = self.w.sites.len();
+        let row: Vec<u64> = (0..ns).map(|s| self.cells[s * self.np].alloc).collect();
+        let used: Vec<u64> = (0..ns).map(|s| self.cells[s * self.np].in_use).collect();
+        self.metrics.alloc_series.push((now, row, used));
+        if let Some(step) = self.w.step
+            && now >= step.at
+            && self.metrics.step_time.is_none()
+        {
+            let held: u64 = (0..self.np)
+                .map(|p| self.cells[self.cell(step.to_site as usize, p)].alloc)
+                .sum();
+            if held as f64 >= 0.95 * step.new_level {
+                self.metrics.step_time = Some(now - step.at);
+            }
+        }
+        for p in 0..self.np {
+            let demand: Vec<u64> = (0..ns)
+                .map(|s| {
+                    let c = &self.cells[s * self.np + p];
+                    c.in_use + c.queued_units + c.sample_denials
+                })
+                .collect();
+            let purchased = self.books[p].purchased;
+            if demand.iter().sum::<u64>() > purchased && purchased > 0 {
+                let fair = water_fill(purchased, &demand);
+                let gap: u64 = (0..ns)
+                    .map(|s| fair[s].saturating_sub(self.cells[s * self.np + p].alloc))
+                    .sum();
+                self.metrics.fairness_gap_sum += gap as f64 / purchased as f64;
+                self.metrics.fairness_samples += 1;
+            }
+            for s in 0..ns {
+                self.cells[s * self.np + p].sample_denials = 0;
+            }
+        }
+    }
+}
+
+/// Doorman's ProportionalShare: everyone gets its want if all fit; otherwise an equal share
+/// capped by its want, and the rest in proportion to what each still wants.
+pub fn doorman_proportional(capacity: u64, wants: &[u64]) -> Vec<u64> {
+    let total: u64 = wants.iter().sum();
+    if total <= capacity || wants.is_empty() {
+        return wants.to_vec();
+    }
+    let equal = capacity / wants.len() as u64;
+    let mut out: Vec<u64> = wants.iter().map(|&w| w.min(equal)).collect();
+    let left = capacity - out.iter().sum::<u64>();
+    let extra: Vec<f64> = wants
+        .iter()
+        .zip(&out)
+        .map(|(&w, &o)| (w - o) as f64)
+        .collect();
+    for (o, e) in out.iter_mut().zip(apportion(left, &extra)) {
+        *o += e;
+    }
+    out
+}

@@ -1,0 +1,344 @@
+//! Running every policy over a workload, and turning the figures into Markdown tables and PNG
+//! plots for docs/BENCHMARKS.md.
+
+use crate::engine::{Policy, SimConfig, all_policies, run};
+use crate::metrics::{Metrics, ratio};
+use crate::workload::{DAY, HOUR, MINUTE, Workload};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Every policy's figures over one workload, in the order of [`all_policies`].
+pub struct Results {
+    /// The workload's name.
+    pub workload: String,
+    /// Its one-line description.
+    pub description: String,
+    /// Checkout attempts (the same for every policy).
+    pub checkouts: u64,
+    /// Units purchased, summed over products.
+    pub purchased: u64,
+    /// One entry per policy.
+    pub runs: Vec<Metrics>,
+    /// Whether the workload has a demand step / a partition / scarcity columns to show.
+    pub has_step: bool,
+    /// Whether the workload has a partition.
+    pub has_partition: bool,
+}
+
+/// Runs `policies` over `w` on `threads` threads; results come back in the policies' order.
+pub fn run_all(w: &Workload, policies: &[Policy], cfg: &SimConfig, threads: usize) -> Results {
+    let mut runs: Vec<Option<Metrics>> = vec![None; policies.len()];
+    let threads = threads.max(1);
+    std::thread::scope(|scope| {
+        let chunks: Vec<Vec<usize>> = (0..threads)
+            .map(|t| (t..policies.len()).step_by(threads).collect())
+            .collect();
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|idx| {
+                scope.spawn(move || {
+                    idx.into_iter()
+                        .map(|i| (i, run(w, &policies[i], cfg)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, m) in h.join().expect("a policy run panicked") {
+                runs[i] = Some(m);
+            }
+        }
+    });
+    Results {
+        workload: w.name.clone(),
+        description: w.description.clone(),
+        checkouts: w.arrivals.len() as u64,
+        purchased: w.purchased.iter().sum(),
+        runs: runs.into_iter().map(|m| m.expect("every run")).collect(),
+        has_step: w.step.is_some(),
+        has_partition: w
+            .faults
+            .iter()
+            .any(|f| matches!(f, crate::workload::Fault::Partition { .. })),
+    }
+}
+
+/// Whether a policy is one of allot's own (not a baseline).
+pub fn is_allot(name: &str) -> bool {
+    name.starts_with("allot")
+}
+
+impl Results {
+    /// The oracle's figures.
+    pub fn oracle(&self) -> &Metrics {
+        self.runs
+            .iter()
+            .find(|m| m.policy == "oracle")
+            .expect("the oracle runs")
+    }
+
+    /// A policy's figures by name.
+    pub fn get(&self, name: &str) -> Option<&Metrics> {
+        self.runs.iter().find(|m| m.policy == name)
+    }
+
+    /// Excess denials over the oracle, in percentage points.
+    pub fn excess_pp(&self, m: &Metrics) -> f64 {
+        (m.denial_rate() - self.oracle().denial_rate()) * 100.0
+    }
+
+    /// The baseline (not the oracle, not allot) with the fewest denials.
+    pub fn best_baseline(&self) -> &Metrics {
+        self.runs
+            .iter()
+            .filter(|m| m.policy != "oracle" && !is_allot(&m.policy))
+            .min_by_key(|m| m.denials)
+            .expect("baselines run")
+    }
+
+    /// The Markdown table of this workload: one row per policy.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "**{}** — {}. {} checkouts, {} units purchased.\n",
+            self.workload, self.description, self.checkouts, self.purchased
+        );
+        let mut head = "| policy | denied % | excess pp | false % (all / reach.) | unserved seat-h | waited % | p99 wait ms | units moved /h | tx /h | moved /checkout | ping-pong % | fairness gap %".to_string();
+        if self.has_step {
+            head += " | step → 95 %";
+        }
+        if self.has_partition {
+            head += " | cut site denied %";
+        }
+        head += " | safety |";
+        let cols = head.matches('|').count() - 1;
+        let _ = writeln!(s, "{head}");
+        let _ = writeln!(s, "|{}", "---|".repeat(cols));
+        for m in &self.runs {
+            let bold = if m.policy == "allot" { "**" } else { "" };
+            let _ = write!(
+                s,
+                "| {bold}{}{bold} | {:.2} | {:+.2} | {:.2} / {:.2} | {:.0} | {:.3} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1}",
+                m.policy,
+                m.denial_rate() * 100.0,
+                self.excess_pp(m),
+                ratio(m.false_denials_all, m.checkouts) * 100.0,
+                ratio(m.false_denials_reachable, m.checkouts) * 100.0,
+                m.unserved_seat_hours,
+                ratio(m.waited, m.checkouts) * 100.0,
+                m.wait_p99_ms,
+                m.units_moved as f64 / m.hours,
+                m.transactions as f64 / m.hours,
+                ratio(m.units_moved, m.checkouts),
+                ratio(m.ping_pong_units, m.units_moved) * 100.0,
+                m.fairness_gap() * 100.0,
+            );
+            if self.has_step {
+                match (m.policy.as_str(), m.step_time) {
+                    ("oracle", _) => s.push_str(" | 0"),
+                    (_, Some(t)) => {
+                        let _ = write!(s, " | {} min", t / MINUTE);
+                    }
+                    (_, None) => s.push_str(" | never"),
+                }
+            }
+            if self.has_partition {
+                let _ = write!(s, " | {:.2}", m.partition_denial_rate() * 100.0);
+            }
+            let _ = writeln!(s, " | {} |", m.violations.total());
+        }
+        s
+    }
+
+    /// One row of the summary table: the headline figures.
+    pub fn summary_row(&self) -> String {
+        let allot = self.get("allot").expect("allot runs");
+        let best = self.best_baseline();
+        format!(
+            "| {} | {:.2} | {:+.2} | {:+.2} ({}) | {} |",
+            self.workload,
+            self.oracle().denial_rate() * 100.0,
+            self.excess_pp(allot),
+            self.excess_pp(best),
+            best.policy,
+            self.runs.iter().map(|m| m.violations.total()).sum::<u64>(),
+        )
+    }
+}
+
+/// The header of the summary table.
+pub const SUMMARY_HEAD: &str = "| workload | oracle denied % | allot excess pp | best baseline excess pp | safety violations (all runs) |\n|---|---|---|---|---|";
+
+/// Registers a font for the plots' text; plots are skipped (with a note) when none is found.
+pub fn load_font() -> bool {
+    let candidates = [
+        std::env::var("ALLOT_SIM_FONT").unwrap_or_default(),
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into(),
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf".into(),
+    ];
+    for path in candidates.iter().filter(|p| !p.is_empty()) {
+        if let Ok(bytes) = std::fs::read(path) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                bytes,
+            )
+            .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The policies drawn in the denial-rate plots (all would be unreadable).
+const PLOTTED: [&str; 7] = [
+    "oracle",
+    "static-equal",
+    "sms-15m",
+    "instant-only",
+    "doorman-fair",
+    "sentinel",
+    "allot",
+];
+
+/// Denial rate per hour of simulated time, one line per policy in [`PLOTTED`].
+pub fn plot_denials(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let hours = r.runs[0].hourly.len();
+    let rate = |m: &Metrics| -> Vec<(f64, f64)> {
+        m.hourly
+            .iter()
+            .enumerate()
+            .map(|(h, &(a, d))| (h as f64 / 24.0, ratio(d, a) * 100.0))
+            .collect()
+    };
+    let top = r
+        .runs
+        .iter()
+        .filter(|m| PLOTTED.contains(&m.policy.as_str()))
+        .flat_map(|m| rate(m).into_iter().map(|x| x.1))
+        .fold(1.0f64, f64::max)
+        .min(100.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: denied checkouts per hour (%)", r.workload),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..hours as f64 / 24.0, 0f64..top * 1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("day")
+        .y_desc("denied %")
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for (i, name) in PLOTTED.iter().enumerate() {
+        let Some(m) = r.get(name) else { continue };
+        let color = Palette99::pick(i).to_rgba();
+        let width = if *name == "allot" || *name == "oracle" {
+            2
+        } else {
+            1
+        };
+        chart
+            .draw_series(LineSeries::new(rate(m), color.stroke_width(width)))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Allocation (solid) and in use (thin) of product 0 per site over one day, for one policy.
+pub fn plot_allocation(
+    r: &Results,
+    policy: &str,
+    day: u64,
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let Some(m) = r.get(policy) else {
+        return Ok(());
+    };
+    let series: Vec<&(u64, Vec<u64>, Vec<u64>)> = m
+        .alloc_series
+        .iter()
+        .filter(|x| x.0 >= day * DAY && x.0 <= (day + 1) * DAY)
+        .collect();
+    if series.is_empty() {
+        return Ok(());
+    }
+    let sites = series[0].1.len();
+    let top = series
+        .iter()
+        .flat_map(|x| x.1.iter().chain(x.2.iter()))
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let root = BitMapBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: {policy}, product-00 allocation (thick) and in use (thin) per site, day {}",
+                r.workload,
+                day + 1
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0f64..24f64, 0f64..top as f64 * 1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("hour (UTC)")
+        .y_desc("units")
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for s in 0..sites {
+        let color = Palette99::pick(s).to_rgba();
+        let at = |t: u64| (t - day * DAY) as f64 / HOUR as f64;
+        chart
+            .draw_series(LineSeries::new(
+                series.iter().map(|x| (at(x.0), x.1[s] as f64)),
+                color.stroke_width(2),
+            ))?
+            .label(format!("site {s}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        chart.draw_series(LineSeries::new(
+            series.iter().map(|x| (at(x.0), x.2[s] as f64)),
+            color.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// All policies, for callers that do not pick.
+pub fn policies() -> Vec<Policy> {
+    all_policies()
+}
