@@ -5,6 +5,7 @@ use crate::auth::admin_token_path;
 use crate::config::default_data_dir;
 use allot_core::domain::{Enforcement, Seat};
 use allot_core::error::ErrorBody;
+use allot_core::wire::balancer::History;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, BalanceRequest, CreateProduct, DoctorReport,
     Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RunDetail,
@@ -233,6 +234,12 @@ pub enum RunsCommand {
         /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Only runs started within this long, e.g. `1d`.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only scheduled, instant, manual or reclaim runs.
+        #[arg(long)]
+        trigger: Option<allot_core::domain::RunTrigger>,
         /// How to reach the balancer.
         #[command(flatten)]
         client: ClientArgs,
@@ -250,6 +257,32 @@ pub enum RunsCommand {
 /// `allot-balancer doctor`.
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Only this product.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// Only this server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only servers of this site.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// How far back, e.g. `7d`.
+    #[arg(long, default_value = "1d")]
+    pub since: String,
+    /// Bucket width, e.g. `15m`, `1h`.
+    #[arg(long, default_value = "1h")]
+    pub step: String,
+    /// Print CSV (one row per bucket) instead of a table.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
     /// How to reach the balancer.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -702,6 +735,14 @@ impl AuditArgs {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn sparklines_scale_to_the_series() {
+        assert_eq!(super::sparkline(&[0, 4, 8], 0), "▁▅█");
+        assert_eq!(super::sparkline(&[0, 0], 0), "▁▁");
+        assert_eq!(super::sparkline(&[2], 8), "▃");
+        assert_eq!(super::csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
     fn path_segments_are_percent_encoded() {
         assert_eq!(super::segment("CAD Suite/2"), "CAD%20Suite%2F2");
         assert_eq!(super::segment("matlab-r2026a"), "matlab-r2026a");
@@ -779,10 +820,20 @@ impl RunsCommand {
     /// Runs the subcommand against the API.
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Self::List { limit, client } => {
-                let list: List<RunSummary> = AdminClient::new(&client)?
-                    .get(&format!("/v1/runs?limit={limit}"))
-                    .await?;
+            Self::List {
+                limit,
+                since,
+                trigger,
+                client,
+            } => {
+                let mut path = format!("/v1/runs?limit={limit}");
+                if let Some(since) = since {
+                    path.push_str(&format!("&since={}", segment(&since)));
+                }
+                if let Some(trigger) = trigger {
+                    path.push_str(&format!("&trigger={trigger}"));
+                }
+                let list: List<RunSummary> = AdminClient::new(&client)?.get(&path).await?;
                 output(client.json, &list, |l| println!("{}", runs_table(&l.items)))
             }
             Self::Show { id, client } => {
@@ -851,5 +902,137 @@ impl DoctorArgs {
         } else {
             anyhow::bail!("doctor found problems")
         }
+    }
+}
+
+/// A unicode sparkline of `values`, scaled to `scale` (the series' own maximum when 0).
+pub fn sparkline(values: &[u64], scale: u64) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let top = if scale == 0 {
+        values.iter().copied().max().unwrap_or(0)
+    } else {
+        scale
+    };
+    values
+        .iter()
+        .map(|&v| {
+            if top == 0 {
+                BARS[0]
+            } else {
+                let level = (v.min(top) * 7).div_ceil(top);
+                BARS[usize::try_from(level).unwrap_or(7).min(7)]
+            }
+        })
+        .collect()
+}
+
+impl HistoryArgs {
+    /// Prints the history as sparklines, CSV or JSON.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut path = format!(
+            "/v1/history?since={}&step={}",
+            segment(&self.since),
+            segment(&self.step)
+        );
+        for (key, value) in [
+            ("product", &self.product),
+            ("server", &self.server),
+            ("site", &self.site),
+        ] {
+            if let Some(value) = value {
+                path.push_str(&format!("&{key}={}", segment(value)));
+            }
+        }
+        let history: History = AdminClient::new(&self.client)?.get(&path).await?;
+        if self.csv {
+            println!(
+                "product,server,site,at,samples,allocation_mean,allocation_max,in_use_mean,\
+                 in_use_max,peak_in_use,checkouts,denials,overdrafts,staleouts,waiting_max,\
+                 instant_requests"
+            );
+            for s in &history.series {
+                for p in &s.points {
+                    println!(
+                        "{},{},{},{},{},{:.3},{},{:.3},{},{},{},{},{},{},{},{}",
+                        csv_field(&s.product),
+                        csv_field(&s.server),
+                        csv_field(&s.site),
+                        p.at.to_rfc3339(),
+                        p.samples,
+                        p.allocation_mean,
+                        p.allocation_max,
+                        p.in_use_mean,
+                        p.in_use_max,
+                        p.peak_in_use,
+                        p.checkouts,
+                        p.denials,
+                        p.overdrafts,
+                        p.staleouts,
+                        p.waiting_max,
+                        p.instant_requests
+                    );
+                }
+            }
+            return Ok(());
+        }
+        output(self.client.json, &history, |h| {
+            println!(
+                "{} → {}, one bucket every {} s",
+                h.from.to_rfc3339(),
+                h.to.to_rfc3339(),
+                h.step_seconds
+            );
+            let mut t = table(&[
+                "product",
+                "server",
+                "site",
+                "in use (peak) vs allocation",
+                "denials",
+                "instant",
+            ]);
+            for s in &h.series {
+                let peaks: Vec<u64> = s
+                    .points
+                    .iter()
+                    .map(|p| p.peak_in_use.max(p.in_use_max))
+                    .collect();
+                let allocations: Vec<u64> = s.points.iter().map(|p| p.allocation_max).collect();
+                let scale = peaks.iter().chain(&allocations).copied().max().unwrap_or(0);
+                let denials: Vec<u64> = s.points.iter().map(|p| p.denials).collect();
+                let instant: Vec<u64> = s.points.iter().map(|p| p.instant_requests).collect();
+                t.add_row(vec![
+                    s.product.clone(),
+                    s.server.clone(),
+                    s.site.clone(),
+                    format!(
+                        "{}  max {}\n{}  max {}",
+                        sparkline(&peaks, scale),
+                        peaks.iter().max().unwrap_or(&0),
+                        sparkline(&allocations, scale),
+                        allocations.iter().max().unwrap_or(&0)
+                    ),
+                    format!(
+                        "{} Σ{}",
+                        sparkline(&denials, 0),
+                        denials.iter().sum::<u64>()
+                    ),
+                    format!(
+                        "{} Σ{}",
+                        sparkline(&instant, 0),
+                        instant.iter().sum::<u64>()
+                    ),
+                ]);
+            }
+            println!("{t}");
+        })
+    }
+}
+
+/// Quotes a CSV field when it holds a comma, a quote or a line break.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
     }
 }

@@ -56,6 +56,8 @@ pub enum Command {
     Runs(crate::cli::RunsCommand),
     /// Compare the books with every server; exits non-zero on any discrepancy.
     Doctor(crate::cli::DoctorArgs),
+    /// Usage history as sparklines, CSV or JSON.
+    History(crate::cli::HistoryArgs),
     /// A balancer, three metering servers and simulated users over a compressed day.
     Demo(crate::demo::DemoArgs),
 }
@@ -95,9 +97,23 @@ pub struct ServeArgs {
     /// Most calls to metering servers in flight at once during a run.
     #[arg(long, env = "ALLOT_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
+    /// Days raw usage samples are kept (then only their hourly roll-ups).
+    #[arg(long, env = "ALLOT_HISTORY_RAW_DAYS", default_value_t = 30)]
+    pub history_raw_days: u64,
+    /// Days hourly roll-ups are kept.
+    #[arg(long, env = "ALLOT_HISTORY_HOURLY_DAYS", default_value_t = 400)]
+    pub history_hourly_days: u64,
 }
 
 impl ServeArgs {
+    /// How long history is kept.
+    pub fn retention(&self) -> crate::history::Retention {
+        crate::history::Retention {
+            raw: std::time::Duration::from_secs(self.history_raw_days.max(1) * 86_400),
+            hourly: std::time::Duration::from_secs(self.history_hourly_days.max(1) * 86_400),
+        }
+    }
+
     /// The balancing engine's settings.
     pub fn engine_config(&self) -> crate::balance::EngineConfig {
         crate::balance::EngineConfig {

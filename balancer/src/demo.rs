@@ -119,6 +119,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         lease_margin_seconds: 300,
         call_timeout_ms: 2000,
         concurrency: 32,
+        history_raw_days: 30,
+        history_hourly_days: 400,
     };
     let (stop_balancer, stopped) = tokio::sync::oneshot::channel::<()>();
     let balancer = tokio::spawn(crate::service::serve(serve_args, async move {

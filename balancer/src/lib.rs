@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fault;
+pub mod history;
 pub mod metrics;
 pub mod schedule;
 pub mod service;

@@ -50,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Balance(cmd) => cmd.run().await,
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,
+        Command::History(cmd) => cmd.run().await,
         Command::Demo(args) => {
             init_logging_to_stderr_quietly();
             allot_balancer::demo::run(args).await

@@ -83,7 +83,14 @@ pub async fn serve(
         schedule_changed.clone(),
         stopped,
     ));
+    let retention = args.retention();
+    let history = tokio::spawn(crate::history::retention_task(
+        store.clone(),
+        retention,
+        stop_scheduler.subscribe(),
+    ));
     let state = AppState {
+        retention,
         tokens,
         store: store.clone(),
         admin,
@@ -94,6 +101,7 @@ pub async fn serve(
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
     let _ = stop_scheduler.send(true);
     let _ = scheduler.await;
+    let _ = history.await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())

@@ -1,8 +1,11 @@
 //! The store conformance suite: every case runs against SQLite and against PostgreSQL (a fresh
 //! database per test), so both backends keep exactly the same behaviour.
 
-use allot_balancer::store::{self, AuditQuery, NewMove, ScheduleSetting, Store, StoreError};
-use allot_core::domain::{MoveKind, MoveState, ServerState};
+use allot_balancer::store::{
+    self, AuditQuery, HistoryBucket, HistoryQuery, NewMove, ScheduleSetting, Store, StoreError,
+    UsageSample,
+};
+use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
 use allot_tests::{Backend, on_both_backends};
 use std::sync::Arc;
@@ -30,6 +33,7 @@ on_both_backends!(
     moves_that_would_break_the_books_change_nothing,
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
+    history_rolls_up_without_losing_the_peak,
 );
 
 fn product(name: &str) -> CreateProduct {
@@ -573,4 +577,111 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
     );
     assert!(store.unfinished_moves().await.unwrap().is_empty());
     assert_balanced(&*store).await;
+}
+
+const HOUR: i64 = 3_600_000;
+
+fn sample(in_use: u64, peak: u64, denials: u64) -> UsageSample {
+    UsageSample {
+        server: "s1".into(),
+        product: "cad".into(),
+        allocation: 10,
+        in_use,
+        peak_in_use: peak,
+        denials,
+        ..UsageSample::default()
+    }
+}
+
+async fn buckets(store: &dyn Store, from: i64, to: i64, raw_from: i64) -> Vec<HistoryBucket> {
+    let mut got = store
+        .history(&HistoryQuery {
+            from_ms: from,
+            to_ms: to,
+            step_ms: HOUR,
+            raw_from_ms: raw_from,
+            ..HistoryQuery::default()
+        })
+        .await
+        .unwrap();
+    got.sort_by_key(|b| b.bucket);
+    got
+}
+
+async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let h = 1_000 * HOUR;
+    store
+        .record_samples(run, h + 600_000, &[sample(3, 7, 2)])
+        .await
+        .unwrap();
+    // A run records one sample per cell.
+    assert!(
+        store
+            .record_samples(run, h + 1_800_000, &[sample(5, 4, 1)])
+            .await
+            .is_err()
+    );
+    let run2 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    store
+        .record_samples(run2, h + 1_800_000, &[sample(5, 4, 1)])
+        .await
+        .unwrap();
+    let run3 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    store
+        .record_samples(run3, h + HOUR + 300_000, &[sample(1, 2, 0)])
+        .await
+        .unwrap();
+    // Raw reads first.
+    let raw = buckets(&*store, h, h + 2 * HOUR, 0).await;
+    assert_eq!(raw.len(), 2);
+    assert_eq!(
+        (raw[0].samples, raw[0].peak_in_use, raw[0].denials),
+        (2, 7, 3)
+    );
+    // Roll up both hours, delete the raw samples: the same figures come from the roll-ups.
+    assert_eq!(store.roll_up(h + 2 * HOUR + 1).await.unwrap(), 2);
+    assert_eq!(
+        store.roll_up(h + 2 * HOUR + 1).await.unwrap(),
+        0,
+        "rolled up once"
+    );
+    let (raw_deleted, _) = store.prune_history(h + 2 * HOUR, 0).await.unwrap();
+    assert_eq!(raw_deleted, 3);
+    let rolled = buckets(&*store, h, h + 2 * HOUR, h + 2 * HOUR).await;
+    assert_eq!(rolled.len(), 2);
+    assert_eq!(
+        (
+            rolled[0].samples,
+            rolled[0].peak_in_use,
+            rolled[0].in_use_max,
+            rolled[0].in_use_sum
+        ),
+        (2, 7, 5, 8),
+        "a roll-up keeps the peak, the max, the sum and the count"
+    );
+    assert_eq!(rolled[0].denials, 3);
+    assert_eq!(rolled[1].peak_in_use, 2);
+    // A raw sample of an hour not yet rolled up is never pruned.
+    let run4 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    store
+        .record_samples(run4, h + 3 * HOUR, &[sample(9, 9, 0)])
+        .await
+        .unwrap();
+    let (raw_deleted, _) = store.prune_history(h + 10 * HOUR, 0).await.unwrap();
+    assert_eq!(raw_deleted, 0);
+    // History survives a restart; roll-ups older than their retention go.
+    drop(store);
+    let store = open(&backend).await;
+    assert_eq!(
+        buckets(&*store, h, h + 2 * HOUR, h + 2 * HOUR).await,
+        rolled
+    );
+    let (_, hourly_deleted) = store.prune_history(0, h + HOUR).await.unwrap();
+    assert_eq!(hourly_deleted, 1);
+    assert_eq!(
+        buckets(&*store, h, h + 2 * HOUR, h + 2 * HOUR).await.len(),
+        1
+    );
 }

@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, ApiQuery, AppState};
 use crate::balance::BalanceError;
+use crate::store::RunsQuery;
 use allot_core::ErrorCode;
 use allot_core::domain::RunTrigger;
 use allot_core::validate;
@@ -42,7 +43,7 @@ pub(super) async fn balance(
     ))
 }
 
-/// Paging of `GET /v1/runs`.
+/// Filters and paging of `GET /v1/runs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RunsParams {
@@ -50,6 +51,10 @@ pub(super) struct RunsParams {
     limit: Option<u32>,
     /// Runs older than this id.
     before: Option<i64>,
+    /// Only this trigger: scheduled, instant, manual or reclaim.
+    trigger: Option<RunTrigger>,
+    /// Only runs started within this long before now, e.g. `1d`.
+    since: Option<String>,
 }
 
 pub(super) async fn runs(
@@ -63,8 +68,23 @@ pub(super) async fn runs(
             "limit: must be between 1 and 1000, got {limit}"
         )));
     }
+    let since_ms = match params.since.as_deref() {
+        None => None,
+        Some(text) => {
+            let back = humantime::parse_duration(text)
+                .map_err(|e| ApiError::bad_request(format!("since: {text:?}: {e}")))?;
+            let back = i64::try_from(back.as_millis()).unwrap_or(i64::MAX);
+            Some(chrono::Utc::now().timestamp_millis().saturating_sub(back))
+        }
+    };
+    let query = RunsQuery {
+        limit,
+        before_id: params.before,
+        trigger: params.trigger,
+        since_ms,
+    };
     Ok(Json(List {
-        items: state.store.runs(limit, params.before).await?,
+        items: state.store.runs(&query).await?,
     }))
 }
 

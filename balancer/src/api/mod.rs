@@ -5,6 +5,7 @@
 mod balancing;
 mod books;
 pub mod error;
+mod history;
 mod metering;
 mod servers;
 mod settings;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub engine: crate::balance::Engine,
     /// Wakes the scheduler when the schedule changes.
     pub schedule_changed: Arc<tokio::sync::Notify>,
+    /// How long history is kept (decides where history queries read).
+    pub retention: crate::history::Retention,
 }
 
 /// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
@@ -121,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runs", get(balancing::runs))
         .route("/runs/{id}", get(balancing::run))
         .route("/doctor", get(balancing::doctor))
+        .route("/history", get(history::history))
         .route("/sync", post(metering::sync))
         .route("/instant-balance", post(metering::instant_balance));
     Router::new()

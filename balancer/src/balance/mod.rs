@@ -348,7 +348,9 @@ impl Engine {
         }
         let cells = self.store.cells().await?;
         let samples = usage_samples(&statuses);
-        self.store.record_samples(run_id, &samples).await?;
+        self.store
+            .record_samples(run_id, Utc::now().timestamp_millis(), &samples)
+            .await?;
         let discrepancies = reconcile(&cells, &statuses);
         crate::metrics::METRICS
             .discrepancies

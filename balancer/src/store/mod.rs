@@ -252,6 +252,78 @@ pub struct InstantRecord {
     pub granted: u64,
 }
 
+/// Which usage history to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only this product.
+    pub product: Option<String>,
+    /// Only this server.
+    pub server: Option<String>,
+    /// Only servers of this site.
+    pub site: Option<String>,
+    /// Start of the window (Unix ms, inclusive).
+    pub from_ms: i64,
+    /// End of the window (Unix ms, exclusive).
+    pub to_ms: i64,
+    /// Bucket width in ms.
+    pub step_ms: i64,
+    /// Raw samples are read at and after this instant, hourly roll-ups before it, so no sample
+    /// is counted twice.
+    pub raw_from_ms: i64,
+}
+
+/// One bucket of one (server, product), as sums, maxima and a count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct HistoryBucket {
+    /// The server.
+    pub server: String,
+    /// Its site.
+    pub site: String,
+    /// The product.
+    pub product: String,
+    /// Bucket start (Unix ms).
+    pub bucket: i64,
+    /// Samples summarised.
+    pub samples: i64,
+    /// Σ allocation.
+    pub allocation_sum: i64,
+    /// Max allocation.
+    pub allocation_max: i64,
+    /// Σ in use.
+    pub in_use_sum: i64,
+    /// Max in use.
+    pub in_use_max: i64,
+    /// Max peak in use.
+    pub peak_in_use: i64,
+    /// Σ checkouts.
+    pub checkouts: i64,
+    /// Σ denials.
+    pub denials: i64,
+    /// Σ overdrafts.
+    pub overdrafts: i64,
+    /// Σ staleouts.
+    pub staleouts: i64,
+    /// Σ waiting.
+    pub waiting_sum: i64,
+    /// Max waiting.
+    pub waiting_max: i64,
+    /// Σ instant requests.
+    pub instant_requests: i64,
+}
+
+/// Which runs to list, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunsQuery {
+    /// At most this many.
+    pub limit: u32,
+    /// Only runs with an id below this (the previous page's last id).
+    pub before_id: Option<i64>,
+    /// Only runs of this trigger.
+    pub trigger: Option<RunTrigger>,
+    /// Only runs started at or after this instant (Unix ms).
+    pub since_ms: Option<i64>,
+}
+
 /// Which page of the audit log to read, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditQuery {
@@ -370,12 +442,31 @@ pub trait Store: Send + Sync + 'static {
     async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64>;
     /// Closes a run record.
     async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()>;
-    /// Records the usage samples of a run.
-    async fn record_samples(&self, run_id: i64, samples: &[UsageSample]) -> StoreResult<()>;
+    /// Records the usage samples of a run, taken at `at_ms`.
+    async fn record_samples(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        samples: &[UsageSample],
+    ) -> StoreResult<()>;
     /// Runs, newest first.
-    async fn runs(&self, limit: u32, before_id: Option<i64>) -> StoreResult<Vec<RunSummary>>;
+    async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>>;
     /// One run with its moves.
     async fn run(&self, run_id: i64) -> StoreResult<RunDetail>;
+
+    /// Usage buckets for a history query (raw samples and hourly roll-ups, never both for one
+    /// instant), unordered.
+    async fn history(&self, query: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>>;
+    /// Rolls complete hours of raw samples before `until_ms` into hourly roll-ups (from where
+    /// the previous roll-up stopped); returns the roll-up rows written.
+    async fn roll_up(&self, until_ms: i64) -> StoreResult<u64>;
+    /// Deletes raw samples before `raw_before_ms` (already rolled up) and roll-ups before
+    /// `hourly_before_ms`; returns both counts.
+    async fn prune_history(
+        &self,
+        raw_before_ms: i64,
+        hourly_before_ms: i64,
+    ) -> StoreResult<(u64, u64)>;
 
     /// The outcome of an instant-balance request already answered, if any.
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;

@@ -14,8 +14,9 @@ use crate::store::rows::{
     product_columns, run_columns, server_columns,
 };
 use crate::store::{
-    AuditQuery, BooksCheck, CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome,
-    ScheduleSetting, ServerRecord, Store, StoreError, StoreResult, UsageSample,
+    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
+    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
+    UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
@@ -1046,10 +1047,14 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn record_samples(&self, run_id: i64, samples: &[UsageSample]) -> StoreResult<()> {
+    async fn record_samples(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        samples: &[UsageSample],
+    ) -> StoreResult<()> {
         let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let mut tx = begin_write(&self.pool).await?;
-        let now = now_ms();
         for s in samples {
             sqlx::query(
                 "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
@@ -1059,7 +1064,7 @@ impl Store for SqlStore {
                  WHERE s.name = $12 AND s.removed_at IS NULL AND p.name = $13",
             )
             .bind(run_id)
-            .bind(now)
+            .bind(at_ms)
             .bind(wide(s.allocation))
             .bind(wide(s.in_use))
             .bind(wide(s.peak_in_use))
@@ -1078,14 +1083,17 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn runs(&self, limit: u32, before_id: Option<i64>) -> StoreResult<Vec<RunSummary>> {
+    async fn runs(&self, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
         sqlx::query_as::<_, RunRow>(concat!(
             "SELECT ",
             run_columns!(),
-            " FROM balance_runs r WHERE r.id < $1 ORDER BY r.id DESC LIMIT $2"
+            " FROM balance_runs r WHERE r.id < $1 AND ($2 = '' OR r.trigger = $2) \
+              AND r.started_at >= $3 ORDER BY r.id DESC LIMIT $4"
         ))
-        .bind(before_id.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
+        .bind(q.before_id.unwrap_or(i64::MAX))
+        .bind(q.trigger.map_or("", |t| t.as_str()))
+        .bind(q.since_ms.unwrap_or(0))
+        .bind(i64::from(q.limit))
         .fetch_all(&self.pool)
         .await?
         .into_iter()
@@ -1158,5 +1166,134 @@ impl Store for SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {
+        let filter = |v: &Option<String>| v.clone().unwrap_or_default();
+        let raw = sqlx::query_as::<_, HistoryBucket>(
+            "SELECT s.name AS server, s.site, p.name AS product, (u.at / $1) * $1 AS bucket, \
+             COUNT(*) AS samples, CAST(SUM(u.allocation) AS BIGINT) AS allocation_sum, \
+             MAX(u.allocation) AS allocation_max, CAST(SUM(u.in_use) AS BIGINT) AS in_use_sum, \
+             MAX(u.in_use) AS in_use_max, MAX(u.peak_in_use) AS peak_in_use, \
+             CAST(SUM(u.checkouts) AS BIGINT) AS checkouts, \
+             CAST(SUM(u.denials) AS BIGINT) AS denials, \
+             CAST(SUM(u.overdrafts) AS BIGINT) AS overdrafts, \
+             CAST(SUM(u.staleouts) AS BIGINT) AS staleouts, \
+             CAST(SUM(u.waiting) AS BIGINT) AS waiting_sum, MAX(u.waiting) AS waiting_max, \
+             CAST(SUM(u.instant_requests) AS BIGINT) AS instant_requests \
+             FROM usage_samples u JOIN servers s ON s.id = u.server_id \
+             JOIN products p ON p.id = u.product_id \
+             WHERE u.at >= $2 AND u.at < $3 AND ($4 = '' OR p.name = $4) \
+             AND ($5 = '' OR s.name = $5) AND ($6 = '' OR s.site = $6) \
+             GROUP BY 1, 2, 3, 4",
+        )
+        .bind(q.step_ms)
+        .bind(q.from_ms.max(q.raw_from_ms))
+        .bind(q.to_ms)
+        .bind(filter(&q.product))
+        .bind(filter(&q.server))
+        .bind(filter(&q.site))
+        .fetch_all(&self.pool)
+        .await?;
+        let hourly = sqlx::query_as::<_, HistoryBucket>(
+            "SELECT s.name AS server, s.site, p.name AS product, (h.hour / $1) * $1 AS bucket, \
+             CAST(SUM(h.samples) AS BIGINT) AS samples, \
+             CAST(SUM(h.allocation_sum) AS BIGINT) AS allocation_sum, \
+             MAX(h.allocation_max) AS allocation_max, \
+             CAST(SUM(h.in_use_sum) AS BIGINT) AS in_use_sum, MAX(h.in_use_max) AS in_use_max, \
+             MAX(h.peak_in_use) AS peak_in_use, CAST(SUM(h.checkouts) AS BIGINT) AS checkouts, \
+             CAST(SUM(h.denials) AS BIGINT) AS denials, \
+             CAST(SUM(h.overdrafts) AS BIGINT) AS overdrafts, \
+             CAST(SUM(h.staleouts) AS BIGINT) AS staleouts, \
+             CAST(SUM(h.waiting_sum) AS BIGINT) AS waiting_sum, \
+             MAX(h.waiting_max) AS waiting_max, \
+             CAST(SUM(h.instant_requests) AS BIGINT) AS instant_requests \
+             FROM usage_hourly h JOIN servers s ON s.id = h.server_id \
+             JOIN products p ON p.id = h.product_id \
+             WHERE h.hour >= $2 AND h.hour < $3 AND ($4 = '' OR p.name = $4) \
+             AND ($5 = '' OR s.name = $5) AND ($6 = '' OR s.site = $6) \
+             GROUP BY 1, 2, 3, 4",
+        )
+        .bind(q.step_ms.max(3_600_000))
+        .bind(q.from_ms - q.from_ms.rem_euclid(3_600_000))
+        .bind(q.to_ms.min(q.raw_from_ms))
+        .bind(filter(&q.product))
+        .bind(filter(&q.server))
+        .bind(filter(&q.site))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(raw.into_iter().chain(hourly).collect())
+    }
+
+    async fn roll_up(&self, until_ms: i64) -> StoreResult<u64> {
+        let until = until_ms - until_ms.rem_euclid(3_600_000);
+        let mut tx = begin_write(&self.pool).await?;
+        let from: i64 = sqlx::query_scalar::<_, String>(
+            "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+        if until <= from {
+            return Ok(0);
+        }
+        let written = sqlx::query(
+            "INSERT INTO usage_hourly (server_id, product_id, hour, samples, allocation_sum, \
+             allocation_max, in_use_sum, in_use_max, peak_in_use, checkouts, denials, \
+             overdrafts, staleouts, waiting_sum, waiting_max, instant_requests) \
+             SELECT server_id, product_id, (at / 3600000) * 3600000, COUNT(*), \
+             SUM(allocation), MAX(allocation), SUM(in_use), MAX(in_use), MAX(peak_in_use), \
+             SUM(checkouts), SUM(denials), SUM(overdrafts), SUM(staleouts), SUM(waiting), \
+             MAX(waiting), SUM(instant_requests) FROM usage_samples \
+             WHERE at >= $1 AND at < $2 GROUP BY 1, 2, 3 \
+             ON CONFLICT (server_id, product_id, hour) DO UPDATE SET \
+             samples = excluded.samples, allocation_sum = excluded.allocation_sum, \
+             allocation_max = excluded.allocation_max, in_use_sum = excluded.in_use_sum, \
+             in_use_max = excluded.in_use_max, peak_in_use = excluded.peak_in_use, \
+             checkouts = excluded.checkouts, denials = excluded.denials, \
+             overdrafts = excluded.overdrafts, staleouts = excluded.staleouts, \
+             waiting_sum = excluded.waiting_sum, waiting_max = excluded.waiting_max, \
+             instant_requests = excluded.instant_requests",
+        )
+        .bind(from)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE settings SET value = $1 WHERE key = 'history.rolled_up_to'")
+            .bind(until.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn prune_history(
+        &self,
+        raw_before_ms: i64,
+        hourly_before_ms: i64,
+    ) -> StoreResult<(u64, u64)> {
+        let mut tx = begin_write(&self.pool).await?;
+        let rolled: i64 = sqlx::query_scalar::<_, String>(
+            "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+        // Never delete a raw sample before its hour is rolled up.
+        let raw = sqlx::query("DELETE FROM usage_samples WHERE at < $1")
+            .bind(raw_before_ms.min(rolled))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let hourly = sqlx::query("DELETE FROM usage_hourly WHERE hour < $1")
+            .bind(hourly_before_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok((raw, hourly))
     }
 }

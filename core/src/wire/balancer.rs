@@ -426,3 +426,64 @@ pub struct InstantBalanceResponse {
     /// The server's allocation after the grant, as booked.
     pub allocation: u64,
 }
+
+// ---------------------------------------------------------------------------------------------
+// History.
+
+/// One bucket of a usage time series. Means come with the sums and counts they are made of,
+/// so a reader can combine buckets without losing anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// Start of the bucket.
+    pub at: DateTime<Utc>,
+    /// Usage samples (one per balance run) the bucket summarises.
+    pub samples: u64,
+    /// Mean allocation over the samples.
+    pub allocation_mean: f64,
+    /// Highest allocation.
+    pub allocation_max: u64,
+    /// Mean units in use at the samples.
+    pub in_use_mean: f64,
+    /// Highest units in use at a sample.
+    pub in_use_max: u64,
+    /// Highest units in use between samples, as the servers saw it.
+    pub peak_in_use: u64,
+    /// Checkouts granted.
+    pub checkouts: u64,
+    /// Checkouts denied.
+    pub denials: u64,
+    /// Checkouts granted beyond the allocation (soft stop).
+    pub overdrafts: u64,
+    /// Checkouts released by staleout.
+    pub staleouts: u64,
+    /// Most clients waiting at a sample.
+    pub waiting_max: u64,
+    /// Instant balances asked.
+    pub instant_requests: u64,
+}
+
+/// The time series of one (server, product).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistorySeries {
+    /// The server.
+    pub server: String,
+    /// Its site.
+    pub site: String,
+    /// The product.
+    pub product: String,
+    /// Buckets in time order; buckets without samples are absent.
+    pub points: Vec<HistoryPoint>,
+}
+
+/// `GET /v1/history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// Start of the window.
+    pub from: DateTime<Utc>,
+    /// End of the window.
+    pub to: DateTime<Utc>,
+    /// Bucket width.
+    pub step_seconds: u64,
+    /// One series per (server, product) with samples in the window.
+    pub series: Vec<HistorySeries>,
+}
