@@ -115,6 +115,12 @@ async fn an_admin_sets_up_the_books(backend: Backend) {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
+    let history = api.get("/v1/history?since=2h&step=15m").await;
+    assert_eq!(history["step_seconds"], 900);
+    assert!(
+        history["series"].as_array().unwrap().is_empty(),
+        "no run, no samples"
+    );
     assert_eq!(
         actions,
         [
@@ -383,6 +389,15 @@ async fn bad_input_gets_a_coded_error_and_changes_nothing(backend: Backend) {
             405,
             "bad_request",
         ),
+        (Method::GET, "/v1/history?step=10s".into(), None, 400, "bad_request"),
+        (Method::GET, "/v1/history?step=1m&since=400d".into(), None, 400, "bad_request"),
+        (Method::GET, "/v1/history?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z".into(), None, 400, "bad_request"),
+        (Method::GET, "/v1/history?colour=1".into(), None, 400, "bad_request"),
+        (Method::GET, "/v1/runs?trigger=bogus".into(), None, 400, "bad_request"),
+        (Method::GET, "/v1/runs/999".into(), None, 404, "not_found"),
+        (Method::POST, "/v1/balance".into(), Some(br#"{"product": "nope"}"#.to_vec()), 404, "unknown_product"),
+        (Method::POST, "/v1/instant-balance".into(), Some(br#"{"request_id": "00000000-0000-0000-0000-000000000000", "product": "cad", "units": 1}"#.to_vec()), 401, "unauthorized"),
+        (Method::POST, "/v1/sync".into(), Some(br#"{"version": "1"}"#.to_vec()), 401, "unauthorized"),
     ];
     let before = snapshot(&api).await;
     for (method, path, body, status, code) in cases {
