@@ -20,6 +20,8 @@ pub struct TestAgent {
     pub http: reqwest::Client,
     /// The data directory, kept for restarts.
     pub dir: TempDir,
+    /// The server token it was started with (presented on the balancer-facing calls).
+    pub token: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), allot_agent::server::ServeError>>>,
 }
@@ -35,13 +37,21 @@ impl TestAgent {
 
     /// Starts a server on `dir`, letting the test adjust the configuration.
     pub async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut ServerConfig)) -> TestAgent {
+        Self::start_on(bind().await, dir, adjust).await
+    }
+
+    /// Starts a server on an already bound `listener` (so its URL can be registered with a
+    /// balancer first), with the test token unless `adjust` sets another.
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        dir: TempDir,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestAgent {
         let mut config = ServerConfig::new(dir.path());
         config.token = Some(TOKEN.to_owned());
         config.name = "test-agent".to_owned();
         adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let token = config.token.clone().unwrap_or_default();
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(run(listener, config, async move {
@@ -51,6 +61,7 @@ impl TestAgent {
             url,
             http: reqwest::Client::new(),
             dir,
+            token,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -93,7 +104,7 @@ impl TestAgent {
         let r = self
             .http
             .get(format!("{}{}", self.url, path))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .send()
             .await
             .expect("request");
@@ -117,7 +128,7 @@ impl TestAgent {
         let r = self
             .http
             .post(format!("{}{}", self.url, path))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .json(body)
             .send()
             .await
@@ -130,7 +141,7 @@ impl TestAgent {
         let r = self
             .http
             .put(format!("{}/v1/products/{product}", self.url))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .json(&policy)
             .send()
             .await
@@ -214,6 +225,13 @@ impl Drop for TestAgent {
             let _ = tx.send(());
         }
     }
+}
+
+/// A loopback listener on a free port, for [`TestAgent::start_on`].
+pub async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback")
 }
 
 /// Polls `check` until it holds or `limit` passes; never sleeps longer than 10 ms at a time.
