@@ -14,30 +14,34 @@
 //!
 //! # Rules
 //!
-//! Thresholds are the fields of [`Tuning`]; defaults in brackets. Only samples, events and runs
-//! inside the window (ending no later than `now`) count.
+//! Thresholds are the fields of [`Tuning`]; defaults in ⟨angle brackets⟩. Only samples, events
+//! and runs inside the window (ending no later than `now`) count.
 //!
 //! **Schedule.** The current interval is the caller's `interval_minutes`, else the median gap
 //! between the schedule's run times, else 60. Candidate intervals are the "round" ones a 5-field
 //! cron can keep evenly: 5, 10, 15, 20, 30 minutes; 1, 2, 3, 4, 6, 8, 12, 24 hours.
-//! 1. *Instant balances between runs → more often.* When instant balances average at least
-//!    [3] a day, each one's *phase* (minutes since the scheduled run before it) is measured. The
-//!    new interval is the longest round one, shorter than the current and not below [5] minutes,
-//!    at which at least [50] % of them happened a full new interval after their run — those a
-//!    denser schedule would have met with a run in between. If none qualifies, they come right
-//!    after runs: a denser schedule would not help, the buffers must (rule 5), and it says so.
+//! 1. *Instant balances between runs → more often.* Instant balances that belong to a daily
+//!    peak of rule 2 (from 30 minutes before its onset to one interval, at least an hour, after)
+//!    are left to that rule. When the others average at least ⟨3⟩ a day, each one's *phase*
+//!    (minutes since the scheduled run before it) is measured. The new interval is the longest
+//!    round one, shorter than the current and not below ⟨5⟩ minutes, at which at least ⟨50⟩ % of
+//!    them happened a full new interval after their run — those a denser schedule would have
+//!    met with a run in between. If none qualifies, they come right after runs: a denser
+//!    schedule would not help, the buffers must (rule 5), and the evidence says so.
 //! 2. *Daily peak at a site → a run shortly before it.* Pressure events (instant balances at the
 //!    exact time; denials, waiting clients or instant requests in a sample at the start of that
 //!    sample's interval when no instant balance pins them) are placed on the site's local clock in
 //!    15-minute slots. The slot where pressure occurs on the most local days is a daily pattern
-//!    if that is at least [3] days and [50] % of the days the site was observed. Its onset is the
-//!    median over those days of the earliest event from 30 minutes before the slot to its end.
-//!    The schedule covers it if on [80] % of those days a current run fell [5]..=[30] minutes
-//!    before the onset; otherwise a run is wanted at onset − [15] minutes (on a 5-minute grid).
-//! 3. *Runs that move nothing → less often.* When the window holds at least [7] days, every
+//!    if that is at least ⟨3⟩ days and ⟨50⟩ % of the days the site was observed, and that slot
+//!    with its two neighbours holds at least ⟨50⟩ % of the site's pressure (pressure all day
+//!    long is a shortage for the buffers, not a peak). Its onset is the median over those days
+//!    of the earliest event from 30 minutes before the slot to its end.
+//!    The schedule covers it if on ⟨80⟩ % of those days a current run fell ⟨5⟩..=⟨30⟩ minutes
+//!    before the onset; otherwise a run is wanted at onset − ⟨15⟩ minutes (on a 5-minute grid).
+//! 3. *Runs that move nothing → less often.* When the window holds at least ⟨7⟩ days, every
 //!    scheduled run of the last 7 days moved nothing (`moves`, or when absent no allocation
 //!    changed in the samples taken at that run), and there were no instant balances, denials or
-//!    waiting clients in that time, the interval doubles to the next round one, up to [240]
+//!    waiting clients in that time, the interval doubles to the next round one, up to ⟨240⟩
 //!    minutes — runs also reconcile the books and sample the history, so they never stop.
 //! 4. *Otherwise no change*, stated explicitly with the figures that show the schedule fits; a
 //!    flat history changes nothing. A new cron keeps the new interval's grid in phase with the
@@ -48,20 +52,20 @@
 //! **Cells** (per server and product; the interval below is the *recommended* one).
 //! 5. *Buffer* = the free units that would have covered the rise of demand within one interval:
 //!    for each sample, demand of the following samples up to one interval later (at least the
-//!    next sample) — [`crate::planner::Demand::units`]: peak in use plus the largest of
-//!    denials, waiting and instant requests — minus in use at the sample. The day's largest rise
-//!    is taken per local day and the need is the [95]th percentile over days (a buffer is
+//!    next sample) — peak in use plus the larger of denials and waiting (units granted by
+//!    instant balances are already in the peak) — minus in use at the sample. The day's largest
+//!    rise is taken per local day and the need is the ⟨95⟩th percentile over days (a buffer is
 //!    constant, so it must cover the daily ramp, not 95 % of quiet intervals), capped at
 //!    2 × observed peak + 1. It rises to the need only when the cell saw pressure (denials,
 //!    waiting, instant requests or instant balances) and the need exceeds the current buffer by
-//!    the dead band (max([1] unit, [10] %)). It falls only without pressure and when the current
-//!    buffer exceeds 2 × need + [2], to need + 25 %. Applying a change and advising again on the
+//!    the dead band (max(⟨1⟩ unit, ⟨10⟩ %)). It falls only without pressure and when the current
+//!    buffer exceeds 2 × need + ⟨2⟩, to need + 25 %. Applying a change and advising again on the
 //!    same history gives no further change.
-//! 6. *Min* = the floor of demand during the site's working hours ([08:00–18:00], [Mon–Fri]
-//!    local): the day's lowest in use in working hours, its [20]th percentile over at least
-//!    [3] days — "consistently above zero" when positive — of which [50] % (rounded up) is
+//! 6. *Min* = the floor of demand during the site's working hours (⟨08:00–18:00⟩, ⟨Mon–Fri⟩
+//!    local): the day's lowest in use in working hours, its ⟨20⟩th percentile over at least
+//!    ⟨3⟩ days — "consistently above zero" when positive — of which ⟨50⟩ % (rounded up) is
 //!    recommended, to keep floors small since a floor holds units other sites may be denied.
-//!    It rises only when the cell saw pressure and by at least the dead band [1]; it falls to
+//!    It rises only when the cell saw pressure and by at least the dead band ⟨1⟩; it falls to
 //!    that value when the current min exceeds the working floor itself.
 //!
 //! **Bounds.** [`apply_bounds`] clamps what autotune may apply: buffers and mins to their
@@ -229,6 +233,8 @@ pub struct Tuning {
     pub pattern_min_days: u32,
     /// Share of the site's observed days a peak must recur on (rule 2).
     pub pattern_percent: u32,
+    /// Share of a site's pressure (days × slots) a peak's slot and its neighbours must hold.
+    pub peak_share_percent: u32,
     /// Share of pattern days on which a current run must precede the peak to cover it.
     pub covered_percent: u32,
     /// How long before a peak the wanted run is.
@@ -271,6 +277,7 @@ impl Default for Tuning {
             min_interval_minutes: 5,
             pattern_min_days: 3,
             pattern_percent: 50,
+            peak_share_percent: 50,
             covered_percent: 80,
             lead_minutes: 15,
             lead_min_minutes: 5,

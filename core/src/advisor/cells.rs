@@ -4,23 +4,18 @@ use super::local::{self, MINUTE_MS};
 use super::{
     Action, CellHistory, CellRecommendation, CellSettings, Effect, Evidence, Prepared, Rule,
 };
-use crate::planner::Demand;
 use std::collections::BTreeMap;
 
 fn figures<const N: usize>(pairs: [(&str, f64); N]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-/// Demand a sample shows, in the planner's own terms so advisor and planner agree on it.
+/// Demand a sample shows: the peak carried plus the largest unmet signal (denials or waiting —
+/// the highest, not the sum, as in [`crate::planner::Demand::units`], since one short client
+/// often shows in both). Units granted by instant balances are already in the peak, so unlike
+/// the planner's want they are not added again.
 fn demand(s: &super::UsageSample) -> u64 {
-    Demand {
-        peak_in_use: u64::from(s.peak_in_use),
-        denials: u64::from(s.denials),
-        waiting: u64::from(s.waiting),
-        instant_requests: u64::from(s.instant_requests),
-        smoothed: 0,
-    }
-    .units(u64::from(s.in_use))
+    u64::from(s.peak_in_use.max(s.in_use)) + u64::from(s.denials.max(s.waiting))
 }
 
 /// The largest rise of demand within one interval after each sample, per local day.

@@ -118,6 +118,14 @@ fn find_peaks(p: &Prepared<'_>, interval: u32) -> Vec<Peak> {
                         if *days > acc.1 { (slot, *days) } else { acc }
                     },
                 );
+        // A daily peak is concentrated: pressure all day long is a shortage, not a peak.
+        let total: usize = days_per_slot.iter().sum();
+        let around: usize = (best.saturating_sub(1)..=(best + 1).min(days_per_slot.len() - 1))
+            .map(|slot| days_per_slot[slot])
+            .sum();
+        if around * 100 < t.peak_share_percent as usize * total {
+            continue;
+        }
         let observed_days = observed.len();
         let needed = (t.pattern_min_days as usize)
             .max((t.pattern_percent as usize * observed_days).div_ceil(100));
@@ -184,12 +192,26 @@ struct Instants {
     better: Option<(u32, usize)>,
 }
 
-fn read_instants(p: &Prepared<'_>, interval: u32) -> Instants {
+/// Whether an instant balance at a site belongs to one of its daily peaks (rule 2 handles it).
+fn in_peak(peaks: &[Peak], site: &str, at_ms: i64, interval: u32, lead_max: u32) -> bool {
+    peaks.iter().filter(|peak| peak.site == site).any(|peak| {
+        let minute = local::local_minute(at_ms, peak.offset);
+        let after = (minute + DAY_MINUTES - peak.onset) % DAY_MINUTES;
+        after < interval.max(60) || after >= DAY_MINUTES.saturating_sub(lead_max)
+    })
+}
+
+fn read_instants(p: &Prepared<'_>, interval: u32, peaks: &[Peak]) -> Instants {
     let t = &p.input.tuning;
     let mut all: Vec<i64> = p
         .cells
         .values()
-        .flat_map(|c| c.instants.iter().copied())
+        .flat_map(|c| {
+            c.instants
+                .iter()
+                .copied()
+                .filter(|at| !in_peak(peaks, c.site, *at, interval, t.lead_max_minutes))
+        })
         .collect();
     all.sort_unstable();
     let per_day = all.len() as f64 / p.window.days();
@@ -373,7 +395,7 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
         runs_per_day: DAY_MINUTES / interval.clamp(1, DAY_MINUTES),
     };
     let peaks = find_peaks(p, interval);
-    let instants = read_instants(p, interval);
+    let instants = read_instants(p, interval, &peaks);
     let quiet = read_quiet(p, interval);
     let mut evidence = Vec::new();
     let mut effects = Vec::new();
@@ -385,9 +407,9 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
             rule: Rule::InstantBalancesBetweenRuns,
             window,
             text: format!(
-                "{where_}: {} instant balances ({:.1} a day, threshold {}); {met} of {} came at \
-                 least {better} minutes after the scheduled run before them (current interval \
-                 {interval} minutes, {interval_source})",
+                "{where_}: {} instant balances outside daily peaks ({:.1} a day, threshold {}); \
+                 {met} of {} came at least {better} minutes after the scheduled run before them \
+                 (current interval {interval} minutes, {interval_source})",
                 instants.count,
                 instants.per_day,
                 t.instant_balances_per_day,
@@ -415,9 +437,9 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
             rule: Rule::InstantBalancesBetweenRuns,
             window,
             text: format!(
-                "{where_}: {} instant balances ({:.1} a day) but they come soon after runs \
-                 (median {median} minutes after): a denser schedule would not meet them; the \
-                 buffers must (see the cells)",
+                "{where_}: {} instant balances outside daily peaks ({:.1} a day) but they \
+                 come soon after runs (median {median} minutes after): a denser schedule would \
+                 not meet them; the buffers must (see the cells)",
                 instants.count, instants.per_day
             ),
             figures: figures([
@@ -426,39 +448,39 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
                 ("median_minutes_after_run", f64::from(median)),
             ]),
         });
-    } else if let Some(q) = &quiet {
-        if let Some(relaxed) = q.relaxed {
-            new_interval = relaxed;
-            let before = DAY_MINUTES / interval.clamp(1, DAY_MINUTES);
-            let after = DAY_MINUTES / relaxed;
-            evidence.push(Evidence {
-                rule: Rule::QuietRuns,
-                window,
-                text: format!(
-                    "{where_}: the {} scheduled runs of the last {} days moved nothing, with no \
-                     instant balance, denial or waiting client",
-                    q.runs, t.quiet_days
-                ),
-                figures: figures([
-                    ("quiet_runs", q.runs as f64),
-                    ("quiet_days", f64::from(t.quiet_days)),
-                    ("current_interval_minutes", f64::from(interval)),
-                    ("recommended_interval_minutes", f64::from(relaxed)),
-                ]),
-            });
-            effects.push(Effect {
-                text: format!(
-                    "about {} fewer scheduled runs per day ({before} → {after}); every run still \
-                     reconciles and samples, at most {} minutes apart",
-                    before.saturating_sub(after),
-                    relaxed
-                ),
-                figures: figures([(
-                    "fewer_runs_per_day",
-                    f64::from(before.saturating_sub(after)),
-                )]),
-            });
-        }
+    } else if let Some(q) = &quiet
+        && let Some(relaxed) = q.relaxed
+    {
+        new_interval = relaxed;
+        let before = DAY_MINUTES / interval.clamp(1, DAY_MINUTES);
+        let after = DAY_MINUTES / relaxed;
+        evidence.push(Evidence {
+            rule: Rule::QuietRuns,
+            window,
+            text: format!(
+                "{where_}: the {} scheduled runs of the last {} days moved nothing, with no \
+                 instant balance, denial or waiting client",
+                q.runs, t.quiet_days
+            ),
+            figures: figures([
+                ("quiet_runs", q.runs as f64),
+                ("quiet_days", f64::from(t.quiet_days)),
+                ("current_interval_minutes", f64::from(interval)),
+                ("recommended_interval_minutes", f64::from(relaxed)),
+            ]),
+        });
+        effects.push(Effect {
+            text: format!(
+                "about {} fewer scheduled runs per day ({before} → {after}); every run still \
+                 reconciles and samples, at most {} minutes apart",
+                before.saturating_sub(after),
+                relaxed
+            ),
+            figures: figures([(
+                "fewer_runs_per_day",
+                f64::from(before.saturating_sub(after)),
+            )]),
+        });
     }
 
     let mut anchors: Vec<(usize, u32)> = Vec::new();
@@ -561,8 +583,8 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
     };
     if new_interval == interval && !uncovered {
         let why = format!(
-            "{} instant balances ({:.1} a day, threshold {}), every daily peak found ({}) is \
-             already preceded by a run, and {}",
+            "{} instant balances outside daily peaks ({:.1} a day, threshold {}), every daily \
+             peak found ({}) is already preceded by a run, and {}",
             instants.count,
             instants.per_day,
             t.instant_balances_per_day,
@@ -594,10 +616,17 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
         );
     }
     effects.push(Effect {
-        text: format!(
-            "{} scheduled runs per day instead of {}",
-            recommended.runs_per_day, current.runs_per_day
-        ),
+        text: if recommended.runs_per_day == current.runs_per_day {
+            format!(
+                "{} scheduled runs per day, as now: only their times move",
+                recommended.runs_per_day
+            )
+        } else {
+            format!(
+                "{} scheduled runs per day instead of {}",
+                recommended.runs_per_day, current.runs_per_day
+            )
+        },
         figures: figures([
             ("runs_per_day_before", f64::from(current.runs_per_day)),
             ("runs_per_day_after", f64::from(recommended.runs_per_day)),
