@@ -1,0 +1,627 @@
+//! Balancing benchmarks over real HTTP on loopback, with real stores (not a timed test).
+//!
+//! 1. **Instant balance, reserve path.** One metering server (an in-process `allot_agent`) and
+//!    one balancer (the real `service::serve`, built from `serve` command-line arguments). A client acting as the server sends
+//!    `POST /v1/instant-balance` (its own Bearer token, `units: 1`, a fresh request id)
+//!    sequentially; the balancer answers only after the grant was logged, applied (and fsynced)
+//!    by the server and booked, so the round trip is the end-to-end latency of a would-be
+//!    denial turned into a grant. Interleaved `GET /healthz` round trips on the same balancer
+//!    are the baseline: the ratio separates the balancing work from HTTP and scheduling noise.
+//! 2. **Scheduled run, 200 servers × 50 products.** 200 in-process metering servers on their
+//!    own ports, 50 products with entitlements and a buffer on every cell. The first run
+//!    distributes the reserve (one grant per cell), later runs are steady state: a quiet run
+//!    (nothing changed) and runs after some cells saw a checkout and a denial (the planner
+//!    grants them more). Each is timed as a whole `Engine::run`.
+//!
+//! Both run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
+//! `ALLOT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, dropped at the
+//! end; skipped with a message when unreachable).
+//!
+//! Run: `cargo bench -p allot-balancer --bench balancing`. Env: `ALLOT_BENCH_INSTANT` (requests
+//! per backend, default 2000), `ALLOT_BENCH_SERVERS` (200), `ALLOT_BENCH_PRODUCTS` (50),
+//! `ALLOT_BENCH_HOT_CELLS` (starving cells per steady run, default 100),
+//! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
+//! only: `synchronous_commit = off` on the bench database, to show what commit fsyncs cost;
+//! not durable, never a reported target figure).
+
+use allot_balancer::auth::{self, ServerTokens};
+use allot_balancer::balance::{Engine, EngineConfig};
+use allot_balancer::config::{Cli, Command};
+use allot_balancer::service;
+use allot_balancer::store::{self, ScheduleSetting, Store};
+use allot_core::domain::RunTrigger;
+use allot_core::wire::balancer::{
+    AddEntitlement, CreateProduct, InstantBalanceResponse, RegisterServer, SetAllocation,
+};
+use clap::Parser;
+use serde_json::json;
+use sqlx::{Connection, Executor, PgConnection};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The 1-minute load average, printed with every figure: the machine is shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// `p` in 0..=1 of sorted µs, in ms.
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// A fresh PostgreSQL database, dropped by [`PgDatabase::drop_now`].
+struct PgDatabase {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create() -> Option<Self> {
+        let admin = std::env::var("ALLOT_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = match PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("*** PostgreSQL half skipped: {admin} unreachable ({e})");
+                return None;
+            }
+        };
+        let name = format!("allot_bench_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("create the bench database");
+        if std::env::var("ALLOT_BENCH_PG_ASYNC_COMMIT").is_ok_and(|v| v == "1") {
+            eprintln!("*** diagnostic: synchronous_commit = off on {name} (not durable)");
+            conn.execute(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} SET synchronous_commit = off"
+            )))
+            .await
+            .expect("alter the bench database");
+        }
+        let (base, _) = admin.rsplit_once('/').expect("a database path in the URL");
+        let url = format!("{base}/{name}");
+        Some(Self { admin, name, url })
+    }
+
+    async fn drop_now(self) {
+        let mut conn = PgConnection::connect(&self.admin).await.expect("connect");
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .await
+        .expect("drop the bench database");
+    }
+}
+
+/// A store of one backend and what keeps it alive.
+struct Books {
+    store: Arc<dyn Store>,
+    dir: tempfile::TempDir,
+    pg: Option<PgDatabase>,
+}
+
+impl Books {
+    async fn open(backend: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pg = match backend {
+            "postgres" => Some(PgDatabase::create().await?),
+            _ => None,
+        };
+        let url = pg.as_ref().map(|p| p.url.clone());
+        let store = store::open(url.as_deref(), dir.path())
+            .await
+            .expect("open the store");
+        Some(Self { store, dir, pg })
+    }
+
+    async fn close(self) {
+        self.store.close().await;
+        if let Some(pg) = self.pg {
+            pg.drop_now().await;
+        }
+    }
+}
+
+/// Registers `name` at `url` and returns its token, as `POST /v1/servers` does.
+async fn register(store: &dyn Store, tokens: &ServerTokens, name: &str, url: &str) -> String {
+    let salt = ServerTokens::new_salt();
+    let token = tokens.token(name, &salt);
+    let req = RegisterServer {
+        name: name.into(),
+        url: url.into(),
+        site: "bench".into(),
+    };
+    store
+        .register_server("bench", &req, &salt, &auth::hash_token(&token))
+        .await
+        .expect("register");
+    token
+}
+
+fn product_def(name: &str) -> CreateProduct {
+    serde_json::from_value(json!({"name": name, "enforcement": "hard_stop",
+        "heartbeat_seconds": 600, "staleout_seconds": 3600}))
+    .expect("a product definition")
+}
+
+/// Starts an in-process metering server on `listener` with the balancer's token for it and the
+/// given products defined (no allocation: units arrive as the balancer's grants).
+fn start_agent(
+    rt: &Runtime,
+    listener: TcpListener,
+    dir: &std::path::Path,
+    name: &str,
+    token: String,
+    products: &[String],
+) -> oneshot::Sender<()> {
+    use allot_agent::server::{LocalProduct, ServerConfig};
+    let mut config = ServerConfig::new(dir);
+    config.name = name.into();
+    config.token = Some(token);
+    config.products = products
+        .iter()
+        .map(|p| LocalProduct {
+            product: p.clone(),
+            allocation: None,
+            policy: serde_json::from_value(json!({"enforcement": "hard_stop",
+                "heartbeat_seconds": 600, "staleout_seconds": 3600}))
+            .expect("a policy"),
+        })
+        .collect();
+    let (tx, rx) = oneshot::channel::<()>();
+    rt.spawn(async move {
+        allot_agent::run(listener, config, async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("agent");
+    });
+    tx
+}
+
+/// Starts the real balancer service (`service::serve`: store, engine, scheduler, API) on a
+/// fresh loopback port over the books at `data_dir` / `database_url`; returns its URL and a
+/// stop switch. Built from the command line so the bench follows the service's own wiring.
+fn start_balancer(
+    rt: &Runtime,
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> (String, oneshot::Sender<()>) {
+    // A free port: bind, read it, release it for the service to bind.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut argv = vec![
+        "allot-balancer".to_string(),
+        "serve".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--admin-token".into(),
+        auth::generate_token(),
+    ];
+    if let Some(url) = database_url {
+        argv.extend(["--database-url".to_string(), url.to_string()]);
+    }
+    let Ok(Cli {
+        command: Command::Serve(args),
+        ..
+    }) = Cli::try_parse_from(argv)
+    else {
+        panic!("serve arguments");
+    };
+    let (tx, rx) = oneshot::channel::<()>();
+    rt.spawn(async move {
+        service::serve(args, async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("balancer service");
+    });
+    let url = format!("http://{addr}");
+    // Ready once /healthz answers.
+    rt.block_on(async {
+        for _ in 0..200 {
+            if reqwest::get(format!("{url}/healthz")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the balancer did not start");
+    });
+    (url, tx)
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        .build()
+        .expect("client")
+}
+
+/// Figures of one latency series, in ms.
+struct Series {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn series(mut us: Vec<u64>) -> Series {
+    us.sort_unstable();
+    Series {
+        p50: percentile(&us, 0.5),
+        p99: percentile(&us, 0.99),
+        max: percentile(&us, 1.0),
+    }
+}
+
+/// The instant-balance bench on one backend.
+fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
+    let requests = env_or("ALLOT_BENCH_INSTANT", 2000);
+    let Some(books) = server_rt.block_on(Books::open(backend)) else {
+        return;
+    };
+    let store = books.store.clone();
+    let tokens = server_rt
+        .block_on(store.token_key())
+        .map(|k| ServerTokens::new(&k))
+        .expect("token key");
+    let agent_dir = tempfile::tempdir().expect("temp dir");
+    let listener = server_rt
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let agent_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let token = server_rt.block_on(async {
+        store
+            .create_product("bench", &product_def("cad"))
+            .await
+            .expect("product");
+        store
+            .add_entitlement(
+                "bench",
+                "cad",
+                &AddEntitlement {
+                    units: 1_000_000,
+                    expires_at: None,
+                    reference: None,
+                },
+            )
+            .await
+            .expect("entitlement");
+        // No scheduled run may interleave with the measured requests.
+        store
+            .set_schedule(
+                "bench",
+                &ScheduleSetting {
+                    cron: "0 0 1 1 *".into(),
+                    timezone: "UTC".into(),
+                },
+            )
+            .await
+            .expect("schedule");
+        register(&*store, &tokens, "site-a", &agent_url).await
+    });
+    let stop_agent = start_agent(
+        server_rt,
+        listener,
+        agent_dir.path(),
+        "site-a",
+        token.clone(),
+        &["cad".to_string()],
+    );
+    let (url, stop_balancer) = start_balancer(
+        server_rt,
+        books.dir.path(),
+        books.pg.as_ref().map(|p| p.url.as_str()),
+    );
+
+    let load_before = load_average();
+    let (instant, health) = client_rt.block_on(async {
+        let http = http_client();
+        let one_instant = |http: reqwest::Client| {
+            let url = url.clone();
+            let token = token.clone();
+            async move {
+                let started = Instant::now();
+                let answer: InstantBalanceResponse = http
+                    .post(format!("{url}/v1/instant-balance"))
+                    .bearer_auth(&token)
+                    .json(
+                        &json!({"request_id": uuid::Uuid::new_v4(), "product": "cad",
+                        "units": 1}),
+                    )
+                    .send()
+                    .await
+                    .expect("instant balance")
+                    .error_for_status()
+                    .expect("instant balance status")
+                    .json()
+                    .await
+                    .expect("instant balance answer");
+                assert_eq!(answer.granted, 1, "the reserve path grants");
+                started.elapsed().as_micros() as u64
+            }
+        };
+        let one_health = |http: reqwest::Client| {
+            let url = url.clone();
+            async move {
+                let started = Instant::now();
+                http.get(format!("{url}/healthz"))
+                    .send()
+                    .await
+                    .expect("healthz")
+                    .bytes()
+                    .await
+                    .expect("healthz body");
+                started.elapsed().as_micros() as u64
+            }
+        };
+        // Warm-up: connections, caches, the store's statement caches.
+        for _ in 0..50 {
+            one_instant(http.clone()).await;
+            one_health(http.clone()).await;
+        }
+        let (mut instant, mut health) = (Vec::new(), Vec::new());
+        for _ in 0..requests {
+            instant.push(one_instant(http.clone()).await);
+            health.push(one_health(http.clone()).await);
+        }
+        (series(instant), series(health))
+    });
+    let load_after = load_average();
+    let allocation = server_rt
+        .block_on(store.product("cad"))
+        .expect("product")
+        .servers
+        .first()
+        .map_or(0, |c| c.allocation);
+    println!(
+        "instant/{backend}: {requests} sequential requests (after 50 warm-up), load {load_before} -> {load_after}"
+    );
+    println!(
+        "  instant-balance  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        instant.p50, instant.p99, instant.max
+    );
+    println!(
+        "  healthz baseline p50 {:.3} ms  p99 {:.3} ms  max {:.2} ms",
+        health.p50, health.p99, health.max
+    );
+    println!(
+        "  ratio instant/healthz: p50 {:.1}x  p99 {:.1}x; server allocation now {allocation}",
+        instant.p50 / health.p50,
+        instant.p99 / health.p99
+    );
+    let _ = stop_balancer.send(());
+    let _ = stop_agent.send(());
+    std::thread::sleep(Duration::from_millis(200));
+    server_rt.block_on(books.close());
+}
+
+/// One agent of the fleet.
+struct FleetAgent {
+    name: String,
+    url: String,
+    stop: oneshot::Sender<()>,
+}
+
+/// Sends `tries` checkouts of `product` to each `(agent url, product)` cell, concurrently over
+/// cells; those beyond the allocation are denied (hard stop), which the next status reports.
+async fn checkouts(http: &reqwest::Client, cells: Vec<(String, String)>, tries: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (url, product) in cells {
+        let http = http.clone();
+        tasks.spawn(async move {
+            for i in 0..tries {
+                let r = http
+                    .post(format!("{url}/v1/checkout"))
+                    .json(&json!({"product": product, "user": format!("u{i}"), "host": "h"}))
+                    .send()
+                    .await
+                    .expect("checkout");
+                let _ = r.bytes().await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The scheduled-run bench on one backend.
+fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
+    let n_servers = env_or("ALLOT_BENCH_SERVERS", 200);
+    let n_products = env_or("ALLOT_BENCH_PRODUCTS", 50);
+    let hot = env_or("ALLOT_BENCH_HOT_CELLS", 100);
+    let Some(books) = server_rt.block_on(Books::open(backend)) else {
+        return;
+    };
+    let store = books.store.clone();
+    let tokens = server_rt
+        .block_on(store.token_key())
+        .map(|k| ServerTokens::new(&k))
+        .expect("token key");
+    let products: Vec<String> = (0..n_products).map(|p| format!("p{p:03}")).collect();
+    let setup = Instant::now();
+    // Books: every product; 45 of 50 ample (3 units per server), the rest scarce (1 per
+    // server), so the planner also water-fills.
+    server_rt.block_on(async {
+        for (i, p) in products.iter().enumerate() {
+            store
+                .create_product("bench", &product_def(p))
+                .await
+                .expect("product");
+            let per_server = if i % 10 == 9 { 1 } else { 3 };
+            store
+                .add_entitlement(
+                    "bench",
+                    p,
+                    &AddEntitlement {
+                        units: (n_servers * per_server) as u32,
+                        expires_at: None,
+                        reference: None,
+                    },
+                )
+                .await
+                .expect("entitlement");
+        }
+    });
+    let agents_dir = tempfile::tempdir().expect("temp dir");
+    let mut fleet = Vec::new();
+    for s in 0..n_servers {
+        let name = format!("s{s:03}");
+        let listener = server_rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let token = server_rt.block_on(register(&*store, &tokens, &name, &url));
+        let dir = agents_dir.path().join(&name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let stop = start_agent(server_rt, listener, &dir, &name, token, &products);
+        fleet.push(FleetAgent { name, url, stop });
+    }
+    // A buffer of 2 on every cell (4 on every tenth server), set through the store as
+    // `PUT /v1/servers/{s}/products/{p}` does, a few at a time.
+    server_rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (s, agent) in fleet.iter().enumerate() {
+            for p in &products {
+                let (store, server, product) = (store.clone(), agent.name.clone(), p.clone());
+                let buffer_units = if s % 10 == 0 { 4 } else { 2 };
+                tasks.spawn(async move {
+                    store
+                        .set_allocation_limits(
+                            "bench",
+                            &server,
+                            &product,
+                            &SetAllocation {
+                                min_units: 0,
+                                buffer_units,
+                            },
+                        )
+                        .await
+                        .expect("limits")
+                });
+                while tasks.len() >= 16 {
+                    tasks.join_next().await;
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    println!(
+        "run/{backend}: {n_servers} servers x {n_products} products = {} cells; set-up {:.1} s",
+        n_servers * n_products,
+        setup.elapsed().as_secs_f64()
+    );
+    let engine = Engine::new(store.clone(), tokens, EngineConfig::default());
+    let timed_run = |label: &str| {
+        let load = load_average();
+        let started = Instant::now();
+        let run = server_rt
+            .block_on(engine.run(RunTrigger::Scheduled, None))
+            .expect("run");
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "  {label:<26} {elapsed:>7.3} s  moves {:>5}  units {:>6}  queried {}  unreachable {}  errors {}  load {load}",
+            run.run.moves,
+            run.run.units_moved,
+            run.run.servers_queried,
+            run.run.servers_unreachable,
+            run.run.errors.len()
+        );
+        if let Some(e) = run.run.errors.first() {
+            println!("    first error: {e}");
+        }
+        elapsed
+    };
+    timed_run("first run (distribution)");
+    let mut quiet = Vec::new();
+    for _ in 0..3 {
+        quiet.push(timed_run("quiet run (no change)"));
+    }
+    let http = http_client();
+    let mut steady = Vec::new();
+    for round in 0..3 {
+        // `hot` cells, different each round, spread over servers and products: one checkout
+        // granted per unit held plus one denied, so each is starving and the planner grants.
+        let cells: Vec<(String, String)> = (0..hot)
+            .map(|i| {
+                let k = round * hot + i;
+                let agent = &fleet[(k * 7) % n_servers];
+                (agent.url.clone(), products[(k * 13) % n_products].clone())
+            })
+            .collect();
+        client_rt.block_on(checkouts(&http, cells, 4));
+        steady.push(timed_run(&format!("steady run ({hot} hot cells)")));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "  median quiet {:.3} s, median steady {:.3} s",
+        median(quiet),
+        median(steady)
+    );
+    let books_ok = server_rt.block_on(store.books()).expect("books");
+    let broken: Vec<String> = books_ok.iter().flat_map(|b| b.errors()).collect();
+    println!(
+        "  books balance: {}",
+        if broken.is_empty() {
+            "yes".to_string()
+        } else {
+            broken.join("; ")
+        }
+    );
+    for agent in fleet {
+        let _ = agent.stop.send(());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    server_rt.block_on(books.close());
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass other flags. Only run
+    // under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("balancing bench: run it with `cargo bench -p allot-balancer --bench balancing`");
+        return;
+    }
+    let backends =
+        std::env::var("ALLOT_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    println!(
+        "balancing bench; {} CPUs, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
+    );
+    for backend in backends.split(',') {
+        instant_bench(&server_rt, &client_rt, backend);
+    }
+    for backend in backends.split(',') {
+        run_bench(&server_rt, &client_rt, backend);
+    }
+}
