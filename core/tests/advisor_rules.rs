@@ -30,65 +30,93 @@ struct Server {
 
 /// Plays `days` days of `servers` under a cron of every `interval` minutes (UTC, phase 0).
 fn simulate(days: i64, interval: u32, servers: &[Server]) -> AdvisorInput {
+    simulate_with(days, interval, 0, true, servers)
+}
+
+/// Plays `days` days of `servers` with scheduled runs every `interval` minutes starting
+/// `phase` minutes after midnight UTC. With `reserve`, a server that runs dry gets an instant
+/// balance; without, the reserve is empty and the shortfall is denied until the next run.
+fn simulate_with(
+    days: i64,
+    interval: u32,
+    phase: u32,
+    reserve: bool,
+    servers: &[Server],
+) -> AdvisorInput {
     let end = MONDAY + days * DAY;
     let mut samples = Vec::new();
     let mut instant_balances = Vec::new();
     let mut runs = Vec::new();
     let mut run_times_ms = Vec::new();
+    #[derive(Default)]
     struct State {
         allocation: u32,
         peak: u32,
         requests: u32,
+        denials: u32,
+        short: u32,
     }
+    // Before the first run every server holds what it needs, so the history starts settled.
     let mut states: Vec<State> = servers
         .iter()
         .map(|_| State {
-            allocation: 0,
-            peak: 0,
-            requests: 0,
+            allocation: u32::MAX,
+            ..State::default()
         })
         .collect();
     let mut at = MONDAY;
     while at < end {
-        let is_run = (at - MONDAY) % (i64::from(interval) * MINUTE) == 0;
+        let since = (at - MONDAY) / MINUTE - i64::from(phase);
+        let is_run = since >= 0 && since % i64::from(interval) == 0;
         let mut moves = 0;
         for (server, state) in servers.iter().zip(&mut states) {
             let local = at + i64::from(server.offset) * MINUTE;
             let day = (local - MONDAY).div_euclid(DAY);
             let minute = ((local - MONDAY).rem_euclid(DAY) / MINUTE) as u32;
             let demand = (server.curve)(day, minute);
+            if !is_run && demand > state.allocation {
+                if reserve {
+                    let units = demand - state.allocation + server.buffer;
+                    state.allocation += units;
+                    state.requests += units;
+                    instant_balances.push(InstantBalance {
+                        at_ms: at,
+                        server: server.name.to_string(),
+                        product: "cad".to_string(),
+                        units,
+                    });
+                } else {
+                    let short = demand - state.allocation;
+                    state.denials += short.saturating_sub(state.short);
+                    state.short = short;
+                }
+            } else if !is_run {
+                state.short = 0;
+            }
+            let in_use = demand.min(state.allocation);
+            state.peak = state.peak.max(in_use);
             if is_run {
-                let target = (demand + server.buffer).max(server.min);
+                let target = (in_use + state.short + server.buffer).max(server.min);
                 if target != state.allocation && at > MONDAY {
                     moves += 1;
                 }
-                state.allocation = target;
-                state.peak = state.peak.max(demand);
                 samples.push(UsageSample {
                     at_ms: at,
                     server: server.name.to_string(),
                     product: "cad".to_string(),
-                    allocation: state.allocation,
-                    in_use: demand,
+                    allocation: target,
+                    in_use,
                     peak_in_use: state.peak,
-                    denials: 0,
+                    denials: state.denials,
                     waiting: 0,
                     instant_requests: state.requests,
                 });
-                state.peak = demand;
+                state.allocation = target;
+                state.peak = in_use;
                 state.requests = 0;
-            } else if demand > state.allocation {
-                let units = demand - state.allocation + server.buffer;
-                state.allocation += units;
-                state.requests += units;
-                instant_balances.push(InstantBalance {
-                    at_ms: at,
-                    server: server.name.to_string(),
-                    product: "cad".to_string(),
-                    units,
-                });
+                state.denials = 0;
+                state.short = 0;
             }
-            state.peak = state.peak.max(demand);
         }
         if is_run {
             run_times_ms.push(at);
@@ -100,12 +128,11 @@ fn simulate(days: i64, interval: u32, servers: &[Server]) -> AdvisorInput {
         }
         at += MINUTE;
     }
-    let cron = if interval < 60 {
-        format!("*/{interval} * * * *")
-    } else if interval == 60 {
-        "0 * * * *".to_string()
-    } else {
-        format!("0 */{} * * *", interval / 60)
+    let cron = match (interval, phase) {
+        (60, phase) => format!("{phase} * * * *"),
+        (interval, 0) if interval < 60 => format!("*/{interval} * * * *"),
+        (interval, 0) => format!("0 */{} * * *", interval / 60),
+        _ => panic!("the simulator writes crons for hourly runs or phase 0"),
     };
     AdvisorInput {
         window: Window {
@@ -496,4 +523,81 @@ fn bounds_hold_autotune_back() {
     );
     assert_eq!(held.schedule.action, Action::Keep);
     assert_eq!(held.schedule.recommended, held.schedule.current);
+}
+
+#[test]
+fn denials_that_follow_a_daily_pattern_get_a_run_before_them() {
+    // No reserve: the 09:00 ramp in Paris is denied, not served by instant balances.
+    let input = simulate_with(14, 60, 0, false, &paris_and_new_york());
+    assert!(input.instant_balances.is_empty());
+    assert!(input.samples.iter().any(|s| s.denials > 0));
+    let advice = advise(&input);
+    let runs = cron_minutes(&advice.schedule.recommended.cron);
+    assert!(
+        runs.iter().any(|m| (450..=475).contains(m)),
+        "{:#?}",
+        advice.schedule
+    );
+    let paris = advice.cells.iter().find(|c| c.server == "paris-1").unwrap();
+    assert!(paris.recommended.buffer_units > paris.current.buffer_units);
+}
+
+#[test]
+fn a_schedule_that_already_runs_before_the_peak_is_kept() {
+    // Runs at :45, so 08:45 in Paris precedes the 09:00 ramp; only the buffer is short.
+    let advice = advise(&simulate_with(14, 60, 45, true, &paris_and_new_york()));
+    assert_eq!(
+        advice.schedule.action,
+        Action::Keep,
+        "{:#?}",
+        advice.schedule
+    );
+    assert!(
+        advice
+            .schedule
+            .evidence
+            .iter()
+            .any(|e| e.rule == Rule::DailyPeak && e.text.contains("covered"))
+    );
+    let paris = advice.cells.iter().find(|c| c.server == "paris-1").unwrap();
+    assert_eq!(paris.recommended.buffer_units, 18);
+}
+
+/// 09:00 ramps in three sites whose clocks differ; each gets a run shortly before its own.
+#[test]
+fn each_site_gets_a_run_before_its_own_peak() {
+    let site = |name, offset| Server {
+        name,
+        site: name,
+        offset,
+        curve: morning_peak,
+        min: 0,
+        buffer: 2,
+    };
+    let servers = [
+        site("paris", 60),
+        site("new-york", -300),
+        site("mumbai", 330),
+    ];
+    let advice = advise(&simulate(14, 60, &servers));
+    let runs = cron_minutes(&advice.schedule.recommended.cron);
+    for server in &servers {
+        // 09:00 local in UTC minutes of the day.
+        let peak = (540 - server.offset).rem_euclid(1440) as u32;
+        assert!(
+            runs.iter().any(|m| (peak - 30..=peak - 5).contains(m)),
+            "{}: {}",
+            server.name,
+            advice.schedule.recommended.cron
+        );
+    }
+    assert_eq!(
+        advice
+            .schedule
+            .evidence
+            .iter()
+            .filter(|e| e.rule == Rule::DailyPeak)
+            .count(),
+        3
+    );
 }

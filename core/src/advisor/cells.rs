@@ -6,6 +6,15 @@ use super::{
 };
 use std::collections::BTreeMap;
 
+/// "1 unit", "3 units".
+fn units(n: u32) -> String {
+    if n == 1 {
+        "1 unit".to_string()
+    } else {
+        format!("{n} units")
+    }
+}
+
 fn figures<const N: usize>(pairs: [(&str, f64); N]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
@@ -142,11 +151,19 @@ pub(crate) fn advise_cell(
             .filter(|at| newly_covered.contains(&local::local_day(**at, h.offset)))
             .count() as f64
             / window.days();
+        // A sample's denials happened in the interval that began at the sample before it.
+        let fewer_denials = h
+            .samples
+            .windows(2)
+            .filter(|w| newly_covered.contains(&local::local_day(w[0].at_ms, h.offset)))
+            .map(|w| f64::from(w[1].denials))
+            .sum::<f64>()
+            / window.days();
         rec.expected_effect.push(Effect {
             text: format!(
                 "buffer {b} → {need}: covers the p{} rise of in-use within one {interval}-minute \
                  interval on {} of {} days instead of {}; about {avoided:.1} fewer instant \
-                 balances per day at this server",
+                 balances and {fewer_denials:.1} fewer denials per day at this server",
                 t.buffer_percentile,
                 covered(need),
                 daily.len(),
@@ -155,6 +172,7 @@ pub(crate) fn advise_cell(
             figures: figures([
                 ("days_covered_after", covered(need) as f64),
                 ("fewer_instant_balances_per_day", avoided),
+                ("fewer_denials_per_day", fewer_denials),
             ]),
         });
         need
@@ -166,9 +184,9 @@ pub(crate) fn advise_cell(
         let lower = need.saturating_add(need.div_ceil(4)).min(cap);
         rec.expected_effect.push(Effect {
             text: format!(
-                "buffer {b} → {lower}: about {} units go back to the reserve for other servers; \
+                "buffer {b} → {lower}: about {} go back to the reserve for other servers; \
                  the p{} daily rise ({need}) still fits",
-                b - lower,
+                units(b - lower),
                 t.buffer_percentile
             ),
             figures: figures([("units_freed", f64::from(b - lower))]),
@@ -176,7 +194,7 @@ pub(crate) fn advise_cell(
         lower
     } else {
         rec.expected_effect.push(Effect {
-            text: format!("buffer {b} kept: it fits (dead band {dead_band} unit(s))"),
+            text: format!("buffer {b} kept: it fits (dead band {})", units(dead_band)),
             figures: BTreeMap::new(),
         });
         b
@@ -252,9 +270,10 @@ pub(crate) fn advise_cell(
         if pressured && target >= m.saturating_add(t.min_dead_band_units.max(1)) {
             rec.expected_effect.push(Effect {
                 text: format!(
-                    "min {m} → {target}: the server keeps {target} units through the night, \
+                    "min {m} → {target}: the server keeps {} through the night, \
                      so the working-day floor ({floor}) is served locally, not reclaimed and \
-                     asked back"
+                     asked back",
+                    units(target)
                 ),
                 figures: figures([("units_kept", f64::from(target - m))]),
             });
@@ -262,9 +281,9 @@ pub(crate) fn advise_cell(
         } else if m > floor && m > target {
             rec.expected_effect.push(Effect {
                 text: format!(
-                    "min {m} → {target}: about {} units the floor held idle go back to the \
+                    "min {m} → {target}: about {} the floor held idle go back to the \
                      reserve, where other sites can use them",
-                    m - target
+                    units(m - target)
                 ),
                 figures: figures([("units_freed", f64::from(m - target))]),
             });
