@@ -97,7 +97,11 @@ impl Window {
 
     /// Length in days, at least one minute's worth, so per-day rates never divide by zero.
     pub fn days(&self) -> f64 {
-        ((self.to_ms - self.from_ms).max(local::MINUTE_MS)) as f64 / local::DAY_MS as f64
+        (self
+            .to_ms
+            .saturating_sub(self.from_ms)
+            .max(local::MINUTE_MS)) as f64
+            / local::DAY_MS as f64
     }
 
     /// Human form, quoted in every piece of evidence so a reader knows what it came from.
@@ -504,9 +508,13 @@ impl<'a> Prepared<'a> {
         if to_ms < input.window.to_ms {
             notes.push("the window ends after now; history is read up to now".to_string());
         }
+        // ±2^50 ms is ±35,000 years: every time the rules derive from the window then fits in
+        // an i64 without overflow checks, whatever a malformed input holds.
+        const LIMIT: i64 = 1 << 50;
+        let from_ms = input.window.from_ms.clamp(-LIMIT, LIMIT);
         let window = Window {
-            from_ms: input.window.from_ms,
-            to_ms: to_ms.max(input.window.from_ms),
+            from_ms,
+            to_ms: to_ms.clamp(from_ms, LIMIT),
         };
         let (schedule_offset, note) = local::resolve_offset(
             input.schedule.utc_offset_minutes,

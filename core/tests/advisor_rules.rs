@@ -601,3 +601,32 @@ fn each_site_gets_a_run_before_its_own_peak() {
         3
     );
 }
+
+#[test]
+fn absurd_timestamps_and_settings_do_not_panic() {
+    let mut input = simulate(3, 60, &paris_and_new_york());
+    input.window = Window {
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+    };
+    input.now_ms = i64::MAX;
+    input.samples[0].at_ms = i64::MIN;
+    input.samples[1].at_ms = i64::MAX - 1;
+    input.samples[2].peak_in_use = u32::MAX;
+    input.samples[2].denials = u32::MAX;
+    input.cells[0].buffer_units = u32::MAX;
+    input.schedule.interval_minutes = Some(u32::MAX);
+    input.schedule.utc_offset_minutes = Some(i32::MIN);
+    input.tuning.quiet_days = u32::MAX;
+    input.tuning.lead_minutes = u32::MAX;
+    let advice = advise(&input);
+    let _ = apply_bounds(
+        advice,
+        &AutotuneBounds {
+            max_buffer_units: u32::MAX,
+            max_min_units: u32::MAX,
+            min_interval_minutes: 0,
+            max_interval_minutes: u32::MAX,
+        },
+    );
+}

@@ -46,6 +46,9 @@ fn parse_fixed_offset(text: &str) -> Option<i32> {
         b'-' => (-1, &rest[1..]),
         _ => return None,
     };
+    if !digits.bytes().all(|b| b.is_ascii_digit() || b == b':') {
+        return None;
+    }
     let (hours, minutes) = match digits.split_once(':') {
         Some((h, m)) => (h, m),
         None if digits.len() == 4 => digits.split_at(2),
@@ -127,6 +130,8 @@ mod tests {
         assert_eq!(resolve_offset(None, Some("-0800")).0, -480);
         assert_eq!(resolve_offset(None, Some("GMT+1")).0, 60);
         assert_eq!(resolve_offset(Some(60), Some("Europe/Paris")), (60, None));
+        assert_eq!(resolve_offset(None, Some("+a€")).0, 0);
+        assert_eq!(resolve_offset(None, Some("UTC+25")).0, 0);
         let (minutes, note) = resolve_offset(None, Some("Europe/Paris"));
         assert_eq!(minutes, 0);
         assert!(note.unwrap().contains("Europe/Paris"));

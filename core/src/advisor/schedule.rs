@@ -589,11 +589,14 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
             instants.per_day,
             t.instant_balances_per_day,
             peaks.len(),
-            match &quiet {
-                Some(_) => format!(
+            match quiet.as_ref().map(|q| q.relaxed) {
+                Some(None) => format!(
                     "runs are already {interval} minutes apart (the most rule 3 relaxes to is {})",
                     t.quiet_interval_ceiling_minutes
                 ),
+                Some(Some(_)) => "the last days were quiet, but the instant balances earlier in \
+                                  the window argue against fewer runs"
+                    .to_string(),
                 None => format!(
                     "runs moved units, met pressure or the window is under {} days",
                     t.quiet_days
