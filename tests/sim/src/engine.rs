@@ -203,6 +203,9 @@ struct Cell {
     hist: Vec<u32>,
     hist_bucket: u64,
     epoch: u32,
+    /// The target of the last scheduled plan (allot): a reclaim for a proactive pull does not
+    /// take a cell below it, so pre-positioned units stay where the forecast put them.
+    planned: u64,
     /// Recent moves for ping-pong: (time, +units granted / −units released).
     recent_moves: VecDeque<(u64, i64)>,
 }
@@ -235,15 +238,17 @@ enum Ev {
         units: u64,
         reply: Option<u64>,
     },
+    /// `for_cell`: a reclaim for this asker, and the units the answer to its instant request
+    /// is measured against when this release carries that answer.
     Release {
         cell: usize,
         units: u64,
-        for_cell: Option<usize>,
+        for_cell: Option<(usize, Option<u64>)>,
     },
     ReleaseConfirm {
         product: usize,
         units: u64,
-        for_cell: Option<usize>,
+        for_cell: Option<(usize, Option<u64>)>,
     },
     RunGrants {
         product: usize,
@@ -354,6 +359,7 @@ impl<'a> Sim<'a> {
                     hist: vec![0; BUCKETS],
                     hist_bucket: 0,
                     epoch: 0,
+                    planned: 0,
                     recent_moves: VecDeque::new(),
                 });
             }
@@ -731,16 +737,19 @@ impl<'a> Sim<'a> {
                     self.metrics.moved(g);
                 }
                 self.metrics.transactions += 1;
-                self.at(
-                    self.now + lat,
-                    Ev::Grant {
-                        cell,
-                        units: g,
-                        reply: Some(units),
-                    },
-                );
-                if g < units {
-                    self.reclaim(cell, units - g, deficit.saturating_sub(g));
+                // When a reclaim is under way, its first grant carries the answer, so the
+                // asker does not ask again before the reclaimed units arrive.
+                let reclaiming =
+                    g < units && self.reclaim(cell, units - g, deficit.saturating_sub(g));
+                if !reclaiming || g > 0 {
+                    self.at(
+                        self.now + lat,
+                        Ev::Grant {
+                            cell,
+                            units: g,
+                            reply: (!reclaiming).then_some(units),
+                        },
+                    );
                 }
                 self.check(p);
             }
@@ -795,8 +804,8 @@ impl<'a> Sim<'a> {
                 let b = &mut self.books[product];
                 b.in_transit -= units;
                 b.reserve += units;
-                if let Some(to) = for_cell
-                    && units > 0
+                if let Some((to, reply)) = for_cell
+                    && (units > 0 || reply.is_some())
                 {
                     let g = units.min(b.reserve);
                     b.reserve -= g;
@@ -808,7 +817,7 @@ impl<'a> Sim<'a> {
                         Ev::Grant {
                             cell: to,
                             units: g,
-                            reply: None,
+                            reply,
                         },
                     );
                 }
@@ -901,7 +910,8 @@ impl<'a> Sim<'a> {
 
     /// The balancer's instant handler when the reserve is short: release free units from the
     /// sites that need them least, then grant them to the asker (DESIGN.md flow 3).
-    fn reclaim(&mut self, asker: usize, short: u64, urgent: u64) {
+    /// Returns whether any release was sent; the largest carries the answer to the asker.
+    fn reclaim(&mut self, asker: usize, short: u64, urgent: u64) -> bool {
         let p = self.cells[asker].product;
         let now = self.now;
         let trigger = self.cfg.trigger;
@@ -912,7 +922,11 @@ impl<'a> Sim<'a> {
                 let c = &self.cells[s * self.np + p];
                 let free = c.alloc.saturating_sub(c.in_use + c.queued_units);
                 let spare = match self.kind {
-                    Kind::Allot { .. } => free.saturating_sub(trigger.headroom(c.in_use)),
+                    Kind::Allot { .. } => free.saturating_sub(
+                        trigger
+                            .headroom(c.in_use)
+                            .max(c.planned.saturating_sub(c.in_use)),
+                    ),
                     // Sentinel lends only what keeps the lender below its own threshold.
                     Kind::Sentinel => c.alloc.saturating_sub((c.in_use * 10).div_ceil(9) + 1),
                     _ => free,
@@ -936,20 +950,25 @@ impl<'a> Sim<'a> {
             asks[d.2] += take;
             urgent_left -= take;
         }
+        let answer_by = (0..asks.len()).max_by_key(|&s| (asks[s], std::cmp::Reverse(s)));
+        let mut sent = false;
         for (s, units) in asks.into_iter().enumerate() {
             if units > 0 {
                 self.metrics.transactions += 1;
                 let cell = self.cell(s, p);
+                let reply = (Some(s) == answer_by).then_some(units);
                 self.at(
                     now + self.cfg.latency,
                     Ev::Release {
                         cell,
                         units,
-                        for_cell: Some(asker),
+                        for_cell: Some((asker, reply)),
                     },
                 );
+                sent = true;
             }
         }
+        sent
     }
 
     /// One product's scheduled run: compute targets by the policy, release, then grant.
@@ -1127,6 +1146,10 @@ impl<'a> Sim<'a> {
                 return;
             }
         };
+        for cp in &plan.cells {
+            let k = self.cell(cp.server as usize, p);
+            self.cells[k].planned = cp.target;
+        }
         let mut grants = Vec::new();
         for m in plan.moves {
             let k = self.cell(m.server() as usize, p);

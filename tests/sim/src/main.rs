@@ -3,15 +3,17 @@
 //!
 //! ```text
 //! cargo run --release -p allot-sim -- [--workload NAME]... [--traces DIR] [--img DIR]
-//!     [--days N] [--products N] [--load F] [--seed N] [--threads N]
+//!     [--days N] [--products N] [--load F] [--seed N] [--threads N] [--policy NAME]...
+//!     [--latency-ms N] [--hysteresis-percent N] [--hysteresis-min N] [--lookahead-min N]
+//!     [--window-min N] [--watermark-percent N] [--watermark-min N]
 //! ```
 #![forbid(unsafe_code)]
 
 use allot_sim::engine::SimConfig;
 use allot_sim::report::{
-    SUMMARY_HEAD, load_font, plot_allocation, plot_denials, policies, run_all,
+    SUMMARY_HEAD, TARGETS_HEAD, load_font, plot_allocation, plot_denials, policies, run_all,
 };
-use allot_sim::workload::{DAY, SYNTHETIC, Scale, synthetic};
+use allot_sim::workload::{DAY, MINUTE, SYNTHETIC, Scale, synthetic};
 use allot_sim::{flexnet, workload::Workload};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,6 +31,8 @@ fn main() {
     let mut img: Option<PathBuf> = None;
     let mut scale = Scale::default();
     let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut cfg = SimConfig::default();
+    let mut only: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -44,6 +48,14 @@ fn main() {
             "--load" => scale.load = parse(&val()),
             "--seed" => scale.seed = parse(&val()),
             "--threads" => threads = parse(&val()),
+            "--policy" => only.push(val()),
+            "--latency-ms" => cfg.latency = parse(&val()),
+            "--hysteresis-percent" => cfg.planner.hysteresis_percent = parse(&val()),
+            "--hysteresis-min" => cfg.planner.hysteresis_min_units = parse(&val()),
+            "--lookahead-min" => cfg.lookahead = parse::<u64>(&val()) * MINUTE,
+            "--window-min" => cfg.window = parse::<u64>(&val()) * MINUTE,
+            "--watermark-percent" => cfg.trigger.low_watermark_percent = parse(&val()),
+            "--watermark-min" => cfg.trigger.low_watermark_min_units = parse(&val()),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -56,10 +68,13 @@ fn main() {
     if img.is_some() && !fonts {
         eprintln!("no font found (set ALLOT_SIM_FONT to a .ttf): plots skipped");
     }
-    let cfg = SimConfig::default();
-    let policies = policies();
+    let mut policies = policies();
+    if !only.is_empty() {
+        policies.retain(|p| p.name == "oracle" || only.contains(&p.name));
+    }
     let mut summary = vec![SUMMARY_HEAD.to_string()];
     let mut tables = Vec::new();
+    let mut targets = vec![TARGETS_HEAD.to_string()];
     for name in &names {
         let started = Instant::now();
         let Some(w) = build(name, scale, &traces) else {
@@ -73,16 +88,41 @@ fn main() {
             policies.len(),
             started.elapsed().as_secs_f64()
         );
+        if std::env::var("ALLOT_SIM_DEBUG").is_ok() {
+            for m in &r.runs {
+                let p = |q: f64| allot_sim::metrics::percentile(&m.waits, q);
+                eprintln!(
+                    "{}: waits {} p50 {} p90 {} p95 {} instant requests {}",
+                    m.policy,
+                    m.waited,
+                    p(0.5),
+                    p(0.9),
+                    p(0.95),
+                    m.instant_requests
+                );
+            }
+        }
         summary.push(r.summary_row());
+        targets.push(r.targets_row());
         tables.push(r.table());
         if fonts && let Some(dir) = &img {
             let _ = std::fs::create_dir_all(dir);
-            if let Err(e) = plot_denials(&r, &dir.join(format!("sim-{name}-denials.png"))) {
+            let plotted = [
+                "follow-the-sun",
+                "login-storm",
+                "step",
+                "scarcity",
+                "partition",
+                "replay-matlab",
+            ];
+            if plotted.contains(&name.as_str())
+                && let Err(e) = plot_denials(&r, &dir.join(format!("sim-{name}-denials.png")))
+            {
                 eprintln!("plot failed: {e}");
             }
-            if matches!(name.as_str(), "follow-the-sun" | "partition" | "step") {
-                let day = if name == "step" { 2 } else { 1 };
-                for policy in ["allot", "sms-1h"] {
+            if matches!(name.as_str(), "follow-the-sun" | "partition") {
+                let day = 1;
+                for policy in ["allot", "sms-15m"] {
                     let path = dir.join(format!("sim-{name}-allocation-{policy}.png"));
                     if let Err(e) = plot_allocation(&r, policy, day, &path) {
                         eprintln!("plot failed: {e}");
@@ -92,6 +132,7 @@ fn main() {
         }
     }
     println!("{}\n", summary.join("\n"));
+    println!("{}\n", targets.join("\n"));
     for t in tables {
         println!("{t}");
     }

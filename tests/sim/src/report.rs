@@ -93,7 +93,7 @@ impl Results {
             .iter()
             .filter(|m| m.policy != "oracle" && !is_allot(&m.policy))
             .min_by_key(|m| m.denials)
-            .expect("baselines run")
+            .unwrap_or(self.oracle())
     }
 
     /// The Markdown table of this workload: one row per policy.
@@ -153,7 +153,9 @@ impl Results {
 
     /// One row of the summary table: the headline figures.
     pub fn summary_row(&self) -> String {
-        let allot = self.get("allot").expect("allot runs");
+        let Some(allot) = self.get("allot") else {
+            return String::new();
+        };
         let best = self.best_baseline();
         format!(
             "| {} | {:.2} | {:+.2} | {:+.2} ({}) | {} |",
@@ -163,6 +165,65 @@ impl Results {
             self.excess_pp(best),
             best.policy,
             self.runs.iter().map(|m| m.violations.total()).sum::<u64>(),
+        )
+    }
+}
+
+/// The header of the targets table.
+pub const TARGETS_HEAD: &str = "| workload | allot excess pp ≤ 0.25 ¹ | ≤ best baseline | waited ≤ 1 % | moved /checkout ≤ 0.5 | ping-pong ≤ 5 % | cut site ≤ static split | sched-only beats SMS (24h / 1h / 15m) | safety = 0 |\n|---|---|---|---|---|---|---|---|---|";
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "✅" } else { "❌" }
+}
+
+impl Results {
+    /// One row of the targets table: every target of issue 5, measured.
+    pub fn targets_row(&self) -> String {
+        let Some(allot) = self.get("allot") else {
+            return String::new();
+        };
+        let best = self.best_baseline();
+        let excess = self.excess_pp(allot);
+        let headline = if matches!(
+            self.workload.as_str(),
+            "follow-the-sun" | "login-storm" | "step"
+        ) {
+            format!("{} {excess:+.2}", mark(excess <= 0.25))
+        } else {
+            format!("({excess:+.2})")
+        };
+        let waited = ratio(allot.waited, allot.checkouts) * 100.0;
+        let moved = ratio(allot.units_moved, allot.checkouts);
+        let pp = ratio(allot.ping_pong_units, allot.units_moved) * 100.0;
+        let cut = if self.has_partition {
+            let s = self
+                .get("static-equal")
+                .map_or(0.0, |m| m.partition_denial_rate());
+            let a = allot.partition_denial_rate();
+            format!("{} {:.1} % vs {:.1} %", mark(a <= s), a * 100.0, s * 100.0)
+        } else {
+            "–".into()
+        };
+        let sched: Vec<String> = [("24h", "sms-24h"), ("1h", "sms-1h"), ("15m", "sms-15m")]
+            .iter()
+            .map(|(i, sms)| {
+                let a = self
+                    .get(&format!("allot-sched-{i}"))
+                    .map_or(0, |m| m.denials);
+                let b = self.get(sms).map_or(0, |m| m.denials);
+                mark(a < b).to_string()
+            })
+            .collect();
+        let safety: u64 = self.runs.iter().map(|m| m.violations.total()).sum();
+        format!(
+            "| {} | {headline} | {} | {} {waited:.1} % | {} {moved:.2} | {} {pp:.0} % | {cut} | {} | {} |",
+            self.workload,
+            mark(allot.denials <= best.denials),
+            mark(waited <= 1.0),
+            mark(moved <= 0.5),
+            mark(pp <= 5.0),
+            sched.join(" "),
+            mark(safety == 0),
         )
     }
 }

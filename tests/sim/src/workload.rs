@@ -303,7 +303,7 @@ pub struct Scale {
     pub products: usize,
     /// Length of the run.
     pub duration: u64,
-    /// Multiplies every load (1.0 = the docs' week with about a million checkouts).
+    /// Multiplies every load (the docs use 1.5: a week of about a million checkouts).
     pub load: f64,
     /// Mean holding time.
     pub hold_mean: u64,
@@ -312,12 +312,13 @@ pub struct Scale {
 }
 
 impl Default for Scale {
-    /// The documented estate: 10 sites, 20 products, one week, 12-minute holds.
+    /// The documented estate: 10 sites, 20 products, one week, 12-minute holds, about a
+    /// million checkouts.
     fn default() -> Self {
         Self {
             products: 20,
             duration: WEEK,
-            load: 1.0,
+            load: 1.5,
             hold_mean: 12 * MINUTE,
             seed: 1,
         }
