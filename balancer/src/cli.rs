@@ -288,6 +288,55 @@ pub struct HistoryArgs {
     pub client: ClientArgs,
 }
 
+/// `allot-balancer advise`.
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    /// How far back to read, e.g. `7d` (at most 30 days).
+    #[arg(long, default_value = "7d")]
+    pub since: String,
+    /// Apply the recommendations (audited).
+    #[arg(long)]
+    pub apply: bool,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer autotune …`.
+#[derive(Debug, Subcommand)]
+pub enum AutotuneCommand {
+    /// Show the autotune setting.
+    Get {
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Turn autotune on or off, within bounds.
+    Set {
+        /// Apply the advice automatically (every six hours).
+        #[arg(long)]
+        enabled: bool,
+        /// The largest buffer autotune may set.
+        #[arg(long, default_value_t = 50)]
+        max_buffer: u32,
+        /// The largest min autotune may set.
+        #[arg(long, default_value_t = 10)]
+        max_min: u32,
+        /// The shortest schedule interval autotune may choose, in minutes.
+        #[arg(long, default_value_t = 5)]
+        min_interval_minutes: u32,
+        /// The longest schedule interval autotune may choose, in minutes.
+        #[arg(long, default_value_t = 240)]
+        max_interval_minutes: u32,
+        /// How far back each pass reads, in days.
+        #[arg(long, default_value_t = 7)]
+        window_days: u32,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
 /// A typed admin client of the balancer's API.
 pub struct AdminClient {
     http: reqwest::Client,
@@ -1034,5 +1083,129 @@ fn csv_field(value: &str) -> String {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value.to_owned()
+    }
+}
+
+fn print_advice(advice: &allot_core::advisor::Advice) {
+    use allot_core::advisor::Action;
+    let s = &advice.schedule;
+    match s.action {
+        Action::Keep => println!("schedule: keep {} ({})", s.current.cron, s.current.timezone),
+        Action::Change => println!(
+            "schedule: {} ({}) → {} ({}), {} runs a day",
+            s.current.cron,
+            s.current.timezone,
+            s.recommended.cron,
+            s.recommended.timezone,
+            s.recommended.runs_per_day
+        ),
+    }
+    for e in &s.evidence {
+        println!("  evidence: {}", e.text);
+    }
+    for e in &s.expected_effect {
+        println!("  expected: {}", e.text);
+    }
+    let changes: Vec<_> = advice
+        .cells
+        .iter()
+        .filter(|c| c.action == Action::Change)
+        .collect();
+    if changes.is_empty() {
+        println!("cells: no change");
+    } else {
+        let mut t = table(&["server", "product", "min", "buffer", "evidence", "expected"]);
+        for c in changes {
+            t.add_row(vec![
+                c.server.clone(),
+                c.product.clone(),
+                format!("{} → {}", c.current.min_units, c.recommended.min_units),
+                format!(
+                    "{} → {}",
+                    c.current.buffer_units, c.recommended.buffer_units
+                ),
+                c.evidence
+                    .iter()
+                    .map(|e| e.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                c.expected_effect
+                    .iter()
+                    .map(|e| e.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ]);
+        }
+        println!("{t}");
+    }
+    for note in &advice.notes {
+        println!("note: {note}");
+    }
+}
+
+impl AdviseArgs {
+    /// Prints (and with `--apply` applies) the advisor's recommendations.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let client = AdminClient::new(&self.client)?;
+        if self.apply {
+            let answer: serde_json::Value = client
+                .call(
+                    Method::POST,
+                    "/v1/advice/apply",
+                    Some(&serde_json::json!({"since": self.since})),
+                )
+                .await?;
+            return output(self.client.json, &answer, |a| {
+                if let Ok(advice) = serde_json::from_value(a["advice"].clone()) {
+                    print_advice(&advice);
+                }
+                println!("applied: {}", a["applied"]);
+            });
+        }
+        let advice: allot_core::advisor::Advice = client
+            .get(&format!("/v1/advice?since={}", segment(&self.since)))
+            .await?;
+        output(self.client.json, &advice, print_advice)
+    }
+}
+
+impl AutotuneCommand {
+    /// Runs the subcommand against the API.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Get { client } => {
+                let setting: crate::advice::Autotune =
+                    AdminClient::new(&client)?.get("/v1/autotune").await?;
+                output(client.json, &setting, |s| {
+                    println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())
+                })
+            }
+            Self::Set {
+                enabled,
+                max_buffer,
+                max_min,
+                min_interval_minutes,
+                max_interval_minutes,
+                window_days,
+                client,
+            } => {
+                let setting = crate::advice::Autotune {
+                    enabled,
+                    bounds: allot_core::advisor::AutotuneBounds {
+                        max_buffer_units: max_buffer,
+                        max_min_units: max_min,
+                        min_interval_minutes,
+                        max_interval_minutes,
+                    },
+                    window_days,
+                };
+                let saved: crate::advice::Autotune = AdminClient::new(&client)?
+                    .call(Method::PUT, "/v1/autotune", Some(&setting))
+                    .await?;
+                output(client.json, &saved, |s| {
+                    println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())
+                })
+            }
+        }
     }
 }

@@ -56,6 +56,11 @@ pub enum Command {
     Runs(crate::cli::RunsCommand),
     /// Compare the books with every server; exits non-zero on any discrepancy.
     Doctor(crate::cli::DoctorArgs),
+    /// The advisor's schedule and buffer recommendations; `--apply` applies them.
+    Advise(crate::cli::AdviseArgs),
+    /// The opt-in autotune setting.
+    #[command(subcommand)]
+    Autotune(crate::cli::AutotuneCommand),
     /// Usage history as sparklines, CSV or JSON.
     History(crate::cli::HistoryArgs),
     /// A balancer, three metering servers and simulated users over a compressed day.

@@ -3,6 +3,7 @@
 //! CLI ([`cli`]).
 #![forbid(unsafe_code)]
 
+pub mod advice;
 pub mod api;
 pub mod auth;
 pub mod balance;

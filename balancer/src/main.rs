@@ -51,6 +51,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,
         Command::History(cmd) => cmd.run().await,
+        Command::Advise(cmd) => cmd.run().await,
+        Command::Autotune(cmd) => cmd.run().await,
         Command::Demo(args) => {
             init_logging_to_stderr_quietly();
             allot_balancer::demo::run(args).await

@@ -89,6 +89,12 @@ pub async fn serve(
         retention,
         stop_scheduler.subscribe(),
     ));
+    let autotune = tokio::spawn(crate::advice::autotune_task(
+        store.clone(),
+        schedule_changed.clone(),
+        std::time::Duration::from_secs(6 * 3600),
+        stop_scheduler.subscribe(),
+    ));
     let state = AppState {
         retention,
         tokens,
@@ -102,6 +108,7 @@ pub async fn serve(
     let _ = stop_scheduler.send(true);
     let _ = scheduler.await;
     let _ = history.await;
+    let _ = autotune.await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())

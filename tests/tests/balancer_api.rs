@@ -11,6 +11,7 @@ on_both_backends!(
     bad_input_gets_a_coded_error_and_changes_nothing,
     acknowledged_changes_survive_kill_9,
     sigterm_shuts_down_cleanly,
+    advice_reads_the_history_and_is_applied,
 );
 
 async fn an_admin_sets_up_the_books(backend: Backend) {
@@ -500,4 +501,122 @@ async fn sigterm_shuts_down_cleanly(backend: Backend) {
         balancer.terminate(),
         "SIGTERM must end the balancer with status 0"
     );
+}
+
+/// Five days of hourly samples: Paris idles at one unit and is short every morning at 09:00 UTC.
+async fn seed_morning_peaks(backend: &Backend) {
+    use allot_balancer::store::{self, UsageSample};
+    use allot_core::domain::RunTrigger;
+    let store = store::open(backend.database_url.as_deref(), backend.data_dir.path())
+        .await
+        .unwrap();
+    let hour = 3_600_000i64;
+    let now = chrono::Utc::now().timestamp_millis();
+    let start = now - now.rem_euclid(24 * hour) - 5 * 24 * hour;
+    let mut at = start;
+    while at < now {
+        let h = (at / hour).rem_euclid(24);
+        let (in_use, peak, denials) = match h {
+            10 => (10, 10, 4),
+            11..=17 => (10, 10, 0),
+            _ => (1, 1, 0),
+        };
+        let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+        let sample = UsageSample {
+            server: "paris".into(),
+            product: "cad".into(),
+            allocation: in_use,
+            in_use,
+            peak_in_use: peak,
+            denials,
+            ..UsageSample::default()
+        };
+        store.record_samples(run, at, &[sample]).await.unwrap();
+        at += hour;
+    }
+    store.close().await;
+}
+
+async fn advice_reads_the_history_and_is_applied(backend: Backend) {
+    let balancer = Balancer::start(&backend).await;
+    let api = balancer.api();
+    api.post("/v1/products", json!({"name": "cad"})).await;
+    api.post("/v1/products/cad/entitlements", json!({"units": 30}))
+        .await;
+    api.post(
+        "/v1/servers",
+        json!({"name": "paris", "url": "http://127.0.0.1:1", "site": "eu"}),
+    )
+    .await;
+    api.put(
+        "/v1/servers/paris/products/cad",
+        json!({"min_units": 0, "buffer_units": 1}),
+    )
+    .await;
+    api.put("/v1/schedule", json!({"cron": "0 * * * *"})).await;
+    seed_morning_peaks(&backend).await;
+
+    let advice = api.get("/v1/advice?since=6d").await;
+    assert_eq!(advice["schedule"]["action"], "change", "{advice:#}");
+    let recommended = advice["schedule"]["recommended"]["cron"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(recommended, "0 * * * *");
+    let evidence = advice["schedule"]["evidence"].to_string();
+    assert!(
+        evidence.contains("window"),
+        "evidence names its window: {evidence}"
+    );
+    let paris = advice["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["server"] == "paris")
+        .unwrap();
+    assert_eq!(paris["action"], "change", "{paris:#}");
+    let buffer = paris["recommended"]["buffer_units"].as_u64().unwrap();
+    assert!(
+        buffer > 1,
+        "a bigger buffer where the mornings run short: {paris:#}"
+    );
+
+    let applied = api.post("/v1/advice/apply", json!({"since": "6d"})).await;
+    assert_eq!(applied["applied"]["schedule"], recommended);
+    assert_eq!(api.get("/v1/schedule").await["cron"], recommended);
+    let detail = api.get("/v1/products/cad").await;
+    assert_eq!(detail["servers"][0]["buffer_units"], buffer);
+    let audit = api.get("/v1/audit?limit=5").await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "admin (advice)"),
+        "{audit:#}"
+    );
+
+    // Autotune is off until an operator turns it on, within sane bounds.
+    assert_eq!(api.get("/v1/autotune").await["enabled"], false);
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/v1/autotune",
+            Some(
+                json!({"enabled": true, "bounds": {"max_buffer_units": 5, "max_min_units": 2,
+                "min_interval_minutes": 60, "max_interval_minutes": 30}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(api.get("/v1/autotune").await["enabled"], false);
+    let on = api
+        .put(
+            "/v1/autotune",
+            json!({"enabled": true, "bounds": {"max_buffer_units": 5, "max_min_units": 2,
+                "min_interval_minutes": 15, "max_interval_minutes": 120}}),
+        )
+        .await;
+    assert_eq!(on["enabled"], true);
+    assert_eq!(api.get("/v1/autotune").await["window_days"], 7);
 }

@@ -2,6 +2,7 @@
 //! answer JSON. Every route but `/healthz`, `/metrics` and `/v1/openapi.json` needs the admin
 //! token.
 
+mod advice;
 mod balancing;
 mod books;
 pub mod error;
@@ -125,6 +126,12 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(balancing::run))
         .route("/doctor", get(balancing::doctor))
         .route("/history", get(history::history))
+        .route("/advice", get(advice::get_advice))
+        .route("/advice/apply", post(advice::apply_advice))
+        .route(
+            "/autotune",
+            get(advice::get_autotune).put(advice::set_autotune),
+        )
         .route("/sync", post(metering::sync))
         .route("/instant-balance", post(metering::instant_balance));
     Router::new()

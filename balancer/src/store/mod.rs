@@ -468,6 +468,23 @@ pub trait Store: Send + Sync + 'static {
         hourly_before_ms: i64,
     ) -> StoreResult<(u64, u64)>;
 
+    /// Raw usage samples taken in `[from_ms, to_ms)`, with their times, oldest first.
+    async fn samples_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, UsageSample)>>;
+    /// Grants applied by instant balances in `[from_ms, to_ms)`: (time, server, product, units).
+    async fn instant_grants_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, String, String, u64)>>;
+    /// A named setting, if set.
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
+    /// Sets a named setting, audited.
+    async fn set_setting(&self, actor: &str, key: &str, value: &str) -> StoreResult<()>;
+
     /// The outcome of an instant-balance request already answered, if any.
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;
     /// Records an answered instant-balance request.

@@ -1296,4 +1296,121 @@ impl Store for SqlStore {
         tx.commit().await?;
         Ok((raw, hourly))
     }
+
+    async fn samples_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, UsageSample)>> {
+        type Row = (
+            i64,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT u.at, s.name, p.name, u.allocation, u.in_use, u.peak_in_use, u.checkouts, \
+             u.denials, u.overdrafts, u.staleouts, u.waiting, u.instant_requests \
+             FROM usage_samples u JOIN servers s ON s.id = u.server_id \
+             JOIN products p ON p.id = u.product_id WHERE u.at >= $1 AND u.at < $2 \
+             ORDER BY u.at, s.name, p.name",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.0,
+                    UsageSample {
+                        server: r.1,
+                        product: r.2,
+                        allocation: count(r.3),
+                        in_use: count(r.4),
+                        peak_in_use: count(r.5),
+                        checkouts: count(r.6),
+                        denials: count(r.7),
+                        overdrafts: count(r.8),
+                        staleouts: count(r.9),
+                        waiting: count(r.10),
+                        instant_requests: count(r.11),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn instant_grants_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, String, String, u64)>> {
+        let rows: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT m.created_at, s.name, p.name, m.applied_units FROM moves m \
+             JOIN balance_runs r ON r.id = m.run_id JOIN servers s ON s.id = m.server_id \
+             JOIN products p ON p.id = m.product_id WHERE r.trigger = 'instant' \
+             AND m.kind = 'grant' AND m.state = 'applied' \
+             AND m.created_at >= $1 AND m.created_at < $2 ORDER BY m.created_at",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(at, server, product, units)| (at, server, product, units.map_or(0, count)))
+            .collect())
+    }
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_setting(&self, actor: &str, key: &str, value: &str) -> StoreResult<()> {
+        let mut tx = begin_write(&self.pool).await?;
+        let before: Option<String> =
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+        let parse = |v: &str| {
+            serde_json::from_str::<serde_json::Value>(v)
+                .ok()
+                .map(|v| v.to_string())
+        };
+        audit(
+            &mut tx,
+            actor,
+            "setting.set",
+            key,
+            before.as_deref().and_then(parse),
+            parse(value),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }
