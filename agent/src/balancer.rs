@@ -144,12 +144,12 @@ impl BalancerLink {
             .json(body)
             .send()
             .await
-            .map_err(|e| format!("unreachable: {e}"))?;
+            .map_err(|e| format!("unreachable: {}", chain(&e)))?;
         let status = response.status();
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| format!("unreachable: {e}"))?;
+            .map_err(|e| format!("unreachable: {}", chain(&e)))?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => format!(
@@ -163,4 +163,17 @@ impl BalancerLink {
         }
         serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer: {e}"))
     }
+}
+
+/// An error and its causes on one line (reqwest's own message omits the cause, e.g. "connection
+/// refused"), so the log says why.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }

@@ -56,7 +56,8 @@ struct ServeArgs {
     /// ~/.local/share/allot/agent).
     #[arg(long, env = "ALLOT_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The server's own token, presented by the balancer (status, release, grant, products).
+    /// The server's own token: the balancer presents it (status, release, grant, products) and
+    /// this server presents it to the balancer (sync, instant balance).
     #[arg(long, env = "ALLOT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A key clients must present as a bearer token; none → any client may check out.

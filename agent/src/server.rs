@@ -113,6 +113,9 @@ pub enum ServeError {
     /// A configured product is invalid.
     #[error("products file: {0}")]
     Config(String),
+    /// The balancer settings are unusable.
+    #[error("balancer: {0}")]
+    Balancer(String),
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -1252,7 +1255,12 @@ async fn sync_task(app: App) {
                         let inner = app.lock();
                         (inner.book.lease().unwrap_or(0), inner.synced_at)
                     };
-                    tracing::warn!(error = %e, held_back, lease_until = %rfc3339(lease),
+                    let lease = if lease == 0 {
+                        "none".to_owned()
+                    } else {
+                        rfc3339(lease)
+                    };
+                    tracing::warn!(error = %e, held_back, lease_until = %lease,
                         last_sync = %synced_at.map_or_else(|| "never".to_owned(), rfc3339),
                         "sync with the balancer failed; retrying");
                 }
@@ -1276,13 +1284,13 @@ pub async fn run(
     let balancer = match &config.balancer {
         Some(b) => {
             let token = config.token.as_deref().ok_or_else(|| {
-                ServeError::Config(
+                ServeError::Balancer(
                     "--balancer needs --token (the server's token, presented to the balancer)"
                         .to_owned(),
                 )
             })?;
             if b.urls.is_empty() {
-                return Err(ServeError::Config("--balancer names no URL".to_owned()));
+                return Err(ServeError::Balancer("--balancer names no URL".to_owned()));
             }
             Some(Balancing {
                 link: BalancerLink::new(b, token),

@@ -106,6 +106,9 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
                 let handle = c["handle"].as_str().unwrap().to_owned();
                 acked.lock().unwrap().live.push(handle.clone());
                 if i % 2 == 0 {
+                    // From here the checkin's outcome is in doubt until it is answered (the
+                    // kill may land after its commit and before its answer): assert neither.
+                    acked.lock().unwrap().live.retain(|h| *h != handle);
                     let Ok(r) = http
                         .post(format!("{url}/v1/checkin"))
                         .json(&json!({"handle": handle}))
@@ -115,9 +118,7 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
                         return;
                     };
                     if r.status() == 200 {
-                        let mut a = acked.lock().unwrap();
-                        a.live.retain(|h| *h != handle);
-                        a.checked_in.push(handle);
+                        acked.lock().unwrap().checked_in.push(handle);
                     }
                 }
             }
