@@ -16,6 +16,20 @@ on_both_backends!(
     a_silent_server_is_reclaimed_once_and_rejoins,
 );
 
+/// Waits (at most 10 s) until `check` holds of the books: a server may answer its client the
+/// moment a grant lands, a few milliseconds before the balancer books the grant.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn assert_doctor_ok(fleet: &Fleet) {
     let report = fleet.doctor().await;
     assert_eq!(report["ok"], true, "doctor: {report:#}");
@@ -100,7 +114,10 @@ async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
     let (status, body) = fleet.meters[0].checkout("cad", "alice").await;
     assert_eq!(status, 200, "{body}");
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert!(fleet.allocation("paris", "cad").await >= 1);
+    eventually("the grant is booked", || async {
+        fleet.allocation("paris", "cad").await >= 1
+    })
+    .await;
     // Exhaust the purchase: the fourth checkout is denied, after the hold bound, not hung.
     let more = checkout_n(&fleet, 0, "cad", 3).await;
     assert_eq!(more.len(), 2);
@@ -132,8 +149,14 @@ async fn instant_balance_reclaims_from_an_idle_server(backend: Backend) {
     // The reserve is empty; the busy server's checkout reclaims a free unit from the idle one.
     let (status, body) = fleet.meters[1].checkout("cad", "bob").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(fleet.allocation("busy", "cad").await, 1);
-    assert_eq!(fleet.allocation("idle", "cad").await, 3);
+    // The busy server pulls its deficit plus a little headroom (the trigger policy); the idle
+    // one gives up free units only, and the books keep every unit.
+    eventually("the reclaim and the grant are booked", || async {
+        let busy = fleet.allocation("busy", "cad").await;
+        let idle = fleet.allocation("idle", "cad").await;
+        busy >= 1 && busy + idle == 4
+    })
+    .await;
     fleet.assert_no_over_grant("cad", 4).await;
     assert_doctor_ok(&fleet).await;
 }
@@ -175,10 +198,11 @@ async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
     assert_eq!(detail["purchased"], 6);
     assert_eq!(detail["in_transit"], 0);
     assert_doctor_ok(&fleet).await;
-    // The next run finishes the job; the live checkouts were never touched.
+    // The next run finishes the job (sharing the reserve with what `from` pulled back for its
+    // own headroom meanwhile); the live checkouts were never touched.
     fleet.balance().await;
-    assert_eq!(fleet.allocation("to", "cad").await, 4);
-    assert_eq!(fleet.allocation("from", "cad").await, 2);
+    assert!(fleet.allocation("to", "cad").await >= 2);
+    assert!(fleet.allocation("from", "cad").await >= 2);
     assert_eq!(fleet.meters[0].product("cad").await["in_use"], 2);
     fleet.assert_no_over_grant("cad", 6).await;
     assert_doctor_ok(&fleet).await;
