@@ -18,6 +18,9 @@ use allot_core::planner::{
 };
 use allot_core::trigger::{TriggerConfig, TriggerState, instant_request};
 use std::cmp::Ordering;
+/// debug
+pub static DBG: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 use std::collections::{BinaryHeap, VecDeque};
 
 /// How a policy balances; see docs/simulator.md for each one's rules.
@@ -1091,7 +1094,14 @@ impl<'a> Sim<'a> {
                     allocation: c.alloc,
                     in_use: c.in_use,
                     min_units: 0,
-                    buffer_units: trigger.headroom(level.max(c.in_use)),
+                    // An idle cell needs no spare (the trigger does not pull for it either);
+                    // a busy one keeps the trigger's watermark, so a run never trims it to
+                    // where the trigger would pull straight back.
+                    buffer_units: if level.max(c.in_use) == 0 {
+                        0
+                    } else {
+                        trigger.watermark(level.max(c.in_use))
+                    },
                     draining: false,
                     demand: Demand {
                         peak_in_use: c.peak,
@@ -1180,8 +1190,13 @@ impl<'a> Sim<'a> {
     fn sample(&mut self) {
         let now = self.now;
         let ns = self.w.sites.len();
-        let row: Vec<u64> = (0..ns).map(|s| self.cells[s * self.np].alloc).collect();
-        let used: Vec<u64> = (0..ns).map(|s| self.cells[s * self.np].in_use).collect();
+        let k0 = self.metrics.plotted_product;
+        let row: Vec<u64> = (0..ns)
+            .map(|s| self.cells[s * self.np + k0].alloc)
+            .collect();
+        let used: Vec<u64> = (0..ns)
+            .map(|s| self.cells[s * self.np + k0].in_use)
+            .collect();
         self.metrics.alloc_series.push((now, row, used));
         if let Some(step) = self.w.step
             && now >= step.at

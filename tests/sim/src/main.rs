@@ -5,7 +5,8 @@
 //! cargo run --release -p allot-sim -- [--workload NAME]... [--traces DIR] [--img DIR]
 //!     [--days N] [--products N] [--load F] [--seed N] [--threads N] [--policy NAME]...
 //!     [--latency-ms N] [--hysteresis-percent N] [--hysteresis-min N] [--lookahead-min N]
-//!     [--window-min N] [--watermark-percent N] [--watermark-min N]
+//!     [--window-min N] [--watermark-percent N] [--watermark-min N] [--backoff-ms N]
+//!     [--extra-units-percent N]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ fn main() {
     let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut cfg = SimConfig::default();
     let mut only: Vec<String> = Vec::new();
+    let mut extra_percent = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -49,6 +51,7 @@ fn main() {
             "--seed" => scale.seed = parse(&val()),
             "--threads" => threads = parse(&val()),
             "--policy" => only.push(val()),
+            "--extra-units-percent" => extra_percent = parse(&val()),
             "--latency-ms" => cfg.latency = parse(&val()),
             "--hysteresis-percent" => cfg.planner.hysteresis_percent = parse(&val()),
             "--hysteresis-min" => cfg.planner.hysteresis_min_units = parse(&val()),
@@ -56,6 +59,7 @@ fn main() {
             "--window-min" => cfg.window = parse::<u64>(&val()) * MINUTE,
             "--watermark-percent" => cfg.trigger.low_watermark_percent = parse(&val()),
             "--watermark-min" => cfg.trigger.low_watermark_min_units = parse(&val()),
+            "--backoff-ms" => cfg.trigger.backoff_ms = parse(&val()),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -77,10 +81,13 @@ fn main() {
     let mut targets = vec![TARGETS_HEAD.to_string()];
     for name in &names {
         let started = Instant::now();
-        let Some(w) = build(name, scale, &traces) else {
+        let Some(mut w) = build(name, scale, &traces) else {
             eprintln!("skipping {name}: unknown workload or trace not found");
             continue;
         };
+        for units in &mut w.purchased {
+            *units += (*units * extra_percent).div_ceil(100);
+        }
         let r = run_all(&w, &policies, &cfg, threads);
         eprintln!(
             "{name}: {} checkouts x {} policies in {:.1} s",
@@ -130,6 +137,9 @@ fn main() {
                 }
             }
         }
+    }
+    for (k, v) in allot_sim::engine::DBG.lock().unwrap().iter() {
+        eprintln!("{k}: {v}");
     }
     println!("{}\n", summary.join("\n"));
     println!("{}\n", targets.join("\n"));

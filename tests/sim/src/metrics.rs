@@ -62,7 +62,9 @@ pub struct Metrics {
     pub violations: Violations,
     /// (checkouts, denials) per hour of simulated time.
     pub hourly: Vec<(u64, u64)>,
-    /// (time, allocation per site, in use per site) of product 0, sampled.
+    /// The product whose allocations are sampled: the one with the most units purchased.
+    pub plotted_product: usize,
+    /// (time, allocation per site, in use per site) of `plotted_product`, sampled.
     pub alloc_series: Vec<(u64, Vec<u64>, Vec<u64>)>,
     /// Hours simulated.
     pub hours: f64,
@@ -76,8 +78,12 @@ impl Metrics {
             Fault::Partition { site, from, to } => Some((site, from, to)),
             _ => None,
         });
+        let plotted_product = (0..w.purchased.len())
+            .max_by_key(|&p| (w.purchased[p], std::cmp::Reverse(p)))
+            .unwrap_or(0);
         Self {
             policy: policy.into(),
+            plotted_product,
             hourly: vec![(0, 0); w.duration.div_ceil(HOUR) as usize + 1],
             hours: w.duration as f64 / HOUR as f64,
             partition,

@@ -23,6 +23,8 @@ pub struct Results {
     pub has_step: bool,
     /// Whether the workload has a partition.
     pub has_partition: bool,
+    /// The product of the allocation plots.
+    pub plotted_name: String,
 }
 
 /// Runs `policies` over `w` on `threads` threads; results come back in the policies' order.
@@ -56,6 +58,11 @@ pub fn run_all(w: &Workload, policies: &[Policy], cfg: &SimConfig, threads: usiz
         purchased: w.purchased.iter().sum(),
         runs: runs.into_iter().map(|m| m.expect("every run")).collect(),
         has_step: w.step.is_some(),
+        plotted_name: w
+            .products
+            .get(Metrics::new("", w).plotted_product)
+            .cloned()
+            .unwrap_or_default(),
         has_partition: w
             .faults
             .iter()
@@ -357,8 +364,9 @@ pub fn plot_allocation(
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "{}: {policy}, product-00 allocation (thick) and in use (thin) per site, day {}",
+                "{}: {policy}, {} allocation (thick) and in use (thin) per site, day {}",
                 r.workload,
+                r.plotted_name,
                 day + 1
             ),
             ("sans-serif", 18),
