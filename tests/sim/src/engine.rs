@@ -18,9 +18,6 @@ use allot_core::planner::{
 };
 use allot_core::trigger::{TriggerConfig, TriggerState, instant_request};
 use std::cmp::Ordering;
-/// debug
-pub static DBG: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
 use std::collections::{BinaryHeap, VecDeque};
 
 /// How a policy balances; see docs/simulator.md for each one's rules.

@@ -138,9 +138,6 @@ fn main() {
             }
         }
     }
-    for (k, v) in allot_sim::engine::DBG.lock().unwrap().iter() {
-        eprintln!("{k}: {v}");
-    }
     println!("{}\n", summary.join("\n"));
     println!("{}\n", targets.join("\n"));
     for t in tables {
