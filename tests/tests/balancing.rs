@@ -285,6 +285,18 @@ async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
         assert!(Instant::now() < deadline, "tokyo never adopted the books");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Until a status read shows the adoption, every sync repeats the reset: a lost answer
+    // cannot leave Tokyo holding the reclaimed units.
+    let sync = allot_tests::balancer::Api::new(fleet.balancer.url(), Some(&fleet.meters[1].token));
+    let again = sync
+        .post("/v1/sync", serde_json::json!({"version": "test"}))
+        .await;
+    assert_eq!(again["reset"], true);
+    fleet.balance().await;
+    let settled = sync
+        .post("/v1/sync", serde_json::json!({"version": "test"}))
+        .await;
+    assert_eq!(settled["reset"], false, "the run saw Tokyo adopt the books");
     let (status, body) = fleet.meters[1].checkout("cad", "late").await;
     assert_eq!(status, 409, "all 5 units are in use in Paris: {body}");
     fleet.assert_no_over_grant("cad", 5).await;

@@ -64,11 +64,13 @@ pub(super) async fn sync(
     ApiJson(req): ApiJson<SyncRequest>,
 ) -> Result<Json<SyncResponse>, ApiError> {
     validate::name("version", &req.version)?;
-    let reset = state.store.revive_server(&server.name).await?;
-    state.store.touch_server(&server.name).await?;
-    if reset {
+    if state.store.revive_server(&server.name).await? {
         tracing::warn!(server = %server.name, "a lost server is back; it adopts the books' allocations");
     }
+    state.store.touch_server(&server.name).await?;
+    // Said on every sync until a status read shows the adoption: an answer lost on the way
+    // must not leave the server holding units the books reclaimed.
+    let reset = server.needs_reset;
     let products = state
         .store
         .products()

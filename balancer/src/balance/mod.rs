@@ -347,6 +347,17 @@ impl Engine {
             self.store.touch_server(name).await?;
         }
         let cells = self.store.cells().await?;
+        let mut servers = servers;
+        for server in servers.iter_mut().filter(|s| s.needs_reset) {
+            if adopted(&server.name, &cells, &statuses) {
+                self.store.clear_reset(&server.name).await?;
+                server.needs_reset = false;
+                tracing::info!(server = %server.name, "server adopted the books after its reset");
+            }
+        }
+        // A server that has not yet adopted the books after a reset gets no moves: its units
+        // are set aside like an unreachable server's.
+        let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
         let samples = usage_samples(&statuses);
         self.store
             .record_samples(run_id, Utc::now().timestamp_millis(), &samples)
@@ -486,6 +497,15 @@ impl Engine {
                 allocation_of(&self.store.cells().await?),
             ));
         }
+        if server.needs_reset {
+            let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
+            if adopted(&server.name, &self.store.cells().await?, &statuses) {
+                self.store.clear_reset(&server.name).await?;
+            } else {
+                tracing::warn!("server has not adopted the books after its reset; nothing granted");
+                return Ok(answer(0, allocation_of(&self.store.cells().await?)));
+            }
+        }
         let wanted = u64::from(req.units);
         let timer = std::time::Instant::now();
         let run_id = self.store.begin_run(RunTrigger::Instant, 0).await?;
@@ -505,7 +525,7 @@ impl Engine {
                 .filter(|c| {
                     servers
                         .get(&c.server)
-                        .is_some_and(|s| s.state != ServerState::Lost)
+                        .is_some_and(|s| s.state != ServerState::Lost && !s.needs_reset)
                 })
                 .filter(|c| c.units > c.min_units)
                 .collect();
@@ -674,6 +694,27 @@ fn reported<'a>(statuses: &'a StatusMap, server: &str, product: &str) -> Option<
         .products
         .iter()
         .find(|p| p.product == product)
+}
+
+/// Whether `server` reported exactly the books' allocations (after a reset, it adopted them).
+fn adopted(server: &str, cells: &[CellRecord], statuses: &StatusMap) -> bool {
+    let Some(status) = statuses.get(server) else {
+        return false;
+    };
+    let books = |product: &str| {
+        cells
+            .iter()
+            .find(|c| c.server == server && c.product == product)
+            .map_or(0, |c| c.units)
+    };
+    status
+        .products
+        .iter()
+        .all(|p| u64::from(p.allocation) == books(&p.product))
+        && cells
+            .iter()
+            .filter(|c| c.server == server && c.units > 0)
+            .all(|c| status.products.iter().any(|p| p.product == c.product))
 }
 
 /// Every way a reachable server's applied allocation disagrees with the books.

@@ -174,6 +174,9 @@ pub struct ServerRecord {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// When it was registered; a never-heard-of server's lease runs from here.
     pub created_at: DateTime<Utc>,
+    /// Its units were reclaimed while it was lost, and it has not yet shown that it adopted
+    /// the books' allocations: every sync says `reset`, and it gets no moves meanwhile.
+    pub needs_reset: bool,
 }
 
 /// One (server, product) cell of the books, with the last usage sample the planner uses.
@@ -435,6 +438,8 @@ pub trait Store: Send + Sync + 'static {
     async fn reclaim_lost_server(&self, name: &str) -> StoreResult<Vec<(String, u64)>>;
     /// Makes a lost server active again; returns whether it had been lost.
     async fn revive_server(&self, name: &str) -> StoreResult<bool>;
+    /// Notes that a server showed it adopted the books' allocations after a reset.
+    async fn clear_reset(&self, name: &str) -> StoreResult<()>;
     /// Every cell of every registered server.
     async fn cells(&self) -> StoreResult<Vec<CellRecord>>;
 

@@ -121,7 +121,7 @@ impl From<EntitlementRow> for Entitlement {
 macro_rules! server_columns {
     () => {
         "s.id, s.name, s.url, s.site, s.state, s.created_at, \
-    s.last_seen_at, s.token_salt"
+    s.last_seen_at, s.token_salt, s.needs_reset"
     };
 }
 pub(super) use server_columns;
@@ -136,6 +136,7 @@ pub(super) struct ServerRow {
     pub created_at: i64,
     pub last_seen_at: Option<i64>,
     pub token_salt: String,
+    pub needs_reset: i64,
 }
 
 impl ServerRow {
@@ -146,6 +147,7 @@ impl ServerRow {
             url: self.url,
             site: self.site,
             token_salt: self.token_salt,
+            needs_reset: self.needs_reset != 0,
             last_seen_at: self.last_seen_at.map(time),
             created_at: time(self.created_at),
         })

@@ -962,7 +962,7 @@ impl Store for SqlStore {
                 reclaimed.push((product, count(units)));
             }
         }
-        sqlx::query("UPDATE servers SET state = $1 WHERE id = $2")
+        sqlx::query("UPDATE servers SET state = $1, needs_reset = 1 WHERE id = $2")
             .bind(ServerState::Lost.as_str())
             .bind(server.id)
             .execute(&mut *tx)
@@ -999,6 +999,14 @@ impl Store for SqlStore {
         }
         tx.commit().await?;
         Ok(revived)
+    }
+
+    async fn clear_reset(&self, name: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE servers SET needs_reset = 0 WHERE name = $1 AND removed_at IS NULL")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn cells(&self) -> StoreResult<Vec<CellRecord>> {
