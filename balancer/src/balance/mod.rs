@@ -336,6 +336,7 @@ impl Engine {
             .into_iter()
             .filter(|s| s.state != ServerState::Lost)
             .collect();
+        let cells_before = self.store.cells().await?;
         let (statuses, unreachable) = self.statuses(&servers, false).await;
         for (name, reason) in &unreachable {
             errors
@@ -362,7 +363,7 @@ impl Engine {
         self.store
             .record_samples(run_id, Utc::now().timestamp_millis(), &samples)
             .await?;
-        let discrepancies = reconcile(&cells, &statuses);
+        let discrepancies = reconcile(&cells_before, &cells, &statuses);
         crate::metrics::METRICS
             .discrepancies
             .inc_by(discrepancies.len() as u64);
@@ -631,9 +632,10 @@ impl Engine {
             .into_iter()
             .filter(|s| s.state != ServerState::Lost)
             .collect();
+        let cells_before = self.store.cells().await?;
         let (statuses, unreachable) = self.statuses(&servers, true).await;
         let cells = self.store.cells().await?;
-        let mut discrepancies = reconcile(&cells, &statuses);
+        let mut discrepancies = reconcile(&cells_before, &cells, &statuses);
         for check in self.store.books().await? {
             discrepancies.extend(check.errors());
         }
@@ -717,13 +719,24 @@ fn adopted(server: &str, cells: &[CellRecord], statuses: &StatusMap) -> bool {
             .all(|c| status.products.iter().any(|p| p.product == c.product))
 }
 
-/// Every way a reachable server's applied allocation disagrees with the books.
-fn reconcile(cells: &[CellRecord], statuses: &StatusMap) -> Vec<String> {
+/// Every way a reachable server's applied allocation disagrees with the books. `before` and
+/// `after` are the books read just before and just after the statuses: a cell whose books
+/// changed in between (an instant balance landed meanwhile) proves nothing and is skipped.
+fn reconcile(before: &[CellRecord], after: &[CellRecord], statuses: &StatusMap) -> Vec<String> {
     let mut found = Vec::new();
-    for cell in cells {
+    for cell in after {
         let Some(status) = statuses.get(&cell.server) else {
             continue;
         };
+        let steady = before.iter().any(|b| {
+            b.server == cell.server
+                && b.product == cell.product
+                && b.units == cell.units
+                && b.generation == cell.generation
+        });
+        if !steady {
+            continue;
+        }
         let seen = status.products.iter().find(|p| p.product == cell.product);
         let (allocation, generation) =
             seen.map_or((0, 0), |p| (u64::from(p.allocation), p.generation));
