@@ -363,7 +363,8 @@ impl Engine {
         self.store
             .record_samples(run_id, Utc::now().timestamp_millis(), &samples)
             .await?;
-        let discrepancies = reconcile(&cells_before, &cells, &statuses);
+        let in_flight = self.store.unfinished_moves().await?;
+        let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
         crate::metrics::METRICS
             .discrepancies
             .inc_by(discrepancies.len() as u64);
@@ -635,7 +636,8 @@ impl Engine {
         let cells_before = self.store.cells().await?;
         let (statuses, unreachable) = self.statuses(&servers, true).await;
         let cells = self.store.cells().await?;
-        let mut discrepancies = reconcile(&cells_before, &cells, &statuses);
+        let in_flight = self.store.unfinished_moves().await?;
+        let mut discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
         for check in self.store.books().await? {
             discrepancies.extend(check.errors());
         }
@@ -721,13 +723,26 @@ fn adopted(server: &str, cells: &[CellRecord], statuses: &StatusMap) -> bool {
 
 /// Every way a reachable server's applied allocation disagrees with the books. `before` and
 /// `after` are the books read just before and just after the statuses: a cell whose books
-/// changed in between (an instant balance landed meanwhile) proves nothing and is skipped.
-fn reconcile(before: &[CellRecord], after: &[CellRecord], statuses: &StatusMap) -> Vec<String> {
+/// changed in between (an instant balance landed meanwhile), or with a move in flight, proves
+/// nothing and is skipped.
+fn reconcile(
+    before: &[CellRecord],
+    after: &[CellRecord],
+    in_flight: &[MoveRecord],
+    statuses: &StatusMap,
+) -> Vec<String> {
     let mut found = Vec::new();
     for cell in after {
         let Some(status) = statuses.get(&cell.server) else {
             continue;
         };
+        // A move in flight may be applied at the server and not yet booked: not a discrepancy.
+        if in_flight
+            .iter()
+            .any(|m| m.server == cell.server && m.product == cell.product)
+        {
+            continue;
+        }
         let steady = before.iter().any(|b| {
             b.server == cell.server
                 && b.product == cell.product
