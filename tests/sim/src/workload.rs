@@ -501,7 +501,9 @@ pub fn synthetic(name: &str, scale: Scale) -> Option<Workload> {
             "follow-the-sun; London cut off from the balancer on Tuesday 05:00-12:00 local"
         }
         "holiday" => "follow-the-sun; Singapore and Tokyo on holiday Wednesday and Thursday",
-        "faults" => "follow-the-sun; balancer down 4 h, a metering-server crash, a night partition",
+        "faults" => {
+            "follow-the-sun; balancer down 4 h, a metering-server crash, Singapore cut off across its morning"
+        }
         _ => "",
     };
     Some(Workload {
