@@ -544,6 +544,14 @@ fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             run.run.servers_unreachable,
             run.run.errors.len()
         );
+        // The books read every run makes (each cell with its newest usage sample), timed
+        // alone: it reads more history as runs accumulate samples.
+        let started = Instant::now();
+        let cells = server_rt.block_on(store.cells()).expect("cells").len();
+        println!(
+            "    store.cells() alone: {:.3} s ({cells} cells)",
+            started.elapsed().as_secs_f64()
+        );
         if let Some(e) = run.run.errors.first() {
             println!("    first error: {e}");
         }
@@ -577,6 +585,24 @@ fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         "  median quiet {:.3} s, median steady {:.3} s",
         median(quiet),
         median(steady)
+    );
+    // Part of a run's fixed cost, timed alone: the per-server and per-product store calls a
+    // run makes one after another (a `touch_server` per answering server, a `product` reread
+    // per product).
+    let (touch, reread) = server_rt.block_on(async {
+        let started = Instant::now();
+        for agent in &fleet {
+            store.touch_server(&agent.name).await.expect("touch");
+        }
+        let touch = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for p in &products {
+            store.product(p).await.expect("product");
+        }
+        (touch, started.elapsed().as_secs_f64())
+    });
+    println!(
+        "  alone: {n_servers} x touch_server {touch:.3} s; {n_products} x product() {reread:.3} s"
     );
     let books_ok = server_rt.block_on(store.books()).expect("books");
     let broken: Vec<String> = books_ok.iter().flat_map(|b| b.errors()).collect();
