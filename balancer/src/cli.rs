@@ -781,23 +781,6 @@ impl AuditArgs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sparklines_scale_to_the_series() {
-        assert_eq!(super::sparkline(&[0, 4, 8], 0), "▁▅█");
-        assert_eq!(super::sparkline(&[0, 0], 0), "▁▁");
-        assert_eq!(super::sparkline(&[2], 8), "▃");
-        assert_eq!(super::csv_field("a,b"), "\"a,b\"");
-    }
-
-    #[test]
-    fn path_segments_are_percent_encoded() {
-        assert_eq!(super::segment("CAD Suite/2"), "CAD%20Suite%2F2");
-        assert_eq!(super::segment("matlab-r2026a"), "matlab-r2026a");
-    }
-}
-
 fn runs_table(runs: &[RunSummary]) -> Table {
     let mut t = table(&[
         "run",
@@ -1207,5 +1190,22 @@ impl AutotuneCommand {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sparklines_scale_to_the_series() {
+        assert_eq!(super::sparkline(&[0, 4, 8], 0), "▁▅█");
+        assert_eq!(super::sparkline(&[0, 0], 0), "▁▁");
+        assert_eq!(super::sparkline(&[2], 8), "▃");
+        assert_eq!(super::csv_field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(super::segment("CAD Suite/2"), "CAD%20Suite%2F2");
+        assert_eq!(super::segment("matlab-r2026a"), "matlab-r2026a");
     }
 }

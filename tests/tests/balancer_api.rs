@@ -158,6 +158,9 @@ async fn snapshot(api: &Api) -> Value {
     })
 }
 
+/// A refused request: method, path, body, expected status and error code.
+type BadCase = (Method, String, Option<Vec<u8>>, u16, &'static str);
+
 async fn bad_input_gets_a_coded_error_and_changes_nothing(backend: Backend) {
     let balancer = Balancer::start(&backend).await;
     let api = balancer.api();
@@ -172,7 +175,7 @@ async fn bad_input_gets_a_coded_error_and_changes_nothing(backend: Backend) {
     .await;
     let long = "x".repeat(129);
     let huge = format!("{{\"name\": \"{}\"}}", "y".repeat(70 * 1024));
-    let cases: Vec<(Method, String, Option<Vec<u8>>, u16, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             Method::POST,
             "/v1/products".into(),
