@@ -200,7 +200,11 @@ mod tests {
 
     #[test]
     fn text_form_round_trips_and_matches_serde() {
-        for e in [Enforcement::HardStop, Enforcement::SoftStop, Enforcement::NoStop] {
+        for e in [
+            Enforcement::HardStop,
+            Enforcement::SoftStop,
+            Enforcement::NoStop,
+        ] {
             assert_eq!(e.as_str().parse::<Enforcement>().unwrap(), e);
             assert_eq!(serde_json::to_string(&e).unwrap(), format!("\"{e}\""));
         }

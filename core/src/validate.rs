@@ -52,10 +52,7 @@ pub fn name(field: &str, value: &str) -> Result<(), Invalid> {
         return Err(Invalid::new(field, "must not contain control characters"));
     }
     if value.trim() != value {
-        return Err(Invalid::new(
-            field,
-            "must not start or end with whitespace",
-        ));
+        return Err(Invalid::new(field, "must not start or end with whitespace"));
     }
     Ok(())
 }
@@ -102,7 +99,10 @@ pub fn http_url(field: &str, value: &str) -> Result<(), Invalid> {
         .ok_or_else(|| Invalid::new(field, "must start with http:// or https://"))?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
     if host.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Invalid::new(field, "must name a host and contain no whitespace"));
+        return Err(Invalid::new(
+            field,
+            "must name a host and contain no whitespace",
+        ));
     }
     Ok(())
 }
