@@ -26,6 +26,14 @@ pub enum DenialReason {
 }
 
 impl DenialReason {
+    const ALL: [DenialReason; 5] = [
+        DenialReason::Unavailable,
+        DenialReason::Timeout,
+        DenialReason::Forbidden,
+        DenialReason::Limit,
+        DenialReason::LeaseExpired,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             DenialReason::Unavailable => "unavailable",
@@ -49,6 +57,12 @@ pub enum InstantOutcome {
 }
 
 impl InstantOutcome {
+    const ALL: [InstantOutcome; 3] = [
+        InstantOutcome::Granted,
+        InstantOutcome::Short,
+        InstantOutcome::Failed,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             InstantOutcome::Granted => "granted",
@@ -206,6 +220,25 @@ impl Metrics {
         }
     }
 
+    /// Exports `allot_agent_info{server, version}` = 1: the name the balancer knows this server
+    /// by, so dashboards can join the server's own series to the balancer's per-server ones.
+    pub fn named(self, server: &str) -> Self {
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "allot_agent_info",
+                "Always 1; labels name this server and its version.",
+            ),
+            &["server", "version"],
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(info.clone()))
+            .expect("unique metric");
+        info.with_label_values(&[server, env!("CARGO_PKG_VERSION")])
+            .set(1);
+        self
+    }
+
     /// Counts a granted checkout and its server time.
     pub fn checkout(&self, product: &str, overdraft: bool, seconds: f64) {
         self.checkouts.with_label_values(&[product]).inc();
@@ -265,6 +298,25 @@ impl Metrics {
         }
         for p in products {
             let l = [p.product.as_str()];
+            // Every series of a defined product exists from the first scrape, at zero, so
+            // `increase()` sees its first event.
+            for family in [
+                &self.checkouts,
+                &self.overdrafts,
+                &self.staleouts,
+                &self.checkins,
+            ] {
+                family.with_label_values(&l);
+            }
+            for reason in DenialReason::ALL {
+                self.denials.with_label_values(&[l[0], reason.as_str()]);
+            }
+            if self.balancer.is_some() {
+                for outcome in InstantOutcome::ALL {
+                    self.instant_requests
+                        .with_label_values(&[l[0], outcome.as_str()]);
+                }
+            }
             self.waiting.with_label_values(&l).set(i64::from(p.waiting));
             self.allocation
                 .with_label_values(&l)

@@ -1320,7 +1320,7 @@ pub async fn run(
         }),
         writer: tx,
         staleout_wake: Notify::new(),
-        metrics: Metrics::with_balancer(balancer.is_some()),
+        metrics: Metrics::with_balancer(balancer.is_some()).named(&config.name),
         token: config.token.as_deref().map(hash),
         client_key: config.client_key.as_deref().map(hash),
         name: config.name.clone(),

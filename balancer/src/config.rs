@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// Days hourly roll-ups are kept.
     #[arg(long, env = "ALLOT_HISTORY_HOURLY_DAYS", default_value_t = 400)]
     pub history_hourly_days: u64,
+    /// Most per-(server, product) metric series exported; beyond it they are left out, so a
+    /// large estate cannot overload Prometheus.
+    #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = crate::metrics::DEFAULT_MAX_CELLS)]
+    pub metrics_max_cells: usize,
 }
 
 impl ServeArgs {

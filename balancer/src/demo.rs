@@ -121,6 +121,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         concurrency: 32,
         history_raw_days: 30,
         history_hourly_days: 400,
+        metrics_max_cells: crate::metrics::DEFAULT_MAX_CELLS,
     };
     let (stop_balancer, stopped) = tokio::sync::oneshot::channel::<()>();
     let balancer = tokio::spawn(crate::service::serve(serve_args, async move {

@@ -59,6 +59,7 @@ pub async fn serve(
         ),
     }
     let tokens = auth::ServerTokens::new(&store.token_key().await?);
+    crate::metrics::METRICS.set_max_cells(args.metrics_max_cells);
     let engine = Engine::new(store.clone(), tokens.clone(), args.engine_config());
     tracing::info!(
         lease_seconds = args.lease_seconds,

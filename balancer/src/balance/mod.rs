@@ -153,6 +153,7 @@ impl Engine {
                             mv.id, server.name
                         )
                     })?;
+                crate::metrics::METRICS.moved(&booked);
                 tracing::info!(
                     applied = answer.units,
                     generation = answer.generation,
@@ -326,6 +327,7 @@ impl Engine {
         }
         self.reclaim_lost().await?;
         let run_id = self.store.begin_run(trigger, 0).await?;
+        let tally = crate::metrics::RunTally::start(trigger);
         let started = std::time::Instant::now();
         let errors = Mutex::new(self.resume_unfinished().await?);
 
@@ -443,14 +445,7 @@ impl Engine {
             errors,
         };
         self.store.finish_run(run_id, &outcome).await?;
-        let m = &*crate::metrics::METRICS;
-        m.runs
-            .with_label_values(&[trigger.as_str(), outcome.status.as_str()])
-            .inc();
-        m.run_seconds
-            .with_label_values(&[trigger.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        m.unreachable.set(outcome.servers_unreachable as i64);
+        tally.finish(&outcome.status, statuses.keys(), unreachable.keys());
         tracing::info!(
             run_id,
             trigger = %trigger,
@@ -509,7 +504,7 @@ impl Engine {
             }
         }
         let wanted = u64::from(req.units);
-        let timer = std::time::Instant::now();
+        let tally = crate::metrics::InstantTally::start();
         let run_id = self.store.begin_run(RunTrigger::Instant, 0).await?;
         let errors = Mutex::new(Vec::new());
         let mut reserve = self.store.product(&req.product).await?.product.reserve;
@@ -611,14 +606,7 @@ impl Engine {
                 },
             )
             .await?;
-        let m = &*crate::metrics::METRICS;
-        let outcome = match granted {
-            _ if granted == wanted => "granted",
-            0 => "none",
-            _ => "short",
-        };
-        m.instant_requests.with_label_values(&[outcome]).inc();
-        m.instant_seconds.observe(timer.elapsed().as_secs_f64());
+        tally.finish(wanted, granted);
         tracing::info!(granted, run_id, "instant balance answered");
         Ok(answer(granted, allocation_of(&self.store.cells().await?)))
     }

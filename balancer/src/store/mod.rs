@@ -42,7 +42,7 @@ pub enum StoreError {
     Conflict(String),
     /// The database failed; the text is logged, never shown to clients.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// A migration failed at start.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -52,6 +52,14 @@ pub enum StoreError {
     /// A stored value could not be read back (a bug or a hand-edited database).
     #[error("corrupt store value: {0}")]
     Corrupt(String),
+}
+
+/// Every database error passes here (`?` on a sqlx call), so here it is counted.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        crate::metrics::METRICS.store_errors.inc();
+        StoreError::Database(e)
+    }
 }
 
 /// Result of a store call.
