@@ -14,6 +14,7 @@ on_both_backends!(
     kill9_between_release_and_grant_loses_nothing,
     kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
     a_silent_server_is_reclaimed_once_and_rejoins,
+    a_drained_server_empties_as_its_checkouts_end,
 );
 
 /// Waits (at most 10 s) until `check` holds of the books: a server may answer its client the
@@ -301,4 +302,46 @@ async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
     assert_eq!(status, 409, "all 5 units are in use in Paris: {body}");
     fleet.assert_no_over_grant("cad", 5).await;
     assert_doctor_ok(&fleet).await;
+}
+
+async fn a_drained_server_empties_as_its_checkouts_end(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 6).await;
+    fleet.add_meter("old").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("old", "cad", 2, 4).await;
+    fleet.balance().await;
+    assert!(fleet.allocation("old", "cad").await >= 4);
+    let held = checkout_n(&fleet, 0, "cad", 2).await;
+    assert_eq!(held.len(), 2);
+    let (status, _) = fleet
+        .api()
+        .send(reqwest::Method::POST, "/v1/servers/old/drain", None)
+        .await;
+    assert_eq!(status.as_u16(), 200);
+    // Draining ignores the min: the free units go back, the two in use stay.
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("old", "cad").await, 2);
+    let (status, _) = fleet
+        .api()
+        .send(reqwest::Method::DELETE, "/v1/servers/old", None)
+        .await;
+    assert_eq!(
+        status.as_u16(),
+        409,
+        "a server holding units cannot be removed"
+    );
+    for handle in &held {
+        fleet.meters[0].checkin(handle).await;
+    }
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("old", "cad").await, 0);
+    assert_doctor_ok(&fleet).await;
+    let (status, body) = fleet
+        .api()
+        .send(reqwest::Method::DELETE, "/v1/servers/old", None)
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(detail["reserve"], 6);
 }

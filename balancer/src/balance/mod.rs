@@ -494,6 +494,10 @@ impl Engine {
                 allocation_of(&self.store.cells().await?),
             ));
         }
+        if server.state == ServerState::Draining {
+            tracing::info!("server is draining; nothing granted");
+            return Ok(answer(0, allocation_of(&self.store.cells().await?)));
+        }
         if server.needs_reset {
             let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
             if adopted(&server.name, &self.store.cells().await?, &statuses) {
