@@ -672,7 +672,7 @@ impl<'a> Sim<'a> {
             }
             c.queue.pop_front();
             c.queued_units -= head.units;
-            self.metrics.waited(self.now - head.arrived);
+            self.metrics.waited(head.arrived, self.now - head.arrived);
             self.grant_checkout(k, head.units, head.hold);
         }
     }
@@ -716,7 +716,7 @@ impl<'a> Sim<'a> {
                 if let Some(i) = c.queue.iter().position(|x| x.id == id) {
                     let x = c.queue.remove(i).expect("found");
                     c.queued_units -= x.units;
-                    self.metrics.waited(self.now - x.arrived);
+                    self.metrics.waited(x.arrived, self.now - x.arrived);
                     self.deny(cell, x.units, x.hold, x.arrived);
                     self.serve_queue(cell);
                 }

@@ -95,6 +95,25 @@ fn main() {
             policies.len(),
             started.elapsed().as_secs_f64()
         );
+        if std::env::var("ALLOT_SIM_DEBUG").is_ok()
+            && let (Some(o), Some(a)) = (r.get("oracle"), r.get("allot"))
+        {
+            // Waits in hours the oracle found the pool full vs hours it did not.
+            let (mut tight, mut ample, mut tight_n, mut ample_n) = (0u64, 0u64, 0u64, 0u64);
+            for (h, &(asked, denied)) in o.hourly.iter().enumerate() {
+                let w = a.hourly_waited[h];
+                if denied * 1000 > asked {
+                    tight += w;
+                    tight_n += asked;
+                } else {
+                    ample += w;
+                    ample_n += asked;
+                }
+            }
+            eprintln!(
+                "allot waits in hours the oracle denies > 0.1 %: {tight} of {tight_n}; other hours: {ample} of {ample_n}"
+            );
+        }
         if std::env::var("ALLOT_SIM_DEBUG").is_ok() {
             for m in &r.runs {
                 let p = |q: f64| allot_sim::metrics::percentile(&m.waits, q);

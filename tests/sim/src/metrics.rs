@@ -62,6 +62,8 @@ pub struct Metrics {
     pub violations: Violations,
     /// (checkouts, denials) per hour of simulated time.
     pub hourly: Vec<(u64, u64)>,
+    /// Checkouts that waited on an instant balance, per hour of simulated time.
+    pub hourly_waited: Vec<u64>,
     /// The product whose allocations are sampled: the one with the most units purchased.
     pub plotted_product: usize,
     /// (time, allocation per site, in use per site) of `plotted_product`, sampled.
@@ -85,6 +87,7 @@ impl Metrics {
             policy: policy.into(),
             plotted_product,
             hourly: vec![(0, 0); w.duration.div_ceil(HOUR) as usize + 1],
+            hourly_waited: vec![0; w.duration.div_ceil(HOUR) as usize + 1],
             hours: w.duration as f64 / HOUR as f64,
             partition,
             ..Self::default()
@@ -124,8 +127,11 @@ impl Metrics {
     }
 
     /// Counts a checkout that waited on an instant balance.
-    pub fn waited(&mut self, ms: u64) {
+    pub fn waited(&mut self, at: u64, ms: u64) {
         self.waited += 1;
+        if let Some(x) = self.hourly_waited.get_mut((at / HOUR) as usize) {
+            *x += 1;
+        }
         self.waits.push(ms);
     }
 
