@@ -27,9 +27,11 @@
 //!    below the low watermark, it asks for enough to bring them back up to the headroom — unless
 //!    the balancer answered short less than `backoff_ms` ago (the pool is scarce: asking again at
 //!    once would only load the balancer).
-//! 4. **Sizes.** `watermark = max(low_watermark_min_units, ⌈in_use × low_watermark_percent /
-//!    100⌉)` — it grows with the load, so a busy site keeps more units spare; `headroom = 2 ×
-//!    watermark`. A request is at least one unit and at most `max_request_units`.
+//! 4. **Sizes.** With `load = in_use + short_units`, `watermark = max(low_watermark_min_units,
+//!    ⌈load × low_watermark_percent / 100⌉)` — it grows with the load, so a busy site keeps more
+//!    units spare — and `headroom = 2 × watermark`. The request is `deficit + headroom − spare`,
+//!    where `spare` is the free units left after serving `short_units`; it is at least one unit
+//!    and at most `max_request_units`.
 //! 5. **Idle sites do not pull.** With nothing in use and nobody short, nothing is asked, so an
 //!    idle site's units can stay in the reserve (the planner's `buffer_units` should be at least
 //!    [`TriggerConfig::headroom`] so a scheduled run never reclaims what this policy would pull
