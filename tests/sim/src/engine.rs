@@ -151,20 +151,28 @@ pub struct SimConfig {
     pub window: u64,
     /// Sampling period of the time series (allocations, fairness, the step).
     pub sample_every: u64,
+    /// allot with instant balancing: use a share of the expected peak (yesterday's / last
+    /// week's, looking ahead) as the cell's `min_units`, so pre-positioned units are a floor
+    /// that reclaims do not take and that survives a partition.
+    pub forecast_floors: bool,
+    /// That share, in percent.
+    pub forecast_floor_percent: u32,
 }
 
 impl Default for SimConfig {
-    /// 50 ms one way, the design's 500 ms hold bound, default trigger and planner, a 3 h
-    /// look-ahead and a 1 h window.
+    /// 50 ms one way, the design's 500 ms hold bound, default trigger and planner, an 8 h
+    /// look-ahead whose expected peak is the cell's floor, and a 1 h window.
     fn default() -> Self {
         Self {
             latency: 50,
             hold_bound: 500,
             trigger: TriggerConfig::default(),
             planner: PlannerConfig::default(),
-            lookahead: 3 * HOUR,
+            lookahead: 8 * HOUR,
             window: HOUR,
             sample_every: 5 * MINUTE,
+            forecast_floors: true,
+            forecast_floor_percent: 100,
         }
     }
 }
@@ -1055,21 +1063,22 @@ impl<'a> Sim<'a> {
 
     /// The forecast level of a cell: the max of its recent peak (the window), and the peaks
     /// of the same time yesterday and last week looking ahead.
-    fn forecast(&mut self, k: usize) -> u64 {
+    fn forecast(&mut self, k: usize) -> (u64, u64) {
         self.record_in_use(k);
         let c = &self.cells[k];
         let b = self.now / BUCKET;
         let at = |x: u64| u64::from(c.hist[(x % BUCKETS as u64) as usize]);
         let back = self.cfg.window / BUCKET;
-        let mut level = (b.saturating_sub(back)..=b).map(at).max().unwrap_or(0);
+        let recent = (b.saturating_sub(back)..=b).map(at).max().unwrap_or(0);
         let ahead = self.cfg.lookahead / BUCKET;
+        let mut expected = 0;
         for lag in [DAY / BUCKET, 7 * DAY / BUCKET] {
             if b >= lag {
                 let from = b - lag;
-                level = level.max((from..=from + ahead).map(at).max().unwrap_or(0));
+                expected = expected.max((from..=from + ahead).map(at).max().unwrap_or(0));
             }
         }
-        level
+        (recent.max(expected), expected)
     }
 
     /// allot's scheduled run: demand signals → the real planner → its moves.
@@ -1078,8 +1087,9 @@ impl<'a> Sim<'a> {
         let trigger = self.cfg.trigger;
         let mut cells = Vec::with_capacity(self.w.sites.len());
         let mut levels = vec![0u64; self.cells.len()];
+        let mut expected = vec![0u64; self.cells.len()];
         for &k in live {
-            levels[k] = self.forecast(k);
+            (levels[k], expected[k]) = self.forecast(k);
         }
         for s in 0..self.w.sites.len() {
             let k = self.cell(s, p);
@@ -1090,7 +1100,11 @@ impl<'a> Sim<'a> {
                     server: s as u32,
                     allocation: c.alloc,
                     in_use: c.in_use,
-                    min_units: 0,
+                    min_units: if instant && self.cfg.forecast_floors {
+                        expected[k] * u64::from(self.cfg.forecast_floor_percent) / 100
+                    } else {
+                        0
+                    },
                     // An idle cell needs no spare (the trigger does not pull for it either);
                     // a busy one keeps the trigger's watermark, so a run never trims it to
                     // where the trigger would pull straight back.

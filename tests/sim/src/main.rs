@@ -6,6 +6,7 @@
 //!     [--days N] [--products N] [--load F] [--seed N] [--threads N] [--policy NAME]...
 //!     [--latency-ms N] [--hysteresis-percent N] [--hysteresis-min N] [--lookahead-min N]
 //!     [--window-min N] [--watermark-percent N] [--watermark-min N] [--backoff-ms N]
+//!     [--forecast-floor-percent N]
 //!     [--extra-units-percent N]
 //! ```
 #![forbid(unsafe_code)]
@@ -60,6 +61,10 @@ fn main() {
             "--watermark-percent" => cfg.trigger.low_watermark_percent = parse(&val()),
             "--watermark-min" => cfg.trigger.low_watermark_min_units = parse(&val()),
             "--backoff-ms" => cfg.trigger.backoff_ms = parse(&val()),
+            "--forecast-floor-percent" => {
+                cfg.forecast_floor_percent = parse(&val());
+                cfg.forecast_floors = cfg.forecast_floor_percent > 0;
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
