@@ -34,6 +34,7 @@ on_both_backends!(
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
+    a_deposed_leader_is_fenced,
 );
 
 fn product(name: &str) -> CreateProduct {
@@ -100,7 +101,7 @@ async fn stocked(backend: &Backend, purchased: u32) -> Arc<dyn Store> {
 async fn grant(store: &dyn Store, server: &str, units: u64) {
     let mv = new_move(MoveKind::Grant, "cad", server, units);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, units, 1).await.unwrap();
+    store.complete_move(mv.id, units, 1, 0).await.unwrap();
 }
 
 async fn products_are_created_listed_and_shown(backend: Backend) {
@@ -227,7 +228,7 @@ async fn entitlement_removal_needs_free_units(backend: Backend) {
     // Release 2 units: the reserve covers it now.
     let mv = new_move(MoveKind::Release, "cad", "s1", 2);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, 2, 2).await.unwrap();
+    store.complete_move(mv.id, 2, 2, 0).await.unwrap();
     let removed = store
         .remove_entitlement("admin", "cad", extra.id)
         .await
@@ -259,7 +260,7 @@ async fn servers_register_drain_and_remove(backend: Backend) {
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let mv = new_move(MoveKind::Release, "cad", "s1", 3);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, 3, 2).await.unwrap();
+    store.complete_move(mv.id, 3, 2, 0).await.unwrap();
     store.remove_server("admin", "s1").await.unwrap();
     assert!(store.servers().await.unwrap().is_empty());
     assert!(
@@ -364,7 +365,7 @@ async fn grant_travels_through_transit(backend: Backend) {
     assert_eq!((p.reserve, p.in_transit, p.allocated), (6, 4, 0));
     assert_eq!(store.unfinished_moves().await.unwrap(), vec![planned]);
     assert_balanced(&*store).await;
-    let applied = store.complete_move(mv.id, 4, 7).await.unwrap();
+    let applied = store.complete_move(mv.id, 4, 7, 0).await.unwrap();
     assert_eq!(applied.state, MoveState::Applied);
     let detail = store.product("cad").await.unwrap();
     assert_eq!((detail.product.reserve, detail.product.in_transit), (6, 0));
@@ -375,7 +376,7 @@ async fn grant_travels_through_transit(backend: Backend) {
     let mv = new_move(MoveKind::Grant, "cad", "s1", 5);
     store.begin_move(&mv).await.unwrap();
     let abandoned = store
-        .abandon_move(mv.id, "server never saw it")
+        .abandon_move(mv.id, "server never saw it", 0)
         .await
         .unwrap();
     assert_eq!(abandoned.state, MoveState::Abandoned);
@@ -393,7 +394,7 @@ async fn release_returns_only_confirmed_units(backend: Backend) {
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.allocated), (2, 8));
     // The server had only 3 free units.
-    let done = store.complete_move(mv.id, 3, 9).await.unwrap();
+    let done = store.complete_move(mv.id, 3, 9, 0).await.unwrap();
     assert_eq!(done.applied_units, Some(3));
     let detail = store.product("cad").await.unwrap();
     assert_eq!(
@@ -404,7 +405,7 @@ async fn release_returns_only_confirmed_units(backend: Backend) {
     let mv = new_move(MoveKind::Release, "cad", "s1", 1);
     store.begin_move(&mv).await.unwrap();
     assert!(matches!(
-        store.complete_move(mv.id, 2, 10).await,
+        store.complete_move(mv.id, 2, 10, 0).await,
         Err(StoreError::Conflict(_))
     ));
     assert_balanced(&*store).await;
@@ -414,12 +415,12 @@ async fn moves_are_idempotent_and_final(backend: Backend) {
     let store = stocked(&backend, 10).await;
     let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
     store.begin_move(&mv).await.unwrap();
-    let first = store.complete_move(mv.id, 4, 1).await.unwrap();
-    let second = store.complete_move(mv.id, 4, 1).await.unwrap();
+    let first = store.complete_move(mv.id, 4, 1, 0).await.unwrap();
+    let second = store.complete_move(mv.id, 4, 1, 0).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 4);
     assert!(matches!(
-        store.abandon_move(mv.id, "late").await,
+        store.abandon_move(mv.id, "late", 0).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
@@ -428,14 +429,14 @@ async fn moves_are_idempotent_and_final(backend: Backend) {
     ));
     let dropped = new_move(MoveKind::Grant, "cad", "s1", 1);
     store.begin_move(&dropped).await.unwrap();
-    store.abandon_move(dropped.id, "x").await.unwrap();
-    store.abandon_move(dropped.id, "x").await.unwrap();
+    store.abandon_move(dropped.id, "x", 0).await.unwrap();
+    store.abandon_move(dropped.id, "x", 0).await.unwrap();
     assert!(matches!(
-        store.complete_move(dropped.id, 1, 2).await,
+        store.complete_move(dropped.id, 1, 2, 0).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        store.complete_move(Uuid::new_v4(), 1, 1).await,
+        store.complete_move(Uuid::new_v4(), 1, 1, 0).await,
         Err(StoreError::NotFound(_))
     ));
     let p = store.product("cad").await.unwrap().product;
@@ -480,7 +481,7 @@ async fn books_survive_a_reopen(backend: Backend) {
     let store = open(&backend).await;
     assert_eq!(store.books().await.unwrap(), books);
     assert_eq!(store.unfinished_moves().await.unwrap()[0].id, planned.id);
-    store.complete_move(planned.id, 2, 2).await.unwrap();
+    store.complete_move(planned.id, 2, 2, 0).await.unwrap();
     assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 5);
     assert_balanced(&*store).await;
 }
@@ -534,9 +535,9 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
                         let mv = new_move(MoveKind::Grant, product, server, units);
                         match store.begin_move(&mv).await {
                             Ok(_) if next(4) == 0 => {
-                                store.abandon_move(mv.id, "test").await.map(drop)
+                                store.abandon_move(mv.id, "test", 0).await.map(drop)
                             }
-                            Ok(_) => store.complete_move(mv.id, units, 1).await.map(drop),
+                            Ok(_) => store.complete_move(mv.id, units, 1, 0).await.map(drop),
                             Err(e) => Err(e),
                         }
                     }
@@ -545,12 +546,14 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
                         match store.begin_move(&mv).await {
                             // A racing release may have taken the units first: the store
                             // refuses the second one, which is then given up.
-                            Ok(_) => match store.complete_move(mv.id, next(units + 1), 1).await {
-                                Err(StoreError::Conflict(_)) => {
-                                    store.abandon_move(mv.id, "raced").await.map(drop)
+                            Ok(_) => {
+                                match store.complete_move(mv.id, next(units + 1), 1, 0).await {
+                                    Err(StoreError::Conflict(_)) => {
+                                        store.abandon_move(mv.id, "raced", 0).await.map(drop)
+                                    }
+                                    other => other.map(drop),
                                 }
-                                other => other.map(drop),
-                            },
+                            }
                             Err(e) => Err(e),
                         }
                     }
@@ -684,4 +687,49 @@ async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
         buckets(&*store, h, h + 2 * HOUR, h + 2 * HOUR).await.len(),
         1
     );
+}
+
+async fn a_deposed_leader_is_fenced(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let old = new_move(MoveKind::Grant, "cad", "s1", 2);
+    store.begin_move(&old).await.unwrap();
+    // A new leader takes over: every write of epoch 0 is refused from now on.
+    let epoch = store
+        .take_leadership("http://new-leader:7400")
+        .await
+        .unwrap();
+    assert_eq!(epoch, 1);
+    assert_eq!(
+        store.leader().await.unwrap(),
+        (1, "http://new-leader:7400".into())
+    );
+    let before = store.books().await.unwrap();
+    let stale = new_move(MoveKind::Grant, "cad", "s1", 1);
+    assert!(matches!(
+        store.begin_move(&stale).await,
+        Err(StoreError::Fenced {
+            epoch: 0,
+            current: 1
+        })
+    ));
+    assert!(matches!(
+        store.complete_move(old.id, 2, 1, 0).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        store.abandon_move(old.id, "x", 0).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        store.reclaim_lost_server("s1", 0).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(
+        store.books().await.unwrap(),
+        before,
+        "fenced writes change nothing"
+    );
+    // The new leader resumes the old leader's move.
+    store.complete_move(old.id, 2, 1, epoch).await.unwrap();
+    assert_balanced(&*store).await;
 }

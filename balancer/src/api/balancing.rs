@@ -16,6 +16,10 @@ impl From<BalanceError> for ApiError {
     fn from(e: BalanceError) -> Self {
         match e {
             BalanceError::Store(e) => e.into(),
+            BalanceError::NotLeader => ApiError::new(
+                ErrorCode::NotLeader,
+                "this balancer is not the leader; send the request to the leader",
+            ),
             BalanceError::Plan(why) => {
                 tracing::error!(%why, "the planner refused the books");
                 ApiError::new(

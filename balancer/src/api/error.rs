@@ -74,6 +74,10 @@ impl From<StoreError> for ApiError {
                 Self::new(ErrorCode::NotFound, format!("{what} not found"))
             }
             StoreError::Conflict(why) => Self::new(ErrorCode::Conflict, why),
+            StoreError::Fenced { .. } => Self::new(
+                ErrorCode::NotLeader,
+                "this balancer was deposed by a newer leader; send the request to the leader",
+            ),
             other => {
                 tracing::error!(error = %other, "store failure");
                 Self::new(

@@ -37,7 +37,7 @@ use chrono::Utc;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use uuid::Uuid;
 
 /// How the engine talks to servers and decides who is lost.
@@ -86,6 +86,9 @@ pub enum BalanceError {
     /// The planner refused the snapshot (a bug: the store keeps the books balanced).
     #[error("planner: {0}")]
     Plan(String),
+    /// This balancer does not lead: balances run on the leader only.
+    #[error("this balancer is not the leader")]
+    NotLeader,
 }
 
 /// Runs balances. Cheap to clone; clones share locks.
@@ -99,21 +102,49 @@ pub struct Engine {
     product_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// One scheduled/manual/reclaim run at a time.
     run_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The leader epoch while this balancer leads; `None` while it follows.
+    leadership: watch::Receiver<Option<i64>>,
 }
 
 /// A server's answer to a status read in a run.
 type StatusMap = BTreeMap<String, AgentStatus>;
 
 impl Engine {
-    /// An engine over `store` that calls servers with tokens from `tokens`.
+    /// The only writer of a store that never saw a takeover (epoch 0): embedded uses,
+    /// benchmarks and tests. A service uses [`Engine::with_leadership`].
     pub fn new(store: Arc<dyn Store>, tokens: ServerTokens, config: EngineConfig) -> Self {
+        let (leading, leadership) = watch::channel(Some(0));
+        // The engine keeps a receiver; a closed channel keeps its last value.
+        drop(leading);
+        Self::with_leadership(store, tokens, config, leadership)
+    }
+
+    /// An engine that balances only while `leadership` holds an epoch, and writes with it.
+    pub fn with_leadership(
+        store: Arc<dyn Store>,
+        tokens: ServerTokens,
+        config: EngineConfig,
+        leadership: watch::Receiver<Option<i64>>,
+    ) -> Self {
         Self {
             agents: AgentClient::new(tokens, config.call_timeout),
             store,
             config: Arc::new(config),
             product_locks: Arc::default(),
             run_lock: Arc::default(),
+            leadership,
         }
+    }
+
+    /// The epoch this balancer leads with, or [`BalanceError::NotLeader`].
+    pub fn epoch(&self) -> Result<i64, BalanceError> {
+        (*self.leadership.borrow()).ok_or(BalanceError::NotLeader)
+    }
+
+    /// The epoch to write with; a follower writes with an impossible epoch so the store fences
+    /// whatever it attempts.
+    fn write_epoch(&self) -> i64 {
+        self.epoch().unwrap_or(-1)
     }
 
     /// The engine's settings.
@@ -145,7 +176,12 @@ impl Engine {
                 crate::fault::point("after_move_sent");
                 let booked = self
                     .store
-                    .complete_move(mv.id, u64::from(answer.units), answer.generation)
+                    .complete_move(
+                        mv.id,
+                        u64::from(answer.units),
+                        answer.generation,
+                        self.write_epoch(),
+                    )
                     .await
                     .map_err(|e| {
                         format!(
@@ -171,7 +207,7 @@ impl Engine {
                 // a release simply did not happen.
                 let reason = format!("{code}: {message}");
                 self.store
-                    .abandon_move(mv.id, &reason)
+                    .abandon_move(mv.id, &reason, self.write_epoch())
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::warn!(%reason, "move refused by the server; abandoned");
@@ -293,14 +329,20 @@ impl Engine {
         if silent.is_empty() {
             return Ok(Vec::new());
         }
-        let run_id = self.store.begin_run(RunTrigger::Reclaim, 0).await?;
+        let run_id = self
+            .store
+            .begin_run(RunTrigger::Reclaim, self.epoch()?)
+            .await?;
         let mut outcome = RunOutcome {
             status: "ok".into(),
             ..RunOutcome::default()
         };
         let mut names = Vec::new();
         for server in silent {
-            let reclaimed = self.store.reclaim_lost_server(&server.name).await?;
+            let reclaimed = self
+                .store
+                .reclaim_lost_server(&server.name, self.epoch()?)
+                .await?;
             let units: u64 = reclaimed.iter().map(|(_, u)| u).sum();
             tracing::warn!(server = %server.name, units, ?reclaimed, run_id, "server lost; its units returned to the reserve");
             outcome.units_moved += units;
@@ -322,11 +364,12 @@ impl Engine {
         only: Option<&str>,
     ) -> Result<RunDetail, BalanceError> {
         let _one_run_at_a_time = self.run_lock.lock().await;
+        let epoch = self.epoch()?;
         if let Some(name) = only {
             self.store.product(name).await?;
         }
         self.reclaim_lost().await?;
-        let run_id = self.store.begin_run(trigger, 0).await?;
+        let run_id = self.store.begin_run(trigger, epoch).await?;
         let tally = crate::metrics::RunTally::start(trigger);
         let started = std::time::Instant::now();
         let errors = Mutex::new(self.resume_unfinished().await?);
@@ -415,7 +458,7 @@ impl Engine {
                         server: server.name.clone(),
                         kind: m.kind(),
                         units: m.units(),
-                        epoch: 0,
+                        epoch,
                     };
                     let engine = self.clone();
                     tasks.spawn(async move {
@@ -509,7 +552,8 @@ impl Engine {
         }
         let wanted = u64::from(req.units);
         let tally = crate::metrics::InstantTally::start();
-        let run_id = self.store.begin_run(RunTrigger::Instant, 0).await?;
+        let epoch = self.epoch()?;
+        let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
         let errors = Mutex::new(Vec::new());
         let mut reserve = self.store.product(&req.product).await?.product.reserve;
         let mut moves = 0u64;
@@ -550,7 +594,7 @@ impl Engine {
                     server: donor.server.clone(),
                     kind: MoveKind::Release,
                     units: ask,
-                    epoch: 0,
+                    epoch,
                 };
                 if let Some(done) = self
                     .log_and_execute(&servers[&donor.server], new, &errors)
@@ -573,7 +617,7 @@ impl Engine {
                 server: server.name.clone(),
                 kind: MoveKind::Grant,
                 units: grant,
-                epoch: 0,
+                epoch,
             };
             if let Some(done) = self.log_and_execute(server, new, &errors).await {
                 granted = done.applied_units.unwrap_or(0);

@@ -46,6 +46,14 @@ pub enum StoreError {
     /// A migration failed at start.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A write of a deposed leader: its epoch is older than the current one.
+    #[error("fenced: epoch {epoch} is not the current leader epoch {current}")]
+    Fenced {
+        /// The writer's epoch.
+        epoch: i64,
+        /// The current epoch.
+        current: i64,
+    },
     /// The store could not be opened as configured.
     #[error("{0}")]
     Config(String),
@@ -412,7 +420,8 @@ pub trait Store: Send + Sync + 'static {
     /// A page of the audit log, newest first.
     async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>>;
 
-    /// Logs a move as planned before it is sent. A grant's units leave the reserve into
+    /// Logs a move as planned before it is sent (refused when `mv.epoch` is not the current
+    /// leader epoch: a deposed leader cannot touch the books). A grant's units leave the reserve into
     /// transit in the same transaction (refused with a conflict if the reserve is short).
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord>;
     /// Books a move the server confirmed: a release's `applied_units` (≤ asked, only free
@@ -423,10 +432,11 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         applied_units: u64,
         generation: u64,
+        epoch: i64,
     ) -> StoreResult<MoveRecord>;
     /// Gives a planned move up: a grant's in-transit units return to the reserve. Only call it
     /// when the server is known not to have applied the move.
-    async fn abandon_move(&self, id: Uuid, reason: &str) -> StoreResult<MoveRecord>;
+    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord>;
     /// Moves logged but neither applied nor abandoned, oldest first, to resume.
     async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>>;
 
@@ -443,7 +453,12 @@ pub trait Store: Send + Sync + 'static {
     /// Declares a silent server lost: in one transaction its allocations return to the reserve,
     /// its planned moves are abandoned, and its state becomes `lost`. Returns (product, units)
     /// reclaimed.
-    async fn reclaim_lost_server(&self, name: &str) -> StoreResult<Vec<(String, u64)>>;
+    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>>;
+    /// Makes the caller the leader: bumps the leader epoch (fencing every older writer) and
+    /// records where the new leader is reached. Returns the new epoch.
+    async fn take_leadership(&self, url: &str) -> StoreResult<i64>;
+    /// The current leader epoch and the leader's URL.
+    async fn leader(&self) -> StoreResult<(i64, String)>;
     /// Makes a lost server active again; returns whether it had been lost.
     async fn revive_server(&self, name: &str) -> StoreResult<bool>;
     /// Notes that a server showed it adopted the books' allocations after a reset.

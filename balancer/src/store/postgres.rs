@@ -37,3 +37,7 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
 
 /// Row lock on the product, taken first by every transaction that changes its pool.
 const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1 FOR UPDATE";
+
+/// The leader epoch under a share lock: a takeover's update waits for this transaction, and
+/// every transaction after the takeover sees the new epoch and is fenced.
+const LOCK_EPOCH: &str = "SELECT value FROM settings WHERE key = 'leader.epoch' FOR SHARE";

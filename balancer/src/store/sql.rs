@@ -7,7 +7,7 @@
 //! transaction rolls back and the caller gets a conflict. The books never pass through a
 //! state that breaks conservation at a commit.
 
-use super::{BACKEND, Db, LOCK_PRODUCT, MIGRATOR, begin_write, connect_pool};
+use super::{BACKEND, Db, LOCK_EPOCH, LOCK_PRODUCT, MIGRATOR, begin_write, connect_pool};
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
     cell_columns, cell_record_columns, count, entitlement_columns, move_columns, now_ms,
@@ -112,6 +112,20 @@ async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<()> {
         .bind(product_id)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Refuses the write of a leader whose epoch is not the current one (fencing). Reads the epoch
+/// under a share lock, so a takeover (which bumps it) waits for this transaction to finish.
+async fn check_epoch(conn: &mut Conn, epoch: i64) -> StoreResult<()> {
+    let current: i64 = sqlx::query_scalar::<_, String>(LOCK_EPOCH)
+        .fetch_one(conn)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
+    if epoch != current {
+        return Err(StoreError::Fenced { epoch, current });
+    }
     Ok(())
 }
 
@@ -668,6 +682,7 @@ impl Store for SqlStore {
         let mut tx = begin_write(&self.pool).await?;
         let pid = product_id(&mut tx, &mv.product).await?;
         lock_product(&mut tx, pid).await?;
+        check_epoch(&mut tx, mv.epoch).await?;
         let sid = server_row(&mut tx, &mv.server).await?.id;
         match mv.kind {
             MoveKind::Release => {
@@ -726,10 +741,12 @@ impl Store for SqlStore {
         id: Uuid,
         applied_units: u64,
         generation: u64,
+        epoch: i64,
     ) -> StoreResult<MoveRecord> {
         let mut tx = begin_write(&self.pool).await?;
         let row = move_row(&mut tx, id).await?;
         lock_product(&mut tx, row.product_id).await?;
+        check_epoch(&mut tx, epoch).await?;
         // Read again under the lock: a concurrent completion may have just committed.
         let row = move_row(&mut tx, id).await?;
         let record = row.to_record()?;
@@ -805,10 +822,11 @@ impl Store for SqlStore {
     }
 
     #[tracing::instrument(skip_all, fields(move_id = %id, reason))]
-    async fn abandon_move(&self, id: Uuid, reason: &str) -> StoreResult<MoveRecord> {
+    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {
         let mut tx = begin_write(&self.pool).await?;
         let row = move_row(&mut tx, id).await?;
         lock_product(&mut tx, row.product_id).await?;
+        check_epoch(&mut tx, epoch).await?;
         // Read again under the lock: a concurrent completion may have just committed.
         let row = move_row(&mut tx, id).await?;
         let record = row.to_record()?;
@@ -895,7 +913,7 @@ impl Store for SqlStore {
     }
 
     #[tracing::instrument(skip_all, fields(server = name))]
-    async fn reclaim_lost_server(&self, name: &str) -> StoreResult<Vec<(String, u64)>> {
+    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>> {
         let mut tx = begin_write(&self.pool).await?;
         let server = server_row(&mut tx, name).await?;
         let before = server_row(&mut tx, name).await?.into_server()?;
@@ -922,6 +940,7 @@ impl Store for SqlStore {
         for pid in &product_ids {
             lock_product(&mut tx, *pid).await?;
         }
+        check_epoch(&mut tx, epoch).await?;
         for id in planned {
             let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let row = move_row(&mut tx, uuid).await?;
@@ -1420,5 +1439,49 @@ impl Store for SqlStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn take_leadership(&self, url: &str) -> StoreResult<i64> {
+        let mut tx = begin_write(&self.pool).await?;
+        let epoch: i64 = sqlx::query_scalar::<_, String>(
+            "UPDATE settings SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) \
+             WHERE key = 'leader.epoch' RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('leader.url', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(url)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            "balancer",
+            "leader.take",
+            url,
+            None,
+            Some(serde_json::json!({ "epoch": epoch, "url": url }).to_string()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(epoch)
+    }
+
+    async fn leader(&self) -> StoreResult<(i64, String)> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT key, value FROM settings WHERE key IN ('leader.epoch', 'leader.url')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let get = |key: &str| rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let epoch = get("leader.epoch")
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
+        Ok((epoch, get("leader.url").unwrap_or_default()))
     }
 }

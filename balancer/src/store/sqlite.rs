@@ -45,3 +45,6 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
 
 /// `BEGIN IMMEDIATE` already holds the database's write lock: reading the row is enough.
 const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1";
+
+/// The leader epoch; `BEGIN IMMEDIATE` already serialises it with a takeover.
+const LOCK_EPOCH: &str = "SELECT value FROM settings WHERE key = 'leader.epoch'";
