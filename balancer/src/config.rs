@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// The admin token; absent → read from, or generated into, `<data-dir>/admin-token`.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The URL other balancers' followers send clients to while this one leads (default
+    /// `http://<listen>`).
+    #[arg(long, env = "ALLOT_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// A metering server unheard of for this long is declared lost and its units reclaimed.
     #[arg(long, env = "ALLOT_LEASE_SECONDS", default_value_t = 24 * 3600)]
     pub lease_seconds: u64,

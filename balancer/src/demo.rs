@@ -115,6 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             database_url: None,
         },
         admin_token: Some(admin_token.clone()),
+        advertise_url: None,
         lease_seconds: 24 * 3600,
         lease_margin_seconds: 300,
         call_timeout_ms: 2000,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod fault;
 pub mod history;
+pub mod leader;
 pub mod metrics;
 pub mod schedule;
 pub mod service;

@@ -60,7 +60,6 @@ pub async fn serve(
     }
     let tokens = auth::ServerTokens::new(&store.token_key().await?);
     crate::metrics::METRICS.set_max_cells(args.metrics_max_cells);
-    let engine = Engine::new(store.clone(), tokens.clone(), args.engine_config());
     tracing::info!(
         lease_seconds = args.lease_seconds,
         lease_margin_seconds = args.lease_margin_seconds,
@@ -68,16 +67,58 @@ pub async fn serve(
         concurrency = args.concurrency,
         "balancing settings"
     );
-    match engine.resume_unfinished().await {
-        Ok(errors) if errors.is_empty() => {}
-        Ok(errors) => tracing::warn!(
-            ?errors,
-            "unfinished moves could not all be resumed; the next run retries"
-        ),
-        Err(e) => tracing::error!(error = %e, "could not resume unfinished moves"),
-    }
-    let schedule_changed = Arc::new(Notify::new());
     let (stop_scheduler, stopped) = watch::channel(false);
+    let advertise = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", args.listen));
+    let (won, mut wins) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let leadership = match &args.store.database_url {
+        Some(url) if store.backend() == "postgres" => {
+            tracing::info!(%advertise, "competing for leadership (PostgreSQL advisory lock)");
+            crate::leader::compete(
+                store.clone(),
+                url.clone(),
+                advertise,
+                stop_scheduler.subscribe(),
+                move |epoch| {
+                    let _ = won.send(epoch);
+                },
+            )
+            .await
+        }
+        _ => {
+            let leadership = crate::leader::lead_alone(&*store, &advertise).await?;
+            if let Some(epoch) = *leadership.borrow() {
+                let _ = won.send(epoch);
+            }
+            leadership
+        }
+    };
+    let engine = Engine::with_leadership(
+        store.clone(),
+        tokens.clone(),
+        args.engine_config(),
+        leadership.clone(),
+    );
+    // Each time leadership is won, unfinished moves are resumed before anything is planned.
+    let resumer = engine.clone();
+    tokio::spawn(async move {
+        while let Some(epoch) = wins.recv().await {
+            match resumer.resume_unfinished().await {
+                Ok(errors) if errors.is_empty() => {
+                    tracing::info!(epoch, "unfinished moves resumed")
+                }
+                Ok(errors) => tracing::warn!(
+                    epoch,
+                    ?errors,
+                    "unfinished moves could not all be resumed; the next run retries"
+                ),
+                Err(e) => tracing::error!(epoch, error = %e, "could not resume unfinished moves"),
+            }
+        }
+    });
+    let schedule_changed = Arc::new(Notify::new());
     let scheduler = tokio::spawn(scheduler::run(
         engine.clone(),
         store.clone(),
@@ -103,6 +144,7 @@ pub async fn serve(
         admin,
         engine,
         schedule_changed,
+        leadership,
     };
     api::run(listener, state, shutdown).await?;
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");

@@ -134,6 +134,7 @@ async fn an_admin_sets_up_the_books(backend: Backend) {
             "server.register",
             "entitlement.add",
             "product.create",
+            "leader.take",
         ]
     );
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub schedule_changed: Arc<tokio::sync::Notify>,
     /// How long history is kept (decides where history queries read).
     pub retention: crate::history::Retention,
+    /// The leader epoch while this balancer leads; `None` while it follows.
+    pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
 }
 
 /// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
@@ -139,6 +141,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_leader,
+        ))
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
@@ -148,10 +154,33 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<Health> {
+/// Followers serve reads; every other call goes to the leader: `421 not_leader` with its URL.
+async fn require_leader(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let reads = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if reads || state.leadership.borrow().is_some() {
+        return next.run(request).await;
+    }
+    let leader_url = state.store.leader().await.map(|(_, url)| url).ok();
+    let mut body = allot_core::error::ErrorBody::new(
+        ErrorCode::NotLeader,
+        "this balancer follows; send changes to the leader",
+    );
+    body.error.leader_url = leader_url.filter(|u| !u.is_empty());
+    (axum::http::StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
-        leader: true,
+        leader: state.leadership.borrow().is_some(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
 }

@@ -46,8 +46,12 @@ pub async fn run(
         };
         tokio::select! {
             () = sleep => {
-                if let Err(e) = engine.run(RunTrigger::Scheduled, None).await {
-                    tracing::error!(error = %e, "scheduled balance failed");
+                match engine.run(RunTrigger::Scheduled, None).await {
+                    Ok(_) => {}
+                    Err(super::BalanceError::NotLeader) => {
+                        tracing::debug!("not the leader; the leader runs the schedule");
+                    }
+                    Err(e) => tracing::error!(error = %e, "scheduled balance failed"),
                 }
             }
             () = schedule_changed.notified() => {
