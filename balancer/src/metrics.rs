@@ -130,12 +130,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             )
             .expect("valid histogram"),
         ),
-        moves: counter(
-            &r,
-            "allot_moves_total",
-            "Moves booked, by kind.",
-            &["kind"],
-        ),
+        moves: counter(&r, "allot_moves_total", "Moves booked, by kind.", &["kind"]),
         units_moved: counter(
             &r,
             "allot_units_moved_total",
@@ -448,10 +443,10 @@ pub async fn render(store: &dyn Store) -> Result<String, crate::store::StoreErro
             .usage
             .get(&(c.server.clone(), c.product.clone()))
             .map(|&(_, units)| units);
-        if let Some(units) = in_use {
-            if let Ok(g) = m.in_use.get_metric_with_label_values(&[c.product.as_str()]) {
-                g.add(gauge_value(units));
-            }
+        if let Some(units) = in_use
+            && let Ok(g) = m.in_use.get_metric_with_label_values(&[c.product.as_str()])
+        {
+            g.add(gauge_value(units));
         }
         if index >= state.max_cells {
             continue;
@@ -466,11 +461,16 @@ pub async fn render(store: &dyn Store) -> Result<String, crate::store::StoreErro
                 .set(gauge_value(units));
         }
     }
-    m.cells_omitted
-        .set(gauge_value(cells.len().saturating_sub(state.max_cells) as u64));
+    m.cells_omitted.set(gauge_value(
+        cells.len().saturating_sub(state.max_cells) as u64
+    ));
 
     m.servers.reset();
-    for s in [ServerState::Active, ServerState::Draining, ServerState::Lost] {
+    for s in [
+        ServerState::Active,
+        ServerState::Draining,
+        ServerState::Lost,
+    ] {
         m.servers.with_label_values(&[s.as_str()]);
     }
     m.unreachable_runs.reset();

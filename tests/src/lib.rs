@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod fleet;
 pub mod pg;
 pub mod process;
+pub mod prometheus;
 
 /// The database a test runs against: SQLite (a file in the data directory) or a fresh
 /// PostgreSQL database dropped when the value is dropped.
