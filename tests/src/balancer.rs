@@ -79,6 +79,11 @@ impl Balancer {
         self.process = Self::spawn(&self.args, self.port, &[]).await;
     }
 
+    /// SIGKILL, leaving it dead.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
     /// SIGTERM; returns whether the process exited cleanly.
     pub fn terminate(&mut self) -> bool {
         self.process.terminate()

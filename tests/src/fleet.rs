@@ -116,6 +116,9 @@ pub struct Fleet {
     pub meters: Vec<Meter>,
     /// The books' backend; kept alive for the fleet's lifetime.
     pub backend: Backend,
+    /// Every balancer URL metering servers are given (`--balancer A,B`); the first balancer's
+    /// alone when empty.
+    pub balancer_urls: Vec<String>,
 }
 
 impl Fleet {
@@ -131,6 +134,7 @@ impl Fleet {
             balancer,
             meters: Vec::new(),
             backend,
+            balancer_urls: Vec::new(),
         }
     }
 
@@ -157,7 +161,11 @@ impl Fleet {
             process: None,
             port,
             data_dir,
-            balancer_url: self.balancer.url().to_owned(),
+            balancer_url: if self.balancer_urls.is_empty() {
+                self.balancer.url().to_owned()
+            } else {
+                self.balancer_urls.join(",")
+            },
             env: Vec::new(),
         };
         meter.start(&[]).await;
