@@ -31,9 +31,18 @@ where
     }
 }
 
+/// The doctor must find the books and every server in agreement once the servers' own
+/// proactive pulls (moves briefly in flight) have settled; a real discrepancy persists.
 async fn assert_doctor_ok(fleet: &Fleet) {
-    let report = fleet.doctor().await;
-    assert_eq!(report["ok"], true, "doctor: {report:#}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = fleet.doctor().await;
+        if report["ok"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "doctor: {report:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Checks out `n` units one at a time; returns the handles of those granted.
