@@ -236,7 +236,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             IntGauge::new(
                 "allot_leader",
-                "1 while this balancer leads (runs balances).",
+                "1 while this balancer leads (runs balances), 0 while it follows.",
             )
             .expect("valid gauge"),
         ),
@@ -383,8 +383,9 @@ impl Drop for InstantTally {
     }
 }
 
-/// Renders every metric in Prometheus's text format, reading the books' gauges from `store`.
-pub async fn render(store: &dyn Store) -> Result<String, crate::store::StoreError> {
+/// Renders every metric in Prometheus's text format, reading the books' gauges from `store`;
+/// `leading` says whether this balancer holds the leadership now.
+pub async fn render(store: &dyn Store, leading: bool) -> Result<String, crate::store::StoreError> {
     let m = &*METRICS;
     let products = store.products().await?;
     let mut cells = store.cells().await?;
@@ -484,7 +485,7 @@ pub async fn render(store: &dyn Store) -> Result<String, crate::store::StoreErro
         }
     }
     drop(state);
-    m.leader.set(1);
+    m.leader.set(i64::from(leading));
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&m.registry.gather(), &mut out)

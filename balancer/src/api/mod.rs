@@ -186,7 +186,8 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
-    Ok(crate::metrics::render(&*state.store).await?)
+    let leading = state.leadership.borrow().is_some();
+    Ok(crate::metrics::render(&*state.store, leading).await?)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
