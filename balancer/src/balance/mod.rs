@@ -389,9 +389,8 @@ impl Engine {
                 .expect("errors")
                 .push(format!("{name} unreachable: {reason}"));
         }
-        for name in statuses.keys() {
-            self.store.touch_server(name).await?;
-        }
+        let answered: Vec<String> = statuses.keys().cloned().collect();
+        self.store.touch_servers(&answered).await?;
         let cells = self.store.cells().await?;
         let mut servers = servers;
         for server in servers.iter_mut().filter(|s| s.needs_reset) {
@@ -433,7 +432,7 @@ impl Engine {
             let _serialised = lock.lock().await;
             // The books may have moved since the run began (instant balances): reread them.
             let product = self.store.product(&product.name).await?.product;
-            let cells = self.store.cells().await?;
+            let cells = self.store.product_cells(&product.name).await?;
             let Some(built) = build_snapshot(&product, &cells, &statuses, &servers) else {
                 continue;
             };
@@ -526,7 +525,7 @@ impl Engine {
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
-                allocation_of(&self.store.cells().await?),
+                allocation_of(&self.store.product_cells(&req.product).await?),
             ));
         }
         let lock = self.product_lock(&req.product);
@@ -534,20 +533,30 @@ impl Engine {
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
-                allocation_of(&self.store.cells().await?),
+                allocation_of(&self.store.product_cells(&req.product).await?),
             ));
         }
         if server.state == ServerState::Draining {
             tracing::info!("server is draining; nothing granted");
-            return Ok(answer(0, allocation_of(&self.store.cells().await?)));
+            return Ok(answer(
+                0,
+                allocation_of(&self.store.product_cells(&req.product).await?),
+            ));
         }
         if server.needs_reset {
             let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
-            if adopted(&server.name, &self.store.cells().await?, &statuses) {
+            if adopted(
+                &server.name,
+                &self.store.product_cells(&req.product).await?,
+                &statuses,
+            ) {
                 self.store.clear_reset(&server.name).await?;
             } else {
                 tracing::warn!("server has not adopted the books after its reset; nothing granted");
-                return Ok(answer(0, allocation_of(&self.store.cells().await?)));
+                return Ok(answer(
+                    0,
+                    allocation_of(&self.store.product_cells(&req.product).await?),
+                ));
             }
         }
         let wanted = u64::from(req.units);
@@ -656,7 +665,10 @@ impl Engine {
             .await?;
         tally.finish(wanted, granted);
         tracing::info!(granted, run_id, "instant balance answered");
-        Ok(answer(granted, allocation_of(&self.store.cells().await?)))
+        Ok(answer(
+            granted,
+            allocation_of(&self.store.product_cells(&req.product).await?),
+        ))
     }
 
     /// Compares the books with every reachable server's view, without moving anything and
@@ -840,13 +852,16 @@ fn build_snapshot(
     if product.in_transit > 0 {
         return None;
     }
+    let by_server: HashMap<&str, &CellRecord> = cells
+        .iter()
+        .filter(|c| c.product == product.name)
+        .map(|c| (c.server.as_str(), c))
+        .collect();
     let mut set_aside = 0u64;
     let mut snapshot_cells = Vec::new();
     let mut server_names = Vec::new();
     for server in servers {
-        let cell = cells
-            .iter()
-            .find(|c| c.server == server.name && c.product == product.name);
+        let cell = by_server.get(server.name.as_str()).copied();
         let held = cell.map_or(0, |c| c.units);
         let Some(seen) = reported(statuses, &server.name, &product.name) else {
             set_aside += held;

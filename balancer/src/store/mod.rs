@@ -465,6 +465,11 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_reset(&self, name: &str) -> StoreResult<()>;
     /// Every cell of every registered server.
     async fn cells(&self) -> StoreResult<Vec<CellRecord>>;
+    /// The cells of one product (a run rereads them per product: instant balances may have
+    /// moved units since the run began).
+    async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>>;
+    /// Notes that these servers were heard from now, in one transaction.
+    async fn touch_servers(&self, names: &[String]) -> StoreResult<()>;
 
     /// Opens a run record.
     async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64>;

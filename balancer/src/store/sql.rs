@@ -1020,6 +1020,41 @@ impl Store for SqlStore {
         Ok(revived)
     }
 
+    async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
+        Ok(sqlx::query_as::<_, CellRecordRow>(concat!(
+            "SELECT ",
+            cell_record_columns!(),
+            " FROM allocations a JOIN servers s ON s.id = a.server_id \
+              JOIN products p ON p.id = a.product_id \
+              WHERE s.removed_at IS NULL AND p.name = $1 ORDER BY s.name"
+        ))
+        .bind(product)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(CellRecord::from)
+        .collect())
+    }
+
+    async fn touch_servers(&self, names: &[String]) -> StoreResult<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = begin_write(&self.pool).await?;
+        for name in names {
+            sqlx::query(
+                "UPDATE servers SET last_seen_at = $1 WHERE name = $2 AND removed_at IS NULL",
+            )
+            .bind(now)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn clear_reset(&self, name: &str) -> StoreResult<()> {
         sqlx::query("UPDATE servers SET needs_reset = 0 WHERE name = $1 AND removed_at IS NULL")
             .bind(name)
@@ -1074,37 +1109,76 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
+    /// over 200 servers × 50 products writes 10,000 samples, and every statement costs a
+    /// network round trip (PostgreSQL) or a hop to the driver's thread (SQLite). Names are
+    /// resolved to ids once, in the same transaction; a sample naming a removed server or an
+    /// unknown product is skipped, as the per-row `INSERT … SELECT` did.
     async fn record_samples(
         &self,
         run_id: i64,
         at_ms: i64,
         samples: &[UsageSample],
     ) -> StoreResult<()> {
+        /// Columns bound per row.
+        const COLUMNS: usize = 13;
+        /// Rows per statement: 6,500 parameters, far below both backends' limits (SQLite
+        /// 32,766, PostgreSQL 65,535).
+        const CHUNK: usize = 500;
         let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        if samples.is_empty() {
+            return Ok(());
+        }
         let mut tx = begin_write(&self.pool).await?;
-        for s in samples {
-            sqlx::query(
+        let servers: std::collections::HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+            "SELECT name, id FROM servers WHERE removed_at IS NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let products: std::collections::HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let rows: Vec<(i64, i64, &UsageSample)> = samples
+            .iter()
+            .filter_map(|s| Some((*servers.get(&s.server)?, *products.get(&s.product)?, s)))
+            .collect();
+        for chunk in rows.chunks(CHUNK) {
+            let mut sql = String::from(
                 "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
                  in_use, peak_in_use, checkouts, denials, overdrafts, staleouts, waiting, \
-                 instant_requests) SELECT $1, s.id, p.id, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-                 $11 FROM servers s, products p \
-                 WHERE s.name = $12 AND s.removed_at IS NULL AND p.name = $13",
-            )
-            .bind(run_id)
-            .bind(at_ms)
-            .bind(wide(s.allocation))
-            .bind(wide(s.in_use))
-            .bind(wide(s.peak_in_use))
-            .bind(wide(s.checkouts))
-            .bind(wide(s.denials))
-            .bind(wide(s.overdrafts))
-            .bind(wide(s.staleouts))
-            .bind(wide(s.waiting))
-            .bind(wide(s.instant_requests))
-            .bind(&s.server)
-            .bind(&s.product)
-            .execute(&mut *tx)
-            .await?;
+                 instant_requests) VALUES ",
+            );
+            for row in 0..chunk.len() {
+                sql.push_str(if row == 0 { "(" } else { ", (" });
+                let params: Vec<String> = (1..=COLUMNS)
+                    .map(|c| format!("${}", row * COLUMNS + c))
+                    .collect();
+                sql.push_str(&params.join(", "));
+                sql.push(')');
+            }
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (server_id, product_id, s) in chunk {
+                query = query
+                    .bind(run_id)
+                    .bind(*server_id)
+                    .bind(*product_id)
+                    .bind(at_ms)
+                    .bind(wide(s.allocation))
+                    .bind(wide(s.in_use))
+                    .bind(wide(s.peak_in_use))
+                    .bind(wide(s.checkouts))
+                    .bind(wide(s.denials))
+                    .bind(wide(s.overdrafts))
+                    .bind(wide(s.staleouts))
+                    .bind(wide(s.waiting))
+                    .bind(wide(s.instant_requests));
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
