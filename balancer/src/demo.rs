@@ -31,6 +31,10 @@ pub struct DemoArgs {
     /// The `allot-agent` binary (default: next to this executable).
     #[arg(long, env = "ALLOT_AGENT_BINARY")]
     pub agent_binary: Option<PathBuf>,
+    /// The demo balancer's admin token, so other terminals can run the admin CLI against it
+    /// (`allot-balancer history`, `runs list`, `advise`); a fresh one when absent.
+    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// Seconds of real time per simulated hour.
@@ -107,7 +111,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("allot-demo-").tempdir()?;
     let balancer_addr = free_addr(7400)?;
     let balancer_url = format!("http://{balancer_addr}");
-    let admin_token = crate::auth::generate_token();
+    let admin_token = args
+        .admin_token
+        .clone()
+        .unwrap_or_else(crate::auth::generate_token);
     let serve_args = ServeArgs {
         listen: balancer_addr,
         store: StoreArgs {
@@ -139,7 +146,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         json: false,
     })?;
 
-    let outcome = drive(&args, &agent, dir.path(), &balancer_url, &admin, &http).await;
+    let outcome = drive(
+        &args,
+        &agent,
+        dir.path(),
+        &balancer_url,
+        &admin,
+        &admin_token,
+        &http,
+    )
+    .await;
     let _ = stop_balancer.send(());
     let _ = balancer.await;
     outcome
@@ -166,6 +182,7 @@ async fn drive(
     dir: &Path,
     balancer_url: &str,
     admin: &AdminClient,
+    admin_token: &str,
     http: &reqwest::Client,
 ) -> anyhow::Result<()> {
     let _: serde_json::Value = admin
@@ -260,7 +277,7 @@ async fn drive(
             last_heartbeat = Instant::now();
         }
         if last_frame.elapsed() >= Duration::from_secs(1) {
-            let frame = render(&sites, hour, balancer_url, admin, http).await;
+            let frame = render(&sites, hour, balancer_url, admin, admin_token, http).await;
             if !args.no_clear {
                 print!("\x1b[2J\x1b[H");
             }
@@ -353,6 +370,7 @@ async fn render(
     utc_hour: f64,
     balancer_url: &str,
     admin: &AdminClient,
+    admin_token: &str,
     http: &reqwest::Client,
 ) -> String {
     use std::fmt::Write;
@@ -380,6 +398,11 @@ async fn render(
             site.name, site.url, site.url
         );
     }
+    let _ = writeln!(
+        out,
+        "admin CLI from another terminal: ALLOT_URL={balancer_url} ALLOT_ADMIN_TOKEN={admin_token} \
+         allot-balancer history --since 1h --step 1m   (or runs list, advise, doctor)"
+    );
     let mut statuses = BTreeMap::new();
     for site in sites {
         if let Ok(r) = http
