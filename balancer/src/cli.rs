@@ -1096,30 +1096,23 @@ fn print_advice(advice: &allot_core::advisor::Advice) {
         .collect();
     if changes.is_empty() {
         println!("cells: no change");
-    } else {
-        let mut t = table(&["server", "product", "min", "buffer", "evidence", "expected"]);
-        for c in changes {
-            t.add_row(vec![
-                c.server.clone(),
-                c.product.clone(),
-                format!("{} → {}", c.current.min_units, c.recommended.min_units),
-                format!(
-                    "{} → {}",
-                    c.current.buffer_units, c.recommended.buffer_units
-                ),
-                c.evidence
-                    .iter()
-                    .map(|e| e.text.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                c.expected_effect
-                    .iter()
-                    .map(|e| e.text.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ]);
+    }
+    for c in changes {
+        println!(
+            "{} / {}: min {} → {}, buffer {} → {}",
+            c.server,
+            c.product,
+            c.current.min_units,
+            c.recommended.min_units,
+            c.current.buffer_units,
+            c.recommended.buffer_units
+        );
+        for e in &c.evidence {
+            println!("  evidence: {}", e.text);
         }
-        println!("{t}");
+        for e in &c.expected_effect {
+            println!("  expected: {}", e.text);
+        }
     }
     for note in &advice.notes {
         println!("note: {note}");
