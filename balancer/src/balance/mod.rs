@@ -109,6 +109,18 @@ pub struct Engine {
 /// A server's answer to a status read in a run.
 type StatusMap = BTreeMap<String, AgentStatus>;
 
+/// What a run or the doctor reads of the fleet before judging it.
+struct Observation {
+    /// Servers not lost.
+    servers: Vec<ServerRecord>,
+    /// The books' cells read just before the statuses (see [`reconcile`]).
+    cells_before: Vec<CellRecord>,
+    /// The statuses of the servers that answered.
+    statuses: StatusMap,
+    /// The servers that did not, with the reason.
+    unreachable: BTreeMap<String, String>,
+}
+
 impl Engine {
     /// The only writer of a store that never saw a takeover (epoch 0): embedded uses,
     /// benchmarks and tests. A service uses [`Engine::with_leadership`].
@@ -313,6 +325,26 @@ impl Engine {
         (ok, failed)
     }
 
+    /// Reads the fleet: the servers not lost, the books' cells just before, and every such
+    /// server's status. `peek` leaves the servers' since-last counters alone.
+    async fn observe(&self, peek: bool) -> Result<Observation, BalanceError> {
+        let servers: Vec<ServerRecord> = self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .filter(|s| s.state != ServerState::Lost)
+            .collect();
+        let cells_before = self.store.cells().await?;
+        let (statuses, unreachable) = self.statuses(&servers, peek).await;
+        Ok(Observation {
+            servers,
+            cells_before,
+            statuses,
+            unreachable,
+        })
+    }
+
     /// Declares lost every server unheard of for longer than the lease and returns its units
     /// to the reserve, recorded as a `reclaim` run. Returns the servers reclaimed.
     pub async fn reclaim_lost(&self) -> Result<Vec<String>, BalanceError> {
@@ -374,15 +406,12 @@ impl Engine {
         let started = std::time::Instant::now();
         let errors = Mutex::new(self.resume_unfinished().await?);
 
-        let servers: Vec<ServerRecord> = self
-            .store
-            .server_records()
-            .await?
-            .into_iter()
-            .filter(|s| s.state != ServerState::Lost)
-            .collect();
-        let cells_before = self.store.cells().await?;
-        let (statuses, unreachable) = self.statuses(&servers, false).await;
+        let Observation {
+            servers,
+            cells_before,
+            statuses,
+            unreachable,
+        } = self.observe(false).await?;
         for (name, reason) in &unreachable {
             errors
                 .lock()
@@ -674,15 +703,12 @@ impl Engine {
     /// Compares the books with every reachable server's view, without moving anything and
     /// without resetting the servers' counters.
     pub async fn doctor(&self) -> Result<DoctorReport, BalanceError> {
-        let servers: Vec<ServerRecord> = self
-            .store
-            .server_records()
-            .await?
-            .into_iter()
-            .filter(|s| s.state != ServerState::Lost)
-            .collect();
-        let cells_before = self.store.cells().await?;
-        let (statuses, unreachable) = self.statuses(&servers, true).await;
+        let Observation {
+            cells_before,
+            statuses,
+            unreachable,
+            ..
+        } = self.observe(true).await?;
         let cells = self.store.cells().await?;
         let in_flight = self.store.unfinished_moves().await?;
         let mut discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);

@@ -214,7 +214,7 @@ pub fn parse(text: &str) -> Parsed {
     out
 }
 
-/// The coarse group a host belongs to: the `sXXXX` part of a pseudonymised `sXXXX-hNNNN`, or
+/// The coarse group a host belongs to: the `s<hash>` part of a pseudonymised `s<hash>-h<n>`, or
 /// the host name without its trailing digits.
 pub fn host_stem(host: &str) -> &str {
     if let Some((stem, rest)) = host.split_once('-')
