@@ -17,6 +17,38 @@ on_both_backends!(
 async fn an_admin_sets_up_the_books(backend: Backend) {
     let balancer = Balancer::start(&backend).await;
     let api = balancer.api();
+    // Every route the router serves is described in the OpenAPI document.
+    let openapi = api.get("/v1/openapi.json").await;
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/v1/openapi.json",
+        "/v1/products",
+        "/v1/products/{product}",
+        "/v1/products/{product}/entitlements",
+        "/v1/products/{product}/entitlements/{id}",
+        "/v1/servers",
+        "/v1/servers/{server}",
+        "/v1/servers/{server}/drain",
+        "/v1/servers/{server}/products/{product}",
+        "/v1/schedule",
+        "/v1/audit",
+        "/v1/balance",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/doctor",
+        "/v1/history",
+        "/v1/advice",
+        "/v1/advice/apply",
+        "/v1/autotune",
+        "/v1/sync",
+        "/v1/instant-balance",
+    ] {
+        assert!(
+            openapi["paths"].get(path).is_some(),
+            "{path} is not documented"
+        );
+    }
     let health = api.get("/healthz").await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["leader"], true);

@@ -8,6 +8,7 @@ mod books;
 pub mod error;
 mod history;
 mod metering;
+mod openapi;
 mod servers;
 mod settings;
 
@@ -138,6 +139,10 @@ pub fn router(state: AppState) -> Router {
         .route("/instant-balance", post(metering::instant_balance));
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { Json(openapi::document()) }),
+        )
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(error::not_found)
