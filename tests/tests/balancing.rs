@@ -15,6 +15,7 @@ on_both_backends!(
     kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
     a_silent_server_is_reclaimed_once_and_rejoins,
     a_drained_server_empties_as_its_checkouts_end,
+    the_same_instant_request_twice_grants_once,
 );
 
 /// Waits (at most 10 s) until `check` holds of the books: a server may answer its client the
@@ -353,4 +354,41 @@ async fn a_drained_server_empties_as_its_checkouts_end(backend: Backend) {
     assert_eq!(status.as_u16(), 200, "{body}");
     let detail = fleet.api().get("/v1/products/cad").await;
     assert_eq!(detail["reserve"], 6);
+}
+
+async fn the_same_instant_request_twice_grants_once(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 10).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    // The server's own token, as the metering server would send it.
+    let as_paris =
+        allot_tests::balancer::Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
+    let request = serde_json::json!({
+        "request_id": "7d4c2d1e-0c1f-4a51-9a3e-5b8e6c0f9a10",
+        "product": "cad",
+        "units": 2,
+    });
+    let first = as_paris.post("/v1/instant-balance", request.clone()).await;
+    let again = as_paris.post("/v1/instant-balance", request).await;
+    assert_eq!(first["granted"], 2, "{first}");
+    assert_eq!(
+        again["granted"], 2,
+        "a repeat is answered from the first outcome: {again}"
+    );
+    assert_eq!(fleet.allocation("paris", "cad").await, 2, "granted once");
+    assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
+    // Another server's token cannot ask for units on Paris's behalf: it is always the caller
+    // that receives them, and an unknown token gets nothing.
+    let stranger = allot_tests::balancer::Api::new(fleet.balancer.url(), Some("allot_not-a-token"));
+    let (status, _) = stranger
+        .send(
+            reqwest::Method::POST,
+            "/v1/instant-balance",
+            Some(serde_json::json!({"request_id": "7d4c2d1e-0c1f-4a51-9a3e-5b8e6c0f9a11", "product": "cad", "units": 1})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 401);
+    assert_eq!(fleet.allocation("paris", "cad").await, 2);
+    assert_doctor_ok(&fleet).await;
 }
