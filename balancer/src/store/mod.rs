@@ -195,6 +195,19 @@ pub struct ServerRecord {
     pub needs_reset: bool,
 }
 
+impl From<ServerRecord> for Server {
+    fn from(r: ServerRecord) -> Self {
+        Server {
+            name: r.name,
+            url: r.url,
+            site: r.site,
+            state: r.state,
+            created_at: r.created_at,
+            last_seen_at: r.last_seen_at,
+        }
+    }
+}
+
 /// One (server, product) cell of the books, with the last usage sample the planner uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellRecord {
@@ -394,8 +407,15 @@ pub trait Store: Send + Sync + 'static {
         token_salt: &str,
         token_hash: &str,
     ) -> StoreResult<Server>;
-    /// Every registered (not removed) server, by name.
-    async fn servers(&self) -> StoreResult<Vec<Server>>;
+    /// Every registered (not removed) server, by name, as the admin API shows it.
+    async fn servers(&self) -> StoreResult<Vec<Server>> {
+        Ok(self
+            .server_records()
+            .await?
+            .into_iter()
+            .map(Server::from)
+            .collect())
+    }
     /// The server whose token hashes to `token_hash`, for authenticating metering servers.
     async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>>;
     /// Marks a server draining: balancing empties it down to its in-use units.

@@ -490,19 +490,6 @@ impl Store for SqlStore {
         Ok(server)
     }
 
-    async fn servers(&self) -> StoreResult<Vec<Server>> {
-        sqlx::query_as::<_, ServerRow>(concat!(
-            "SELECT ",
-            server_columns!(),
-            " FROM servers s WHERE s.removed_at IS NULL ORDER BY s.name"
-        ))
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(ServerRow::into_server)
-        .collect()
-    }
-
     async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>> {
         sqlx::query_as::<_, ServerRow>(concat!(
             "SELECT ",
