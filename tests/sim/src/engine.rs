@@ -11,8 +11,11 @@
 //! scheduled runs and the real trigger ([`allot_core::trigger::instant_request`]) on the
 //! metering servers; nothing of either is re-implemented here.
 
+use crate::advice::{Recorder, SampleCounts, Tuned, advisor_input};
 use crate::metrics::{Metrics, apportion, water_fill};
 use crate::workload::{Arrival, DAY, Fault, HOUR, MINUTE, Workload};
+use allot_core::advisor::{CellSettings, advise};
+use allot_core::domain::RunTrigger;
 use allot_core::planner::{
     CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
 };
@@ -52,6 +55,9 @@ pub enum Kind {
         interval: u64,
         /// Whether metering servers call the trigger (instant balancing on).
         instant: bool,
+        /// Whether the advisor's recommendations, read from the training period's history,
+        /// are applied at its end (see [`crate::advice`] and [`SimConfig::train`]).
+        advised: bool,
     },
 }
 
@@ -108,6 +114,7 @@ pub fn all_policies() -> Vec<Policy> {
             Kind::Allot {
                 interval: DAY,
                 instant: false,
+                advised: false,
             },
         ),
         Policy::new(
@@ -115,6 +122,7 @@ pub fn all_policies() -> Vec<Policy> {
             Kind::Allot {
                 interval: HOUR,
                 instant: false,
+                advised: false,
             },
         ),
         Policy::new(
@@ -122,6 +130,7 @@ pub fn all_policies() -> Vec<Policy> {
             Kind::Allot {
                 interval: 15 * MINUTE,
                 instant: false,
+                advised: false,
             },
         ),
         Policy::new(
@@ -129,8 +138,31 @@ pub fn all_policies() -> Vec<Policy> {
             Kind::Allot {
                 interval: 15 * MINUTE,
                 instant: true,
+                advised: false,
             },
         ),
+    ]
+}
+
+/// The policies of the advice experiment: the oracle, allot and allot's scheduled path alone
+/// every hour, each un-tuned and with the advisor's recommendations applied after training.
+pub fn advice_policies() -> Vec<Policy> {
+    let allot = |name: &str, interval: u64, instant: bool, advised: bool| {
+        Policy::new(
+            name,
+            Kind::Allot {
+                interval,
+                instant,
+                advised,
+            },
+        )
+    };
+    vec![
+        Policy::new("oracle", Kind::Oracle),
+        allot("allot", 15 * MINUTE, true, false),
+        allot("allot-advised", 15 * MINUTE, true, true),
+        allot("allot-sched-1h", HOUR, false, false),
+        allot("allot-sched-1h-advised", HOUR, false, true),
     ]
 }
 
@@ -157,6 +189,11 @@ pub struct SimConfig {
     pub forecast_floors: bool,
     /// That share, in percent.
     pub forecast_floor_percent: u32,
+    /// Length of the training period of the advice experiment (0: none). When set, every
+    /// policy's figures count only what happens after it, so un-tuned and advised runs are
+    /// compared on the same evaluation period, and advised policies apply the advisor's
+    /// recommendations, read from the history of this period, at its end.
+    pub train: u64,
 }
 
 impl Default for SimConfig {
@@ -173,6 +210,7 @@ impl Default for SimConfig {
             sample_every: 5 * MINUTE,
             forecast_floors: true,
             forecast_floor_percent: 100,
+            train: 0,
         }
     }
 }
@@ -216,6 +254,8 @@ struct Cell {
     planned: u64,
     /// Recent moves for ping-pong: (time, +units granted / −units released).
     recent_moves: VecDeque<(u64, i64)>,
+    /// Units asked by instant requests since the last scheduled run (the history's sample).
+    instant_units: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -262,8 +302,16 @@ enum Ev {
         product: usize,
         grants: Vec<(usize, u64)>,
     },
-    Scheduled,
+    /// A scheduled run; stale when its generation is not the schedule's current one (the
+    /// schedule changed since it was queued).
+    Scheduled {
+        generation: u32,
+    },
     Sample,
+    /// The end of the training period: figures restart from here.
+    Measure,
+    /// The end of the training period for an advised policy: ask the advisor, apply.
+    Advise,
     Crash {
         site: usize,
         down_for: u64,
@@ -297,16 +345,17 @@ impl Ord for Entry {
 /// Runs one policy over one workload and returns its metrics.
 pub fn run(w: &Workload, policy: &Policy, cfg: &SimConfig) -> Metrics {
     if policy.kind == Kind::Oracle {
-        return run_oracle(w, policy);
+        return run_oracle(w, policy, cfg.train);
     }
     let mut sim = Sim::new(w, policy, cfg);
     sim.run();
     sim.metrics
 }
 
-/// The oracle: one pool per product, no latency, no faults.
-fn run_oracle(w: &Workload, policy: &Policy) -> Metrics {
+/// The oracle: one pool per product, no latency, no faults; figures count from `measure_from`.
+fn run_oracle(w: &Workload, policy: &Policy, measure_from: u64) -> Metrics {
     let mut m = Metrics::new(&policy.name, w);
+    m.measure_from(w, measure_from);
     let mut used = vec![0u64; w.products.len()];
     let mut ends: BinaryHeap<std::cmp::Reverse<(u64, usize, u64)>> = BinaryHeap::new();
     for a in &w.arrivals {
@@ -319,11 +368,14 @@ fn run_oracle(w: &Workload, policy: &Policy) -> Metrics {
         }
         let p = a.product as usize;
         let u = u64::from(a.units);
-        m.asked(a);
+        let measured = a.at >= measure_from;
+        if measured {
+            m.asked(a);
+        }
         if used[p] + u <= w.purchased[p] {
             used[p] += u;
             ends.push(std::cmp::Reverse((a.at + a.hold, p, u)));
-        } else {
+        } else if measured {
             m.denied(a, false, false);
         }
     }
@@ -343,6 +395,15 @@ struct Sim<'a> {
     down_until: Vec<u64>,
     metrics: Metrics,
     now: u64,
+    /// Configured `min_units` / `buffer_units` per cell: 0 / 0 (un-tuned) until advice is
+    /// applied; the runs and the instant handler honour them on top of their own signals.
+    settings: Vec<CellSettings>,
+    /// The schedule's generation: bumped when advice replaces it, so queued runs go stale.
+    generation: u32,
+    /// Remaining run times of an advised cron; `None` runs every `interval`.
+    cron_runs: Option<VecDeque<u64>>,
+    /// The training period's history (advised policies only, until the advice is made).
+    recorder: Option<Recorder>,
 }
 
 impl<'a> Sim<'a> {
@@ -369,6 +430,7 @@ impl<'a> Sim<'a> {
                     epoch: 0,
                     planned: 0,
                     recent_moves: VecDeque::new(),
+                    instant_units: 0,
                 });
             }
         }
@@ -406,12 +468,23 @@ impl<'a> Sim<'a> {
             down_until: vec![0; ns],
             metrics: Metrics::new(&policy.name, w),
             now: 0,
+            settings: vec![CellSettings::default(); ns * np],
+            generation: 0,
+            cron_runs: None,
+            recorder: None,
         };
+        if cfg.train > 0 {
+            sim.at(cfg.train, Ev::Measure);
+            if let Kind::Allot { advised: true, .. } = policy.kind {
+                sim.recorder = Some(Recorder::default());
+                sim.at(cfg.train, Ev::Advise);
+            }
+        }
         if matches!(
             policy.kind,
             Kind::Sms { .. } | Kind::Doorman { .. } | Kind::Allot { .. }
         ) {
-            sim.at(0, Ev::Scheduled);
+            sim.at(0, Ev::Scheduled { generation: 0 });
         }
         sim.at(0, Ev::Sample);
         for f in &w.faults {
@@ -447,7 +520,7 @@ impl<'a> Sim<'a> {
                 (None, None) => break,
                 (Some(h), a) if a.is_none_or(|a| h <= a) => {
                     let e = self.heap.pop().expect("peeked");
-                    if e.at > self.w.duration && matches!(e.ev, Ev::Scheduled | Ev::Sample) {
+                    if e.at > self.w.duration && matches!(e.ev, Ev::Scheduled { .. } | Ev::Sample) {
                         continue;
                     }
                     self.now = e.at;
@@ -690,6 +763,7 @@ impl<'a> Sim<'a> {
         let site = self.cells[k].site;
         let c = &mut self.cells[k];
         c.in_flight_since = Some(now);
+        c.instant_units += units;
         self.metrics.transactions += 1;
         self.metrics.instant_requests += 1;
         if self.reachable(site, now) {
@@ -743,6 +817,13 @@ impl<'a> Sim<'a> {
                 self.books[p].in_transit += g;
                 if g > 0 {
                     self.metrics.moved(g);
+                }
+                let now = self.now;
+                if let Some(r) = &mut self.recorder {
+                    if g > 0 {
+                        r.instant_grant(self.w, now, self.cells[cell].site, p, g);
+                    }
+                    r.run(now, RunTrigger::Instant, u64::from(g > 0));
                 }
                 self.metrics.transactions += 1;
                 // When a reclaim is under way, its first grant carries the answer, so the
@@ -820,6 +901,12 @@ impl<'a> Sim<'a> {
                     b.in_transit += g;
                     self.metrics.moved(g);
                     self.metrics.transactions += 1;
+                    let now = self.now;
+                    if g > 0
+                        && let Some(r) = &mut self.recorder
+                    {
+                        r.instant_grant(self.w, now, self.cells[to].site, product, g);
+                    }
                     self.at(
                         self.now + lat,
                         Ev::Grant {
@@ -856,20 +943,44 @@ impl<'a> Sim<'a> {
                 }
                 self.check(product);
             }
-            Ev::Scheduled => {
+            Ev::Scheduled { generation } => {
+                if generation != self.generation {
+                    return;
+                }
                 let interval = match self.kind {
                     Kind::Sms { interval }
                     | Kind::Doorman { interval, .. }
                     | Kind::Allot { interval, .. } => interval,
                     _ => return,
                 };
-                self.at(self.now + interval, Ev::Scheduled);
-                if self.balancer_up(self.now) {
-                    for p in 0..self.np {
-                        self.scheduled(p);
+                let now = self.now;
+                let next = match &mut self.cron_runs {
+                    Some(runs) => {
+                        while runs.front().is_some_and(|&t| t <= now) {
+                            runs.pop_front();
+                        }
+                        runs.front().copied()
+                    }
+                    None => Some(now + interval),
+                };
+                if let Some(next) = next {
+                    self.at(next, Ev::Scheduled { generation });
+                }
+                if self.balancer_up(now) {
+                    self.metrics.scheduled_runs += 1;
+                    let moves: u64 = (0..self.np).map(|p| self.scheduled(p)).sum();
+                    if let Some(r) = &mut self.recorder {
+                        r.run(now, RunTrigger::Scheduled, moves);
                     }
                 }
             }
+            Ev::Measure => {
+                let violations = self.metrics.violations;
+                self.metrics = Metrics::new(&self.metrics.policy, self.w);
+                self.metrics.measure_from(self.w, self.now);
+                self.metrics.violations = violations;
+            }
+            Ev::Advise => self.advise(),
             Ev::Sample => {
                 self.sample();
                 self.at(self.now + self.cfg.sample_every, Ev::Sample);
@@ -927,8 +1038,11 @@ impl<'a> Sim<'a> {
         let mut donors: Vec<(u64, u64, usize)> = (0..self.w.sites.len())
             .filter(|&s| s != self.cells[asker].site && self.reachable(s, now))
             .map(|s| {
-                let c = &self.cells[s * self.np + p];
-                let free = c.alloc.saturating_sub(c.in_use + c.queued_units);
+                let k = s * self.np + p;
+                let c = &self.cells[k];
+                // A cell is never reclaimed below its configured `min_units` (0 un-tuned).
+                let kept = (c.in_use + c.queued_units).max(u64::from(self.settings[k].min_units));
+                let free = c.alloc.saturating_sub(kept);
                 let spare = match self.kind {
                     Kind::Allot { .. } => free.saturating_sub(
                         trigger
@@ -980,7 +1094,8 @@ impl<'a> Sim<'a> {
     }
 
     /// One product's scheduled run: compute targets by the policy, release, then grant.
-    fn scheduled(&mut self, p: usize) {
+    /// Returns the moves it sent.
+    fn scheduled(&mut self, p: usize) -> u64 {
         let now = self.now;
         let ns = self.w.sites.len();
         let live: Vec<usize> = (0..ns).filter(|&s| self.reachable(s, now)).collect();
@@ -1022,21 +1137,36 @@ impl<'a> Sim<'a> {
                 }
             }
             Kind::Allot { instant, .. } => {
-                self.plan_allot(p, &ks, instant);
+                let moves = self.plan_allot(p, &ks, instant);
                 for &k in &ks {
+                    if let Some(r) = &mut self.recorder {
+                        let c = &self.cells[k];
+                        let counts = SampleCounts {
+                            allocation: c.planned,
+                            in_use: c.in_use,
+                            peak_in_use: c.peak.max(c.in_use),
+                            denials: c.denials,
+                            waiting: c.queued_units,
+                            instant_requests: c.instant_units,
+                        };
+                        r.sample(self.w, now, c.site, p, counts);
+                    }
                     let c = &mut self.cells[k];
                     c.peak = c.in_use;
                     c.denials = 0;
+                    c.instant_units = 0;
                 }
-                return;
+                return moves;
             }
-            _ => return,
+            _ => return 0,
         };
+        let mut moves = 0;
         let mut grants = Vec::new();
         for (&k, &t) in ks.iter().zip(&targets) {
             let c = &mut self.cells[k];
             if t < c.alloc {
                 let units = c.alloc - t;
+                moves += 1;
                 self.metrics.transactions += 1;
                 self.at(
                     now + self.cfg.latency,
@@ -1053,12 +1183,14 @@ impl<'a> Sim<'a> {
             c.peak = c.in_use;
             c.denials = 0;
         }
+        moves += grants.len() as u64;
         if !grants.is_empty() {
             self.at(
                 now + 2 * self.cfg.latency,
                 Ev::RunGrants { product: p, grants },
             );
         }
+        moves
     }
 
     /// The forecast level of a cell: the max of its recent peak (the window), and the peaks
@@ -1081,8 +1213,9 @@ impl<'a> Sim<'a> {
         (recent.max(expected), expected)
     }
 
-    /// allot's scheduled run: demand signals → the real planner → its moves.
-    fn plan_allot(&mut self, p: usize, live: &[usize], instant: bool) {
+    /// allot's scheduled run: demand signals → the real planner → its moves (returned: how
+    /// many were sent).
+    fn plan_allot(&mut self, p: usize, live: &[usize], instant: bool) -> u64 {
         let now = self.now;
         let trigger = self.cfg.trigger;
         let mut cells = Vec::with_capacity(self.w.sites.len());
@@ -1094,25 +1227,30 @@ impl<'a> Sim<'a> {
         for s in 0..self.w.sites.len() {
             let k = self.cell(s, p);
             let c = &self.cells[k];
+            // What an operator (or the advisor) configured: floors on top of the run's own
+            // signals, never below them.
+            let set = self.settings[k];
             if live.contains(&k) {
                 let level = levels[k];
+                let floor = if instant && self.cfg.forecast_floors {
+                    expected[k] * u64::from(self.cfg.forecast_floor_percent) / 100
+                } else {
+                    0
+                };
+                // An idle cell needs no spare (the trigger does not pull for it either);
+                // a busy one keeps the trigger's watermark, so a run never trims it to
+                // where the trigger would pull straight back.
+                let buffer = if level.max(c.in_use) == 0 {
+                    0
+                } else {
+                    trigger.watermark(level.max(c.in_use))
+                };
                 cells.push(CellSnapshot {
                     server: s as u32,
                     allocation: c.alloc,
                     in_use: c.in_use,
-                    min_units: if instant && self.cfg.forecast_floors {
-                        expected[k] * u64::from(self.cfg.forecast_floor_percent) / 100
-                    } else {
-                        0
-                    },
-                    // An idle cell needs no spare (the trigger does not pull for it either);
-                    // a busy one keeps the trigger's watermark, so a run never trims it to
-                    // where the trigger would pull straight back.
-                    buffer_units: if level.max(c.in_use) == 0 {
-                        0
-                    } else {
-                        trigger.watermark(level.max(c.in_use))
-                    },
+                    min_units: floor.max(u64::from(set.min_units)),
+                    buffer_units: buffer.max(u64::from(set.buffer_units)),
                     draining: false,
                     demand: Demand {
                         peak_in_use: c.peak,
@@ -1164,9 +1302,10 @@ impl<'a> Sim<'a> {
             Ok(plan) => plan,
             Err(_) => {
                 self.metrics.violations.conservation += 1;
-                return;
+                return 0;
             }
         };
+        let moves = plan.moves.len() as u64;
         for cp in &plan.cells {
             let k = self.cell(cp.server as usize, p);
             self.cells[k].planned = cp.target;
@@ -1195,6 +1334,33 @@ impl<'a> Sim<'a> {
                 Ev::RunGrants { product: p, grants },
             );
         }
+        moves
+    }
+
+    /// The end of the training period of an advised policy: the real advisor reads the
+    /// recorded history, and its schedule and cell settings replace the current ones.
+    fn advise(&mut self) {
+        let Some(history) = self.recorder.take() else {
+            return;
+        };
+        let Kind::Allot { interval, .. } = self.kind else {
+            return;
+        };
+        let input = advisor_input(self.w, &history, interval, &self.settings, self.now);
+        drop(history);
+        let advice = advise(&input);
+        let tuned = Tuned::from_advice(self.w, &advice, &self.settings, self.now, self.w.duration);
+        self.settings = tuned.settings;
+        if let Some(runs) = tuned.runs {
+            self.generation += 1;
+            let mut runs: VecDeque<u64> = runs.into();
+            if let Some(first) = runs.pop_front() {
+                let generation = self.generation;
+                self.at(first, Ev::Scheduled { generation });
+            }
+            self.cron_runs = Some(runs);
+        }
+        self.metrics.advice = Some(advice);
     }
 
     /// Time series, the step metric and the fairness reference.

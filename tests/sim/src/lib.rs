@@ -4,6 +4,7 @@
 //! on the same arrivals. See docs/simulator.md.
 #![forbid(unsafe_code)]
 
+pub mod advice;
 pub mod engine;
 pub mod flexnet;
 pub mod metrics;

@@ -7,13 +7,17 @@
 //!     [--latency-ms N] [--hysteresis-percent N] [--hysteresis-min N] [--lookahead-min N]
 //!     [--window-min N] [--watermark-percent N] [--watermark-min N] [--backoff-ms N]
 //!     [--forecast-floor-percent N]
-//!     [--extra-units-percent N]
+//!     [--extra-units-percent N] [--advise] [--train-days N]
 //! ```
+//!
+//! `--advise` runs the advice experiment instead: the first `--train-days` (7) days train the
+//! real advisor, the rest (by default another week) is measured for allot un-tuned and advised.
 #![forbid(unsafe_code)]
 
-use allot_sim::engine::SimConfig;
+use allot_sim::engine::{SimConfig, advice_policies};
 use allot_sim::report::{
-    SUMMARY_HEAD, TARGETS_HEAD, load_font, plot_allocation, plot_denials, policies, run_all,
+    ADVICE_HEAD, SUMMARY_HEAD, TARGETS_HEAD, describe, load_font, plot_allocation, plot_denials,
+    policies, run_all,
 };
 use allot_sim::workload::{DAY, MINUTE, SYNTHETIC, Scale, synthetic};
 use allot_sim::{flexnet, workload::Workload};
@@ -36,6 +40,9 @@ fn main() {
     let mut cfg = SimConfig::default();
     let mut only: Vec<String> = Vec::new();
     let mut extra_percent = 0u64;
+    let mut advise = false;
+    let mut train_days = 7u64;
+    let mut days_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -46,7 +53,12 @@ fn main() {
             "--workload" => names.push(val()),
             "--traces" => traces = val().into(),
             "--img" => img = Some(val().into()),
-            "--days" => scale.duration = parse::<u64>(&val()) * DAY,
+            "--days" => {
+                scale.duration = parse::<u64>(&val()) * DAY;
+                days_given = true;
+            }
+            "--advise" => advise = true,
+            "--train-days" => train_days = parse(&val()),
             "--products" => scale.products = parse(&val()),
             "--load" => scale.load = parse(&val()),
             "--seed" => scale.seed = parse(&val()),
@@ -77,13 +89,23 @@ fn main() {
     if img.is_some() && !fonts {
         eprintln!("no font found (set ALLOT_SIM_FONT to a .ttf): plots skipped");
     }
-    let mut policies = policies();
+    if advise && !days_given {
+        // A training week, then a week measured.
+        scale.duration = (train_days + 7) * DAY;
+    }
+    let mut policies = if advise {
+        advice_policies()
+    } else {
+        policies()
+    };
     if !only.is_empty() {
         policies.retain(|p| p.name == "oracle" || only.contains(&p.name));
     }
     let mut summary = vec![SUMMARY_HEAD.to_string()];
     let mut tables = Vec::new();
     let mut targets = vec![TARGETS_HEAD.to_string()];
+    let mut advice_rows = vec![ADVICE_HEAD.to_string()];
+    let mut advice_notes = Vec::new();
     for name in &names {
         let started = Instant::now();
         let Some(mut w) = build(name, scale, &traces) else {
@@ -93,7 +115,36 @@ fn main() {
         for units in &mut w.purchased {
             *units += (*units * extra_percent).div_ceil(100);
         }
+        let mut cfg = cfg;
+        if advise {
+            // Replays are as long as their log: train on whole days of the first half.
+            cfg.train = (train_days * DAY).min(w.duration / 2 / DAY * DAY);
+            if cfg.train == 0 {
+                eprintln!("skipping {name}: shorter than two days, nothing to train on");
+                continue;
+            }
+        }
         let r = run_all(&w, &policies, &cfg, threads);
+        if advise {
+            advice_rows.extend(r.advice_rows());
+            for m in r.runs.iter() {
+                if let Some(a) = &m.advice {
+                    let evidence: Vec<String> = a
+                        .schedule
+                        .evidence
+                        .iter()
+                        .map(|e| format!("  - {}", e.text))
+                        .collect();
+                    advice_notes.push(format!(
+                        "- **{name}**, {} (trained {} days): {}\n{}",
+                        m.policy,
+                        cfg.train / DAY,
+                        describe(a),
+                        evidence.join("\n")
+                    ));
+                }
+            }
+        }
         eprintln!(
             "{name}: {} checkouts x {} policies in {:.1} s",
             w.arrivals.len(),
@@ -161,6 +212,11 @@ fn main() {
                 }
             }
         }
+    }
+    if advise {
+        println!("{}\n", advice_rows.join("\n"));
+        println!("{}", advice_notes.join("\n"));
+        return;
     }
     println!("{}\n", summary.join("\n"));
     println!("{}\n", targets.join("\n"));

@@ -44,10 +44,14 @@ pub struct Metrics {
     pub wait_p99_ms: u64,
     /// Units moved (each release and each grant counts).
     pub units_moved: u64,
+    /// Moves that moved units (each release and each grant counts once, whatever its size).
+    pub moves: u64,
     /// Messages between sites and the balancer: instant requests, releases, grants.
     pub transactions: u64,
     /// Instant-balance requests sent by metering servers.
     pub instant_requests: u64,
+    /// Scheduled runs made (the advice experiment compares schedules).
+    pub scheduled_runs: u64,
     /// Units moved back within an hour of moving the other way.
     pub ping_pong_units: u64,
     /// Time from the demand step until the destination held 95 % of its new level.
@@ -68,8 +72,10 @@ pub struct Metrics {
     pub plotted_product: usize,
     /// (time, allocation per site, in use per site) of `plotted_product`, sampled.
     pub alloc_series: Vec<(u64, Vec<u64>, Vec<u64>)>,
-    /// Hours simulated.
+    /// Hours measured (the evaluation period in the advice experiment).
     pub hours: f64,
+    /// What the advisor recommended, for advised policies.
+    pub advice: Option<allot_core::advisor::Advice>,
     partition: Option<(u16, u64, u64)>,
 }
 
@@ -92,6 +98,12 @@ impl Metrics {
             partition,
             ..Self::default()
         }
+    }
+
+    /// Figures count from `from` on (the advice experiment's evaluation period): per-hour
+    /// rates are over the hours left.
+    pub fn measure_from(&mut self, w: &Workload, from: u64) {
+        self.hours = w.duration.saturating_sub(from) as f64 / HOUR as f64;
     }
 
     fn in_partition(&self, a: &Arrival) -> bool {
@@ -138,6 +150,7 @@ impl Metrics {
     /// Counts units moved.
     pub fn moved(&mut self, units: u64) {
         self.units_moved += units;
+        self.moves += u64::from(units > 0);
     }
 
     /// Derives the percentiles once the run is over.

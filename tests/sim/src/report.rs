@@ -411,3 +411,68 @@ pub fn plot_allocation(
 pub fn policies() -> Vec<Policy> {
     all_policies()
 }
+
+/// The header of the advice experiment's table (`--advise`).
+pub const ADVICE_HEAD: &str = "| workload | configuration | denied % | excess pp | units moved /h | moves /h | instant requests /h | waited % | runs /day | advice applied | safety |\n|---|---|---|---|---|---|---|---|---|---|---|";
+
+impl Results {
+    /// Rows of the advice experiment's table: the oracle, then every un-tuned policy that has an
+    /// advised twin (`NAME-advised`) followed by that twin, with what the advisor changed.
+    pub fn advice_rows(&self) -> Vec<String> {
+        let row = |m: &Metrics, config: &str, applied: String| {
+            format!(
+                "| {} | {config} | {:.2} | {:+.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {applied} | {} |",
+                self.workload,
+                m.denial_rate() * 100.0,
+                self.excess_pp(m),
+                m.units_moved as f64 / m.hours,
+                m.moves as f64 / m.hours,
+                m.instant_requests as f64 / m.hours,
+                ratio(m.waited, m.checkouts) * 100.0,
+                m.scheduled_runs as f64 / (m.hours / 24.0),
+                m.violations.total(),
+            )
+        };
+        let mut rows = vec![row(self.oracle(), "oracle", "–".into())];
+        for m in &self.runs {
+            let Some(advised) = self.get(&format!("{}-advised", m.policy)) else {
+                continue;
+            };
+            rows.push(row(m, &m.policy, "–".into()));
+            let applied = advised.advice.as_ref().map_or("none".into(), describe);
+            rows.push(row(advised, &advised.policy, applied));
+        }
+        rows
+    }
+}
+
+/// What an advice changed, in a table cell: the schedule and the sums of the cells' settings.
+pub fn describe(advice: &allot_core::advisor::Advice) -> String {
+    use allot_core::advisor::Action;
+    let s = &advice.schedule;
+    let schedule = if s.action == Action::Change {
+        format!("`{}` → `{}`", s.current.cron, s.recommended.cron)
+    } else {
+        format!("`{}` kept", s.current.cron)
+    };
+    let changed: Vec<_> = advice
+        .cells
+        .iter()
+        .filter(|c| c.action == Action::Change)
+        .collect();
+    let sum = |f: fn(&allot_core::advisor::CellSettings) -> u32, current: bool| -> u64 {
+        changed
+            .iter()
+            .map(|c| u64::from(f(if current { &c.current } else { &c.recommended })))
+            .sum()
+    };
+    format!(
+        "{schedule}; {} of {} cells: Σ buffer {} → {}, Σ min {} → {}",
+        changed.len(),
+        advice.cells.len(),
+        sum(|c| c.buffer_units, true),
+        sum(|c| c.buffer_units, false),
+        sum(|c| c.min_units, true),
+        sum(|c| c.min_units, false),
+    )
+}
