@@ -131,6 +131,12 @@ pub async fn advise(
             moves: Some(u32_of(r.moves)),
         })
         .collect();
+    let purchased = store
+        .products()
+        .await?
+        .into_iter()
+        .map(|p| (p.name, p.purchased))
+        .collect();
     let setting = store.schedule().await?;
     let schedule = current_schedule(&setting, &window, now);
     let cells = store
@@ -154,6 +160,7 @@ pub async fn advise(
         schedule,
         cells,
         tuning: Default::default(),
+        purchased,
     }))
 }
 

@@ -23,11 +23,14 @@
 //! 1. *Instant balances between runs → more often.* Instant balances that belong to a daily
 //!    peak of rule 2 (from 30 minutes before its onset to one interval, at least an hour, after)
 //!    are left to that rule. When the others average at least ⟨3⟩ a day, each one's *phase*
-//!    (minutes since the scheduled run before it) is measured. The new interval is the longest
-//!    round one, shorter than the current and not below ⟨5⟩ minutes, at which at least ⟨50⟩ % of
-//!    them happened a full new interval after their run — those a denser schedule would have
-//!    met with a run in between. If none qualifies, they come right after runs: a denser
-//!    schedule would not help, the buffers must (rule 5), and the evidence says so.
+//!    (minutes since the scheduled run before it) is measured. The new interval `r` is the
+//!    longest round one, shorter than the current and not below ⟨5⟩ minutes, that would have
+//!    avoided at least ⟨50⟩ % of them: those a full `r` after their run, less what the first `r`
+//!    minutes after a run see at their rate (a denser schedule makes every minute one of the
+//!    first `r`; it does not make instant balances vanish). If none qualifies, runs do not hold
+//!    them off — as many come right after a run as later, like proactive pulls that follow the
+//!    clients rather than the schedule — so a denser schedule would only add runs and moves;
+//!    the buffers must (rule 5), and the evidence says so.
 //! 2. *Daily peak at a site → a run shortly before it.* Pressure events (instant balances at the
 //!    exact time; denials, waiting clients or instant requests in a sample at the start of that
 //!    sample's interval when no instant balance pins them) are placed on the site's local clock in
@@ -67,6 +70,16 @@
 //!    recommended, to keep floors small since a floor holds units other sites may be denied.
 //!    It rises only when the cell saw pressure and by at least the dead band ⟨1⟩; it falls to
 //!    that value when the current min exceeds the working floor itself.
+//! 7. *The pool's room.* Buffers and mins are held all day, and every unit of a product's
+//!    pool held at one cell is a unit another cell cannot have: at the product's busiest run
+//!    (the most units its cells had in use or waiting together at one run) the cells' raises
+//!    together must fit in the pool's room, purchased − that. The raises of a product's
+//!    cells that would exceed it get the room, shared in proportion to what each asked
+//!    (rounded down); none when the pool had no room. Purchases come from the caller
+//!    ([`AdvisorInput::purchased`]); without them the pool is known only once it ran dry —
+//!    denials although instant balances served the product (the balancer found no unit
+//!    anywhere) — and is then read as the most units its cells held at one run; otherwise
+//!    nothing is held back.
 //!
 //! **Bounds.** [`apply_bounds`] clamps what autotune may apply: buffers and mins to their
 //! maxima, the interval into [min, max] on the round grid. A clamped change that would no longer
@@ -326,6 +339,10 @@ pub struct AdvisorInput {
     /// Current settings per cell; a cell with samples but no settings is read as 0 / 0.
     #[serde(default)]
     pub cells: Vec<CellConfig>,
+    /// Units purchased per product, when the caller knows them: rule 7 then weighs raises
+    /// against the purchase itself instead of estimating the pool from the history.
+    #[serde(default)]
+    pub purchased: BTreeMap<String, u64>,
     /// Thresholds.
     #[serde(default)]
     pub tuning: Tuning,
@@ -347,6 +364,8 @@ pub enum Rule {
     Buffer,
     /// Rule 6: the min against the working-hours floor.
     Min,
+    /// Rule 7: raises held to the room of the product's pool at its busiest run.
+    PoolRoom,
     /// Not enough history to judge.
     NoData,
     /// Autotune bounds held a change back.
@@ -621,7 +640,7 @@ pub fn advise(input: &AdvisorInput) -> Advice {
     let schedule = schedule::advise_schedule(&prepared);
     let interval = schedule.recommended.interval_minutes;
     let mut notes = prepared.notes.clone();
-    let cells = prepared
+    let mut cells: Vec<CellRecommendation> = prepared
         .cells
         .values()
         .map(|history| {
@@ -642,6 +661,7 @@ pub fn advise(input: &AdvisorInput) -> Advice {
             cells::advise_cell(&prepared, history, current.unwrap_or_default(), interval)
         })
         .collect();
+    cells::fit_the_pool(&prepared, &mut cells);
     Advice {
         window: prepared.window,
         generated_at_ms: input.now_ms,

@@ -121,6 +121,15 @@ fn input() -> impl Strategy<Value = AdvisorInput> {
                         })
                         .collect(),
                     tuning: Tuning::default(),
+                    // Half the cases know their purchases (rule 7 weighs raises against them).
+                    purchased: if days % 2 == 0 {
+                        PRODUCTS
+                            .iter()
+                            .map(|p| (p.to_string(), u64::from(offset.unsigned_abs() % 60)))
+                            .collect()
+                    } else {
+                        Default::default()
+                    },
                 }
             },
         )

@@ -169,6 +169,7 @@ fn simulate_with(
             })
             .collect(),
         tuning: Tuning::default(),
+        purchased: Default::default(),
     }
 }
 
@@ -628,5 +629,80 @@ fn absurd_timestamps_and_settings_do_not_panic() {
             min_interval_minutes: 0,
             max_interval_minutes: u32::MAX,
         },
+    );
+}
+
+#[test]
+fn instant_balances_spread_evenly_over_the_interval_do_not_make_the_schedule_denser() {
+    // Proactive pulls that follow the clients, not the schedule: as many instant balances in
+    // the first minutes after a run as later. A denser schedule would avoid none of them.
+    let servers = [Server {
+        name: "lyon-1",
+        site: "lyon",
+        offset: 60,
+        curve: flat(3),
+        min: 0,
+        buffer: 1,
+    }];
+    let mut input = simulate(5, 60, &servers);
+    input.instant_balances = (0..5 * 24)
+        .map(|hour| InstantBalance {
+            at_ms: MONDAY + hour * 60 * MINUTE + (hour * 17 % 60) * MINUTE,
+            server: "lyon-1".to_string(),
+            product: "cad".to_string(),
+            units: 1,
+        })
+        .collect();
+    let advice = advise(&input);
+    let schedule = &advice.schedule;
+    assert_eq!(schedule.recommended.interval_minutes, 60, "{schedule:#?}");
+    assert!(
+        schedule
+            .evidence
+            .iter()
+            .any(|e| e.rule == Rule::InstantBalancesBetweenRuns
+                && e.text.contains("do not hold them off")),
+        "{schedule:#?}"
+    );
+}
+
+#[test]
+fn raises_for_a_pool_that_ran_dry_are_held_to_its_room() {
+    // The Paris ramp of the first test, but the balancer also denied checkouts at the peak
+    // although instant balances served the product: its pool ran dry, so Paris's bigger buffer
+    // could only come from New York's clients.
+    let mut input = simulate(14, 60, &paris_and_new_york());
+    let free = advise(&input);
+    let asked = free.cells.iter().find(|c| c.server == "paris-1").unwrap();
+    assert_eq!(asked.recommended.buffer_units, 18);
+    for s in &mut input.samples {
+        if s.server == "paris-1" && s.peak_in_use >= 20 {
+            s.denials = 2;
+        }
+    }
+    let advice = advise(&input);
+    let paris = advice.cells.iter().find(|c| c.server == "paris-1").unwrap();
+    let held = paris
+        .evidence
+        .iter()
+        .find(|e| e.rule == Rule::PoolRoom)
+        .unwrap_or_else(|| panic!("{paris:#?}"));
+    let room = held.figures["room_units"] as u32;
+    let raised: u32 = advice
+        .cells
+        .iter()
+        .map(|c| {
+            c.recommended
+                .buffer_units
+                .saturating_sub(c.current.buffer_units)
+                + c.recommended.min_units.saturating_sub(c.current.min_units)
+        })
+        .sum();
+    assert!(raised <= room, "{raised} units raised, room {room}");
+    assert!(paris.recommended.buffer_units < 18, "{paris:#?}");
+    assert!(
+        held.text.contains("ran dry") && held.text.contains("window 2026-01-05"),
+        "{}",
+        held.text
     );
 }

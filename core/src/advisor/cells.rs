@@ -305,3 +305,133 @@ pub(crate) fn advise_cell(
     }
     rec
 }
+
+/// Rule 7: holds the raises of buffers and mins of a product to the room its pool had at its
+/// busiest run, since a unit one cell is promised beyond that is a unit another cell is denied.
+/// `recs` are in the order of `p.cells`.
+pub(crate) fn fit_the_pool(p: &Prepared<'_>, recs: &mut [CellRecommendation]) {
+    let window = p.window;
+    let mut products: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, h) in p.cells.values().enumerate() {
+        products.entry(h.product).or_default().push(i);
+    }
+    let histories: Vec<&CellHistory<'_>> = p.cells.values().collect();
+    for (product, idx) in products {
+        let cells: Vec<&CellHistory<'_>> = idx.iter().map(|&i| histories[i]).collect();
+        let denials: u64 = cells
+            .iter()
+            .flat_map(|h| &h.samples)
+            .map(|s| u64::from(s.denials))
+            .sum();
+        let instants: usize = cells.iter().map(|h| h.instants.len()).sum();
+        let known = p.input.purchased.get(product).copied();
+        let ran_dry = denials > 0 && instants > 0;
+        if known.is_none() && !ran_dry {
+            continue;
+        }
+        // Per run (samples share the run's time): units held, and units in use plus clients
+        // waiting — what the cells needed at that instant, together — summed over cells.
+        // Peaks since the previous run are not summed: they fall at different instants.
+        let mut runs: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+        for s in cells.iter().flat_map(|h| &h.samples) {
+            let run = runs.entry(s.at_ms).or_default();
+            run.0 += u64::from(s.allocation);
+            run.1 += u64::from(s.in_use) + u64::from(s.waiting);
+        }
+        let pool = known.unwrap_or_else(|| runs.values().map(|r| r.0).max().unwrap_or(0));
+        let busiest = runs.values().map(|r| r.1).max().unwrap_or(0);
+        let room = pool.saturating_sub(busiest);
+        let raise = |r: &CellRecommendation| {
+            let b = r
+                .recommended
+                .buffer_units
+                .saturating_sub(r.current.buffer_units);
+            let m = r.recommended.min_units.saturating_sub(r.current.min_units);
+            (u64::from(b), u64::from(m))
+        };
+        let asked: u64 = idx
+            .iter()
+            .map(|&i| {
+                let (b, m) = raise(&recs[i]);
+                b + m
+            })
+            .sum();
+        if asked <= room {
+            continue;
+        }
+        for &i in &idx {
+            let rec = &mut recs[i];
+            let (b, m) = raise(rec);
+            if b + m == 0 {
+                continue;
+            }
+            let share = |units: u64| {
+                u32::try_from(u128::from(units) * u128::from(room) / u128::from(asked))
+                    .unwrap_or(u32::MAX)
+            };
+            let wanted = rec.recommended;
+            if b > 0 {
+                rec.recommended.buffer_units = rec.current.buffer_units.saturating_add(share(b));
+            }
+            if m > 0 {
+                rec.recommended.min_units = rec.current.min_units.saturating_add(share(m));
+            }
+            rec.evidence.push(Evidence {
+                rule: Rule::PoolRoom,
+                window,
+                text: format!(
+                    "{}: product {product} {}; its cells had {busiest} in use or waiting at \
+                     its busiest run, so the raises of all its cells ({}) get the {} of room, in \
+                     proportion: buffer {} → {}, min {} → {}",
+                    window.describe(),
+                    match known {
+                        Some(purchased) => format!("has {purchased} units purchased"),
+                        None => format!(
+                            "ran dry — {denials} denials although {instants} instant balances \
+                             served it — and its cells held at most {} at one run",
+                            units(u32::try_from(pool).unwrap_or(u32::MAX))
+                        ),
+                    },
+                    units(u32::try_from(asked).unwrap_or(u32::MAX)),
+                    units(u32::try_from(room).unwrap_or(u32::MAX)),
+                    wanted.buffer_units,
+                    rec.recommended.buffer_units,
+                    wanted.min_units,
+                    rec.recommended.min_units
+                ),
+                figures: figures([
+                    ("pool_units", pool as f64),
+                    ("purchased_known", f64::from(u8::from(known.is_some()))),
+                    ("busiest_demand_units", busiest as f64),
+                    ("room_units", room as f64),
+                    ("asked_units", asked as f64),
+                    ("product_denials", denials as f64),
+                    ("product_instant_balances", instants as f64),
+                ]),
+            });
+            if rec.recommended == rec.current {
+                rec.action = Action::Keep;
+                rec.expected_effect = vec![Effect {
+                    text: format!(
+                        "buffer {} and min {} kept: the pool had no room at its busiest run; \
+                         more units would only move the denials to another server (buy more, \
+                         or accept them)",
+                        rec.current.buffer_units, rec.current.min_units
+                    ),
+                    figures: figures([("room_units", room as f64)]),
+                }];
+            } else {
+                rec.expected_effect.push(Effect {
+                    text: format!(
+                        "held to the pool's room: buffer {} → {}, min {} → {}",
+                        rec.current.buffer_units,
+                        rec.recommended.buffer_units,
+                        rec.current.min_units,
+                        rec.recommended.min_units
+                    ),
+                    figures: figures([("room_units", room as f64)]),
+                });
+            }
+        }
+    }
+}

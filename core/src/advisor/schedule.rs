@@ -192,6 +192,20 @@ struct Instants {
     better: Option<(u32, usize)>,
 }
 
+/// How many of the instant balances (by `phases`, minutes after the run before them) a run
+/// every `r` minutes instead of every `interval` would avoid: a denser schedule turns every
+/// minute into one of the first `r` after a run, so the instant balances of the later minutes
+/// fall to the rate of the first `r` ones, not to zero. When runs do not hold instant balances
+/// off — as many in the first minutes after a run as later, e.g. proactive pulls that follow
+/// the clients, not the schedule — a denser schedule avoids none.
+fn avoided_by(phases: &[u32], r: u32, interval: u32) -> usize {
+    let early = phases.iter().filter(|ph| **ph < r).count();
+    let late = phases.len() - early;
+    // The later minutes at the early rate: early × (interval − r) / r, rounded up.
+    let expected = (early as u64 * u64::from(interval.saturating_sub(r))).div_ceil(u64::from(r));
+    late.saturating_sub(usize::try_from(expected).unwrap_or(usize::MAX))
+}
+
 /// Whether an instant balance at a site belongs to one of its daily peaks (rule 2 handles it).
 fn in_peak(peaks: &[Peak], site: &str, at_ms: i64, interval: u32, lead_max: u32) -> bool {
     peaks.iter().filter(|peak| peak.site == site).any(|peak| {
@@ -230,7 +244,7 @@ fn read_instants(p: &Prepared<'_>, interval: u32, peaks: &[Peak]) -> Instants {
             .copied()
             .filter(|r| *r < interval && *r >= t.min_interval_minutes)
             .find_map(|r| {
-                let met = phases.iter().filter(|ph| **ph >= r).count();
+                let met = avoided_by(&phases, r, interval);
                 (met * 100 >= t.avoidable_percent as usize * phases.len()).then_some((r, met))
             })
     } else {
@@ -408,8 +422,9 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
             window,
             text: format!(
                 "{where_}: {} instant balances outside daily peaks ({:.1} a day, threshold {}); \
-                 {met} of {} came at least {better} minutes after the scheduled run before them \
-                 (current interval {interval} minutes, {interval_source})",
+                 a run every {better} minutes would have avoided {met} of {}: those later than \
+                 {better} minutes after the scheduled run before them, beyond the rate of the \
+                 first {better} minutes (current interval {interval} minutes, {interval_source})",
                 instants.count,
                 instants.per_day,
                 t.instant_balances_per_day,
@@ -437,9 +452,10 @@ pub(crate) fn advise_schedule(p: &Prepared<'_>) -> ScheduleRecommendation {
             rule: Rule::InstantBalancesBetweenRuns,
             window,
             text: format!(
-                "{where_}: {} instant balances outside daily peaks ({:.1} a day) but they \
-                 come soon after runs (median {median} minutes after): a denser schedule would \
-                 not meet them; the buffers must (see the cells)",
+                "{where_}: {} instant balances outside daily peaks ({:.1} a day) but runs do \
+                 not hold them off: they come as often soon after a run as later (median \
+                 {median} minutes after), so a denser schedule would not avoid them; the \
+                 buffers must (see the cells)",
                 instants.count, instants.per_day
             ),
             figures: figures([

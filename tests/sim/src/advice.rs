@@ -165,6 +165,12 @@ pub fn advisor_input(
             })
             .collect(),
         tuning: Default::default(),
+        purchased: w
+            .products
+            .iter()
+            .cloned()
+            .zip(w.purchased.iter().copied())
+            .collect(),
     }
 }
 
