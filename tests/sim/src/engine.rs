@@ -194,6 +194,11 @@ pub struct SimConfig {
     /// compared on the same evaluation period, and advised policies apply the advisor's
     /// recommendations, read from the history of this period, at its end.
     pub train: u64,
+    /// allot's runs derive each cell's floor (the forecast) and buffer (the trigger's
+    /// watermark) and look ahead at yesterday's and last week's peaks. Off, the planner gets
+    /// what the balancer's `build_snapshot` gives it today: the configured `min_units` /
+    /// `buffer_units` only and the recent peak — the un-tuned balancer the advisor is for.
+    pub derived_settings: bool,
 }
 
 impl Default for SimConfig {
@@ -211,6 +216,7 @@ impl Default for SimConfig {
             forecast_floors: true,
             forecast_floor_percent: 100,
             train: 0,
+            derived_settings: true,
         }
     }
 }
@@ -1213,6 +1219,17 @@ impl<'a> Sim<'a> {
         (recent.max(expected), expected)
     }
 
+    /// The highest in use over the recent window (`window`), already recorded by `forecast`.
+    fn recent_peak(&self, k: usize) -> u64 {
+        let c = &self.cells[k];
+        let b = self.now / BUCKET;
+        let back = self.cfg.window / BUCKET;
+        (b.saturating_sub(back)..=b)
+            .map(|x| u64::from(c.hist[(x % BUCKETS as u64) as usize]))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// allot's scheduled run: demand signals → the real planner → its moves (returned: how
     /// many were sent).
     fn plan_allot(&mut self, p: usize, live: &[usize], instant: bool) -> u64 {
@@ -1223,6 +1240,11 @@ impl<'a> Sim<'a> {
         let mut expected = vec![0u64; self.cells.len()];
         for &k in live {
             (levels[k], expected[k]) = self.forecast(k);
+            if !self.cfg.derived_settings {
+                // The recent peak alone, like the store's `last_peak`.
+                levels[k] = self.recent_peak(k);
+                expected[k] = 0;
+            }
         }
         for s in 0..self.w.sites.len() {
             let k = self.cell(s, p);
@@ -1240,7 +1262,7 @@ impl<'a> Sim<'a> {
                 // An idle cell needs no spare (the trigger does not pull for it either);
                 // a busy one keeps the trigger's watermark, so a run never trims it to
                 // where the trigger would pull straight back.
-                let buffer = if level.max(c.in_use) == 0 {
+                let buffer = if level.max(c.in_use) == 0 || !self.cfg.derived_settings {
                     0
                 } else {
                     trigger.watermark(level.max(c.in_use))
@@ -1270,7 +1292,7 @@ impl<'a> Sim<'a> {
                 });
             }
         }
-        if !instant {
+        if !instant && self.cfg.derived_settings {
             // Between runs nobody can pull from the reserve: hand the expected surplus out
             // as buffers in proportion to the forecast levels.
             let pool: u64 = self.books[p].reserve + cells.iter().map(|c| c.allocation).sum::<u64>();

@@ -58,6 +58,7 @@ fn main() {
                 days_given = true;
             }
             "--advise" => advise = true,
+            "--configured-only" => cfg.derived_settings = false,
             "--train-days" => train_days = parse(&val()),
             "--products" => scale.products = parse(&val()),
             "--load" => scale.load = parse(&val()),
