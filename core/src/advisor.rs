@@ -72,7 +72,8 @@
 //!    that value when the current min exceeds the working floor itself.
 //! 7. *The pool's room.* Buffers and mins are held all day, and every unit of a product's
 //!    pool held at one cell is a unit another cell cannot have: at the product's busiest run
-//!    (the most units its cells had in use or waiting together at one run) the cells' raises
+//!    (the most units its cells needed together at one run: in use, plus denials since the
+//!    previous run or clients waiting, whichever is larger) the cells' raises
 //!    together must fit in the pool's room, purchased − that. The raises of a product's
 //!    cells that would exceed it get the room, shared in proportion to what each asked
 //!    (rounded down); none when the pool had no room. Purchases come from the caller

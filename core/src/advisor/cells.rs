@@ -329,14 +329,15 @@ pub(crate) fn fit_the_pool(p: &Prepared<'_>, recs: &mut [CellRecommendation]) {
         if known.is_none() && !ran_dry {
             continue;
         }
-        // Per run (samples share the run's time): units held, and units in use plus clients
-        // waiting — what the cells needed at that instant, together — summed over cells.
-        // Peaks since the previous run are not summed: they fall at different instants.
+        // Per run (samples share the run's time): units held, and what the cells needed then —
+        // units in use plus the larger unmet signal (denials since the previous run, or clients
+        // waiting), as rule 5 and the planner count them — summed over cells. Peaks since the
+        // previous run are not summed: they fall at different instants.
         let mut runs: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
         for s in cells.iter().flat_map(|h| &h.samples) {
             let run = runs.entry(s.at_ms).or_default();
             run.0 += u64::from(s.allocation);
-            run.1 += u64::from(s.in_use) + u64::from(s.waiting);
+            run.1 += u64::from(s.in_use) + u64::from(s.denials.max(s.waiting));
         }
         let pool = known.unwrap_or_else(|| runs.values().map(|r| r.0).max().unwrap_or(0));
         let busiest = runs.values().map(|r| r.1).max().unwrap_or(0);
@@ -380,8 +381,8 @@ pub(crate) fn fit_the_pool(p: &Prepared<'_>, recs: &mut [CellRecommendation]) {
                 rule: Rule::PoolRoom,
                 window,
                 text: format!(
-                    "{}: product {product} {}; its cells had {busiest} in use or waiting at \
-                     its busiest run, so the raises of all its cells ({}) get the {} of room, in \
+                    "{}: product {product} {}; its cells needed {busiest} (in use, and \
+                     denied or waiting) at its busiest run, so the raises of all its cells ({}) get the {} of room, in \
                      proportion: buffer {} → {}, min {} → {}",
                     window.describe(),
                     match known {
