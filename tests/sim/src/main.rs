@@ -7,11 +7,12 @@
 //!     [--latency-ms N] [--hysteresis-percent N] [--hysteresis-min N] [--lookahead-min N]
 //!     [--window-min N] [--watermark-percent N] [--watermark-min N] [--backoff-ms N]
 //!     [--forecast-floor-percent N]
-//!     [--extra-units-percent N] [--advise] [--train-days N]
+//!     [--extra-units-percent N] [--advise] [--train-days N] [--configured-only]
 //! ```
 //!
 //! `--advise` runs the advice experiment instead: the first `--train-days` (7) days train the
-//! real advisor, the rest (by default another week) is measured for allot un-tuned and advised.
+//! real advisor, the rest (by default another week) is measured for allot un-tuned and advised;
+//! `--configured-only` gives the planner only the configured min / buffer, as the balancer does.
 #![forbid(unsafe_code)]
 
 use allot_sim::engine::{SimConfig, advice_policies};
@@ -245,7 +246,7 @@ fn usage(why: &str) -> ! {
         eprintln!("allot-sim: {why}");
     }
     eprintln!(
-        "usage: allot-sim [--workload NAME]... [--traces DIR] [--img DIR] [--days N] [--products N] [--load F] [--seed N] [--threads N]\n\
+        "usage: allot-sim [--workload NAME]... [--traces DIR] [--img DIR] [--days N] [--products N] [--load F] [--seed N] [--threads N] [--advise [--train-days N] [--configured-only]]\n\
          workloads: {} replay-matlab replay-ansys replay-autodesk",
         SYNTHETIC.join(" ")
     );
