@@ -14,6 +14,7 @@ use crate::balancer::{BalancerConfig, BalancerLink};
 use crate::error::{ApiError, ApiJson};
 use crate::metrics::{DenialReason, InstantOutcome, Metrics};
 use crate::store::{self, LeaseRecord, Mutation, Store, StoreError};
+use allot_core::ErrorCode;
 use allot_core::checkout::{
     self, Book, Handle, Limits, Millis, MoveRefusal, Outcome, Refusal, Served, Who,
 };
@@ -28,7 +29,7 @@ use allot_core::wire::agent::{
 use allot_core::wire::balancer::{InstantBalanceRequest, SyncResponse};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -926,7 +927,36 @@ fn router(app: App) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_refused,
+        ))
         .with_state(app)
+}
+
+/// Logs and counts every request refused for its credentials, in one place whichever
+/// extractor or policy refused it. The log names the method and path, never the presented
+/// token; an ACL refusal (403) is an ordinary policy decision, logged at info.
+async fn count_refused(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    match response.status() {
+        StatusCode::UNAUTHORIZED => {
+            app.metrics.refused(ErrorCode::Unauthorized);
+            tracing::warn!(%method, %path, "request refused: bad or missing token");
+        }
+        StatusCode::FORBIDDEN => {
+            app.metrics.refused(ErrorCode::Forbidden);
+            tracing::info!(%method, %path, "request refused by an ACL");
+        }
+        _ => {}
+    }
+    response
 }
 
 /// The group-commit writer: takes every pending mutation, commits them in one transaction,

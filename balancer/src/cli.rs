@@ -2,14 +2,14 @@
 //! human tables by default and the API's JSON with `--json`.
 
 use crate::auth::admin_token_path;
-use crate::config::default_data_dir;
+use crate::config::{MAX_TOKEN_GRACE_SECONDS, default_data_dir};
 use allot_core::domain::{Enforcement, Seat};
 use allot_core::error::ErrorBody;
 use allot_core::wire::balancer::History;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, BalanceRequest, CreateProduct, DoctorReport,
-    Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RunDetail,
-    RunSummary, Schedule, Server, SetAllocation, SetSchedule,
+    Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RotateToken,
+    RotatedToken, RunDetail, RunSummary, Schedule, Server, SetAllocation, SetSchedule,
 };
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -155,6 +155,21 @@ pub enum ServerCommand {
     Remove {
         /// The server.
         name: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Issue a new token for a server; prints it once. The old token keeps working for the
+    /// grace period (or until the server presents the new one), so the server can be restarted
+    /// with the new token without downtime.
+    RotateToken {
+        /// The server.
+        name: String,
+        /// Seconds the old token keeps working; 0 refuses it at once (a leaked token).
+        /// Absent: the balancer's `--token-grace-seconds` (default 24 h).
+        #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS",
+              value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_TOKEN_GRACE_SECONDS)))]
+        grace_seconds: Option<u32>,
         /// How to reach the balancer.
         #[command(flatten)]
         client: ClientArgs,
@@ -690,6 +705,32 @@ impl ServerCommand {
                     )
                     .await?;
                 output(client.json, &s, |s| println!("removed server {}", s.name))
+            }
+            Self::RotateToken {
+                name,
+                grace_seconds,
+                client,
+            } => {
+                let r: RotatedToken = AdminClient::new(&client)?
+                    .call(
+                        Method::POST,
+                        &format!("/v1/servers/{}/rotate-token", segment(&name)),
+                        Some(&RotateToken { grace_seconds }),
+                    )
+                    .await?;
+                output(client.json, &r, |r| {
+                    println!(
+                        "new token (shown once, restart the metering server with it): {}",
+                        r.token
+                    );
+                    match r.previous_token_until {
+                        Some(until) => println!(
+                            "the old token keeps working until {until} or until the server \
+                             presents the new one"
+                        ),
+                        None => println!("the old token is refused from now on"),
+                    }
+                })
             }
         }
     }

@@ -112,6 +112,11 @@ pub struct ServeArgs {
     /// Days hourly roll-ups are kept.
     #[arg(long, env = "ALLOT_HISTORY_HOURLY_DAYS", default_value_t = 400)]
     pub history_hourly_days: u64,
+    /// After `server rotate-token`, seconds a server's old token keeps working unless the
+    /// rotation names its own grace (the server presenting its new token ends it sooner).
+    #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS", default_value_t = 24 * 3600,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_TOKEN_GRACE_SECONDS)))]
+    pub token_grace_seconds: u32,
     /// Most per-(server, product) metric series exported; beyond it they are left out, so a
     /// large estate cannot overload Prometheus.
     #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = crate::metrics::DEFAULT_MAX_CELLS)]
@@ -138,6 +143,10 @@ impl ServeArgs {
         }
     }
 }
+
+/// The longest grace a rotated-out server token may get: 30 days. A longer overlap would
+/// defeat the purpose of rotating.
+pub const MAX_TOKEN_GRACE_SECONDS: u32 = 30 * 86_400;
 
 /// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else
 /// `~/.local/share/allot/balancer`, else `./allot-data`.

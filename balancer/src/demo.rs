@@ -130,6 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         history_raw_days: 30,
         history_hourly_days: 400,
         metrics_max_cells: crate::metrics::DEFAULT_MAX_CELLS,
+        token_grace_seconds: 24 * 3600,
     };
     let (stop_balancer, stopped) = tokio::sync::oneshot::channel::<()>();
     let balancer = tokio::spawn(crate::service::serve(serve_args, async move {

@@ -145,6 +145,7 @@ pub async fn serve(
         engine,
         schedule_changed,
         leadership,
+        token_grace: std::time::Duration::from_secs(u64::from(args.token_grace_seconds)),
     };
     api::run(listener, state, shutdown).await?;
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");

@@ -179,6 +179,30 @@ pub struct RegisteredServer {
     pub token: String,
 }
 
+/// `POST /v1/servers/{server}/rotate-token`: issue a new token for a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateToken {
+    /// How long the old token keeps working, so the server can be restarted with the new one
+    /// without downtime; absent → the balancer's `--token-grace-seconds`; 0 → refused at once
+    /// (a leaked token).
+    #[serde(default)]
+    pub grace_seconds: Option<u32>,
+}
+
+/// The answer to a rotation: the only time the new token is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedToken {
+    /// The server.
+    #[serde(flatten)]
+    pub server: Server,
+    /// The server's new secret; stored hashed, so it cannot be shown again.
+    pub token: String,
+    /// Until when the old token is still accepted (and presented to the server), unless the
+    /// server presents the new one first; absent when the old token was refused at once.
+    pub previous_token_until: Option<DateTime<Utc>>,
+}
+
 /// `PUT /v1/servers/{server}/products/{product}`: the floor and the buffer of one cell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
