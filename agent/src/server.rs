@@ -88,6 +88,8 @@ pub struct ServerConfig {
     /// The balancer this server syncs with, asks for instant balances and holds a lease from;
     /// `None`: standalone (no lease, no instant balance).
     pub balancer: Option<BalancerConfig>,
+    /// Serve HTTPS with this certificate; `None`: plain HTTP.
+    pub tls: Option<allot_tls::ServerTls>,
 }
 
 impl ServerConfig {
@@ -101,6 +103,7 @@ impl ServerConfig {
             products: Vec::new(),
             limits: Limits::default(),
             balancer: None,
+            tls: None,
         }
     }
 }
@@ -1414,6 +1417,7 @@ pub async fn run(
             products = inner.book.products().len(),
             live_checkouts = inner.book.live_checkouts(),
             balancer_api = config.token.is_some(),
+            tls = config.tls.is_some(),
             client_key = config.client_key.is_some(),
             max_checkouts = config.limits.max_checkouts,
             max_waiting = config.limits.max_waiting,
@@ -1432,13 +1436,26 @@ pub async fn run(
     let staleout = tokio::spawn(staleout_task(app.clone()));
     let sync = tokio::spawn(sync_task(app.clone()));
     let stop_app = app.clone();
-    let served = axum::serve(listener, router(app.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, finishing in-flight requests");
-            stop_app.stopping.send_replace(true);
-        })
-        .await;
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        stop_app.stopping.send_replace(true);
+    };
+    let served = match &config.tls {
+        Some(tls) => match tls.listener(listener) {
+            Ok(listener) => {
+                axum::serve(listener, router(app.clone()))
+                    .with_graceful_shutdown(graceful)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
+        None => {
+            axum::serve(listener, router(app.clone()))
+                .with_graceful_shutdown(graceful)
+                .await
+        }
+    };
     app.stopping.send_replace(true);
     let _ = staleout.await;
     let _ = sync.await;

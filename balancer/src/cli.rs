@@ -34,6 +34,9 @@ pub struct ClientArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, env = "ALLOT_JSON")]
     pub json: bool,
+    /// CA certificates trusted for an `https://` balancer URL.
+    #[command(flatten)]
+    pub ca: allot_tls::CaArgs,
 }
 
 /// `allot-balancer product …`.
@@ -380,7 +383,11 @@ impl AdminClient {
             }
         };
         Ok(Self {
-            http: reqwest::Client::builder()
+            http: args
+                .ca
+                .load()
+                .context("load --ca-file")?
+                .client_builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()?,
             base: args.url.trim_end_matches('/').to_owned(),

@@ -90,8 +90,14 @@ pub struct ServeArgs {
     /// The admin token; absent → read from, or generated into, `<data-dir>/admin-token`.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Serve HTTPS with this certificate and key.
+    #[command(flatten)]
+    pub tls: allot_tls::ServerTlsArgs,
+    /// CA certificates trusted for HTTPS calls to metering servers.
+    #[command(flatten)]
+    pub ca: allot_tls::CaArgs,
     /// The URL other balancers' followers send clients to while this one leads (default
-    /// `http://<listen>`).
+    /// `http://<listen>`, `https://` with TLS).
     #[arg(long, env = "ALLOT_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// A metering server unheard of for this long is declared lost and its units reclaimed.
@@ -132,9 +138,11 @@ impl ServeArgs {
         }
     }
 
-    /// The balancing engine's settings.
-    pub fn engine_config(&self) -> crate::balance::EngineConfig {
+    /// The balancing engine's settings; `trust` holds the CA certificates its calls to metering
+    /// servers accept.
+    pub fn engine_config(&self, trust: allot_tls::Trust) -> crate::balance::EngineConfig {
         crate::balance::EngineConfig {
+            trust,
             call_timeout: std::time::Duration::from_millis(self.call_timeout_ms.max(1)),
             concurrency: self.concurrency.max(1),
             lease: std::time::Duration::from_secs(self.lease_seconds.max(1)),

@@ -218,13 +218,25 @@ async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     Ok(crate::metrics::render(&*state.store, leading).await?)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves,
+/// then finishes in-flight requests.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<allot_tls::ServerTls>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(state);
+    match tls {
+        Some(tls) => {
+            axum::serve(tls.listener(listener)?, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

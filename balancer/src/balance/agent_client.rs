@@ -37,9 +37,10 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// A client whose calls give up after `timeout`.
-    pub fn new(tokens: ServerTokens, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client whose calls give up after `timeout` and that trusts `trust`'s CAs for HTTPS.
+    pub fn new(tokens: ServerTokens, timeout: Duration, trust: &allot_tls::Trust) -> Self {
+        let http = trust
+            .client_builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(4)
