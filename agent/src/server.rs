@@ -1432,6 +1432,9 @@ pub async fn run(
     if config.client_key.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(listen = %addr, "no --client-key configured and listening beyond loopback: any host that reaches this port can check licenses out");
     }
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(listen = %addr, "plain HTTP beyond loopback: tokens and keys cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
+    }
 
     let staleout = tokio::spawn(staleout_task(app.clone()));
     let sync = tokio::spawn(sync_task(app.clone()));

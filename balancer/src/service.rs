@@ -50,6 +50,9 @@ pub async fn serve(
     if store.backend() == "sqlite" {
         tracing::info!("SQLite store: single balancer (high availability needs PostgreSQL)");
     }
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "plain HTTP beyond loopback: tokens cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
+    }
     match &source {
         AdminTokenSource::Configured => tracing::info!("admin token: from --admin-token"),
         AdminTokenSource::File(path) => {

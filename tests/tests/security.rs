@@ -3,8 +3,9 @@
 //! the server refuse each other.
 
 use allot_tests::agent::TestAgent;
-use allot_tests::balancer::{Api, Balancer};
+use allot_tests::balancer::{ADMIN_TOKEN, Api, Balancer};
 use allot_tests::fleet::Fleet;
+use allot_tests::process::binary;
 use allot_tests::{Backend, on_both_backends};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -183,13 +184,27 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     assert_doctor_ok(&fleet).await;
     assert_eq!(fleet.meters[0].product("cad").await["allocated"], 3);
 
-    // Without a restart the old token still dies when its grace ends.
+    // Without a restart the old token still dies when its grace ends (rotated with the CLI).
     let tokyo_old = fleet.meters[1].token.clone();
-    api.post(
-        "/v1/servers/tokyo/rotate-token",
-        json!({"grace_seconds": 1}),
-    )
-    .await;
+    let out = std::process::Command::new(binary("allot-balancer"))
+        .args([
+            "server",
+            "rotate-token",
+            "tokyo",
+            "--grace-seconds",
+            "1",
+            "--json",
+        ])
+        .args(["--url", &balancer, "--admin-token", ADMIN_TOKEN])
+        .output()
+        .expect("run the admin CLI");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert!(printed["token"].as_str().is_some_and(|t| t != tokyo_old));
     assert_eq!(sync_with(&balancer, &tokyo_old).await, StatusCode::OK);
     eventually("tokyo's old token is refused when the grace ends", || {
         let (balancer, old) = (balancer.clone(), tokyo_old.clone());

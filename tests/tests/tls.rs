@@ -104,7 +104,7 @@ async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
         ADMIN_TOKEN,
     ];
     args.extend(tls.iter().map(String::as_str));
-    let _balancer = Running::start_at(
+    let mut balancer = Running::start_at(
         &binary("allot-balancer"),
         &args,
         &[("RUST_LOG", "warn")],
@@ -154,7 +154,7 @@ async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
         "1",
     ];
     args.extend(tls.iter().map(String::as_str));
-    let _agent = Running::start_at(
+    let mut agent_process = Running::start_at(
         &binary("allot-agent"),
         &args,
         &[("RUST_LOG", "warn")],
@@ -205,4 +205,13 @@ async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
             "plain HTTP to a TLS port must fail"
         );
     }
+    // Graceful shutdown works over TLS as over HTTP.
+    assert!(
+        agent_process.terminate(),
+        "SIGTERM stops the TLS server cleanly"
+    );
+    assert!(
+        balancer.terminate(),
+        "SIGTERM stops the TLS balancer cleanly"
+    );
 }

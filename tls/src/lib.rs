@@ -260,3 +260,74 @@ impl Trust {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_load_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_file = write(dir.path(), "cert.pem", &cert.pem());
+        let key_file = write(dir.path(), "key.pem", &key.serialize_pem());
+        ServerTls::load(&cert_file, &key_file).expect("a valid pair loads");
+
+        let missing = dir.path().join("missing.pem");
+        let empty = write(dir.path(), "empty.pem", "");
+        let garbage = write(dir.path(), "garbage.pem", "not PEM at all");
+        for (cert, key) in [
+            (&missing, &key_file),
+            (&empty, &key_file),
+            (&cert_file, &missing),
+            (&cert_file, &garbage),
+        ] {
+            let err = ServerTls::load(cert, key).expect_err("a bad file is refused");
+            let TlsError::File { path, .. } = &err else {
+                panic!("{err}")
+            };
+            assert!(path == cert || path == key, "{err}");
+        }
+        // A key that is not the certificate's.
+        let other = rcgen::KeyPair::generate().unwrap();
+        let other_file = write(dir.path(), "other.pem", &other.serialize_pem());
+        assert!(matches!(
+            ServerTls::load(&cert_file, &other_file),
+            Err(TlsError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Trust::load(None).unwrap().roots.is_empty());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ca = write(dir.path(), "ca.pem", &cert.pem());
+        assert_eq!(Trust::load(Some(&ca)).unwrap().roots.len(), 1);
+        for bad in [
+            write(dir.path(), "empty.pem", ""),
+            write(dir.path(), "key.pem", &key.serialize_pem()),
+            dir.path().join("missing.pem"),
+        ] {
+            assert!(
+                matches!(Trust::load(Some(&bad)), Err(TlsError::File { .. })),
+                "{}",
+                bad.display()
+            );
+        }
+    }
+}
