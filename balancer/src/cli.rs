@@ -538,7 +538,14 @@ fn entitlements_table(items: &[Entitlement]) -> Table {
 }
 
 fn servers_table(items: &[Server]) -> Table {
-    let mut t = table(&["server", "site", "state", "url", "last seen"]);
+    let mut t = table(&[
+        "server",
+        "site",
+        "state",
+        "url",
+        "last seen",
+        "old token until",
+    ]);
     for s in items {
         t.add_row(vec![
             s.name.clone(),
@@ -546,6 +553,7 @@ fn servers_table(items: &[Server]) -> Table {
             s.state.to_string(),
             s.url.clone(),
             opt(&s.last_seen_at.map(|t| t.to_rfc3339())),
+            opt(&s.previous_token_until.map(|t| t.to_rfc3339())),
         ]);
     }
     t
@@ -730,7 +738,7 @@ impl ServerCommand {
                         "new token (shown once, restart the metering server with it): {}",
                         r.token
                     );
-                    match r.previous_token_until {
+                    match r.server.previous_token_until {
                         Some(until) => println!(
                             "the old token keeps working until {until} or until the server \
                              presents the new one"

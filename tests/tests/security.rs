@@ -41,6 +41,16 @@ async fn sync_with(balancer: &str, token: &str) -> StatusCode {
         .0
 }
 
+/// `previous_token_until` of `server` in `GET /v1/servers`: set while a rotation's grace runs.
+async fn grace_of(api: &Api, server: &str) -> Value {
+    let servers = api.get("/v1/servers").await;
+    servers["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|s| s["name"] == server))
+        .map(|s| s["previous_token_until"].clone())
+        .unwrap_or(Value::Null)
+}
+
 /// The doctor reaches every server (with the token the balancer presents) and agrees.
 async fn assert_doctor_ok(fleet: &Fleet) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -148,6 +158,10 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     assert_ne!(new, old);
     assert_eq!(rotated["name"], "paris");
     assert!(rotated["previous_token_until"].is_string(), "{rotated}");
+    assert_eq!(
+        grace_of(&api, "paris").await,
+        rotated["previous_token_until"]
+    );
     let audit = api.get("/v1/audit?limit=1").await;
     assert_eq!(
         audit["items"][0]["action"], "server.rotate_token",
@@ -177,6 +191,11 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     )
     .await;
     assert_eq!(sync_with(&balancer, &new).await, StatusCode::OK);
+    assert_eq!(
+        grace_of(&api, "paris").await,
+        Value::Null,
+        "the grace is over"
+    );
     // The balancer now presents the new token, which the restarted server accepts.
     fleet.limits("paris", "cad", 3, 0).await;
     fleet.balance().await;

@@ -66,12 +66,9 @@ pub(super) async fn rotate_token(
             previous_until,
         )
         .await?;
-    tracing::info!(%server, previous_token_until = ?previous_until, "server token rotated");
-    Ok(Json(RotatedToken {
-        server: record.into(),
-        token,
-        previous_token_until: previous_until,
-    }))
+    let server = Server::from(record);
+    tracing::info!(%server.name, previous_token_until = ?server.previous_token_until, "server token rotated");
+    Ok(Json(RotatedToken { server, token }))
 }
 
 pub(super) async fn list(

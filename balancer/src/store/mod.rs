@@ -232,6 +232,7 @@ impl From<ServerRecord> for Server {
             state: r.state,
             created_at: r.created_at,
             last_seen_at: r.last_seen_at,
+            previous_token_until: r.previous_token.map(|p| p.until),
         }
     }
 }

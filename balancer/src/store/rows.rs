@@ -163,14 +163,7 @@ impl ServerRow {
     }
 
     pub fn into_server(self) -> StoreResult<Server> {
-        Ok(Server {
-            state: parse(&self.state)?,
-            name: self.name,
-            url: self.url,
-            site: self.site,
-            created_at: time(self.created_at),
-            last_seen_at: self.last_seen_at.map(time),
-        })
+        self.into_record().map(Server::from)
     }
 }
 

@@ -167,6 +167,10 @@ pub struct Server {
     pub created_at: DateTime<Utc>,
     /// When the balancer last heard from it.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// While a token rotation's grace runs: until when its previous token is still accepted.
+    /// Absent once the server presented its new token, so operators can see a rotation through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_until: Option<DateTime<Utc>>,
 }
 
 /// The answer to a registration: the only time the server's token is shown.
@@ -190,7 +194,10 @@ pub struct RotateToken {
     pub grace_seconds: Option<u32>,
 }
 
-/// The answer to a rotation: the only time the new token is shown.
+/// The answer to a rotation: the only time the new token is shown. The server's
+/// `previous_token_until` says until when the old token is still accepted (and presented to
+/// the server), unless the server presents the new one first; it is absent when the old token
+/// was refused at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotatedToken {
     /// The server.
@@ -198,9 +205,6 @@ pub struct RotatedToken {
     pub server: Server,
     /// The server's new secret; stored hashed, so it cannot be shown again.
     pub token: String,
-    /// Until when the old token is still accepted (and presented to the server), unless the
-    /// server presents the new one first; absent when the old token was refused at once.
-    pub previous_token_until: Option<DateTime<Utc>>,
 }
 
 /// `PUT /v1/servers/{server}/products/{product}`: the floor and the buffer of one cell.
