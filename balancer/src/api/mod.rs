@@ -178,7 +178,7 @@ async fn count_refused(
         .requests_refused
         .with_label_values(&[reason.as_str()])
         .inc();
-    tracing::warn!(%method, %path, reason = reason.as_str(), "request refused: bad or missing token");
+    tracing::warn!(%method, %path, reason = reason.as_str(), "request refused for its credentials");
     response
 }
 
