@@ -2,7 +2,7 @@
 //! server's token is rotated while the server runs, without a moment in which the balancer and
 //! the server refuse each other.
 
-use allot_tests::agent::TestAgent;
+use allot_tests::agent::{self, TestAgent};
 use allot_tests::balancer::{ADMIN_TOKEN, Api, Balancer};
 use allot_tests::fleet::Fleet;
 use allot_tests::process::binary;
@@ -262,4 +262,48 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
         .is_some_and(|n| n >= 3.0),
         "{metrics}"
     );
+}
+
+/// The moment between a server's restart with its new token and its first sync: the balancer
+/// still presents the old token first, is refused, and at once resends with the new one. A
+/// server that never syncs (standalone here) makes that moment last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balancer_falls_back_to_the_new_token_before_the_server_syncs() {
+    let backend = Backend::sqlite();
+    let balancer = Balancer::start(&backend).await;
+    let api = balancer.api();
+    let listener = agent::bind().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    api.post(
+        "/v1/servers",
+        json!({"name": "solo", "url": url, "site": "eu"}),
+    )
+    .await;
+    let rotated = api
+        .post(
+            "/v1/servers/solo/rotate-token",
+            json!({"grace_seconds": 3600}),
+        )
+        .await;
+    let new = rotated["token"].as_str().unwrap().to_owned();
+    let server = TestAgent::start_on(listener, tempfile::tempdir().unwrap(), |config| {
+        config.token = Some(new.clone());
+    })
+    .await;
+    let refused = r#"allot_agent_requests_refused_total{reason="unauthorized"}"#;
+    assert_eq!(sample(&server.metrics().await, refused), Some(0.0));
+
+    let report = api.get("/v1/doctor").await;
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert_eq!(report["unreachable"], json!([]), "{report:#}");
+    // The old token was tried first and refused, then the new one was accepted.
+    assert_eq!(sample(&server.metrics().await, refused), Some(1.0));
+    // Only the server's own call with the new token ends the grace.
+    assert!(grace_of(&api, "solo").await.is_string());
+    assert_eq!(sync_with(balancer.url(), &new).await, StatusCode::OK);
+    assert_eq!(grace_of(&api, "solo").await, Value::Null);
+    // From now on only the new token is presented: nothing more is refused.
+    let report = api.get("/v1/doctor").await;
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert_eq!(sample(&server.metrics().await, refused), Some(1.0));
 }
