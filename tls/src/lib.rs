@@ -28,6 +28,9 @@ use tokio_rustls::server::TlsStream;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Completed handshakes waiting for axum to take them.
 const ACCEPTED_BACKLOG: usize = 128;
+/// Most handshakes in progress at once; past it new connections wait in the kernel's backlog,
+/// so a flood of idle connections costs bounded memory.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// Why TLS could not be set up. Shown to the operator at start, with the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +182,11 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return; // never closed
+        };
         let (stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
             Err(e) if is_connection_error(&e) => continue,
@@ -192,7 +199,9 @@ async fn accept_loop(
         };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            drop(permit);
+            match handshake {
                 Ok(Ok(tls)) => {
                     let _ = tx.send((tls, peer)).await;
                 }
