@@ -32,6 +32,8 @@ pub struct BalancerConfig {
     pub instant_wait: Duration,
     /// When to ask for an instant balance (the pure policy's knobs).
     pub trigger: TriggerConfig,
+    /// CA certificates, beside the system's, trusted for an `https://` balancer.
+    pub trust: allot_tls::Trust,
 }
 
 impl BalancerConfig {
@@ -42,6 +44,7 @@ impl BalancerConfig {
             sync_interval: Duration::from_secs(30),
             instant_wait: Duration::from_millis(500),
             trigger: TriggerConfig::default(),
+            trust: allot_tls::Trust::default(),
         }
     }
 }
@@ -61,7 +64,9 @@ impl BalancerLink {
     /// A client of `urls` presenting `token`. Instant requests give up after the trigger's
     /// in-flight timeout, so "one request in flight" holds literally.
     pub fn new(config: &BalancerConfig, token: &str) -> Self {
-        let http = reqwest::Client::builder()
+        let http = config
+            .trust
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(2)
             .build()

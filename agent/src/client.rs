@@ -74,8 +74,15 @@ pub struct Client {
 impl Client {
     /// A client of the server at `url` (e.g. `http://127.0.0.1:7401`).
     pub fn new(url: &str) -> Result<Self, ClientError> {
+        Self::with_trust(url, &allot_tls::Trust::default())
+    }
+
+    /// A client of the server at `url` that also trusts `trust`'s CAs (an `https://` server
+    /// whose certificate a private CA signed).
+    pub fn with_trust(url: &str, trust: &allot_tls::Trust) -> Result<Self, ClientError> {
         allot_core::validate::http_url("url", url).map_err(|_| ClientError::Url(url.to_owned()))?;
-        let http = reqwest::Client::builder()
+        let http = trust
+            .client_builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;

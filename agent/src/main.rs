@@ -82,6 +82,12 @@ struct ServeArgs {
     #[arg(long, env = "ALLOT_SYNC_SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     sync_seconds: u64,
+    /// Serve HTTPS with this certificate and key.
+    #[command(flatten)]
+    tls: allot_tls::ServerTlsArgs,
+    /// CA certificates trusted for an `https://` balancer.
+    #[command(flatten)]
+    ca: allot_tls::CaArgs,
     /// Milliseconds a hard-stop checkout that found nothing free is held for an instant
     /// balance before it is denied.
     #[arg(long, env = "ALLOT_INSTANT_WAIT_MS", default_value_t = 500,
@@ -97,6 +103,9 @@ struct ClientArgs {
     /// The client key, if the server wants one.
     #[arg(long, env = "ALLOT_CLIENT_KEY", hide_env_values = true)]
     client_key: Option<String>,
+    /// CA certificates trusted for an `https://` server URL.
+    #[command(flatten)]
+    ca: allot_tls::CaArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,6 +175,9 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // TLS files are read first, so a wrong path fails the start at once.
+    let tls = args.tls.load().context("load --tls-cert/--tls-key")?;
+    let trust = args.ca.load().context("load --ca-file")?;
     let products = match &args.products_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -188,6 +200,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let balancer = (!urls.is_empty()).then(|| BalancerConfig {
         sync_interval: Duration::from_secs(args.sync_seconds),
         instant_wait: Duration::from_millis(args.instant_wait_ms),
+        trust,
         ..BalancerConfig::new(urls)
     });
     let config = ServerConfig {
@@ -201,6 +214,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_waiting: args.max_waiting,
         },
         balancer,
+        tls,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -210,11 +224,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
-    Ok(Client::new(&args.url)?.with_bearer(args.client_key.clone()))
+    let trust = args.ca.load().context("load --ca-file")?;
+    Ok(Client::with_trust(&args.url, &trust)?.with_bearer(args.client_key.clone()))
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    allot_tls::install_crypto_provider();
     let args = Args::parse();
     init_logging(args.log_format);
     let code = match args.command {

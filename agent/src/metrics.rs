@@ -4,6 +4,7 @@
 //! bounded: `product` only for products the operator defined (never a name a client sent that
 //! matched nothing), `reason` from a fixed set; never a user, host or handle.
 
+use allot_core::ErrorCode;
 use allot_core::wire::agent::AgentProduct;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -96,6 +97,7 @@ pub struct Metrics {
     live: IntGauge,
     checkout_seconds: Histogram,
     instant_requests: IntCounterVec,
+    requests_refused: IntCounterVec,
     balancer: Option<BalancerGauges>,
 }
 
@@ -169,7 +171,17 @@ impl Metrics {
                 lease_seconds_left,
             }
         });
+        let requests_refused = counter(
+            &r,
+            "allot_agent_requests_refused_total",
+            "Requests refused for their credentials, by reason (unauthorized, forbidden).",
+            &["reason"],
+        );
+        for reason in [ErrorCode::Unauthorized, ErrorCode::Forbidden] {
+            requests_refused.with_label_values(&[reason.as_str()]);
+        }
         Metrics {
+            requests_refused,
             instant_requests: counter(
                 &r,
                 "allot_agent_instant_requests_total",
@@ -274,6 +286,14 @@ impl Metrics {
     pub fn instant_request(&self, product: &str, outcome: InstantOutcome) {
         self.instant_requests
             .with_label_values(&[product, outcome.as_str()])
+            .inc();
+    }
+
+    /// Counts a request refused for its credentials: `unauthorized` (no or a wrong token or
+    /// client key) or `forbidden` (refused by an ACL).
+    pub fn refused(&self, reason: ErrorCode) {
+        self.requests_refused
+            .with_label_values(&[reason.as_str()])
             .inc();
     }
 

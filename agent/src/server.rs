@@ -14,6 +14,7 @@ use crate::balancer::{BalancerConfig, BalancerLink};
 use crate::error::{ApiError, ApiJson};
 use crate::metrics::{DenialReason, InstantOutcome, Metrics};
 use crate::store::{self, LeaseRecord, Mutation, Store, StoreError};
+use allot_core::ErrorCode;
 use allot_core::checkout::{
     self, Book, Handle, Limits, Millis, MoveRefusal, Outcome, Refusal, Served, Who,
 };
@@ -28,7 +29,7 @@ use allot_core::wire::agent::{
 use allot_core::wire::balancer::{InstantBalanceRequest, SyncResponse};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -87,6 +88,8 @@ pub struct ServerConfig {
     /// The balancer this server syncs with, asks for instant balances and holds a lease from;
     /// `None`: standalone (no lease, no instant balance).
     pub balancer: Option<BalancerConfig>,
+    /// Serve HTTPS with this certificate; `None`: plain HTTP.
+    pub tls: Option<allot_tls::ServerTls>,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             products: Vec::new(),
             limits: Limits::default(),
             balancer: None,
+            tls: None,
         }
     }
 }
@@ -926,7 +930,36 @@ fn router(app: App) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_refused,
+        ))
         .with_state(app)
+}
+
+/// Logs and counts every request refused for its credentials, in one place whichever
+/// extractor or policy refused it. The log names the method and path, never the presented
+/// token; an ACL refusal (403) is an ordinary policy decision, logged at info.
+async fn count_refused(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    match response.status() {
+        StatusCode::UNAUTHORIZED => {
+            app.metrics.refused(ErrorCode::Unauthorized);
+            tracing::warn!(%method, %path, "request refused: bad or missing token");
+        }
+        StatusCode::FORBIDDEN => {
+            app.metrics.refused(ErrorCode::Forbidden);
+            tracing::info!(%method, %path, "request refused by an ACL");
+        }
+        _ => {}
+    }
+    response
 }
 
 /// The group-commit writer: takes every pending mutation, commits them in one transaction,
@@ -1384,6 +1417,7 @@ pub async fn run(
             products = inner.book.products().len(),
             live_checkouts = inner.book.live_checkouts(),
             balancer_api = config.token.is_some(),
+            tls = config.tls.is_some(),
             client_key = config.client_key.is_some(),
             max_checkouts = config.limits.max_checkouts,
             max_waiting = config.limits.max_waiting,
@@ -1398,17 +1432,33 @@ pub async fn run(
     if config.client_key.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(listen = %addr, "no --client-key configured and listening beyond loopback: any host that reaches this port can check licenses out");
     }
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(listen = %addr, "plain HTTP beyond loopback: tokens and keys cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
+    }
 
     let staleout = tokio::spawn(staleout_task(app.clone()));
     let sync = tokio::spawn(sync_task(app.clone()));
     let stop_app = app.clone();
-    let served = axum::serve(listener, router(app.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, finishing in-flight requests");
-            stop_app.stopping.send_replace(true);
-        })
-        .await;
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        stop_app.stopping.send_replace(true);
+    };
+    let served = match &config.tls {
+        Some(tls) => match tls.listener(listener) {
+            Ok(listener) => {
+                axum::serve(listener, router(app.clone()))
+                    .with_graceful_shutdown(graceful)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
+        None => {
+            axum::serve(listener, router(app.clone()))
+                .with_graceful_shutdown(graceful)
+                .await
+        }
+    };
     app.stopping.send_replace(true);
     let _ = staleout.await;
     let _ = sync.await;

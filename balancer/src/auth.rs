@@ -5,6 +5,8 @@
 //! leaked database nor response timing reveals a usable token. A plain digest (no salt, no
 //! key stretching) is enough because the secrets are random, not chosen by people.
 
+use crate::store::ServerRecord;
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
@@ -54,6 +56,27 @@ impl ServerTokens {
         hex::encode(rand::random::<[u8; 16]>())
     }
 
+    /// Which of `server`'s tokens `presented` is at `now`: its current one, or its previous one
+    /// while a rotation's grace runs; `None` for anything else (an expired previous token
+    /// included). Compared digest to digest in constant time.
+    pub fn check(
+        &self,
+        server: &ServerRecord,
+        presented: &str,
+        now: DateTime<Utc>,
+    ) -> Option<TokenMatch> {
+        let presented = AdminToken::new(presented);
+        if presented.verify(&self.token(&server.name, &server.token_salt)) {
+            return Some(TokenMatch::Current);
+        }
+        server
+            .previous_token
+            .as_ref()
+            .filter(|previous| now < previous.until)
+            .filter(|previous| presented.verify(&self.token(&server.name, &previous.salt)))
+            .map(|_| TokenMatch::Previous)
+    }
+
     /// The token of server `name` registered with `salt`.
     pub fn token(&self, name: &str, salt: &str) -> String {
         use hmac::{Hmac, Mac};
@@ -63,6 +86,15 @@ impl ServerTokens {
         mac.update(salt.as_bytes());
         format!("{TOKEN_PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
     }
+}
+
+/// Which of a metering server's tokens a call presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMatch {
+    /// The newest one: any previous token's grace can end now.
+    Current,
+    /// The one before the latest rotation, still within its grace period.
+    Previous,
 }
 
 /// The admin token's digest, checked against every admin call.
@@ -174,6 +206,49 @@ mod tests {
         assert_ne!(
             tokens.token("a", &salt),
             ServerTokens::new("other").token("a", &salt)
+        );
+    }
+
+    #[test]
+    fn a_previous_token_works_only_during_its_grace() {
+        use crate::store::PreviousToken;
+        use allot_core::domain::ServerState;
+        let tokens = ServerTokens::new("key");
+        let now = Utc::now();
+        let (old, new) = (ServerTokens::new_salt(), ServerTokens::new_salt());
+        let mut server = ServerRecord {
+            name: "paris".into(),
+            url: "http://paris".into(),
+            site: "eu".into(),
+            state: ServerState::Active,
+            token_salt: new.clone(),
+            previous_token: Some(PreviousToken {
+                salt: old.clone(),
+                until: now + chrono::Duration::hours(1),
+            }),
+            last_seen_at: None,
+            created_at: now,
+            needs_reset: false,
+        };
+        let (old_token, new_token) = (tokens.token("paris", &old), tokens.token("paris", &new));
+        assert_eq!(
+            tokens.check(&server, &new_token, now),
+            Some(TokenMatch::Current)
+        );
+        assert_eq!(
+            tokens.check(&server, &old_token, now),
+            Some(TokenMatch::Previous)
+        );
+        assert_eq!(server.token_salts(now), [old.as_str(), new.as_str()]);
+        let later = now + chrono::Duration::hours(2);
+        assert_eq!(tokens.check(&server, &old_token, later), None);
+        assert_eq!(server.token_salts(later), [new.as_str()]);
+        assert_eq!(tokens.check(&server, "allot_nonsense", now), None);
+        server.previous_token = None;
+        assert_eq!(tokens.check(&server, &old_token, now), None);
+        assert_eq!(
+            tokens.check(&server, &new_token, later),
+            Some(TokenMatch::Current)
         );
     }
 

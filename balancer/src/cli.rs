@@ -2,14 +2,14 @@
 //! human tables by default and the API's JSON with `--json`.
 
 use crate::auth::admin_token_path;
-use crate::config::default_data_dir;
+use crate::config::{MAX_TOKEN_GRACE_SECONDS, default_data_dir};
 use allot_core::domain::{Enforcement, Seat};
 use allot_core::error::ErrorBody;
 use allot_core::wire::balancer::History;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, BalanceRequest, CreateProduct, DoctorReport,
-    Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RunDetail,
-    RunSummary, Schedule, Server, SetAllocation, SetSchedule,
+    Entitlement, List, Product, ProductDetail, RegisterServer, RegisteredServer, RotateToken,
+    RotatedToken, RunDetail, RunSummary, Schedule, Server, SetAllocation, SetSchedule,
 };
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -34,6 +34,9 @@ pub struct ClientArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, env = "ALLOT_JSON")]
     pub json: bool,
+    /// CA certificates trusted for an `https://` balancer URL.
+    #[command(flatten)]
+    pub ca: allot_tls::CaArgs,
 }
 
 /// `allot-balancer product …`.
@@ -155,6 +158,21 @@ pub enum ServerCommand {
     Remove {
         /// The server.
         name: String,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Issue a new token for a server; prints it once. The old token keeps working for the
+    /// grace period (or until the server presents the new one), so the server can be restarted
+    /// with the new token without downtime.
+    RotateToken {
+        /// The server.
+        name: String,
+        /// Seconds the old token keeps working; 0 refuses it at once (a leaked token).
+        /// Absent: the balancer's `--token-grace-seconds` (default 24 h).
+        #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS",
+              value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_TOKEN_GRACE_SECONDS)))]
+        grace_seconds: Option<u32>,
         /// How to reach the balancer.
         #[command(flatten)]
         client: ClientArgs,
@@ -365,7 +383,11 @@ impl AdminClient {
             }
         };
         Ok(Self {
-            http: reqwest::Client::builder()
+            http: args
+                .ca
+                .load()
+                .context("load --ca-file")?
+                .client_builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()?,
             base: args.url.trim_end_matches('/').to_owned(),
@@ -516,7 +538,14 @@ fn entitlements_table(items: &[Entitlement]) -> Table {
 }
 
 fn servers_table(items: &[Server]) -> Table {
-    let mut t = table(&["server", "site", "state", "url", "last seen"]);
+    let mut t = table(&[
+        "server",
+        "site",
+        "state",
+        "url",
+        "last seen",
+        "old token until",
+    ]);
     for s in items {
         t.add_row(vec![
             s.name.clone(),
@@ -524,6 +553,7 @@ fn servers_table(items: &[Server]) -> Table {
             s.state.to_string(),
             s.url.clone(),
             opt(&s.last_seen_at.map(|t| t.to_rfc3339())),
+            opt(&s.previous_token_until.map(|t| t.to_rfc3339())),
         ]);
     }
     t
@@ -690,6 +720,32 @@ impl ServerCommand {
                     )
                     .await?;
                 output(client.json, &s, |s| println!("removed server {}", s.name))
+            }
+            Self::RotateToken {
+                name,
+                grace_seconds,
+                client,
+            } => {
+                let r: RotatedToken = AdminClient::new(&client)?
+                    .call(
+                        Method::POST,
+                        &format!("/v1/servers/{}/rotate-token", segment(&name)),
+                        Some(&RotateToken { grace_seconds }),
+                    )
+                    .await?;
+                output(client.json, &r, |r| {
+                    println!(
+                        "new token (shown once, restart the metering server with it): {}",
+                        r.token
+                    );
+                    match r.server.previous_token_until {
+                        Some(until) => println!(
+                            "the old token keeps working until {until} or until the server \
+                             presents the new one"
+                        ),
+                        None => println!("the old token is refused from now on"),
+                    }
+                })
             }
         }
     }

@@ -90,8 +90,14 @@ pub struct ServeArgs {
     /// The admin token; absent → read from, or generated into, `<data-dir>/admin-token`.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Serve HTTPS with this certificate and key.
+    #[command(flatten)]
+    pub tls: allot_tls::ServerTlsArgs,
+    /// CA certificates trusted for HTTPS calls to metering servers.
+    #[command(flatten)]
+    pub ca: allot_tls::CaArgs,
     /// The URL other balancers' followers send clients to while this one leads (default
-    /// `http://<listen>`).
+    /// `http://<listen>`, `https://` with TLS).
     #[arg(long, env = "ALLOT_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// A metering server unheard of for this long is declared lost and its units reclaimed.
@@ -112,6 +118,11 @@ pub struct ServeArgs {
     /// Days hourly roll-ups are kept.
     #[arg(long, env = "ALLOT_HISTORY_HOURLY_DAYS", default_value_t = 400)]
     pub history_hourly_days: u64,
+    /// After `server rotate-token`, seconds a server's old token keeps working unless the
+    /// rotation names its own grace (the server presenting its new token ends it sooner).
+    #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS", default_value_t = 24 * 3600,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_TOKEN_GRACE_SECONDS)))]
+    pub token_grace_seconds: u32,
     /// Most per-(server, product) metric series exported; beyond it they are left out, so a
     /// large estate cannot overload Prometheus.
     #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = crate::metrics::DEFAULT_MAX_CELLS)]
@@ -127,9 +138,11 @@ impl ServeArgs {
         }
     }
 
-    /// The balancing engine's settings.
-    pub fn engine_config(&self) -> crate::balance::EngineConfig {
+    /// The balancing engine's settings; `trust` holds the CA certificates its calls to metering
+    /// servers accept.
+    pub fn engine_config(&self, trust: allot_tls::Trust) -> crate::balance::EngineConfig {
         crate::balance::EngineConfig {
+            trust,
             call_timeout: std::time::Duration::from_millis(self.call_timeout_ms.max(1)),
             concurrency: self.concurrency.max(1),
             lease: std::time::Duration::from_secs(self.lease_seconds.max(1)),
@@ -138,6 +151,10 @@ impl ServeArgs {
         }
     }
 }
+
+/// The longest grace a rotated-out server token may get: 30 days. A longer overlap would
+/// defeat the purpose of rotating.
+pub const MAX_TOKEN_GRACE_SECONDS: u32 = 30 * 86_400;
 
 /// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else
 /// `~/.local/share/allot/balancer`, else `./allot-data`.

@@ -130,6 +130,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         history_raw_days: 30,
         history_hourly_days: 400,
         metrics_max_cells: crate::metrics::DEFAULT_MAX_CELLS,
+        token_grace_seconds: 24 * 3600,
+        tls: Default::default(),
+        ca: Default::default(),
     };
     let (stop_balancer, stopped) = tokio::sync::oneshot::channel::<()>();
     let balancer = tokio::spawn(crate::service::serve(serve_args, async move {
@@ -144,6 +147,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin_token: Some(admin_token.clone()),
         data_dir: dir.path().to_path_buf(),
         json: false,
+        ca: Default::default(),
     })?;
 
     let outcome = drive(

@@ -15,6 +15,7 @@
 //! The full list, with each metric's meaning, is in `docs/OPERATIONS.md`.
 
 use crate::store::{MoveRecord, Store};
+use allot_core::ErrorCode;
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use chrono::Utc;
 use prometheus::{
@@ -35,6 +36,9 @@ const RUN_STATUSES: [&str; 3] = ["ok", "partial", "failed"];
 const RUN_TRIGGERS: [RunTrigger; 2] = [RunTrigger::Scheduled, RunTrigger::Manual];
 /// How an instant-balance request ended.
 const INSTANT_OUTCOMES: [&str; 4] = ["granted", "short", "none", "failed"];
+/// Why a request was refused for its credentials: the only values of `reason` on
+/// `allot_requests_refused_total`.
+pub const REFUSAL_REASONS: [ErrorCode; 2] = [ErrorCode::Unauthorized, ErrorCode::Forbidden];
 /// On the first scrape, in-use figures are seeded from the usage samples of this long ago.
 const USAGE_SEED: Duration = Duration::from_secs(24 * 3600);
 /// Later scrapes reread samples from this long before the previous scrape, so a sample whose
@@ -64,6 +68,9 @@ pub struct Metrics {
     pub discrepancies: IntCounter,
     /// Database errors met by the store: a failing database shows here before anywhere else.
     pub store_errors: IntCounter,
+    /// Requests refused for their credentials, by reason (`unauthorized`, `forbidden`): a
+    /// rising count is someone probing, or a server still presenting a rotated-out token.
+    pub requests_refused: IntCounterVec,
     books: IntGaugeVec,
     in_use: IntGaugeVec,
     allocation: IntGaugeVec,
@@ -188,6 +195,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             )
             .expect("valid counter"),
         ),
+        requests_refused: counter(
+            &r,
+            "allot_requests_refused_total",
+            "Requests refused for their credentials, by reason (unauthorized, forbidden).",
+            &["reason"],
+        ),
         books: gauge(
             &r,
             "allot_units",
@@ -260,6 +273,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
     for outcome in INSTANT_OUTCOMES {
         m.instant_requests.with_label_values(&[outcome]);
+    }
+    for reason in REFUSAL_REASONS {
+        m.requests_refused.with_label_values(&[reason.as_str()]);
     }
     m
 });

@@ -26,6 +26,9 @@ pub async fn serve(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // TLS files are read before anything else, so a wrong path fails the start at once.
+    let tls = args.tls.load().context("load --tls-cert/--tls-key")?;
+    let trust = args.ca.load().context("load --ca-file")?;
     let store = open_store(&args.store).await?;
     let (admin, source) =
         auth::load_or_create_admin_token(args.admin_token.as_deref(), &args.store.data_dir)
@@ -40,11 +43,15 @@ pub async fn serve(
         data_dir = %args.store.data_dir.display(),
         store = store.backend(),
         schedule = %schedule.cron,
+        tls = tls.is_some(),
         timezone = %schedule.timezone,
         "allot-balancer starting"
     );
     if store.backend() == "sqlite" {
         tracing::info!("SQLite store: single balancer (high availability needs PostgreSQL)");
+    }
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "plain HTTP beyond loopback: tokens cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
     }
     match &source {
         AdminTokenSource::Configured => tracing::info!("admin token: from --admin-token"),
@@ -68,10 +75,10 @@ pub async fn serve(
         "balancing settings"
     );
     let (stop_scheduler, stopped) = watch::channel(false);
-    let advertise = args
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", args.listen));
+    let advertise = args.advertise_url.clone().unwrap_or_else(|| {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", args.listen)
+    });
     let (won, mut wins) = tokio::sync::mpsc::unbounded_channel::<i64>();
     let leadership = match &args.store.database_url {
         Some(url) if store.backend() == "postgres" => {
@@ -98,7 +105,7 @@ pub async fn serve(
     let engine = Engine::with_leadership(
         store.clone(),
         tokens.clone(),
-        args.engine_config(),
+        args.engine_config(trust),
         leadership.clone(),
     );
     // Each time leadership is won, unfinished moves are resumed before anything is planned.
@@ -145,8 +152,9 @@ pub async fn serve(
         engine,
         schedule_changed,
         leadership,
+        token_grace: std::time::Duration::from_secs(u64::from(args.token_grace_seconds)),
     };
-    api::run(listener, state, shutdown).await?;
+    api::run(listener, tls, state, shutdown).await?;
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
     let _ = stop_scheduler.send(true);
     let _ = scheduler.await;

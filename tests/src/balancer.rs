@@ -108,6 +108,15 @@ impl Api {
         }
     }
 
+    /// A client of `base` that sends its requests through `http` (e.g. one trusting a test CA).
+    pub fn with_http(http: reqwest::Client, base: &str, token: Option<&str>) -> Self {
+        Self {
+            http,
+            base: base.to_owned(),
+            token: token.map(str::to_owned),
+        }
+    }
+
     /// The same client with another token (or none).
     pub fn with_token(&self, token: Option<&str>) -> Self {
         Self {

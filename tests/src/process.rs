@@ -59,23 +59,32 @@ impl Running {
     /// Starts `binary` with `args` and `envs`, serving on `port`, and waits until `/healthz`
     /// answers (at most 30 s).
     pub async fn start(binary: &Path, args: &[&str], envs: &[(&str, &str)], port: u16) -> Self {
+        let url = format!("http://127.0.0.1:{port}");
+        Self::start_at(binary, args, envs, url, &reqwest::Client::new()).await
+    }
+
+    /// Like [`Running::start`] for a process serving `url` (e.g. `https://…`), polled with
+    /// `client` (e.g. one that trusts a test CA).
+    pub async fn start_at(
+        binary: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        url: String,
+        client: &reqwest::Client,
+    ) -> Self {
         let child = Command::new(binary)
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let running = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        running.wait_healthy(Duration::from_secs(30)).await;
+        let running = Self { child, url };
+        running.wait_healthy(client, Duration::from_secs(30)).await;
         running
     }
 
-    async fn wait_healthy(&self, limit: Duration) {
+    async fn wait_healthy(&self, client: &reqwest::Client, limit: Duration) {
         let deadline = Instant::now() + limit;
-        let client = reqwest::Client::new();
         loop {
             if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await
                 && r.status().is_success()

@@ -30,6 +30,7 @@ async fn an_admin_sets_up_the_books(backend: Backend) {
         "/v1/servers",
         "/v1/servers/{server}",
         "/v1/servers/{server}/drain",
+        "/v1/servers/{server}/rotate-token",
         "/v1/servers/{server}/products/{product}",
         "/v1/schedule",
         "/v1/audit",

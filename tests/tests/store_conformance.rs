@@ -25,6 +25,7 @@ on_both_backends!(
     entitlements_grow_purchased_and_reserve,
     entitlement_removal_needs_free_units,
     servers_register_drain_and_remove,
+    a_rotated_token_keeps_its_predecessor_for_the_grace,
     allocation_limits_create_the_cell_and_are_audited,
     schedule_has_a_default_and_can_be_replaced,
     grant_travels_through_transit,
@@ -279,6 +280,106 @@ async fn servers_register_drain_and_remove(backend: Backend) {
         .register_server("admin", &server("s1"), "salt", "hash-s1-new")
         .await
         .unwrap();
+    assert_balanced(&*store).await;
+}
+
+async fn a_rotated_token_keeps_its_predecessor_for_the_grace(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    let rotated = store
+        .rotate_server_token("alice", "s1", "salt-2", "hash-s1-2", Some(until))
+        .await
+        .unwrap();
+    assert_eq!(rotated.token_salt, "salt-2");
+    let previous = rotated
+        .previous_token
+        .clone()
+        .expect("the old token is kept");
+    assert_eq!(previous.salt, "salt");
+    assert_eq!(previous.until.timestamp_millis(), until.timestamp_millis());
+    // Both digests find the server during the grace; the caller checks the grace's end.
+    for hash in ["hash-s1", "hash-s1-2"] {
+        let found = store.server_by_token_hash(hash).await.unwrap().unwrap();
+        assert_eq!(found, rotated, "{hash}");
+    }
+    let audit = store
+        .audit(AuditQuery {
+            limit: 1,
+            before_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit[0].action, "server.rotate_token");
+    assert_eq!(audit[0].actor, "alice");
+    assert_eq!(audit[0].target, "s1");
+    assert!(audit[0].after.as_ref().unwrap()["previous_token_until"].is_string());
+
+    // The server presents its new token: the old one is retired, once.
+    assert!(store.retire_previous_token("s1").await.unwrap());
+    assert!(!store.retire_previous_token("s1").await.unwrap());
+    assert!(
+        store
+            .server_by_token_hash("hash-s1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let current = store
+        .server_by_token_hash("hash-s1-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.previous_token, None);
+
+    // Two rotations in a row keep only the latest predecessor; no grace drops it at once.
+    store
+        .rotate_server_token("alice", "s1", "salt-3", "hash-s1-3", Some(until))
+        .await
+        .unwrap();
+    store
+        .rotate_server_token("alice", "s1", "salt-4", "hash-s1-4", Some(until))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .server_by_token_hash("hash-s1-2")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let found = store
+        .server_by_token_hash("hash-s1-3")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.previous_token.unwrap().salt, "salt-3");
+    let revoked = store
+        .rotate_server_token("alice", "s1", "salt-5", "hash-s1-5", None)
+        .await
+        .unwrap();
+    assert_eq!(revoked.previous_token, None);
+    assert!(
+        store
+            .server_by_token_hash("hash-s1-4")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        store
+            .rotate_server_token("alice", "nobody", "s", "h", None)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Survives a reopen.
+    store.close().await;
+    let store = open(&backend).await;
+    let found = store
+        .server_by_token_hash("hash-s1-5")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.token_salt, "salt-5");
     assert_balanced(&*store).await;
 }
 

@@ -24,7 +24,6 @@ impl FromRequestParts<AppState> for MeteringServer {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let refused = || {
-            tracing::warn!(path = %parts.uri.path(), "metering-server call refused: bad or missing token");
             ApiError::new(
                 ErrorCode::Unauthorized,
                 "metering-server calls need `Authorization: Bearer <the server's token>`",
@@ -36,23 +35,23 @@ impl FromRequestParts<AppState> for MeteringServer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(refused)?;
-        let server = state
+        let mut record = state
             .store
             .server_by_token_hash(&auth::hash_token(token))
             .await?
             .ok_or_else(refused)?;
-        let record = state
-            .store
-            .server_records()
-            .await?
-            .into_iter()
-            .find(|s| s.name == server.name)
-            .ok_or_else(refused)?;
-        // The digest matched; compare the derived token too, in constant time.
-        if !auth::AdminToken::new(&state.tokens.token(&record.name, &record.token_salt))
-            .verify(token)
-        {
-            return Err(refused());
+        // The digest matched; check the derived token too (and the previous token's grace).
+        match state.tokens.check(&record, token, chrono::Utc::now()) {
+            None => return Err(refused()),
+            Some(auth::TokenMatch::Previous) => {}
+            Some(auth::TokenMatch::Current) => {
+                // The server runs with its new token: the old one has done its job.
+                if record.previous_token.take().is_some()
+                    && state.store.retire_previous_token(&record.name).await?
+                {
+                    tracing::info!(server = %record.name, "server presented its new token; the previous one is now refused");
+                }
+            }
         }
         Ok(Self(record))
     }

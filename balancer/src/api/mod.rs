@@ -45,6 +45,8 @@ pub struct AppState {
     pub retention: crate::history::Retention,
     /// The leader epoch while this balancer leads; `None` while it follows.
     pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
+    /// How long a rotated-out server token keeps working when the rotation names no grace.
+    pub token_grace: Duration,
 }
 
 /// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
@@ -81,17 +83,10 @@ impl FromRequestParts<AppState> for Admin {
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
             Some(token) if state.admin.verify(token) => Ok(Admin),
-            _ => {
-                let path = parts
-                    .extensions
-                    .get::<axum::extract::OriginalUri>()
-                    .map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
-                tracing::warn!(method = %parts.method, %path, "admin call refused: bad or missing token");
-                Err(ApiError::new(
-                    ErrorCode::Unauthorized,
-                    "admin calls need `Authorization: Bearer <admin token>`",
-                ))
-            }
+            _ => Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "admin calls need `Authorization: Bearer <admin token>`",
+            )),
         }
     }
 }
@@ -115,6 +110,10 @@ pub fn router(state: AppState) -> Router {
         .route("/servers", post(servers::register).get(servers::list))
         .route("/servers/{server}", axum::routing::delete(servers::remove))
         .route("/servers/{server}/drain", post(servers::drain))
+        .route(
+            "/servers/{server}/rotate-token",
+            post(servers::rotate_token),
+        )
         .route(
             "/servers/{server}/products/{product}",
             put(servers::set_allocation_limits),
@@ -156,7 +155,31 @@ pub fn router(state: AppState) -> Router {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(30),
         ))
+        .layer(axum::middleware::from_fn(count_refused))
         .with_state(state)
+}
+
+/// Logs and counts every request refused for its credentials, in one place whichever
+/// extractor refused it (admin or metering-server token). The log names the method and path,
+/// never the presented token.
+async fn count_refused(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let reason = match response.status() {
+        axum::http::StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        axum::http::StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        _ => return response,
+    };
+    crate::metrics::METRICS
+        .requests_refused
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    tracing::warn!(%method, %path, reason = reason.as_str(), "request refused for its credentials");
+    response
 }
 
 /// Followers serve reads; every other call goes to the leader: `421 not_leader` with its URL.
@@ -195,13 +218,25 @@ async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     Ok(crate::metrics::render(&*state.store, leading).await?)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves,
+/// then finishes in-flight requests.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<allot_tls::ServerTls>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(state);
+    match tls {
+        Some(tls) => {
+            axum::serve(tls.listener(listener)?, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

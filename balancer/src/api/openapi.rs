@@ -81,6 +81,7 @@ pub fn document() -> Value {
             },
             "/v1/servers/{server}": {"delete": admin("Remove an empty server", None, "Server", &[bad, missing, conflict])},
             "/v1/servers/{server}/drain": {"post": admin("Empty a server down to its in-use units", None, "Server", &[bad, missing])},
+            "/v1/servers/{server}/rotate-token": {"post": admin("Issue a new token for a server; the old one works for the grace period or until the server presents the new one", Some("RotateToken: grace_seconds (optional, 0–2,592,000; 0 refuses the old token at once)"), "RotatedToken: Server fields (previous_token_until while the old token works), token (shown once)", &[bad, missing])},
             "/v1/servers/{server}/products/{product}": {"put": admin("Set a cell's floor and buffer", Some("SetAllocation: min_units, buffer_units (0–1,000,000)"), "AllocationView", &[bad, missing, product])},
             "/v1/schedule": {
                 "get": admin("The schedule and its next five runs", None, "Schedule", &[]),

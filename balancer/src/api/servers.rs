@@ -3,9 +3,11 @@
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
 use crate::auth;
+use crate::config::MAX_TOKEN_GRACE_SECONDS;
 use allot_core::validate;
 use allot_core::wire::balancer::{
-    AllocationView, List, RegisterServer, RegisteredServer, Server, SetAllocation,
+    AllocationView, List, RegisterServer, RegisteredServer, RotateToken, RotatedToken, Server,
+    SetAllocation,
 };
 use axum::Json;
 use axum::extract::State;
@@ -30,6 +32,43 @@ pub(super) async fn register(
         StatusCode::CREATED,
         Json(RegisteredServer { server, token }),
     ))
+}
+
+/// Issues a new token; the old one keeps working for the grace period so the metering server
+/// can be restarted with the new one without downtime (see `docs/operator-guide.md`).
+pub(super) async fn rotate_token(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(server): ApiPath<String>,
+    ApiJson(req): ApiJson<RotateToken>,
+) -> Result<Json<RotatedToken>, ApiError> {
+    validate::path_name("server", &server)?;
+    let grace = match req.grace_seconds {
+        Some(seconds) if seconds > MAX_TOKEN_GRACE_SECONDS => {
+            return Err(ApiError::bad_request(format!(
+                "grace_seconds: must be at most {MAX_TOKEN_GRACE_SECONDS} (30 days)"
+            )));
+        }
+        Some(seconds) => std::time::Duration::from_secs(u64::from(seconds)),
+        None => state.token_grace,
+    };
+    let previous_until = (!grace.is_zero())
+        .then(|| chrono::Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default());
+    let salt = auth::ServerTokens::new_salt();
+    let token = state.tokens.token(&server, &salt);
+    let record = state
+        .store
+        .rotate_server_token(
+            Admin::ACTOR,
+            &server,
+            &salt,
+            &auth::hash_token(&token),
+            previous_until,
+        )
+        .await?;
+    let server = Server::from(record);
+    tracing::info!(%server.name, previous_token_until = ?server.previous_token_until, "server token rotated");
+    Ok(Json(RotatedToken { server, token }))
 }
 
 pub(super) async fn list(

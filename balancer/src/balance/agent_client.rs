@@ -37,9 +37,10 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// A client whose calls give up after `timeout`.
-    pub fn new(tokens: ServerTokens, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client whose calls give up after `timeout` and that trusts `trust`'s CAs for HTTPS.
+    pub fn new(tokens: ServerTokens, timeout: Duration, trust: &allot_tls::Trust) -> Self {
+        let http = trust
+            .client_builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(4)
@@ -79,6 +80,9 @@ impl AgentClient {
             .await
     }
 
+    /// Sends the call with the server's token; during a rotation's grace, with the previous
+    /// token first and, if the server refuses it as `unauthorized` (it was restarted with the
+    /// new one), again with the new one. A refused call changed nothing, so resending is safe.
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         server: &ServerRecord,
@@ -87,8 +91,27 @@ impl AgentClient {
         body: Option<&B>,
     ) -> Result<T, CallError> {
         let url = format!("{}{path}", server.url.trim_end_matches('/'));
-        let token = self.tokens.token(&server.name, &server.token_salt);
-        let mut request = self.http.request(method, &url).bearer_auth(token);
+        let salts = server.token_salts(chrono::Utc::now());
+        let mut result = Err(CallError::Unreachable(format!("{url}: no token")));
+        for salt in salts {
+            let token = self.tokens.token(&server.name, salt);
+            result = self.attempt(method.clone(), &url, &token, body).await;
+            match &result {
+                Err(CallError::Refused { status: 401, .. }) => continue,
+                _ => break,
+            }
+        }
+        result
+    }
+
+    async fn attempt<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: &str,
+        body: Option<&B>,
+    ) -> Result<T, CallError> {
+        let mut request = self.http.request(method, url).bearer_auth(token);
         if let Some(body) = body {
             request = request.json(body);
         }

@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub lease_margin: Duration,
     /// Hysteresis and other planner settings.
     pub planner: PlannerConfig,
+    /// CA certificates, beside the system's, trusted when calling servers over HTTPS.
+    pub trust: allot_tls::Trust,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(24 * 3600),
             lease_margin: Duration::from_secs(300),
             planner: PlannerConfig::default(),
+            trust: allot_tls::Trust::default(),
         }
     }
 }
@@ -139,7 +142,7 @@ impl Engine {
         leadership: watch::Receiver<Option<i64>>,
     ) -> Self {
         Self {
-            agents: AgentClient::new(tokens, config.call_timeout),
+            agents: AgentClient::new(tokens, config.call_timeout, &config.trust),
             store,
             config: Arc::new(config),
             product_locks: Arc::default(),

@@ -186,6 +186,8 @@ pub struct ServerRecord {
     pub state: ServerState,
     /// The salt its token is derived from (see [`crate::auth::ServerTokens`]).
     pub token_salt: String,
+    /// The token it had before its latest rotation, while that one's grace period runs.
+    pub previous_token: Option<PreviousToken>,
     /// When the balancer last heard from it (a sync or a status read).
     pub last_seen_at: Option<DateTime<Utc>>,
     /// When it was registered; a never-heard-of server's lease runs from here.
@@ -193,6 +195,32 @@ pub struct ServerRecord {
     /// Its units were reclaimed while it was lost, and it has not yet shown that it adopted
     /// the books' allocations: every sync says `reset`, and it gets no moves meanwhile.
     pub needs_reset: bool,
+}
+
+/// A rotated-out server token that still works for a while, so the metering server can be
+/// restarted with its new token without a moment in which neither side accepts the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousToken {
+    /// The salt the old token is derived from.
+    pub salt: String,
+    /// When it stops being accepted (unless the server presents its new token first).
+    pub until: DateTime<Utc>,
+}
+
+impl ServerRecord {
+    /// The salts of the tokens to present to this server at `now`, in the order to try them:
+    /// during a rotation's grace the old one first (the server most likely still runs with it
+    /// until its operator restarts it), then the new one.
+    pub fn token_salts(&self, now: DateTime<Utc>) -> Vec<&str> {
+        let mut salts = Vec::with_capacity(2);
+        if let Some(previous) = &self.previous_token
+            && now < previous.until
+        {
+            salts.push(previous.salt.as_str());
+        }
+        salts.push(self.token_salt.as_str());
+        salts
+    }
 }
 
 impl From<ServerRecord> for Server {
@@ -204,6 +232,7 @@ impl From<ServerRecord> for Server {
             state: r.state,
             created_at: r.created_at,
             last_seen_at: r.last_seen_at,
+            previous_token_until: r.previous_token.map(|p| p.until),
         }
     }
 }
@@ -416,8 +445,23 @@ pub trait Store: Send + Sync + 'static {
             .map(Server::from)
             .collect())
     }
-    /// The server whose token hashes to `token_hash`, for authenticating metering servers.
-    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>>;
+    /// The server whose current token, or previous token during a rotation's grace (expired or
+    /// not: the caller checks), hashes to `token_hash`, for authenticating metering servers.
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<ServerRecord>>;
+    /// Gives a server a new token (its salt and digest); the current one becomes its previous
+    /// token, accepted until `previous_until`, or refused at once when that is `None`. A second
+    /// rotation within the grace drops the oldest token. Audited.
+    async fn rotate_server_token(
+        &self,
+        actor: &str,
+        name: &str,
+        token_salt: &str,
+        token_hash: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<ServerRecord>;
+    /// Ends the grace of a server's previous token because the server presented its new one;
+    /// returns whether there was one to end (audited only then).
+    async fn retire_previous_token(&self, name: &str) -> StoreResult<bool>;
     /// Marks a server draining: balancing empties it down to its in-use units.
     async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server>;
     /// Removes a server; refused with a conflict while it holds units or has moves in flight.

@@ -3,7 +3,7 @@
 //! Shared by both backends: `sqlx::FromRow` derives are generic over the row type, so only the
 //! queries themselves are compiled per backend.
 
-use super::{CellRecord, MoveRecord, ServerRecord, StoreError, StoreResult};
+use super::{CellRecord, MoveRecord, PreviousToken, ServerRecord, StoreError, StoreResult};
 use allot_core::domain::{Acl, Policy};
 use allot_core::wire::balancer::{
     AllocationView, AuditEntry, Entitlement, MoveView, Product, RunSummary, Server,
@@ -121,7 +121,7 @@ impl From<EntitlementRow> for Entitlement {
 macro_rules! server_columns {
     () => {
         "s.id, s.name, s.url, s.site, s.state, s.created_at, \
-    s.last_seen_at, s.token_salt, s.needs_reset"
+    s.last_seen_at, s.token_salt, s.needs_reset, s.previous_token_salt, s.previous_token_until"
     };
 }
 pub(super) use server_columns;
@@ -137,6 +137,8 @@ pub(super) struct ServerRow {
     pub last_seen_at: Option<i64>,
     pub token_salt: String,
     pub needs_reset: i64,
+    pub previous_token_salt: Option<String>,
+    pub previous_token_until: Option<i64>,
 }
 
 impl ServerRow {
@@ -147,6 +149,13 @@ impl ServerRow {
             url: self.url,
             site: self.site,
             token_salt: self.token_salt,
+            previous_token: match (self.previous_token_salt, self.previous_token_until) {
+                (Some(salt), Some(until)) => Some(PreviousToken {
+                    salt,
+                    until: time(until),
+                }),
+                _ => None,
+            },
             needs_reset: self.needs_reset != 0,
             last_seen_at: self.last_seen_at.map(time),
             created_at: time(self.created_at),
@@ -154,14 +163,7 @@ impl ServerRow {
     }
 
     pub fn into_server(self) -> StoreResult<Server> {
-        Ok(Server {
-            state: parse(&self.state)?,
-            name: self.name,
-            url: self.url,
-            site: self.site,
-            created_at: time(self.created_at),
-            last_seen_at: self.last_seen_at.map(time),
-        })
+        self.into_record().map(Server::from)
     }
 }
 

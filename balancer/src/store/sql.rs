@@ -490,18 +490,86 @@ impl Store for SqlStore {
         Ok(server)
     }
 
-    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<Server>> {
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<ServerRecord>> {
         sqlx::query_as::<_, ServerRow>(concat!(
             "SELECT ",
             server_columns!(),
             " FROM servers s \
-             WHERE s.token_hash = $1 AND s.removed_at IS NULL"
+             WHERE (s.token_hash = $1 OR s.previous_token_hash = $1) AND s.removed_at IS NULL"
         ))
         .bind(token_hash)
         .fetch_optional(&self.pool)
         .await?
-        .map(ServerRow::into_server)
+        .map(ServerRow::into_record)
         .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(server = name))]
+    async fn rotate_server_token(
+        &self,
+        actor: &str,
+        name: &str,
+        token_salt: &str,
+        token_hash: &str,
+        previous_until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<ServerRecord> {
+        let mut tx = begin_write(&self.pool).await?;
+        let id = server_row(&mut tx, name).await?.id;
+        let until = previous_until.map(|t| t.timestamp_millis());
+        sqlx::query(
+            "UPDATE servers SET \
+             previous_token_hash = CASE WHEN $1 IS NULL THEN NULL ELSE token_hash END, \
+             previous_token_salt = CASE WHEN $1 IS NULL THEN NULL ELSE token_salt END, \
+             previous_token_until = $1, token_hash = $2, token_salt = $3 \
+             WHERE id = $4",
+        )
+        .bind(until)
+        .bind(token_hash)
+        .bind(token_salt)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_constraint(e, &format!("server {name:?}")))?;
+        let record = server_row(&mut tx, name).await?.into_record()?;
+        audit(
+            &mut tx,
+            actor,
+            "server.rotate_token",
+            name,
+            None,
+            json(&serde_json::json!({ "previous_token_until": previous_until })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    #[tracing::instrument(skip_all, fields(server = name))]
+    async fn retire_previous_token(&self, name: &str) -> StoreResult<bool> {
+        let mut tx = begin_write(&self.pool).await?;
+        let retired = sqlx::query(
+            "UPDATE servers SET previous_token_hash = NULL, previous_token_salt = NULL, \
+             previous_token_until = NULL \
+             WHERE name = $1 AND removed_at IS NULL AND previous_token_hash IS NOT NULL",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if retired {
+            audit(
+                &mut tx,
+                "balancer",
+                "server.retire_previous_token",
+                name,
+                None,
+                None,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(retired)
     }
 
     #[tracing::instrument(skip_all, fields(server = name))]

@@ -167,6 +167,10 @@ pub struct Server {
     pub created_at: DateTime<Utc>,
     /// When the balancer last heard from it.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// While a token rotation's grace runs: until when its previous token is still accepted.
+    /// Absent once the server presented its new token, so operators can see a rotation through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_until: Option<DateTime<Utc>>,
 }
 
 /// The answer to a registration: the only time the server's token is shown.
@@ -176,6 +180,30 @@ pub struct RegisteredServer {
     #[serde(flatten)]
     pub server: Server,
     /// The server's secret; stored hashed, so it cannot be shown again.
+    pub token: String,
+}
+
+/// `POST /v1/servers/{server}/rotate-token`: issue a new token for a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateToken {
+    /// How long the old token keeps working, so the server can be restarted with the new one
+    /// without downtime; absent → the balancer's `--token-grace-seconds`; 0 → refused at once
+    /// (a leaked token).
+    #[serde(default)]
+    pub grace_seconds: Option<u32>,
+}
+
+/// The answer to a rotation: the only time the new token is shown. The server's
+/// `previous_token_until` says until when the old token is still accepted (and presented to
+/// the server), unless the server presents the new one first; it is absent when the old token
+/// was refused at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedToken {
+    /// The server.
+    #[serde(flatten)]
+    pub server: Server,
+    /// The server's new secret; stored hashed, so it cannot be shown again.
     pub token: String,
 }
 
