@@ -104,11 +104,14 @@ impl PgCluster {
         self.start_server();
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    /// Crashes the server (`pg_ctl -m immediate stop`) and leaves it down.
+    pub fn stop_immediate(&self) {
+        let data = self.data_dir().display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
 
-    fn start_server(&self) {
+    /// Starts the server again on the same data and port (after [`PgCluster::stop_immediate`]).
+    pub fn start_server(&self) {
         let data = self.data_dir().display().to_string();
         let log = self.dir.path().join("log").display().to_string();
         let options = format!(
@@ -122,9 +125,8 @@ impl PgCluster {
         );
     }
 
-    fn stop_immediate(&self) {
-        let data = self.data_dir().display().to_string();
-        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// One of the cluster's binaries, to be run as the cluster's owner.

@@ -1,8 +1,8 @@
 //! Fault injection: under a steady checkout load across three metering servers and two
 //! balancers sharing one PostgreSQL, repeatedly kill -9 the leading balancer, kill -9 a metering
 //! server, crash-restart PostgreSQL, and black-hole, delay or refuse the network between the
-//! balancers and one server — and once per round black-hole that server and kill the leader
-//! while the partition lasts. Throughout and after each fault's recovery the invariants of
+//! balancers and one server — and, once per round each, kill the leader while that server is
+//! black-holed and while PostgreSQL is down. Throughout and after each fault's recovery the invariants of
 //! DESIGN.md are checked: conservation of the books, no over-grant at any sampled instant, no
 //! live checkout lost, and `allot-balancer doctor` exits 0 once the fleet settles.
 //!
@@ -41,6 +41,9 @@ const FAULT_HOLD: Duration = Duration::from_secs(3);
 /// The longest a recovery may take before the test calls it a failure (a loaded 2-core CI box).
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// The checkpoint after the load has stopped: not a fault, no recovery time.
+const END: &str = "end";
+
 /// How many rounds of faults to run.
 enum Length {
     Rounds(u64),
@@ -78,6 +81,10 @@ struct Tally {
     recoveries: BTreeMap<&'static str, Vec<Duration>>,
     /// Time from a leader's kill -9 to a follower leading.
     takeovers: Vec<Duration>,
+    /// Time from PostgreSQL's restart to a balancer leading again on it.
+    releads: Vec<Duration>,
+    /// How long each network fault lasted (at least [`FAULT_HOLD`], until a run met it).
+    cuts: Vec<Duration>,
     /// Invariant checks passed, by kind.
     checks: BTreeMap<&'static str, u64>,
     /// Everything that broke an invariant, in words.
@@ -263,12 +270,13 @@ async fn invariants_hold_under_repeated_faults() {
             cut_link(&shared, &link, kind, mode).await;
         }
         partition_then_kill_leader(&shared, &link, &mut balancers).await;
+        postgres_down_then_kill_leader(&shared, &cluster, &mut balancers).await;
     }
 
     shared.stop.store(true, Ordering::Relaxed);
     while load.join_next().await.is_some() {}
     // The load has stopped with checkouts still held: the last check sees them all live.
-    checkpoint(&shared, "end", Instant::now()).await;
+    checkpoint(&shared, END, Instant::now()).await;
     report(&shared, rounds, setup, started.elapsed());
     let tally = shared.tally.lock().expect("tally");
     assert!(
@@ -359,12 +367,48 @@ async fn restart_postgres(shared: &Shared, cluster: &PgCluster) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovered = Instant::now();
+    let relead = restarted.elapsed();
     count_fault(shared, "restart_postgres");
-    eprintln!(
-        "fault: PostgreSQL crash-restarted; leadership taken again after {:?}",
-        restarted.elapsed()
-    );
+    shared.tally.lock().expect("tally").releads.push(relead);
+    eprintln!("fault: PostgreSQL crash-restarted; leadership taken again after {relead:?}");
     checkpoint(shared, "restart_postgres", recovered).await;
+}
+
+/// Two faults at once: PostgreSQL goes down, the leader dies while it is down, PostgreSQL
+/// comes back. The follower must win the lock on the restarted database (the dead leader's
+/// session died with the old one) and finish whatever the dead leader left unconfirmed.
+async fn postgres_down_then_kill_leader(
+    shared: &Shared,
+    cluster: &PgCluster,
+    balancers: &mut [Balancer; 2],
+) {
+    const KIND: &str = "postgres_down+kill_leader";
+    let leader = wait_for_leader(shared).await;
+    let before = newest_leadership(shared).await;
+    cluster.stop_immediate();
+    balancers[leader].kill9();
+    cluster.start_server();
+    let restarted = Instant::now();
+    let deadline = restarted + SETTLE;
+    while newest_leadership(shared).await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{KIND}: no leadership taken within {SETTLE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let relead = restarted.elapsed();
+    assert_ne!(
+        wait_for_leader(shared).await,
+        leader,
+        "a dead balancer cannot lead"
+    );
+    balancers[leader].restart().await;
+    let recovered = Instant::now();
+    count_fault(shared, KIND);
+    shared.tally.lock().expect("tally").releads.push(relead);
+    eprintln!("fault: PostgreSQL down, leader killed meanwhile; a leader again after {relead:?}");
+    checkpoint(shared, KIND, recovered).await;
 }
 
 /// The id of the newest `leader.take` audit entry any balancer reports (0 when none answers).
@@ -397,6 +441,7 @@ async fn cut_link(shared: &Shared, link: &Link, kind: &'static str, mode: Mode) 
     link.set(Mode::Pass);
     let recovered = Instant::now();
     count_fault(shared, kind);
+    shared.tally.lock().expect("tally").cuts.push(cut.elapsed());
     eprintln!("fault: link {mode:?} for {:?}", cut.elapsed());
     checkpoint(shared, kind, recovered).await;
 }
@@ -518,7 +563,9 @@ async fn checkpoint(shared: &Shared, fault: &'static str, recovered: Instant) {
     {
         let mut tally = shared.tally.lock().expect("tally");
         tally.passed("doctor");
-        tally.recoveries.entry(fault).or_default().push(settled);
+        if fault != END {
+            tally.recoveries.entry(fault).or_default().push(settled);
+        }
     }
     eprintln!("  {fault}: doctor OK {settled:?} after recovery");
 
@@ -789,28 +836,38 @@ fn report(shared: &Shared, rounds: u64, setup: Duration, wall: Duration) {
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let faults: u64 = tally.faults.values().sum();
     let checks: u64 = tally.checks.values().sum();
-    let millis = |d: &Duration| d.as_millis();
+    let served = n(&ops.granted) + n(&ops.heartbeats) + n(&ops.checkins);
     eprintln!("\n=== fault injection: {rounds} round(s), {wall:?} wall ({setup:?} setup) ===");
     eprintln!("faults injected: {faults} {:?}", tally.faults);
     eprintln!(
-        "checkouts granted {}, denied {}, in doubt {}; heartbeats {}; checkins {}; balance runs {}",
+        "operations served: {served} (checkouts granted {}, heartbeats {}, checkins {}); \
+         checkout attempts denied {}, in doubt {}; manual balance runs {}",
         n(&ops.granted),
-        n(&ops.denied),
-        n(&ops.in_doubt),
         n(&ops.heartbeats),
         n(&ops.checkins),
+        n(&ops.denied),
+        n(&ops.in_doubt),
         n(&ops.balance_runs),
     );
     eprintln!("invariant checks passed: {checks} {:?}", tally.checks);
     for (kind, times) in &tally.recoveries {
-        let max = times.iter().max().map(millis).unwrap_or(0);
-        let mean = times.iter().map(millis).sum::<u128>() / times.len().max(1) as u128;
-        eprintln!(
-            "recovery to doctor OK after {kind}: mean {mean} ms, max {max} ms over {}",
-            times.len()
-        );
+        eprintln!("recovery to doctor OK after {kind}: {}", spread(times));
     }
-    let takeover_max = tally.takeovers.iter().max().map(millis).unwrap_or(0);
-    eprintln!("leader takeover: max {takeover_max} ms");
+    eprintln!(
+        "leader takeover after kill -9: {}",
+        spread(&tally.takeovers)
+    );
+    eprintln!(
+        "leadership again after PostgreSQL's restart: {}",
+        spread(&tally.releads)
+    );
+    eprintln!("network fault length: {}", spread(&tally.cuts));
     eprintln!("violations: {}", tally.violations.len());
+}
+
+/// Mean and max of some durations, in milliseconds.
+fn spread(times: &[Duration]) -> String {
+    let max = times.iter().max().map_or(0, Duration::as_millis);
+    let mean = times.iter().map(Duration::as_millis).sum::<u128>() / times.len().max(1) as u128;
+    format!("mean {mean} ms, max {max} ms over {}", times.len())
 }
