@@ -621,8 +621,9 @@ async fn heartbeat(shared: &Shared, meter: usize, handle: &str, sure: bool) -> b
 async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, client: usize) {
     let base = shared.meters[meter].0.clone();
     let mut held: Vec<String> = Vec::new();
-    // Checkins whose answer never came: retried until the server answers either way.
-    let mut doubtful: Vec<String> = Vec::new();
+    // Checkins to send: (handle, whether an earlier attempt went unanswered). A retry may find
+    // the handle gone (its first attempt was applied); a first attempt must find it live.
+    let mut checkins: Vec<(String, bool)> = Vec::new();
     for tick in 0u64.. {
         if shared.stop.load(Ordering::Relaxed) {
             break;
@@ -657,10 +658,10 @@ async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, c
         } else if held.len() > wanted {
             let handle = held.remove(0);
             shared.live.lock().expect("live").remove(&handle);
-            doubtful.push(handle);
+            checkins.push((handle, false));
         }
-        let mut still = Vec::new();
-        for handle in doubtful.drain(..) {
+        let mut unanswered = Vec::new();
+        for (handle, retry) in checkins.drain(..) {
             match shared
                 .post(&format!("{base}/v1/checkin"), &json!({"handle": handle}))
                 .await
@@ -668,16 +669,15 @@ async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, c
                 Some((status, _)) if status.is_success() => {
                     shared.ops.checkins.fetch_add(1, Ordering::Relaxed);
                 }
-                // Its first attempt was applied though unanswered.
-                Some((status, _)) if status == StatusCode::NOT_FOUND => {}
+                Some((status, _)) if retry && status == StatusCode::NOT_FOUND => {}
                 Some((status, body)) => shared.violated(format!(
-                    "checkin on {} answered {status} {body}",
+                    "checkin of live checkout {handle} on {} answered {status} {body}",
                     METERS[meter]
                 )),
-                None => still.push(handle),
+                None => unanswered.push((handle, true)),
             }
         }
-        doubtful = still;
+        checkins = unanswered;
         let mut kept = Vec::new();
         for handle in held.drain(..) {
             heartbeat(&shared, meter, &handle, false).await;
