@@ -1,6 +1,8 @@
 //! Harness for the tests that cross crates: real processes on loopback ports talked to over
 //! HTTP ([`process`], [`balancer`]), and a fresh PostgreSQL database per test ([`pg`]), with
-//! [`on_both_backends!`] running one test body against SQLite and against PostgreSQL.
+//! [`on_both_backends!`] running one test body against SQLite and against PostgreSQL. The
+//! fault-injection tests add a switchable network link ([`proxy`]) and a PostgreSQL cluster of
+//! their own to crash ([`pg_cluster`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;

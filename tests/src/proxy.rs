@@ -25,7 +25,8 @@ pub enum Mode {
     /// sees only timeouts. Held connections are closed, their bytes dropped, when the mode
     /// changes, so nothing sent into the hole arrives later.
     BlackHole,
-    /// Close every connection at once, new and established: the caller sees resets.
+    /// Close every connection at once, new and established, answering nothing: the caller
+    /// sees its connection closed, as by a crashed peer or a rejecting firewall.
     Refuse,
 }
 
