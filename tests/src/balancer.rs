@@ -84,6 +84,11 @@ impl Balancer {
         self.process.kill9();
     }
 
+    /// Starts it again (after [`Balancer::kill9`]) on the same port, flags and books.
+    pub async fn restart(&mut self) {
+        self.process = Self::spawn(&self.args, self.port, &[]).await;
+    }
+
     /// SIGTERM; returns whether the process exited cleanly.
     pub fn terminate(&mut self) -> bool {
         self.process.terminate()

@@ -61,6 +61,14 @@ impl Meter {
         self.process = Some(Running::start(&binary("allot-agent"), &args, &envs, self.port).await);
     }
 
+    /// Starts it again with the environment of its last start (after [`Meter::kill9`]), on the
+    /// same port and data directory.
+    pub async fn restart(&mut self) {
+        let env = std::mem::take(&mut self.env);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.start(&env).await;
+    }
+
     /// SIGKILL.
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.process.take() {
@@ -146,11 +154,35 @@ impl Fleet {
     /// Registers a server named `name` and starts its process; returns its index.
     pub async fn add_meter(&mut self, name: &str) -> usize {
         let port = free_port();
+        let balancer_url = if self.balancer_urls.is_empty() {
+            self.balancer.url().to_owned()
+        } else {
+            self.balancer_urls.join(",")
+        };
+        self.add_meter_at(
+            name,
+            port,
+            &format!("http://127.0.0.1:{port}"),
+            &balancer_url,
+        )
+        .await
+    }
+
+    /// Registers a server named `name` that listens on `port` but is known to the balancer by
+    /// `registered_url`, and starts it with `--balancer balancer_url`: either may be a proxy
+    /// (see [`crate::proxy`]) so a test can cut the network between them. Returns its index.
+    pub async fn add_meter_at(
+        &mut self,
+        name: &str,
+        port: u16,
+        registered_url: &str,
+        balancer_url: &str,
+    ) -> usize {
         let registered = self
             .api()
             .post(
                 "/v1/servers",
-                json!({"name": name, "url": format!("http://127.0.0.1:{port}"), "site": name}),
+                json!({"name": name, "url": registered_url, "site": name}),
             )
             .await;
         let data_dir = self.backend.data_dir.path().join(format!("meter-{name}"));
@@ -161,11 +193,7 @@ impl Fleet {
             process: None,
             port,
             data_dir,
-            balancer_url: if self.balancer_urls.is_empty() {
-                self.balancer.url().to_owned()
-            } else {
-                self.balancer_urls.join(",")
-            },
+            balancer_url: balancer_url.to_owned(),
             env: Vec::new(),
         };
         meter.start(&[]).await;

@@ -1,14 +1,18 @@
 //! Harness for the tests that cross crates: real processes on loopback ports talked to over
 //! HTTP ([`process`], [`balancer`]), and a fresh PostgreSQL database per test ([`pg`]), with
-//! [`on_both_backends!`] running one test body against SQLite and against PostgreSQL.
+//! [`on_both_backends!`] running one test body against SQLite and against PostgreSQL. The
+//! fault-injection tests add a switchable network link ([`proxy`]) and a PostgreSQL cluster of
+//! their own to crash ([`pg_cluster`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod balancer;
 pub mod fleet;
 pub mod pg;
+pub mod pg_cluster;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 
 /// The database a test runs against: SQLite (a file in the data directory) or a fresh
 /// PostgreSQL database dropped when the value is dropped.
@@ -38,6 +42,15 @@ impl Backend {
             data_dir: tempfile::tempdir().expect("a temporary data directory"),
             _db: Some(db),
         })
+    }
+
+    /// The `postgres` database of a throwaway cluster the test owns (and may restart).
+    pub fn on_cluster(cluster: &pg_cluster::PgCluster) -> Self {
+        Self {
+            database_url: Some(cluster.url()),
+            data_dir: tempfile::tempdir().expect("a temporary data directory"),
+            _db: None,
+        }
     }
 }
 

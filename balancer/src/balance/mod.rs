@@ -602,12 +602,25 @@ impl Engine {
         if reserve < wanted {
             // Reclaim free units, lowest activity first, from servers above their floor.
             let servers = self.servers_by_name().await?;
+            // A server with a move of this product still unconfirmed is in an unknown state
+            // (most likely unreachable): asking it again would only log another release that
+            // cannot be confirmed either — one more for every instant request while it is cut
+            // off, each re-sent by every run — and spend the hold bound waiting on it.
+            let unconfirmed: Vec<String> = self
+                .store
+                .unfinished_moves()
+                .await?
+                .into_iter()
+                .filter(|m| m.product == req.product)
+                .map(|m| m.server)
+                .collect();
             let mut donors: Vec<CellRecord> = self
                 .store
                 .cells()
                 .await?
                 .into_iter()
                 .filter(|c| c.product == req.product && c.server != server.name)
+                .filter(|c| !unconfirmed.contains(&c.server))
                 .filter(|c| {
                     servers
                         .get(&c.server)

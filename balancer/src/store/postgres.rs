@@ -35,6 +35,14 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
     pool.begin().await
 }
 
+/// A read of several statements that must see one commit (a product and its cells): at READ
+/// COMMITTED each statement would take its own snapshot, and a move committed between them
+/// would show books that do not add up.
+async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+}
+
 /// Row lock on the product, taken first by every transaction that changes its pool.
 const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1 FOR UPDATE";
 

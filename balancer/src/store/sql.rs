@@ -7,7 +7,9 @@
 //! transaction rolls back and the caller gets a conflict. The books never pass through a
 //! state that breaks conservation at a commit.
 
-use super::{BACKEND, Db, LOCK_EPOCH, LOCK_PRODUCT, MIGRATOR, begin_write, connect_pool};
+use super::{
+    BACKEND, Db, LOCK_EPOCH, LOCK_PRODUCT, MIGRATOR, begin_read, begin_write, connect_pool,
+};
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
     cell_columns, cell_record_columns, count, entitlement_columns, move_columns, now_ms,
@@ -304,7 +306,8 @@ impl Store for SqlStore {
     }
 
     async fn product(&self, name: &str) -> StoreResult<ProductDetail> {
-        let mut conn = self.pool.acquire().await?;
+        // One snapshot for the product's sums and its cells, so they add up as at a commit.
+        let mut conn = begin_read(&self.pool).await?;
         let id = product_id(&mut conn, name).await?;
         let product = product_by_id(&mut conn, id).await?;
         let servers = sqlx::query_as::<_, CellRow>(concat!(
@@ -319,6 +322,7 @@ impl Store for SqlStore {
         .into_iter()
         .map(CellRow::into_view)
         .collect::<StoreResult<_>>()?;
+        conn.commit().await?;
         Ok(ProductDetail { product, servers })
     }
 

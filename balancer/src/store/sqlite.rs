@@ -43,6 +43,12 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 
+/// A read of several statements that must see one commit: in WAL mode a deferred transaction
+/// reads one snapshot, taken at its first read, and takes no write lock.
+async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    pool.begin_with("BEGIN DEFERRED").await
+}
+
 /// `BEGIN IMMEDIATE` already holds the database's write lock: reading the row is enough.
 const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1";
 
