@@ -23,7 +23,7 @@ const AUTOTUNE_KEY: &str = "autotune";
 
 /// The opt-in autotune setting: whether the balancer applies the advice itself, and within
 /// which bounds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Autotune {
     /// Off unless an operator turns it on.
@@ -55,7 +55,7 @@ impl Default for Autotune {
 }
 
 /// What [`apply`] changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Applied {
     /// The new schedule, when it changed.
     pub schedule: Option<String>,

@@ -65,6 +65,9 @@ pub enum Command {
     History(crate::cli::HistoryArgs),
     /// A balancer, three metering servers and simulated users over a compressed day.
     Demo(crate::demo::DemoArgs),
+    /// Print the API's OpenAPI document (as served at /v1/openapi.json) and exit; this is how
+    /// docs/openapi/balancer.json is written.
+    Openapi,
 }
 
 /// Where the books live.

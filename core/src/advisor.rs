@@ -82,6 +82,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// The span of history analysed, as Unix milliseconds `[from_ms, to_ms)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Window {
     /// First instant analysed.
     pub from_ms: i64,
@@ -203,6 +204,7 @@ pub struct CurrentSchedule {
 
 /// The two per-cell settings the advisor tunes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CellSettings {
     /// Floor the balancer never reclaims below while the server is alive.
     pub min_units: u32,
@@ -333,6 +335,7 @@ pub struct AdvisorInput {
 
 /// Which rule produced a piece of evidence, so tools can group and filter recommendations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     /// Rule 1: instant balances between runs.
@@ -355,6 +358,7 @@ pub enum Rule {
 
 /// Why a recommendation is what it is: the figures, the window they came from, in words too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Evidence {
     /// The rule that read these figures.
     pub rule: Rule,
@@ -368,6 +372,7 @@ pub struct Evidence {
 
 /// What applying a recommendation should change, in words and figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Effect {
     /// For the person reviewing the advice.
     pub text: String,
@@ -377,6 +382,7 @@ pub struct Effect {
 
 /// Whether a recommendation changes anything, so "no change" is said, not implied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Keep the current value; the evidence says why it fits.
@@ -387,6 +393,7 @@ pub enum Action {
 
 /// A schedule as a cron expression with its zone and the gap it keeps between runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleSpec {
     /// Standard 5-field cron expression.
     pub cron: String,
@@ -400,6 +407,7 @@ pub struct ScheduleSpec {
 
 /// The recommended schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleRecommendation {
     /// Keep or change.
     pub action: Action,
@@ -421,6 +429,7 @@ pub struct ScheduleRecommendation {
 
 /// The recommended settings of one (server, product) cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CellRecommendation {
     /// The metering server.
     pub server: String,
@@ -445,6 +454,7 @@ pub struct CellRecommendation {
 /// The advisor's answer: one schedule recommendation and one per cell, sorted by server and
 /// product.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Advice {
     /// The history analysed (its end clipped to `now`).
     pub window: Window,
@@ -468,6 +478,7 @@ impl Advice {
 
 /// What the opt-in `autotune` setting may apply on its own; set by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AutotuneBounds {
     /// Largest `buffer_units` autotune may set.
     pub max_buffer_units: u32,

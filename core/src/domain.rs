@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 /// What a metering server does when a checkout finds no free unit in its allocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Enforcement {
     /// Deny (after trying an instant balance) — the licence terms are strict.
@@ -22,6 +23,7 @@ pub enum Enforcement {
 
 /// How checkouts consume units.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Seat {
     /// Every checkout takes its own units.
@@ -35,6 +37,7 @@ pub enum Seat {
 
 /// Who may check a product out. Deny lists win over allow lists; an empty allow list allows all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Acl {
     /// Users allowed; empty means everyone not denied.
@@ -78,6 +81,7 @@ impl Acl {
 
 /// The rules a metering server applies to a product's checkouts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Policy {
     /// What happens when no unit is free.
     pub enforcement: Enforcement,
@@ -111,6 +115,7 @@ pub const DEFAULT_STALEOUT_SECONDS: u32 = 300;
 
 /// Lifecycle of a metering server as the balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ServerState {
     /// Takes part in balancing.
@@ -123,6 +128,7 @@ pub enum ServerState {
 
 /// Direction of a move between a server and the reserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MoveKind {
     /// Server → reserve. Only free units are ever released.
@@ -133,6 +139,7 @@ pub enum MoveKind {
 
 /// Where a move stands in the move log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MoveState {
     /// Logged before it is sent; a grant's units are already in transit.
@@ -145,6 +152,7 @@ pub enum MoveState {
 
 /// What started a balance run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunTrigger {
     /// The cron schedule.

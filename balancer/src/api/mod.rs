@@ -15,18 +15,21 @@ mod settings;
 use crate::auth::{AdminToken, ServerTokens};
 use crate::store::Store;
 use allot_core::ErrorCode;
+use allot_core::error::ErrorBody;
 use allot_core::validate::MAX_BODY_BYTES;
 use allot_core::wire::Health;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use error::ApiError;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -96,55 +99,56 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// Every route with its OpenAPI operation. `routes!` registers a handler at the path and
+/// methods its `#[utoipa::path]` names, so a route cannot be served undocumented.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(books::create_product, books::list_products))
+        .routes(routes!(books::show_product))
+        .routes(routes!(books::add_entitlement, books::list_entitlements))
+        .routes(routes!(books::remove_entitlement))
+        .routes(routes!(servers::register, servers::list))
+        .routes(routes!(servers::remove))
+        .routes(routes!(servers::drain))
+        .routes(routes!(servers::set_allocation_limits))
+        .routes(routes!(settings::schedule, settings::set_schedule))
+        .routes(routes!(settings::audit))
+        .routes(routes!(balancing::balance))
+        .routes(routes!(balancing::runs))
+        .routes(routes!(balancing::run))
+        .routes(routes!(balancing::doctor))
+        .routes(routes!(history::history))
+        .routes(routes!(advice::get_advice))
+        .routes(routes!(advice::apply_advice))
+        .routes(routes!(advice::get_autotune, advice::set_autotune))
+        .routes(routes!(metering::sync))
+        .routes(routes!(metering::instant_balance))
+}
+
+/// The balancer's OpenAPI document, as served at `/v1/openapi.json` and written to
+/// `docs/openapi/balancer.json` by `allot-balancer openapi`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut document = routes().into_openapi();
+    allot_core::openapi::CommonErrors {
+        writes_need_the_leader: true,
+    }
+    .modify(&mut document);
+    document
+}
+
+/// [`document`], built once: it never changes while the process runs.
+fn cached_document() -> &'static utoipa::openapi::OpenApi {
+    static DOCUMENT: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    DOCUMENT.get_or_init(document)
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/products",
-            post(books::create_product).get(books::list_products),
-        )
-        .route("/products/{product}", get(books::show_product))
-        .route(
-            "/products/{product}/entitlements",
-            post(books::add_entitlement).get(books::list_entitlements),
-        )
-        .route(
-            "/products/{product}/entitlements/{id}",
-            axum::routing::delete(books::remove_entitlement),
-        )
-        .route("/servers", post(servers::register).get(servers::list))
-        .route("/servers/{server}", axum::routing::delete(servers::remove))
-        .route("/servers/{server}/drain", post(servers::drain))
-        .route(
-            "/servers/{server}/products/{product}",
-            put(servers::set_allocation_limits),
-        )
-        .route(
-            "/schedule",
-            get(settings::schedule).put(settings::set_schedule),
-        )
-        .route("/audit", get(settings::audit))
-        .route("/balance", post(balancing::balance))
-        .route("/runs", get(balancing::runs))
-        .route("/runs/{id}", get(balancing::run))
-        .route("/doctor", get(balancing::doctor))
-        .route("/history", get(history::history))
-        .route("/advice", get(advice::get_advice))
-        .route("/advice/apply", post(advice::apply_advice))
-        .route(
-            "/autotune",
-            get(advice::get_autotune).put(advice::set_autotune),
-        )
-        .route("/sync", post(metering::sync))
-        .route("/instant-balance", post(metering::instant_balance));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { Json(openapi::document()) }),
-        )
-        .route("/metrics", get(metrics))
-        .nest("/v1", v1)
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -182,6 +186,9 @@ async fn require_leader(
     (axum::http::StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
 }
 
+/// Liveness and leadership.
+#[utoipa::path(get, path = "/healthz", tag = "meta",
+    responses((status = 200, description = "The process serves requests", body = Health)))]
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -190,9 +197,20 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
+/// Prometheus metrics (text exposition).
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses(
+    (status = 200, description = "The metrics", body = String, content_type = "text/plain"),
+    (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     let leading = state.leadership.borrow().is_some();
     Ok(crate::metrics::render(&*state.store, leading).await?)
+}
+
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(cached_document())
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.

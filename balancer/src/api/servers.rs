@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
 use crate::auth;
+use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{
     AllocationView, List, RegisterServer, RegisteredServer, Server, SetAllocation,
@@ -11,6 +12,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
+/// Registers a metering server; its token is shown this once.
+#[utoipa::path(post, path = "/v1/servers", tag = "servers", security(("adminToken" = [])),
+    request_body = RegisterServer,
+    responses(
+        (status = 201, description = "The server and its token", body = RegisteredServer),
+        (status = 409, description = "`conflict`: a server of that name exists", body = ErrorBody)))]
 pub(super) async fn register(
     State(state): State<AppState>,
     _: Admin,
@@ -32,6 +39,9 @@ pub(super) async fn register(
     ))
 }
 
+/// Registered metering servers.
+#[utoipa::path(get, path = "/v1/servers", tag = "servers", security(("adminToken" = [])),
+    responses((status = 200, description = "Every server", body = List<Server>)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -41,6 +51,11 @@ pub(super) async fn list(
     }))
 }
 
+/// Empties a server down to its in-use units, ignoring its floors.
+#[utoipa::path(post, path = "/v1/servers/{server}/drain", tag = "servers", security(("adminToken" = [])), params(("server" = String, Path, description = "The metering server's name")),
+    responses(
+        (status = 200, description = "The server, now draining", body = Server),
+        (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn drain(
     State(state): State<AppState>,
     _: Admin,
@@ -52,6 +67,12 @@ pub(super) async fn drain(
     Ok(Json(drained))
 }
 
+/// Removes an empty server.
+#[utoipa::path(delete, path = "/v1/servers/{server}", tag = "servers", security(("adminToken" = [])), params(("server" = String, Path, description = "The metering server's name")),
+    responses(
+        (status = 200, description = "The removed server", body = Server),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the server still holds units", body = ErrorBody)))]
 pub(super) async fn remove(
     State(state): State<AppState>,
     _: Admin,
@@ -63,6 +84,15 @@ pub(super) async fn remove(
     Ok(Json(removed))
 }
 
+/// Sets one cell's floor and buffer.
+#[utoipa::path(put, path = "/v1/servers/{server}/products/{product}", tag = "servers", security(("adminToken" = [])),
+    params(
+        ("server" = String, Path, description = "The metering server's name"),
+        ("product" = String, Path, description = "The product's name")),
+    request_body = SetAllocation,
+    responses(
+        (status = 200, description = "The cell", body = AllocationView),
+        (status = 404, description = "`not_found` (server) or `unknown_product`", body = ErrorBody)))]
 pub(super) async fn set_allocation_limits(
     State(state): State<AppState>,
     _: Admin,

@@ -21,6 +21,9 @@ fn view(setting: ScheduleSetting) -> Result<Schedule, ApiError> {
     })
 }
 
+/// The schedule and its next five runs.
+#[utoipa::path(get, path = "/v1/schedule", tag = "settings", security(("adminToken" = [])),
+    responses((status = 200, description = "The schedule", body = Schedule)))]
 pub(super) async fn schedule(
     State(state): State<AppState>,
     _: Admin,
@@ -28,6 +31,10 @@ pub(super) async fn schedule(
     Ok(Json(view(state.store.schedule().await?)?))
 }
 
+/// Replaces the schedule (a cron expression read in an IANA time zone).
+#[utoipa::path(put, path = "/v1/schedule", tag = "settings", security(("adminToken" = [])),
+    request_body = SetSchedule,
+    responses((status = 200, description = "The new schedule", body = Schedule)))]
 pub(super) async fn set_schedule(
     State(state): State<AppState>,
     _: Admin,
@@ -45,7 +52,8 @@ pub(super) async fn set_schedule(
 }
 
 /// Paging of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuditParams {
     /// Page size, 1–1000 (default 100).
@@ -54,6 +62,9 @@ pub(super) struct AuditParams {
     before: Option<i64>,
 }
 
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "settings", security(("adminToken" = [])), params(AuditParams),
+    responses((status = 200, description = "One page of entries", body = List<AuditEntry>)))]
 pub(super) async fn audit(
     State(state): State<AppState>,
     _: Admin,

@@ -11,6 +11,7 @@ fn one() -> u32 {
 
 /// `POST /v1/checkout`: ask for units of a product.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     /// The product's name.
@@ -32,6 +33,7 @@ pub struct CheckoutRequest {
 
 /// The answer to a granted checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CheckoutResponse {
     /// Names the checkout in heartbeats and the checkin.
     pub handle: String,
@@ -45,6 +47,7 @@ pub struct CheckoutResponse {
 
 /// `POST /v1/heartbeat` and `POST /v1/checkin`: name a checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HandleRequest {
     /// The handle returned by the checkout.
@@ -53,6 +56,7 @@ pub struct HandleRequest {
 
 /// The answer to a heartbeat or a checkin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HandleResponse {
     /// The handle acted on.
     pub handle: String,
@@ -62,6 +66,7 @@ pub struct HandleResponse {
 
 /// One product as a metering server's clients see it (`GET /v1/products`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentProduct {
     /// The product's name.
     pub product: String,
@@ -79,6 +84,7 @@ pub struct AgentProduct {
 
 /// `GET /v1/products` on a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentProducts {
     /// One entry per product the server knows.
     pub products: Vec<AgentProduct>,
@@ -86,6 +92,7 @@ pub struct AgentProducts {
 
 /// Counters of one product on one metering server, over some window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageCounters {
     /// The highest in-use count seen.
     pub peak_in_use: u32,
@@ -103,6 +110,7 @@ pub struct UsageCounters {
 
 /// One product in a metering server's status report to the balancer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProductStatus {
     /// The product's name.
     pub product: String,
@@ -122,6 +130,7 @@ pub struct ProductStatus {
 
 /// `GET /v1/status`: what the balancer needs to plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentStatus {
     /// The server's own name.
     pub server: String,
@@ -131,6 +140,7 @@ pub struct AgentStatus {
 
 /// `POST /v1/allocations/release` and `POST /v1/allocations/grant`: one move, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     /// The move's id in the balancer's move log; a repeat is answered from the first outcome.
@@ -143,6 +153,7 @@ pub struct MoveRequest {
 
 /// The outcome of a release or a grant on a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MoveResponse {
     /// The move acted on.
     pub move_id: Uuid,
@@ -159,6 +170,7 @@ pub struct MoveResponse {
 /// The same fields as [`Policy`], but strict: an unknown field is an error, not a silently
 /// ignored setting (the balancer pushes definitions here; `--products-file` uses it too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProductDefinition {
     /// What happens when no unit is free.

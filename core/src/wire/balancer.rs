@@ -13,6 +13,7 @@ fn default_staleout() -> u32 {
 
 /// `POST /v1/products`: define a product and its policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateProduct {
     /// Unique name; used in URLs.
@@ -55,6 +56,7 @@ impl CreateProduct {
 
 /// A product with its books.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Product {
     /// Unique name.
     pub name: String,
@@ -78,6 +80,7 @@ pub struct Product {
 
 /// `GET /v1/products/{product}`: the product and how it is split.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProductDetail {
     /// The product and its books.
     #[serde(flatten)]
@@ -88,6 +91,7 @@ pub struct ProductDetail {
 
 /// One (server, product) cell of the books.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AllocationView {
     /// The server's name.
     pub server: String,
@@ -109,6 +113,7 @@ pub struct AllocationView {
 
 /// `POST /v1/products/{product}/entitlements`: record a purchase.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddEntitlement {
     /// Units purchased.
@@ -123,6 +128,7 @@ pub struct AddEntitlement {
 
 /// A purchase record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Entitlement {
     /// Store id, used to remove it.
     pub id: i64,
@@ -142,6 +148,7 @@ pub struct Entitlement {
 
 /// `POST /v1/servers`: register a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterServer {
     /// Unique name; used in URLs.
@@ -154,6 +161,7 @@ pub struct RegisterServer {
 
 /// A metering server as the balancer knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Server {
     /// Unique name.
     pub name: String,
@@ -171,6 +179,7 @@ pub struct Server {
 
 /// The answer to a registration: the only time the server's token is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisteredServer {
     /// The new server.
     #[serde(flatten)]
@@ -181,6 +190,7 @@ pub struct RegisteredServer {
 
 /// `PUT /v1/servers/{server}/products/{product}`: the floor and the buffer of one cell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetAllocation {
     /// Floor the balancer never reclaims below while the server is alive.
@@ -191,6 +201,7 @@ pub struct SetAllocation {
 
 /// `PUT /v1/schedule`: when scheduled balance runs happen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetSchedule {
     /// A standard 5- or 6-field cron expression.
@@ -202,6 +213,7 @@ pub struct SetSchedule {
 
 /// `GET /v1/schedule`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Schedule {
     /// The cron expression.
     pub cron: String,
@@ -213,6 +225,7 @@ pub struct Schedule {
 
 /// One audited change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// Increasing id.
     pub id: i64,
@@ -232,6 +245,7 @@ pub struct AuditEntry {
 
 /// A list answer: `{"items": [...]}` so lists can grow paging fields later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct List<T> {
     /// The entries.
     pub items: Vec<T>,
@@ -242,6 +256,7 @@ pub struct List<T> {
 
 /// `POST /v1/balance`: run a manual balance now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BalanceRequest {
     /// Only this product; all products when absent.
@@ -251,6 +266,7 @@ pub struct BalanceRequest {
 
 /// One move as the move log holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MoveView {
     /// The move's id, sent to the metering server as the idempotency key.
     pub id: uuid::Uuid,
@@ -270,6 +286,7 @@ pub struct MoveView {
 
 /// A balance run's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunSummary {
     /// Increasing id.
     pub id: i64,
@@ -295,6 +312,7 @@ pub struct RunSummary {
 
 /// `GET /v1/runs/{id}` and the answer of `POST /v1/balance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunDetail {
     /// The run's record.
     #[serde(flatten)]
@@ -305,6 +323,7 @@ pub struct RunDetail {
 
 /// One (server, product) cell as the store and the server each see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorCell {
     /// The server.
     pub server: String,
@@ -322,6 +341,7 @@ pub struct DoctorCell {
 
 /// One product's books and the servers' views of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorProduct {
     /// The product.
     pub product: String,
@@ -339,6 +359,7 @@ pub struct DoctorProduct {
 
 /// `GET /v1/doctor`: do the books and every reachable server agree?
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorReport {
     /// True when nothing below is wrong.
     pub ok: bool,
@@ -357,6 +378,7 @@ pub struct DoctorReport {
 
 /// `POST /v1/sync`: a metering server announces itself and learns its products and allocations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     /// The metering server's version, for the balancer's log.
@@ -365,6 +387,7 @@ pub struct SyncRequest {
 
 /// A product definition as a metering server needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncProduct {
     /// The product's name.
     pub name: String,
@@ -374,6 +397,7 @@ pub struct SyncProduct {
 
 /// The allocation the balancer's books give a server for one product.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncAllocation {
     /// The product's name.
     pub product: String,
@@ -385,6 +409,7 @@ pub struct SyncAllocation {
 
 /// The answer to a sync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncResponse {
     /// The server's registered name.
     pub server: String,
@@ -403,6 +428,7 @@ pub struct SyncResponse {
 
 /// `POST /v1/instant-balance`: a server ran dry and asks for units now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstantBalanceRequest {
     /// Idempotency key: the same id twice grants once.
@@ -416,6 +442,7 @@ pub struct InstantBalanceRequest {
 /// The answer to an instant balance. The units themselves arrive as a grant move on the
 /// server's balancer-facing API before this answer is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstantBalanceResponse {
     /// The request answered.
     pub request_id: uuid::Uuid,
@@ -433,6 +460,7 @@ pub struct InstantBalanceResponse {
 /// One bucket of a usage time series. Means come with the sums and counts they are made of,
 /// so a reader can combine buckets without losing anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryPoint {
     /// Start of the bucket.
     pub at: DateTime<Utc>,
@@ -464,6 +492,7 @@ pub struct HistoryPoint {
 
 /// The time series of one (server, product).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistorySeries {
     /// The server.
     pub server: String,
@@ -477,6 +506,7 @@ pub struct HistorySeries {
 
 /// `GET /v1/history`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct History {
     /// Start of the window.
     pub from: DateTime<Utc>,

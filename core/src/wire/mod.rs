@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// The answer of `GET /healthz` on both processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// `ok` while the process serves requests.
     pub status: String,

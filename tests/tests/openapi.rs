@@ -1,0 +1,71 @@
+//! The published OpenAPI documents (`docs/openapi/*.json`) are the ones the code generates: a
+//! change to a route, a handler's `#[utoipa::path]` or a wire type that is not regenerated fails
+//! here, saying how to regenerate.
+
+use std::path::PathBuf;
+
+/// Set to `1` to (re)write the committed documents instead of comparing them.
+const BLESS: &str = "ALLOT_BLESS_OPENAPI";
+
+fn committed(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/openapi")
+        .join(format!("{name}.json"))
+}
+
+fn check(name: &str, document: utoipa::openapi::OpenApi) {
+    // The subcommands print the same text plus a newline.
+    let generated = document.to_pretty_json().expect("serialise the document") + "\n";
+    let path = committed(name);
+    if std::env::var(BLESS).is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &generated).expect("write the document");
+        return;
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "{} is stale: it differs from what the code generates.\n\
+         Regenerate it with `cargo run -q -p allot-{} -- openapi > docs/openapi/{name}.json`, \
+         or all of them with `{BLESS}=1 cargo test -p allot-tests --test openapi`, and commit it.",
+        path.display(),
+        if name == "agent" { "agent" } else { "balancer" },
+    );
+}
+
+#[test]
+fn committed_balancer_document_matches_the_code() {
+    check("balancer", allot_balancer::api::document());
+}
+
+#[test]
+fn committed_agent_document_matches_the_code() {
+    check("agent", allot_agent::openapi::document());
+}
+
+#[test]
+fn every_error_response_has_the_error_shape() {
+    for document in [
+        allot_balancer::api::document(),
+        allot_agent::openapi::document(),
+    ] {
+        let json = serde_json::to_value(&document).unwrap();
+        for (path, item) in json["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, response) in op["responses"].as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            response["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorBody",
+                            "{method} {path} {status}"
+                        );
+                        let description = response["description"].as_str().unwrap();
+                        assert!(
+                            description.starts_with('`'),
+                            "{method} {path} {status}: the description names the stable code first"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
