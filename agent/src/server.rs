@@ -11,7 +11,7 @@
 //! valid state (hard stop never over-granted at any point of it).
 
 use crate::balancer::{BalancerConfig, BalancerLink};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::metrics::{DenialReason, InstantOutcome, Metrics};
 use crate::store::{self, LeaseRecord, Mutation, Store, StoreError};
 use allot_core::checkout::{
@@ -27,7 +27,7 @@ use allot_core::wire::agent::{
     HandleResponse, MoveRequest, MoveResponse, ProductDefinition,
 };
 use allot_core::wire::balancer::{InstantBalanceRequest, SyncResponse};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -903,7 +903,7 @@ fn define(
 async fn define_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
-    Path(product): Path<String>,
+    ApiPath(product): ApiPath<String>,
     ApiJson(def): ApiJson<ProductDefinition>,
 ) -> Result<Json<AgentProduct>, ApiError> {
     validate::path_name("product", &product)?;

@@ -29,6 +29,7 @@ pub struct Autotune {
     /// Off unless an operator turns it on.
     pub enabled: bool,
     /// What autotune may set at most (and the interval range it may choose).
+    #[serde(deserialize_with = "allot_core::wire::object_only")]
     pub bounds: AutotuneBounds,
     /// How far back each autotune pass reads, in days.
     #[serde(default = "default_window_days")]

@@ -479,6 +479,8 @@ impl Advice {
 /// What the opt-in `autotune` setting may apply on its own; set by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+// Part of a request (`PUT /v1/autotune`): a misspelt bound must be an error, not ignored.
+#[serde(deny_unknown_fields)]
 pub struct AutotuneBounds {
     /// Largest `buffer_units` autotune may set.
     pub max_buffer_units: u32,

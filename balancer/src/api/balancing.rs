@@ -62,6 +62,7 @@ pub(super) struct RunsParams {
     /// Page size, 1–1000 (default 50).
     limit: Option<u32>,
     /// Runs older than this id.
+    #[param(minimum = 1)]
     before: Option<i64>,
     /// Only this trigger: scheduled, instant, manual or reclaim.
     trigger: Option<RunTrigger>,
@@ -94,7 +95,7 @@ pub(super) async fn runs(
     };
     let query = RunsQuery {
         limit,
-        before_id: params.before,
+        before_id: super::cursor(params.before)?,
         trigger: params.trigger,
         since_ms,
     };

@@ -66,10 +66,11 @@ pub(super) async fn history(
     )?;
     let from = match params.from {
         Some(from) => from,
-        None => {
-            to - chrono::Duration::from_std(since)
-                .map_err(|_| ApiError::bad_request("since: too long"))?
-        }
+        // Checked: `to` near the calendar's start minus a long `since` would overflow.
+        None => chrono::Duration::from_std(since)
+            .ok()
+            .and_then(|since| to.checked_sub_signed(since))
+            .ok_or_else(|| ApiError::bad_request("since: reaches before the calendar's start"))?,
     };
     let step = duration("step", params.step.as_deref(), Duration::from_secs(3600))?;
     if step < Duration::from_secs(60) {

@@ -16,7 +16,7 @@ use crate::auth::{AdminToken, ServerTokens};
 use crate::store::Store;
 use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
-use allot_core::validate::MAX_BODY_BYTES;
+use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::Health;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
@@ -50,20 +50,59 @@ pub struct AppState {
     pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
 }
 
-/// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON body whose rejections (content type, size, syntax, unknown fields) answer in the
+/// API's error shape, and which takes only a JSON object (see [`validate::json_object`]).
 pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(validate::is_json_content_type);
+        if !json {
+            return Err(ApiError::not_json());
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await?;
+        validate::json_object(&bytes)?;
+        let Json(value) = Json::<T>::from_bytes(&bytes)?;
+        Ok(Self(value))
+    }
+}
 
 /// Path parameters whose rejections answer in the API's error shape.
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// Query parameters whose rejections answer in the API's error shape.
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+/// Query parameters whose rejections answer in the API's error shape; a query that does not
+/// percent-decode to UTF-8 is refused rather than read with replacement characters.
 pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        validate::query_utf8(parts.uri.query().unwrap_or(""))?;
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
+
+/// A paging cursor (`?before=<id>`): ids start at 1, so a smaller one is a mistake, not an
+/// empty page.
+fn cursor(before: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match before {
+        Some(id) if id < 1 => Err(ApiError::bad_request(format!(
+            "before: must be an id of at least 1, got {id}"
+        ))),
+        other => Ok(other),
+    }
+}
 
 /// Proof that the caller presented the admin token; the audit log names it `admin`.
 pub struct Admin;

@@ -59,6 +59,7 @@ pub(super) struct AuditParams {
     /// Page size, 1–1000 (default 100).
     limit: Option<u32>,
     /// Entries older than this id (the last id of the previous page).
+    #[param(minimum = 1)]
     before: Option<i64>,
 }
 
@@ -80,7 +81,7 @@ pub(super) async fn audit(
         .store
         .audit(AuditQuery {
             limit,
-            before_id: params.before,
+            before_id: super::cursor(params.before)?,
         })
         .await?;
     Ok(Json(List { items }))

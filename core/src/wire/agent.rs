@@ -186,7 +186,7 @@ pub struct ProductDefinition {
     #[serde(default = "default_staleout")]
     pub staleout_seconds: u32,
     /// Who may check the product out.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object_only")]
     pub acl: crate::domain::Acl,
 }
 

@@ -37,7 +37,7 @@ pub struct CreateProduct {
     #[serde(default = "default_staleout")]
     pub staleout_seconds: u32,
     /// Who may check it out.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object_only")]
     pub acl: Acl,
 }
 
