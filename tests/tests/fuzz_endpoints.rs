@@ -684,8 +684,7 @@ impl Target {
             }
             request = request.body(bytes);
         }
-        let started = Instant::now();
-        let response = tokio::time::timeout(ANSWER_WITHIN, async {
+        tokio::time::timeout(ANSWER_WITHIN, async {
             let response = request.send().await?;
             let status = response.status().as_u16();
             Ok::<_, reqwest::Error>((status, response.bytes().await?.to_vec()))
@@ -697,9 +696,7 @@ impl Target {
                 op.name()
             )
         })
-        .unwrap_or_else(|e| panic!("{}: the connection failed on {case:?}: {e}", op.name()));
-        assert!(started.elapsed() < ANSWER_WITHIN);
-        response
+        .unwrap_or_else(|e| panic!("{}: the connection failed on {case:?}: {e}", op.name()))
     }
 
     /// Sends `case` and checks the answer is a documented 4xx in the error shape.
@@ -721,9 +718,10 @@ impl Target {
         assert!(error["message"].is_string(), "no message: {}", shown());
         let code: ErrorCode = serde_json::from_value(error["code"].clone())
             .unwrap_or_else(|_| panic!("not a stable code: {}", shown()));
-        let consistent = u16::from(code.http_status() == status)
-            + u16::from(matches!(status, 405 | 413 | 415) && code == ErrorCode::BadRequest);
-        assert!(consistent > 0, "code and status disagree: {}", shown());
+        // 405, 413 and 415 are HTTP's more precise statuses for a `bad_request`.
+        let consistent = code.http_status() == status
+            || (matches!(status, 405 | 413 | 415) && code == ErrorCode::BadRequest);
+        assert!(consistent, "code and status disagree: {}", shown());
         let routed = !matches!(case.fault, Fault::Method(_) | Fault::PathParam(..));
         match &case.fault {
             Fault::Method(_) => assert!(matches!(status, 404 | 405), "{}", shown()),

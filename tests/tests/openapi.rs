@@ -51,6 +51,24 @@ fn every_error_response_has_the_error_shape() {
         let json = serde_json::to_value(&document).unwrap();
         for (path, item) in json["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
+                assert!(
+                    op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{method} {path}: no summary (the handler's doc comment)"
+                );
+                assert!(
+                    op["responses"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .any(|s| s.starts_with('2')),
+                    "{method} {path}: no success response"
+                );
+                if op["security"].is_array() {
+                    assert!(
+                        op["responses"].get("401").is_some(),
+                        "{method} {path}: a call that takes a token may answer 401"
+                    );
+                }
                 for (status, response) in op["responses"].as_object().unwrap() {
                     if status.starts_with('4') || status.starts_with('5') {
                         assert_eq!(
