@@ -254,6 +254,7 @@ fn fields(doc: &Value, schema: &Value, value: &Value, pointer: &str, out: &mut V
                 required: true,
                 is_object: true,
                 in_array: false,
+                schema: schema.clone(),
             });
             let required: BTreeSet<&str> = schema["required"]
                 .as_array()
@@ -269,6 +270,7 @@ fn fields(doc: &Value, schema: &Value, value: &Value, pointer: &str, out: &mut V
                     required: required.contains(name.as_str()),
                     is_object: false,
                     in_array: false,
+                    schema: inner(doc, sub_schema),
                 });
                 if matches!(sub, Value::Object(_) | Value::Array(_)) {
                     fields(doc, sub_schema, sub, &p, out);
@@ -285,6 +287,7 @@ fn fields(doc: &Value, schema: &Value, value: &Value, pointer: &str, out: &mut V
                     required: true,
                     is_object: false,
                     in_array: true,
+                    schema: inner(doc, item_schema),
                 });
                 if matches!(item, Value::Object(_)) {
                     fields(doc, item_schema, item, &p, out);
@@ -304,6 +307,27 @@ struct Field {
     is_object: bool,
     /// An item of an array: null is wrong, leaving it out is not.
     in_array: bool,
+    /// The field's schema with `null` dropped, for the bounds it states.
+    schema: Value,
+}
+
+/// Values just outside the bounds a schema states (`maximum`, `minimum`, `maxLength`,
+/// `maxItems`): the servers must enforce what their documents promise.
+fn past_bounds(schema: &Value) -> Vec<Value> {
+    let mut values = Vec::new();
+    if let Some(max) = schema["maximum"].as_u64() {
+        values.push(json!(max + 1));
+    }
+    if let Some(min) = schema["minimum"].as_u64().filter(|m| *m > 0) {
+        values.push(json!(min - 1));
+    }
+    if let Some(max) = schema["maxLength"].as_u64() {
+        values.push(json!("é".repeat(usize::try_from(max).unwrap() + 1)));
+    }
+    if let Some(max) = schema["maxItems"].as_u64() {
+        values.push(json!(vec!["g"; usize::try_from(max).unwrap() + 1]));
+    }
+    values
 }
 
 fn set(body: &mut Value, pointer: &str, value: Option<Value>) {
@@ -526,7 +550,10 @@ impl Target {
                 if field.required && !field.in_array {
                     push(Fault::Field(field.pointer.clone(), None), true);
                 }
-                for v in wrong_values(field.kind, field.required) {
+                for v in wrong_values(field.kind, field.required)
+                    .into_iter()
+                    .chain(past_bounds(&field.schema))
+                {
                     push(Fault::Field(field.pointer.clone(), Some(v)), true);
                 }
             }

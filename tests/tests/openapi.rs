@@ -87,3 +87,55 @@ fn every_error_response_has_the_error_shape() {
         }
     }
 }
+
+/// The bounds the documents state are the ones the servers enforce (`allot_core::validate`):
+/// utoipa takes only literals, so this keeps the two from drifting apart.
+#[test]
+fn documented_bounds_match_the_validation_rules() {
+    use allot_core::validate::{MAX_ACL_ENTRIES, MAX_NAME_CHARS, MAX_POLICY_SECONDS, MAX_UNITS};
+    let balancer = serde_json::to_value(allot_balancer::api::document()).unwrap();
+    let agent = serde_json::to_value(allot_agent::openapi::document()).unwrap();
+    let field = |doc: &serde_json::Value, schema: &str, field: &str, key: &str| {
+        doc["components"]["schemas"][schema]["properties"][field][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{schema}.{field} states no {key}"))
+    };
+    let units = u64::from(MAX_UNITS);
+    let names = MAX_NAME_CHARS as u64;
+    let seconds = u64::from(MAX_POLICY_SECONDS);
+    assert_eq!(
+        field(&balancer, "CreateProduct", "name", "maxLength"),
+        names
+    );
+    assert_eq!(
+        field(&balancer, "CreateProduct", "staleout_seconds", "maximum"),
+        seconds
+    );
+    assert_eq!(
+        field(&balancer, "AddEntitlement", "units", "maximum"),
+        units
+    );
+    assert_eq!(
+        field(&balancer, "SetAllocation", "min_units", "maximum"),
+        units
+    );
+    assert_eq!(
+        field(&balancer, "InstantBalanceRequest", "units", "maximum"),
+        units
+    );
+    assert_eq!(field(&agent, "CheckoutRequest", "user", "maxLength"), names);
+    assert_eq!(field(&agent, "CheckoutRequest", "units", "maximum"), units);
+    assert_eq!(
+        field(&agent, "CheckoutRequest", "groups", "maxItems"),
+        MAX_ACL_ENTRIES as u64
+    );
+    assert_eq!(
+        field(&agent, "CheckoutRequest", "wait_seconds", "maximum"),
+        u64::from(allot_agent::server::MAX_WAIT_SECONDS)
+    );
+    assert_eq!(field(&agent, "MoveRequest", "units", "maximum"), units);
+    assert_eq!(
+        field(&agent, "ProductDefinition", "heartbeat_seconds", "maximum"),
+        seconds
+    );
+}

@@ -15,19 +15,25 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Who runs the program (ACL and seat rules use it).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub user: String,
     /// Where the program runs (ACL and seat rules use it).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub host: String,
     /// Groups the user belongs to, for group ACLs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub groups: Vec<String>,
     /// Units wanted; 1 unless the product counts cores or tokens.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
     /// How long the client will wait in the queue when nothing is free (0 = answer at once).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 3600))]
     pub wait_seconds: u32,
 }
 
@@ -146,8 +152,10 @@ pub struct MoveRequest {
     /// The move's id in the balancer's move log; a repeat is answered from the first outcome.
     pub move_id: Uuid,
     /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Units to release or grant.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
 }
 
@@ -181,9 +189,11 @@ pub struct ProductDefinition {
     pub seat: crate::domain::Seat,
     /// How often a client should heartbeat.
     #[serde(default = "default_heartbeat")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub heartbeat_seconds: u32,
     /// How long without a heartbeat before a checkout is released.
     #[serde(default = "default_staleout")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub staleout_seconds: u32,
     /// Who may check the product out.
     #[serde(default, deserialize_with = "super::object_only")]

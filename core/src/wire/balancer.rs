@@ -17,12 +17,15 @@ fn default_staleout() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct CreateProduct {
     /// Unique name; used in URLs.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
     /// Who sells it, for people reading reports.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub publisher: Option<String>,
     /// Which release, for people reading reports.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub version: Option<String>,
     /// What happens when a server has no free unit.
     #[serde(default)]
@@ -32,9 +35,11 @@ pub struct CreateProduct {
     pub seat: Seat,
     /// Heartbeat interval for clients.
     #[serde(default = "default_heartbeat")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub heartbeat_seconds: u32,
     /// Release a checkout after this long without a heartbeat.
     #[serde(default = "default_staleout")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub staleout_seconds: u32,
     /// Who may check it out.
     #[serde(default, deserialize_with = "super::object_only")]
@@ -117,12 +122,14 @@ pub struct AllocationView {
 #[serde(deny_unknown_fields)]
 pub struct AddEntitlement {
     /// Units purchased.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
     /// When the purchase stops counting, if ever.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
     /// The order number, contract or note that justifies it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub reference: Option<String>,
 }
 
@@ -152,10 +159,13 @@ pub struct Entitlement {
 #[serde(deny_unknown_fields)]
 pub struct RegisterServer {
     /// Unique name; used in URLs.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
     /// Where the balancer reaches its balancer-facing API.
+    #[cfg_attr(feature = "openapi", schema(min_length = 8, max_length = 2048))]
     pub url: String,
     /// The site or region it serves, for reports and dashboards.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub site: String,
 }
 
@@ -194,8 +204,10 @@ pub struct RegisteredServer {
 #[serde(deny_unknown_fields)]
 pub struct SetAllocation {
     /// Floor the balancer never reclaims below while the server is alive.
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
     pub min_units: u32,
     /// Free units the server should hold above its demand.
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
     pub buffer_units: u32,
 }
 
@@ -261,6 +273,7 @@ pub struct List<T> {
 pub struct BalanceRequest {
     /// Only this product; all products when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: Option<String>,
 }
 
@@ -382,6 +395,7 @@ pub struct DoctorReport {
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     /// The metering server's version, for the balancer's log.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub version: String,
 }
 
@@ -434,8 +448,10 @@ pub struct InstantBalanceRequest {
     /// Idempotency key: the same id twice grants once.
     pub request_id: uuid::Uuid,
     /// The product.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Units wanted.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
 }
 
