@@ -197,9 +197,35 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::map_response(timeout_in_the_error_shape))
         .with_state(state)
+}
+
+/// How long any request may take before it is answered `503 unavailable`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The timeout layer answers with an empty body; every answer of the API, this one too, carries
+/// the error shape with a stable code.
+async fn timeout_in_the_error_shape(
+    response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let bare = !response
+        .headers()
+        .contains_key(axum::http::header::CONTENT_TYPE);
+    if response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE && bare {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the request took longer than {} s; retry later",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response();
+    }
+    response
 }
 
 /// Followers serve reads; every other call goes to the leader: `421 not_leader` with its URL.
@@ -261,4 +287,30 @@ pub async fn run(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    #[tokio::test]
+    async fn a_timed_out_request_is_answered_in_the_error_shape() {
+        let timed_out = StatusCode::SERVICE_UNAVAILABLE.into_response();
+        let answer = timeout_in_the_error_shape(timed_out).await;
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: allot_core::error::ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unavailable);
+        // An error the API already shaped passes through untouched.
+        let shaped = ApiError::new(ErrorCode::Unavailable, "store down").into_response();
+        let answer = timeout_in_the_error_shape(shaped).await;
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("store down"));
+    }
 }
