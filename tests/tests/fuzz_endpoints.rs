@@ -12,7 +12,9 @@
 //!
 //! Each answer must come within a timeout, be a 4xx the document lists for the operation (or
 //! the router's 404/405), and carry `{"error": {"code", "message"}}` with a stable code that
-//! matches the status. Afterwards the books must be byte-identical to before.
+//! matches the status. Afterwards the books — everything an admin or the balancer can read:
+//! products, their splits and entitlements, servers, schedule, autotune, the whole audit log
+//! and the runs; a metering server's products and status — must be identical to before.
 //!
 //! `ALLOT_FUZZ_CASES` raises the number of generated cases per operation (default 64).
 
@@ -298,10 +300,14 @@ fn fields(doc: &Value, schema: &Value, value: &Value, pointer: &str, out: &mut V
     }
 }
 
+/// A place in a valid body where a fault can go.
 #[derive(Debug, Clone)]
 struct Field {
+    /// JSON pointer into the body.
     pointer: String,
+    /// What [`kind`] says the schema wants there.
     kind: &'static str,
+    /// Leaving it out is an error.
     required: bool,
     /// An object: an unknown field can be added to it.
     is_object: bool,
