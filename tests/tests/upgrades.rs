@@ -56,10 +56,11 @@ async fn first_release_with(store: &str, url: &str, sql: String) {
 }
 
 /// Books as the first release wrote them: a product with a purchase, a server holding part of
-/// it, a finished run with its move, a later run's usage sample (at `recent_ms`) and an audit
-/// entry. Plain SQL both
+/// it, a finished run with its move, two later runs' usage samples (at `recent_ms`, kept raw,
+/// and at `old_ms`, past raw retention: the upgraded balancer rolls it up into the hourly
+/// history the first release did not have) and an audit entry. Plain SQL both
 /// dialects read the same way; times are Unix milliseconds.
-fn first_release_books(recent_ms: i64) -> String {
+fn first_release_books(recent_ms: i64, old_ms: i64) -> String {
     format!(
         "
 INSERT INTO products (name, publisher, version, enforcement, seat, heartbeat_seconds,
@@ -88,12 +89,20 @@ INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, in_use
     checkouts, denials, overdrafts, staleouts, waiting, instant_requests)
 VALUES ((SELECT max(id) FROM balance_runs), (SELECT id FROM servers WHERE name = 's1'),
     (SELECT id FROM products WHERE name = 'cad'), {recent}, 4, 3, 4, 9, 1, 0, 0, 0, 0);
+INSERT INTO balance_runs (trigger, status, epoch, started_at, finished_at, servers_queried,
+    servers_unreachable, moves, units_moved, errors)
+VALUES ('scheduled', 'ok', 1, {old}, {old}, 1, 0, 0, 0, NULL);
+INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, in_use, peak_in_use,
+    checkouts, denials, overdrafts, staleouts, waiting, instant_requests)
+VALUES ((SELECT max(id) FROM balance_runs), (SELECT id FROM servers WHERE name = 's1'),
+    (SELECT id FROM products WHERE name = 'cad'), {old}, 4, 2, 2, 5, 0, 0, 0, 0, 0);
 INSERT INTO audit_log (at, actor, action, target, before, after)
 VALUES (1700000000000, 'admin', 'product.create', 'cad', NULL, '{{\"name\":\"cad\"}}');
 UPDATE settings SET value = '0 * * * *' WHERE key = 'schedule.cron';
 UPDATE settings SET value = '1' WHERE key = 'leader.epoch';
 ",
-        recent = recent_ms
+        recent = recent_ms,
+        old = old_ms
     )
 }
 
@@ -110,8 +119,11 @@ async fn a_first_release_database_upgrades_with_its_books_intact(backend: Backen
             )
         }
     };
-    let recent = chrono::Utc::now() - chrono::Duration::hours(3);
-    first_release_with(store, &url, first_release_books(recent.timestamp_millis())).await;
+    let now = chrono::Utc::now();
+    let recent = now - chrono::Duration::hours(3);
+    let old = now - chrono::Duration::days(40);
+    let books = first_release_books(recent.timestamp_millis(), old.timestamp_millis());
+    first_release_with(store, &url, books).await;
 
     // The current binary applies the rest with its embedded migrator and starts.
     let mut balancer = Balancer::start(&backend).await;
@@ -170,6 +182,17 @@ async fn a_first_release_database_upgrades_with_its_books_intact(backend: Backen
         history["series"][0]["points"][0]["in_use_max"], 3,
         "{history}"
     );
+    let around_old = format!(
+        "/v1/history?from={}&to={}&step=1h",
+        (old - chrono::Duration::hours(2)).format("%Y-%m-%dT%H:%M:%SZ"),
+        (old + chrono::Duration::hours(2)).format("%Y-%m-%dT%H:%M:%SZ"),
+    );
+    // The retention task rolls up at start, in the background.
+    let rolled_up = allot_tests::agent::poll_until(std::time::Duration::from_secs(10), || async {
+        api.get(&around_old).await["series"][0]["points"][0]["in_use_max"] == 2
+    })
+    .await;
+    assert!(rolled_up, "{}", api.get(&around_old).await);
 
     // The current code works on the upgraded books: a purchase, a new product, a run.
     api.post("/v1/products/cad/entitlements", json!({"units": 2}))
