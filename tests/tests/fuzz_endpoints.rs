@@ -16,7 +16,8 @@
 //! products, their splits and entitlements, servers, schedule, autotune, the whole audit log
 //! and the runs; a metering server's products and status — must be identical to before.
 //!
-//! `ALLOT_FUZZ_CASES` raises the number of generated cases per operation (default 64).
+//! `ALLOT_FUZZ_CASES` raises the number of generated cases per operation (default 64);
+//! `ALLOT_FUZZ_SEED` draws another set of them.
 
 use allot_core::ErrorCode;
 use allot_tests::agent::TestAgent;
@@ -39,6 +40,22 @@ fn generated_cases() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64)
+}
+
+/// The generator: the same cases on every run (so CI failures reproduce), or another set with
+/// `ALLOT_FUZZ_SEED=<u64>` to explore further.
+fn rng() -> TestRng {
+    match std::env::var("ALLOT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(seed) => {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
+        }
+        None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -785,10 +802,7 @@ impl Target {
     /// Drives every operation of the document; returns (operations, requests).
     async fn fuzz(&self) -> (usize, usize) {
         let ops = operations(&self.doc);
-        let mut runner = TestRunner::new_with_rng(
-            Config::default(),
-            TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-        );
+        let mut runner = TestRunner::new_with_rng(Config::default(), rng());
         let mut sent = 0;
         for op in &ops {
             let mut cases = self.systematic(op);
