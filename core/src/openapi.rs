@@ -44,6 +44,12 @@ impl CommonErrors {
                 ErrorCode::Unauthorized,
                 "no bearer token, or one that matches nobody",
             );
+            // Every call that takes a token reads the store.
+            add(
+                "503",
+                ErrorCode::Unavailable,
+                "the store failed, the request timed out, or the server is stopping; retry later",
+            );
         }
         let has_body = op.request_body.is_some();
         let has_params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
