@@ -61,6 +61,16 @@ pub struct Acl {
 }
 
 impl Acl {
+    /// The lists' names on the wire.
+    pub const FIELDS: [&'static str; 6] = [
+        "allow_users",
+        "deny_users",
+        "allow_hosts",
+        "deny_hosts",
+        "allow_groups",
+        "deny_groups",
+    ];
+
     /// Whether the ACL restricts nobody, so it can be skipped in displays.
     pub fn is_open(&self) -> bool {
         *self == Acl::default()
@@ -92,8 +102,22 @@ pub struct Policy {
     /// How long without a heartbeat before a checkout is released (staleout).
     pub staleout_seconds: u32,
     /// Who may check the product out.
-    #[serde(default, skip_serializing_if = "Acl::is_open")]
+    #[serde(
+        default,
+        skip_serializing_if = "Acl::is_open",
+        deserialize_with = "tolerant_acl"
+    )]
     pub acl: Acl,
+}
+
+/// Reads the ACL of a [`Policy`] — which travels in answers (products, a sync) — ignoring lists
+/// this version does not know, so a newer balancer's ACL never breaks an older metering
+/// server's sync. Requests stay strict: [`Acl`] itself refuses unknown fields.
+fn tolerant_acl<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Acl, D::Error> {
+    use serde::de::Error as _;
+    let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    map.retain(|k, _| Acl::FIELDS.contains(&k.as_str()));
+    Acl::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
 }
 
 impl Default for Policy {
@@ -205,6 +229,39 @@ wire_enum_text! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acl_fields_name_every_list() {
+        let full = Acl {
+            allow_users: vec!["a".into()],
+            deny_users: vec!["a".into()],
+            allow_hosts: vec!["a".into()],
+            deny_hosts: vec!["a".into()],
+            allow_groups: vec!["a".into()],
+            deny_groups: vec!["a".into()],
+        };
+        let json = serde_json::to_value(&full).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields = Acl::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+    }
+
+    #[test]
+    fn a_policy_in_an_answer_ignores_acl_lists_it_does_not_know() {
+        let policy: Policy = serde_json::from_value(serde_json::json!({
+            "enforcement": "hard_stop", "seat": "concurrent", "heartbeat_seconds": 60,
+            "staleout_seconds": 300, "acl": {"allow_users": ["ann"], "allow_sites": ["hq"]}
+        }))
+        .unwrap();
+        assert_eq!(policy.acl.allow_users, ["ann"]);
+        assert!(serde_json::from_str::<Acl>(r#"{"allow_sites": ["hq"]}"#).is_err());
+    }
 
     #[test]
     fn text_form_round_trips_and_matches_serde() {
