@@ -7,8 +7,7 @@
 
 use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
-use allot_core::validate::{Invalid, MAX_BODY_BYTES};
-use axum::extract::rejection::JsonRejection;
+use allot_core::validate::{self, Invalid, MAX_BODY_BYTES};
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +21,9 @@ pub enum ApiError {
     /// The body is over the 64 KiB limit.
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
     TooLarge,
+    /// The body is not `application/json` (no or another content type).
+    #[error("{0}")]
+    NotJson(String),
     /// The route exists but not for this method.
     #[error("method not allowed on this path")]
     MethodNotAllowed,
@@ -61,9 +63,10 @@ impl ApiError {
     /// The stable code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::TooLarge | ApiError::MethodNotAllowed => {
-                ErrorCode::BadRequest
-            }
+            ApiError::BadRequest(_)
+            | ApiError::TooLarge
+            | ApiError::NotJson(_)
+            | ApiError::MethodNotAllowed => ErrorCode::BadRequest,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound => ErrorCode::NotFound,
@@ -80,6 +83,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             other => StatusCode::from_u16(other.code().http_status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -104,25 +108,40 @@ impl IntoResponse for ApiError {
 }
 
 /// A JSON body extractor whose rejections are [`ApiError`]s, so every failure has the JSON
-/// error shape (axum's own `Json` answers in plain text).
+/// error shape (axum's own `Json` answers in plain text), and which takes only a JSON object
+/// (see [`validate::json_object`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(validate::is_json_content_type);
+        if !json {
+            return Err(ApiError::NotJson(
+                "expected a request with `Content-Type: application/json`".to_owned(),
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge);
+            }
+            Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
+        };
+        validate::json_object(&bytes)?;
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge
-            } else {
-                ApiError::BadRequest(rejection.body_text())
-            }),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
         }
     }
 }
@@ -130,5 +149,29 @@ where
 impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+/// Path parameters whose rejections (say, a segment that is not UTF-8 once percent-decoded) are
+/// [`ApiError`]s: axum's own `Path` answers those in plain text.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    axum::extract::Path<T>:
+        axum::extract::FromRequestParts<S, Rejection = axum::extract::rejection::PathRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+        }
     }
 }

@@ -45,6 +45,9 @@ enum Command {
     Run(RunArgs),
     /// Show the server's products.
     Status(StatusArgs),
+    /// Print the API's OpenAPI document (as served at /v1/openapi.json) and exit; this is how
+    /// docs/openapi/agent.json is written.
+    Openapi,
 }
 
 #[derive(Debug, clap::Args)]
@@ -256,6 +259,16 @@ async fn main() -> std::process::ExitCode {
             Err(e) => {
                 eprintln!("allot-agent: {e:#}");
                 64
+            }
+        },
+        Command::Openapi => match allot_agent::openapi::document().to_pretty_json() {
+            Ok(json) => {
+                println!("{json}");
+                0
+            }
+            Err(e) => {
+                eprintln!("allot-agent: {e}");
+                1
             }
         },
         Command::Status(a) => match status(&a).await {

@@ -11,7 +11,7 @@
 //! valid state (hard stop never over-granted at any point of it).
 
 use crate::balancer::{BalancerConfig, BalancerLink};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::metrics::{DenialReason, InstantOutcome, Metrics};
 use crate::store::{self, LeaseRecord, Mutation, Store, StoreError};
 use allot_core::ErrorCode;
@@ -19,6 +19,7 @@ use allot_core::checkout::{
     self, Book, Handle, Limits, Millis, MoveRefusal, Outcome, Refusal, Served, Who,
 };
 use allot_core::domain::Enforcement;
+use allot_core::error::ErrorBody;
 use allot_core::trigger::{TriggerState, instant_request};
 use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::Health;
@@ -27,11 +28,10 @@ use allot_core::wire::agent::{
     HandleResponse, MoveRequest, MoveResponse, ProductDefinition,
 };
 use allot_core::wire::balancer::{InstantBalanceRequest, SyncResponse};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -44,6 +44,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The longest a client may ask to wait in the queue: one hour.
 pub const MAX_WAIT_SECONDS: u32 = 3600;
@@ -450,6 +453,16 @@ fn answer(grant: &checkout::Grant) -> CheckoutResponse {
     }
 }
 
+/// Checks units of a product out; optionally waits in the first-come-first-served queue.
+#[utoipa::path(post, path = "/v1/checkout", tag = "clients", security(("clientKey" = []), ()),
+    request_body = CheckoutRequest,
+    responses(
+        (status = 200, description = "Granted", body = CheckoutResponse),
+        (status = 403, description = "`forbidden`: the product's ACL refuses the requester", body = ErrorBody),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`license_unavailable`: none free under hard stop, or the wait timed out", body = ErrorBody),
+        (status = 410, description = "`license_expired`: this server's lease from the balancer ran out", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a limit is reached, the store failed, or the server is stopping", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(product = %req.product))]
 async fn checkout_handler(
     State(app): State<App>,
@@ -660,6 +673,12 @@ async fn wait_in_queue(
     Ok(Json(answer(&served.grant)))
 }
 
+/// Keeps a checkout alive.
+#[utoipa::path(post, path = "/v1/heartbeat", tag = "clients", security(("clientKey" = []), ()),
+    request_body = HandleRequest,
+    responses(
+        (status = 200, description = "The checkout's new staleout", body = HandleResponse),
+        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody)))]
 async fn heartbeat_handler(
     State(app): State<App>,
     _auth: ClientAuth,
@@ -679,6 +698,13 @@ async fn heartbeat_handler(
     }))
 }
 
+/// Ends a checkout.
+#[utoipa::path(post, path = "/v1/checkin", tag = "clients", security(("clientKey" = []), ()),
+    request_body = HandleRequest,
+    responses(
+        (status = 200, description = "Checked in", body = HandleResponse),
+        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 async fn checkin_handler(
     State(app): State<App>,
     _auth: ClientAuth,
@@ -712,6 +738,9 @@ async fn checkin_handler(
     }))
 }
 
+/// Products with their allocation, in use, free and waiting.
+#[utoipa::path(get, path = "/v1/products", tag = "clients", security(("clientKey" = []), ()),
+    responses((status = 200, description = "Every product this server knows", body = AgentProducts)))]
 async fn products_handler(State(app): State<App>, _auth: ClientAuth) -> Json<AgentProducts> {
     Json(AgentProducts {
         products: app.lock().book.products(),
@@ -738,6 +767,11 @@ fn parse_peek(query: Option<&str>) -> Result<bool, ApiError> {
 
 /// `GET /v1/status[?peek=true]`: a plain read resets the since-last counters (the balancer's
 /// runs read them once per run); a peek (the doctor) leaves them for the next run.
+#[utoipa::path(get, path = "/v1/status", tag = "balancer", security(("serverToken" = [])),
+    params(("peek" = Option<bool>, Query, description = "`true`: read without resetting the `since_last` counters (the doctor)")),
+    responses(
+        (status = 200, description = "Per-product figures", body = AgentStatus),
+        (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn status_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
@@ -805,6 +839,14 @@ async fn move_handler(
     Ok(Json(response))
 }
 
+/// Releases free units to the reserve (never in-use units); idempotent by `move_id`.
+#[utoipa::path(post, path = "/v1/allocations/release", tag = "balancer", security(("serverToken" = [])),
+    request_body = MoveRequest,
+    responses(
+        (status = 200, description = "What was released, and the allocation after", body = MoveResponse),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the move id was used for another move", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 async fn release_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
@@ -813,6 +855,14 @@ async fn release_handler(
     move_handler(&app, req, true).await
 }
 
+/// Adds units from the reserve; idempotent by `move_id`.
+#[utoipa::path(post, path = "/v1/allocations/grant", tag = "balancer", security(("serverToken" = [])),
+    request_body = MoveRequest,
+    responses(
+        (status = 200, description = "What was granted, and the allocation after", body = MoveResponse),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the move id was used for another move", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 async fn grant_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
@@ -847,10 +897,17 @@ fn define(
     ack
 }
 
+/// Defines a product or replaces its policy (the balancer pushes definitions here).
+#[utoipa::path(put, path = "/v1/products/{product}", tag = "balancer", security(("serverToken" = [])),
+    params(("product" = String, Path, description = "The product's name")),
+    request_body = ProductDefinition,
+    responses(
+        (status = 200, description = "The product as this server now applies it", body = AgentProduct),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 async fn define_handler(
     State(app): State<App>,
     _auth: BalancerAuth,
-    Path(product): Path<String>,
+    ApiPath(product): ApiPath<String>,
     ApiJson(def): ApiJson<ProductDefinition>,
 ) -> Result<Json<AgentProduct>, ApiError> {
     validate::path_name("product", &product)?;
@@ -873,6 +930,9 @@ async fn define_handler(
     Ok(Json(view))
 }
 
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "meta",
+    responses((status = 200, description = "The process serves requests", body = Health)))]
 async fn health_handler() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
@@ -881,6 +941,9 @@ async fn health_handler() -> Json<Health> {
     })
 }
 
+/// Prometheus metrics (text exposition).
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "The metrics", body = String, content_type = "text/plain")))]
 async fn metrics_handler(State(app): State<App>) -> Response {
     let (products, live, lease) = {
         let inner = app.lock();
@@ -902,8 +965,12 @@ async fn metrics_handler(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn openapi_handler() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi_handler() -> Json<&'static utoipa::openapi::OpenApi> {
+    static DOCUMENT: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(crate::openapi::document))
 }
 
 async fn not_found() -> ApiError {
@@ -914,19 +981,31 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Every route with its OpenAPI operation. `routes!` registers a handler at the path and
+/// methods its `#[utoipa::path]` names, so a route cannot be served undocumented.
+fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(health_handler))
+        .routes(routes!(metrics_handler))
+        .routes(routes!(openapi_handler))
+        .routes(routes!(checkout_handler))
+        .routes(routes!(heartbeat_handler))
+        .routes(routes!(checkin_handler))
+        .routes(routes!(products_handler))
+        .routes(routes!(define_handler))
+        .routes(routes!(status_handler))
+        .routes(routes!(release_handler))
+        .routes(routes!(grant_handler))
+}
+
+/// The operations of [`routes`], before the shared error responses are added.
+pub(crate) fn documented_routes() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
 fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(health_handler))
-        .route("/metrics", get(metrics_handler))
-        .route("/v1/openapi.json", get(openapi_handler))
-        .route("/v1/checkout", post(checkout_handler))
-        .route("/v1/heartbeat", post(heartbeat_handler))
-        .route("/v1/checkin", post(checkin_handler))
-        .route("/v1/products", get(products_handler))
-        .route("/v1/products/{product}", put(define_handler))
-        .route("/v1/status", get(status_handler))
-        .route("/v1/allocations/release", post(release_handler))
-        .route("/v1/allocations/grant", post(grant_handler))
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

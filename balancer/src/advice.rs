@@ -23,12 +23,13 @@ const AUTOTUNE_KEY: &str = "autotune";
 
 /// The opt-in autotune setting: whether the balancer applies the advice itself, and within
 /// which bounds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Autotune {
     /// Off unless an operator turns it on.
     pub enabled: bool,
     /// What autotune may set at most (and the interval range it may choose).
+    #[serde(deserialize_with = "allot_core::wire::object_only")]
     pub bounds: AutotuneBounds,
     /// How far back each autotune pass reads, in days.
     #[serde(default = "default_window_days")]
@@ -55,7 +56,7 @@ impl Default for Autotune {
 }
 
 /// What [`apply`] changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Applied {
     /// The new schedule, when it changed.
     pub schedule: Option<String>,

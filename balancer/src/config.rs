@@ -65,6 +65,9 @@ pub enum Command {
     History(crate::cli::HistoryArgs),
     /// A balancer, three metering servers and simulated users over a compressed day.
     Demo(crate::demo::DemoArgs),
+    /// Print the API's OpenAPI document (as served at /v1/openapi.json) and exit; this is how
+    /// docs/openapi/balancer.json is written.
+    Openapi,
 }
 
 /// Where the books live.
@@ -152,9 +155,7 @@ impl ServeArgs {
     }
 }
 
-/// The longest grace a rotated-out server token may get: 30 days. A longer overlap would
-/// defeat the purpose of rotating.
-pub const MAX_TOKEN_GRACE_SECONDS: u32 = 30 * 86_400;
+pub use allot_core::validate::MAX_TOKEN_GRACE_SECONDS;
 
 /// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else
 /// `~/.local/share/allot/balancer`, else `./allot-data`.

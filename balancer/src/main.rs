@@ -54,6 +54,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History(cmd) => cmd.run().await,
         Command::Advise(cmd) => cmd.run().await,
         Command::Autotune(cmd) => cmd.run().await,
+        Command::Openapi => {
+            println!("{}", allot_balancer::api::document().to_pretty_json()?);
+            Ok(())
+        }
         Command::Demo(args) => {
             init_logging_to_stderr_quietly();
             allot_balancer::demo::run(args).await

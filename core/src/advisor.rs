@@ -96,6 +96,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// The span of history analysed, as Unix milliseconds `[from_ms, to_ms)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Window {
     /// First instant analysed.
     pub from_ms: i64,
@@ -217,6 +218,7 @@ pub struct CurrentSchedule {
 
 /// The two per-cell settings the advisor tunes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CellSettings {
     /// Floor the balancer never reclaims below while the server is alive.
     pub min_units: u32,
@@ -351,6 +353,7 @@ pub struct AdvisorInput {
 
 /// Which rule produced a piece of evidence, so tools can group and filter recommendations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     /// Rule 1: instant balances between runs.
@@ -375,6 +378,7 @@ pub enum Rule {
 
 /// Why a recommendation is what it is: the figures, the window they came from, in words too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Evidence {
     /// The rule that read these figures.
     pub rule: Rule,
@@ -388,6 +392,7 @@ pub struct Evidence {
 
 /// What applying a recommendation should change, in words and figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Effect {
     /// For the person reviewing the advice.
     pub text: String,
@@ -397,6 +402,7 @@ pub struct Effect {
 
 /// Whether a recommendation changes anything, so "no change" is said, not implied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Keep the current value; the evidence says why it fits.
@@ -407,6 +413,7 @@ pub enum Action {
 
 /// A schedule as a cron expression with its zone and the gap it keeps between runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleSpec {
     /// Standard 5-field cron expression.
     pub cron: String,
@@ -420,6 +427,7 @@ pub struct ScheduleSpec {
 
 /// The recommended schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleRecommendation {
     /// Keep or change.
     pub action: Action,
@@ -441,6 +449,7 @@ pub struct ScheduleRecommendation {
 
 /// The recommended settings of one (server, product) cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CellRecommendation {
     /// The metering server.
     pub server: String,
@@ -465,6 +474,7 @@ pub struct CellRecommendation {
 /// The advisor's answer: one schedule recommendation and one per cell, sorted by server and
 /// product.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Advice {
     /// The history analysed (its end clipped to `now`).
     pub window: Window,
@@ -488,6 +498,9 @@ impl Advice {
 
 /// What the opt-in `autotune` setting may apply on its own; set by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+// Part of a request (`PUT /v1/autotune`): a misspelt bound must be an error, not ignored.
+#[serde(deny_unknown_fields)]
 pub struct AutotuneBounds {
     /// Largest `buffer_units` autotune may set.
     pub max_buffer_units: u32,

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 /// What a metering server does when a checkout finds no free unit in its allocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Enforcement {
     /// Deny (after trying an instant balance) — the licence terms are strict.
@@ -22,6 +23,7 @@ pub enum Enforcement {
 
 /// How checkouts consume units.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Seat {
     /// Every checkout takes its own units.
@@ -35,6 +37,7 @@ pub enum Seat {
 
 /// Who may check a product out. Deny lists win over allow lists; an empty allow list allows all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Acl {
     /// Users allowed; empty means everyone not denied.
@@ -58,6 +61,16 @@ pub struct Acl {
 }
 
 impl Acl {
+    /// The lists' names on the wire.
+    pub const FIELDS: [&'static str; 6] = [
+        "allow_users",
+        "deny_users",
+        "allow_hosts",
+        "deny_hosts",
+        "allow_groups",
+        "deny_groups",
+    ];
+
     /// Whether the ACL restricts nobody, so it can be skipped in displays.
     pub fn is_open(&self) -> bool {
         *self == Acl::default()
@@ -78,6 +91,7 @@ impl Acl {
 
 /// The rules a metering server applies to a product's checkouts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Policy {
     /// What happens when no unit is free.
     pub enforcement: Enforcement,
@@ -88,8 +102,22 @@ pub struct Policy {
     /// How long without a heartbeat before a checkout is released (staleout).
     pub staleout_seconds: u32,
     /// Who may check the product out.
-    #[serde(default, skip_serializing_if = "Acl::is_open")]
+    #[serde(
+        default,
+        skip_serializing_if = "Acl::is_open",
+        deserialize_with = "tolerant_acl"
+    )]
     pub acl: Acl,
+}
+
+/// Reads the ACL of a [`Policy`] — which travels in answers (products, a sync) — ignoring lists
+/// this version does not know, so a newer balancer's ACL never breaks an older metering
+/// server's sync. Requests stay strict: [`Acl`] itself refuses unknown fields.
+fn tolerant_acl<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Acl, D::Error> {
+    use serde::de::Error as _;
+    let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    map.retain(|k, _| Acl::FIELDS.contains(&k.as_str()));
+    Acl::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
 }
 
 impl Default for Policy {
@@ -111,6 +139,7 @@ pub const DEFAULT_STALEOUT_SECONDS: u32 = 300;
 
 /// Lifecycle of a metering server as the balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ServerState {
     /// Takes part in balancing.
@@ -123,6 +152,7 @@ pub enum ServerState {
 
 /// Direction of a move between a server and the reserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MoveKind {
     /// Server → reserve. Only free units are ever released.
@@ -133,6 +163,7 @@ pub enum MoveKind {
 
 /// Where a move stands in the move log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MoveState {
     /// Logged before it is sent; a grant's units are already in transit.
@@ -145,6 +176,7 @@ pub enum MoveState {
 
 /// What started a balance run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunTrigger {
     /// The cron schedule.
@@ -197,6 +229,39 @@ wire_enum_text! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acl_fields_name_every_list() {
+        let full = Acl {
+            allow_users: vec!["a".into()],
+            deny_users: vec!["a".into()],
+            allow_hosts: vec!["a".into()],
+            deny_hosts: vec!["a".into()],
+            allow_groups: vec!["a".into()],
+            deny_groups: vec!["a".into()],
+        };
+        let json = serde_json::to_value(&full).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields = Acl::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+    }
+
+    #[test]
+    fn a_policy_in_an_answer_ignores_acl_lists_it_does_not_know() {
+        let policy: Policy = serde_json::from_value(serde_json::json!({
+            "enforcement": "hard_stop", "seat": "concurrent", "heartbeat_seconds": 60,
+            "staleout_seconds": 300, "acl": {"allow_users": ["ann"], "allow_sites": ["hq"]}
+        }))
+        .unwrap();
+        assert_eq!(policy.acl.allow_users, ["ann"]);
+        assert!(serde_json::from_str::<Acl>(r#"{"allow_sites": ["hq"]}"#).is_err());
+    }
 
     #[test]
     fn text_form_round_trips_and_matches_serde() {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// The stable, machine-readable reason a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request is malformed or a field is out of range.
@@ -78,6 +79,7 @@ impl std::fmt::Display for ErrorCode {
 
 /// The JSON body of every error answer: `{"error": {"code": "…", "message": "…"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error itself, nested so that success and error bodies never share a top-level key.
     pub error: ErrorDetail,
@@ -85,6 +87,7 @@ pub struct ErrorBody {
 
 /// The code and the human explanation of a failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Stable reason, for programs.
     pub code: ErrorCode,

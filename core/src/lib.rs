@@ -11,6 +11,8 @@ pub mod advisor;
 pub mod checkout;
 pub mod domain;
 pub mod error;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod planner;
 pub mod trigger;
 pub mod validate;

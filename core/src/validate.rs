@@ -15,6 +15,9 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_ACL_ENTRIES: usize = 1_000;
 /// The longest heartbeat interval or staleout: one week.
 pub const MAX_POLICY_SECONDS: u32 = 7 * 24 * 3600;
+/// The longest grace a rotated-out server token may get: 30 days. A longer overlap would
+/// defeat the purpose of rotating.
+pub const MAX_TOKEN_GRACE_SECONDS: u32 = 30 * 86_400;
 
 /// A field that failed validation, with a message that names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +144,53 @@ pub fn acl(acl: &Acl) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Whether a `Content-Type` names JSON: `application/json` or an `application/*+json`, with
+/// any parameters (the rule axum's `Json` applies, so both servers agree with it).
+pub fn is_json_content_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// A request body must be a JSON object. serde's derived structs also accept a JSON array of
+/// the fields in order, so without this `[]` would pass as a request whose fields all have
+/// defaults (a balance of every product, a product reset to the default policy).
+pub fn json_object(body: &[u8]) -> Result<(), Invalid> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        _ => Err(Invalid::new("body", "must be a JSON object")),
+    }
+}
+
+/// A query string must percent-decode to UTF-8. The usual decoders replace a bad sequence with
+/// U+FFFD, so `?product=%FF` would quietly ask about a product named "\u{FFFD}".
+pub fn query_utf8(query: &str) -> Result<(), Invalid> {
+    let bytes = query.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    decoded.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                    i += 3;
+                    continue;
+                }
+                _ => decoded.push(b'%'),
+            },
+            b => decoded.push(b),
+        }
+        i += 1;
+    }
+    std::str::from_utf8(&decoded)
+        .map(|_| ())
+        .map_err(|_| Invalid::new("query", "must percent-decode to UTF-8"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +221,25 @@ mod tests {
         assert!(policy(&p).is_ok());
         p.staleout_seconds = p.heartbeat_seconds - 1;
         assert_eq!(policy(&p).unwrap_err().field, "staleout_seconds");
+    }
+
+    #[test]
+    fn queries_decode_to_utf8() {
+        assert!(query_utf8("product=caf%C3%A9&since=1d").is_ok());
+        assert!(query_utf8("product=%FF").is_err());
+        assert!(query_utf8("a=%").is_ok());
+        assert!(query_utf8("a=%E2%82").is_err());
+    }
+
+    #[test]
+    fn bodies_are_json_objects() {
+        assert!(json_object(b" {}").is_ok());
+        assert!(json_object(b"[]").is_err());
+        assert!(json_object(b"").is_err());
+        assert!(is_json_content_type("application/json; charset=utf-8"));
+        assert!(is_json_content_type("application/problem+json"));
+        assert!(!is_json_content_type("application/jsonx"));
+        assert!(!is_json_content_type("text/plain"));
     }
 
     #[test]

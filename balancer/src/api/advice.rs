@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// The window of `GET /v1/advice` and `POST /v1/advice/apply`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams, utoipa::ToSchema)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AdviceParams {
     /// How far back to read, e.g. `7d` (default 7 days, at most 30).
@@ -29,6 +30,9 @@ fn window(params: &AdviceParams) -> Result<Duration, ApiError> {
     Ok(since)
 }
 
+/// Schedule and buffer recommendations, with their evidence.
+#[utoipa::path(get, path = "/v1/advice", tag = "settings", security(("adminToken" = [])), params(AdviceParams),
+    responses((status = 200, description = "The advice", body = Advice)))]
 pub(super) async fn get_advice(
     State(state): State<AppState>,
     _: Admin,
@@ -41,12 +45,16 @@ pub(super) async fn get_advice(
 }
 
 /// The answer of `POST /v1/advice/apply`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct AppliedAdvice {
     advice: Advice,
     applied: Applied,
 }
 
+/// Applies the recommendations (audited).
+#[utoipa::path(post, path = "/v1/advice/apply", tag = "settings", security(("adminToken" = [])),
+    request_body = AdviceParams,
+    responses((status = 200, description = "The advice and what it changed", body = AppliedAdvice)))]
 pub(super) async fn apply_advice(
     State(state): State<AppState>,
     _: Admin,
@@ -65,6 +73,9 @@ pub(super) async fn apply_advice(
     Ok(Json(AppliedAdvice { advice, applied }))
 }
 
+/// The autotune setting.
+#[utoipa::path(get, path = "/v1/autotune", tag = "settings", security(("adminToken" = [])),
+    responses((status = 200, description = "The setting", body = Autotune)))]
 pub(super) async fn get_autotune(
     State(state): State<AppState>,
     _: Admin,
@@ -72,6 +83,10 @@ pub(super) async fn get_autotune(
     Ok(Json(advice::autotune(&*state.store).await?))
 }
 
+/// Turns autotune on or off, within bounds.
+#[utoipa::path(put, path = "/v1/autotune", tag = "settings", security(("adminToken" = [])),
+    request_body = Autotune,
+    responses((status = 200, description = "The new setting", body = Autotune)))]
 pub(super) async fn set_autotune(
     State(state): State<AppState>,
     _: Admin,

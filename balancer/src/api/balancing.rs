@@ -6,6 +6,7 @@ use crate::balance::BalanceError;
 use crate::store::RunsQuery;
 use allot_core::ErrorCode;
 use allot_core::domain::RunTrigger;
+use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{BalanceRequest, DoctorReport, List, RunDetail, RunSummary};
 use axum::Json;
@@ -31,6 +32,12 @@ impl From<BalanceError> for ApiError {
     }
 }
 
+/// Runs a manual balance now.
+#[utoipa::path(post, path = "/v1/balance", tag = "balancing", security(("adminToken" = [])),
+    request_body = BalanceRequest,
+    responses(
+        (status = 200, description = "The run and its moves", body = RunDetail),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn balance(
     State(state): State<AppState>,
     _: Admin,
@@ -48,12 +55,14 @@ pub(super) async fn balance(
 }
 
 /// Filters and paging of `GET /v1/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RunsParams {
     /// Page size, 1–1000 (default 50).
     limit: Option<u32>,
     /// Runs older than this id.
+    #[param(minimum = 1)]
     before: Option<i64>,
     /// Only this trigger: scheduled, instant, manual or reclaim.
     trigger: Option<RunTrigger>,
@@ -61,6 +70,9 @@ pub(super) struct RunsParams {
     since: Option<String>,
 }
 
+/// Balance runs, newest first.
+#[utoipa::path(get, path = "/v1/runs", tag = "balancing", security(("adminToken" = [])), params(RunsParams),
+    responses((status = 200, description = "One page of runs", body = List<RunSummary>)))]
 pub(super) async fn runs(
     State(state): State<AppState>,
     _: Admin,
@@ -83,7 +95,7 @@ pub(super) async fn runs(
     };
     let query = RunsQuery {
         limit,
-        before_id: params.before,
+        before_id: super::cursor(params.before)?,
         trigger: params.trigger,
         since_ms,
     };
@@ -92,6 +104,12 @@ pub(super) async fn runs(
     }))
 }
 
+/// One run with its moves.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "balancing", security(("adminToken" = [])),
+    params(("id" = i64, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run", body = RunDetail),
+        (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn run(
     State(state): State<AppState>,
     _: Admin,
@@ -100,6 +118,9 @@ pub(super) async fn run(
     Ok(Json(state.store.run(id).await?))
 }
 
+/// The books against every reachable server.
+#[utoipa::path(get, path = "/v1/doctor", tag = "balancing", security(("adminToken" = [])),
+    responses((status = 200, description = "The report; `ok` is false on any disagreement", body = DoctorReport)))]
 pub(super) async fn doctor(
     State(state): State<AppState>,
     _: Admin,

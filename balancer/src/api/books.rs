@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
+use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{
     AddEntitlement, CreateProduct, Entitlement, List, Product, ProductDetail,
@@ -21,6 +22,12 @@ fn validate_product(def: &CreateProduct) -> Result<(), validate::Invalid> {
     validate::policy(&def.policy())
 }
 
+/// Defines a product and its policy.
+#[utoipa::path(post, path = "/v1/products", tag = "books", security(("adminToken" = [])),
+    request_body = CreateProduct,
+    responses(
+        (status = 201, description = "The new product, with empty books", body = Product),
+        (status = 409, description = "`conflict`: a product of that name exists", body = ErrorBody)))]
 pub(super) async fn create_product(
     State(state): State<AppState>,
     _: Admin,
@@ -32,6 +39,9 @@ pub(super) async fn create_product(
     Ok((StatusCode::CREATED, Json(product)))
 }
 
+/// Every product with its books.
+#[utoipa::path(get, path = "/v1/products", tag = "books", security(("adminToken" = [])),
+    responses((status = 200, description = "Every product", body = List<Product>)))]
 pub(super) async fn list_products(
     State(state): State<AppState>,
     _: Admin,
@@ -41,6 +51,11 @@ pub(super) async fn list_products(
     }))
 }
 
+/// One product and how it is split among the servers.
+#[utoipa::path(get, path = "/v1/products/{product}", tag = "books", security(("adminToken" = [])), params(("product" = String, Path, description = "The product's name")),
+    responses(
+        (status = 200, description = "The product and its per-server split", body = ProductDetail),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn show_product(
     State(state): State<AppState>,
     _: Admin,
@@ -50,6 +65,12 @@ pub(super) async fn show_product(
     Ok(Json(state.store.product(&product).await?))
 }
 
+/// Records a purchase: purchased and the reserve grow by its units.
+#[utoipa::path(post, path = "/v1/products/{product}/entitlements", tag = "books", security(("adminToken" = [])), params(("product" = String, Path, description = "The product's name")),
+    request_body = AddEntitlement,
+    responses(
+        (status = 201, description = "The entitlement", body = Entitlement),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn add_entitlement(
     State(state): State<AppState>,
     _: Admin,
@@ -74,6 +95,11 @@ pub(super) async fn add_entitlement(
     Ok((StatusCode::CREATED, Json(entitlement)))
 }
 
+/// The product's live entitlements.
+#[utoipa::path(get, path = "/v1/products/{product}/entitlements", tag = "books", security(("adminToken" = [])), params(("product" = String, Path, description = "The product's name")),
+    responses(
+        (status = 200, description = "The live entitlements", body = List<Entitlement>),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn list_entitlements(
     State(state): State<AppState>,
     _: Admin,
@@ -85,6 +111,15 @@ pub(super) async fn list_entitlements(
     }))
 }
 
+/// Removes a purchase; refused unless its units are free in the reserve.
+#[utoipa::path(delete, path = "/v1/products/{product}/entitlements/{id}", tag = "books", security(("adminToken" = [])),
+    params(
+        ("product" = String, Path, description = "The product's name"),
+        ("id" = i64, Path, description = "The entitlement's id")),
+    responses(
+        (status = 200, description = "The removed entitlement", body = Entitlement),
+        (status = 404, description = "`unknown_product`, or `not_found` (no such entitlement)", body = ErrorBody),
+        (status = 409, description = "`conflict`: its units are not free in the reserve", body = ErrorBody)))]
 pub(super) async fn remove_entitlement(
     State(state): State<AppState>,
     _: Admin,

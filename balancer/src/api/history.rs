@@ -15,7 +15,8 @@ use std::time::Duration;
 const MAX_BUCKETS: i64 = 10_000;
 
 /// Query parameters of `GET /v1/history`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HistoryParams {
     product: Option<String>,
@@ -39,6 +40,9 @@ fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Durat
     }
 }
 
+/// Usage time series, bucketed.
+#[utoipa::path(get, path = "/v1/history", tag = "balancing", security(("adminToken" = [])), params(HistoryParams),
+    responses((status = 200, description = "One series per (server, product)", body = History)))]
 pub(super) async fn history(
     State(state): State<AppState>,
     _: Admin,
@@ -62,10 +66,11 @@ pub(super) async fn history(
     )?;
     let from = match params.from {
         Some(from) => from,
-        None => {
-            to - chrono::Duration::from_std(since)
-                .map_err(|_| ApiError::bad_request("since: too long"))?
-        }
+        // Checked: `to` near the calendar's start minus a long `since` would overflow.
+        None => chrono::Duration::from_std(since)
+            .ok()
+            .and_then(|since| to.checked_sub_signed(since))
+            .ok_or_else(|| ApiError::bad_request("since: reaches before the calendar's start"))?,
     };
     let step = duration("step", params.step.as_deref(), Duration::from_secs(3600))?;
     if step < Duration::from_secs(60) {

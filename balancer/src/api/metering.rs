@@ -7,6 +7,7 @@ use super::{ApiJson, AppState};
 use crate::auth;
 use crate::store::ServerRecord;
 use allot_core::ErrorCode;
+use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{
     InstantBalanceRequest, InstantBalanceResponse, SyncAllocation, SyncProduct, SyncRequest,
@@ -57,6 +58,10 @@ impl FromRequestParts<AppState> for MeteringServer {
     }
 }
 
+/// A metering server announces itself, learns its products and allocations, renews its lease.
+#[utoipa::path(post, path = "/v1/sync", tag = "metering", security(("serverToken" = [])),
+    request_body = SyncRequest,
+    responses((status = 200, description = "Its products and allocations", body = SyncResponse)))]
 pub(super) async fn sync(
     State(state): State<AppState>,
     MeteringServer(server): MeteringServer,
@@ -104,6 +109,12 @@ pub(super) async fn sync(
     }))
 }
 
+/// A metering server ran dry: grant from the reserve, else reclaim from idle servers.
+#[utoipa::path(post, path = "/v1/instant-balance", tag = "metering", security(("serverToken" = [])),
+    request_body = InstantBalanceRequest,
+    responses(
+        (status = 200, description = "What was granted (0 when nothing could be found)", body = InstantBalanceResponse),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn instant_balance(
     State(state): State<AppState>,
     MeteringServer(server): MeteringServer,

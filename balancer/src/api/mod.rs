@@ -15,18 +15,21 @@ mod settings;
 use crate::auth::{AdminToken, ServerTokens};
 use crate::store::Store;
 use allot_core::ErrorCode;
-use allot_core::validate::MAX_BODY_BYTES;
+use allot_core::error::ErrorBody;
+use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::Health;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use error::ApiError;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -49,20 +52,59 @@ pub struct AppState {
     pub token_grace: Duration,
 }
 
-/// A JSON body whose rejections (syntax, unknown fields, size) answer in the API's error shape.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON body whose rejections (content type, size, syntax, unknown fields) answer in the
+/// API's error shape, and which takes only a JSON object (see [`validate::json_object`]).
 pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(validate::is_json_content_type);
+        if !json {
+            return Err(ApiError::not_json());
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await?;
+        validate::json_object(&bytes)?;
+        let Json(value) = Json::<T>::from_bytes(&bytes)?;
+        Ok(Self(value))
+    }
+}
 
 /// Path parameters whose rejections answer in the API's error shape.
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// Query parameters whose rejections answer in the API's error shape.
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+/// Query parameters whose rejections answer in the API's error shape; a query that does not
+/// percent-decode to UTF-8 is refused rather than read with replacement characters.
 pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        validate::query_utf8(parts.uri.query().unwrap_or(""))?;
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
+
+/// A paging cursor (`?before=<id>`): ids start at 1, so a smaller one is a mistake, not an
+/// empty page.
+fn cursor(before: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match before {
+        Some(id) if id < 1 => Err(ApiError::bad_request(format!(
+            "before: must be an id of at least 1, got {id}"
+        ))),
+        other => Ok(other),
+    }
+}
 
 /// Proof that the caller presented the admin token; the audit log names it `admin`.
 pub struct Admin;
@@ -91,59 +133,57 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// Every route with its OpenAPI operation. `routes!` registers a handler at the path and
+/// methods its `#[utoipa::path]` names, so a route cannot be served undocumented.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(books::create_product, books::list_products))
+        .routes(routes!(books::show_product))
+        .routes(routes!(books::add_entitlement, books::list_entitlements))
+        .routes(routes!(books::remove_entitlement))
+        .routes(routes!(servers::register, servers::list))
+        .routes(routes!(servers::remove))
+        .routes(routes!(servers::drain))
+        .routes(routes!(servers::rotate_token))
+        .routes(routes!(servers::set_allocation_limits))
+        .routes(routes!(settings::schedule, settings::set_schedule))
+        .routes(routes!(settings::audit))
+        .routes(routes!(balancing::balance))
+        .routes(routes!(balancing::runs))
+        .routes(routes!(balancing::run))
+        .routes(routes!(balancing::doctor))
+        .routes(routes!(history::history))
+        .routes(routes!(advice::get_advice))
+        .routes(routes!(advice::apply_advice))
+        .routes(routes!(advice::get_autotune, advice::set_autotune))
+        .routes(routes!(metering::sync))
+        .routes(routes!(metering::instant_balance))
+}
+
+/// The balancer's OpenAPI document, as served at `/v1/openapi.json` and written to
+/// `docs/openapi/balancer.json` by `allot-balancer openapi`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut document = routes().into_openapi();
+    allot_core::openapi::CommonErrors {
+        writes_need_the_leader: true,
+    }
+    .modify(&mut document);
+    document
+}
+
+/// [`document`], built once: it never changes while the process runs.
+fn cached_document() -> &'static utoipa::openapi::OpenApi {
+    static DOCUMENT: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    DOCUMENT.get_or_init(document)
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/products",
-            post(books::create_product).get(books::list_products),
-        )
-        .route("/products/{product}", get(books::show_product))
-        .route(
-            "/products/{product}/entitlements",
-            post(books::add_entitlement).get(books::list_entitlements),
-        )
-        .route(
-            "/products/{product}/entitlements/{id}",
-            axum::routing::delete(books::remove_entitlement),
-        )
-        .route("/servers", post(servers::register).get(servers::list))
-        .route("/servers/{server}", axum::routing::delete(servers::remove))
-        .route("/servers/{server}/drain", post(servers::drain))
-        .route(
-            "/servers/{server}/rotate-token",
-            post(servers::rotate_token),
-        )
-        .route(
-            "/servers/{server}/products/{product}",
-            put(servers::set_allocation_limits),
-        )
-        .route(
-            "/schedule",
-            get(settings::schedule).put(settings::set_schedule),
-        )
-        .route("/audit", get(settings::audit))
-        .route("/balance", post(balancing::balance))
-        .route("/runs", get(balancing::runs))
-        .route("/runs/{id}", get(balancing::run))
-        .route("/doctor", get(balancing::doctor))
-        .route("/history", get(history::history))
-        .route("/advice", get(advice::get_advice))
-        .route("/advice/apply", post(advice::apply_advice))
-        .route(
-            "/autotune",
-            get(advice::get_autotune).put(advice::set_autotune),
-        )
-        .route("/sync", post(metering::sync))
-        .route("/instant-balance", post(metering::instant_balance));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { Json(openapi::document()) }),
-        )
-        .route("/metrics", get(metrics))
-        .nest("/v1", v1)
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -153,8 +193,9 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::map_response(timeout_in_the_error_shape))
         .layer(axum::middleware::from_fn(count_refused))
         .with_state(state)
 }
@@ -182,6 +223,31 @@ async fn count_refused(
     response
 }
 
+/// How long any request may take before it is answered `503 unavailable`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The timeout layer answers with an empty body; every answer of the API, this one too, carries
+/// the error shape with a stable code.
+async fn timeout_in_the_error_shape(
+    response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let bare = !response
+        .headers()
+        .contains_key(axum::http::header::CONTENT_TYPE);
+    if response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE && bare {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the request took longer than {} s; retry later",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response();
+    }
+    response
+}
+
 /// Followers serve reads; every other call goes to the leader: `421 not_leader` with its URL.
 async fn require_leader(
     State(state): State<AppState>,
@@ -205,6 +271,9 @@ async fn require_leader(
     (axum::http::StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
 }
 
+/// Liveness and leadership.
+#[utoipa::path(get, path = "/healthz", tag = "meta",
+    responses((status = 200, description = "The process serves requests", body = Health)))]
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -213,9 +282,20 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
+/// Prometheus metrics (text exposition).
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses(
+    (status = 200, description = "The metrics", body = String, content_type = "text/plain"),
+    (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     let leading = state.leadership.borrow().is_some();
     Ok(crate::metrics::render(&*state.store, leading).await?)
+}
+
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(cached_document())
 }
 
 /// Serves the API on `listener` (over TLS when `tls` is given) until `shutdown` resolves,
@@ -238,5 +318,31 @@ pub async fn run(
                 .with_graceful_shutdown(shutdown)
                 .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    #[tokio::test]
+    async fn a_timed_out_request_is_answered_in_the_error_shape() {
+        let timed_out = StatusCode::SERVICE_UNAVAILABLE.into_response();
+        let answer = timeout_in_the_error_shape(timed_out).await;
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: allot_core::error::ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unavailable);
+        // An error the API already shaped passes through untouched.
+        let shaped = ApiError::new(ErrorCode::Unavailable, "store down").into_response();
+        let answer = timeout_in_the_error_shape(shaped).await;
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("store down"));
     }
 }

@@ -4,6 +4,7 @@ use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
 use crate::auth;
 use crate::config::MAX_TOKEN_GRACE_SECONDS;
+use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{
     AllocationView, List, RegisterServer, RegisteredServer, RotateToken, RotatedToken, Server,
@@ -13,6 +14,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
+/// Registers a metering server; its token is shown this once.
+#[utoipa::path(post, path = "/v1/servers", tag = "servers", security(("adminToken" = [])),
+    request_body = RegisterServer,
+    responses(
+        (status = 201, description = "The server and its token", body = RegisteredServer),
+        (status = 409, description = "`conflict`: a server of that name exists", body = ErrorBody)))]
 pub(super) async fn register(
     State(state): State<AppState>,
     _: Admin,
@@ -36,6 +43,12 @@ pub(super) async fn register(
 
 /// Issues a new token; the old one keeps working for the grace period so the metering server
 /// can be restarted with the new one without downtime (see `docs/operator-guide.md`).
+#[utoipa::path(post, path = "/v1/servers/{server}/rotate-token", tag = "servers", security(("adminToken" = [])), params(("server" = String, Path, description = "The metering server's name")),
+    request_body = RotateToken,
+    responses(
+        (status = 200, description = "The server and its new token, shown this once; the old token works until `previous_token_until`", body = RotatedToken),
+        (status = 400, description = "`bad_request`: grace_seconds out of range", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn rotate_token(
     State(state): State<AppState>,
     _: Admin,
@@ -71,6 +84,9 @@ pub(super) async fn rotate_token(
     Ok(Json(RotatedToken { server, token }))
 }
 
+/// Registered metering servers.
+#[utoipa::path(get, path = "/v1/servers", tag = "servers", security(("adminToken" = [])),
+    responses((status = 200, description = "Every server", body = List<Server>)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
@@ -80,6 +96,11 @@ pub(super) async fn list(
     }))
 }
 
+/// Empties a server down to its in-use units, ignoring its floors.
+#[utoipa::path(post, path = "/v1/servers/{server}/drain", tag = "servers", security(("adminToken" = [])), params(("server" = String, Path, description = "The metering server's name")),
+    responses(
+        (status = 200, description = "The server, now draining", body = Server),
+        (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn drain(
     State(state): State<AppState>,
     _: Admin,
@@ -91,6 +112,12 @@ pub(super) async fn drain(
     Ok(Json(drained))
 }
 
+/// Removes an empty server.
+#[utoipa::path(delete, path = "/v1/servers/{server}", tag = "servers", security(("adminToken" = [])), params(("server" = String, Path, description = "The metering server's name")),
+    responses(
+        (status = 200, description = "The removed server", body = Server),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the server still holds units", body = ErrorBody)))]
 pub(super) async fn remove(
     State(state): State<AppState>,
     _: Admin,
@@ -102,6 +129,15 @@ pub(super) async fn remove(
     Ok(Json(removed))
 }
 
+/// Sets one cell's floor and buffer.
+#[utoipa::path(put, path = "/v1/servers/{server}/products/{product}", tag = "servers", security(("adminToken" = [])),
+    params(
+        ("server" = String, Path, description = "The metering server's name"),
+        ("product" = String, Path, description = "The product's name")),
+    request_body = SetAllocation,
+    responses(
+        (status = 200, description = "The cell", body = AllocationView),
+        (status = 404, description = "`not_found` (server) or `unknown_product`", body = ErrorBody)))]
 pub(super) async fn set_allocation_limits(
     State(state): State<AppState>,
     _: Admin,

@@ -21,6 +21,9 @@ fn view(setting: ScheduleSetting) -> Result<Schedule, ApiError> {
     })
 }
 
+/// The schedule and its next five runs.
+#[utoipa::path(get, path = "/v1/schedule", tag = "settings", security(("adminToken" = [])),
+    responses((status = 200, description = "The schedule", body = Schedule)))]
 pub(super) async fn schedule(
     State(state): State<AppState>,
     _: Admin,
@@ -28,6 +31,10 @@ pub(super) async fn schedule(
     Ok(Json(view(state.store.schedule().await?)?))
 }
 
+/// Replaces the schedule (a cron expression read in an IANA time zone).
+#[utoipa::path(put, path = "/v1/schedule", tag = "settings", security(("adminToken" = [])),
+    request_body = SetSchedule,
+    responses((status = 200, description = "The new schedule", body = Schedule)))]
 pub(super) async fn set_schedule(
     State(state): State<AppState>,
     _: Admin,
@@ -45,15 +52,20 @@ pub(super) async fn set_schedule(
 }
 
 /// Paging of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuditParams {
     /// Page size, 1–1000 (default 100).
     limit: Option<u32>,
     /// Entries older than this id (the last id of the previous page).
+    #[param(minimum = 1)]
     before: Option<i64>,
 }
 
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "settings", security(("adminToken" = [])), params(AuditParams),
+    responses((status = 200, description = "One page of entries", body = List<AuditEntry>)))]
 pub(super) async fn audit(
     State(state): State<AppState>,
     _: Admin,
@@ -69,7 +81,7 @@ pub(super) async fn audit(
         .store
         .audit(AuditQuery {
             limit,
-            before_id: params.before,
+            before_id: super::cursor(params.before)?,
         })
         .await?;
     Ok(Json(List { items }))

@@ -11,27 +11,35 @@ fn one() -> u32 {
 
 /// `POST /v1/checkout`: ask for units of a product.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Who runs the program (ACL and seat rules use it).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub user: String,
     /// Where the program runs (ACL and seat rules use it).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub host: String,
     /// Groups the user belongs to, for group ACLs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub groups: Vec<String>,
     /// Units wanted; 1 unless the product counts cores or tokens.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
     /// How long the client will wait in the queue when nothing is free (0 = answer at once).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 3600))]
     pub wait_seconds: u32,
 }
 
 /// The answer to a granted checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CheckoutResponse {
     /// Names the checkout in heartbeats and the checkin.
     pub handle: String,
@@ -45,6 +53,7 @@ pub struct CheckoutResponse {
 
 /// `POST /v1/heartbeat` and `POST /v1/checkin`: name a checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HandleRequest {
     /// The handle returned by the checkout.
@@ -53,6 +62,7 @@ pub struct HandleRequest {
 
 /// The answer to a heartbeat or a checkin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HandleResponse {
     /// The handle acted on.
     pub handle: String,
@@ -62,6 +72,7 @@ pub struct HandleResponse {
 
 /// One product as a metering server's clients see it (`GET /v1/products`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentProduct {
     /// The product's name.
     pub product: String,
@@ -79,6 +90,7 @@ pub struct AgentProduct {
 
 /// `GET /v1/products` on a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentProducts {
     /// One entry per product the server knows.
     pub products: Vec<AgentProduct>,
@@ -86,6 +98,7 @@ pub struct AgentProducts {
 
 /// Counters of one product on one metering server, over some window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageCounters {
     /// The highest in-use count seen.
     pub peak_in_use: u32,
@@ -103,6 +116,7 @@ pub struct UsageCounters {
 
 /// One product in a metering server's status report to the balancer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProductStatus {
     /// The product's name.
     pub product: String,
@@ -122,6 +136,7 @@ pub struct ProductStatus {
 
 /// `GET /v1/status`: what the balancer needs to plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentStatus {
     /// The server's own name.
     pub server: String,
@@ -131,18 +146,22 @@ pub struct AgentStatus {
 
 /// `POST /v1/allocations/release` and `POST /v1/allocations/grant`: one move, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     /// The move's id in the balancer's move log; a repeat is answered from the first outcome.
     pub move_id: Uuid,
     /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Units to release or grant.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
 }
 
 /// The outcome of a release or a grant on a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MoveResponse {
     /// The move acted on.
     pub move_id: Uuid,
@@ -159,6 +178,7 @@ pub struct MoveResponse {
 /// The same fields as [`Policy`], but strict: an unknown field is an error, not a silently
 /// ignored setting (the balancer pushes definitions here; `--products-file` uses it too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProductDefinition {
     /// What happens when no unit is free.
@@ -169,12 +189,14 @@ pub struct ProductDefinition {
     pub seat: crate::domain::Seat,
     /// How often a client should heartbeat.
     #[serde(default = "default_heartbeat")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub heartbeat_seconds: u32,
     /// How long without a heartbeat before a checkout is released.
     #[serde(default = "default_staleout")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub staleout_seconds: u32,
     /// Who may check the product out.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object_only")]
     pub acl: crate::domain::Acl,
 }
 

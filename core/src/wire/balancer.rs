@@ -13,15 +13,19 @@ fn default_staleout() -> u32 {
 
 /// `POST /v1/products`: define a product and its policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateProduct {
     /// Unique name; used in URLs.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
     /// Who sells it, for people reading reports.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub publisher: Option<String>,
     /// Which release, for people reading reports.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub version: Option<String>,
     /// What happens when a server has no free unit.
     #[serde(default)]
@@ -31,12 +35,14 @@ pub struct CreateProduct {
     pub seat: Seat,
     /// Heartbeat interval for clients.
     #[serde(default = "default_heartbeat")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub heartbeat_seconds: u32,
     /// Release a checkout after this long without a heartbeat.
     #[serde(default = "default_staleout")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub staleout_seconds: u32,
     /// Who may check it out.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object_only")]
     pub acl: Acl,
 }
 
@@ -55,6 +61,7 @@ impl CreateProduct {
 
 /// A product with its books.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Product {
     /// Unique name.
     pub name: String,
@@ -78,6 +85,7 @@ pub struct Product {
 
 /// `GET /v1/products/{product}`: the product and how it is split.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProductDetail {
     /// The product and its books.
     #[serde(flatten)]
@@ -88,6 +96,7 @@ pub struct ProductDetail {
 
 /// One (server, product) cell of the books.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AllocationView {
     /// The server's name.
     pub server: String,
@@ -109,20 +118,24 @@ pub struct AllocationView {
 
 /// `POST /v1/products/{product}/entitlements`: record a purchase.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddEntitlement {
     /// Units purchased.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
     /// When the purchase stops counting, if ever.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
     /// The order number, contract or note that justifies it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub reference: Option<String>,
 }
 
 /// A purchase record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Entitlement {
     /// Store id, used to remove it.
     pub id: i64,
@@ -142,18 +155,23 @@ pub struct Entitlement {
 
 /// `POST /v1/servers`: register a metering server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterServer {
     /// Unique name; used in URLs.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
     /// Where the balancer reaches its balancer-facing API.
+    #[cfg_attr(feature = "openapi", schema(min_length = 8, max_length = 2048))]
     pub url: String,
     /// The site or region it serves, for reports and dashboards.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub site: String,
 }
 
 /// A metering server as the balancer knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Server {
     /// Unique name.
     pub name: String,
@@ -175,6 +193,7 @@ pub struct Server {
 
 /// The answer to a registration: the only time the server's token is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisteredServer {
     /// The new server.
     #[serde(flatten)]
@@ -185,12 +204,14 @@ pub struct RegisteredServer {
 
 /// `POST /v1/servers/{server}/rotate-token`: issue a new token for a server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RotateToken {
     /// How long the old token keeps working, so the server can be restarted with the new one
     /// without downtime; absent → the balancer's `--token-grace-seconds`; 0 → refused at once
     /// (a leaked token).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 2_592_000))]
     pub grace_seconds: Option<u32>,
 }
 
@@ -199,6 +220,7 @@ pub struct RotateToken {
 /// the server), unless the server presents the new one first; it is absent when the old token
 /// was refused at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotatedToken {
     /// The server.
     #[serde(flatten)]
@@ -209,16 +231,20 @@ pub struct RotatedToken {
 
 /// `PUT /v1/servers/{server}/products/{product}`: the floor and the buffer of one cell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetAllocation {
     /// Floor the balancer never reclaims below while the server is alive.
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
     pub min_units: u32,
     /// Free units the server should hold above its demand.
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
     pub buffer_units: u32,
 }
 
 /// `PUT /v1/schedule`: when scheduled balance runs happen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetSchedule {
     /// A standard 5- or 6-field cron expression.
@@ -230,6 +256,7 @@ pub struct SetSchedule {
 
 /// `GET /v1/schedule`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Schedule {
     /// The cron expression.
     pub cron: String,
@@ -241,6 +268,7 @@ pub struct Schedule {
 
 /// One audited change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// Increasing id.
     pub id: i64,
@@ -260,6 +288,7 @@ pub struct AuditEntry {
 
 /// A list answer: `{"items": [...]}` so lists can grow paging fields later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct List<T> {
     /// The entries.
     pub items: Vec<T>,
@@ -270,15 +299,18 @@ pub struct List<T> {
 
 /// `POST /v1/balance`: run a manual balance now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BalanceRequest {
     /// Only this product; all products when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: Option<String>,
 }
 
 /// One move as the move log holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MoveView {
     /// The move's id, sent to the metering server as the idempotency key.
     pub id: uuid::Uuid,
@@ -298,6 +330,7 @@ pub struct MoveView {
 
 /// A balance run's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunSummary {
     /// Increasing id.
     pub id: i64,
@@ -323,6 +356,7 @@ pub struct RunSummary {
 
 /// `GET /v1/runs/{id}` and the answer of `POST /v1/balance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunDetail {
     /// The run's record.
     #[serde(flatten)]
@@ -333,6 +367,7 @@ pub struct RunDetail {
 
 /// One (server, product) cell as the store and the server each see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorCell {
     /// The server.
     pub server: String,
@@ -350,6 +385,7 @@ pub struct DoctorCell {
 
 /// One product's books and the servers' views of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorProduct {
     /// The product.
     pub product: String,
@@ -367,6 +403,7 @@ pub struct DoctorProduct {
 
 /// `GET /v1/doctor`: do the books and every reachable server agree?
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorReport {
     /// True when nothing below is wrong.
     pub ok: bool,
@@ -385,14 +422,17 @@ pub struct DoctorReport {
 
 /// `POST /v1/sync`: a metering server announces itself and learns its products and allocations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     /// The metering server's version, for the balancer's log.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub version: String,
 }
 
 /// A product definition as a metering server needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncProduct {
     /// The product's name.
     pub name: String,
@@ -402,6 +442,7 @@ pub struct SyncProduct {
 
 /// The allocation the balancer's books give a server for one product.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncAllocation {
     /// The product's name.
     pub product: String,
@@ -413,6 +454,7 @@ pub struct SyncAllocation {
 
 /// The answer to a sync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncResponse {
     /// The server's registered name.
     pub server: String,
@@ -431,19 +473,23 @@ pub struct SyncResponse {
 
 /// `POST /v1/instant-balance`: a server ran dry and asks for units now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstantBalanceRequest {
     /// Idempotency key: the same id twice grants once.
     pub request_id: uuid::Uuid,
     /// The product.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
     /// Units wanted.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
 }
 
 /// The answer to an instant balance. The units themselves arrive as a grant move on the
 /// server's balancer-facing API before this answer is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstantBalanceResponse {
     /// The request answered.
     pub request_id: uuid::Uuid,
@@ -461,6 +507,7 @@ pub struct InstantBalanceResponse {
 /// One bucket of a usage time series. Means come with the sums and counts they are made of,
 /// so a reader can combine buckets without losing anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryPoint {
     /// Start of the bucket.
     pub at: DateTime<Utc>,
@@ -492,6 +539,7 @@ pub struct HistoryPoint {
 
 /// The time series of one (server, product).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistorySeries {
     /// The server.
     pub server: String,
@@ -505,6 +553,7 @@ pub struct HistorySeries {
 
 /// `GET /v1/history`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct History {
     /// Start of the window.
     pub from: DateTime<Utc>,

@@ -6,10 +6,26 @@
 pub mod agent;
 pub mod balancer;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Deserialises a nested request struct from a JSON object only, for `deserialize_with`.
+///
+/// serde's derived structs also accept an array of their fields in order, so `"acl": []` would
+/// silently mean "no ACL" and `"bounds": [1, 2, 3, 4]` would set bounds nobody named. Request
+/// bodies are refused unless they are objects at the edge; this does the same one level down.
+pub fn object_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    T::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
+}
 
 /// The answer of `GET /healthz` on both processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// `ok` while the process serves requests.
     pub status: String,
