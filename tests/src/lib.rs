@@ -14,6 +14,22 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 50 ms until it holds, and fails the test naming `what` if it still does
+/// not after `within`: tests wait for a condition, never for a guessed time.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The database a test runs against: SQLite (a file in the data directory) or a fresh
 /// PostgreSQL database dropped when the value is dropped.
 pub struct Backend {

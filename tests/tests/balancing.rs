@@ -18,20 +18,6 @@ on_both_backends!(
     the_same_instant_request_twice_grants_once,
 );
 
-/// Waits (at most 10 s) until `check` holds of the books: a server may answer its client the
-/// moment a grant lands, a few milliseconds before the balancer books the grant.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The doctor must find the books and every server in agreement once the servers' own
 /// proactive pulls (moves briefly in flight) have settled; a real discrepancy persists.
 async fn assert_doctor_ok(fleet: &Fleet) {
@@ -125,7 +111,7 @@ async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
     let (status, body) = fleet.meters[0].checkout("cad", "alice").await;
     assert_eq!(status, 200, "{body}");
     assert!(started.elapsed() < Duration::from_secs(2));
-    eventually("the grant is booked", || async {
+    allot_tests::eventually("the grant is booked", Duration::from_secs(10), || async {
         fleet.allocation("paris", "cad").await >= 1
     })
     .await;
@@ -162,11 +148,15 @@ async fn instant_balance_reclaims_from_an_idle_server(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     // The busy server pulls its deficit plus a little headroom (the trigger policy); the idle
     // one gives up free units only, and the books keep every unit.
-    eventually("the reclaim and the grant are booked", || async {
-        let busy = fleet.allocation("busy", "cad").await;
-        let idle = fleet.allocation("idle", "cad").await;
-        busy >= 1 && busy + idle == 4
-    })
+    allot_tests::eventually(
+        "the reclaim and the grant are booked",
+        Duration::from_secs(10),
+        || async {
+            let busy = fleet.allocation("busy", "cad").await;
+            let idle = fleet.allocation("idle", "cad").await;
+            busy >= 1 && busy + idle == 4
+        },
+    )
     .await;
     fleet.assert_no_over_grant("cad", 4).await;
     assert_doctor_ok(&fleet).await;

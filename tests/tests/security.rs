@@ -20,19 +20,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
-/// Waits (at most 20 s) until `check` holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `POST /v1/sync` as a metering server presenting `token`; answers the status.
 async fn sync_with(balancer: &str, token: &str) -> StatusCode {
     Api::new(balancer, Some(token))
@@ -182,8 +169,9 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     paris.kill9();
     paris.token = new.clone();
     paris.start(&[]).await;
-    eventually(
+    allot_tests::eventually(
         "the old token is refused once paris presents the new one",
+        Duration::from_secs(20),
         || {
             let (balancer, old) = (balancer.clone(), old.clone());
             async move { sync_with(&balancer, &old).await == StatusCode::UNAUTHORIZED }
@@ -225,10 +213,14 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert!(printed["token"].as_str().is_some_and(|t| t != tokyo_old));
     assert_eq!(sync_with(&balancer, &tokyo_old).await, StatusCode::OK);
-    eventually("tokyo's old token is refused when the grace ends", || {
-        let (balancer, old) = (balancer.clone(), tokyo_old.clone());
-        async move { sync_with(&balancer, &old).await == StatusCode::UNAUTHORIZED }
-    })
+    allot_tests::eventually(
+        "tokyo's old token is refused when the grace ends",
+        Duration::from_secs(20),
+        || {
+            let (balancer, old) = (balancer.clone(), tokyo_old.clone());
+            async move { sync_with(&balancer, &old).await == StatusCode::UNAUTHORIZED }
+        },
+    )
     .await;
     // A leaked token is refused at once.
     let leaked = api
