@@ -13,6 +13,7 @@ on_both_backends!(
     instant_balance_reclaims_from_an_idle_server,
     kill9_between_release_and_grant_loses_nothing,
     kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
+    a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move,
     a_silent_server_is_reclaimed_once_and_rejoins,
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
@@ -241,6 +242,71 @@ async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Bac
         "applied exactly once"
     );
     fleet.assert_no_over_grant("cad", 5).await;
+    assert_doctor_ok(&fleet).await;
+}
+
+/// A dead server's unfinished moves are re-sent in order up to the first it does not confirm:
+/// the rest would each wait out the same call timeout, stalling every run behind it. None is
+/// lost: once the server is back, every one is applied exactly once.
+async fn a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
+    let products = ["cad", "cam", "sim"];
+    for product in products {
+        fleet.product(product, 5).await;
+    }
+    fleet.add_meter("paris").await;
+    for product in products {
+        fleet.wait_synced(product).await;
+    }
+    // The server dies after applying its first grant durably, before answering it; the run's
+    // later grants to it find it gone. All three stay in transit.
+    fleet.meters[0].kill9();
+    fleet.meters[0]
+        .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
+        .await;
+    for product in products {
+        fleet.limits("paris", product, 0, 2).await;
+    }
+    let run = fleet.balance().await;
+    assert_eq!(run["status"], "partial", "{run:#}");
+    assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+    let mut in_transit = 0;
+    for product in products {
+        in_transit += fleet.api().get(&format!("/v1/products/{product}")).await["in_transit"]
+            .as_u64()
+            .unwrap();
+    }
+    assert_eq!(in_transit, 6, "three unconfirmed grants of 2");
+
+    // With the server still down, the next run sends the first and holds back the other two.
+    let run = fleet.balance().await;
+    let errors: Vec<&str> = run["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("2 more unfinished moves to paris not re-sent")),
+        "{run:#}"
+    );
+
+    // Back up: every held-back move is re-sent and applied exactly once.
+    fleet.meters[0].start(&[]).await;
+    fleet.balance().await;
+    for product in products {
+        let detail = fleet.api().get(&format!("/v1/products/{product}")).await;
+        assert_eq!(detail["in_transit"], 0, "{product}: {detail:#}");
+        assert_eq!(fleet.allocation("paris", product).await, 2, "{product}");
+        assert_eq!(
+            fleet.meters[0].product(product).await["allocated"],
+            2,
+            "{product}: applied exactly once"
+        );
+        fleet.assert_no_over_grant(product, 5).await;
+    }
     assert_doctor_ok(&fleet).await;
 }
 

@@ -40,6 +40,22 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use uuid::Uuid;
 
+/// Why a move did not finish. Only an unconfirmed move leaves the server's state unknown, so
+/// only it stops the re-sending of that server's later moves.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveFailure {
+    /// The server refused the move, so it did not apply it; the move is abandoned.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer (unreachable, timed out, a 5xx): the move stays planned and is re-sent.
+    #[error("{0}")]
+    Unconfirmed(String),
+    /// The store failed to book the server's answer; the move is re-sent and answered from the
+    /// server's log.
+    #[error("{0}")]
+    NotBooked(String),
+}
+
 /// How the engine talks to servers and decides who is lost.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -173,13 +189,13 @@ impl Engine {
     }
 
     /// Carries one logged move to its server and books the answer. Returns the booked record,
-    /// or the move as it stands (still planned) with the reason it could not finish.
+    /// or why the move could not finish (it is then abandoned, or still planned).
     #[tracing::instrument(skip_all, fields(move_id = %mv.id, kind = %mv.kind, product = %mv.product, server = %server.name, units = mv.units))]
     pub async fn execute(
         &self,
         server: &ServerRecord,
         mv: &MoveRecord,
-    ) -> Result<MoveRecord, String> {
+    ) -> Result<MoveRecord, MoveFailure> {
         let request = MoveRequest {
             move_id: mv.id,
             product: mv.product.clone(),
@@ -199,10 +215,10 @@ impl Engine {
                     )
                     .await
                     .map_err(|e| {
-                        format!(
+                        MoveFailure::NotBooked(format!(
                             "move {} applied by {} but not booked: {e}",
                             mv.id, server.name
-                        )
+                        ))
                     })?;
                 crate::metrics::METRICS.moved(&booked);
                 tracing::info!(
@@ -224,16 +240,19 @@ impl Engine {
                 self.store
                     .abandon_move(mv.id, &reason, self.write_epoch())
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| MoveFailure::NotBooked(e.to_string()))?;
                 tracing::warn!(%reason, "move refused by the server; abandoned");
-                Err(format!(
+                Err(MoveFailure::Refused(format!(
                     "{} {} refused by {}: {reason}",
                     mv.kind, mv.id, server.name
-                ))
+                )))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "move not confirmed; it stays planned and will be resent");
-                Err(format!("{} {} to {}: {e}", mv.kind, mv.id, server.name))
+                Err(MoveFailure::Unconfirmed(format!(
+                    "{} {} to {}: {e}",
+                    mv.kind, mv.id, server.name
+                )))
             }
         }
     }
@@ -258,7 +277,7 @@ impl Engine {
         match self.execute(server, &logged).await {
             Ok(done) => Some(done),
             Err(e) => {
-                errors.lock().expect("errors").push(e);
+                errors.lock().expect("errors").push(e.to_string());
                 None
             }
         }
@@ -266,23 +285,67 @@ impl Engine {
 
     /// Re-sends every unfinished move (start-up, and the start of every run). Moves of a
     /// server that is lost or removed were abandoned when it was reclaimed.
+    ///
+    /// One queue per server, in log order, the servers' queues concurrently (bounded like
+    /// status reads): a dead server delays only its own queue, and its queue stops at the first
+    /// move it does not confirm, since every later one would wait out the same call timeout.
+    /// Order across servers does not matter: an unfinished grant's units were taken from the
+    /// reserve when it was logged, and a release's units reach the reserve only once confirmed.
     pub async fn resume_unfinished(&self) -> Result<Vec<String>, BalanceError> {
         let servers = self.servers_by_name().await?;
         let mut errors = Vec::new();
+        let mut queues: BTreeMap<String, Vec<MoveRecord>> = BTreeMap::new();
         for mv in self.store.unfinished_moves().await? {
-            match servers.get(&mv.server) {
-                Some(server) => {
-                    if let Err(e) = self.execute(server, &mv).await {
-                        errors.push(e);
-                    }
-                }
-                None => errors.push(format!(
+            if servers.contains_key(&mv.server) {
+                queues.entry(mv.server.clone()).or_default().push(mv);
+            } else {
+                errors.push(format!(
                     "move {} names an unknown server {}",
                     mv.id, mv.server
-                )),
+                ));
+            }
+        }
+        let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, queue) in queues {
+            let server = servers[&name].clone();
+            let engine = self.clone();
+            let semaphore = semaphore.clone();
+            tasks.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                engine.resume_queue(&server, queue).await
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(failed) => errors.extend(failed),
+                Err(e) => errors.push(format!("resuming a server's moves failed: {e}")),
             }
         }
         Ok(errors)
+    }
+
+    /// Re-sends one server's unfinished moves in order, stopping at the first it does not
+    /// confirm; returns what failed.
+    async fn resume_queue(&self, server: &ServerRecord, queue: Vec<MoveRecord>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut moves = queue.into_iter();
+        while let Some(mv) = moves.next() {
+            let Err(failure) = self.execute(server, &mv).await else {
+                continue;
+            };
+            let stop = matches!(failure, MoveFailure::Unconfirmed(_));
+            errors.push(failure.to_string());
+            if stop && moves.len() > 0 {
+                errors.push(format!(
+                    "{} more unfinished moves to {} not re-sent this run: it did not confirm the one before",
+                    moves.len(),
+                    server.name
+                ));
+                break;
+            }
+        }
+        errors
     }
 
     async fn servers_by_name(&self) -> Result<BTreeMap<String, ServerRecord>, BalanceError> {
