@@ -14,6 +14,7 @@ on_both_backends!(
     kill9_between_release_and_grant_loses_nothing,
     kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
     a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move,
+    a_resend_refused_for_its_token_leaves_the_move_in_transit,
     a_silent_server_is_reclaimed_once_and_rejoins,
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
@@ -307,6 +308,64 @@ async fn a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move(backe
         );
         fleet.assert_no_over_grant(product, 5).await;
     }
+    assert_doctor_ok(&fleet).await;
+}
+
+/// A re-sent move refused for its credentials proves nothing about the first send: after a
+/// rotation that refuses the old token at once, the server (still on the old token) answers the
+/// balancer's re-send 401 although it applied the grant. The grant must stay in transit —
+/// abandoning it would return units the server holds to the reserve — and be applied exactly
+/// once when the server comes back with its new token.
+async fn a_resend_refused_for_its_token_leaves_the_move_in_transit(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
+    fleet.product("cad", 5).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    fleet.meters[0].kill9();
+    fleet.meters[0]
+        .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
+        .await;
+    fleet.limits("paris", "cad", 0, 3).await;
+    let run = fleet.balance().await;
+    assert_eq!(run["status"], "partial", "{run:#}");
+    assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+
+    let rotated = fleet
+        .api()
+        .post(
+            "/v1/servers/paris/rotate-token",
+            serde_json::json!({"grace_seconds": 0}),
+        )
+        .await;
+    let new_token = rotated["token"].as_str().unwrap().to_owned();
+    // Back on its old token: the re-sent grant is refused 401 before its move log is read.
+    fleet.meters[0].start(&[]).await;
+    let run = fleet.balance().await;
+    assert!(
+        run["errors"].to_string().contains("401"),
+        "the re-send was refused for its token: {run:#}"
+    );
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(detail["in_transit"], 3, "still in transit: {detail:#}");
+    assert_eq!(
+        detail["reserve"], 2,
+        "no unit the server holds went back: {detail:#}"
+    );
+
+    // With its new token, the re-send is answered from the server's move log.
+    fleet.meters[0].kill9();
+    fleet.meters[0].token = new_token;
+    fleet.meters[0].start(&[]).await;
+    fleet.balance().await;
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(detail["in_transit"], 0, "{detail:#}");
+    assert_eq!(fleet.allocation("paris", "cad").await, 3);
+    assert_eq!(
+        fleet.meters[0].product("cad").await["allocated"],
+        3,
+        "applied exactly once"
+    );
+    fleet.assert_no_over_grant("cad", 5).await;
     assert_doctor_ok(&fleet).await;
 }
 

@@ -17,7 +17,8 @@ pub enum CallError {
     /// No answer: refused, reset, timed out. The server's state is unknown.
     #[error("unreachable: {0}")]
     Unreachable(String),
-    /// The server answered with an error; it did not apply the call.
+    /// The server answered with an error: it did not apply this call (whether it applied an
+    /// earlier send of the same move depends on where it refused; see the move executor).
     #[error("refused with {status}: {code}: {message}")]
     Refused {
         /// HTTP status.

@@ -26,6 +26,7 @@ use crate::store::{
     CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord, Store, StoreError,
     UsageSample,
 };
+use allot_core::ErrorCode;
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::planner::{self, CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot};
 use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
@@ -39,6 +40,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use uuid::Uuid;
+
+/// Whether a refusal came from the metering server's move handler itself, after it looked the
+/// move id up in its log: only then is it proof that the move was not applied. An
+/// authentication or parsing refusal happens before that lookup — after a token rotation, a
+/// re-send of a move the server applied earlier can be answered 401 — and abandoning the move
+/// then would free units the server still holds.
+fn refused_by_the_move_log(status: u16, code: &str) -> bool {
+    (status == 404 && code == ErrorCode::UnknownProduct.as_str())
+        || (status == 409 && code == ErrorCode::Conflict.as_str())
+}
 
 /// Why a move did not finish. Only an unconfirmed move leaves the server's state unknown, so
 /// only it stops the re-sending of that server's later moves.
@@ -232,10 +243,10 @@ impl Engine {
                 status,
                 code,
                 message,
-            }) if (400..500).contains(&status) => {
-                // A refusal means the server did not apply the move (a move it had applied is
-                // answered from its log, never refused): a grant's units go back to the reserve,
-                // a release simply did not happen.
+            }) if refused_by_the_move_log(status, &code) => {
+                // The move handler refused after consulting its move log (a move it had applied
+                // is answered from that log, never refused), so the server did not apply it: a
+                // grant's units go back to the reserve, a release simply did not happen.
                 let reason = format!("{code}: {message}");
                 self.store
                     .abandon_move(mv.id, &reason, self.write_epoch())
@@ -247,6 +258,9 @@ impl Engine {
                     mv.kind, mv.id, server.name
                 )))
             }
+            // Anything else — unreachable, a 5xx, or a refusal made before the move log was
+            // read (a token the server no longer or not yet accepts, a body it cannot parse) —
+            // says nothing of whether an earlier send was applied: the move stays planned.
             Err(e) => {
                 tracing::warn!(error = %e, "move not confirmed; it stays planned and will be resent");
                 Err(MoveFailure::Unconfirmed(format!(
@@ -325,20 +339,32 @@ impl Engine {
         Ok(errors)
     }
 
-    /// Re-sends one server's unfinished moves in order, stopping at the first it does not
-    /// confirm; returns what failed.
+    /// Re-sends one server's unfinished moves in order, stopping at the first that is not
+    /// confirmed or not booked (the latter also when this balancer lost its leadership: the
+    /// store fences it) and before any send once leadership is gone; returns what failed.
     async fn resume_queue(&self, server: &ServerRecord, queue: Vec<MoveRecord>) -> Vec<String> {
         let mut errors = Vec::new();
         let mut moves = queue.into_iter();
         while let Some(mv) = moves.next() {
+            if self.epoch().is_err() {
+                errors.push(format!(
+                    "{} unfinished moves to {} not re-sent: this balancer no longer leads",
+                    moves.len() + 1,
+                    server.name
+                ));
+                break;
+            }
             let Err(failure) = self.execute(server, &mv).await else {
                 continue;
             };
-            let stop = matches!(failure, MoveFailure::Unconfirmed(_));
+            let stop = matches!(
+                failure,
+                MoveFailure::Unconfirmed(_) | MoveFailure::NotBooked(_)
+            );
             errors.push(failure.to_string());
             if stop && moves.len() > 0 {
                 errors.push(format!(
-                    "{} more unfinished moves to {} not re-sent this run: it did not confirm the one before",
+                    "{} more unfinished moves to {} not re-sent this run: the one before was not confirmed or not booked",
                     moves.len(),
                     server.name
                 ));
