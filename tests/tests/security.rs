@@ -163,6 +163,17 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
     assert_doctor_ok(&fleet).await;
     assert_eq!(sync_with(&balancer, &old).await, StatusCode::OK);
+    // A malformed sync with the new token is refused and retires nothing (bad input changes
+    // nothing, even when its credentials are good).
+    let (got, _) = Api::new(&balancer, Some(&new))
+        .send(Method::POST, "/v1/sync", Some(json!({"version": ""})))
+        .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        grace_of(&api, "paris").await,
+        rotated["previous_token_until"],
+        "the grace still runs"
+    );
 
     // The operator restarts paris with the new token; its first sync retires the old one.
     let paris = &mut fleet.meters[0];

@@ -17,8 +17,9 @@ use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
-/// A metering server that presented its own token; it may act only on its own allocations.
-pub struct MeteringServer(pub ServerRecord);
+/// A metering server that presented its own token (which of its tokens, during a rotation's
+/// grace); it may act only on its own allocations.
+pub struct MeteringServer(pub ServerRecord, pub auth::TokenMatch);
 
 impl FromRequestParts<AppState> for MeteringServer {
     type Rejection = ApiError;
@@ -36,25 +37,16 @@ impl FromRequestParts<AppState> for MeteringServer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(refused)?;
-        let mut record = state
+        let record = state
             .store
             .server_by_token_hash(&auth::hash_token(token))
             .await?
             .ok_or_else(refused)?;
         // The digest matched; check the derived token too (and the previous token's grace).
         match state.tokens.check(&record, token, chrono::Utc::now()) {
-            None => return Err(refused()),
-            Some(auth::TokenMatch::Previous) => {}
-            Some(auth::TokenMatch::Current) => {
-                // The server runs with its new token: the old one has done its job.
-                if record.previous_token.take().is_some()
-                    && state.store.retire_previous_token(&record.name).await?
-                {
-                    tracing::info!(server = %record.name, "server presented its new token; the previous one is now refused");
-                }
-            }
+            None => Err(refused()),
+            Some(matched) => Ok(Self(record, matched)),
         }
-        Ok(Self(record))
     }
 }
 
@@ -64,10 +56,22 @@ impl FromRequestParts<AppState> for MeteringServer {
     responses((status = 200, description = "Its products and allocations", body = SyncResponse)))]
 pub(super) async fn sync(
     State(state): State<AppState>,
-    MeteringServer(server): MeteringServer,
+    MeteringServer(server, token): MeteringServer,
     ApiJson(req): ApiJson<SyncRequest>,
 ) -> Result<Json<SyncResponse>, ApiError> {
     validate::name("version", &req.version)?;
+    // The server runs with its new token (a valid sync, so not a probe): the old one has done
+    // its job. Conditional on the salt that matched, so a rotation that raced this call keeps
+    // its grace.
+    if token == auth::TokenMatch::Current
+        && server.previous_token.is_some()
+        && state
+            .store
+            .retire_previous_token(&server.name, &server.token_salt)
+            .await?
+    {
+        tracing::info!(server = %server.name, "server presented its new token; the previous one is now refused");
+    }
     if state.store.revive_server(&server.name).await? {
         tracing::warn!(server = %server.name, "a lost server is back; it adopts the books' allocations");
     }
@@ -117,7 +121,7 @@ pub(super) async fn sync(
         (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn instant_balance(
     State(state): State<AppState>,
-    MeteringServer(server): MeteringServer,
+    MeteringServer(server, _): MeteringServer,
     ApiJson(req): ApiJson<InstantBalanceRequest>,
 ) -> Result<Json<InstantBalanceResponse>, ApiError> {
     validate::path_name("product", &req.product)?;

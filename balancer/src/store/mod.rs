@@ -459,9 +459,11 @@ pub trait Store: Send + Sync + 'static {
         token_hash: &str,
         previous_until: Option<DateTime<Utc>>,
     ) -> StoreResult<ServerRecord>;
-    /// Ends the grace of a server's previous token because the server presented its new one;
-    /// returns whether there was one to end (audited only then).
-    async fn retire_previous_token(&self, name: &str) -> StoreResult<bool>;
+    /// Ends the grace of a server's previous token because the server presented its new one
+    /// (the token derived from `current_salt`); returns whether there was one to end (audited
+    /// only then). Nothing happens if a rotation since made `current_salt` the previous one:
+    /// that server still runs on it and keeps its grace.
+    async fn retire_previous_token(&self, name: &str, current_salt: &str) -> StoreResult<bool>;
     /// Marks a server draining: balancing empties it down to its in-use units.
     async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server>;
     /// Removes a server; refused with a conflict while it holds units or has moves in flight.

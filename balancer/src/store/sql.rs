@@ -549,14 +549,16 @@ impl Store for SqlStore {
     }
 
     #[tracing::instrument(skip_all, fields(server = name))]
-    async fn retire_previous_token(&self, name: &str) -> StoreResult<bool> {
+    async fn retire_previous_token(&self, name: &str, current_salt: &str) -> StoreResult<bool> {
         let mut tx = begin_write(&self.pool).await?;
         let retired = sqlx::query(
             "UPDATE servers SET previous_token_hash = NULL, previous_token_salt = NULL, \
              previous_token_until = NULL \
-             WHERE name = $1 AND removed_at IS NULL AND previous_token_hash IS NOT NULL",
+             WHERE name = $1 AND token_salt = $2 AND removed_at IS NULL \
+             AND previous_token_hash IS NOT NULL",
         )
         .bind(name)
+        .bind(current_salt)
         .execute(&mut *tx)
         .await?
         .rows_affected()
