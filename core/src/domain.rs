@@ -110,12 +110,29 @@ pub struct Policy {
     pub acl: Acl,
 }
 
-/// Reads the ACL of a [`Policy`] — which travels in answers (products, a sync) — ignoring lists
-/// this version does not know, so a newer balancer's ACL never breaks an older metering
-/// server's sync. Requests stay strict: [`Acl`] itself refuses unknown fields.
+/// Reads the ACL of a [`Policy`] — which travels in answers (products, a sync) — ignoring
+/// *empty* lists this version does not know, so a newer balancer's answer shape never breaks an
+/// older metering server's sync. A rule this version cannot enforce is refused, never dropped:
+/// dropping it would grant checkouts the policy denies (fail open); refusing fails the sync
+/// loudly, the server keeps its last policy and, past its lease, stops granting (fail closed).
+/// Requests stay strict: [`Acl`] itself refuses unknown fields.
 fn tolerant_acl<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Acl, D::Error> {
     use serde::de::Error as _;
     let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    let empty = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(items) => items.is_empty(),
+        serde_json::Value::Object(fields) => fields.is_empty(),
+        _ => false,
+    };
+    if let Some((rule, _)) = map
+        .iter()
+        .find(|(k, v)| !Acl::FIELDS.contains(&k.as_str()) && !empty(v))
+    {
+        return Err(D::Error::custom(format!(
+            "acl.{rule}: a rule this metering server cannot enforce; upgrade it before using the rule"
+        )));
+    }
     map.retain(|k, _| Acl::FIELDS.contains(&k.as_str()));
     Acl::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
 }
@@ -253,14 +270,19 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_in_an_answer_ignores_acl_lists_it_does_not_know() {
-        let policy: Policy = serde_json::from_value(serde_json::json!({
-            "enforcement": "hard_stop", "seat": "concurrent", "heartbeat_seconds": 60,
-            "staleout_seconds": 300, "acl": {"allow_users": ["ann"], "allow_sites": ["hq"]}
-        }))
-        .unwrap();
-        assert_eq!(policy.acl.allow_users, ["ann"]);
-        assert!(serde_json::from_str::<Acl>(r#"{"allow_sites": ["hq"]}"#).is_err());
+    fn a_policy_in_an_answer_ignores_empty_acl_lists_it_does_not_know_and_refuses_rules() {
+        let policy = |acl: serde_json::Value| {
+            serde_json::from_value::<Policy>(serde_json::json!({
+                "enforcement": "hard_stop", "seat": "concurrent", "heartbeat_seconds": 60,
+                "staleout_seconds": 300, "acl": acl
+            }))
+        };
+        let read = policy(serde_json::json!({"allow_users": ["ann"], "allow_sites": []})).unwrap();
+        assert_eq!(read.acl.allow_users, ["ann"]);
+        // A rule it cannot enforce is never silently dropped (that would fail open).
+        let refused = policy(serde_json::json!({"allow_users": ["ann"], "deny_sites": ["x"]}));
+        assert!(refused.unwrap_err().to_string().contains("acl.deny_sites"));
+        assert!(serde_json::from_str::<Acl>(r#"{"allow_sites": []}"#).is_err());
     }
 
     #[test]

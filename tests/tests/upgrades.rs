@@ -319,11 +319,21 @@ fn hex(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Version interop.
 
-/// Adds an unknown field to every JSON object in `value`, at every depth.
+/// Adds an unknown field to every JSON object in `value`, at every depth. In an ACL the new
+/// field is an empty rule list: a rule a server cannot enforce is refused, never ignored (see
+/// `an_acl_rule_a_server_cannot_enforce_is_refused_not_dropped`).
 fn with_unknown_fields(value: &mut Value) {
     match value {
         Value::Object(map) => {
-            map.values_mut().for_each(with_unknown_fields);
+            for (key, field) in map.iter_mut() {
+                if key == "acl" {
+                    if let Value::Object(acl) = field {
+                        acl.insert("allow_sites".to_owned(), json!([]));
+                    }
+                } else {
+                    with_unknown_fields(field);
+                }
+            }
             map.insert("added_in_a_later_version".to_owned(), json!({"x": [1]}));
         }
         Value::Array(items) => items.iter_mut().for_each(with_unknown_fields),
@@ -552,6 +562,21 @@ fn response_types_ignore_unknown_fields() {
         generation: 1,
     });
     tolerates(&policy);
+}
+
+/// A newer balancer's ACL rule an older metering server does not know fails its sync rather
+/// than being dropped: dropping it would grant checkouts the policy denies.
+#[test]
+fn an_acl_rule_a_server_cannot_enforce_is_refused_not_dropped() {
+    let answer = json!({
+        "server": "s1", "lease_seconds": 60, "allocations": [], "reset": false,
+        "products": [{"name": "cad", "policy": {"enforcement": "hard_stop", "seat": "concurrent",
+            "heartbeat_seconds": 60, "staleout_seconds": 300,
+            "acl": {"allow_users": ["ann"], "deny_sites": ["contractors"]}}}]
+    });
+    let error = serde_json::from_value::<allot_core::wire::balancer::SyncResponse>(answer)
+        .expect_err("an unenforceable rule is refused");
+    assert!(error.to_string().contains("acl.deny_sites"), "{error}");
 }
 
 /// Unknown fields anywhere in a real answer — not only at the top — are ignored by the typed
