@@ -215,3 +215,69 @@ async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
         "SIGTERM stops the TLS balancer cleanly"
     );
 }
+
+/// A flood of idle connections from one host — more than the balancer's bound on handshakes in
+/// progress — must not stall anyone else's: accepting goes on, the flooding address is held to
+/// its own share, and a client on another address is served while the flood still holds its
+/// connections open (they would only be dropped at the 5 s handshake timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_from_one_host_does_not_stall_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let data_dir = path(&dir.path().join("balancer"));
+    let (cert, key) = (path(&pki.cert), path(&pki.key));
+    let args = [
+        "serve",
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data_dir,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let http = trusting(&pki.ca);
+    let _balancer = Running::start_at(
+        &binary("allot-balancer"),
+        &args,
+        &[("RUST_LOG", "error")],
+        url.clone(),
+        &http,
+    )
+    .await;
+
+    // 1,100 connections from 127.0.0.2 that never send a ClientHello: past the 1,024
+    // handshakes the balancer runs at once.
+    let mut flood = Vec::new();
+    for _ in 0..1_100 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+        {
+            flood.push(stream);
+        }
+    }
+    assert!(flood.len() > 1_024, "the flood connected: {}", flood.len());
+
+    let started = Instant::now();
+    let answer = trusting(&pki.ca)
+        .get(format!("{url}/healthz"))
+        .timeout(Duration::from_secs(4))
+        .send()
+        .await
+        .expect("served while the flood holds its connections");
+    assert!(answer.status().is_success());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered before any flooding handshake timed out"
+    );
+    drop(flood);
+}

@@ -14,7 +14,7 @@
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +25,16 @@ use tokio_rustls::server::TlsStream;
 
 /// Longest a client may take to complete its TLS handshake; a client that stalls is dropped,
 /// so half-open handshakes cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Completed handshakes waiting for axum to take them.
 const ACCEPTED_BACKLOG: usize = 128;
-/// Most handshakes in progress at once; past it new connections wait in the kernel's backlog,
-/// so a flood of idle connections costs bounded memory.
+/// Most handshakes in progress at once; past it a new connection is closed at once (its client
+/// retries), so a flood of idle connections costs bounded memory and accepting never stops.
 const MAX_HANDSHAKES: usize = 1024;
+/// Most handshakes in progress from one IP address: one flooding host cannot take all of
+/// [`MAX_HANDSHAKES`] and starve every other client. Generous for a site behind one NAT address,
+/// whose handshakes each last milliseconds.
+const MAX_HANDSHAKES_PER_PEER: usize = 256;
 
 /// Why TLS could not be set up. Shown to the operator at start, with the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -183,10 +187,8 @@ async fn accept_loop(
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let peers = PeerHandshakes::default();
     loop {
-        let Ok(permit) = handshakes.clone().acquire_owned().await else {
-            return; // never closed
-        };
         let (stream, peer) = match tcp.accept().await {
             Ok(accepted) => accepted,
             Err(e) if is_connection_error(&e) => continue,
@@ -197,10 +199,20 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Past either bound the connection is closed now rather than left in the kernel's
+        // backlog: accepting goes on, so a flood delays nobody else's connection.
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
+            continue;
+        };
+        let Some(slot) = peers.take(peer.ip()) else {
+            tracing::debug!(%peer, "too many TLS handshakes in progress from this address; connection closed");
+            continue;
+        };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-            drop(permit);
+            drop((slot, permit));
             match handshake {
                 Ok(Ok(tls)) => {
                     let _ = tx.send((tls, peer)).await;
@@ -209,6 +221,44 @@ async fn accept_loop(
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Handshakes in progress per peer address.
+#[derive(Clone, Default)]
+struct PeerHandshakes(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+impl PeerHandshakes {
+    /// A slot for one more handshake from `ip`, or `None` at [`MAX_HANDSHAKES_PER_PEER`].
+    fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().expect("peer handshakes");
+        let count = counts.entry(ip).or_default();
+        if *count >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One handshake in progress from `ip`; its count drops when the handshake ends either way.
+struct PeerSlot {
+    peers: PeerHandshakes,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.peers.0.lock().expect("peer handshakes");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
