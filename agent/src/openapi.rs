@@ -5,7 +5,6 @@
 
 use allot_core::error::ErrorBody;
 use allot_core::openapi::CommonErrors;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 /// The parts of the document no handler states: title, description, security schemes and the
@@ -39,22 +38,18 @@ struct Security;
 
 impl Modify for Security {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let bearer = |description: &str| {
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(description))
-                    .build(),
-            )
-        };
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "clientKey",
-            bearer("Only when the server runs with `--client-key`; otherwise clients send none."),
-        );
-        components.add_security_scheme(
-            "serverToken",
-            bearer("The server's own token (`--token`), presented by the balancer."),
+        allot_core::openapi::add_bearer_schemes(
+            openapi,
+            &[
+                (
+                    "clientKey",
+                    "Only when the server runs with `--client-key`; otherwise clients send none.",
+                ),
+                (
+                    "serverToken",
+                    "The server's own token (`--token`), presented by the balancer.",
+                ),
+            ],
         );
     }
 }

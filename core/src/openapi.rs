@@ -10,6 +10,24 @@ use crate::ErrorCode;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 
+/// Declares bearer-token security schemes (`name`, description), as both servers' documents do
+/// for their tokens.
+pub fn add_bearer_schemes(openapi: &mut OpenApi, schemes: &[(&str, &str)]) {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let components = openapi.components.get_or_insert_with(Default::default);
+    for (name, description) in schemes {
+        components.add_security_scheme(
+            *name,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(*description))
+                    .build(),
+            ),
+        );
+    }
+}
+
 /// An error response: the `{"error": {"code", "message"}}` body, described by its codes.
 pub fn error_response(description: &str) -> Response {
     ResponseBuilder::new()

@@ -257,6 +257,21 @@ impl Fleet {
         }
     }
 
+    /// Asserts that the doctor finds the books and every server in agreement once the servers'
+    /// own proactive pulls (moves briefly in flight) have settled: a real discrepancy persists
+    /// past the 10 s it is given.
+    pub async fn assert_doctor_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let report = self.doctor().await;
+            if report["ok"] == true {
+                return;
+            }
+            assert!(Instant::now() < deadline, "doctor: {report:#}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Asserts invariant 2 as the servers see it: the allocations they have applied never sum
     /// above what was purchased.
     pub async fn assert_no_over_grant(&self, product: &str, purchased: u64) {

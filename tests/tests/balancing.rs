@@ -20,20 +20,6 @@ on_both_backends!(
     the_same_instant_request_twice_grants_once,
 );
 
-/// The doctor must find the books and every server in agreement once the servers' own
-/// proactive pulls (moves briefly in flight) have settled; a real discrepancy persists.
-async fn assert_doctor_ok(fleet: &Fleet) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let report = fleet.doctor().await;
-        if report["ok"] == true {
-            return;
-        }
-        assert!(Instant::now() < deadline, "doctor: {report:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Checks out `n` units one at a time; returns the handles of those granted.
 async fn checkout_n(fleet: &Fleet, meter: usize, product: &str, n: usize) -> Vec<String> {
     let mut handles = Vec::new();
@@ -100,7 +86,7 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
     );
     assert_eq!(run["status"], "ok", "{run:#}");
     fleet.assert_no_over_grant("cad", 20).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
@@ -133,7 +119,7 @@ async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
             .any(|r| r["trigger"] == "instant"),
         "instant balances are recorded as runs"
     );
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn instant_balance_reclaims_from_an_idle_server(backend: Backend) {
@@ -161,7 +147,7 @@ async fn instant_balance_reclaims_from_an_idle_server(backend: Backend) {
     )
     .await;
     fleet.assert_no_over_grant("cad", 4).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
@@ -200,7 +186,7 @@ async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
     let detail = fleet.api().get("/v1/products/cad").await;
     assert_eq!(detail["purchased"], 6);
     assert_eq!(detail["in_transit"], 0);
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
     // The next run finishes the job (sharing the reserve with what `from` pulled back for its
     // own headroom meanwhile); the live checkouts were never touched.
     fleet.balance().await;
@@ -208,7 +194,7 @@ async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
     assert!(fleet.allocation("from", "cad").await >= 2);
     assert_eq!(fleet.meters[0].product("cad").await["in_use"], 2);
     fleet.assert_no_over_grant("cad", 6).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Backend) {
@@ -243,7 +229,7 @@ async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Bac
         "applied exactly once"
     );
     fleet.assert_no_over_grant("cad", 5).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 /// A dead server's unfinished moves are re-sent in order up to the first it does not confirm:
@@ -308,7 +294,7 @@ async fn a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move(backe
         );
         fleet.assert_no_over_grant(product, 5).await;
     }
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 /// A re-sent move refused for its credentials proves nothing about the first send: after a
@@ -366,7 +352,7 @@ async fn a_resend_refused_for_its_token_leaves_the_move_in_transit(backend: Back
         "applied exactly once"
     );
     fleet.assert_no_over_grant("cad", 5).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
@@ -426,7 +412,7 @@ async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
     let (status, body) = fleet.meters[1].checkout("cad", "late").await;
     assert_eq!(status, 409, "all 5 units are in use in Paris: {body}");
     fleet.assert_no_over_grant("cad", 5).await;
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }
 
 async fn a_drained_server_empties_as_its_checkouts_end(backend: Backend) {
@@ -461,7 +447,7 @@ async fn a_drained_server_empties_as_its_checkouts_end(backend: Backend) {
     }
     fleet.balance().await;
     assert_eq!(fleet.allocation("old", "cad").await, 0);
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
     let (status, body) = fleet
         .api()
         .send(reqwest::Method::DELETE, "/v1/servers/old", None)
@@ -505,5 +491,5 @@ async fn the_same_instant_request_twice_grants_once(backend: Backend) {
         .await;
     assert_eq!(status.as_u16(), 401);
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
 }

@@ -9,7 +9,7 @@ use allot_tests::process::binary;
 use allot_tests::{Backend, on_both_backends};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 on_both_backends!(a_token_rotates_without_downtime);
 
@@ -36,19 +36,6 @@ async fn grace_of(api: &Api, server: &str) -> Value {
         .and_then(|items| items.iter().find(|s| s["name"] == server))
         .map(|s| s["previous_token_until"].clone())
         .unwrap_or(Value::Null)
-}
-
-/// The doctor reaches every server (with the token the balancer presents) and agrees.
-async fn assert_doctor_ok(fleet: &Fleet) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let report = fleet.doctor().await;
-        if report["ok"] == true {
-            return;
-        }
-        assert!(Instant::now() < deadline, "doctor: {report:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +148,7 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     fleet.limits("paris", "cad", 2, 0).await;
     fleet.balance().await;
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
     assert_eq!(sync_with(&balancer, &old).await, StatusCode::OK);
     // A malformed sync with the new token is refused and retires nothing (bad input changes
     // nothing, even when its credentials are good).
@@ -199,7 +186,7 @@ async fn a_token_rotates_without_downtime(backend: Backend) {
     fleet.limits("paris", "cad", 3, 0).await;
     fleet.balance().await;
     assert_eq!(fleet.allocation("paris", "cad").await, 3);
-    assert_doctor_ok(&fleet).await;
+    fleet.assert_doctor_ok().await;
     assert_eq!(fleet.meters[0].product("cad").await["allocated"], 3);
 
     // Without a restart the old token still dies when its grace ends (rotated with the CLI).

@@ -5,7 +5,6 @@
 
 use allot_core::error::ErrorBody;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 /// The parts of the document no handler states: title, description, security schemes and the
 /// error body. (The error responses implied by each operation's shape are added once the
@@ -43,22 +42,18 @@ struct Security;
 
 impl utoipa::Modify for Security {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let bearer = |description: &str| {
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(description))
-                    .build(),
-            )
-        };
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "adminToken",
-            bearer("The admin token the balancer was started with (`--admin-token`)."),
-        );
-        components.add_security_scheme(
-            "serverToken",
-            bearer("A metering server's own token, shown once when it was registered."),
+        allot_core::openapi::add_bearer_schemes(
+            openapi,
+            &[
+                (
+                    "adminToken",
+                    "The admin token the balancer was started with (`--admin-token`).",
+                ),
+                (
+                    "serverToken",
+                    "A metering server's own token, shown once when it was registered.",
+                ),
+            ],
         );
     }
 }
