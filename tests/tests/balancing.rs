@@ -197,20 +197,34 @@ async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
     fleet.assert_doctor_ok().await;
 }
 
-async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Backend) {
+/// A fleet whose only server, *paris*, crashed after durably applying the first grant of a run
+/// that gives it `buffer` units of each of `products` (5 purchased each), before answering it:
+/// that grant and every later one of the run stay in transit.
+async fn a_grant_applied_but_unanswered(backend: Backend, products: &[&str], buffer: u32) -> Fleet {
     let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
-    fleet.product("cad", 5).await;
+    for product in products {
+        fleet.product(product, 5).await;
+    }
     fleet.add_meter("paris").await;
-    fleet.wait_synced("cad").await;
-    // The server dies after applying the grant durably, before answering it.
+    for product in products {
+        fleet.wait_synced(product).await;
+    }
     fleet.meters[0].kill9();
     fleet.meters[0]
         .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
         .await;
-    fleet.limits("paris", "cad", 0, 3).await;
+    for product in products {
+        fleet.limits("paris", product, 0, buffer).await;
+    }
     let run = fleet.balance().await;
     assert_eq!(run["status"], "partial", "{run:#}");
     assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+    fleet
+}
+
+async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Backend) {
+    // The server dies after applying the grant durably, before answering it.
+    let mut fleet = a_grant_applied_but_unanswered(backend, &["cad"], 3).await;
     let detail = fleet.api().get("/v1/products/cad").await;
     assert_eq!(
         detail["in_transit"], 3,
@@ -236,27 +250,10 @@ async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Bac
 /// the rest would each wait out the same call timeout, stalling every run behind it. None is
 /// lost: once the server is back, every one is applied exactly once.
 async fn a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move(backend: Backend) {
-    let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
-    let products = ["cad", "cam", "sim"];
-    for product in products {
-        fleet.product(product, 5).await;
-    }
-    fleet.add_meter("paris").await;
-    for product in products {
-        fleet.wait_synced(product).await;
-    }
     // The server dies after applying its first grant durably, before answering it; the run's
     // later grants to it find it gone. All three stay in transit.
-    fleet.meters[0].kill9();
-    fleet.meters[0]
-        .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
-        .await;
-    for product in products {
-        fleet.limits("paris", product, 0, 2).await;
-    }
-    let run = fleet.balance().await;
-    assert_eq!(run["status"], "partial", "{run:#}");
-    assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+    let products = ["cad", "cam", "sim"];
+    let mut fleet = a_grant_applied_but_unanswered(backend, &products, 2).await;
     let mut in_transit = 0;
     for product in products {
         in_transit += fleet.api().get(&format!("/v1/products/{product}")).await["in_transit"]
@@ -303,18 +300,7 @@ async fn a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move(backe
 /// abandoning it would return units the server holds to the reserve — and be applied exactly
 /// once when the server comes back with its new token.
 async fn a_resend_refused_for_its_token_leaves_the_move_in_transit(backend: Backend) {
-    let mut fleet = Fleet::start(backend, &["--call-timeout-ms", "2000"], &[]).await;
-    fleet.product("cad", 5).await;
-    fleet.add_meter("paris").await;
-    fleet.wait_synced("cad").await;
-    fleet.meters[0].kill9();
-    fleet.meters[0]
-        .start(&[("ALLOT_FAULT_CRASH_AT", "agent_grant_applied")])
-        .await;
-    fleet.limits("paris", "cad", 0, 3).await;
-    let run = fleet.balance().await;
-    assert_eq!(run["status"], "partial", "{run:#}");
-    assert!(fleet.meters[0].wait_exit(Duration::from_secs(10)));
+    let mut fleet = a_grant_applied_but_unanswered(backend, &["cad"], 3).await;
 
     let rotated = fleet
         .api()

@@ -75,6 +75,30 @@ fn cli(url: &str, extra: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Starts `allot-balancer serve` on `port` with its data in `dir` and the extra `tls` flags.
+async fn start_balancer(dir: &Path, port: u16, tls: &[String], http: &reqwest::Client) -> Running {
+    let listen = format!("127.0.0.1:{port}");
+    let data_dir = path(&dir.join("balancer"));
+    let mut args = vec![
+        "serve",
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data_dir,
+        "--admin-token",
+        ADMIN_TOKEN,
+    ];
+    args.extend(tls.iter().map(String::as_str));
+    Running::start_at(
+        &binary("allot-balancer"),
+        &args,
+        &[("RUST_LOG", "warn")],
+        format!("https://127.0.0.1:{port}"),
+        http,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,26 +116,7 @@ async fn balancer_and_server_talk_over_tls_and_refuse_untrusting_clients() {
         path(&pki.ca),
     ];
 
-    let listen = format!("127.0.0.1:{balancer_port}");
-    let data_dir = path(&dir.path().join("balancer"));
-    let mut args = vec![
-        "serve",
-        "--listen",
-        &listen,
-        "--data-dir",
-        &data_dir,
-        "--admin-token",
-        ADMIN_TOKEN,
-    ];
-    args.extend(tls.iter().map(String::as_str));
-    let mut balancer = Running::start_at(
-        &binary("allot-balancer"),
-        &args,
-        &[("RUST_LOG", "warn")],
-        balancer_url.clone(),
-        &http,
-    )
-    .await;
+    let mut balancer = start_balancer(dir.path(), balancer_port, &tls, &http).await;
     let api = Api::with_http(http.clone(), &balancer_url, Some(ADMIN_TOKEN));
     api.put("/v1/schedule", json!({"cron": "0 0 1 1 *"})).await;
 
@@ -226,31 +231,13 @@ async fn a_flood_of_idle_connections_from_one_host_does_not_stall_others() {
     let pki = make_pki(dir.path());
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let data_dir = path(&dir.path().join("balancer"));
-    let (cert, key) = (path(&pki.cert), path(&pki.key));
-    let args = [
-        "serve",
-        "--listen",
-        &listen,
-        "--data-dir",
-        &data_dir,
-        "--admin-token",
-        ADMIN_TOKEN,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
+    let tls = [
+        "--tls-cert".to_owned(),
+        path(&pki.cert),
+        "--tls-key".to_owned(),
+        path(&pki.key),
     ];
-    let http = trusting(&pki.ca);
-    let _balancer = Running::start_at(
-        &binary("allot-balancer"),
-        &args,
-        &[("RUST_LOG", "error")],
-        url.clone(),
-        &http,
-    )
-    .await;
+    let _balancer = start_balancer(dir.path(), port, &tls, &trusting(&pki.ca)).await;
 
     // 1,100 connections from 127.0.0.2 that never send a ClientHello: past the 1,024
     // handshakes the balancer runs at once.
