@@ -1181,6 +1181,7 @@ fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
         request_id: uuid::Uuid::new_v4(),
         product: product.to_owned(),
         units: u32::try_from(units).unwrap_or(u32::MAX),
+        urgent_units: None,
     };
     inner.pulls.entry(product.to_owned()).or_default().in_flight = Some((request.request_id, now));
     inner.book.count_instant_request(product);

@@ -126,6 +126,14 @@ pub(super) async fn instant_balance(
 ) -> Result<Json<InstantBalanceResponse>, ApiError> {
     validate::path_name("product", &req.product)?;
     validate::units("units", req.units)?;
+    if let Some(urgent) = req.urgent_units
+        && urgent > req.units
+    {
+        return Err(ApiError::bad_request(format!(
+            "urgent_units ({urgent}) must not exceed units ({})",
+            req.units
+        )));
+    }
     state.store.product(&req.product).await?;
     Ok(Json(state.engine.instant(&server, &req).await?))
 }

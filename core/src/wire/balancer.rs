@@ -481,9 +481,22 @@ pub struct InstantBalanceRequest {
     /// The product.
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub product: String,
-    /// Units wanted.
+    /// Units wanted: the urgent units plus a proactive top-up.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
     pub units: u32,
+    /// Of `units`, those clients are waiting for right now: the balancer serves them from the
+    /// reserve and, if it must, by reclaiming free units elsewhere; the rest is a top-up served
+    /// from the reserve only. Absent (a metering server older than this field): all urgent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1_000_000))]
+    pub urgent_units: Option<u32>,
+}
+
+impl InstantBalanceRequest {
+    /// The units clients wait for now (never more than `units`).
+    pub fn urgent(&self) -> u32 {
+        self.urgent_units.unwrap_or(self.units).min(self.units)
+    }
 }
 
 /// The answer to an instant balance. The units themselves arrive as a grant move on the
