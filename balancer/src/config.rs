@@ -115,7 +115,12 @@ pub struct ServeArgs {
     /// Most calls to metering servers in flight at once during a run.
     #[arg(long, env = "ALLOT_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
-    /// Days raw usage samples are kept (then only their hourly roll-ups).
+    /// Seconds units granted to a server are held: no run takes them back (unless a real
+    /// shortage elsewhere needs them) and no instant balance reclaims from that server.
+    #[arg(long, env = "ALLOT_HOLD_SECONDS", default_value_t = allot_core::planner::DEFAULT_HOLD_MS / 1000)]
+    pub hold_seconds: u64,
+    /// Days raw usage samples are kept (then only their hourly roll-ups). The demand forecast
+    /// reads the same hour last week, so keep at least 8.
     #[arg(long, env = "ALLOT_HISTORY_RAW_DAYS", default_value_t = 30)]
     pub history_raw_days: u64,
     /// Days hourly roll-ups are kept.
@@ -150,7 +155,8 @@ impl ServeArgs {
             concurrency: self.concurrency.max(1),
             lease: std::time::Duration::from_secs(self.lease_seconds.max(1)),
             lease_margin: std::time::Duration::from_secs(self.lease_margin_seconds),
-            planner: Default::default(),
+            hold: std::time::Duration::from_secs(self.hold_seconds),
+            ..crate::balance::EngineConfig::default()
         }
     }
 }

@@ -129,6 +129,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         concurrency: 32,
         history_raw_days: 30,
         history_hourly_days: 400,
+        // A simulated hour lasts five seconds: hold freshly granted units about that long.
+        hold_seconds: 5,
         metrics_max_cells: crate::metrics::DEFAULT_MAX_CELLS,
         token_grace_seconds: 24 * 3600,
         tls: Default::default(),

@@ -9,8 +9,10 @@
 
 pub mod advisor;
 pub mod checkout;
+pub mod demand;
 pub mod domain;
 pub mod error;
+pub mod instant;
 #[cfg(feature = "openapi")]
 pub mod openapi;
 pub mod planner;

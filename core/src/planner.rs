@@ -1,12 +1,19 @@
 //! The planner: the pure function that decides where every unit of a product should sit.
 //!
 //! A balance run gathers a [`Snapshot`] (per product: purchased, reserve, in transit; per
-//! (server, product) cell: allocation, in use, min, buffer, draining, and the demand signals
-//! since the last run), calls [`plan`], then executes the [`Move`]s it returns — releases first,
-//! then grants. The planner does no I/O, reads no clock, draws no random number and never
-//! iterates a hash map: the same snapshot always yields the same [`Plan`], bit for bit, whatever
-//! the order of its products and cells. Servers and products are compact integer ids chosen by
-//! the caller (the balancer maps names to ids), so a million cells plan in well under a second.
+//! (server, product) cell: allocation, in use, waiting, min, buffer, draining, the demand
+//! signals of [`crate::demand`] and whether the cell was granted units recently), calls
+//! [`plan`], then executes the [`Move`]s it returns — releases first, then grants. The planner
+//! does no I/O, reads no clock, draws no random number and never iterates a hash map: the same
+//! snapshot always yields the same [`Plan`], bit for bit, whatever the order of its products and
+//! cells. Servers and products are compact integer ids chosen by the caller (the balancer maps
+//! names to ids), so a million cells plan in well under a second.
+//!
+//! The policy is **grant fast, take back slow**: a unit moves to a cell as soon as the cell's
+//! want is above its allocation by more than a dead band, but a unit leaves a cell only when
+//! another cell needs it now, or when the cell's excess has lasted a whole window. Moving a unit
+//! costs two messages and, when it comes back, a wait; a unit left where it sits costs nothing
+//! until someone else needs it, and then the instant balance finds it.
 //!
 //! # Rules
 //!
@@ -20,42 +27,59 @@
 //! 2. **Held units.** Each cell has a *floor* the planner never takes back:
 //!    `min(allocation, in_use)` on a draining server, `min(allocation, max(in_use, min_units))`
 //!    otherwise — in-use units are never released (a release takes only free units) and, as
-//!    DESIGN.md says, a live server is never reclaimed below its `min_units`.
-//! 3. **Levels, filled in order.** Above the floor the pool fills three levels, each completely
+//!    DESIGN.md says, a live server is never reclaimed below its `min_units`. A cell granted
+//!    units recently ([`CellSnapshot::recently_granted`]) is *held*: its floor is its whole
+//!    allocation, unless a real shortage (rule 3's in-use, mins or needs not covered) needs its
+//!    units, so a run never takes back what an instant balance has just brought.
+//! 3. **Levels, filled in order.** Above the floor the pool fills four levels, each completely
 //!    before the next starts: (a) *in-use cover* — `in_use` (a soft-stop overdraft gets units
-//!    to cover it); (b) *mins* — `max(in_use, min_units)`; (c) *wants* — [`CellSnapshot::want`].
-//!    A draining server's levels all equal its floor: it gets nothing and gives back every free
-//!    unit, its mins ignored. So when `Σ max(in_use, min_units)` over live cells plus the floors of
-//!    draining cells fits in the pool, every live cell gets at least its min and its in-use.
+//!    to cover it); (b) *mins* — `max(in_use, min_units)`; (c) *needs* — in use plus the units
+//!    clients wait for now ([`CellSnapshot::need`]); (d) *wants* — [`CellSnapshot::want`]: the
+//!    demand (need, peak since the last run, decaying level, forecast) plus a buffer of at least
+//!    the trigger's headroom. A draining server's levels all equal its floor. Event counts
+//!    (denials, instant requests) are pressure, not units: a cell that denied since the last run
+//!    wants one unit above its peak.
 //! 4. **Fairness: max-min fair water-filling.** The first level that does not fit (the
 //!    [`Scarcity`]) is shared by water-filling the increments each cell still needs above the
 //!    previous level: every cell gets `min(need, s)` where the water level `s` is the largest
 //!    that fits, and the `r < k` units left over go one each to the first `r` of the `k` cells
-//!    still short, ordered starving cells first (denials or waiting clients), then by a fixed
-//!    mix of (product, server) ids so the odd unit does not always land on the lowest server id.
-//!    Hence no cell that is short of its need at that level gets an increment smaller than any
-//!    other cell's increment minus one, and no cell gets more than it wants. Later levels get
-//!    nothing.
-//! 5. **Free units stay in the reserve.** No cell is planned above its want: units beyond every
-//!    want stay in the reserve, so an instant request is served without a reclaim, and a cell
-//!    holding more than its want gives the excess back (unless hysteresis holds it, below) even
-//!    when nobody else needs it right now — the reserve is the shared buffer.
-//! 6. **Hysteresis.** The result of rules 1–5 is the cell's *fair share*. A cell keeps its
-//!    current allocation instead when `|fair share − allocation| ≤ margin`, with
-//!    `margin = max(hysteresis_min_units, want × hysteresis_percent / 100)`, except that
-//!    hysteresis never delays a grant that covers in-use or a min, nor a grant to a starving
-//!    cell, nor any move of a draining server. A held release must also be affordable: if the
-//!    units held back are needed by the grants, held releases are let go (largest first, then by
-//!    server id) until the books balance, so hysteresis never starves anyone of a grant.
+//!    still short, ordered cells with clients waiting or denied since the last run first, then
+//!    by a fixed mix of (product, server) ids — an order that never reads the allocation. A
+//!    held cell's increment counts from where it would stand without its hold: it gets
+//!    `max(allocation, previous level + min(need, s))`, so a hold keeps units but never earns
+//!    a larger share (else a cell granted units would, held at its new allocation, be
+//!    water-filled again on top of it at every run). The result is the cell's *fair share*; no
+//!    fair share exceeds the want, or a held cell's allocation if that is more.
+//! 5. **Grant fast.** A cell below its fair share is granted the difference when it is urgent
+//!    (the allocation does not cover its in-use, min or need, or the cell is starving) or when
+//!    the difference exceeds the dead band (`margin`: [`PlannerConfig::margin`] of the
+//!    allocation); a smaller difference stays in the reserve.
+//! 6. **Take back slow.** A cell above its fair share keeps its excess, except: (a) as much as
+//!    rule 5's *urgent* grants need beyond the reserve — first units above the donors' wants,
+//!    then units between a donor's fair share and its want (largest first, then by server id);
+//!    a grant ahead of demand that the reserve cannot fund is deferred (largest first), since
+//!    pre-positioning is worth a move from the reserve but not two moves and a donor's wait; (b) with instant balancing on, the excess above what the cell
+//!    needed over the whole window ([`CellSnapshot::window_want`]) when it is beyond the dead
+//!    band and the cell is not held — it goes to the reserve, the shared buffer every site can
+//!    draw from in one move; (c) a draining server gives back every free unit.
+//! 7. **Surplus.** With instant balancing off ([`PlannerConfig::instant_balancing`]) nobody can
+//!    draw from the reserve between runs, so what is left in it after rules 5–6 is granted to
+//!    the live cells in proportion to their wants, and rule 6(b) does not apply.
 //!
-//! Applying a plan and planning again with the same demand signals yields no moves
-//! (idempotence). Fair shares depend on the allocations only through the floors and never on
-//! them in the odd-unit order. Once a plan is applied, either every level it covered stays
-//! covered, which gives the same fair shares, or the pool is used up at the floors. A difference
-//! that hysteresis held is held again, and the held units are still affordable.
+//! Applying a plan and planning again with the same snapshot otherwise yields no moves
+//! (idempotence), also when the cells it granted are held at the next run: the fair shares
+//! depend on the allocations only through the floors, and a hold a grant raised sits where the
+//! water-fill brings the cell anyway; a grant reaches the fair share, a held difference is held
+//! again, and a release stops at the fair share or the window's want.
 
+use crate::demand::Signals;
 use crate::domain::MoveKind;
+use crate::trigger::TriggerConfig;
 use serde::{Deserialize, Serialize};
+
+/// How long units granted to a cell are held by default (rule 2): an hour, the span within
+/// which a unit released and granted back counts as ping-pong.
+pub const DEFAULT_HOLD_MS: u64 = 3_600_000;
 
 /// A metering server, as a compact id chosen by the caller so cells sort and compare cheaply.
 pub type ServerId = u32;
@@ -63,36 +87,46 @@ pub type ServerId = u32;
 /// A product, as a compact id chosen by the caller.
 pub type ProductId = u32;
 
-/// What a cell asked for since the last run; all in units so the arithmetic is exact.
+/// What a cell asked for since the last run and what its history says it will need.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Demand {
     /// Highest units in use since the last run: the demand the allocation had to carry.
     pub peak_in_use: u64,
-    /// Checkouts denied since the last run: demand the allocation failed to carry.
+    /// Checkouts denied since the last run: pressure (a count of events, not units).
     pub denials: u64,
-    /// Clients queued right now for a unit: demand waiting to be served.
+    /// Units clients are queued for right now: demand waiting to be served.
     pub waiting: u64,
-    /// Units asked for by instant-balance requests since the last run.
+    /// Instant-balance requests since the last run: pressure (a count, not units).
     pub instant_requests: u64,
-    /// Smoothed historic demand (e.g. an EWMA of peaks, rounded up), so a want does not drop
-    /// the moment a peak ends.
-    pub smoothed: u64,
+    /// The signals read from the history (see [`crate::demand`]).
+    pub signals: Signals,
 }
 
 impl Demand {
-    /// Whether clients are being turned away or kept waiting now: such a cell is never held back
-    /// by hysteresis and gets the odd unit first under scarcity.
-    pub fn starving(&self) -> bool {
-        self.denials > 0 || self.waiting > 0
+    /// Units of demand: the highest of the need (`in_use + waiting`), the peak since the last
+    /// run (one more when it denied), the decaying level and the forecast.
+    pub fn units(&self, in_use: u64) -> u64 {
+        let peak = self
+            .peak_in_use
+            .saturating_add(u64::from(self.denials > 0));
+        in_use
+            .saturating_add(self.waiting)
+            .max(peak)
+            .max(self.signals.level)
+            .max(self.signals.forecast)
     }
 
-    /// Units of demand: the highest of `in_use`, `peak_in_use` and `smoothed`, plus the unmet
-    /// pressure — the highest of `waiting`, `denials` and `instant_requests` (the highest, not
-    /// the sum, because one short client often shows up in all three).
-    pub fn units(&self, in_use: u64) -> u64 {
-        let carried = in_use.max(self.peak_in_use).max(self.smoothed);
-        let pressure = self.waiting.max(self.denials).max(self.instant_requests);
-        carried.saturating_add(pressure)
+    /// Units the cell needed at some point over the whole window: the excess above what this
+    /// implies has lasted the window (rule 6b).
+    pub fn window_units(&self, in_use: u64) -> u64 {
+        let peak = self
+            .peak_in_use
+            .saturating_add(u64::from(self.denials > 0));
+        in_use
+            .saturating_add(self.waiting)
+            .max(peak)
+            .max(self.signals.window_peak)
+            .max(self.signals.forecast)
     }
 }
 
@@ -103,7 +137,7 @@ pub struct CellSnapshot {
     pub server: ServerId,
     /// Units the server holds now.
     pub allocation: u64,
-    /// Units checked out now; may exceed the allocation under `soft_stop` (overdraft).
+    /// Units checked out now; may exceed the allocation under `soft_stop`.
     pub in_use: u64,
     /// The floor the balancer never reclaims below while the server is alive.
     pub min_units: u64,
@@ -111,23 +145,51 @@ pub struct CellSnapshot {
     pub buffer_units: u64,
     /// The server is being emptied: it keeps only its in-use units and its min is ignored.
     pub draining: bool,
-    /// What the cell asked for since the last run.
+    /// The cell was granted units recently (an instant balance): its units are held (rule 2).
+    pub recently_granted: bool,
+    /// What the cell asked for and is expected to need.
     pub demand: Demand,
 }
 
 impl CellSnapshot {
-    /// Units the cell should hold: `max(min_units, demand + buffer_units)` (see
-    /// [`Demand::units`]); for a draining server, its floor.
-    pub fn want(&self) -> u64 {
+    /// Units the cell needs now: in use plus what queued clients wait for.
+    pub fn need(&self) -> u64 {
+        self.in_use.saturating_add(self.demand.waiting)
+    }
+
+    /// Whether clients are kept waiting now, or were denied while nothing was free: such a
+    /// cell's grants are never held back by the dead band. (The odd units of a water-fill go
+    /// first to cells with clients waiting or denied, whatever the allocation: rule 4.)
+    pub fn starving(&self) -> bool {
+        self.demand.waiting > 0 || (self.demand.denials > 0 && self.allocation <= self.in_use)
+    }
+
+    /// Units the cell should hold: `max(min_units, demand + buffer)`, the buffer never below
+    /// the trigger's headroom for that demand (so a run never trims a cell to where its trigger
+    /// would pull straight back); for a draining server, its floor.
+    pub fn want(&self, config: &PlannerConfig) -> u64 {
         if self.draining {
-            self.floor()
-        } else {
-            self.min_units.max(
-                self.demand
-                    .units(self.in_use)
-                    .saturating_add(self.buffer_units),
-            )
+            return self.floor();
         }
+        self.keep_for(self.demand.units(self.in_use), config)
+    }
+
+    /// The want for the largest demand of the whole window (rule 6b).
+    pub fn window_want(&self, config: &PlannerConfig) -> u64 {
+        if self.draining {
+            return self.floor();
+        }
+        self.keep_for(self.demand.window_units(self.in_use), config)
+    }
+
+    fn keep_for(&self, demand: u64, config: &PlannerConfig) -> u64 {
+        let headroom = if demand == 0 {
+            0
+        } else {
+            config.trigger.headroom(demand)
+        };
+        self.min_units
+            .max(demand.saturating_add(self.buffer_units.max(headroom)))
     }
 
     /// Units the planner never takes back this run: those in use, and on a live server the free
@@ -166,23 +228,32 @@ pub struct Snapshot {
 /// Knobs of the planner; the defaults suit most estates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PlannerConfig {
-    /// A difference up to this share of the cell's want (in percent) causes no move.
+    /// The dead band: a difference up to this share of the cell's allocation (in percent)
+    /// causes no move.
     pub hysteresis_percent: u32,
-    /// A difference up to this many units causes no move, however small the want.
+    /// The dead band's least width, in units, however small the allocation.
     pub hysteresis_min_units: u64,
+    /// The metering servers' trigger: buffers are never below its headroom.
+    pub trigger: TriggerConfig,
+    /// Whether metering servers pull instant balances. Off, the reserve is handed out
+    /// (rule 7) and idle excess is never released to it.
+    pub instant_balancing: bool,
 }
 
 impl PlannerConfig {
-    /// No hysteresis at all: every target is the exact fair share (tests, simulations).
-    pub const EXACT: Self = Self {
-        hysteresis_percent: 0,
-        hysteresis_min_units: 0,
-    };
+    /// No dead band, instant balancing on, the default trigger (tests, simulations).
+    pub fn exact() -> Self {
+        Self {
+            hysteresis_percent: 0,
+            hysteresis_min_units: 0,
+            ..Self::default()
+        }
+    }
 
-    /// The largest difference between fair share and allocation that causes no move for a cell
-    /// with this want.
-    pub fn margin(&self, want: u64) -> u64 {
-        let share = u128::from(want) * u128::from(self.hysteresis_percent) / 100;
+    /// The largest difference from its allocation that moves nothing for a cell holding
+    /// `allocation` units.
+    pub fn margin(&self, allocation: u64) -> u64 {
+        let share = u128::from(allocation) * u128::from(self.hysteresis_percent) / 100;
         u64::try_from(share)
             .unwrap_or(u64::MAX)
             .max(self.hysteresis_min_units)
@@ -190,11 +261,13 @@ impl PlannerConfig {
 }
 
 impl Default for PlannerConfig {
-    /// A one-unit wobble or a 10 % change of a want moves nothing.
+    /// A one-unit wobble or a 10 % change moves nothing; instant balancing on.
     fn default() -> Self {
         Self {
             hysteresis_percent: 10,
             hysteresis_min_units: 1,
+            trigger: TriggerConfig::default(),
+            instant_balancing: true,
         }
     }
 }
@@ -250,12 +323,63 @@ pub enum Scarcity {
     /// Every want is met; what is left stays in the reserve.
     #[default]
     Ample,
-    /// Mins and in-use are covered; wants are shared by water-filling.
+    /// Needs are covered; wants are shared by water-filling.
     Wants,
+    /// Mins and in-use are covered; what waiting clients need is shared by water-filling.
+    Needs,
     /// In-use is covered; the missing min units are shared by water-filling.
     Mins,
     /// Not even the overdrafts can be covered; the units are shared by water-filling.
     InUse,
+}
+
+/// The rule that decided a cell's target: the planner's answer to "why did (or didn't) this
+/// move?", shown by `allot-balancer explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Allocation, fair share and target agree: nothing to do.
+    Steady,
+    /// Granted up to the fair share because in-use, min or need was not covered or clients
+    /// are starving (rule 5).
+    GrantNeeded,
+    /// Granted up to the fair share ahead of demand: level, forecast or buffer (rule 5).
+    GrantAhead,
+    /// A difference within the dead band: nothing moved (rules 5 and 6).
+    DeadBand,
+    /// A grant ahead of demand deferred: its units would come from cells that want them (6a).
+    Deferred,
+    /// Units granted recently are held (rule 2).
+    Hold,
+    /// Above its fair share, but nobody needs the excess and it has not lasted the window.
+    KeptExcess,
+    /// Excess that lasted the whole window went back to the reserve (rule 6b).
+    ReleaseIdle,
+    /// Excess released because another cell's want was unmet (rule 6a).
+    ReleaseForShortage,
+    /// A draining server gave back its free units (rule 6c).
+    Drain,
+    /// Given part of the reserve with instant balancing off (rule 7).
+    Surplus,
+}
+
+impl Decision {
+    /// The decision's name, as shown to operators.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Steady => "steady",
+            Decision::GrantNeeded => "grant_needed",
+            Decision::GrantAhead => "grant_ahead",
+            Decision::DeadBand => "dead_band",
+            Decision::Deferred => "deferred",
+            Decision::Hold => "hold",
+            Decision::KeptExcess => "kept_excess",
+            Decision::ReleaseIdle => "release_idle",
+            Decision::ReleaseForShortage => "release_for_shortage",
+            Decision::Drain => "drain",
+            Decision::Surplus => "surplus",
+        }
+    }
 }
 
 /// The planner's decision for one cell, with the numbers that explain it.
@@ -265,19 +389,23 @@ pub struct CellPlan {
     pub server: ServerId,
     /// Units it held before the run.
     pub allocation: u64,
-    /// Units the planner would not take back (see [`CellSnapshot::floor`]).
+    /// Units the planner would not take back (see [`CellSnapshot::floor`]; the whole
+    /// allocation while held).
     pub floor: u64,
+    /// Units it needs now (see [`CellSnapshot::need`]).
+    pub need: u64,
     /// Units it should hold (see [`CellSnapshot::want`]).
     pub want: u64,
-    /// What max-min fairness gives it, before hysteresis.
+    /// What max-min fairness gives it.
     pub fair_share: u64,
-    /// Units it should hold after the run: the fair share, or the allocation when hysteresis
-    /// holds a small difference back.
+    /// Units it should hold after the run.
     pub target: u64,
+    /// The rule that decided the target.
+    pub decision: Decision,
 }
 
 impl CellPlan {
-    /// Whether hysteresis kept the allocation although the fair share differs.
+    /// Whether the dead band, a hold or kept excess left the allocation off its fair share.
     pub fn held(&self) -> bool {
         self.target != self.fair_share
     }
@@ -387,13 +515,9 @@ pub enum PlanError {
 
 /// Plans every product of the snapshot; see the [module documentation](self) for the rules.
 ///
-/// Fairness rule: when the pool cannot cover a level (in-use, then mins, then wants) for every
-/// cell, that level is shared by max-min fair water-filling of what each cell still needs above
-/// the previous level — no short cell gets less than another cell's increment minus one unit,
-/// and no cell gets more than it wants; the odd units go to starving cells first, then in a
-/// fixed order of (product, server). Products and cells may come in any order; the result is
-/// sorted by id and identical for identical input. Fails, planning nothing, if a product or a
-/// cell is repeated or a product's books do not balance.
+/// Products and cells may come in any order; the result is sorted by id and identical for
+/// identical input. Fails, planning nothing, if a product or a cell is repeated or a product's
+/// books do not balance.
 pub fn plan(snapshot: &Snapshot, config: &PlannerConfig) -> Result<Plan, PlanError> {
     let mut order: Vec<usize> = (0..snapshot.products.len()).collect();
     order.sort_unstable_by_key(|&i| snapshot.products[i].product);
@@ -414,7 +538,7 @@ pub fn plan(snapshot: &Snapshot, config: &PlannerConfig) -> Result<Plan, PlanErr
 }
 
 /// Plans one product; the same rules as [`plan`], for a caller that balances a single product
-/// (an instant balance) or wants one bad product not to stop the others.
+/// or wants one bad product not to stop the others.
 pub fn plan_product(
     product: &ProductSnapshot,
     config: &PlannerConfig,
@@ -428,14 +552,29 @@ struct Work {
     cell: usize,
     /// The cell's server, the sort key.
     server: ServerId,
-    /// Whether the cell is starving: first in line for the odd units, never held back.
+    /// Whether clients waited or were denied since the last run: first in line for the odd
+    /// units. Unlike [`CellSnapshot::starving`] this does not read the allocation, so applying
+    /// a plan never moves an odd unit to another cell at the next run.
     starving: bool,
     /// Units held so far by the fair-share computation; in the end, the fair share.
     level: u64,
-    /// Units planned after hysteresis.
+    /// Units planned.
     target: u64,
-    /// The three levels above the floor: in-use cover, mins, wants.
-    levels: [u64; 3],
+    /// The floor the fill started from (the whole allocation while held).
+    floor: u64,
+    /// The floor without a hold ([`CellSnapshot::floor`]).
+    plain_floor: u64,
+    /// The four levels as they would be without a hold: in-use cover, mins, needs, wants. The
+    /// fill never goes below `floor`.
+    levels: [u64; 4],
+    /// Units above the fair share that rule 6a may still release.
+    releasable: u64,
+    /// The cell's want.
+    want: u64,
+    /// The cell's allocation before the run.
+    allocation: u64,
+    /// Why the target is what it is.
+    decision: Decision,
 }
 
 /// Buffers reused from one product to the next, so planning a million cells does not ask the
@@ -444,12 +583,14 @@ struct Work {
 struct Scratch {
     /// One entry per cell, sorted by server id.
     work: Vec<Work>,
-    /// The positive needs of a water-fill, sorted.
-    needs: Vec<u64>,
+    /// Where the cells of a water-fill start and stop absorbing water, each sorted.
+    starts: Vec<u64>,
+    /// See `starts`.
+    ends: Vec<u64>,
     /// Positions (in `work`) of the cells a water-fill left short.
     short: Vec<usize>,
-    /// Releases held back by hysteresis: (units, position in `work`).
-    held: Vec<(u64, usize)>,
+    /// Positions (in `work`) of cells whose excess rule 6a may release.
+    donors: Vec<usize>,
 }
 
 fn plan_product_with(
@@ -472,24 +613,249 @@ fn plan_product_with(
     // At most `purchased`, so every per-product sum below fits in u64 once the floors are in.
     let pool = u128::from(product.reserve) + allocated;
 
+    // Rules 2–4 with recently granted cells held; if that leaves in-use, a min or a need
+    // uncovered while a held cell has units above its own floor, plan again without holds.
+    let (mut scarcity, mut water_level) =
+        fair_shares(product, config, pool, true, scratch)?;
+    let held_units = scratch
+        .work
+        .iter()
+        .any(|w| w.floor > cells[w.cell].floor());
+    if held_units && !matches!(scarcity, Scarcity::Ample | Scarcity::Wants) {
+        (scarcity, water_level) = fair_shares(product, config, pool, false, scratch)?;
+    }
+    let work = &mut scratch.work;
+
+    // Rules 5 and 6: grant fast, take back slow.
+    let mut planned: u128 = 0;
+    for w in work.iter_mut() {
+        let c = &cells[w.cell];
+        let fair = w.level;
+        let margin = config.margin(c.allocation);
+        (w.target, w.decision) = if c.draining {
+            (fair, if fair < c.allocation { Decision::Drain } else { Decision::Steady })
+        } else if fair > c.allocation {
+            let urgent = c.allocation < w.levels[2] || c.starving();
+            if urgent {
+                (fair, Decision::GrantNeeded)
+            } else if fair - c.allocation > margin {
+                (fair, Decision::GrantAhead)
+            } else {
+                (c.allocation, Decision::DeadBand)
+            }
+        } else if fair < c.allocation {
+            let idle_to = fair.max(c.window_want(config));
+            if config.instant_balancing
+                && !c.recently_granted
+                && c.allocation > idle_to
+                && c.allocation - idle_to > margin
+            {
+                (idle_to, Decision::ReleaseIdle)
+            } else if c.allocation - fair <= margin {
+                (c.allocation, Decision::DeadBand)
+            } else {
+                (c.allocation, Decision::KeptExcess)
+            }
+        } else if w.floor > c.floor() {
+            (fair, Decision::Hold)
+        } else {
+            (fair, Decision::Steady)
+        };
+        w.releasable = w.target.saturating_sub(fair);
+        planned += u128::from(w.target);
+    }
+    // Rule 6a: the grants need more than the reserve holds. Grants ahead of demand are deferred
+    // (the reserve alone funds them); the urgent ones take excess above the donors' wants, then
+    // units between the donors' fair shares and wants.
+    if planned > pool {
+        planned = defer_grants_ahead(work, planned, pool);
+    }
+    if planned > pool {
+        let mut donors = std::mem::take(&mut scratch.donors);
+        for above_want in [true, false] {
+            if planned <= pool {
+                break;
+            }
+            let spare = |w: &Work| {
+                if above_want {
+                    w.releasable.min(w.target.saturating_sub(w.want))
+                } else {
+                    w.releasable
+                }
+            };
+            donors.clear();
+            donors.extend((0..work.len()).filter(|&k| spare(&work[k]) > 0));
+            donors.sort_unstable_by(|&a, &b| {
+                spare(&work[b])
+                    .cmp(&spare(&work[a]))
+                    .then(work[a].server.cmp(&work[b].server))
+            });
+            for &k in donors.iter() {
+                if planned <= pool {
+                    break;
+                }
+                let over = u64::try_from(planned - pool).unwrap_or(u64::MAX);
+                let take = spare(&work[k]).min(over);
+                work[k].target -= take;
+                work[k].releasable -= take;
+                work[k].decision = Decision::ReleaseForShortage;
+                planned -= u128::from(take);
+            }
+        }
+        scratch.donors = donors;
+    }
+    debug_assert!(planned <= pool, "fair shares fit the pool");
+    // Rule 7: with no instant balancing, the reserve is handed out in proportion to wants.
+    if !config.instant_balancing && planned < pool {
+        let left = u64::try_from(pool - planned).expect("at most purchased");
+        let weights: Vec<u128> = work
+            .iter()
+            .map(|w| {
+                let c = &cells[w.cell];
+                if c.draining {
+                    0
+                } else {
+                    u128::from(c.want(config)).saturating_add(1)
+                }
+            })
+            .collect();
+        let total: u128 = weights.iter().sum();
+        if total > 0 {
+            let mut given = 0u64;
+            let mut shares: Vec<(u128, usize)> = Vec::with_capacity(work.len());
+            for (k, &weight) in weights.iter().enumerate() {
+                let exact = u128::from(left) * weight;
+                let share = u64::try_from(exact / total).expect("below left");
+                given += share;
+                work[k].target += share;
+                shares.push((exact % total, k));
+                if share > 0 {
+                    work[k].decision = Decision::Surplus;
+                }
+            }
+            // Largest remainders take the odd units, ties by server id.
+            shares.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(_, k) in shares.iter().filter(|s| weights[s.1] > 0).take((left - given) as usize) {
+                work[k].target += 1;
+                work[k].decision = Decision::Surplus;
+            }
+            planned = pool;
+        }
+    }
+
+    let mut moves = Vec::with_capacity(work.len());
+    moves.extend(work.iter().filter_map(|w| {
+        let allocation = cells[w.cell].allocation;
+        (w.target < allocation).then(|| Move::Release {
+            server: w.server,
+            units: allocation - w.target,
+        })
+    }));
+    moves.extend(work.iter().filter_map(|w| {
+        let allocation = cells[w.cell].allocation;
+        (w.target > allocation).then(|| Move::Grant {
+            server: w.server,
+            units: w.target - allocation,
+        })
+    }));
+    let cell_plans = work
+        .iter()
+        .map(|w| {
+            let c = &cells[w.cell];
+            CellPlan {
+                server: c.server,
+                allocation: c.allocation,
+                floor: w.floor,
+                need: c.need(),
+                want: c.want(config),
+                fair_share: w.level,
+                target: w.target,
+                decision: w.decision,
+            }
+        })
+        .collect();
+    Ok(ProductPlan {
+        product: product.product,
+        reserve: u64::try_from(pool - planned).expect("the reserve is at most purchased"),
+        scarcity,
+        water_level,
+        cells: cell_plans,
+        moves,
+    })
+}
+
+/// Rule 6a's middle step: grants ahead of demand are cut back (largest first, then by server
+/// id) until the plan fits the pool or none is left; returns the units then planned.
+fn defer_grants_ahead(work: &mut [Work], mut planned: u128, pool: u128) -> u128 {
+    let mut ahead: Vec<usize> = (0..work.len())
+        .filter(|&k| work[k].decision == Decision::GrantAhead)
+        .collect();
+    let grant = |w: &Work| w.target - w.allocation;
+    ahead.sort_unstable_by(|&a, &b| {
+        grant(&work[b])
+            .cmp(&grant(&work[a]))
+            .then(work[a].server.cmp(&work[b].server))
+    });
+    for k in ahead {
+        if planned <= pool {
+            break;
+        }
+        let w = &mut work[k];
+        let granted = w.target - w.allocation;
+        let over = u64::try_from(planned - pool).unwrap_or(u64::MAX);
+        let cut = granted.min(over);
+        w.target -= cut;
+        planned -= u128::from(cut);
+        w.decision = if cut == granted {
+            Decision::Deferred
+        } else {
+            Decision::GrantAhead
+        };
+    }
+    planned
+}
+
+/// Rules 2–4: fills `scratch.work` with every cell's floor, levels and fair share (`level`).
+/// With `hold`, a recently granted live cell's floor is its whole allocation.
+fn fair_shares(
+    product: &ProductSnapshot,
+    config: &PlannerConfig,
+    pool: u128,
+    hold: bool,
+    scratch: &mut Scratch,
+) -> Result<(Scarcity, Option<u64>), PlanError> {
     let work = &mut scratch.work;
     work.clear();
-    work.extend(cells.iter().enumerate().map(|(i, c)| {
-        let floor = c.floor();
-        let levels = if c.draining {
-            [floor; 3]
+    work.extend(product.cells.iter().enumerate().map(|(i, c)| {
+        let plain_floor = c.floor();
+        let floor = if hold && c.recently_granted && !c.draining {
+            c.allocation
         } else {
-            let cover = floor.max(c.in_use);
+            plain_floor
+        };
+        let levels = if c.draining {
+            [floor; 4]
+        } else {
+            // From the plain floor: a hold raises where the fill starts (`level`), not the
+            // increments a water-fill measures (see `water_fill`).
+            let cover = plain_floor.max(c.in_use);
             let mins = cover.max(c.min_units);
-            [cover, mins, mins.max(c.want())]
+            let needs = mins.max(c.need());
+            [cover, mins, needs, needs.max(c.want(config))]
         };
         Work {
             cell: i,
             server: c.server,
-            starving: c.demand.starving(),
+            starving: c.demand.waiting > 0 || c.demand.denials > 0,
             level: floor,
             target: floor,
+            floor,
+            plain_floor,
             levels,
+            releasable: 0,
+            want: c.want(config),
+            allocation: c.allocation,
+            decision: Decision::Steady,
         }
     }));
     // Cells usually arrive sorted, which this sort detects in one pass.
@@ -503,14 +869,17 @@ fn plan_product_with(
             server: pair[0].server,
         });
     }
-
-    // Rules 3 and 4: fill the levels in order; share the first that does not fit.
-    let mut remaining = pool - work.iter().map(|w| u128::from(w.level)).sum::<u128>();
-    let mut scarcity = Scarcity::Ample;
-    let mut water_level = None;
-    for (tier, short) in [Scarcity::InUse, Scarcity::Mins, Scarcity::Wants]
-        .into_iter()
-        .enumerate()
+    let floors: u128 = work.iter().map(|w| u128::from(w.level)).sum();
+    // Floors never exceed allocations, so they fit the pool.
+    let mut remaining = pool - floors;
+    for (tier, short) in [
+        Scarcity::InUse,
+        Scarcity::Mins,
+        Scarcity::Needs,
+        Scarcity::Wants,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let need: u128 = work
             .iter()
@@ -527,137 +896,101 @@ fn plan_product_with(
                 tier,
                 remaining,
                 product.product,
-                &mut scratch.needs,
+                &mut scratch.starts,
+                &mut scratch.ends,
                 &mut scratch.short,
             );
-            water_level = Some(water);
-            scarcity = short;
-            break;
+            return Ok((short, Some(water)));
         }
     }
-
-    // Rule 6: hysteresis, then let held releases go if the grants need their units.
-    let held = &mut scratch.held;
-    held.clear();
-    let mut planned: u128 = 0;
-    let mut moves = 0usize;
-    for (k, w) in work.iter_mut().enumerate() {
-        let c = &cells[w.cell];
-        let fair = w.level;
-        w.target = fair;
-        if !c.draining && fair != c.allocation {
-            let margin = config.margin(c.want());
-            if fair > c.allocation {
-                let urgent = c.allocation < w.levels[1] || w.starving;
-                if !urgent && fair - c.allocation <= margin {
-                    w.target = c.allocation;
-                }
-            } else if c.allocation - fair <= margin {
-                w.target = c.allocation;
-                held.push((c.allocation - fair, k));
-            }
-        }
-        planned += u128::from(w.target);
-        moves += usize::from(w.target != c.allocation);
-    }
-    if planned > pool {
-        held.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for &(units, k) in held.iter() {
-            if planned <= pool {
-                break;
-            }
-            work[k].target -= units;
-            planned -= u128::from(units);
-            moves += 1;
-        }
-    }
-
-    let cell_plans = work
-        .iter()
-        .map(|w| {
-            let c = &cells[w.cell];
-            CellPlan {
-                server: c.server,
-                allocation: c.allocation,
-                floor: c.floor(),
-                want: c.want(),
-                fair_share: w.level,
-                target: w.target,
-            }
-        })
-        .collect();
-    let mut planned_moves = Vec::with_capacity(moves);
-    planned_moves.extend(work.iter().filter_map(|w| {
-        let allocation = cells[w.cell].allocation;
-        (w.target < allocation).then(|| Move::Release {
-            server: w.server,
-            units: allocation - w.target,
-        })
-    }));
-    planned_moves.extend(work.iter().filter_map(|w| {
-        let allocation = cells[w.cell].allocation;
-        (w.target > allocation).then(|| Move::Grant {
-            server: w.server,
-            units: w.target - allocation,
-        })
-    }));
-
-    Ok(ProductPlan {
-        product: product.product,
-        reserve: u64::try_from(pool - planned).expect("the reserve is at most purchased"),
-        scarcity,
-        water_level,
-        cells: cell_plans,
-        moves: planned_moves,
-    })
+    Ok((Scarcity::Ample, None))
 }
 
 /// Raises every cell toward `levels[tier]` by max-min fair increments, spending exactly
 /// `budget` units (less than the total need), and returns the water level reached.
+///
+/// Increments are measured from the cell's level without a hold (its *base*: the previous
+/// level, or the plain floor): with water level `s`, a cell ends at `max(floor, base +
+/// min(need, s))`, the first few short cells one unit more. A held cell therefore absorbs water
+/// only once the level passes the units it already holds: a hold keeps units, it never earns a
+/// larger increment than an unheld cell — otherwise a cell granted units would, held at its new
+/// allocation, be water-filled again on top of it at the next run, and again at the one after.
 fn water_fill(
     work: &mut [Work],
     tier: usize,
     budget: u128,
     product: ProductId,
-    needs: &mut Vec<u64>,
+    starts: &mut Vec<u64>,
+    ends: &mut Vec<u64>,
     short: &mut Vec<usize>,
 ) -> u64 {
-    needs.clear();
-    needs.extend(
-        work.iter()
-            .map(|w| w.levels[tier].saturating_sub(w.level))
-            .filter(|&n| n > 0),
-    );
-    needs.sort_unstable();
-
-    // Find s, the largest water level with Σ min(need, s) ≤ budget.
-    let mut left = budget;
-    let mut base = 0u64;
-    let mut water = 0u64;
-    for (j, &need) in needs.iter().enumerate() {
-        let cells_short = (needs.len() - j) as u128;
-        let step = u128::from(need - base) * cells_short;
-        if step <= left {
-            left -= step;
-            base = need;
+    // The water levels between which a cell absorbs water: from what it holds above its base
+    // to its need.
+    let span = |w: &Work| {
+        let base = if tier == 0 {
+            w.plain_floor
         } else {
-            // left / cells_short < need - base, so it fits in u64.
-            water = base + u64::try_from(left / cells_short).expect("below a need");
-            left %= cells_short;
-            break;
+            w.levels[tier - 1]
+        };
+        (w.level - base, w.levels[tier].saturating_sub(base))
+    };
+    starts.clear();
+    ends.clear();
+    for w in work.iter() {
+        let (start, end) = span(w);
+        if end > start {
+            starts.push(start);
+            ends.push(end);
         }
     }
+    starts.sort_unstable();
+    ends.sort_unstable();
+
+    // Find s, the largest water level with Σ clamp(s, start, end) - start ≤ budget, sweeping s
+    // upwards: between two events, each cell with start ≤ s < end absorbs one unit per step.
+    let mut left = budget;
+    let (mut level, mut absorbing) = (0u64, 0u128);
+    let (mut i, mut j) = (0, 0);
+    let water = loop {
+        let next = starts
+            .get(i)
+            .into_iter()
+            .chain(ends.get(j))
+            .copied()
+            .min()
+            .expect("the budget is less than the total need");
+        let step = absorbing * u128::from(next - level);
+        if step > left {
+            // left / absorbing < next - level, so it fits in u64.
+            let rise = u64::try_from(left / absorbing).expect("below the next event");
+            left %= absorbing;
+            break level + rise;
+        }
+        left -= step;
+        level = next;
+        while starts.get(i) == Some(&level) {
+            absorbing += 1;
+            i += 1;
+        }
+        while ends.get(j) == Some(&level) {
+            absorbing -= 1;
+            j += 1;
+        }
+    };
 
     short.clear();
     for (k, w) in work.iter_mut().enumerate() {
-        let need = w.levels[tier].saturating_sub(w.level);
-        w.level += need.min(water);
-        if need > water {
-            short.push(k);
+        let (start, end) = span(w);
+        if end > start {
+            w.level += water.clamp(start, end) - start;
+            if start <= water && water < end {
+                short.push(k);
+            }
         }
     }
-    // `left` < short.len(): the odd units go one each to the best-ranked short cells —
-    // starving first, then by a fixed scramble of (product, server).
+    // `left` < short.len() (the cells absorbing at the water level): the odd units go one each
+    // to the best-ranked short cells — starving first, then by a fixed scramble of (product,
+    // server).
     let odd = usize::try_from(left).expect("fewer than the cells");
     if odd > 0 {
         let rank = |k: &usize| (!work[*k].starving, mix(product, work[*k].server));
@@ -749,6 +1082,7 @@ pub fn apply_product(
 mod tests {
     use super::*;
 
+    /// Cells filling their wants: (previous level, want), no holds.
     fn work(levels: &[(u64, u64)]) -> Vec<Work> {
         levels
             .iter()
@@ -759,13 +1093,27 @@ mod tests {
                 starving: false,
                 level,
                 target: level,
-                levels: [cap; 3],
+                levels: [level, level, level, cap],
+                floor: level,
+                plain_floor: level,
+                releasable: 0,
+                want: cap,
+                allocation: level,
+                decision: Decision::Steady,
             })
             .collect()
     }
 
     fn fill(work: &mut [Work], budget: u128) -> u64 {
-        water_fill(work, 2, budget, 0, &mut Vec::new(), &mut Vec::new())
+        water_fill(
+            work,
+            3,
+            budget,
+            0,
+            &mut Vec::new(),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
     }
 
     #[test]
@@ -786,6 +1134,30 @@ mod tests {
         assert_eq!(water, 2);
         let levels: Vec<u64> = w.iter().map(|w| w.level).collect();
         assert_eq!(levels, [2, 2, 3]);
+    }
+
+    #[test]
+    fn water_fill_counts_a_held_cell_from_its_base() {
+        // Both want 10 from nothing; the first holds 5 already. 5 units bring the other level
+        // with it; 2 more go one each.
+        let mut w = work(&[(0, 10), (0, 10)]);
+        w[0].floor = 5;
+        w[0].level = 5;
+        assert_eq!(fill(&mut w, 5), 5);
+        assert_eq!([w[0].level, w[1].level], [5, 5]);
+        let mut w = work(&[(0, 10), (0, 10)]);
+        w[0].floor = 5;
+        w[0].level = 5;
+        assert_eq!(fill(&mut w, 7), 6);
+        assert_eq!([w[0].level, w[1].level], [6, 6]);
+        // Held above the water: it keeps its units and absorbs nothing.
+        let mut w = work(&[(0, 10), (0, 10), (0, 10)]);
+        w[0].floor = 8;
+        w[0].level = 8;
+        assert_eq!(fill(&mut w, 9), 4);
+        let levels: Vec<u64> = w.iter().map(|w| w.level).collect();
+        assert_eq!(levels[0], 8);
+        assert_eq!(levels[1] + levels[2], 9);
     }
 
     #[test]

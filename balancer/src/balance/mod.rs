@@ -17,29 +17,28 @@
 //! granted them: the allocations servers have applied never sum above purchased.
 
 mod agent_client;
+mod instant;
+mod run;
 pub mod scheduler;
+mod snapshot;
 
 pub use agent_client::{AgentClient, CallError};
 
 use crate::auth::ServerTokens;
 use crate::store::{
-    CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord, Store, StoreError,
-    UsageSample,
+    CellRecord, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
 };
 use allot_core::ErrorCode;
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
-use allot_core::planner::{self, CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot};
+use allot_core::demand::SignalConfig;
+use allot_core::planner::PlannerConfig;
 use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
-use allot_core::wire::balancer::{
-    DoctorCell, DoctorProduct, DoctorReport, InstantBalanceRequest, InstantBalanceResponse,
-    MoveView, Product, RunDetail,
-};
+use allot_core::wire::balancer::{DoctorCell, DoctorProduct, DoctorReport, MoveView};
 use chrono::Utc;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
-use uuid::Uuid;
 
 /// Whether a refusal came from the metering server's move handler itself, after it looked the
 /// move id up in its log: only then is it proof that the move was not applied. An
@@ -79,8 +78,13 @@ pub struct EngineConfig {
     /// Servers stop granting this much before the balancer's lease ends, so clock skew never
     /// lets a server grant units the balancer already reclaimed.
     pub lease_margin: Duration,
-    /// Hysteresis and other planner settings.
+    /// The dead band and other planner settings.
     pub planner: PlannerConfig,
+    /// How the demand signals read the history.
+    pub signals: SignalConfig,
+    /// Units granted to a server are not taken back by a run for this long, unless a real
+    /// shortage elsewhere needs them, and an instant balance never reclaims from it meanwhile.
+    pub hold: Duration,
     /// CA certificates, beside the system's, trusted when calling servers over HTTPS.
     pub trust: allot_tls::Trust,
 }
@@ -93,6 +97,8 @@ impl Default for EngineConfig {
             lease: Duration::from_secs(24 * 3600),
             lease_margin: Duration::from_secs(300),
             planner: PlannerConfig::default(),
+            signals: SignalConfig::default(),
+            hold: Duration::from_millis(allot_core::planner::DEFAULT_HOLD_MS),
             trust: allot_tls::Trust::default(),
         }
     }
@@ -134,6 +140,8 @@ pub struct Engine {
     run_lock: Arc<tokio::sync::Mutex<()>>,
     /// The leader epoch while this balancer leads; `None` while it follows.
     leadership: watch::Receiver<Option<i64>>,
+    /// What the last run saw of each cell, and when cells were last granted units.
+    memory: Arc<Mutex<snapshot::Memory>>,
 }
 
 /// A server's answer to a status read in a run.
@@ -175,6 +183,7 @@ impl Engine {
             product_locks: Arc::default(),
             run_lock: Arc::default(),
             leadership,
+            memory: Arc::default(),
         }
     }
 
@@ -232,6 +241,12 @@ impl Engine {
                         ))
                     })?;
                 crate::metrics::METRICS.moved(&booked);
+                if booked.kind == MoveKind::Grant && booked.applied_units.unwrap_or(0) > 0 {
+                    self.memory
+                        .lock()
+                        .expect("engine memory")
+                        .granted(&booked.server, &booked.product);
+                }
                 tracing::info!(
                     applied = answer.units,
                     generation = answer.generation,
@@ -267,32 +282,6 @@ impl Engine {
                     "{} {} to {}: {e}",
                     mv.kind, mv.id, server.name
                 )))
-            }
-        }
-    }
-
-    /// Logs and executes one planned move; `None` when the store refused to log it.
-    async fn log_and_execute(
-        &self,
-        server: &ServerRecord,
-        new: NewMove,
-        errors: &Mutex<Vec<String>>,
-    ) -> Option<MoveRecord> {
-        let logged = match self.store.begin_move(&new).await {
-            Ok(record) => record,
-            Err(e) => {
-                errors.lock().expect("errors").push(format!(
-                    "{} of {} {} to {} not logged: {e}",
-                    new.kind, new.units, new.product, new.server
-                ));
-                return None;
-            }
-        };
-        match self.execute(server, &logged).await {
-            Ok(done) => Some(done),
-            Err(e) => {
-                errors.lock().expect("errors").push(e.to_string());
-                None
             }
         }
     }
@@ -480,331 +469,6 @@ impl Engine {
         Ok(names)
     }
 
-    /// A scheduled or manual balance over every product, or one.
-    #[tracing::instrument(skip(self))]
-    pub async fn run(
-        &self,
-        trigger: RunTrigger,
-        only: Option<&str>,
-    ) -> Result<RunDetail, BalanceError> {
-        let _one_run_at_a_time = self.run_lock.lock().await;
-        let epoch = self.epoch()?;
-        if let Some(name) = only {
-            self.store.product(name).await?;
-        }
-        self.reclaim_lost().await?;
-        let run_id = self.store.begin_run(trigger, epoch).await?;
-        let tally = crate::metrics::RunTally::start(trigger);
-        let started = std::time::Instant::now();
-        let errors = Mutex::new(self.resume_unfinished().await?);
-
-        let Observation {
-            servers,
-            cells_before,
-            statuses,
-            unreachable,
-        } = self.observe(false).await?;
-        for (name, reason) in &unreachable {
-            errors
-                .lock()
-                .expect("errors")
-                .push(format!("{name} unreachable: {reason}"));
-        }
-        let answered: Vec<String> = statuses.keys().cloned().collect();
-        self.store.touch_servers(&answered).await?;
-        let cells = self.store.cells().await?;
-        let mut servers = servers;
-        for server in servers.iter_mut().filter(|s| s.needs_reset) {
-            if adopted(&server.name, &cells, &statuses) {
-                self.store.clear_reset(&server.name).await?;
-                server.needs_reset = false;
-                tracing::info!(server = %server.name, "server adopted the books after its reset");
-            }
-        }
-        // A server that has not yet adopted the books after a reset gets no moves: its units
-        // are set aside like an unreachable server's.
-        let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
-        let samples = usage_samples(&statuses);
-        self.store
-            .record_samples(run_id, Utc::now().timestamp_millis(), &samples)
-            .await?;
-        let in_flight = self.store.unfinished_moves().await?;
-        let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
-        crate::metrics::METRICS
-            .discrepancies
-            .inc_by(discrepancies.len() as u64);
-        for d in &discrepancies {
-            tracing::warn!(discrepancy = %d, run_id, "reconciliation");
-        }
-        errors.lock().expect("errors").extend(discrepancies);
-
-        let products: Vec<Product> = self
-            .store
-            .products()
-            .await?
-            .into_iter()
-            .filter(|p| only.is_none_or(|o| o == p.name))
-            .collect();
-        let by_name: BTreeMap<&str, &ServerRecord> =
-            servers.iter().map(|s| (s.name.as_str(), s)).collect();
-        let mut moved = (0u64, 0u64);
-        for product in &products {
-            let lock = self.product_lock(&product.name);
-            let _serialised = lock.lock().await;
-            // The books may have moved since the run began (instant balances): reread them.
-            let product = self.store.product(&product.name).await?.product;
-            let cells = self.store.product_cells(&product.name).await?;
-            let Some(built) = build_snapshot(&product, &cells, &statuses, &servers) else {
-                continue;
-            };
-            let plan = planner::plan_product(&built.snapshot, &self.config.planner)
-                .map_err(|e| BalanceError::Plan(format!("{}: {e:?}", product.name)))?;
-            let (releases, grants): (Vec<&Move>, Vec<&Move>) = plan
-                .moves
-                .iter()
-                .partition(|m| m.kind() == MoveKind::Release);
-            let released_first = !releases.is_empty();
-            for (index, phase) in [releases, grants].into_iter().enumerate() {
-                if index == 1 && released_first {
-                    crate::fault::point("between_release_and_grant");
-                }
-                let mut tasks = tokio::task::JoinSet::new();
-                for m in phase {
-                    let server = by_name[built.server_names[m.server() as usize].as_str()].clone();
-                    let new = NewMove {
-                        id: Uuid::now_v7(),
-                        run_id: Some(run_id),
-                        product: product.name.clone(),
-                        server: server.name.clone(),
-                        kind: m.kind(),
-                        units: m.units(),
-                        epoch,
-                    };
-                    let engine = self.clone();
-                    tasks.spawn(async move {
-                        let errors = Mutex::new(Vec::new());
-                        let done = engine.log_and_execute(&server, new, &errors).await;
-                        (done, errors.into_inner().expect("errors"))
-                    });
-                }
-                while let Some(joined) = tasks.join_next().await {
-                    let Ok((done, errs)) = joined else { continue };
-                    errors.lock().expect("errors").extend(errs);
-                    if let Some(done) = done {
-                        moved.0 += 1;
-                        moved.1 += done.applied_units.unwrap_or(0);
-                    }
-                }
-            }
-        }
-
-        let errors = errors.into_inner().expect("errors");
-        let outcome = RunOutcome {
-            status: if errors.is_empty() { "ok" } else { "partial" }.into(),
-            servers_queried: statuses.len() as u64,
-            servers_unreachable: unreachable.len() as u64,
-            moves: moved.0,
-            units_moved: moved.1,
-            errors,
-        };
-        self.store.finish_run(run_id, &outcome).await?;
-        tally.finish(&outcome.status, statuses.keys(), unreachable.keys());
-        tracing::info!(
-            run_id,
-            trigger = %trigger,
-            servers = outcome.servers_queried,
-            unreachable = outcome.servers_unreachable,
-            moves = outcome.moves,
-            units = outcome.units_moved,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "balance run finished"
-        );
-        Ok(self.store.run(run_id).await?)
-    }
-
-    /// Serves a server that ran dry: from the reserve, else by reclaiming free units from the
-    /// lowest-activity servers above their floor, then grants. The same request id twice
-    /// grants once.
-    #[tracing::instrument(skip_all, fields(server = %server.name, product = %req.product, units = req.units, request_id = %req.request_id))]
-    pub async fn instant(
-        &self,
-        server: &ServerRecord,
-        req: &InstantBalanceRequest,
-    ) -> Result<InstantBalanceResponse, BalanceError> {
-        let answer = |granted: u64, allocation: u64| InstantBalanceResponse {
-            request_id: req.request_id,
-            product: req.product.clone(),
-            granted,
-            allocation,
-        };
-        let allocation_of = |cells: &[CellRecord]| {
-            cells
-                .iter()
-                .find(|c| c.server == server.name && c.product == req.product)
-                .map_or(0, |c| c.units)
-        };
-        if let Some(done) = self.store.instant_request(req.request_id).await? {
-            return Ok(answer(
-                done.granted,
-                allocation_of(&self.store.product_cells(&req.product).await?),
-            ));
-        }
-        let lock = self.product_lock(&req.product);
-        let _serialised = lock.lock().await;
-        if let Some(done) = self.store.instant_request(req.request_id).await? {
-            return Ok(answer(
-                done.granted,
-                allocation_of(&self.store.product_cells(&req.product).await?),
-            ));
-        }
-        if server.state == ServerState::Draining {
-            tracing::info!("server is draining; nothing granted");
-            return Ok(answer(
-                0,
-                allocation_of(&self.store.product_cells(&req.product).await?),
-            ));
-        }
-        if server.needs_reset {
-            let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
-            if adopted(
-                &server.name,
-                &self.store.product_cells(&req.product).await?,
-                &statuses,
-            ) {
-                self.store.clear_reset(&server.name).await?;
-            } else {
-                tracing::warn!("server has not adopted the books after its reset; nothing granted");
-                return Ok(answer(
-                    0,
-                    allocation_of(&self.store.product_cells(&req.product).await?),
-                ));
-            }
-        }
-        let wanted = u64::from(req.units);
-        let tally = crate::metrics::InstantTally::start();
-        let epoch = self.epoch()?;
-        let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
-        let errors = Mutex::new(Vec::new());
-        let mut reserve = self.store.product(&req.product).await?.product.reserve;
-        let mut moves = 0u64;
-        let mut units_moved = 0u64;
-        if reserve < wanted {
-            // Reclaim free units, lowest activity first, from servers above their floor.
-            let servers = self.servers_by_name().await?;
-            // A server with a move of this product still unconfirmed is in an unknown state
-            // (most likely unreachable): asking it again would only log another release that
-            // cannot be confirmed either — one more for every instant request while it is cut
-            // off, each re-sent by every run — and spend the hold bound waiting on it.
-            let unconfirmed: Vec<String> = self
-                .store
-                .unfinished_moves()
-                .await?
-                .into_iter()
-                .filter(|m| m.product == req.product)
-                .map(|m| m.server)
-                .collect();
-            let mut donors: Vec<CellRecord> = self
-                .store
-                .cells()
-                .await?
-                .into_iter()
-                .filter(|c| c.product == req.product && c.server != server.name)
-                .filter(|c| !unconfirmed.contains(&c.server))
-                .filter(|c| {
-                    servers
-                        .get(&c.server)
-                        .is_some_and(|s| s.state != ServerState::Lost && !s.needs_reset)
-                })
-                .filter(|c| c.units > c.min_units)
-                .collect();
-            donors.sort_by_key(|c| (c.last_peak.unwrap_or(0), std::cmp::Reverse(c.units)));
-            for donor in donors {
-                if reserve >= wanted {
-                    break;
-                }
-                let spare = donor.units
-                    - donor
-                        .min_units
-                        .max(donor.last_peak.unwrap_or(0).min(donor.units));
-                let ask = spare.min(wanted - reserve);
-                if ask == 0 {
-                    continue;
-                }
-                let new = NewMove {
-                    id: Uuid::now_v7(),
-                    run_id: Some(run_id),
-                    product: req.product.clone(),
-                    server: donor.server.clone(),
-                    kind: MoveKind::Release,
-                    units: ask,
-                    epoch,
-                };
-                if let Some(done) = self
-                    .log_and_execute(&servers[&donor.server], new, &errors)
-                    .await
-                {
-                    let released = done.applied_units.unwrap_or(0);
-                    reserve += released;
-                    moves += 1;
-                    units_moved += released;
-                }
-            }
-        }
-        let grant = wanted.min(reserve);
-        let mut granted = 0;
-        if grant > 0 {
-            let new = NewMove {
-                id: Uuid::now_v7(),
-                run_id: Some(run_id),
-                product: req.product.clone(),
-                server: server.name.clone(),
-                kind: MoveKind::Grant,
-                units: grant,
-                epoch,
-            };
-            if let Some(done) = self.log_and_execute(server, new, &errors).await {
-                granted = done.applied_units.unwrap_or(0);
-                moves += 1;
-                units_moved += granted;
-            }
-        }
-        let errors = errors.into_inner().expect("errors");
-        // Only a settled outcome is remembered: a grant still in flight is finished by the next
-        // run, and a retry of this request may then find the units already there.
-        if errors.is_empty() {
-            self.store
-                .record_instant_request(
-                    req.request_id,
-                    &InstantRecord {
-                        server: server.name.clone(),
-                        product: req.product.clone(),
-                        units: wanted,
-                        granted,
-                    },
-                )
-                .await?;
-        }
-        self.store
-            .finish_run(
-                run_id,
-                &RunOutcome {
-                    status: if errors.is_empty() { "ok" } else { "partial" }.into(),
-                    servers_queried: 0,
-                    servers_unreachable: 0,
-                    moves,
-                    units_moved,
-                    errors,
-                },
-            )
-            .await?;
-        tally.finish(wanted, granted);
-        tracing::info!(granted, run_id, "instant balance answered");
-        Ok(answer(
-            granted,
-            allocation_of(&self.store.product_cells(&req.product).await?),
-        ))
-    }
-
     /// Compares the books with every reachable server's view, without moving anything and
     /// without resetting the servers' counters.
     pub async fn doctor(&self) -> Result<DoctorReport, BalanceError> {
@@ -963,67 +627,4 @@ fn usage_samples(statuses: &StatusMap) -> Vec<UsageSample> {
             })
         })
         .collect()
-}
-
-/// A planner snapshot of one product and the names behind its compact server ids.
-struct BuiltSnapshot {
-    snapshot: ProductSnapshot,
-    server_names: Vec<String>,
-}
-
-/// The planner's view of one product: cells of servers that answered and know the product.
-/// Units held by servers that did not answer are set aside (left where they are), so the
-/// planner's books balance over what it may move. `None` when the product has moves in flight.
-fn build_snapshot(
-    product: &Product,
-    cells: &[CellRecord],
-    statuses: &StatusMap,
-    servers: &[ServerRecord],
-) -> Option<BuiltSnapshot> {
-    if product.in_transit > 0 {
-        return None;
-    }
-    let by_server: HashMap<&str, &CellRecord> = cells
-        .iter()
-        .filter(|c| c.product == product.name)
-        .map(|c| (c.server.as_str(), c))
-        .collect();
-    let mut set_aside = 0u64;
-    let mut snapshot_cells = Vec::new();
-    let mut server_names = Vec::new();
-    for server in servers {
-        let cell = by_server.get(server.name.as_str()).copied();
-        let held = cell.map_or(0, |c| c.units);
-        let Some(seen) = reported(statuses, &server.name, &product.name) else {
-            set_aside += held;
-            continue;
-        };
-        let id = server_names.len() as u32;
-        server_names.push(server.name.clone());
-        snapshot_cells.push(CellSnapshot {
-            server: id,
-            allocation: held,
-            in_use: u64::from(seen.in_use),
-            min_units: cell.map_or(0, |c| c.min_units),
-            buffer_units: cell.map_or(0, |c| c.buffer_units),
-            draining: server.state == ServerState::Draining,
-            demand: Demand {
-                peak_in_use: u64::from(seen.since_last.peak_in_use),
-                denials: seen.since_last.denials,
-                waiting: u64::from(seen.waiting),
-                instant_requests: seen.since_last.instant_requests,
-                smoothed: cell.and_then(|c| c.last_peak).unwrap_or(0),
-            },
-        });
-    }
-    Some(BuiltSnapshot {
-        snapshot: ProductSnapshot {
-            product: 0,
-            purchased: product.purchased - set_aside,
-            reserve: product.reserve,
-            in_transit: 0,
-            cells: snapshot_cells,
-        },
-        server_names,
-    })
 }

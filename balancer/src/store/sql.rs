@@ -1512,6 +1512,29 @@ impl Store for SqlStore {
             .collect())
     }
 
+    async fn peak_samples(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> StoreResult<Vec<(String, String, i64, u64)>> {
+        let mut out = Vec::new();
+        for &(from, to) in ranges {
+            let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                "SELECT s.name, p.name, u.at, u.peak_in_use FROM usage_samples u \
+                 JOIN servers s ON s.id = u.server_id JOIN products p ON p.id = u.product_id \
+                 WHERE u.at >= $1 AND u.at <= $2",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await?;
+            out.extend(
+                rows.into_iter()
+                    .map(|(server, product, at, peak)| (server, product, at, count(peak))),
+            );
+        }
+        Ok(out)
+    }
+
     async fn instant_grants_between(
         &self,
         from_ms: i64,

@@ -7,17 +7,22 @@
 //! purchased`), the hard stop (`in_use ≤ allocation`) and the reserve's sign are checked after
 //! every event, and every failure is counted as a safety violation.
 //!
-//! allot's policy calls the real planner ([`allot_core::planner::plan_product`]) on the
-//! scheduled runs and the real trigger ([`allot_core::trigger::instant_request`]) on the
-//! metering servers; nothing of either is re-implemented here.
+//! allot's policy is the shipped one and nothing else: the scheduled runs call the real demand
+//! signals ([`allot_core::demand::signals`]) over the samples the runs record, exactly as the
+//! balancer's runs do, and the real planner ([`allot_core::planner::plan_product`]); the
+//! balancer's instant handler is the real instant plan ([`allot_core::instant::plan_instant`]);
+//! the metering servers call the real trigger ([`allot_core::trigger::instant_request`]). The
+//! simulator only carries messages, keeps the books and measures.
 
 use crate::advice::{Recorder, SampleCounts, Tuned, advisor_input};
 use crate::metrics::{Metrics, apportion, water_fill};
 use crate::workload::{Arrival, DAY, Fault, HOUR, MINUTE, Workload};
 use allot_core::advisor::{CellSettings, advise};
 use allot_core::domain::RunTrigger;
+use allot_core::demand::{PeakSample, SignalConfig, signals};
+use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::planner::{
-    CellSnapshot, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
+    CellSnapshot, DEFAULT_HOLD_MS, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
 };
 use allot_core::trigger::{TriggerConfig, TriggerState, instant_request};
 use std::cmp::Ordering;
@@ -49,7 +54,9 @@ pub enum Kind {
     /// Sentinel-style threshold borrowing: borrow 10 % at 90 % used, free pool first, then
     /// unused units of other sites.
     Sentinel,
-    /// allot: the real planner on a schedule, with or without the real trigger policy.
+    /// allot: the shipped policy — the real planner on a schedule, with or without the real
+    /// trigger and instant plan (instant balancing off hands the reserve out, as the planner's
+    /// `instant_balancing` setting says).
     Allot {
         /// Time between scheduled runs.
         interval: u64,
@@ -175,56 +182,39 @@ pub struct SimConfig {
     pub hold_bound: u64,
     /// The real trigger policy's knobs (allot only).
     pub trigger: TriggerConfig,
-    /// The real planner's knobs (allot only).
+    /// The real planner's knobs (allot only); `instant_balancing` follows the policy.
     pub planner: PlannerConfig,
-    /// How far ahead allot's forecast looks at yesterday's and last week's peaks.
-    pub lookahead: u64,
-    /// How far back allot's recent peak looks (grow at once, shrink after this window).
-    pub window: u64,
+    /// The real demand signals' knobs (allot only).
+    pub signals: SignalConfig,
+    /// How long units granted to a cell are held (allot only), as the balancer's `--hold-seconds`.
+    pub hold: u64,
     /// Sampling period of the time series (allocations, fairness, the step).
     pub sample_every: u64,
-    /// allot with instant balancing: use a share of the expected peak (yesterday's / last
-    /// week's, looking ahead) as the cell's `min_units`, so pre-positioned units are a floor
-    /// that reclaims do not take and that survives a partition.
-    pub forecast_floors: bool,
-    /// That share, in percent.
-    pub forecast_floor_percent: u32,
     /// Length of the training period of the advice experiment (0: none). When set, every
     /// policy's figures count only what happens after it, so un-tuned and advised runs are
     /// compared on the same evaluation period, and advised policies apply the advisor's
     /// recommendations, read from the history of this period, at its end.
     pub train: u64,
-    /// allot's runs derive each cell's floor (the forecast) and buffer (the trigger's
-    /// watermark) and look ahead at yesterday's and last week's peaks. Off, the planner gets
-    /// what the balancer's `build_snapshot` gives it today: the configured `min_units` /
-    /// `buffer_units` only and the recent peak — the un-tuned balancer the advisor is for.
-    pub derived_settings: bool,
 }
 
 impl Default for SimConfig {
-    /// 50 ms one way, the design's 500 ms hold bound, default trigger and planner, an 8 h
-    /// look-ahead whose expected peak is the cell's floor, and a 1 h window.
+    /// 50 ms one way, the design's 500 ms hold bound, and allot's shipped defaults.
     fn default() -> Self {
         Self {
             latency: 50,
             hold_bound: 500,
             trigger: TriggerConfig::default(),
             planner: PlannerConfig::default(),
-            lookahead: 8 * HOUR,
-            window: HOUR,
+            signals: SignalConfig::default(),
+            hold: DEFAULT_HOLD_MS,
             sample_every: 5 * MINUTE,
-            forecast_floors: true,
-            forecast_floor_percent: 100,
             train: 0,
-            derived_settings: true,
         }
     }
 }
 
-/// Width of one bucket of the per-cell in-use history the forecast reads.
-const BUCKET: u64 = 10 * MINUTE;
-/// Buckets kept: eight days, so last week's same hour plus the look-ahead is still there.
-const BUCKETS: usize = (8 * DAY / BUCKET) as usize;
+/// Samples older than this are never read by the demand signals.
+const HISTORY: u64 = 8 * DAY;
 
 /// A checkout held while its server asks for an instant balance.
 #[derive(Debug, Clone, Copy)]
@@ -251,17 +241,19 @@ struct Cell {
     denials: u64,
     /// Since the last sample (fairness reference).
     sample_denials: u64,
-    /// Peak in use per bucket, a ring.
-    hist: Vec<u32>,
-    hist_bucket: u64,
+    /// The peak in use recorded by each scheduled run, as the balancer's usage samples.
+    samples: VecDeque<PeakSample>,
+    /// The demand and in use the last scheduled run saw (the balancer's memory of it).
+    seen: (Demand, u64),
+    /// When units were last granted to the cell.
+    granted_at: Option<u64>,
     epoch: u32,
-    /// The target of the last scheduled plan (allot): a reclaim for a proactive pull does not
-    /// take a cell below it, so pre-positioned units stay where the forecast put them.
-    planned: u64,
     /// Recent moves for ping-pong: (time, +units granted / −units released).
     recent_moves: VecDeque<(u64, i64)>,
     /// Units asked by instant requests since the last scheduled run (the history's sample).
     instant_units: u64,
+    /// Instant requests since the last scheduled run.
+    instant_count: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -431,12 +423,13 @@ impl<'a> Sim<'a> {
                     peak: 0,
                     denials: 0,
                     sample_denials: 0,
-                    hist: vec![0; BUCKETS],
-                    hist_bucket: 0,
+                    samples: VecDeque::new(),
+                    seen: (Demand::default(), 0),
+                    granted_at: None,
                     epoch: 0,
-                    planned: 0,
                     recent_moves: VecDeque::new(),
                     instant_units: 0,
+                    instant_count: 0,
                 });
             }
         }
@@ -449,14 +442,18 @@ impl<'a> Sim<'a> {
                         let weights: Vec<f64> = (0..ns).map(|s| mean[s][p]).collect();
                         apportion(purchased, &weights)
                     }
+                    // allot starts as the balancer does with a new product: every unit in
+                    // the reserve, the first run granting what each site wants.
+                    Kind::Allot { .. } => vec![0; ns],
                     _ => apportion(purchased, &vec![1.0; ns]),
                 };
+                let reserve = purchased - shares.iter().sum::<u64>();
                 for (s, units) in shares.into_iter().enumerate() {
                     cells[s * np + p].alloc = units;
                 }
                 Books {
                     purchased,
-                    reserve: 0,
+                    reserve,
                     in_transit: 0,
                 }
             })
@@ -594,18 +591,7 @@ impl<'a> Sim<'a> {
     // ---- metering server ------------------------------------------------------------------
 
     fn record_in_use(&mut self, k: usize) {
-        let now = self.now;
         let c = &mut self.cells[k];
-        let b = now / BUCKET;
-        if b > c.hist_bucket {
-            let from = (c.hist_bucket + 1).max(b.saturating_sub(BUCKETS as u64));
-            for x in from..=b {
-                c.hist[(x % BUCKETS as u64) as usize] = c.in_use as u32;
-            }
-            c.hist_bucket = b;
-        }
-        let slot = &mut c.hist[(b % BUCKETS as u64) as usize];
-        *slot = (*slot).max(c.in_use as u32);
         c.peak = c.peak.max(c.in_use);
     }
 
@@ -770,6 +756,7 @@ impl<'a> Sim<'a> {
         let c = &mut self.cells[k];
         c.in_flight_since = Some(now);
         c.instant_units += units;
+        c.instant_count += 1;
         self.metrics.transactions += 1;
         self.metrics.instant_requests += 1;
         if self.reachable(site, now) {
@@ -818,7 +805,11 @@ impl<'a> Sim<'a> {
                     return;
                 }
                 let p = self.cells[cell].product;
-                let g = units.min(self.books[p].reserve);
+                let plan = matches!(self.kind, Kind::Allot { .. })
+                    .then(|| self.plan_instant(cell, units, deficit));
+                let g = plan
+                    .as_ref()
+                    .map_or(units.min(self.books[p].reserve), |plan| plan.from_reserve);
                 self.books[p].reserve -= g;
                 self.books[p].in_transit += g;
                 if g > 0 {
@@ -834,8 +825,17 @@ impl<'a> Sim<'a> {
                 self.metrics.transactions += 1;
                 // When a reclaim is under way, its first grant carries the answer, so the
                 // asker does not ask again before the reclaimed units arrive.
-                let reclaiming =
-                    g < units && self.reclaim(cell, units - g, deficit.saturating_sub(g));
+                let reclaiming = match plan {
+                    Some(plan) => {
+                        let asks: Vec<(usize, u64)> = plan
+                            .releases
+                            .iter()
+                            .map(|&(site, units)| (self.cell(site as usize, p), units))
+                            .collect();
+                        self.send_reclaims(cell, &asks)
+                    }
+                    None => g < units && self.reclaim(cell, units - g, deficit.saturating_sub(g)),
+                };
                 if !reclaiming || g > 0 {
                     self.at(
                         self.now + lat,
@@ -853,6 +853,9 @@ impl<'a> Sim<'a> {
                 self.books[p].in_transit -= units;
                 let c = &mut self.cells[cell];
                 c.alloc += units;
+                if units > 0 {
+                    c.granted_at = Some(self.now);
+                }
                 if let Some(asked) = reply {
                     c.in_flight_since = None;
                     if units < asked {
@@ -1033,13 +1036,12 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The balancer's instant handler when the reserve is short: release free units from the
-    /// sites that need them least, then grant them to the asker (DESIGN.md flow 3).
-    /// Returns whether any release was sent; the largest carries the answer to the asker.
+    /// The baselines' instant handler when the reserve is short (allot's is the real instant
+    /// plan): release free units from the sites that need them least, then grant them to the
+    /// asker. Returns whether any release was sent; the largest carries the answer to the asker.
     fn reclaim(&mut self, asker: usize, short: u64, urgent: u64) -> bool {
         let p = self.cells[asker].product;
         let now = self.now;
-        let trigger = self.cfg.trigger;
         // (spare above own needs, free, site) per reachable donor.
         let mut donors: Vec<(u64, u64, usize)> = (0..self.w.sites.len())
             .filter(|&s| s != self.cells[asker].site && self.reachable(s, now))
@@ -1050,11 +1052,6 @@ impl<'a> Sim<'a> {
                 let kept = (c.in_use + c.queued_units).max(u64::from(self.settings[k].min_units));
                 let free = c.alloc.saturating_sub(kept);
                 let spare = match self.kind {
-                    Kind::Allot { .. } => free.saturating_sub(
-                        trigger
-                            .headroom(c.in_use)
-                            .max(c.planned.saturating_sub(c.in_use)),
-                    ),
                     // Sentinel lends only what keeps the lender below its own threshold.
                     Kind::Sentinel => c.alloc.saturating_sub((c.in_use * 10).div_ceil(9) + 1),
                     _ => free,
@@ -1078,15 +1075,31 @@ impl<'a> Sim<'a> {
             asks[d.2] += take;
             urgent_left -= take;
         }
-        let answer_by = (0..asks.len()).max_by_key(|&s| (asks[s], std::cmp::Reverse(s)));
+        let asks: Vec<(usize, u64)> = asks
+            .into_iter()
+            .enumerate()
+            .filter(|a| a.1 > 0)
+            .map(|(s, units)| (self.cell(s, p), units))
+            .collect();
+        self.send_reclaims(asker, &asks)
+    }
+
+    /// Sends the releases of a reclaim for `asker` (cell, units); once each is confirmed its
+    /// units are granted to the asker, and the largest carries the answer to its request.
+    /// Returns whether any release was sent.
+    fn send_reclaims(&mut self, asker: usize, asks: &[(usize, u64)]) -> bool {
+        let answer_by = asks
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, a)| (a.1, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i);
         let mut sent = false;
-        for (s, units) in asks.into_iter().enumerate() {
+        for (i, &(cell, units)) in asks.iter().enumerate() {
             if units > 0 {
                 self.metrics.transactions += 1;
-                let cell = self.cell(s, p);
-                let reply = (Some(s) == answer_by).then_some(units);
+                let reply = (Some(i) == answer_by).then_some(units);
                 self.at(
-                    now + self.cfg.latency,
+                    self.now + self.cfg.latency,
                     Ev::Release {
                         cell,
                         units,
@@ -1098,6 +1111,7 @@ impl<'a> Sim<'a> {
         }
         sent
     }
+
 
     /// One product's scheduled run: compute targets by the policy, release, then grant.
     /// Returns the moves it sent.
@@ -1148,7 +1162,7 @@ impl<'a> Sim<'a> {
                     if let Some(r) = &mut self.recorder {
                         let c = &self.cells[k];
                         let counts = SampleCounts {
-                            allocation: c.planned,
+                            allocation: c.alloc,
                             in_use: c.in_use,
                             peak_in_use: c.peak.max(c.in_use),
                             denials: c.denials,
@@ -1161,6 +1175,7 @@ impl<'a> Sim<'a> {
                     c.peak = c.in_use;
                     c.denials = 0;
                     c.instant_units = 0;
+                    c.instant_count = 0;
                 }
                 return moves;
             }
@@ -1199,128 +1214,81 @@ impl<'a> Sim<'a> {
         moves
     }
 
-    /// The forecast level of a cell: the max of its recent peak (the window), and the peaks
-    /// of the same time yesterday and last week looking ahead.
-    fn forecast(&mut self, k: usize) -> (u64, u64) {
-        self.record_in_use(k);
-        let c = &self.cells[k];
-        let b = self.now / BUCKET;
-        let at = |x: u64| u64::from(c.hist[(x % BUCKETS as u64) as usize]);
-        let back = self.cfg.window / BUCKET;
-        let recent = (b.saturating_sub(back)..=b).map(at).max().unwrap_or(0);
-        let ahead = self.cfg.lookahead / BUCKET;
-        let mut expected = 0;
-        for lag in [DAY / BUCKET, 7 * DAY / BUCKET] {
-            if b >= lag {
-                let from = b - lag;
-                expected = expected.max((from..=from + ahead).map(at).max().unwrap_or(0));
-            }
-        }
-        (recent.max(expected), expected)
-    }
-
-    /// The highest in use over the recent window (`window`), already recorded by `forecast`.
-    fn recent_peak(&self, k: usize) -> u64 {
-        let c = &self.cells[k];
-        let b = self.now / BUCKET;
-        let back = self.cfg.window / BUCKET;
-        (b.saturating_sub(back)..=b)
-            .map(|x| u64::from(c.hist[(x % BUCKETS as u64) as usize]))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// allot's scheduled run: demand signals → the real planner → its moves (returned: how
-    /// many were sent).
-    fn plan_allot(&mut self, p: usize, live: &[usize], instant: bool) -> u64 {
+    /// The balancer's view of one reachable cell at a run: what its status reports, the
+    /// signals of its recorded samples, its configured min and buffer, whether it is held —
+    /// the same inputs `build_snapshot` gives the planner. Records the run's sample first, as
+    /// the balancer records a run's samples before it reads the signals.
+    fn run_view(&mut self, k: usize) -> CellSnapshot {
         let now = self.now;
-        let trigger = self.cfg.trigger;
-        let mut cells = Vec::with_capacity(self.w.sites.len());
-        let mut levels = vec![0u64; self.cells.len()];
-        let mut expected = vec![0u64; self.cells.len()];
+        self.record_in_use(k);
+        let set = self.settings[k];
+        let c = &mut self.cells[k];
+        c.samples.push_back(PeakSample {
+            at: now,
+            peak: c.peak,
+        });
+        while c
+            .samples
+            .front()
+            .is_some_and(|s| s.at + HISTORY < now)
+        {
+            c.samples.pop_front();
+        }
+        let demand = Demand {
+            peak_in_use: c.peak,
+            denials: c.denials,
+            waiting: c.queued_units,
+            instant_requests: c.instant_count,
+            signals: signals(c.samples.make_contiguous(), now, &self.cfg.signals),
+        };
+        c.seen = (demand, c.in_use);
+        CellSnapshot {
+            server: c.site as u32,
+            allocation: c.alloc,
+            in_use: c.in_use,
+            min_units: u64::from(set.min_units),
+            buffer_units: u64::from(set.buffer_units),
+            draining: false,
+            recently_granted: c.granted_at.is_some_and(|t| t + self.cfg.hold > now),
+            demand,
+        }
+    }
+
+    /// The planner's configuration for this policy: the shipped defaults, with instant
+    /// balancing as the policy has it.
+    fn planner_config(&self) -> PlannerConfig {
+        let instant = matches!(self.kind, Kind::Allot { instant: true, .. });
+        PlannerConfig {
+            instant_balancing: instant,
+            ..self.cfg.planner
+        }
+    }
+
+    /// allot's scheduled run of one product: the balancer's snapshot → the real planner → its
+    /// moves, releases first (returned: how many were sent). Units of unreachable sites are set
+    /// aside, and a product with units in transit is skipped, as the balancer does.
+    fn plan_allot(&mut self, p: usize, live: &[usize], _instant: bool) -> u64 {
+        let now = self.now;
+        let mut cells = Vec::with_capacity(live.len());
         for &k in live {
-            (levels[k], expected[k]) = self.forecast(k);
-            if !self.cfg.derived_settings {
-                // The recent peak alone, like the store's `last_peak`.
-                levels[k] = self.recent_peak(k);
-                expected[k] = 0;
-            }
+            cells.push(self.run_view(k));
         }
-        for s in 0..self.w.sites.len() {
-            let k = self.cell(s, p);
-            let c = &self.cells[k];
-            // What an operator (or the advisor) configured: floors on top of the run's own
-            // signals, never below them.
-            let set = self.settings[k];
-            if live.contains(&k) {
-                let level = levels[k];
-                let floor = if instant && self.cfg.forecast_floors {
-                    expected[k] * u64::from(self.cfg.forecast_floor_percent) / 100
-                } else {
-                    0
-                };
-                // An idle cell needs no spare (the trigger does not pull for it either);
-                // a busy one keeps the trigger's watermark, so a run never trims it to
-                // where the trigger would pull straight back.
-                let buffer = if level.max(c.in_use) == 0 || !self.cfg.derived_settings {
-                    0
-                } else {
-                    trigger.watermark(level.max(c.in_use))
-                };
-                cells.push(CellSnapshot {
-                    server: s as u32,
-                    allocation: c.alloc,
-                    in_use: c.in_use,
-                    min_units: floor.max(u64::from(set.min_units)),
-                    buffer_units: buffer.max(u64::from(set.buffer_units)),
-                    draining: false,
-                    demand: Demand {
-                        peak_in_use: c.peak,
-                        denials: c.denials,
-                        waiting: c.queued_units,
-                        instant_requests: 0,
-                        smoothed: level,
-                    },
-                });
-            } else {
-                // Unreachable: frozen where it is (its want is exactly its allocation).
-                cells.push(CellSnapshot {
-                    server: s as u32,
-                    allocation: c.alloc,
-                    in_use: c.alloc,
-                    ..CellSnapshot::default()
-                });
-            }
+        if self.books[p].in_transit > 0 {
+            return 0;
         }
-        if !instant && self.cfg.derived_settings {
-            // Between runs nobody can pull from the reserve: hand the expected surplus out
-            // as buffers in proportion to the forecast levels.
-            let pool: u64 = self.books[p].reserve + cells.iter().map(|c| c.allocation).sum::<u64>();
-            let wants: u64 = cells.iter().map(|c| c.want()).sum();
-            if pool > wants {
-                let weights: Vec<f64> = cells
-                    .iter()
-                    .map(|c| {
-                        if live.contains(&self.cell(c.server as usize, p)) {
-                            1.0 + c.demand.smoothed as f64
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                for (c, extra) in cells.iter_mut().zip(apportion(pool - wants, &weights)) {
-                    c.buffer_units += extra;
-                }
-            }
-        }
+        let set_aside: u64 = (0..self.w.sites.len())
+            .map(|s| self.cell(s, p))
+            .filter(|k| !live.contains(k))
+            .map(|k| self.cells[k].alloc)
+            .sum();
         let snapshot = ProductSnapshot {
             product: p as u32,
-            purchased: self.books[p].purchased,
+            purchased: self.books[p].purchased - set_aside,
             reserve: self.books[p].reserve,
-            in_transit: self.books[p].in_transit,
+            in_transit: 0,
             cells,
         };
-        let plan = match plan_product(&snapshot, &self.cfg.planner) {
+        let plan = match plan_product(&snapshot, &self.planner_config()) {
             Ok(plan) => plan,
             Err(_) => {
                 self.metrics.violations.conservation += 1;
@@ -1328,10 +1296,6 @@ impl<'a> Sim<'a> {
             }
         };
         let moves = plan.moves.len() as u64;
-        for cp in &plan.cells {
-            let k = self.cell(cp.server as usize, p);
-            self.cells[k].planned = cp.target;
-        }
         let mut grants = Vec::new();
         for m in plan.moves {
             let k = self.cell(m.server() as usize, p);
@@ -1357,6 +1321,43 @@ impl<'a> Sim<'a> {
             );
         }
         moves
+    }
+
+    /// The balancer's instant handler for allot: the real instant plan over the books now and
+    /// what the last run saw of each reachable cell (the balancer's memory), `deficit` of the
+    /// `units` asked being urgent.
+    fn plan_instant(&self, asker: usize, units: u64, deficit: u64) -> allot_core::instant::InstantPlan {
+        let now = self.now;
+        let p = self.cells[asker].product;
+        let cells: Vec<CellSnapshot> = (0..self.w.sites.len())
+            .filter(|&s| s == self.cells[asker].site || self.reachable(s, now))
+            .map(|s| {
+                let k = self.cell(s, p);
+                let c = &self.cells[k];
+                let set = self.settings[k];
+                CellSnapshot {
+                    server: s as u32,
+                    allocation: c.alloc,
+                    in_use: c.seen.1.min(c.alloc),
+                    min_units: u64::from(set.min_units),
+                    buffer_units: u64::from(set.buffer_units),
+                    draining: false,
+                    recently_granted: c.granted_at.is_some_and(|t| t + self.cfg.hold > now),
+                    demand: c.seen.0,
+                }
+            })
+            .collect();
+        let urgent = deficit.min(units);
+        plan_instant(
+            self.books[p].reserve,
+            &cells,
+            &InstantAsk {
+                asker: self.cells[asker].site as u32,
+                urgent,
+                topup: units - urgent,
+            },
+            &self.planner_config(),
+        )
     }
 
     /// The end of the training period of an advised policy: the real advisor reads the
@@ -1451,3 +1452,4 @@ pub fn doorman_proportional(capacity: u64, wants: &[u64]) -> Vec<u64> {
     }
     out
 }
+

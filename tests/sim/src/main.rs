@@ -59,7 +59,6 @@ fn main() {
                 days_given = true;
             }
             "--advise" => advise = true,
-            "--configured-only" => cfg.derived_settings = false,
             "--train-days" => train_days = parse(&val()),
             "--products" => scale.products = parse(&val()),
             "--load" => scale.load = parse(&val()),
@@ -68,17 +67,6 @@ fn main() {
             "--policy" => only.push(val()),
             "--extra-units-percent" => extra_percent = parse(&val()),
             "--latency-ms" => cfg.latency = parse(&val()),
-            "--hysteresis-percent" => cfg.planner.hysteresis_percent = parse(&val()),
-            "--hysteresis-min" => cfg.planner.hysteresis_min_units = parse(&val()),
-            "--lookahead-min" => cfg.lookahead = parse::<u64>(&val()) * MINUTE,
-            "--window-min" => cfg.window = parse::<u64>(&val()) * MINUTE,
-            "--watermark-percent" => cfg.trigger.low_watermark_percent = parse(&val()),
-            "--watermark-min" => cfg.trigger.low_watermark_min_units = parse(&val()),
-            "--backoff-ms" => cfg.trigger.backoff_ms = parse(&val()),
-            "--forecast-floor-percent" => {
-                cfg.forecast_floor_percent = parse(&val());
-                cfg.forecast_floors = cfg.forecast_floor_percent > 0;
-            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }

@@ -1,0 +1,272 @@
+//! Instant balances (DESIGN.md flow 3): a metering server asks for units now.
+//!
+//! The shell reads the books and what the last run saw, calls the core's
+//! [`allot_core::instant::plan_instant`], and executes: under the product's lock it logs the
+//! grant from the reserve and the releases; outside the lock it sends them; once releases are
+//! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
+//! same request id twice grants once.
+
+use super::snapshot::instant_cells;
+use super::{BalanceError, Engine, adopted};
+use crate::store::{CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
+use allot_core::domain::{MoveKind, RunTrigger, ServerState};
+use allot_core::instant::{InstantAsk, plan_instant};
+use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
+use uuid::Uuid;
+
+impl Engine {
+    /// Serves a server that asked for units; see the [module documentation](self).
+    #[tracing::instrument(skip_all, fields(server = %server.name, product = %req.product, units = req.units, urgent = req.urgent(), request_id = %req.request_id))]
+    pub async fn instant(
+        &self,
+        server: &ServerRecord,
+        req: &InstantBalanceRequest,
+    ) -> Result<InstantBalanceResponse, BalanceError> {
+        let answer = |granted: u64, allocation: u64| InstantBalanceResponse {
+            request_id: req.request_id,
+            product: req.product.clone(),
+            granted,
+            allocation,
+        };
+        let allocation_of = |cells: &[CellRecord]| {
+            cells
+                .iter()
+                .find(|c| c.server == server.name && c.product == req.product)
+                .map_or(0, |c| c.units)
+        };
+        if let Some(done) = self.store.instant_request(req.request_id).await? {
+            return Ok(answer(
+                done.granted,
+                allocation_of(&self.store.product_cells(&req.product).await?),
+            ));
+        }
+        let lock = self.product_lock(&req.product);
+        let serialised = lock.lock().await;
+        if let Some(done) = self.store.instant_request(req.request_id).await? {
+            return Ok(answer(
+                done.granted,
+                allocation_of(&self.store.product_cells(&req.product).await?),
+            ));
+        }
+        if server.state == ServerState::Draining {
+            tracing::info!("server is draining; nothing granted");
+            return Ok(answer(
+                0,
+                allocation_of(&self.store.product_cells(&req.product).await?),
+            ));
+        }
+        if server.needs_reset {
+            let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
+            if adopted(
+                &server.name,
+                &self.store.product_cells(&req.product).await?,
+                &statuses,
+            ) {
+                self.store.clear_reset(&server.name).await?;
+            } else {
+                tracing::warn!("server has not adopted the books after its reset; nothing granted");
+                return Ok(answer(
+                    0,
+                    allocation_of(&self.store.product_cells(&req.product).await?),
+                ));
+            }
+        }
+        let wanted = u64::from(req.units);
+        let urgent = u64::from(req.urgent());
+        let tally = crate::metrics::InstantTally::start();
+        let epoch = self.epoch()?;
+        let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
+        let mut errors = Vec::new();
+
+        // Plan and log under the lock.
+        let reserve = self.store.product(&req.product).await?.product.reserve;
+        let cells = self.store.product_cells(&req.product).await?;
+        // A server with a move of this product still unconfirmed is in an unknown state (most
+        // likely unreachable): asking it again would only log another release that cannot be
+        // confirmed either, and spend the hold bound waiting on it.
+        let unconfirmed: Vec<String> = self
+            .store
+            .unfinished_moves()
+            .await?
+            .into_iter()
+            .filter(|m| m.product == req.product)
+            .map(|m| m.server)
+            .collect();
+        let mut servers = self.servers_by_name().await?;
+        servers.retain(|name, s| {
+            s.state != ServerState::Lost && !s.needs_reset && !unconfirmed.contains(name)
+        });
+        servers.insert(server.name.clone(), server.clone());
+        let (snapshot, names) = {
+            let memory = self.memory.lock().expect("engine memory");
+            instant_cells(&req.product, &cells, &servers, &memory, self.config.hold)
+        };
+        let asker = names
+            .iter()
+            .position(|n| *n == server.name)
+            .map_or(u32::MAX, |i| i as u32);
+        let plan = plan_instant(
+            reserve,
+            &snapshot,
+            &InstantAsk {
+                asker,
+                urgent,
+                topup: wanted - urgent,
+            },
+            &self.config.planner,
+        );
+        let log = |target: &str, kind: MoveKind, units: u64| NewMove {
+            id: Uuid::now_v7(),
+            run_id: Some(run_id),
+            product: req.product.clone(),
+            server: target.to_owned(),
+            kind,
+            units,
+            epoch,
+        };
+        let mut first_grant: Option<MoveRecord> = None;
+        if plan.from_reserve > 0 {
+            first_grant = Some(
+                self.store
+                    .begin_move(&log(&server.name, MoveKind::Grant, plan.from_reserve))
+                    .await?,
+            );
+        }
+        let mut releases: Vec<(ServerRecord, MoveRecord)> = Vec::new();
+        for &(donor, units) in &plan.releases {
+            let name = &names[donor as usize];
+            match self
+                .store
+                .begin_move(&log(name, MoveKind::Release, units))
+                .await
+            {
+                Ok(record) => releases.push((servers[name].clone(), record)),
+                Err(e) => errors.push(format!("release of {units} from {name} not logged: {e}")),
+            }
+        }
+        drop(serialised);
+
+        // Send outside the lock: the grant from the reserve and the releases at once.
+        let mut granted = 0u64;
+        let mut moves = 0u64;
+        let mut units_moved = 0u64;
+        let grant_now = async {
+            match &first_grant {
+                Some(mv) => Some(self.execute(server, mv).await),
+                None => None,
+            }
+        };
+        let releasing = execute_all(self, &releases);
+        let (first, released) = tokio::join!(grant_now, releasing);
+        if let Some(result) = first {
+            match result {
+                Ok(done) => {
+                    granted += done.applied_units.unwrap_or(0);
+                    moves += 1;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let mut reclaimed = 0u64;
+        for result in released {
+            match result {
+                Ok(done) => {
+                    reclaimed += done.applied_units.unwrap_or(0);
+                    moves += 1;
+                    units_moved += done.applied_units.unwrap_or(0);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        // The reclaimed units reach the asker once their releases are confirmed.
+        if reclaimed > 0 {
+            let second = {
+                let _serialised = lock.lock().await;
+                let reserve = self.store.product(&req.product).await?.product.reserve;
+                let units = reclaimed.min(reserve);
+                if units > 0 {
+                    Some(
+                        self.store
+                            .begin_move(&log(&server.name, MoveKind::Grant, units))
+                            .await?,
+                    )
+                } else {
+                    None
+                }
+            };
+            if let Some(mv) = second {
+                match self.execute(server, &mv).await {
+                    Ok(done) => {
+                        granted += done.applied_units.unwrap_or(0);
+                        moves += 1;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        units_moved += granted;
+        // Only a settled outcome is remembered: a grant still in flight is finished by the next
+        // run, and a retry of this request may then find the units already there.
+        if errors.is_empty() {
+            self.store
+                .record_instant_request(
+                    req.request_id,
+                    &InstantRecord {
+                        server: server.name.clone(),
+                        product: req.product.clone(),
+                        units: wanted,
+                        granted,
+                    },
+                )
+                .await?;
+        }
+        self.store
+            .finish_run(
+                run_id,
+                &RunOutcome {
+                    status: if errors.is_empty() { "ok" } else { "partial" }.into(),
+                    servers_queried: 0,
+                    servers_unreachable: 0,
+                    moves,
+                    units_moved,
+                    errors,
+                },
+            )
+            .await?;
+        tally.finish(wanted, granted);
+        tracing::info!(granted, reclaimed, run_id, "instant balance answered");
+        Ok(answer(
+            granted,
+            allocation_of(&self.store.product_cells(&req.product).await?),
+        ))
+    }
+}
+
+/// Executes releases concurrently, in the order given.
+async fn execute_all(
+    engine: &Engine,
+    releases: &[(ServerRecord, MoveRecord)],
+) -> Vec<Result<MoveRecord, super::MoveFailure>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (server, mv)) in releases.iter().enumerate() {
+        let engine = engine.clone();
+        let (server, mv) = (server.clone(), mv.clone());
+        tasks.spawn(async move { (i, engine.execute(&server, &mv).await) });
+    }
+    let mut out: Vec<Option<Result<MoveRecord, super::MoveFailure>>> =
+        (0..releases.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((i, result)) = joined {
+            out[i] = Some(result);
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(super::MoveFailure::Unconfirmed(
+                    "a release task failed".into(),
+                ))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,269 @@
+//! Scheduled and manual runs (DESIGN.md flow 2): read every server, plan each product with the
+//! core's planner, execute the moves.
+//!
+//! Per product, the plan is made and its releases are logged under the product's lock; the
+//! lock is released while they travel; the grants are logged under the lock again (capped at
+//! what the reserve then holds, since an instant balance may have drawn on it meanwhile) and
+//! sent outside it. Releases always precede the grants they fund, so the allocations servers
+//! have applied never sum above purchased. A product that fails is recorded in the run's
+//! errors and the run goes on with the next.
+
+use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
+use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
+use crate::store::{MoveRecord, NewMove, RunOutcome, ServerRecord};
+use allot_core::domain::{MoveKind, RunTrigger};
+use allot_core::planner::{self, Move, ProductPlan};
+use allot_core::wire::balancer::{Product, RunDetail};
+use chrono::Utc;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// What one product's part of a run moved.
+#[derive(Debug, Default)]
+struct Moved {
+    moves: u64,
+    units: u64,
+    errors: Vec<String>,
+}
+
+impl Engine {
+    /// A scheduled or manual balance over every product, or one.
+    #[tracing::instrument(skip(self))]
+    pub async fn run(
+        &self,
+        trigger: RunTrigger,
+        only: Option<&str>,
+    ) -> Result<RunDetail, BalanceError> {
+        let _one_run_at_a_time = self.run_lock.lock().await;
+        let epoch = self.epoch()?;
+        if let Some(name) = only {
+            self.store.product(name).await?;
+        }
+        self.reclaim_lost().await?;
+        let run_id = self.store.begin_run(trigger, epoch).await?;
+        let tally = crate::metrics::RunTally::start(trigger);
+        let started = std::time::Instant::now();
+        let mut errors = self.resume_unfinished().await?;
+
+        let Observation {
+            servers,
+            cells_before,
+            statuses,
+            unreachable,
+        } = self.observe(false).await?;
+        for (name, reason) in &unreachable {
+            errors.push(format!("{name} unreachable: {reason}"));
+        }
+        let answered: Vec<String> = statuses.keys().cloned().collect();
+        self.store.touch_servers(&answered).await?;
+        let cells = self.store.cells().await?;
+        let mut servers = servers;
+        for server in servers.iter_mut().filter(|s| s.needs_reset) {
+            if adopted(&server.name, &cells, &statuses) {
+                self.store.clear_reset(&server.name).await?;
+                server.needs_reset = false;
+                tracing::info!(server = %server.name, "server adopted the books after its reset");
+            }
+        }
+        // A server that has not yet adopted the books after a reset gets no moves: its units
+        // are set aside like an unreachable server's.
+        let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
+        let now_ms = Utc::now().timestamp_millis();
+        self.store
+            .record_samples(run_id, now_ms, &usage_samples(&statuses))
+            .await?;
+        let in_flight = self.store.unfinished_moves().await?;
+        let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
+        crate::metrics::METRICS
+            .discrepancies
+            .inc_by(discrepancies.len() as u64);
+        for d in &discrepancies {
+            tracing::warn!(discrepancy = %d, run_id, "reconciliation");
+        }
+        errors.extend(discrepancies);
+
+        let signals = read_signals(&*self.store, now_ms, &self.config.signals).await?;
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .forget_older_than(self.config.hold);
+        let view = RunView {
+            statuses: &statuses,
+            servers: &servers,
+            signals: &signals,
+            memory: &self.memory,
+            hold: self.config.hold,
+        };
+        let products: Vec<Product> = self
+            .store
+            .products()
+            .await?
+            .into_iter()
+            .filter(|p| only.is_none_or(|o| o == p.name))
+            .collect();
+        let by_name: BTreeMap<&str, &ServerRecord> =
+            servers.iter().map(|s| (s.name.as_str(), s)).collect();
+        let (mut moves, mut units_moved) = (0u64, 0u64);
+        for product in &products {
+            match self
+                .balance_product(run_id, epoch, &product.name, &view, &by_name)
+                .await
+            {
+                Ok(moved) => {
+                    moves += moved.moves;
+                    units_moved += moved.units;
+                    errors.extend(moved.errors);
+                }
+                Err(e) => {
+                    tracing::error!(product = %product.name, error = %e, run_id,
+                        "product not balanced this run; the run goes on");
+                    errors.push(format!("{}: not balanced: {e}", product.name));
+                }
+            }
+        }
+
+        let outcome = RunOutcome {
+            status: if errors.is_empty() { "ok" } else { "partial" }.into(),
+            servers_queried: statuses.len() as u64,
+            servers_unreachable: unreachable.len() as u64,
+            moves,
+            units_moved,
+            errors,
+        };
+        self.store.finish_run(run_id, &outcome).await?;
+        tally.finish(&outcome.status, statuses.keys(), unreachable.keys());
+        tracing::info!(
+            run_id,
+            trigger = %trigger,
+            servers = outcome.servers_queried,
+            unreachable = outcome.servers_unreachable,
+            moves = outcome.moves,
+            units = outcome.units_moved,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "balance run finished"
+        );
+        Ok(self.store.run(run_id).await?)
+    }
+
+    /// Plans one product and executes its moves: releases logged under the lock and sent
+    /// outside it, then grants logged under the lock (capped at the reserve) and sent outside.
+    async fn balance_product(
+        &self,
+        run_id: i64,
+        epoch: i64,
+        name: &str,
+        view: &RunView<'_>,
+        by_name: &BTreeMap<&str, &ServerRecord>,
+    ) -> Result<Moved, BalanceError> {
+        let lock = self.product_lock(name);
+        let mut moved = Moved::default();
+        let (plan, server_names, releases) = {
+            let _serialised = lock.lock().await;
+            // The books may have moved since the run began (instant balances): reread them.
+            let product = self.store.product(name).await?.product;
+            let cells = self.store.product_cells(name).await?;
+            let Some(BuiltSnapshot {
+                snapshot,
+                server_names,
+            }) = build_snapshot(&product, &cells, view)
+            else {
+                return Ok(moved);
+            };
+            let plan = planner::plan_product(&snapshot, &self.config.planner)
+                .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+            let releases = self
+                .log_moves(run_id, epoch, name, &plan, &server_names, MoveKind::Release, None)
+                .await?;
+            (plan, server_names, releases)
+        };
+        if !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant) {
+            crate::fault::point("between_release_and_grant");
+        }
+        self.send_all(releases, by_name, &mut moved).await;
+        let grants = {
+            let _serialised = lock.lock().await;
+            let reserve = self.store.product(name).await?.product.reserve;
+            self.log_moves(
+                run_id,
+                epoch,
+                name,
+                &plan,
+                &server_names,
+                MoveKind::Grant,
+                Some(reserve),
+            )
+            .await?
+        };
+        self.send_all(grants, by_name, &mut moved).await;
+        Ok(moved)
+    }
+
+    /// Logs the plan's moves of one kind (grants capped, in order, at `reserve`); returns them
+    /// with their servers. A move the store refuses to log fails the product.
+    #[allow(clippy::too_many_arguments)]
+    async fn log_moves(
+        &self,
+        run_id: i64,
+        epoch: i64,
+        product: &str,
+        plan: &ProductPlan,
+        server_names: &[String],
+        kind: MoveKind,
+        mut reserve: Option<u64>,
+    ) -> Result<Vec<(String, MoveRecord)>, BalanceError> {
+        let mut logged = Vec::new();
+        for m in plan.moves.iter().filter(|m| m.kind() == kind) {
+            let mut units = m.units();
+            if let (Move::Grant { .. }, Some(left)) = (m, reserve.as_mut()) {
+                units = units.min(*left);
+                *left -= units;
+            }
+            if units == 0 {
+                continue;
+            }
+            let server = server_names[m.server() as usize].clone();
+            let record = self
+                .store
+                .begin_move(&NewMove {
+                    id: Uuid::now_v7(),
+                    run_id: Some(run_id),
+                    product: product.to_owned(),
+                    server: server.clone(),
+                    kind,
+                    units,
+                    epoch,
+                })
+                .await?;
+            logged.push((server, record));
+        }
+        Ok(logged)
+    }
+
+    /// Sends logged moves concurrently and adds what they moved to `moved`.
+    async fn send_all(
+        &self,
+        logged: Vec<(String, MoveRecord)>,
+        by_name: &BTreeMap<&str, &ServerRecord>,
+        moved: &mut Moved,
+    ) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (server, record) in logged {
+            let Some(&server) = by_name.get(server.as_str()) else {
+                continue;
+            };
+            let server = server.clone();
+            let engine = self.clone();
+            tasks.spawn(async move { engine.execute(&server, &record).await });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(done)) => {
+                    moved.moves += 1;
+                    moved.units += done.applied_units.unwrap_or(0);
+                }
+                Ok(Err(e)) => moved.errors.push(e.to_string()),
+                Err(e) => moved.errors.push(format!("a move task failed: {e}")),
+            }
+        }
+    }
+}

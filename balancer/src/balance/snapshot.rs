@@ -1,0 +1,208 @@
+//! The planner's inputs, read from the books, the servers' statuses and the history: the one
+//! place the balancer turns what it knows into `allot_core` snapshots. Nothing here decides a
+//! move; the core's planner and instant plan do.
+
+use super::StatusMap;
+use crate::store::{CellRecord, ServerRecord, Store, StoreError};
+use allot_core::demand::{PeakSample, SignalConfig, Signals, signals};
+use allot_core::domain::ServerState;
+use allot_core::planner::{CellSnapshot, Demand, ProductSnapshot};
+use allot_core::wire::balancer::Product;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// (server, product): the key of everything per cell.
+pub(super) type CellKey = (String, String);
+
+/// What the engine remembers between runs, so an instant balance — which reads no statuses —
+/// judges donors by what the last run saw, and so a run holds units an instant balance has
+/// just granted. Lost on a restart: the first run after it refills the demand, and holds are
+/// only an optimisation (they never decide safety).
+#[derive(Debug, Default)]
+pub(super) struct Memory {
+    /// Per cell, the demand and in-use the last run planned with.
+    seen: HashMap<CellKey, (Demand, u64)>,
+    /// Per cell, when units were last granted to it.
+    granted_at: HashMap<CellKey, Instant>,
+}
+
+impl Memory {
+    /// Notes a grant applied to a cell.
+    pub(super) fn granted(&mut self, server: &str, product: &str) {
+        self.granted_at
+            .insert((server.to_owned(), product.to_owned()), Instant::now());
+    }
+
+    /// Whether the cell was granted units within `hold`.
+    pub(super) fn recently_granted(&self, server: &str, product: &str, hold: Duration) -> bool {
+        self.granted_at
+            .get(&(server.to_owned(), product.to_owned()))
+            .is_some_and(|at| at.elapsed() < hold)
+    }
+
+    /// Notes what a run planned one cell with.
+    pub(super) fn saw(&mut self, server: &str, product: &str, demand: Demand, in_use: u64) {
+        self.seen
+            .insert((server.to_owned(), product.to_owned()), (demand, in_use));
+    }
+
+    /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
+    pub(super) fn forget_older_than(&mut self, hold: Duration) {
+        self.granted_at.retain(|_, at| at.elapsed() < hold);
+    }
+}
+
+/// Reads every cell's demand signals at `now_ms` from the history.
+pub(super) async fn read_signals(
+    store: &dyn Store,
+    now_ms: i64,
+    config: &SignalConfig,
+) -> Result<HashMap<CellKey, Signals>, StoreError> {
+    let now = u64::try_from(now_ms).unwrap_or(0);
+    let ranges: Vec<(i64, i64)> = config
+        .ranges(now)
+        .into_iter()
+        .filter(|(from, to)| from < to)
+        .map(|(from, to)| {
+            (
+                i64::try_from(from).unwrap_or(i64::MAX),
+                i64::try_from(to).unwrap_or(i64::MAX),
+            )
+        })
+        .collect();
+    let mut samples: HashMap<CellKey, Vec<PeakSample>> = HashMap::new();
+    for (server, product, at, peak) in store.peak_samples(&ranges).await? {
+        samples
+            .entry((server, product))
+            .or_default()
+            .push(PeakSample {
+                at: u64::try_from(at).unwrap_or(0),
+                peak,
+            });
+    }
+    Ok(samples
+        .into_iter()
+        .map(|(key, s)| {
+            let signals = signals(&s, now, config);
+            (key, signals)
+        })
+        .collect())
+}
+
+/// A planner snapshot of one product and the names behind its compact server ids.
+pub(super) struct BuiltSnapshot {
+    pub snapshot: ProductSnapshot,
+    pub server_names: Vec<String>,
+}
+
+/// Inputs of [`build_snapshot`] that are the same for every product of a run.
+pub(super) struct RunView<'a> {
+    pub statuses: &'a StatusMap,
+    pub servers: &'a [ServerRecord],
+    pub signals: &'a HashMap<CellKey, Signals>,
+    pub memory: &'a Mutex<Memory>,
+    pub hold: Duration,
+}
+
+/// The planner's view of one product: cells of servers that answered and know the product.
+/// Units held by servers that did not answer are set aside (left where they are), so the
+/// planner's books balance over what it may move. `None` when the product has moves in flight.
+pub(super) fn build_snapshot(
+    product: &Product,
+    cells: &[CellRecord],
+    view: &RunView<'_>,
+) -> Option<BuiltSnapshot> {
+    if product.in_transit > 0 {
+        return None;
+    }
+    let by_server: HashMap<&str, &CellRecord> = cells
+        .iter()
+        .filter(|c| c.product == product.name)
+        .map(|c| (c.server.as_str(), c))
+        .collect();
+    let mut memory = view.memory.lock().expect("engine memory");
+    let mut set_aside = 0u64;
+    let mut snapshot_cells = Vec::new();
+    let mut server_names = Vec::new();
+    for server in view.servers {
+        let cell = by_server.get(server.name.as_str()).copied();
+        let held = cell.map_or(0, |c| c.units);
+        let Some(seen) = super::reported(view.statuses, &server.name, &product.name) else {
+            set_aside += held;
+            continue;
+        };
+        let id = u32::try_from(server_names.len()).expect("fewer than 2^32 servers");
+        server_names.push(server.name.clone());
+        let key = (server.name.clone(), product.name.clone());
+        let demand = Demand {
+            peak_in_use: u64::from(seen.since_last.peak_in_use),
+            denials: seen.since_last.denials,
+            waiting: u64::from(seen.waiting),
+            instant_requests: seen.since_last.instant_requests,
+            signals: view.signals.get(&key).copied().unwrap_or_default(),
+        };
+        let in_use = u64::from(seen.in_use);
+        memory.saw(&server.name, &product.name, demand, in_use);
+        snapshot_cells.push(CellSnapshot {
+            server: id,
+            allocation: held,
+            in_use,
+            min_units: cell.map_or(0, |c| c.min_units),
+            buffer_units: cell.map_or(0, |c| c.buffer_units),
+            draining: server.state == ServerState::Draining,
+            recently_granted: memory.recently_granted(&server.name, &product.name, view.hold),
+            demand,
+        });
+    }
+    Some(BuiltSnapshot {
+        snapshot: ProductSnapshot {
+            product: 0,
+            purchased: product.purchased - set_aside,
+            reserve: product.reserve,
+            in_transit: 0,
+            cells: snapshot_cells,
+        },
+        server_names,
+    })
+}
+
+/// The cells an instant balance may take from, as the instant plan sees them: every cell of
+/// the product on a server in `servers` (the caller leaves out the lost, the reset and those
+/// with unconfirmed moves), with the demand the last run saw and the allocation the books hold
+/// now. Returns the cells and the names behind their ids.
+pub(super) fn instant_cells(
+    product: &str,
+    cells: &[CellRecord],
+    servers: &BTreeMap<String, ServerRecord>,
+    memory: &Memory,
+    hold: Duration,
+) -> (Vec<CellSnapshot>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut names = Vec::new();
+    for c in cells.iter().filter(|c| c.product == product) {
+        let Some(server) = servers.get(&c.server) else {
+            continue;
+        };
+        let (demand, in_use) = memory
+            .seen
+            .get(&(c.server.clone(), c.product.clone()))
+            .copied()
+            // Never seen since this balancer started: the newest sample's peak stands in
+            // for what is in use, so a donor is never assumed idle without evidence.
+            .unwrap_or_else(|| (Demand::default(), c.last_peak.unwrap_or(c.units)));
+        let id = u32::try_from(names.len()).expect("fewer than 2^32 servers");
+        names.push(c.server.clone());
+        out.push(CellSnapshot {
+            server: id,
+            allocation: c.units,
+            in_use: in_use.min(c.units),
+            min_units: c.min_units,
+            buffer_units: c.buffer_units,
+            draining: server.state == ServerState::Draining,
+            recently_granted: memory.recently_granted(&c.server, product, hold),
+            demand,
+        });
+    }
+    (out, names)
+}
