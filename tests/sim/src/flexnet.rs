@@ -54,7 +54,7 @@ pub struct Parsed {
     /// Time of the first and the last dated line, ms (same clock as [`Checkout::start`]).
     pub span: Option<(i64, i64)>,
     /// [`parse_checked`]: the last line, skipped because the file ended in it without a
-    /// newline (cut mid-write).
+    /// newline and it is not a whole record (cut mid-write).
     pub truncated_line: Option<usize>,
     /// [`parse_checked`]: lines that were not UTF-8, read as Latin-1.
     pub latin1_lines: u64,
@@ -356,11 +356,33 @@ fn decode<'a>(n: usize, raw: &'a [u8], latin1: &mut u64) -> Result<Cow<'a, str>,
     })
 }
 
+/// Whether a last line without its newline is a whole record: of the `H:MM:SS (daemon) …`
+/// shape and, for an event, a `"feature" user@host` ending as lmgrd ends every event line
+/// (with the blanks after the host or a closing parenthesis).
+fn complete(line: &str) -> bool {
+    let Some((_, _, rest)) = split_line(line) else {
+        return false;
+    };
+    match ["OUT:", "IN:", "DENIED:", "QUEUED:"]
+        .into_iter()
+        .find_map(|tag| rest.strip_prefix(tag))
+    {
+        Some(ev) => {
+            parse_event(ev).is_some_and(|(_, _, host, _)| !host.is_empty())
+                && (ev.ends_with(char::is_whitespace) || ev.ends_with(')'))
+        }
+        None => true,
+    }
+}
+
 /// Parses a FlexNet debug log from an unknown source, checking it: binary data (a NUL or
 /// another control byte; gzip; UTF-16) and a malformed `OUT:` / `IN:` / `DENIED:` / `QUEUED:`
 /// record are errors naming the line; a log with no FlexNet line, or no dated `OUT:` line, is
-/// an error. A last line without its newline was cut mid-write: it is skipped, and
-/// [`Parsed::truncated_line`] names it. Lines that are not UTF-8 are read as Latin-1
+/// an error. A last line without its newline that is not a whole record was cut mid-write: it
+/// is skipped, and [`Parsed::truncated_line`] names it. (A cut right after a whole word of a
+/// host name cannot be told from a whole line: lmgrd ends every event line with blanks or a
+/// parenthesis, which such a cut lacks, so a cut event is caught; a cut in other lines is
+/// harmless.) Lines that are not UTF-8 are read as Latin-1
 /// ([`Parsed::latin1_lines`]). Event lines before the first date line are skipped
 /// ([`Parsed::undated_events`]).
 pub fn parse_checked(bytes: &[u8]) -> Result<Parsed, ParseError> {
@@ -368,6 +390,9 @@ pub fn parse_checked(bytes: &[u8]) -> Result<Parsed, ParseError> {
         line: None,
         message: message.into(),
     };
+    if bytes.is_empty() {
+        return Err(whole("empty file"));
+    }
     if bytes.starts_with(&[0x1f, 0x8b]) {
         return Err(whole(
             "gzip-compressed data, not a text log: decompress it first (gunzip / zcat)",
@@ -390,16 +415,19 @@ pub fn parse_checked(bytes: &[u8]) -> Result<Parsed, ParseError> {
     }
     if let Some(raw) = cut {
         let n = lines.len() + 1;
-        decode(n, raw, &mut latin1)?;
-        if p.out.record_lines == 0 {
+        let line = decode(n, raw, &mut latin1)?;
+        if complete(&line) {
+            p.line(n, &line, true)?;
+        } else if p.out.record_lines == 0 {
             return Err(ParseError {
                 line: Some(n),
                 message: "cut mid-record (no newline at the end of the file), and no complete \
                           FlexNet line before it"
                     .into(),
             });
+        } else {
+            p.out.truncated_line = Some(n);
         }
-        p.out.truncated_line = Some(n);
     }
     p.out.latin1_lines = latin1;
     if p.out.record_lines == 0 {

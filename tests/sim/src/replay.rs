@@ -189,7 +189,7 @@ impl Log {
         let mut out = Vec::new();
         if let Some(n) = p.truncated_line {
             out.push(format!(
-                "{}:{n}: the last line has no newline (cut mid-write): skipped",
+                "{}:{n}: the last line is cut mid-record (no newline at the end of the file): skipped",
                 self.path
             ));
         }
@@ -428,7 +428,8 @@ pub fn estate(logs: &[Log], opts: &Options) -> Result<Estate, Error> {
             .iter()
             .map(|(h, n)| {
                 let h = if h.is_empty() { "(no host)" } else { h };
-                format!("{h} ({n} checkouts)")
+                let s = if *n == 1 { "" } else { "s" };
+                format!("{h} ({n} checkout{s})")
             })
             .collect();
         return Err(Error::at(
