@@ -186,8 +186,8 @@ fn several_logs_are_one_estate_and_pools_add_up_only_while_they_overlap() {
     assert_eq!(two.sources[0], Source::Log);
     // One server's log rotated at 02:00 on the second day: one pool of 3.
     let cut = text.find(" 2:00:01 (lmgrd) TIMESTAMP 6/14/2022").unwrap();
-    let a = scratch("rotated-1.log", text[..cut].as_bytes());
-    let b = scratch("rotated-2.log", text[cut..].as_bytes());
+    let a = scratch("rotated-1.log", &text.as_bytes()[..cut]);
+    let b = scratch("rotated-2.log", &text.as_bytes()[cut..]);
     let rotated = replay::estate(&[log(&a), log(&b)], &Options::default()).unwrap();
     assert_eq!(rotated.workload.arrivals.len(), 18);
     assert_eq!(rotated.workload.purchased[0], 3);
