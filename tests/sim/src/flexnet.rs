@@ -7,6 +7,10 @@
 //! `(N licenses)`; an `IN:` closes the oldest open checkout of the same feature, user and host. A
 //! server (re)start drops every held license. `DENIED:` lines are logged twice per attempt and
 //! clients retry, so denials are counted as episodes: one per (feature, user, host) per minute.
+//!
+//! [`parse`] is lenient (the benchmarks' replays); [`parse_checked`] reads a log from an
+//! unknown source (`allot-sim replay`) and reports binary data, malformed records, a cut last
+//! line and logs without checkouts, naming the line.
 
 use crate::workload::{Arrival, DAY, ORACLE_TARGET, SECOND, Site, Workload, calibrate};
 use chrono::NaiveDate;

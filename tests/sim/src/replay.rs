@@ -381,6 +381,13 @@ pub fn estate(logs: &[Log], opts: &Options) -> Result<Estate, Error> {
         .filter(|(f, _)| opts.features.is_empty() || opts.features.iter().any(|x| x == f))
         .collect();
     features.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if features.len() > usize::from(u16::MAX) {
+        return Err(Error::new(format!(
+            "{} features: at most {} can be replayed (name some with --feature)",
+            features.len(),
+            u16::MAX
+        )));
+    }
     let product_of: HashMap<&str, u16> = features
         .iter()
         .enumerate()
@@ -448,6 +455,13 @@ pub fn estate(logs: &[Log], opts: &Options) -> Result<Estate, Error> {
     }
     let mut sites: Vec<(&str, u64)> = by_site.into_iter().collect();
     sites.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if sites.len() > usize::from(u16::MAX) {
+        return Err(Error::new(format!(
+            "{} sites: at most {} (group hosts with --site-map)",
+            sites.len(),
+            u16::MAX
+        )));
+    }
     let site_of: HashMap<&str, u16> = sites
         .iter()
         .enumerate()
