@@ -7,10 +7,15 @@
 //! `(N licenses)`; an `IN:` closes the oldest open checkout of the same feature, user and host. A
 //! server (re)start drops every held license. `DENIED:` lines are logged twice per attempt and
 //! clients retry, so denials are counted as episodes: one per (feature, user, host) per minute.
+//!
+//! [`parse`] is lenient (the benchmarks' replays); [`parse_checked`] reads a log from an
+//! unknown source (`allot-sim replay`) and reports binary data, malformed records, a cut last
+//! line and logs without checkouts, naming the line.
 
 use crate::workload::{Arrival, DAY, ORACLE_TARGET, SECOND, Site, Workload, calibrate};
 use chrono::NaiveDate;
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One checkout reconstructed from a log: an `OUT:` paired with its `IN:` (or a restart, or
 /// the end of the log).
@@ -41,6 +46,22 @@ pub struct Parsed {
     pub restarts: u64,
     /// `IN:` lines with no open checkout to close.
     pub unmatched_in: u64,
+    /// Features the log shows at their limit: a `DENIED:` saying the licensed number of users
+    /// was reached (FlexNet error -4), or a `QUEUED:` client.
+    pub pool_full: BTreeSet<String>,
+    /// Lines of the `H:MM:SS (daemon) …` shape.
+    pub record_lines: u64,
+    /// Event lines (`OUT:`, `IN:`, `DENIED:`, `QUEUED:`) before the first date line: skipped.
+    pub undated_events: u64,
+    /// The first of them (1-based).
+    pub first_undated_line: Option<usize>,
+    /// Time of the first and the last dated line, ms (same clock as [`Checkout::start`]).
+    pub span: Option<(i64, i64)>,
+    /// [`parse_checked`]: the last line, skipped because the file ended in it without a
+    /// newline and it is not a whole record (cut mid-write).
+    pub truncated_line: Option<usize>,
+    /// [`parse_checked`]: lines that were not UTF-8, read as Latin-1.
+    pub latin1_lines: u64,
 }
 
 fn parse_mdy(s: &str) -> Option<NaiveDate> {
@@ -83,13 +104,21 @@ fn split_line(line: &str) -> Option<(u32, &str, &str)> {
     Some((h * 3600 + m * 60 + s, daemon, rest))
 }
 
-/// `"feature" user@host  (N licenses) (REASON)` → (feature, user, host, units).
+/// `"feature" user@host  (N licenses) (REASON)` → (feature, user, host, units). A user name may
+/// hold spaces (`José Juan u0006@host`): the host is the word after the last `@` before the
+/// first `(`, the user everything before that `@`.
 fn parse_event(rest: &str) -> Option<(&str, &str, &str, u32)> {
     let rest = rest.trim_start().strip_prefix('"')?;
     let (feature, rest) = rest.split_once('"')?;
-    let rest = rest.trim_start();
-    let (who, tail) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-    let (user, host) = who.split_once('@').unwrap_or((who, ""));
+    let (who, tail) = rest.split_at(rest.find('(').unwrap_or(rest.len()));
+    let who = who.trim();
+    let (user, host) = match who.rsplit_once('@') {
+        Some((user, host)) => (
+            user.trim_end(),
+            host.split_whitespace().next().unwrap_or(""),
+        ),
+        None => (who, ""),
+    };
     let units = tail
         .split('(')
         .filter_map(|x| {
@@ -101,25 +130,62 @@ fn parse_event(rest: &str) -> Option<(&str, &str, &str, u32)> {
     Some((feature, user, host, units))
 }
 
-/// Parses a FlexNet debug log; lines it does not understand are skipped.
-pub fn parse(text: &str) -> Parsed {
-    let mut out = Parsed::default();
-    let mut date: Option<NaiveDate> = None;
-    let mut last_tod = 0u32;
-    let mut open: HashMap<(String, String, String), Vec<(i64, u32)>> = HashMap::new();
-    let mut last_denied: HashMap<(String, String, String), i64> = HashMap::new();
-    let mut last_start_line = None;
-    let stamp = |date: NaiveDate, tod: u32| {
-        date.and_hms_opt(0, 0, 0)
-            .expect("midnight")
-            .and_utc()
-            .timestamp_millis()
-            + i64::from(tod) * 1000
-    };
-    for line in text.lines() {
+/// Why a log could not be read ([`parse_checked`]): the 1-based line when one line is the
+/// cause, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// The offending line (1-based), if one line is the cause.
+    pub line: Option<usize>,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(n) => write!(f, "line {n}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+type Key = (String, String, String);
+
+/// The parser's state between lines.
+#[derive(Default)]
+struct Parser {
+    out: Parsed,
+    date: Option<NaiveDate>,
+    last_tod: u32,
+    open: HashMap<Key, Vec<(i64, u32)>>,
+    last_denied: HashMap<Key, i64>,
+    last_start_line: Option<i64>,
+}
+
+fn stamp(date: NaiveDate, tod: u32) -> i64 {
+    date.and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp_millis()
+        + i64::from(tod) * 1000
+}
+
+/// What a `DENIED:` / `QUEUED:` reason says when the pool was full.
+fn pool_full_reason(rest: &str) -> bool {
+    rest.contains("users already reached") || rest.contains("(-4,")
+}
+
+impl Parser {
+    /// Reads one line (`n` is 1-based). Lines that are not records (`H:MM:SS (daemon) …`) are
+    /// skipped; a record line of an event (`OUT:`, `IN:`, `DENIED:`, `QUEUED:`) that does not
+    /// parse is an error when `strict`, and skipped otherwise.
+    fn line(&mut self, n: usize, line: &str, strict: bool) -> Result<(), ParseError> {
         let Some((tod, daemon, rest)) = split_line(line) else {
-            continue;
+            return Ok(());
         };
+        self.out.record_lines += 1;
         // Dates: explicit lines set it, otherwise a backwards jump is midnight.
         let explicit = if let Some(d) = rest.strip_prefix("TIMESTAMP ") {
             parse_mdy(d.trim())
@@ -132,46 +198,72 @@ pub fn parse(text: &str) -> Parsed {
             None
         };
         if let Some(d) = explicit {
-            date = Some(d);
-        } else if let Some(d) = date
-            && tod + 3600 < last_tod
+            self.date = Some(d);
+        } else if let Some(d) = self.date
+            && tod + 3600 < self.last_tod
         {
-            date = d.succ_opt();
+            self.date = d.succ_opt();
         }
-        last_tod = tod;
-        let Some(day) = date else { continue };
-        let now = stamp(day, tod);
-        if rest.contains("started on") && daemon == "lmgrd" {
-            // One restart per lmgrd start line (the vendor daemon's "Server started" follows).
-            if last_start_line != Some(now) {
-                out.restarts += 1;
-                last_start_line = Some(now);
+        self.last_tod = tod;
+        let event = ["OUT:", "IN:", "DENIED:", "QUEUED:"]
+            .into_iter()
+            .find_map(|tag| Some((tag, rest.strip_prefix(tag)?)));
+        let parsed_event = event.map(|(tag, ev)| (tag, parse_event(ev)));
+        if let Some((tag, None)) = parsed_event {
+            if strict {
+                return Err(ParseError {
+                    line: Some(n),
+                    message: format!(
+                        "malformed {tag} record (expected `{tag} \"feature\" user@host`): {}",
+                        line.trim()
+                    ),
+                });
             }
-            for ((feature, user, host), held) in open.drain() {
-                for (start, units) in held {
-                    out.checkouts.push(Checkout {
-                        feature: feature.clone(),
-                        user: user.clone(),
-                        host: host.clone(),
-                        units,
-                        start,
-                        end: now.max(start),
-                    });
+            return Ok(());
+        }
+        let Some(day) = self.date else {
+            if parsed_event.is_some() {
+                self.out.undated_events += 1;
+                self.out.first_undated_line.get_or_insert(n);
+            }
+            return Ok(());
+        };
+        let now = stamp(day, tod);
+        let span = self.out.span.get_or_insert((now, now));
+        span.0 = span.0.min(now);
+        span.1 = span.1.max(now);
+        let out = &mut self.out;
+        match parsed_event {
+            _ if rest.contains("started on") && daemon == "lmgrd" => {
+                // One restart per lmgrd start line (the vendor daemon's "Server started" follows).
+                if self.last_start_line != Some(now) {
+                    out.restarts += 1;
+                    self.last_start_line = Some(now);
+                }
+                for ((feature, user, host), held) in self.open.drain() {
+                    for (start, units) in held {
+                        out.checkouts.push(Checkout {
+                            feature: feature.clone(),
+                            user: user.clone(),
+                            host: host.clone(),
+                            units,
+                            start,
+                            end: now.max(start),
+                        });
+                    }
                 }
             }
-        } else if let Some(ev) = rest.strip_prefix("OUT: ") {
-            if let Some((f, u, h, n)) = parse_event(ev) {
-                open.entry((f.into(), u.into(), h.into()))
+            Some(("OUT:", Some((f, u, h, units)))) => {
+                self.open
+                    .entry((f.into(), u.into(), h.into()))
                     .or_default()
-                    .push((now, n));
+                    .push((now, units));
             }
-        } else if let Some(ev) = rest.strip_prefix("IN: ") {
-            if let Some((f, u, h, n)) = parse_event(ev) {
+            Some(("IN:", Some((f, u, h, units)))) => {
                 let key = (f.to_string(), u.to_string(), h.to_string());
-                let held = open.get_mut(&key);
-                match held {
+                match self.open.get_mut(&key) {
                     Some(v) if !v.is_empty() => {
-                        let i = v.iter().position(|x| x.1 == n).unwrap_or(0);
+                        let i = v.iter().position(|x| x.1 == units).unwrap_or(0);
                         let (start, units) = v.remove(i);
                         out.checkouts.push(Checkout {
                             feature: key.0,
@@ -185,33 +277,182 @@ pub fn parse(text: &str) -> Parsed {
                     _ => out.unmatched_in += 1,
                 }
             }
-        } else if let Some(ev) = rest.strip_prefix("DENIED: ")
-            && let Some((f, u, h, _)) = parse_event(ev)
-        {
-            let key = (f.to_string(), u.to_string(), h.to_string());
-            let prev = last_denied.insert(key, now);
-            if prev.is_none_or(|t| now - t > 60_000) {
-                out.denial_episodes += 1;
+            Some(("DENIED:", Some((f, u, h, _)))) => {
+                if pool_full_reason(rest) {
+                    out.pool_full.insert(f.to_string());
+                }
+                let key = (f.to_string(), u.to_string(), h.to_string());
+                let prev = self.last_denied.insert(key, now);
+                if prev.is_none_or(|t| now - t > 60_000) {
+                    out.denial_episodes += 1;
+                }
+            }
+            Some(("QUEUED:", Some((f, _, _, _)))) => {
+                // A client queued: no unit was free.
+                out.pool_full.insert(f.to_string());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Closes what is still open at the end of the log (at the last checkin seen) and sorts.
+    fn finish(self) -> Parsed {
+        let mut out = self.out;
+        let end = out.checkouts.iter().map(|c| c.end).max().unwrap_or(0);
+        for ((feature, user, host), held) in self.open {
+            for (start, units) in held {
+                out.checkouts.push(Checkout {
+                    feature: feature.clone(),
+                    user: user.clone(),
+                    host: host.clone(),
+                    units,
+                    start,
+                    end: end.max(start),
+                });
             }
         }
+        out.checkouts.sort_by(|a, b| {
+            (a.start, &a.feature, &a.user, &a.host).cmp(&(b.start, &b.feature, &b.user, &b.host))
+        });
+        out
     }
-    let end = out.checkouts.iter().map(|c| c.end).max().unwrap_or(0);
-    for ((feature, user, host), held) in open {
-        for (start, units) in held {
-            out.checkouts.push(Checkout {
-                feature: feature.clone(),
-                user: user.clone(),
-                host: host.clone(),
-                units,
-                start,
-                end: end.max(start),
+}
+
+/// Parses a FlexNet debug log; lines it does not understand are skipped. See
+/// [`parse_checked`] for a log from an unknown source.
+pub fn parse(text: &str) -> Parsed {
+    let mut p = Parser::default();
+    for (i, line) in text.lines().enumerate() {
+        let _ = p.line(i + 1, line, false);
+    }
+    p.finish()
+}
+
+/// One raw line as text: an error for binary data (NUL or another control byte but tab, CR and
+/// form feed); bytes that are not UTF-8 are read as Latin-1 (Windows servers write local
+/// time-zone and user names in their code page).
+fn decode<'a>(n: usize, raw: &'a [u8], latin1: &mut u64) -> Result<Cow<'a, str>, ParseError> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let binary = |b: u8| (b < 0x20 && !matches!(b, b'\t' | b'\r' | 0x0c)) || b == 0x7f;
+    if let Some(col) = raw.iter().position(|&b| binary(b)) {
+        let nuls = raw.iter().filter(|&&b| b == 0).count();
+        let hint = if nuls * 3 >= raw.len() {
+            " (UTF-16 text? convert it first: iconv -f UTF-16 -t UTF-8)"
+        } else {
+            ""
+        };
+        return Err(ParseError {
+            line: Some(n),
+            message: format!(
+                "binary data (byte 0x{:02x} at column {}): not a FlexNet debug log{hint}",
+                raw[col],
+                col + 1
+            ),
+        });
+    }
+    Ok(match std::str::from_utf8(raw) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => {
+            *latin1 += 1;
+            Cow::Owned(raw.iter().map(|&b| char::from(b)).collect())
+        }
+    })
+}
+
+/// Whether a last line without its newline is a whole record: of the `H:MM:SS (daemon) …`
+/// shape and, for an event, a `"feature" user@host` ending as lmgrd ends every event line
+/// (with the blanks after the host or a closing parenthesis).
+fn complete(line: &str) -> bool {
+    let Some((_, _, rest)) = split_line(line) else {
+        return false;
+    };
+    match ["OUT:", "IN:", "DENIED:", "QUEUED:"]
+        .into_iter()
+        .find_map(|tag| rest.strip_prefix(tag))
+    {
+        Some(ev) => {
+            parse_event(ev).is_some_and(|(_, _, host, _)| !host.is_empty())
+                && (ev.ends_with(char::is_whitespace) || ev.ends_with(')'))
+        }
+        None => true,
+    }
+}
+
+/// Parses a FlexNet debug log from an unknown source, checking it: binary data (a NUL or
+/// another control byte; gzip; UTF-16) and a malformed `OUT:` / `IN:` / `DENIED:` / `QUEUED:`
+/// record are errors naming the line; a log with no FlexNet line, or no dated `OUT:` line, is
+/// an error. A last line without its newline that is not a whole record was cut mid-write: it
+/// is skipped, and [`Parsed::truncated_line`] names it. (A cut right after a whole word of a
+/// host name cannot be told from a whole line: lmgrd ends every event line with blanks or a
+/// parenthesis, which such a cut lacks, so a cut event is caught; a cut in other lines is
+/// harmless.) Lines that are not UTF-8 are read as Latin-1
+/// ([`Parsed::latin1_lines`]). Event lines before the first date line are skipped
+/// ([`Parsed::undated_events`]).
+pub fn parse_checked(bytes: &[u8]) -> Result<Parsed, ParseError> {
+    let whole = |message: &str| ParseError {
+        line: None,
+        message: message.into(),
+    };
+    if bytes.is_empty() {
+        return Err(whole("empty file"));
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return Err(whole(
+            "gzip-compressed data, not a text log: decompress it first (gunzip / zcat)",
+        ));
+    }
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(whole(
+            "UTF-16 text: convert it first (iconv -f UTF-16 -t UTF-8)",
+        ));
+    }
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    // "a\nb\n" splits into a, b and an empty tail; a non-empty tail has no newline: it was cut.
+    let cut = lines.pop().filter(|tail| !tail.is_empty());
+    let mut p = Parser::default();
+    let mut latin1 = 0;
+    for (i, raw) in lines.iter().enumerate() {
+        let line = decode(i + 1, raw, &mut latin1)?;
+        p.line(i + 1, &line, true)?;
+    }
+    if let Some(raw) = cut {
+        let n = lines.len() + 1;
+        let line = decode(n, raw, &mut latin1)?;
+        if complete(&line) {
+            p.line(n, &line, true)?;
+        } else if p.out.record_lines == 0 {
+            return Err(ParseError {
+                line: Some(n),
+                message: "cut mid-record (no newline at the end of the file), and no complete \
+                          FlexNet line before it"
+                    .into(),
             });
+        } else {
+            p.out.truncated_line = Some(n);
         }
     }
-    out.checkouts.sort_by(|a, b| {
-        (a.start, &a.feature, &a.user, &a.host).cmp(&(b.start, &b.feature, &b.user, &b.host))
-    });
-    out
+    p.out.latin1_lines = latin1;
+    if p.out.record_lines == 0 {
+        return Err(whole(
+            "no FlexNet debug-log line: not an lmgrd log (its lines look like \
+             ` 9:57:01 (daemon) OUT: \"feature\" user@host`)",
+        ));
+    }
+    let parsed = p.finish();
+    if parsed.checkouts.is_empty() {
+        return Err(match parsed.first_undated_line {
+            Some(n) => ParseError {
+                line: Some(n),
+                message: "event before any date line (TIMESTAMP m/d/yyyy, `started on … \
+                          (m/d/yyyy)` or Start-Date:), and no dated OUT: line in the log"
+                    .into(),
+            },
+            None => whole("no checkouts: the log has no OUT: line"),
+        });
+    }
+    Ok(parsed)
 }
 
 /// The coarse group a host belongs to: the `s<hash>` part of a pseudonymised `s<hash>-h<n>`, or

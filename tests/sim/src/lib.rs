@@ -8,6 +8,7 @@ pub mod advice;
 pub mod engine;
 pub mod flexnet;
 pub mod metrics;
+pub mod replay;
 pub mod report;
 pub mod rng;
 pub mod workload;
