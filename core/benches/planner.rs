@@ -2,12 +2,14 @@
 //! {10, 100, 1000}, every server holding every product (cells = servers × products).
 //!
 //! Snapshots are synthetic but deterministic (a seeded splitmix64 written here, no `rand`), with
-//! a mix that exercises every branch: overdrafts, mins, draining servers, starving cells, and
-//! reserves that leave some products ample and others scarce. Only `plan` is timed, on one
+//! a mix that exercises every branch: overdrafts, mins, draining servers, starving cells,
+//! recently granted (held) cells, demand signals that keep or release idle excess, and reserves
+//! that leave some products ample and others scarce. Only `plan` is timed, on one
 //! thread. Run with `cargo bench -p allot-core --bench planner`; the results table lives in
 //! docs/BENCHMARKS.md. Target: one million cells in under a second, growth no worse than
 //! n log n.
 
+use allot_core::demand::Signals;
 use allot_core::planner::{
     CellSnapshot, Demand, PlannerConfig, ProductSnapshot, Scarcity, Snapshot, plan,
 };
@@ -64,12 +66,17 @@ fn snapshot(servers: u32, products: u32, seed: u64) -> Snapshot {
                         min_units: if rng.chance(20) { rng.below(10) } else { 0 },
                         buffer_units: rng.below(5),
                         draining: rng.chance(1),
+                        recently_granted: rng.chance(5),
                         demand: Demand {
                             peak_in_use: in_use + rng.below(5),
                             denials: pressure(&mut rng, 10),
                             waiting: pressure(&mut rng, 5),
                             instant_requests: pressure(&mut rng, 5),
-                            smoothed: rng.below(50),
+                            signals: Signals {
+                                level: rng.below(50),
+                                window_peak: rng.below(50),
+                                forecast: if rng.chance(30) { rng.below(50) } else { 0 },
+                            },
                         },
                     }
                 })

@@ -82,7 +82,9 @@ impl SignalConfig {
     /// The time ranges `[from, to]` a caller must read samples from at `now`: the recent past
     /// (level and window) and the two forecast look-aheads.
     pub fn ranges(&self, now: Millis) -> [(Millis, Millis); 3] {
-        let recent = self.window_ms.max(self.half_life_ms.saturating_mul(LEVEL_HALF_LIVES));
+        let recent = self
+            .window_ms
+            .max(self.half_life_ms.saturating_mul(LEVEL_HALF_LIVES));
         let ahead = |lag: Millis| {
             let from = now.saturating_sub(lag);
             (from, from.saturating_add(self.lookahead_ms).min(now))

@@ -108,10 +108,7 @@ pub fn plan_instant(
             // because it needed them), only free units for clients waiting elsewhere.
             .filter(|c| pass > 0 || !c.recently_granted)
             .map(|c| {
-                let taken = releases
-                    .iter()
-                    .find(|r| r.0 == c.server)
-                    .map_or(0, |r| r.1);
+                let taken = releases.iter().find(|r| r.0 == c.server).map_or(0, |r| r.1);
                 let spare = c
                     .allocation
                     .saturating_sub(keep(c).max(c.in_use))
@@ -227,14 +224,21 @@ mod tests {
 
         fn cells() -> impl Strategy<Value = Vec<CellSnapshot>> {
             proptest::collection::vec(
-                (0u64..20, 0u64..20, 0u64..4, 0u64..3, any::<bool>(), 0u64..20),
+                (
+                    0u64..20,
+                    0u64..20,
+                    0u64..4,
+                    0u64..3,
+                    any::<bool>(),
+                    0u64..20,
+                ),
                 1..8,
             )
             .prop_map(|v| {
                 v.into_iter()
                     .enumerate()
-                    .map(|(i, (allocation, used, min_units, waiting, fresh, level))| {
-                        CellSnapshot {
+                    .map(
+                        |(i, (allocation, used, min_units, waiting, fresh, level))| CellSnapshot {
                             server: i as ServerId,
                             allocation,
                             in_use: used.min(allocation),
@@ -249,8 +253,8 @@ mod tests {
                                 ..Demand::default()
                             },
                             ..CellSnapshot::default()
-                        }
-                    })
+                        },
+                    )
                     .collect()
             })
         }

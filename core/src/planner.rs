@@ -66,7 +66,8 @@
 //!    draw from the reserve between runs, so what is left in it after rules 5–6 is granted to
 //!    the live cells in proportion to their wants, and rule 6(b) does not apply.
 //!
-//! Applying a plan and planning again with the same snapshot otherwise yields no moves
+//! Applying a plan and planning again with the same demand, the cells just granted held as the
+//! balancer holds them, yields no moves
 //! (idempotence), also when the cells it granted are held at the next run: the fair shares
 //! depend on the allocations only through the floors, and a hold a grant raised sits where the
 //! water-fill brings the cell anyway; a grant reaches the fair share, a held difference is held
@@ -106,9 +107,7 @@ impl Demand {
     /// Units of demand: the highest of the need (`in_use + waiting`), the peak since the last
     /// run (one more when it denied), the decaying level and the forecast.
     pub fn units(&self, in_use: u64) -> u64 {
-        let peak = self
-            .peak_in_use
-            .saturating_add(u64::from(self.denials > 0));
+        let peak = self.peak_in_use.saturating_add(u64::from(self.denials > 0));
         in_use
             .saturating_add(self.waiting)
             .max(peak)
@@ -119,9 +118,7 @@ impl Demand {
     /// Units the cell needed at some point over the whole window: the excess above what this
     /// implies has lasted the window (rule 6b).
     pub fn window_units(&self, in_use: u64) -> u64 {
-        let peak = self
-            .peak_in_use
-            .saturating_add(u64::from(self.denials > 0));
+        let peak = self.peak_in_use.saturating_add(u64::from(self.denials > 0));
         in_use
             .saturating_add(self.waiting)
             .max(peak)
@@ -615,12 +612,8 @@ fn plan_product_with(
 
     // Rules 2–4 with recently granted cells held; if that leaves in-use, a min or a need
     // uncovered while a held cell has units above its own floor, plan again without holds.
-    let (mut scarcity, mut water_level) =
-        fair_shares(product, config, pool, true, scratch)?;
-    let held_units = scratch
-        .work
-        .iter()
-        .any(|w| w.floor > cells[w.cell].floor());
+    let (mut scarcity, mut water_level) = fair_shares(product, config, pool, true, scratch)?;
+    let held_units = scratch.work.iter().any(|w| w.floor > cells[w.cell].floor());
     if held_units && !matches!(scarcity, Scarcity::Ample | Scarcity::Wants) {
         (scarcity, water_level) = fair_shares(product, config, pool, false, scratch)?;
     }
@@ -633,7 +626,14 @@ fn plan_product_with(
         let fair = w.level;
         let margin = config.margin(c.allocation);
         (w.target, w.decision) = if c.draining {
-            (fair, if fair < c.allocation { Decision::Drain } else { Decision::Steady })
+            (
+                fair,
+                if fair < c.allocation {
+                    Decision::Drain
+                } else {
+                    Decision::Steady
+                },
+            )
         } else if fair > c.allocation {
             let urgent = c.allocation < w.levels[2] || c.starving();
             if urgent {
@@ -668,7 +668,7 @@ fn plan_product_with(
     // (the reserve alone funds them); the urgent ones take excess above the donors' wants, then
     // units between the donors' fair shares and wants.
     if planned > pool {
-        planned = defer_grants_ahead(work, planned, pool);
+        planned = defer_grants_ahead(work, planned, pool, config);
     }
     if planned > pool {
         let mut donors = std::mem::take(&mut scratch.donors);
@@ -725,17 +725,22 @@ fn plan_product_with(
             let mut shares: Vec<(u128, usize)> = Vec::with_capacity(work.len());
             for (k, &weight) in weights.iter().enumerate() {
                 let exact = u128::from(left) * weight;
-                let share = u64::try_from(exact / total).expect("below left");
+                let share =
+                    u64::try_from(exact.checked_div(total).unwrap_or(0)).expect("below left");
                 given += share;
                 work[k].target += share;
-                shares.push((exact % total, k));
+                shares.push((exact.checked_rem(total).unwrap_or(0), k));
                 if share > 0 {
                     work[k].decision = Decision::Surplus;
                 }
             }
             // Largest remainders take the odd units, ties by server id.
             shares.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            for &(_, k) in shares.iter().filter(|s| weights[s.1] > 0).take((left - given) as usize) {
+            for &(_, k) in shares
+                .iter()
+                .filter(|s| weights[s.1] > 0)
+                .take((left - given) as usize)
+            {
                 work[k].target += 1;
                 work[k].decision = Decision::Surplus;
             }
@@ -786,7 +791,12 @@ fn plan_product_with(
 
 /// Rule 6a's middle step: grants ahead of demand are cut back (largest first, then by server
 /// id) until the plan fits the pool or none is left; returns the units then planned.
-fn defer_grants_ahead(work: &mut [Work], mut planned: u128, pool: u128) -> u128 {
+fn defer_grants_ahead(
+    work: &mut [Work],
+    mut planned: u128,
+    pool: u128,
+    config: &PlannerConfig,
+) -> u128 {
     let mut ahead: Vec<usize> = (0..work.len())
         .filter(|&k| work[k].decision == Decision::GrantAhead)
         .collect();
@@ -803,7 +813,11 @@ fn defer_grants_ahead(work: &mut [Work], mut planned: u128, pool: u128) -> u128 
         let w = &mut work[k];
         let granted = w.target - w.allocation;
         let over = u64::try_from(planned - pool).unwrap_or(u64::MAX);
-        let cut = granted.min(over);
+        let mut cut = granted.min(over);
+        // What is left of a grant must still be worth a move (rule 5's dead band).
+        if granted - cut <= config.margin(w.allocation) {
+            cut = granted;
+        }
         w.target -= cut;
         planned -= u128::from(cut);
         w.decision = if cut == granted {

@@ -18,8 +18,8 @@ use crate::advice::{Recorder, SampleCounts, Tuned, advisor_input};
 use crate::metrics::{Metrics, apportion, water_fill};
 use crate::workload::{Arrival, DAY, Fault, HOUR, MINUTE, Workload};
 use allot_core::advisor::{CellSettings, advise};
-use allot_core::domain::RunTrigger;
 use allot_core::demand::{PeakSample, SignalConfig, signals};
+use allot_core::domain::RunTrigger;
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::planner::{
     CellSnapshot, DEFAULT_HOLD_MS, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
@@ -1112,7 +1112,6 @@ impl<'a> Sim<'a> {
         sent
     }
 
-
     /// One product's scheduled run: compute targets by the policy, release, then grant.
     /// Returns the moves it sent.
     fn scheduled(&mut self, p: usize) -> u64 {
@@ -1227,11 +1226,7 @@ impl<'a> Sim<'a> {
             at: now,
             peak: c.peak,
         });
-        while c
-            .samples
-            .front()
-            .is_some_and(|s| s.at + HISTORY < now)
-        {
+        while c.samples.front().is_some_and(|s| s.at + HISTORY < now) {
             c.samples.pop_front();
         }
         let demand = Demand {
@@ -1326,7 +1321,12 @@ impl<'a> Sim<'a> {
     /// The balancer's instant handler for allot: the real instant plan over the books now and
     /// what the last run saw of each reachable cell (the balancer's memory), `deficit` of the
     /// `units` asked being urgent.
-    fn plan_instant(&self, asker: usize, units: u64, deficit: u64) -> allot_core::instant::InstantPlan {
+    fn plan_instant(
+        &self,
+        asker: usize,
+        units: u64,
+        deficit: u64,
+    ) -> allot_core::instant::InstantPlan {
         let now = self.now;
         let p = self.cells[asker].product;
         let cells: Vec<CellSnapshot> = (0..self.w.sites.len())
@@ -1452,4 +1452,3 @@ pub fn doorman_proportional(capacity: u64, wants: &[u64]) -> Vec<u64> {
     }
     out
 }
-

