@@ -29,8 +29,8 @@ use crate::store::{
     CellRecord, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
 };
 use allot_core::ErrorCode;
-use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::demand::SignalConfig;
+use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::planner::PlannerConfig;
 use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
 use allot_core::wire::balancer::{DoctorCell, DoctorProduct, DoctorReport, MoveView};

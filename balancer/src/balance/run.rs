@@ -172,7 +172,15 @@ impl Engine {
             let plan = planner::plan_product(&snapshot, &self.config.planner)
                 .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
             let releases = self
-                .log_moves(run_id, epoch, name, &plan, &server_names, MoveKind::Release, None)
+                .log_moves(
+                    run_id,
+                    epoch,
+                    name,
+                    &plan,
+                    &server_names,
+                    MoveKind::Release,
+                    None,
+                )
                 .await?;
             (plan, server_names, releases)
         };

@@ -576,8 +576,10 @@ pub trait Store: Send + Sync + 'static {
     /// The peak in use of every usage sample taken in any of the inclusive ranges
     /// `[from_ms, to_ms]`: (server, product, time, peak) — what the demand signals of
     /// `allot_core::demand` read.
-    async fn peak_samples(&self, ranges: &[(i64, i64)])
-    -> StoreResult<Vec<(String, String, i64, u64)>>;
+    async fn peak_samples(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> StoreResult<Vec<(String, String, i64, u64)>>;
     /// Grants applied by instant balances in `[from_ms, to_ms)`: (time, server, product, units).
     async fn instant_grants_between(
         &self,
