@@ -489,14 +489,14 @@ fn expected_targets(
             let mut rest: Vec<(u64, usize)> = Vec::new();
             let mut given = 0;
             for k in 0..n {
-                let share = left * weight[k] / total;
+                let share = (left * weight[k]).checked_div(total).unwrap_or(0);
                 given += share;
                 target[k] += share;
                 if share > 0 {
                     decision[k] = Decision::Surplus;
                 }
                 if weight[k] > 0 {
-                    rest.push((left * weight[k] % total, k));
+                    rest.push(((left * weight[k]).checked_rem(total).unwrap_or(0), k));
                 }
             }
             rest.sort_by_key(|&(r, k)| (std::cmp::Reverse(r), k));
