@@ -76,6 +76,21 @@ impl Meter {
         }
     }
 
+    /// SIGSTOP: the process freezes with its sockets open, so requests hang rather than fail,
+    /// until [`Meter::resume`]; its clock runs on meanwhile.
+    pub fn pause(&self) {
+        if let Some(p) = &self.process {
+            p.signal("STOP");
+        }
+    }
+
+    /// SIGCONT after [`Meter::pause`].
+    pub fn resume(&self) {
+        if let Some(p) = &self.process {
+            p.signal("CONT");
+        }
+    }
+
     /// Waits (at most `limit`) for the process to exit by itself, e.g. at a crash point.
     pub fn wait_exit(&mut self, limit: Duration) -> bool {
         self.process.as_mut().is_some_and(|p| p.wait_exit(limit))

@@ -1,13 +1,14 @@
 //! Harness for the tests that cross crates: real processes on loopback ports talked to over
 //! HTTP ([`process`], [`balancer`]), and a fresh PostgreSQL database per test ([`pg`]), with
 //! [`on_both_backends!`] running one test body against SQLite and against PostgreSQL. The
-//! fault-injection tests add a switchable network link ([`proxy`]) and a PostgreSQL cluster of
-//! their own to crash ([`pg_cluster`]).
+//! fault-injection tests add a switchable network link ([`proxy`]), a PostgreSQL cluster of
+//! their own to crash ([`pg_cluster`]) and the clients' ledger of what they held ([`ledger`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod balancer;
 pub mod fleet;
+pub mod ledger;
 pub mod pg;
 pub mod pg_cluster;
 pub mod process;

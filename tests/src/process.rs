@@ -105,6 +105,15 @@ impl Running {
         self.child.id()
     }
 
+    /// Sends the signal named `name` (e.g. `STOP`, `CONT`), as `kill -<name>` does.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.child.id());
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -1,10 +1,11 @@
 //! Fault injection: under a steady checkout load across three metering servers and two
 //! balancers sharing one PostgreSQL, repeatedly kill -9 the leading balancer, kill -9 a metering
-//! server, crash-restart PostgreSQL, and black-hole, delay or refuse the network between the
-//! balancers and one server — and, once per round each, kill the leader while that server is
-//! black-holed and while PostgreSQL is down. Throughout and after each fault's recovery the invariants of
-//! DESIGN.md are checked: conservation of the books, no over-grant at any sampled instant, no
-//! live checkout lost, and `allot-balancer doctor` exits 0 once the fleet settles.
+//! server, SIGSTOP a metering server, crash-restart PostgreSQL, and black-hole, delay or refuse
+//! the network between the balancers and one server — and, once per round each, kill the leader
+//! while that server is black-holed and while PostgreSQL is down. Throughout and after each
+//! fault's recovery the invariants of DESIGN.md are checked: conservation of the books, no
+//! over-grant at any sampled instant, no live checkout lost, and `allot-balancer doctor` exits 0
+//! once the fleet settles.
 //!
 //! The default run is bounded for CI (one round of every fault). A soak runs more rounds:
 //! `ALLOT_SOAK_ROUNDS=N` rounds, or as many as fit in `ALLOT_SOAK_SECONDS=S`. The run prints
@@ -12,10 +13,48 @@
 //!
 //! PostgreSQL is restarted, so the test runs its own throwaway cluster (never the shared one):
 //! see [`allot_tests::pg_cluster`].
+//!
+//! **The clients' ledger.** Sampling the servers can miss an over-grant between two samples,
+//! so every simulated client also keeps a ledger of what it held, and after the run a sweep
+//! over it ([`allot_tests::ledger::sweep`]) finds the most units of each product held at once
+//! anywhere in the estate: it must never exceed what was purchased. Demand is drawn from a seed
+//! so that it stands above what was purchased nearly all the time (the estate runs at
+//! capacity), and clients keep each checkout only briefly, so units change hands all the time.
+//! `clients_never_hold_more_than_purchased_{sqlite,postgres}` run the same check on one
+//! balancer on SQLite and on PostgreSQL (the shared server) over several seeds, each with
+//! kill -9 of the balancer and of a server and SIGSTOP of servers (shorter and longer than a
+//! staleout, once with a kill -9 of the balancer meanwhile) in a seeded order. `ALLOT_FAULT_SEED`
+//! (default 1) is the first seed and `ALLOT_FAULT_SEEDS` (default 3) how many the seeded tests
+//! run; the soak draws its demand from the first. A failure names its seed.
+//!
+//! What a client counts as held — sound (a correct system never fails the check) and strong
+//! (a unit granted twice is caught): an interval runs from the instant the grant's answer
+//! *arrived* to the earliest of
+//! - the instant the client *sent* its checkin (before sending it): the server frees the unit
+//!   only on receiving it, later;
+//! - the instant a heartbeat's refusal arrived, for a checkout its server no longer knows: the
+//!   client believed it held the unit until then, so a server that dropped a live checkout and
+//!   granted the unit again is caught (and the drop itself is reported as a lost checkout);
+//! - the end of the run, for checkouts still held (the last checkpoint finds them live);
+//! - its **lease**: the instant the client *sent* the last checkout or heartbeat that was
+//!   answered with success, plus the product's staleout (less [`STALEOUT_MARGIN`] for clock
+//!   granularity). The server processed that request after it was sent and stales the
+//!   checkout out no earlier than staleout seconds after processing it, so it held the
+//!   checkout at least until then; after it, a server is *allowed* to stale the checkout out
+//!   and grant the unit again (a SIGSTOPped server does so on waking, a cut-off client cannot
+//!   heartbeat), and a well-behaved client must stop using a licence it could not keep alive.
+//!   A refusal after the lease is therefore a staleout, not a lost checkout.
+//!
+//! So every interval lies inside the time its server held the checkout; under hard stop the
+//! servers' checkouts never exceed their applied allocations, which never sum above purchased,
+//! so the clients' intervals cannot either unless a unit really was held twice. A checkout whose
+//! answer never arrived is not counted (the server's orphan only makes the servers' side
+//! larger); a checkin sent but unanswered ends the interval at its first sending.
 
 use allot_tests::Backend;
 use allot_tests::balancer::{ADMIN_TOKEN, Balancer};
 use allot_tests::fleet::{Fleet, Meter};
+use allot_tests::ledger::{Interval, Sweep, sweep};
 use allot_tests::pg_cluster::PgCluster;
 use allot_tests::process::{binary, free_port};
 use allot_tests::proxy::{Link, Mode, Proxy};
@@ -26,20 +65,62 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The products under load and their purchased units: fewer than the peak demand, so servers
-/// run dry, ask for instant balances and get denials.
-const PRODUCTS: [(&str, u64); 2] = [("cad", 12), ("sim", 6)];
-/// Metering servers; the last one sits behind the switchable link.
+/// A product under load.
+#[derive(Debug, Clone, Copy)]
+struct Product {
+    name: &'static str,
+    /// Units purchased.
+    units: u64,
+    /// How long a checkout outlives its last heartbeat.
+    staleout_seconds: u64,
+}
+
+/// The soak's products: fewer units than the peak demand, so servers run dry, ask for instant
+/// balances and get denials. Clients heartbeat several times a second; a checkout stales out
+/// only when its client is gone for far longer than any fault lasts.
+const SOAK_PRODUCTS: [Product; 2] = [
+    Product {
+        name: "cad",
+        units: 12,
+        staleout_seconds: 120,
+    },
+    Product {
+        name: "sim",
+        units: 6,
+        staleout_seconds: 120,
+    },
+];
+/// The seeded runs' products: few units, so the estate is at capacity nearly all the time; one
+/// stales out within the longer SIGSTOPs, so units are freed by staleout and granted again.
+const SEEDED_PRODUCTS: [Product; 2] = [
+    Product {
+        name: "cad",
+        units: 5,
+        staleout_seconds: 120,
+    },
+    Product {
+        name: "eda",
+        units: 3,
+        staleout_seconds: 2,
+    },
+];
+/// Metering servers; in the soak the last one sits behind the switchable link.
 const METERS: [&str; 3] = ["paris", "tokyo", "austin"];
 /// Client tasks per (server, product).
 const CLIENTS: usize = 2;
 /// The balancers' timeout on each call to a server: short, so partitions are noticed quickly.
 const CALL_TIMEOUT_MS: u64 = 1000;
-/// The shortest time a network fault lasts: long enough for instant balances, syncs and runs
-/// to run into it.
+/// The shortest time a network fault or a soak's SIGSTOP lasts: long enough for instant
+/// balances, syncs and runs to run into it.
 const FAULT_HOLD: Duration = Duration::from_secs(3);
 /// The longest a recovery may take before the test calls it a failure (a loaded 2-core CI box).
 const SETTLE: Duration = Duration::from_secs(60);
+/// What a client's lease is shortened by: the server's clock is the wall clock in whole
+/// milliseconds, the client's a monotonic one.
+const STALEOUT_MARGIN: Duration = Duration::from_millis(100);
+/// At most how long a seeded run waits, before its first fault, for the load to fill the estate
+/// (it goes on regardless: this is a start, not a check).
+const WARM_UP: Duration = Duration::from_secs(10);
 
 /// The checkpoint after the load has stopped: not a fault, no recovery time.
 const END: &str = "end";
@@ -50,17 +131,18 @@ enum Length {
     Seconds(Duration),
 }
 
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}={v:?}")))
+}
+
 impl Length {
     fn from_env() -> Self {
-        let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}={v:?}")))
-        };
-        if let Some(seconds) = var("ALLOT_SOAK_SECONDS") {
+        if let Some(seconds) = env_u64("ALLOT_SOAK_SECONDS") {
             Self::Seconds(Duration::from_secs(seconds))
         } else {
-            Self::Rounds(var("ALLOT_SOAK_ROUNDS").unwrap_or(1))
+            Self::Rounds(env_u64("ALLOT_SOAK_ROUNDS").unwrap_or(1))
         }
     }
 
@@ -69,6 +151,40 @@ impl Length {
             Self::Rounds(n) => done < *n,
             Self::Seconds(limit) => done == 0 || started.elapsed() < *limit,
         }
+    }
+}
+
+/// The first seed: `ALLOT_FAULT_SEED`, default 1.
+fn first_seed() -> u64 {
+    env_u64("ALLOT_FAULT_SEED").unwrap_or(1)
+}
+
+/// The seeds a seeded test runs: `ALLOT_FAULT_SEEDS` (default 3) of them from the first.
+fn seeds() -> std::ops::Range<u64> {
+    let first = first_seed();
+    first..first + env_u64("ALLOT_FAULT_SEEDS").unwrap_or(3)
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `z`.
+fn mix(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A deterministic draw from the seed and some coordinates.
+fn draw(seed: u64, at: &[u64]) -> u64 {
+    at.iter().fold(mix(seed), |h, &x| mix(h ^ x))
+}
+
+/// A seeded stream of draws, for the fault plan.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = mix(self.0);
+        self.0 % n.max(1)
     }
 }
 
@@ -83,7 +199,7 @@ struct Tally {
     takeovers: Vec<Duration>,
     /// Time from PostgreSQL's restart to a balancer leading again on it.
     releads: Vec<Duration>,
-    /// How long each network fault lasted (at least [`FAULT_HOLD`], until a run met it).
+    /// How long each network fault or SIGSTOP lasted (at least its hold, until a run met it).
     cuts: Vec<Duration>,
     /// Invariant checks passed, by kind.
     checks: BTreeMap<&'static str, u64>,
@@ -112,16 +228,45 @@ struct Ops {
     in_doubt: AtomicU64,
     heartbeats: AtomicU64,
     checkins: AtomicU64,
+    /// Checkouts refused by their server after their lease ran out: staled out, not lost.
+    staleouts: AtomicU64,
     balance_runs: AtomicU64,
+}
+
+/// A checkout a client holds, as its ledger knows it.
+struct Holding {
+    meter: usize,
+    /// Index into [`Shared::products`].
+    product: usize,
+    units: u64,
+    /// When the grant's answer arrived.
+    start: Instant,
+    /// When the last checkout or heartbeat answered with success was sent: the server holds
+    /// the checkout at least a staleout after it.
+    lease: Instant,
 }
 
 /// What the whole test shares.
 struct Shared {
+    /// The seed the demand is drawn from.
+    seed: u64,
+    /// The products under load.
+    products: Vec<Product>,
+    /// Client ticks (about 200 ms each) between changes of a population's demand.
+    phase_ticks: u64,
+    /// The most ticks a client keeps a checkout (it keeps each from 1 to this many, drawn
+    /// from the seed), so units change hands all the time, within servers and across them.
+    keep_ticks: u64,
+    /// Time zero of the ledger.
+    epoch: Instant,
     tally: Mutex<Tally>,
     ops: Ops,
-    /// Every checkout acknowledged and not yet being checked in: handle → server index. A
-    /// handle leaves this map *before* its checkin is sent, so a handle in it must be live.
-    live: Mutex<HashMap<String, usize>>,
+    /// Every checkout acknowledged and not yet being checked in: handle → holding. A handle
+    /// leaves this map *before* its checkin is sent, so a handle in it must be live on its
+    /// server until its lease runs out.
+    live: Mutex<HashMap<String, Holding>>,
+    /// Per product, the intervals clients held units over (see the module's comment).
+    ledger: Mutex<Vec<Vec<Interval>>>,
     stop: AtomicBool,
     http: reqwest::Client,
     /// Each metering server's URL and token, fixed for the run (restarts reuse ports).
@@ -131,6 +276,33 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(
+        seed: u64,
+        products: &[Product],
+        (phase_ticks, keep_ticks): (u64, u64),
+        meters: &[Meter],
+        balancers: Vec<String>,
+    ) -> Self {
+        Self {
+            seed,
+            products: products.to_vec(),
+            phase_ticks,
+            keep_ticks,
+            epoch: Instant::now(),
+            tally: Mutex::default(),
+            ops: Ops::default(),
+            live: Mutex::default(),
+            ledger: Mutex::new(vec![Vec::new(); products.len()]),
+            stop: AtomicBool::new(false),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client"),
+            meters: meters.iter().map(|m| (m.url(), m.token.clone())).collect(),
+            balancers,
+        }
+    }
+
     fn violated(&self, what: String) {
         self.tally.lock().expect("tally").violated(what);
     }
@@ -141,6 +313,48 @@ impl Shared {
 
     fn is_live(&self, handle: &str) -> bool {
         self.live.lock().expect("live").contains_key(handle)
+    }
+
+    /// When a holding's lease runs out: from then on its server may stale it out.
+    fn lease_expiry(&self, holding: &Holding) -> Instant {
+        let staleout = Duration::from_secs(self.products[holding.product].staleout_seconds);
+        holding.lease + staleout.saturating_sub(STALEOUT_MARGIN)
+    }
+
+    /// A live handle's lease expiry; `None` once the handle has ended.
+    fn lease_of(&self, handle: &str) -> Option<Instant> {
+        let live = self.live.lock().expect("live");
+        live.get(handle).map(|h| self.lease_expiry(h))
+    }
+
+    /// Ends a holding: the client stops believing it holds `handle` at `at` (or at its lease's
+    /// expiry, if earlier), and the interval goes into the ledger. Ending an ended handle does
+    /// nothing.
+    fn end_holding(&self, handle: &str, at: Instant, how: &str) {
+        let Some(holding) = self.live.lock().expect("live").remove(handle) else {
+            return;
+        };
+        let end = at.min(self.lease_expiry(&holding));
+        let interval = Interval {
+            holder: format!(
+                "{handle} on {} (lease sent at {:?}; {how})",
+                METERS[holding.meter],
+                holding.lease.saturating_duration_since(self.epoch)
+            ),
+            units: holding.units,
+            start: holding.start.saturating_duration_since(self.epoch),
+            end: end.saturating_duration_since(self.epoch),
+        };
+        self.ledger.lock().expect("ledger")[holding.product].push(interval);
+    }
+
+    /// Units of `product` clients hold now.
+    fn held_now(&self, product: usize) -> u64 {
+        let live = self.live.lock().expect("live");
+        live.values()
+            .filter(|h| h.product == product)
+            .map(|h| h.units)
+            .sum()
     }
 
     /// POSTs a JSON body; `None` when no answer came (the server is down or cut off).
@@ -179,24 +393,7 @@ async fn invariants_hold_under_repeated_faults() {
     let standby = Balancer::start_with(&fleet.backend, &flags, &[]).await;
     fleet.balancer_urls = vec![fleet.balancer.url().to_owned(), standby.url().to_owned()];
 
-    for (product, units) in PRODUCTS {
-        fleet
-            .api()
-            .post(
-                "/v1/products",
-                // Clients heartbeat several times a second; a checkout stales out only when
-                // its client is gone for far longer than any fault lasts.
-                json!({"name": product, "heartbeat_seconds": 1, "staleout_seconds": 120}),
-            )
-            .await;
-        fleet
-            .api()
-            .post(
-                &format!("/v1/products/{product}/entitlements"),
-                json!({"units": units}),
-            )
-            .await;
-    }
+    define_products(&fleet, &SOAK_PRODUCTS).await;
     for name in &METERS[..METERS.len() - 1] {
         fleet.add_meter(name).await;
     }
@@ -213,13 +410,7 @@ async fn invariants_hold_under_repeated_faults() {
     fleet
         .add_meter_at(METERS[2], port, &to_meter.url(), &via.join(","))
         .await;
-    for (product, _) in PRODUCTS {
-        fleet.wait_synced(product).await;
-        for name in METERS {
-            fleet.limits(name, product, 0, 1).await;
-        }
-    }
-    fleet.balance().await;
+    spread_products(&fleet, &SOAK_PRODUCTS).await;
 
     let Fleet {
         balancer,
@@ -228,29 +419,12 @@ async fn invariants_hold_under_repeated_faults() {
         ..
     } = fleet;
     let mut balancers = [balancer, standby];
-    let shared = Arc::new(Shared {
-        tally: Mutex::default(),
-        ops: Ops::default(),
-        live: Mutex::default(),
-        stop: AtomicBool::new(false),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("an HTTP client"),
-        meters: meters.iter().map(|m| (m.url(), m.token.clone())).collect(),
-        balancers: balancers.iter().map(|b| b.url().to_owned()).collect(),
-    });
-
-    let mut load = tokio::task::JoinSet::new();
-    for meter in 0..METERS.len() {
-        for (product, _) in PRODUCTS {
-            for client in 0..CLIENTS {
-                load.spawn(client_loop(shared.clone(), meter, product, client));
-            }
-        }
-    }
-    load.spawn(balance_loop(shared.clone()));
-    load.spawn(sampler(shared.clone()));
+    let seed = first_seed();
+    eprintln!("soak: demand from seed {seed} (ALLOT_FAULT_SEED)");
+    let urls = balancers.iter().map(|b| b.url().to_owned()).collect();
+    // Demand shifts every 20 client ticks (~4 s); a checkout is kept 1 to 15 ticks.
+    let shared = Arc::new(Shared::new(seed, &SOAK_PRODUCTS, (20, 15), &meters, urls));
+    let mut load = start_load(&shared);
     let setup = started.elapsed();
 
     let mut rounds = 0;
@@ -258,6 +432,8 @@ async fn invariants_hold_under_repeated_faults() {
         rounds += 1;
         kill_leader(&shared, &mut balancers).await;
         kill_meter(&shared, &mut meters[(rounds as usize - 1) % METERS.len()]).await;
+        let paused = &meters[rounds as usize % METERS.len()];
+        pause_meter(&shared, paused, FAULT_HOLD, "pause_meter").await;
         restart_postgres(&shared, &cluster).await;
         for (kind, mode) in [
             ("black_hole", Mode::BlackHole),
@@ -273,22 +449,272 @@ async fn invariants_hold_under_repeated_faults() {
         postgres_down_then_kill_leader(&shared, &cluster, &mut balancers).await;
     }
 
+    finish(&shared, &mut load).await;
+    report(&shared, rounds, setup, started.elapsed());
+    assert_clean(&shared, "the soak");
+}
+
+/// Kill -9 of the balancer on SQLite and on PostgreSQL, kill -9 and SIGSTOP of metering
+/// servers, in a seeded order, under a load at capacity; the clients' ledger never holds more
+/// than was purchased. Each seed is a fresh estate.
+async fn seeded_runs(store: &str) {
+    for seed in seeds() {
+        let backend = if store == "postgres" {
+            match Backend::postgres("faults_seeded").await {
+                Some(backend) => backend,
+                None => return,
+            }
+        } else {
+            Backend::sqlite()
+        };
+        seeded_run(backend, store, seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_never_hold_more_than_purchased_sqlite() {
+    seeded_runs("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_never_hold_more_than_purchased_postgres() {
+    seeded_runs("postgres").await;
+}
+
+/// The faults a seeded run injects, once each, in an order drawn from the seed.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillBalancer,
+    KillMeter,
+    PauseMeter,
+    /// SIGSTOP of a server, and kill -9 of the balancer while it is stopped.
+    PauseMeterKillBalancer,
+}
+
+async fn seeded_run(backend: Backend, store: &str, seed: u64) {
+    let started = Instant::now();
+    let timeout = CALL_TIMEOUT_MS.to_string();
+    let flags = ["--call-timeout-ms", timeout.as_str()];
+    let mut fleet = Fleet::start(backend, &flags, &[]).await;
+    define_products(&fleet, &SEEDED_PRODUCTS).await;
+    for name in METERS {
+        fleet.add_meter(name).await;
+    }
+    spread_products(&fleet, &SEEDED_PRODUCTS).await;
+    let Fleet {
+        mut balancer,
+        mut meters,
+        backend: _backend,
+        ..
+    } = fleet;
+    eprintln!("\n=== {store}, seed {seed} (ALLOT_FAULT_SEED={seed} ALLOT_FAULT_SEEDS=1) ===");
+    let urls = vec![balancer.url().to_owned()];
+    // Demand shifts every 10 client ticks (~2 s); a checkout is kept 1 to 8 ticks.
+    let shared = Arc::new(Shared::new(seed, &SEEDED_PRODUCTS, (10, 8), &meters, urls));
+    let mut load = start_load(&shared);
+    let setup = started.elapsed();
+    // Start the faults once the estate is full, so they strike at capacity.
+    let warm = Instant::now();
+    while warm.elapsed() < WARM_UP
+        && !(0..shared.products.len()).all(|p| shared.held_now(p) >= shared.products[p].units)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("estate full after {:?}", warm.elapsed());
+
+    let mut rng = Rng(mix(seed ^ 0xfa17));
+    let mut plan = vec![
+        Fault::KillBalancer,
+        Fault::KillMeter,
+        Fault::PauseMeter,
+        Fault::PauseMeterKillBalancer,
+    ];
+    for i in (1..plan.len()).rev() {
+        plan.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for fault in plan {
+        let meter = rng.below(METERS.len() as u64) as usize;
+        // From well inside to well beyond the short staleout.
+        let hold = Duration::from_millis(500 + rng.below(3500));
+        match fault {
+            Fault::KillBalancer => {
+                balancer.kill9();
+                balancer.restart().await;
+                let recovered = Instant::now();
+                count_fault(&shared, "kill_balancer");
+                eprintln!("fault: kill -9 of the balancer");
+                checkpoint(&shared, "kill_balancer", recovered).await;
+            }
+            Fault::KillMeter => kill_meter(&shared, &mut meters[meter]).await,
+            Fault::PauseMeter => pause_meter(&shared, &meters[meter], hold, "pause_meter").await,
+            Fault::PauseMeterKillBalancer => {
+                const KIND: &str = "pause_meter+kill_balancer";
+                meters[meter].pause();
+                let paused = Instant::now();
+                balancer.kill9();
+                balancer.restart().await;
+                hold_until_met(&shared, KIND, hold.saturating_sub(paused.elapsed())).await;
+                meters[meter].resume();
+                let recovered = Instant::now();
+                count_fault(&shared, KIND);
+                shared
+                    .tally
+                    .lock()
+                    .expect("tally")
+                    .cuts
+                    .push(paused.elapsed());
+                eprintln!(
+                    "fault: SIGSTOP of {} for {:?}, kill -9 of the balancer meanwhile",
+                    METERS[meter],
+                    paused.elapsed()
+                );
+                checkpoint(&shared, KIND, recovered).await;
+            }
+        }
+    }
+    finish(&shared, &mut load).await;
+    report(&shared, 1, setup, started.elapsed());
+    assert_clean(&shared, &format!("{store}, seed {seed}"));
+}
+
+/// Defines the products with a one-second heartbeat and their staleouts, and buys their units.
+async fn define_products(fleet: &Fleet, products: &[Product]) {
+    for p in products {
+        fleet
+            .api()
+            .post(
+                "/v1/products",
+                json!({"name": p.name, "heartbeat_seconds": 1,
+                    "staleout_seconds": p.staleout_seconds}),
+            )
+            .await;
+        fleet
+            .api()
+            .post(
+                &format!("/v1/products/{}/entitlements", p.name),
+                json!({"units": p.units}),
+            )
+            .await;
+    }
+}
+
+/// Once every server knows the products: no min, a buffer of one, and a first balance.
+async fn spread_products(fleet: &Fleet, products: &[Product]) {
+    for p in products {
+        fleet.wait_synced(p.name).await;
+        for name in METERS {
+            fleet.limits(name, p.name, 0, 1).await;
+        }
+    }
+    fleet.balance().await;
+}
+
+/// The client populations, the balance runs and the sampler.
+fn start_load(shared: &Arc<Shared>) -> tokio::task::JoinSet<()> {
+    let mut load = tokio::task::JoinSet::new();
+    for meter in 0..METERS.len() {
+        for product in 0..shared.products.len() {
+            for client in 0..CLIENTS {
+                load.spawn(client_loop(shared.clone(), meter, product, client));
+            }
+        }
+    }
+    load.spawn(balance_loop(shared.clone()));
+    load.spawn(sampler(shared.clone()));
+    load
+}
+
+/// Stops the load, checks every checkout still held is live, closes the ledger and sweeps it.
+async fn finish(shared: &Shared, load: &mut tokio::task::JoinSet<()>) {
     shared.stop.store(true, Ordering::Relaxed);
     while load.join_next().await.is_some() {}
     // The load has stopped with checkouts still held: the last check sees them all live.
-    checkpoint(&shared, END, Instant::now()).await;
-    report(&shared, rounds, setup, started.elapsed());
+    checkpoint(shared, END, Instant::now()).await;
+    // The clients give up what they still hold now (each until its lease, at the latest).
+    let now = Instant::now();
+    let handles: Vec<String> = shared.live.lock().expect("live").keys().cloned().collect();
+    for handle in handles {
+        shared.end_holding(&handle, now, "held at the end");
+    }
+    sweep_ledger(shared);
+}
+
+/// The over-grant check on the clients' ledger: per product, the most units held at once
+/// never exceeds what was purchased.
+fn sweep_ledger(shared: &Shared) {
+    let ledger = shared.ledger.lock().expect("ledger");
+    for (p, intervals) in shared.products.iter().zip(ledger.iter()) {
+        let found = sweep(intervals, p.units);
+        if found.excesses.is_empty() {
+            shared.passed("ledger_within_purchased");
+        }
+        for excess in &found.excesses {
+            shared.violated(format!(
+                "over-grant of {}: clients held {} > purchased {}; {excess}",
+                p.name, excess.held, p.units
+            ));
+        }
+        if found.peak < p.units {
+            shared.violated(format!(
+                "the load never drove {} to capacity (peak {} of {} held at once): the \
+                 over-grant check proves little",
+                p.name, found.peak, p.units
+            ));
+        }
+        report_sweep(shared, p, intervals.len(), &found);
+    }
+}
+
+fn report_sweep(shared: &Shared, p: &Product, holdings: usize, found: &Sweep) {
+    eprintln!(
+        "ledger {}: {holdings} holdings, peak {} of {} purchased at {:?}, at capacity {:?} of \
+         {:?}",
+        p.name,
+        found.peak,
+        p.units,
+        found.peak_at,
+        found.at_capacity,
+        shared.epoch.elapsed()
+    );
+}
+
+/// Fails the test with every violation recorded, naming the run.
+fn assert_clean(shared: &Shared, run: &str) {
     let tally = shared.tally.lock().expect("tally");
     assert!(
         tally.violations.is_empty(),
-        "{} invariant violations: {:#?}",
+        "{run}: {} invariant violations: {:#?}",
         tally.violations.len(),
         tally.violations
     );
     assert!(
         shared.ops.granted.load(Ordering::Relaxed) > 0,
-        "the load was served nothing: the run proves nothing"
+        "{run}: the load was served nothing: the run proves nothing"
     );
+}
+
+/// SIGSTOP of a metering server for at least `hold` and until a balance run found it
+/// unreachable, then SIGCONT. Its clients' requests hang meanwhile; checkouts whose lease ran
+/// out stale out as it wakes.
+async fn pause_meter(shared: &Shared, meter: &Meter, hold: Duration, kind: &'static str) {
+    meter.pause();
+    let paused = Instant::now();
+    hold_until_met(shared, kind, hold).await;
+    meter.resume();
+    let recovered = Instant::now();
+    count_fault(shared, kind);
+    shared
+        .tally
+        .lock()
+        .expect("tally")
+        .cuts
+        .push(paused.elapsed());
+    eprintln!(
+        "fault: SIGSTOP of {} for {:?}",
+        meter.name,
+        paused.elapsed()
+    );
+    checkpoint(shared, kind, recovered).await;
 }
 
 /// kill -9 of the leading balancer; the follower must take over; the dead one comes back as a
@@ -321,9 +747,9 @@ async fn fail_over(shared: &Shared, balancers: &mut [Balancer; 2]) -> Duration {
 async fn partition_then_kill_leader(shared: &Shared, link: &Link, balancers: &mut [Balancer; 2]) {
     const KIND: &str = "black_hole+kill_leader";
     link.set(Mode::BlackHole);
-    hold_until_met(shared, KIND).await;
+    hold_until_met(shared, KIND, FAULT_HOLD).await;
     let takeover = fail_over(shared, balancers).await;
-    hold_until_met(shared, KIND).await;
+    hold_until_met(shared, KIND, FAULT_HOLD).await;
     link.set(Mode::Pass);
     let recovered = Instant::now();
     count_fault(shared, KIND);
@@ -437,7 +863,7 @@ async fn newest_leadership(shared: &Shared) -> i64 {
 async fn cut_link(shared: &Shared, link: &Link, kind: &'static str, mode: Mode) {
     link.set(mode);
     let cut = Instant::now();
-    hold_until_met(shared, kind).await;
+    hold_until_met(shared, kind, FAULT_HOLD).await;
     link.set(Mode::Pass);
     let recovered = Instant::now();
     count_fault(shared, kind);
@@ -446,15 +872,15 @@ async fn cut_link(shared: &Shared, link: &Link, kind: &'static str, mode: Mode) 
     checkpoint(shared, kind, recovered).await;
 }
 
-/// Returns once the fault just set has lasted [`FAULT_HOLD`] and a run begun after it was set
-/// has found the server behind the link unreachable, so every fault is felt by the books'
-/// side, not merely switched on.
-async fn hold_until_met(shared: &Shared, kind: &str) {
+/// Returns once the fault just set has lasted `hold` and a run begun after it was set has
+/// found the server it cuts off unreachable, so every fault is felt by the books' side, not
+/// merely switched on.
+async fn hold_until_met(shared: &Shared, kind: &str, hold: Duration) {
     let cut = Instant::now();
     // Runs begun from here on talk to the server through the cut link (open connections too).
     let before = latest_run(shared).await.unwrap_or(0);
     let deadline = cut + SETTLE;
-    while cut.elapsed() < FAULT_HOLD || !met_unreachable_since(shared, before).await {
+    while cut.elapsed() < hold || !met_unreachable_since(shared, before).await {
         assert!(
             Instant::now() < deadline,
             "{kind}: no run ever met the fault"
@@ -574,7 +1000,7 @@ async fn checkpoint(shared: &Shared, fault: &'static str, recovered: Instant) {
         .lock()
         .expect("live")
         .iter()
-        .map(|(h, m)| (h.clone(), *m))
+        .map(|(h, holding)| (h.clone(), holding.meter))
         .collect();
     for (handle, meter) in handles {
         heartbeat(shared, meter, &handle, true).await;
@@ -583,26 +1009,42 @@ async fn checkpoint(shared: &Shared, fault: &'static str, recovered: Instant) {
     sample_servers(shared).await;
 }
 
-/// Heartbeats `handle`; a live handle its server no longer knows is a lost checkout. `sure`:
-/// the server must answer (it is up); otherwise no answer is merely skipped.
+/// Heartbeats `handle`; a live handle its server no longer knows before its lease ran out is a
+/// lost checkout, after it a staleout. `sure`: the server must answer (it is up); otherwise no
+/// answer is merely skipped. A success renews the handle's lease from the instant it was sent.
 async fn heartbeat(shared: &Shared, meter: usize, handle: &str, sure: bool) -> bool {
     let url = format!("{}/v1/heartbeat", shared.meters[meter].0);
+    let sent = Instant::now();
     match shared.post(&url, &json!({"handle": handle})).await {
         Some((status, _)) if status.is_success() => {
+            if let Some(holding) = shared.live.lock().expect("live").get_mut(handle) {
+                holding.lease = holding.lease.max(sent);
+            }
             shared.ops.heartbeats.fetch_add(1, Ordering::Relaxed);
             if sure {
                 shared.passed("live_checkout_kept");
             }
             true
         }
-        // Checked in meanwhile (it left the live map before its checkin went out): fine.
-        Some(_) if !shared.is_live(handle) => false,
         Some((status, body)) => {
-            shared.violated(format!(
-                "live checkout {handle} on {} lost: heartbeat answered {status} {body}",
-                METERS[meter]
-            ));
-            shared.live.lock().expect("live").remove(handle);
+            let arrived = Instant::now();
+            match shared.lease_of(handle) {
+                // Checked in meanwhile (it left the live map before its checkin went out).
+                None => {}
+                Some(expiry) if expiry <= arrived => {
+                    shared.ops.staleouts.fetch_add(1, Ordering::Relaxed);
+                    shared.end_holding(handle, arrived, "staled out");
+                }
+                Some(expiry) => {
+                    shared.violated(format!(
+                        "live checkout {handle} on {} lost {:?} before its lease ran out: \
+                         heartbeat answered {status} {body}",
+                        METERS[meter],
+                        expiry - arrived
+                    ));
+                    shared.end_holding(handle, arrived, "lost");
+                }
+            }
             false
         }
         None if sure => {
@@ -616,33 +1058,83 @@ async fn heartbeat(shared: &Shared, meter: usize, handle: &str, sure: bool) -> b
     }
 }
 
+/// How many units a population on (`meter`, `product`) wants during `phase`: drawn from the
+/// seed between 0 and a maximum that puts the estate's mean demand at about twice what was
+/// purchased, so it stands above capacity nearly all the time, while each server's own demand
+/// swings from nothing to many times its share and units must move between servers.
+fn wanted(shared: &Shared, meter: usize, product: usize, client: usize, phase: u64) -> u64 {
+    let populations = (METERS.len() * CLIENTS) as u64;
+    let most = (shared.products[product].units * 4).div_ceil(populations);
+    let at = [meter as u64, product as u64, client as u64, phase];
+    draw(shared.seed, &at) % (most + 1)
+}
+
 /// One simulated population on one server and product: its demand rises and falls, so units
-/// must move between servers; it checks out, heartbeats everything it holds, and checks in.
-async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, client: usize) {
+/// must move between servers; it checks out (one or two units at a time), heartbeats
+/// everything it holds, checks in, and keeps its ledger (see the module's comment).
+async fn client_loop(shared: Arc<Shared>, meter: usize, product: usize, client: usize) {
     let base = shared.meters[meter].0.clone();
-    let mut held: Vec<String> = Vec::new();
-    // Checkins to send: (handle, whether an earlier attempt went unanswered). A retry may find
-    // the handle gone (its first attempt was applied); a first attempt must find it live.
-    let mut checkins: Vec<(String, bool)> = Vec::new();
+    let name = shared.products[product].name;
+    // What this client holds: (handle, the tick it checks it in at, demand allowing).
+    let mut held: Vec<(String, u64)> = Vec::new();
+    // Checkins to send: (handle, whether an earlier attempt went unanswered, its lease's
+    // expiry). A retry may find the handle gone (its first attempt was applied); a first
+    // attempt must find it live unless its lease ran out.
+    let mut checkins: Vec<(String, bool, Instant)> = Vec::new();
     for tick in 0u64.. {
         if shared.stop.load(Ordering::Relaxed) {
             break;
         }
-        // Each population peaks at a different time: 0 to 3 seats, changing every ~4 s.
-        let wanted = ((tick / 20) as usize + meter + client) % 4;
-        if held.len() < wanted {
-            let user = format!("{}-{product}-{client}-{tick}", METERS[meter]);
-            let body = json!({"product": product, "user": user, "host": "h"});
+        // Handles a checkpoint found lost or staled out are gone.
+        held.retain(|(h, _)| shared.is_live(h));
+        let holding: u64 = {
+            let live = shared.live.lock().expect("live");
+            held.iter()
+                .map(|(h, _)| h)
+                .filter_map(|h| live.get(h))
+                .map(|h| h.units)
+                .sum()
+        };
+        let phase = tick / shared.phase_ticks;
+        let wanted = wanted(&shared, meter, product, client, phase);
+        if holding < wanted {
+            let dice = draw(
+                shared.seed,
+                &[meter as u64, product as u64, client as u64, tick],
+            );
+            let units = if wanted - holding >= 2 && dice.is_multiple_of(3) {
+                2
+            } else {
+                1
+            };
+            let user = format!("{}-{name}-{client}-{tick}", METERS[meter]);
+            let body = json!({"product": name, "user": user, "host": "h", "units": units});
+            let sent = Instant::now();
             match shared.post(&format!("{base}/v1/checkout"), &body).await {
                 Some((status, body)) if status.is_success() => {
+                    let arrived = Instant::now();
                     let handle = body["handle"].as_str().expect("a handle").to_owned();
+                    let granted = body["units"].as_u64().unwrap_or(units);
+                    if granted != units {
+                        shared.violated(format!(
+                            "checkout of {units} unit(s) of {name} on {} granted {granted}",
+                            METERS[meter]
+                        ));
+                    }
+                    let holding = Holding {
+                        meter,
+                        product,
+                        units: granted.max(units),
+                        start: arrived,
+                        lease: sent,
+                    };
                     shared
                         .live
                         .lock()
                         .expect("live")
-                        .insert(handle.clone(), meter);
+                        .insert(handle.clone(), holding);
                     shared.ops.granted.fetch_add(1, Ordering::Relaxed);
-                    held.push(handle);
+                    held.push((handle, tick + 1 + (dice >> 8) % shared.keep_ticks));
                 }
                 Some((_, body)) if body["error"]["code"] == "license_unavailable" => {
                     shared.ops.denied.fetch_add(1, Ordering::Relaxed);
@@ -655,13 +1147,20 @@ async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, c
                     shared.ops.in_doubt.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        } else if held.len() > wanted {
-            let handle = held.remove(0);
-            shared.live.lock().expect("live").remove(&handle);
-            checkins.push((handle, false));
+        }
+        // Check in what was kept long enough, or the oldest when more is held than wanted.
+        let due = held.iter().position(|&(_, at)| at <= tick);
+        let due = due.or((holding > wanted && !held.is_empty()).then_some(0));
+        if let Some(i) = due {
+            let (handle, _) = held.remove(i);
+            if let Some(expiry) = shared.lease_of(&handle) {
+                // The client stops using the units before it sends the checkin.
+                shared.end_holding(&handle, Instant::now(), "checked in");
+                checkins.push((handle, false, expiry));
+            }
         }
         let mut unanswered = Vec::new();
-        for (handle, retry) in checkins.drain(..) {
+        for (handle, retry, expiry) in checkins.drain(..) {
             match shared
                 .post(&format!("{base}/v1/checkin"), &json!({"handle": handle}))
                 .await
@@ -670,22 +1169,22 @@ async fn client_loop(shared: Arc<Shared>, meter: usize, product: &'static str, c
                     shared.ops.checkins.fetch_add(1, Ordering::Relaxed);
                 }
                 Some((status, _)) if retry && status == StatusCode::NOT_FOUND => {}
+                Some((status, _))
+                    if status == StatusCode::NOT_FOUND && expiry <= Instant::now() =>
+                {
+                    shared.ops.staleouts.fetch_add(1, Ordering::Relaxed);
+                }
                 Some((status, body)) => shared.violated(format!(
                     "checkin of live checkout {handle} on {} answered {status} {body}",
                     METERS[meter]
                 )),
-                None => unanswered.push((handle, true)),
+                None => unanswered.push((handle, true, expiry)),
             }
         }
         checkins = unanswered;
-        let mut kept = Vec::new();
-        for handle in held.drain(..) {
-            heartbeat(&shared, meter, &handle, false).await;
-            if shared.is_live(&handle) {
-                kept.push(handle);
-            }
+        for (handle, _) in &held {
+            heartbeat(&shared, meter, handle, false).await;
         }
-        held = kept;
         // Pacing, not waiting for a condition: a client population acts a few times a second.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -723,7 +1222,12 @@ async fn sampler(shared: Arc<Shared>) {
 /// Invariant 1 as any balancer that answers reports it: reserve + in transit + Σ allocation =
 /// purchased, for every product.
 async fn sample_books(shared: &Shared) {
-    for (product, purchased) in PRODUCTS {
+    for &Product {
+        name: product,
+        units: purchased,
+        ..
+    } in &shared.products
+    {
         for url in &shared.balancers {
             let Some(detail) = shared
                 .get(&format!("{url}/v1/products/{product}"), Some(ADMIN_TOKEN))
@@ -813,7 +1317,12 @@ async fn sample_servers(shared: &Shared) {
             return;
         }
     }
-    for (product, purchased) in PRODUCTS {
+    for &Product {
+        name: product,
+        units: purchased,
+        ..
+    } in &shared.products
+    {
         let applied: u64 = first
             .iter()
             .flatten()
@@ -841,12 +1350,14 @@ fn report(shared: &Shared, rounds: u64, setup: Duration, wall: Duration) {
     eprintln!("faults injected: {faults} {:?}", tally.faults);
     eprintln!(
         "operations served: {served} (checkouts granted {}, heartbeats {}, checkins {}); \
-         checkout attempts denied {}, in doubt {}; manual balance runs {}",
+         checkout attempts denied {}, in doubt {}; staleouts met by clients {}; manual \
+         balance runs {}",
         n(&ops.granted),
         n(&ops.heartbeats),
         n(&ops.checkins),
         n(&ops.denied),
         n(&ops.in_doubt),
+        n(&ops.staleouts),
         n(&ops.balance_runs),
     );
     eprintln!("invariant checks passed: {checks} {:?}", tally.checks);
@@ -861,7 +1372,7 @@ fn report(shared: &Shared, rounds: u64, setup: Duration, wall: Duration) {
         "leadership again after PostgreSQL's restart: {}",
         spread(&tally.releads)
     );
-    eprintln!("network fault length: {}", spread(&tally.cuts));
+    eprintln!("network fault or SIGSTOP length: {}", spread(&tally.cuts));
     eprintln!("violations: {}", tally.violations.len());
 }
 
