@@ -343,34 +343,57 @@ impl Drop for PendingCheckout<'_> {
 /// Takes a queued client out of the queue if its request is dropped (client disconnect), and
 /// gives back a checkout handed to it that it never received.
 struct QueuedGuard<'a> {
-    app: &'a Shared,
+    app: &'a App,
     product: String,
     waiter: u64,
     rx: Option<oneshot::Receiver<WaiterGrant>>,
 }
 
+/// How a queued client's wait ended.
+enum WaitEnd {
+    /// A checkout was handed to it (possibly racing with its leaving).
+    Served(WaiterGrant),
+    /// It left the queue without one.
+    Left {
+        /// The lease had run out when it left (a lease refusal, not a denial).
+        lease_expired: bool,
+    },
+}
+
 impl QueuedGuard<'_> {
-    /// Leaves the queue (timeout or shutdown). Returns a grant that raced with the leaving.
-    fn leave(&mut self, timed_out: bool) -> Option<WaiterGrant> {
+    /// Leaves the queue (timeout or shutdown), serving the waiters behind that its leaving
+    /// lets through. Returns a grant that raced with the leaving.
+    fn leave(&mut self, timed_out: bool) -> WaitEnd {
         let mut inner = self.app.lock();
-        if inner
-            .book
-            .cancel_wait(&self.product, self.waiter, timed_out)
+        let now = now_ms();
+        if let Some(left) =
+            inner
+                .book
+                .cancel_wait(&self.product, self.waiter, timed_out, now, &mut new_handle)
         {
             inner.waiters.remove(&self.waiter);
             self.rx = None;
-            return None;
+            self.app.dispatch(&mut inner, left.served, now);
+            pull(self.app, &mut inner, &self.product, now);
+            return WaitEnd::Left {
+                lease_expired: left.lease_expired,
+            };
         }
         drop(inner);
         // Not queued any more: it was served under the lock, so the grant is already sent.
-        self.rx.take().and_then(|mut rx| rx.try_recv().ok())
+        match self.rx.take().and_then(|mut rx| rx.try_recv().ok()) {
+            Some(g) => WaitEnd::Served(g),
+            None => WaitEnd::Left {
+                lease_expired: false,
+            },
+        }
     }
 }
 
 impl Drop for QueuedGuard<'_> {
     fn drop(&mut self) {
         if self.rx.is_some()
-            && let Some(g) = self.leave(false)
+            && let WaitEnd::Served(g) = self.leave(false)
         {
             self.app.abandon(g.served.grant.record.handle);
         }
@@ -578,7 +601,8 @@ fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
 fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Millis>) -> ApiError {
     match refusal {
         Refusal::LeaseExpired { since } => {
-            app.metrics.denial(product, DenialReason::LeaseExpired);
+            // Not a denial: no move of units could have prevented it.
+            app.metrics.lease_refusal(product);
             ApiError::LicenseExpired(lease_message(since, synced_at))
         }
         Refusal::UnknownProduct => ApiError::UnknownProduct(product.to_owned()),
@@ -601,7 +625,7 @@ fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Mill
 }
 
 async fn wait_in_queue(
-    app: &Shared,
+    app: &App,
     req: CheckoutRequest,
     waiter: u64,
     rx: oneshot::Receiver<WaiterGrant>,
@@ -630,34 +654,16 @@ async fn wait_in_queue(
     let got = match got {
         Some(g) => {
             guard.rx = None;
-            Some(g)
+            WaitEnd::Served(g)
         }
         None => guard.leave(!*app.stopping.borrow()),
     };
     drop(guard);
-    let Some(WaiterGrant {
-        served,
-        durable: ack,
-    }) = got
-    else {
-        if *app.stopping.borrow() {
-            return Err(ApiError::Unavailable("the server is stopping".to_owned()));
+    let (served, ack) = match got {
+        WaitEnd::Served(WaiterGrant { served, durable }) => (served, durable),
+        WaitEnd::Left { lease_expired } => {
+            return Err(wait_ended(app, &req, wait, lease_expired));
         }
-        if req.wait_seconds == 0 {
-            // Held only for an instant balance that brought nothing in time.
-            app.metrics.denial(&req.product, DenialReason::Unavailable);
-            return Err(ApiError::LicenseUnavailable(format!(
-                "no free unit of {:?} on this server, and none arrived from the balancer \
-                 within {} ms",
-                req.product,
-                wait.as_millis()
-            )));
-        }
-        app.metrics.denial(&req.product, DenialReason::Timeout);
-        return Err(ApiError::LicenseUnavailable(format!(
-            "no unit of {:?} freed within {} s",
-            req.product, req.wait_seconds
-        )));
     };
     let pending = PendingCheckout {
         app,
@@ -671,6 +677,43 @@ async fn wait_in_queue(
         started.elapsed().as_secs_f64(),
     );
     Ok(Json(answer(&served.grant)))
+}
+
+/// The answer to a queued client that left the queue without a checkout, counted.
+fn wait_ended(
+    app: &Shared,
+    req: &CheckoutRequest,
+    wait: Duration,
+    lease_expired: bool,
+) -> ApiError {
+    if *app.stopping.borrow() {
+        return ApiError::Unavailable("the server is stopping".to_owned());
+    }
+    if lease_expired {
+        // The lease ran out while it waited: nothing could be granted any more, whatever units
+        // the balancer moved. A lease refusal, not a denial.
+        let (since, synced_at) = {
+            let inner = app.lock();
+            (inner.book.lease().unwrap_or(0), inner.synced_at)
+        };
+        app.metrics.lease_refusal(&req.product);
+        return ApiError::LicenseExpired(lease_message(since, synced_at));
+    }
+    if req.wait_seconds == 0 {
+        // Held only for an instant balance that brought nothing in time.
+        app.metrics.denial(&req.product, DenialReason::Unavailable);
+        return ApiError::LicenseUnavailable(format!(
+            "no free unit of {:?} on this server, and none arrived from the balancer \
+             within {} ms",
+            req.product,
+            wait.as_millis()
+        ));
+    }
+    app.metrics.denial(&req.product, DenialReason::Timeout);
+    ApiError::LicenseUnavailable(format!(
+        "no unit of {:?} freed within {} s",
+        req.product, req.wait_seconds
+    ))
 }
 
 /// Keeps a checkout alive.

@@ -246,11 +246,17 @@ async fn a_server_that_never_synced_refuses_new_checkouts_with_license_expired()
     );
     let msg = e["error"]["message"].as_str().unwrap();
     assert!(msg.contains("never synced"), "{msg}");
+    // Refused for the lease, not for lack of units: counted apart, never as a denial (the
+    // balancer could not have prevented it by moving units).
+    let m = a.metrics().await;
     assert!(
-        a.metrics()
-            .await
-            .contains(r#"allot_agent_denials_total{product="cad",reason="lease_expired"} 1"#)
+        m.contains(r#"allot_agent_lease_refusals_total{product="cad"} 1"#),
+        "{m}"
     );
+    assert!(!m.contains(r#"reason="lease_expired""#), "{m}");
+    let st = status(&a, "/v1/status?peek=true", "cad").await;
+    assert_eq!(st["since_last"]["denials"], 0, "{st}");
+    assert_eq!(st["totals"]["denials"], 0, "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -295,9 +301,19 @@ async fn an_expired_lease_refuses_new_checkouts_but_heartbeats_and_checkins_keep
     assert_eq!(a.view("cad").await["in_use"], 0);
     let m = a.metrics().await;
     assert!(
-        m.contains(r#"allot_agent_denials_total{product="cad",reason="lease_expired"}"#),
+        metric(&m, r#"allot_agent_lease_refusals_total{product="cad"}"#).is_some_and(|n| n >= 1.0),
         "{m}"
     );
+    assert_eq!(
+        metric(
+            &m,
+            r#"allot_agent_denials_total{product="cad",reason="unavailable"}"#
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    let st = status(&a, "/v1/status?peek=true", "cad").await;
+    assert_eq!(st["totals"]["denials"], 0, "{st}");
     assert_eq!(metric(&m, "allot_agent_lease_seconds_left "), Some(0.0));
 }
 
