@@ -62,7 +62,7 @@ pub struct BalancerLink {
 
 impl BalancerLink {
     /// A client of `urls` presenting `token`. Instant requests give up after the trigger's
-    /// in-flight timeout, so "one request in flight" holds literally.
+    /// in-flight timeout, so a request the trigger no longer waits for is not left open.
     pub fn new(config: &BalancerConfig, token: &str) -> Self {
         let http = config
             .trust

@@ -22,17 +22,14 @@ pub enum DenialReason {
     Forbidden,
     /// A server cap (live checkouts, waiting clients) was reached.
     Limit,
-    /// The balancer lease ran out.
-    LeaseExpired,
 }
 
 impl DenialReason {
-    const ALL: [DenialReason; 5] = [
+    const ALL: [DenialReason; 4] = [
         DenialReason::Unavailable,
         DenialReason::Timeout,
         DenialReason::Forbidden,
         DenialReason::Limit,
-        DenialReason::LeaseExpired,
     ];
 
     fn as_str(self) -> &'static str {
@@ -41,7 +38,6 @@ impl DenialReason {
             DenialReason::Timeout => "timeout",
             DenialReason::Forbidden => "forbidden",
             DenialReason::Limit => "limit",
-            DenialReason::LeaseExpired => "lease_expired",
         }
     }
 }
@@ -87,6 +83,7 @@ pub struct Metrics {
     registry: Registry,
     checkouts: IntCounterVec,
     denials: IntCounterVec,
+    lease_refusals: IntCounterVec,
     overdrafts: IntCounterVec,
     staleouts: IntCounterVec,
     checkins: IntCounterVec,
@@ -198,8 +195,15 @@ impl Metrics {
             denials: counter(
                 &r,
                 "allot_agent_denials_total",
-                "Checkouts refused, by reason.",
+                "Checkouts refused, by reason (unavailable, timeout, forbidden, limit).",
                 &["product", "reason"],
+            ),
+            lease_refusals: counter(
+                &r,
+                "allot_agent_lease_refusals_total",
+                "Checkouts refused because this server's balancer lease had run out (not \
+                 denials: no move of units could have prevented them).",
+                &["product"],
             ),
             overdrafts: counter(
                 &r,
@@ -267,6 +271,12 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a checkout refused because the lease had run out (at the request, or while it
+    /// waited in the queue).
+    pub fn lease_refusal(&self, product: &str) {
+        self.lease_refusals.with_label_values(&[product]).inc();
+    }
+
     /// Counts a staleout.
     pub fn staleout(&self, product: &str) {
         self.staleouts.with_label_values(&[product]).inc();
@@ -327,6 +337,9 @@ impl Metrics {
                 &self.checkins,
             ] {
                 family.with_label_values(&l);
+            }
+            if self.balancer.is_some() {
+                self.lease_refusals.with_label_values(&l);
             }
             for reason in DenialReason::ALL {
                 self.denials.with_label_values(&[l[0], reason.as_str()]);

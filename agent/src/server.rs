@@ -20,7 +20,7 @@ use allot_core::checkout::{
 };
 use allot_core::domain::Enforcement;
 use allot_core::error::ErrorBody;
-use allot_core::trigger::{TriggerState, instant_request};
+use allot_core::trigger::{TriggerState, instant_request, next_check_at};
 use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::Health;
 use allot_core::wire::agent::{
@@ -162,14 +162,29 @@ struct WaiterGrant {
     durable: oneshot::Receiver<bool>,
 }
 
+/// An instant-balance request sent and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// Its id, so a late answer of an older request clears nothing.
+    id: uuid::Uuid,
+    /// When it was sent.
+    since: Millis,
+    /// Whether it asked for units clients were waiting for.
+    urgent: bool,
+}
+
 /// Per-product state of the instant-balance trigger that the book does not keep.
 #[derive(Debug, Default)]
-struct Pull {
-    /// The request in flight: its id (so a late answer of an older one clears nothing) and
-    /// when it was sent.
-    in_flight: Option<(uuid::Uuid, Millis)>,
+struct PullTrack {
+    /// The latest request sent, while unanswered.
+    in_flight: Option<InFlight>,
     /// When the balancer last granted fewer units than asked (the pool is scarce).
     short_answer_at: Option<Millis>,
+    /// When it last granted fewer than the urgent units asked (none to spare for them).
+    urgent_short_at: Option<Millis>,
+    /// When the trigger is due again by time alone (`trigger::next_check_at`): the timer task
+    /// evaluates it then.
+    recheck_at: Option<Millis>,
 }
 
 /// The state behind the lock.
@@ -177,10 +192,11 @@ struct Inner {
     book: Book,
     /// Wake-up channels of queued clients, by waiter id.
     waiters: HashMap<u64, oneshot::Sender<WaiterGrant>>,
-    /// The deadline the staleout task sleeps until, so a checkout only wakes it when earlier.
+    /// The deadline the timer task sleeps until (a staleout or a trigger re-evaluation), so a
+    /// new deadline only wakes it when earlier.
     armed: Millis,
     /// Instant-balance trigger state, by product.
-    pulls: HashMap<String, Pull>,
+    pulls: HashMap<String, PullTrack>,
     /// When the last successful sync was sent, so an expired lease can say since when the
     /// balancer has been unreachable.
     synced_at: Option<Millis>,
@@ -216,11 +232,19 @@ impl Throttle {
 /// How often a failing sync or instant balance is logged.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// The longest the timer task sleeps without looking at its deadlines again.
+const MAX_TIMER_SLEEP: Duration = Duration::from_secs(3600);
+
+/// The shortest wait of an urgent pull for an urgent request in flight (or after an answer that
+/// did not cover it), whatever the hold bound: a server configured with no hold never asks in a
+/// loop.
+const MIN_URGENT_RETRY_MS: u64 = 100;
+
 /// What every handler shares.
 struct Shared {
     inner: Mutex<Inner>,
     writer: mpsc::UnboundedSender<WriterMsg>,
-    staleout_wake: Notify,
+    timer_wake: Notify,
     metrics: Metrics,
     token: Option<[u8; 32]>,
     client_key: Option<[u8; 32]>,
@@ -295,11 +319,11 @@ impl Shared {
         }
     }
 
-    /// Wakes the staleout task if a new deadline is earlier than the one it sleeps until.
+    /// Wakes the timer task if a new deadline is earlier than the one it sleeps until.
     fn arm(&self, inner: &mut Inner, deadline: Millis) {
         if deadline < inner.armed {
             inner.armed = deadline;
-            self.staleout_wake.notify_one();
+            self.timer_wake.notify_one();
         }
     }
 
@@ -343,34 +367,57 @@ impl Drop for PendingCheckout<'_> {
 /// Takes a queued client out of the queue if its request is dropped (client disconnect), and
 /// gives back a checkout handed to it that it never received.
 struct QueuedGuard<'a> {
-    app: &'a Shared,
+    app: &'a App,
     product: String,
     waiter: u64,
     rx: Option<oneshot::Receiver<WaiterGrant>>,
 }
 
+/// How a queued client's wait ended.
+enum WaitEnd {
+    /// A checkout was handed to it (possibly racing with its leaving).
+    Served(WaiterGrant),
+    /// It left the queue without one.
+    Left {
+        /// The lease had run out when it left (a lease refusal, not a denial).
+        lease_expired: bool,
+    },
+}
+
 impl QueuedGuard<'_> {
-    /// Leaves the queue (timeout or shutdown). Returns a grant that raced with the leaving.
-    fn leave(&mut self, timed_out: bool) -> Option<WaiterGrant> {
+    /// Leaves the queue (timeout or shutdown), serving the waiters behind that its leaving
+    /// lets through. Returns a grant that raced with the leaving.
+    fn leave(&mut self, timed_out: bool) -> WaitEnd {
         let mut inner = self.app.lock();
-        if inner
-            .book
-            .cancel_wait(&self.product, self.waiter, timed_out)
+        let now = now_ms();
+        if let Some(left) =
+            inner
+                .book
+                .cancel_wait(&self.product, self.waiter, timed_out, now, &mut new_handle)
         {
             inner.waiters.remove(&self.waiter);
             self.rx = None;
-            return None;
+            self.app.dispatch(&mut inner, left.served, now);
+            pull(self.app, &mut inner, &self.product, now);
+            return WaitEnd::Left {
+                lease_expired: left.lease_expired,
+            };
         }
         drop(inner);
         // Not queued any more: it was served under the lock, so the grant is already sent.
-        self.rx.take().and_then(|mut rx| rx.try_recv().ok())
+        match self.rx.take().and_then(|mut rx| rx.try_recv().ok()) {
+            Some(g) => WaitEnd::Served(g),
+            None => WaitEnd::Left {
+                lease_expired: false,
+            },
+        }
     }
 }
 
 impl Drop for QueuedGuard<'_> {
     fn drop(&mut self) {
         if self.rx.is_some()
-            && let Some(g) = self.leave(false)
+            && let WaitEnd::Served(g) = self.leave(false)
         {
             self.app.abandon(g.served.grant.record.handle);
         }
@@ -578,7 +625,8 @@ fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
 fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Millis>) -> ApiError {
     match refusal {
         Refusal::LeaseExpired { since } => {
-            app.metrics.denial(product, DenialReason::LeaseExpired);
+            // Not a denial: no move of units could have prevented it.
+            app.metrics.lease_refusal(product);
             ApiError::LicenseExpired(lease_message(since, synced_at))
         }
         Refusal::UnknownProduct => ApiError::UnknownProduct(product.to_owned()),
@@ -601,7 +649,7 @@ fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Mill
 }
 
 async fn wait_in_queue(
-    app: &Shared,
+    app: &App,
     req: CheckoutRequest,
     waiter: u64,
     rx: oneshot::Receiver<WaiterGrant>,
@@ -630,34 +678,16 @@ async fn wait_in_queue(
     let got = match got {
         Some(g) => {
             guard.rx = None;
-            Some(g)
+            WaitEnd::Served(g)
         }
         None => guard.leave(!*app.stopping.borrow()),
     };
     drop(guard);
-    let Some(WaiterGrant {
-        served,
-        durable: ack,
-    }) = got
-    else {
-        if *app.stopping.borrow() {
-            return Err(ApiError::Unavailable("the server is stopping".to_owned()));
+    let (served, ack) = match got {
+        WaitEnd::Served(WaiterGrant { served, durable }) => (served, durable),
+        WaitEnd::Left { lease_expired } => {
+            return Err(wait_ended(app, &req, wait, lease_expired));
         }
-        if req.wait_seconds == 0 {
-            // Held only for an instant balance that brought nothing in time.
-            app.metrics.denial(&req.product, DenialReason::Unavailable);
-            return Err(ApiError::LicenseUnavailable(format!(
-                "no free unit of {:?} on this server, and none arrived from the balancer \
-                 within {} ms",
-                req.product,
-                wait.as_millis()
-            )));
-        }
-        app.metrics.denial(&req.product, DenialReason::Timeout);
-        return Err(ApiError::LicenseUnavailable(format!(
-            "no unit of {:?} freed within {} s",
-            req.product, req.wait_seconds
-        )));
     };
     let pending = PendingCheckout {
         app,
@@ -671,6 +701,43 @@ async fn wait_in_queue(
         started.elapsed().as_secs_f64(),
     );
     Ok(Json(answer(&served.grant)))
+}
+
+/// The answer to a queued client that left the queue without a checkout, counted.
+fn wait_ended(
+    app: &Shared,
+    req: &CheckoutRequest,
+    wait: Duration,
+    lease_expired: bool,
+) -> ApiError {
+    if *app.stopping.borrow() {
+        return ApiError::Unavailable("the server is stopping".to_owned());
+    }
+    if lease_expired {
+        // The lease ran out while it waited: nothing could be granted any more, whatever units
+        // the balancer moved. A lease refusal, not a denial.
+        let (since, synced_at) = {
+            let inner = app.lock();
+            (inner.book.lease().unwrap_or(0), inner.synced_at)
+        };
+        app.metrics.lease_refusal(&req.product);
+        return ApiError::LicenseExpired(lease_message(since, synced_at));
+    }
+    if req.wait_seconds == 0 {
+        // Held only for an instant balance that brought nothing in time.
+        app.metrics.denial(&req.product, DenialReason::Unavailable);
+        return ApiError::LicenseUnavailable(format!(
+            "no free unit of {:?} on this server, and none arrived from the balancer \
+             within {} ms",
+            req.product,
+            wait.as_millis()
+        ));
+    }
+    app.metrics.denial(&req.product, DenialReason::Timeout);
+    ApiError::LicenseUnavailable(format!(
+        "no unit of {:?} freed within {} s",
+        req.product, req.wait_seconds
+    ))
 }
 
 /// Keeps a checkout alive.
@@ -1105,14 +1172,25 @@ async fn writer_task(mut store: Store, mut rx: mpsc::UnboundedReceiver<WriterMsg
     }
 }
 
-/// Sleeps until the next staleout deadline (or until woken by an earlier one), then stales out
-/// what is due and hands the freed units to waiters.
-async fn staleout_task(app: App) {
+/// Sleeps until the next deadline — a staleout, or a trigger re-evaluation that time alone
+/// makes due — or until woken by an earlier one; then stales out what is due, hands the freed
+/// units to waiters and evaluates the due triggers.
+async fn timer_task(app: App) {
     let mut stopping = app.stopping.subscribe();
     loop {
         let next = {
             let mut inner = app.lock();
             let now = now_ms();
+            let mut due: Vec<String> = inner
+                .pulls
+                .iter()
+                .filter(|(_, t)| t.recheck_at.is_some_and(|at| at <= now))
+                .map(|(p, _)| p.clone())
+                .collect();
+            due.sort_unstable();
+            for product in due {
+                pull(&app, &mut inner, &product, now);
+            }
             let (staled, served) = inner.book.expire(now, &mut new_handle);
             let mut touched: Vec<Arc<str>> = Vec::new();
             for (handle, product) in staled {
@@ -1127,32 +1205,41 @@ async fn staleout_task(app: App) {
             for product in touched {
                 pull(&app, &mut inner, &product, now);
             }
-            let next = inner.book.next_deadline();
+            let recheck = inner.pulls.values().filter_map(|t| t.recheck_at).min();
+            let next = match (inner.book.next_deadline(), recheck) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             inner.armed = next.unwrap_or(Millis::MAX);
             next
         };
-        let sleep = match next {
-            Some(d) => {
-                tokio::time::Instant::now() + Duration::from_millis(d.saturating_sub(now_ms()))
-            }
-            None => tokio::time::Instant::now() + Duration::from_secs(3600),
-        };
+        // At most an hour: a far deadline is simply looked at again.
+        let wait = next.map_or(MAX_TIMER_SLEEP, |d| {
+            Duration::from_millis(d.saturating_sub(now_ms())).min(MAX_TIMER_SLEEP)
+        });
         tokio::select! {
-            _ = tokio::time::sleep_until(sleep) => {}
-            _ = app.staleout_wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = app.timer_wake.notified() => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
     }
 }
 
 /// Evaluates the instant-balance trigger (`allot_core::trigger`) for `product` after a change
-/// of its allocation, in-use count or queue and, when it asks, sends the request from a spawned
-/// task. Called with the lock held; never awaits, so the balancer's grant — which arrives on
-/// this server's API while the request is in flight — takes the lock and wakes the waiters.
+/// of its allocation, in-use count or queue, after an answer, and when the timer task finds it
+/// due. When it asks, sends the request from a spawned task; either way, schedules the next
+/// evaluation that time alone makes due (`next_check_at`: an in-flight request's end, a
+/// back-off's end), so clients still waiting after an answer of none are asked for again.
+/// Called with the lock held; never awaits, so the balancer's grant — which arrives on this
+/// server's API while the request is in flight — takes the lock and wakes the waiters.
 fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
     let Some(balancing) = &app.balancer else {
         return;
     };
+    if let Some(track) = inner.pulls.get_mut(product) {
+        track.recheck_at = None;
+    }
+    // Without a lease nothing is asked; the sync that renews it evaluates every product.
     if !inner.book.leased(now) {
         return;
     }
@@ -1163,36 +1250,52 @@ fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
     let Some((allocation, _, in_use)) = inner.book.figures(product) else {
         return;
     };
-    let (in_flight_since, short_answer_at) = inner.pulls.get(product).map_or((None, None), |p| {
-        (p.in_flight.map(|(_, t)| t), p.short_answer_at)
-    });
-    let state = TriggerState {
+    let short_units = inner.book.queued_units(product);
+    let trigger = &balancing.config.trigger;
+    let track = inner.pulls.entry(product.to_owned()).or_default();
+    let mut state = TriggerState {
         now,
         allocation: u64::from(allocation),
         in_use: u64::from(in_use),
-        short_units: inner.book.queued_units(product),
-        in_flight_since,
-        short_answer_at,
+        short_units,
+        in_flight_since: track.in_flight.map(|f| f.since),
+        in_flight_urgent: track.in_flight.is_some_and(|f| f.urgent),
+        short_answer_at: track.short_answer_at,
+        urgent_short_at: track.urgent_short_at,
     };
-    let Some(units) = instant_request(&state, &balancing.config.trigger) else {
-        return;
-    };
-    let request = InstantBalanceRequest {
-        request_id: uuid::Uuid::new_v4(),
-        product: product.to_owned(),
-        units: u32::try_from(units).unwrap_or(u32::MAX),
-        urgent_units: None,
-    };
-    inner.pulls.entry(product.to_owned()).or_default().in_flight = Some((request.request_id, now));
-    inner.book.count_instant_request(product);
-    tracing::debug!(%product, units, allocation, in_use, short_units = state.short_units,
-        request_id = %request.request_id, "asking the balancer for an instant balance");
-    tokio::spawn(instant_balance(app.clone(), request));
+    let asked = instant_request(&state, trigger).map(|p| {
+        let request = InstantBalanceRequest {
+            request_id: uuid::Uuid::new_v4(),
+            product: product.to_owned(),
+            units: u32::try_from(p.units).unwrap_or(u32::MAX),
+            urgent_units: Some(u32::try_from(p.urgent).unwrap_or(u32::MAX)),
+        };
+        track.in_flight = Some(InFlight {
+            id: request.request_id,
+            since: now,
+            urgent: p.urgent > 0,
+        });
+        state.in_flight_since = Some(now);
+        state.in_flight_urgent = p.urgent > 0;
+        request
+    });
+    track.recheck_at = next_check_at(&state, trigger);
+    if let Some(at) = track.recheck_at {
+        app.arm(inner, at);
+    }
+    if let Some(request) = asked {
+        inner.book.count_instant_request(product);
+        tracing::debug!(%product, units = request.units, urgent = request.urgent(), allocation,
+            in_use, short_units, request_id = %request.request_id,
+            "asking the balancer for an instant balance");
+        tokio::spawn(instant_balance(app.clone(), request));
+    }
 }
 
 /// Sends one instant-balance request and books its answer: clears the in-flight mark, records a
-/// short answer, and — when units came — evaluates the trigger again for the clients still
-/// short (a burst is served by a chain of requests, one at a time).
+/// short answer (a failed request counts as an answer of none) and evaluates the trigger again:
+/// while clients are still short a burst is served by a chain of requests, one at a time, and
+/// after a short answer the trigger's back-off says when to ask again.
 async fn instant_balance(app: App, request: InstantBalanceRequest) {
     let Some(balancing) = &app.balancer else {
         return;
@@ -1200,34 +1303,35 @@ async fn instant_balance(app: App, request: InstantBalanceRequest) {
     let result = balancing.link.instant(&request).await;
     let now = now_ms();
     let product = request.product.as_str();
+    let granted = result.as_ref().map_or(0, |a| a.granted);
     let outcome = match &result {
-        Ok(a) if a.granted >= u64::from(request.units) => InstantOutcome::Granted,
+        Ok(_) if granted >= u64::from(request.units) => InstantOutcome::Granted,
         Ok(_) => InstantOutcome::Short,
         Err(_) => InstantOutcome::Failed,
     };
     app.metrics.instant_request(product, outcome);
-    let mut inner = app.lock();
-    if let Some(track) = inner.pulls.get_mut(product) {
-        if track
-            .in_flight
-            .is_some_and(|(id, _)| id == request.request_id)
-        {
-            track.in_flight = None;
+    {
+        let mut inner = app.lock();
+        if let Some(track) = inner.pulls.get_mut(product) {
+            if track.in_flight.is_some_and(|f| f.id == request.request_id) {
+                track.in_flight = None;
+            }
+            if granted < u64::from(request.units) {
+                track.short_answer_at = Some(now);
+            }
+            if granted < u64::from(request.urgent()) {
+                track.urgent_short_at = Some(now);
+            }
         }
-        if matches!(outcome, InstantOutcome::Short) {
-            track.short_answer_at = Some(now);
-        }
+        pull(&app, &mut inner, product, now);
     }
     match result {
         Ok(answer) => {
-            tracing::debug!(%product, asked = request.units, granted = answer.granted,
-                allocation = answer.allocation, "instant balance answered");
-            if answer.granted > 0 {
-                pull(&app, &mut inner, product, now);
-            }
+            tracing::debug!(%product, asked = request.units, urgent = request.urgent(),
+                granted = answer.granted, allocation = answer.allocation,
+                "instant balance answered");
         }
         Err(e) => {
-            drop(inner);
             let ready = app
                 .instant_failures
                 .lock()
@@ -1405,9 +1509,14 @@ pub async fn run(
             if b.urls.is_empty() {
                 return Err(ServeError::Balancer("--balancer names no URL".to_owned()));
             }
+            let mut config = b.clone();
+            // An urgent pull is held back at most the hold bound (`trigger` rules 2 and 3).
+            config.trigger.urgent_retry_ms = u64::try_from(b.instant_wait.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(MIN_URGENT_RETRY_MS);
             Some(Balancing {
                 link: BalancerLink::new(b, token),
-                config: b.clone(),
+                config,
             })
         }
         None => None,
@@ -1432,7 +1541,7 @@ pub async fn run(
             synced_at: lease.map(|l| l.synced_at),
         }),
         writer: tx,
-        staleout_wake: Notify::new(),
+        timer_wake: Notify::new(),
         metrics: Metrics::with_balancer(balancer.is_some()).named(&config.name),
         token: config.token.as_deref().map(hash),
         client_key: config.client_key.as_deref().map(hash),
@@ -1516,7 +1625,7 @@ pub async fn run(
         tracing::warn!(listen = %addr, "plain HTTP beyond loopback: tokens and keys cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
     }
 
-    let staleout = tokio::spawn(staleout_task(app.clone()));
+    let timer = tokio::spawn(timer_task(app.clone()));
     let sync = tokio::spawn(sync_task(app.clone()));
     let stop_app = app.clone();
     let graceful = async move {
@@ -1540,7 +1649,7 @@ pub async fn run(
         }
     };
     app.stopping.send_replace(true);
-    let _ = staleout.await;
+    let _ = timer.await;
     let _ = sync.await;
     let (done_tx, done_rx) = oneshot::channel();
     let _ = app.writer.send(WriterMsg::Close(done_tx));

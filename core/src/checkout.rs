@@ -181,6 +181,16 @@ pub struct CheckoutRecord {
     pub created_at: Millis,
 }
 
+/// A waiter's leaving of its queue ([`Book::cancel_wait`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    /// The server's lease had run out when it left: its timeout is a lease refusal, not a
+    /// denial.
+    pub lease_expired: bool,
+    /// The waiters behind it that its leaving let through, to hand their checkouts to.
+    pub served: Vec<Served>,
+}
+
 /// A granted checkout, to persist (`record`) and to answer with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -567,7 +577,8 @@ impl Book {
         if let Some(until) = self.lease
             && now >= until
         {
-            p.count(|c| c.denials += 1);
+            // Not a denial: no move of units could have prevented it (the balancer may already
+            // have reclaimed them), so it is not demand the balancer should act on.
             return Err(Refusal::LeaseExpired { since: until });
         }
         let key = seat_key(p.policy.seat, who.user, who.host);
@@ -712,23 +723,36 @@ impl Book {
         served
     }
 
-    /// Removes a waiter from its queue (timeout or disconnect). Returns false when it is no
-    /// longer queued, i.e. it was already served. A timeout counts as a denial.
-    pub fn cancel_wait(&mut self, product: &str, waiter: u64, timed_out: bool) -> bool {
-        let Some(p) = self.products.get_mut(product) else {
-            return false;
-        };
-        let Some(pos) = p.queue.iter().position(|w| w.id == waiter) else {
-            return false;
-        };
+    /// Removes a waiter from its queue (timeout or disconnect) and serves the waiters behind
+    /// it that its leaving lets through: a smaller request that fits where the waiter's did
+    /// not, or the end of its head-of-line blocking. Returns `None` when it is no longer
+    /// queued, i.e. it was already served.
+    ///
+    /// A timeout counts as a denial — unless the lease had run out at `now`: nothing could be
+    /// granted then, whatever units the balancer moved, so it is a lease refusal
+    /// ([`Left::lease_expired`]) and not counted in `denials`.
+    pub fn cancel_wait(
+        &mut self,
+        product: &str,
+        waiter: u64,
+        timed_out: bool,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Option<Left> {
+        let leased = self.leased(now);
+        let p = self.products.get_mut(product)?;
+        let pos = p.queue.iter().position(|w| w.id == waiter)?;
         if let Some(w) = p.queue.remove(pos) {
             p.queued_units -= u64::from(w.units);
         }
         self.waiting -= 1;
-        if timed_out {
+        if timed_out && leased {
             p.count(|c| c.denials += 1);
         }
-        true
+        Some(Left {
+            lease_expired: !leased,
+            served: self.serve(product, now, handles),
+        })
     }
 
     /// Keeps a checkout alive. Returns its new staleout deadline.
@@ -1224,9 +1248,40 @@ mod tests {
         assert_eq!(served.len(), 1);
         assert_eq!(served[0].waiter, w1);
         assert_eq!(served[0].grant.record.user, "b");
-        assert!(b.cancel_wait("cad", w2, true));
-        assert!(!b.cancel_wait("cad", w1, true));
+        assert!(
+            b.cancel_wait("cad", w2, true, 5, &mut || g.next())
+                .is_some()
+        );
+        assert!(
+            b.cancel_wait("cad", w1, true, 5, &mut || g.next())
+                .is_none()
+        );
         assert_eq!(b.waiting(), 0);
+    }
+
+    #[test]
+    fn a_waiter_leaving_serves_the_queue_behind_it() {
+        // Two units, one in use: a head asking for two blocks a smaller request behind it.
+        let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 2);
+        granted(b.checkout("cad", who("a", "h"), 1, false, 0, g.next()));
+        let Ok(Outcome::Queued(head)) = b.checkout("cad", who("b", "h"), 2, true, 0, g.next())
+        else {
+            panic!("the head should queue")
+        };
+        let Ok(Outcome::Queued(_)) = b.checkout("cad", who("c", "h"), 1, true, 0, g.next()) else {
+            panic!("the request behind should queue (no jumping the queue)")
+        };
+        assert_eq!(b.queued_units("cad"), 3);
+        // The head's wait ends: the one behind it now fits and is served at once.
+        let left = b
+            .cancel_wait("cad", head, true, 0, &mut || g.next())
+            .unwrap();
+        assert!(!left.lease_expired);
+        assert_eq!(left.served.len(), 1);
+        assert_eq!(left.served[0].grant.record.user, "c");
+        assert_eq!(b.queued_units("cad"), 0, "the waiter behind was not served");
+        assert_eq!(b.figures("cad"), Some((2, 1, 2)));
+        assert_eq!(b.status(false)[0].since_last.denials, 1);
     }
 
     #[test]
@@ -1332,7 +1387,8 @@ mod tests {
             b.checkout("cad", who("b", "h"), 1, true, 10_000, g.next()),
             Err(Refusal::LeaseExpired { since: 10_000 })
         );
-        assert_eq!(b.status(false)[0].since_last.denials, 2);
+        // Refused for the lease, not for lack of units: not a denial.
+        assert_eq!(b.status(false)[0].since_last.denials, 0);
         assert!(b.heartbeat(held.record.handle, 10_001).is_ok());
         assert!(
             b.checkin(held.record.handle, 10_002, &mut || g.next())
@@ -1363,6 +1419,21 @@ mod tests {
         assert_eq!(served.len(), 1);
         assert_eq!(served[0].waiter, w);
         assert_eq!(b.queued_units("cad"), 0);
+    }
+
+    #[test]
+    fn a_wait_that_ends_after_the_lease_is_a_lease_refusal_not_a_denial() {
+        let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 0);
+        b.set_lease(Some(1_000), 0, &mut || g.next());
+        let Ok(Outcome::Queued(w)) = b.checkout("cad", who("a", "h"), 1, true, 0, g.next()) else {
+            panic!("should queue")
+        };
+        let left = b
+            .cancel_wait("cad", w, true, 1_000, &mut || g.next())
+            .unwrap();
+        assert!(left.lease_expired);
+        assert!(left.served.is_empty());
+        assert_eq!(b.status(false)[0].since_last.denials, 0);
     }
 
     #[test]
@@ -1507,7 +1578,9 @@ mod tests {
                     }
                     Op::Cancel(i) if !waiters.is_empty() => {
                         let w = waiters.remove(i % waiters.len());
-                        b.cancel_wait("cad", w, true);
+                        if let Some(left) = b.cancel_wait("cad", w, true, now, &mut || g.next()) {
+                            served = left.served;
+                        }
                     }
                     Op::Release { id, units } => {
                         let before = b.figures("cad").unwrap();
@@ -1560,6 +1633,18 @@ mod tests {
                 prop_assert_eq!(b.waiting(), waiters.len());
                 let queued: u64 = b.products["cad"].queue.iter().map(|w| u64::from(w.units)).sum();
                 prop_assert_eq!(b.queued_units("cad"), queued);
+                // Nobody is left waiting for what the book could grant now (whatever left the
+                // queue or freed units served the waiters it let through).
+                let p = &b.products["cad"];
+                if let Some(head) = p.queue.front() {
+                    let key = seat_key(p.policy.seat, &head.user, &head.host);
+                    let held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
+                    prop_assert_eq!(
+                        decide(p.policy.enforcement, p.allocation, p.in_use, head.units, held, false),
+                        Decision::Deny,
+                        "a waiter that fits is left waiting"
+                    );
+                }
             }
             let mut sorted = served_order.clone();
             sorted.sort_unstable();

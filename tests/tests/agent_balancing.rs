@@ -246,11 +246,17 @@ async fn a_server_that_never_synced_refuses_new_checkouts_with_license_expired()
     );
     let msg = e["error"]["message"].as_str().unwrap();
     assert!(msg.contains("never synced"), "{msg}");
+    // Refused for the lease, not for lack of units: counted apart, never as a denial (the
+    // balancer could not have prevented it by moving units).
+    let m = a.metrics().await;
     assert!(
-        a.metrics()
-            .await
-            .contains(r#"allot_agent_denials_total{product="cad",reason="lease_expired"} 1"#)
+        m.contains(r#"allot_agent_lease_refusals_total{product="cad"} 1"#),
+        "{m}"
     );
+    assert!(!m.contains(r#"reason="lease_expired""#), "{m}");
+    let st = status(&a, "/v1/status?peek=true", "cad").await;
+    assert_eq!(st["since_last"]["denials"], 0, "{st}");
+    assert_eq!(st["totals"]["denials"], 0, "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -295,9 +301,19 @@ async fn an_expired_lease_refuses_new_checkouts_but_heartbeats_and_checkins_keep
     assert_eq!(a.view("cad").await["in_use"], 0);
     let m = a.metrics().await;
     assert!(
-        m.contains(r#"allot_agent_denials_total{product="cad",reason="lease_expired"}"#),
+        metric(&m, r#"allot_agent_lease_refusals_total{product="cad"}"#).is_some_and(|n| n >= 1.0),
         "{m}"
     );
+    assert_eq!(
+        metric(
+            &m,
+            r#"allot_agent_denials_total{product="cad",reason="unavailable"}"#
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    let st = status(&a, "/v1/status?peek=true", "cad").await;
+    assert_eq!(st["totals"]["denials"], 0, "{st}");
     assert_eq!(metric(&m, "allot_agent_lease_seconds_left "), Some(0.0));
 }
 
@@ -456,8 +472,14 @@ async fn with_an_empty_reserve_and_no_donors_the_checkout_is_denied_after_the_ho
     assert_eq!(st["since_last"]["denials"], 1, "{st}");
     assert_eq!(st["waiting"], 0, "{st}");
     let m = a.metrics().await;
+    // Asked again while the client waited, at most every hold bound (the retry after the
+    // answer of none and the client's hold end may race).
     assert!(
-        m.contains(r#"allot_agent_instant_requests_total{outcome="short",product="cad"} 1"#),
+        metric(
+            &m,
+            r#"allot_agent_instant_requests_total{outcome="short",product="cad"}"#
+        )
+        .is_some_and(|n| (1.0..=2.0).contains(&n)),
         "{m}"
     );
     assert!(
@@ -468,50 +490,92 @@ async fn with_an_empty_reserve_and_no_donors_the_checkout_is_denied_after_the_ho
 
 /// A TCP relay in front of the balancer that delays every request by `delay` and records the
 /// most connections that had a request outstanding at once (the agent's HTTP client uses one
-/// connection per concurrent request) and how many instant-balance requests passed.
+/// connection per concurrent request), how many instant-balance requests passed and every
+/// byte the agent sent. With `lose_first_instant`, the first instant-balance request is lost:
+/// never forwarded, never answered.
 struct Relay {
     url: String,
     busy_max: Arc<AtomicUsize>,
     instant: Arc<AtomicUsize>,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// What every relayed connection shares.
+#[derive(Clone)]
+struct Tap {
+    delay: Duration,
+    busy: Arc<AtomicUsize>,
+    busy_max: Arc<AtomicUsize>,
+    instant: Arc<AtomicUsize>,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+    lose_first_instant: bool,
 }
 
 impl Relay {
     async fn start(upstream: &str, delay: Duration) -> Relay {
+        Self::start_with(upstream, delay, false).await
+    }
+
+    async fn start_with(upstream: &str, delay: Duration, lose_first_instant: bool) -> Relay {
         let upstream = upstream.trim_start_matches("http://").to_owned();
         let listener = bind().await;
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let busy = Arc::new(AtomicUsize::new(0));
-        let busy_max = Arc::new(AtomicUsize::new(0));
-        let instant = Arc::new(AtomicUsize::new(0));
-        let (b, m, n) = (busy.clone(), busy_max.clone(), instant.clone());
+        let tap = Tap {
+            delay,
+            busy: Arc::new(AtomicUsize::new(0)),
+            busy_max: Arc::new(AtomicUsize::new(0)),
+            instant: Arc::new(AtomicUsize::new(0)),
+            sent: Arc::default(),
+            lose_first_instant,
+        };
+        let relay_tap = tap.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                let (b, m, n) = (b.clone(), m.clone(), n.clone());
+                let tap = relay_tap.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
-                    relay(client, server, delay, b, m, n).await;
+                    relay(client, server, tap).await;
                 });
             }
         });
         Relay {
             url,
-            busy_max,
-            instant,
+            busy_max: tap.busy_max,
+            instant: tap.instant,
+            sent: tap.sent,
         }
+    }
+
+    /// The bodies of the instant-balance requests relayed (or lost) so far, in order.
+    fn instant_requests(&self) -> Vec<Value> {
+        let sent = self.sent.lock().unwrap().clone();
+        let mut out = Vec::new();
+        let key = br#"{"request_id""#;
+        let mut i = 0;
+        while let Some(at) = sent[i..].windows(key.len()).position(|w| w == key) {
+            let start = i + at;
+            let mut values = serde_json::Deserializer::from_slice(&sent[start..]).into_iter();
+            if let Some(Ok(v)) = values.next() {
+                out.push(v);
+            }
+            i = start + key.len();
+        }
+        out
     }
 }
 
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    delay: Duration,
-    busy: Arc<AtomicUsize>,
-    busy_max: Arc<AtomicUsize>,
-    instant: Arc<AtomicUsize>,
-) {
+async fn relay(client: TcpStream, server: TcpStream, tap: Tap) {
+    let Tap {
+        delay,
+        busy,
+        busy_max,
+        instant,
+        sent,
+        lose_first_instant,
+    } = tap;
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let outstanding = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -526,8 +590,21 @@ async fn relay(
             if n == 0 {
                 return;
             }
+            sent.lock().unwrap().extend_from_slice(&buf[..n]);
             if buf[..n].starts_with(b"POST /v1/instant-balance") {
-                instant.fetch_add(1, Ordering::SeqCst);
+                let before = instant.fetch_add(1, Ordering::SeqCst);
+                if lose_first_instant && before == 0 {
+                    // Lost: keep the connection open and silent; the body is still logged.
+                    loop {
+                        let Ok(n) = cr.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        sent.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                }
             }
             if !o.swap(true, Ordering::SeqCst) {
                 let now = b.fetch_add(1, Ordering::SeqCst) + 1;
@@ -639,4 +716,137 @@ async fn status_peek_does_not_reset_the_counters() {
     );
     let (s, e) = a.get_auth("/v1/status?peek=maybe").await;
     assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_say_which_units_clients_wait_for_and_which_are_a_top_up() {
+    let central = Central::standard().await;
+    central.product("cad", 40).await;
+    let relay = Relay::start(&central.url, Duration::ZERO).await;
+    let a = agent(
+        &central,
+        "paris",
+        &relay.url,
+        TempDir::new().unwrap(),
+        |b| {
+            b.instant_wait = Duration::from_secs(2);
+            // A watermark of 3 units: the first pull asks for 1 + 6, and the fifth checkout
+            // leaves 2 spare, which a proactive top-up refills.
+            b.trigger.low_watermark_min_units = 3;
+        },
+    )
+    .await;
+    synced(&a, "cad").await;
+    for i in 0..5 {
+        let (s, c) = a.checkout("cad", &format!("u{i}"), "h").await;
+        assert_eq!(s, 200, "{c}");
+    }
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            relay.instant_requests().len() >= 2
+        })
+        .await,
+        "{:?}",
+        relay.instant_requests()
+    );
+    let asked = relay.instant_requests();
+    let first = &asked[0];
+    assert_eq!(
+        (first["units"].as_u64(), first["urgent_units"].as_u64()),
+        (Some(7), Some(1)),
+        "the held checkout's unit is urgent, the headroom a top-up: {first}"
+    );
+    let second = &asked[1];
+    assert_eq!(
+        (second["units"].as_u64(), second["urgent_units"].as_u64()),
+        (Some(4), Some(0)),
+        "a proactive top-up has no urgent units: {second}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_instant_request_does_not_block_the_next_held_checkout_past_the_hold_bound() {
+    let central = Central::standard().await;
+    central.product("cad", 10).await;
+    // The first instant request is lost: the agent's call hangs until its 5 s timeout.
+    let relay = Relay::start_with(&central.url, Duration::ZERO, true).await;
+    let hold = Duration::from_secs(1);
+    let a = agent(
+        &central,
+        "paris",
+        &relay.url,
+        TempDir::new().unwrap(),
+        |b| b.instant_wait = hold,
+    )
+    .await;
+    synced(&a, "cad").await;
+    // Held for the bound, then denied (or, at the very end of its hold, served by the retry
+    // that the lost request's end allows: the two race).
+    let (s, e) = a.checkout("cad", "ann", "h").await;
+    assert!(s == 409 || s == 200, "{s}: {e}");
+    // Past the hold bound, the lost request no longer blocks an urgent pull (before, it did
+    // for the 5 s in-flight timeout, and this checkout was denied too).
+    let t = Instant::now();
+    let (s, c) = a.checkout("cad", "bob", "h").await;
+    assert_eq!(s, 200, "{c}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(relay.instant.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_answer_of_none_the_waiting_clients_are_asked_for_again() {
+    let central = Central::standard().await;
+    central.product("cad", 0).await;
+    let a = agent(
+        &central,
+        "paris",
+        &central.url,
+        TempDir::new().unwrap(),
+        |_| {},
+    )
+    .await;
+    synced(&a, "cad").await;
+    let a = Arc::new(a);
+    let waiter = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.post(
+                "/v1/checkout",
+                &json!({"product": "cad", "user": "ann", "host": "h", "wait_seconds": 30}),
+            )
+            .await
+        })
+    };
+    // The balancer has nothing: it answers 0 units.
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            metric(
+                &a.metrics().await,
+                r#"allot_agent_instant_requests_total{outcome="short",product="cad"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+        })
+        .await,
+        "{}",
+        a.metrics().await
+    );
+    assert_eq!(a.view("cad").await["waiting"], 1);
+    // Units reach the reserve; nothing changes on the server, yet the waiting client gets one.
+    central
+        .api()
+        .post("/v1/products/cad/entitlements", json!({"units": 2}))
+        .await;
+    let (s, c) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiting client was never asked for again")
+        .unwrap();
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(
+        central.books("cad", "paris").await.1,
+        a.view("cad").await["allocated"].as_u64().unwrap()
+    );
 }

@@ -131,3 +131,50 @@ async fn a_grant_from_the_balancer_wakes_a_waiter() {
     assert_eq!(s, 200, "{c}");
     assert_eq!(a.view("cad").await["in_use"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_wait_ends_serves_the_smaller_request_behind_it() {
+    let a = Arc::new(TestAgent::start().await);
+    a.product("cad", hard_stop(60), 2).await;
+    // One of two units in use: a head asking for both blocks a one-unit request behind it.
+    let (s, _) = a.checkout("cad", "holder", "h").await;
+    assert_eq!(s, 200);
+    let a2 = a.clone();
+    let head = tokio::spawn(async move {
+        a2.post(
+            "/v1/checkout",
+            &json!({"product": "cad", "user": "big", "host": "h", "units": 2, "wait_seconds": 1}),
+        )
+        .await
+    });
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            a.view("cad").await["waiting"] == 1
+        })
+        .await
+    );
+    let a3 = a.clone();
+    let behind = tokio::spawn(async move { a3.post("/v1/checkout", &waiting("small", 20)).await });
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            a.view("cad").await["waiting"] == 2
+        })
+        .await
+    );
+    let started = std::time::Instant::now();
+    let (s, _) = head.await.unwrap();
+    assert_eq!(s, 409, "the head's wait ends");
+    // The unit that was free all along goes to the request behind at once, not when some
+    // other change happens (here none would before its 20 s wait ends).
+    let (s, c) = tokio::time::timeout(Duration::from_secs(5), behind)
+        .await
+        .expect("the waiter behind was not served when the head left")
+        .unwrap();
+    assert_eq!(s, 200, "{c}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let v = a.view("cad").await;
+    assert_eq!(
+        (v["waiting"].as_u64(), v["in_use"].as_u64()),
+        (Some(0), Some(2))
+    );
+}
