@@ -178,6 +178,8 @@ struct InFlight {
 struct PullTrack {
     /// The latest request sent, while unanswered.
     in_flight: Option<InFlight>,
+    /// Urgent units asked by every request still unanswered.
+    urgent_in_flight: u64,
     /// When the balancer last granted fewer units than asked (the pool is scarce).
     short_answer_at: Option<Millis>,
     /// When it last granted fewer than the urgent units asked (none to spare for them).
@@ -1260,6 +1262,7 @@ fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
         short_units,
         in_flight_since: track.in_flight.map(|f| f.since),
         in_flight_urgent: track.in_flight.is_some_and(|f| f.urgent),
+        in_flight_urgent_units: track.urgent_in_flight,
         short_answer_at: track.short_answer_at,
         urgent_short_at: track.urgent_short_at,
     };
@@ -1275,8 +1278,10 @@ fn pull(app: &App, inner: &mut Inner, product: &str, now: Millis) {
             since: now,
             urgent: p.urgent > 0,
         });
+        track.urgent_in_flight += p.urgent;
         state.in_flight_since = Some(now);
         state.in_flight_urgent = p.urgent > 0;
+        state.in_flight_urgent_units = track.urgent_in_flight;
         request
     });
     track.recheck_at = next_check_at(&state, trigger);
@@ -1315,6 +1320,12 @@ async fn instant_balance(app: App, request: InstantBalanceRequest) {
         if let Some(track) = inner.pulls.get_mut(product) {
             if track.in_flight.is_some_and(|f| f.id == request.request_id) {
                 track.in_flight = None;
+            }
+            track.urgent_in_flight = track
+                .urgent_in_flight
+                .saturating_sub(u64::from(request.urgent()));
+            if track.in_flight.is_none() {
+                track.urgent_in_flight = 0;
             }
             if granted < u64::from(request.units) {
                 track.short_answer_at = Some(now);

@@ -37,6 +37,8 @@
 //!    proactive request, and waits for an urgent one only until `t + urgent_retry_ms` (the hold
 //!    bound; never more than the in-flight timeout): by then the clients held for it have been
 //!    answered, and a lost request must not keep the clients still queued from being asked for.
+//!    When the deficit has grown beyond the urgent units in flight (`in_flight_urgent_units`:
+//!    clients queued since), the extra units are asked for at once, urgent only, no top-up.
 //! 3. **Short answers.** After a short answer, proactive pulls back off for `backoff_ms` (a few
 //!    seconds: the pool is scarce, and asking again at once would only load the balancer). The
 //!    back-off never delays an urgent pull. An answer that did not cover its urgent units (the
@@ -82,6 +84,10 @@ pub struct TriggerState {
     /// Whether the request in flight asked for urgent units (ignored when none is in flight).
     #[serde(default)]
     pub in_flight_urgent: bool,
+    /// The urgent units asked by every request still in flight; 0 when unknown (then the urgent
+    /// request in flight stands for the whole deficit).
+    #[serde(default)]
+    pub in_flight_urgent_units: u64,
     /// When the balancer last answered with fewer units than asked (the pool is scarce).
     pub short_answer_at: Option<Millis>,
     /// When the balancer last answered with fewer units than the request's urgent ones.
@@ -192,6 +198,26 @@ fn assess(state: &TriggerState, config: &TriggerConfig) -> Option<(Pull, Option<
     };
     if deficit > 0 {
         let retry = config.urgent_retry();
+        // Clients queued after the urgent request in flight was sent are not covered by it:
+        // they are asked for at once, on their own (rule 2), so a burst is not served one
+        // round trip after another past the hold bound.
+        let covered = state.in_flight_urgent_units;
+        if state.in_flight_urgent
+            && covered > 0
+            && deficit > covered
+            && state
+                .urgent_short_at
+                .is_none_or(|at| now >= at.saturating_add(retry))
+        {
+            let extra = (deficit - covered).clamp(1, config.max_request_units.max(1));
+            return Some((
+                Pull {
+                    units: extra,
+                    urgent: extra,
+                },
+                None,
+            ));
+        }
         if state.in_flight_urgent
             && let Some(sent) = state.in_flight_since
         {
@@ -247,6 +273,24 @@ mod tests {
 
     fn at(s: &TriggerState, now: Millis) -> TriggerState {
         TriggerState { now, ..*s }
+    }
+
+    #[test]
+    fn clients_queued_after_an_urgent_request_are_asked_for_at_once() {
+        let c = TriggerConfig::default();
+        let mut s = state(10, 10, 5);
+        s.in_flight_since = Some(s.now - 10);
+        s.in_flight_urgent = true;
+        s.in_flight_urgent_units = 2;
+        assert_eq!(
+            instant_request(&s, &c),
+            Some(Pull {
+                units: 3,
+                urgent: 3
+            })
+        );
+        s.in_flight_urgent_units = 5;
+        assert_eq!(instant_request(&s, &c), None);
     }
 
     #[test]
@@ -425,6 +469,7 @@ mod tests {
             short_units: u64::MAX,
             in_flight_since: Some(u64::MAX),
             in_flight_urgent: true,
+            in_flight_urgent_units: u64::MAX,
             short_answer_at: Some(0),
             urgent_short_at: Some(u64::MAX),
         };
@@ -462,6 +507,7 @@ mod tests {
                         short_units,
                         in_flight_since: sent.map(|s| s + 90_000),
                         in_flight_urgent,
+                        in_flight_urgent_units: 0,
                         short_answer_at: short,
                         urgent_short_at: urgent_short,
                     },

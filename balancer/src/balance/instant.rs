@@ -1,6 +1,7 @@
 //! Instant balances (DESIGN.md flow 3): a metering server asks for units now.
 //!
-//! The shell reads the books and what the last run saw, calls the core's
+//! The shell reads the books and what the last run saw — and, when the reserve cannot cover
+//! the clients waiting, the donors' statuses, read outside the lock — calls the core's
 //! [`allot_core::instant::plan_instant`], and executes: under the product's lock it logs the
 //! grant from the reserve and the releases; outside the lock it sends them; once releases are
 //! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
@@ -41,7 +42,7 @@ impl Engine {
             ));
         }
         let lock = self.product_lock(&req.product);
-        let serialised = lock.lock().await;
+        let mut serialised = lock.lock().await;
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
@@ -81,6 +82,26 @@ impl Engine {
         // Plan and log under the lock.
         let reserve = self.store.product(&req.product).await?.product.reserve;
         let cells = self.store.product_cells(&req.product).await?;
+        // The reserve cannot cover the clients waiting: what the last run saw of the donors
+        // may be a quarter of an hour old, so read the statuses of those holding units now.
+        let fresh = if reserve < urgent {
+            let all = self.servers_by_name().await?;
+            let donors: Vec<ServerRecord> = cells
+                .iter()
+                .filter(|c| c.server != server.name && c.units > c.min_units)
+                .filter_map(|c| all.get(&c.server))
+                .filter(|s| s.state != ServerState::Lost && !s.needs_reset)
+                .cloned()
+                .collect();
+            drop(serialised);
+            let statuses = self.donor_statuses(donors).await;
+            serialised = lock.lock().await;
+            statuses
+        } else {
+            Default::default()
+        };
+        let reserve = self.store.product(&req.product).await?.product.reserve;
+        let cells = self.store.product_cells(&req.product).await?;
         // A server with a move of this product still unconfirmed is in an unknown state (most
         // likely unreachable): asking it again would only log another release that cannot be
         // confirmed either, and spend the hold bound waiting on it.
@@ -99,7 +120,14 @@ impl Engine {
         servers.insert(server.name.clone(), server.clone());
         let (snapshot, names) = {
             let memory = self.memory.lock().expect("engine memory");
-            instant_cells(&req.product, &cells, &servers, &memory, self.config.hold)
+            instant_cells(
+                &req.product,
+                &cells,
+                &servers,
+                &memory,
+                self.config.hold,
+                &fresh,
+            )
         };
         let asker = names
             .iter()
@@ -239,6 +267,29 @@ impl Engine {
             granted,
             allocation_of(&self.store.product_cells(&req.product).await?),
         ))
+    }
+}
+
+impl Engine {
+    /// The statuses of `donors` that answer within [`super::EngineConfig::donor_read_timeout`]
+    /// (a server that does not is simply judged by what the last run saw).
+    async fn donor_statuses(&self, donors: Vec<ServerRecord>) -> super::StatusMap {
+        let deadline = self.config.donor_read_timeout;
+        let mut tasks = tokio::task::JoinSet::new();
+        for server in donors {
+            let agents = self.agents.clone();
+            tasks.spawn(async move {
+                let answer = tokio::time::timeout(deadline, agents.status(&server, true)).await;
+                (server.name, answer)
+            });
+        }
+        let mut out = super::StatusMap::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((name, Ok(Ok(status)))) = joined {
+                out.insert(name, status);
+            }
+        }
+        out
     }
 }
 

@@ -82,6 +82,9 @@ pub struct EngineConfig {
     pub planner: PlannerConfig,
     /// How the demand signals read the history.
     pub signals: SignalConfig,
+    /// How long an instant balance waits for a donor's status before judging it by what the
+    /// last run saw: well inside the metering servers' hold bound.
+    pub donor_read_timeout: Duration,
     /// Units granted to a server are not taken back by a run for this long, unless a real
     /// shortage elsewhere needs them, and an instant balance never reclaims from it meanwhile.
     pub hold: Duration,
@@ -98,6 +101,7 @@ impl Default for EngineConfig {
             lease_margin: Duration::from_secs(300),
             planner: PlannerConfig::default(),
             signals: SignalConfig::default(),
+            donor_read_timeout: Duration::from_millis(200),
             hold: Duration::from_millis(allot_core::planner::DEFAULT_HOLD_MS),
             trust: allot_tls::Trust::default(),
         }

@@ -169,14 +169,16 @@ pub(super) fn build_snapshot(
 
 /// The cells an instant balance may take from, as the instant plan sees them: every cell of
 /// the product on a server in `servers` (the caller leaves out the lost, the reset and those
-/// with unconfirmed moves), with the demand the last run saw and the allocation the books hold
-/// now. Returns the cells and the names behind their ids.
+/// with unconfirmed moves), with the demand the last run saw — its in-use and waiting replaced
+/// by `fresh` statuses where the caller read them — and the allocation the books hold now.
+/// Returns the cells and the names behind their ids.
 pub(super) fn instant_cells(
     product: &str,
     cells: &[CellRecord],
     servers: &BTreeMap<String, ServerRecord>,
     memory: &Memory,
     hold: Duration,
+    fresh: &StatusMap,
 ) -> (Vec<CellSnapshot>, Vec<String>) {
     let mut out = Vec::new();
     let mut names = Vec::new();
@@ -184,13 +186,17 @@ pub(super) fn instant_cells(
         let Some(server) = servers.get(&c.server) else {
             continue;
         };
-        let (demand, in_use) = memory
+        let (mut demand, mut in_use) = memory
             .seen
             .get(&(c.server.clone(), c.product.clone()))
             .copied()
             // Never seen since this balancer started: the newest sample's peak stands in
             // for what is in use, so a donor is never assumed idle without evidence.
             .unwrap_or_else(|| (Demand::default(), c.last_peak.unwrap_or(c.units)));
+        if let Some(now) = super::reported(fresh, &c.server, product) {
+            in_use = u64::from(now.in_use);
+            demand.waiting = u64::from(now.waiting);
+        }
         let id = u32::try_from(names.len()).expect("fewer than 2^32 servers");
         names.push(c.server.clone());
         out.push(CellSnapshot {

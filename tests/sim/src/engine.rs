@@ -24,7 +24,7 @@ use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::planner::{
     CellSnapshot, DEFAULT_HOLD_MS, Demand, Move, PlannerConfig, ProductSnapshot, plan_product,
 };
-use allot_core::trigger::{TriggerConfig, TriggerState, instant_request};
+use allot_core::trigger::{TriggerConfig, TriggerState, instant_request, next_check_at};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 
@@ -235,7 +235,14 @@ struct Cell {
     queue: VecDeque<Pending>,
     queued_units: u64,
     in_flight_since: Option<u64>,
+    in_flight_urgent: bool,
+    /// Urgent units asked by requests still unanswered, and how many requests those are.
+    urgent_in_flight: u64,
+    requests_in_flight: u32,
     short_answer_at: Option<u64>,
+    urgent_short_at: Option<u64>,
+    /// When a re-evaluation of the trigger is scheduled.
+    recheck_at: Option<u64>,
     /// Since the last scheduled run.
     peak: u64,
     denials: u64,
@@ -282,19 +289,23 @@ enum Ev {
     Grant {
         cell: usize,
         units: u64,
-        reply: Option<u64>,
+        reply: Option<Reply>,
     },
-    /// `for_cell`: a reclaim for this asker, and the units the answer to its instant request
-    /// is measured against when this release carries that answer.
+    /// `for_cell`: a reclaim for this asker, and the answer to its instant request when this
+    /// release carries that answer.
     Release {
         cell: usize,
         units: u64,
-        for_cell: Option<(usize, Option<u64>)>,
+        for_cell: Option<(usize, Option<Reply>)>,
     },
     ReleaseConfirm {
         product: usize,
         units: u64,
-        for_cell: Option<(usize, Option<u64>)>,
+        for_cell: Option<(usize, Option<Reply>)>,
+    },
+    /// The metering server re-evaluates its trigger (`next_check_at`).
+    Recheck {
+        cell: usize,
     },
     RunGrants {
         product: usize,
@@ -315,6 +326,10 @@ enum Ev {
         down_for: u64,
     },
 }
+
+/// The answer to an instant request, carried by the grant that ends it: (units asked, urgent
+/// units asked, units already granted by earlier grants of the same answer).
+type Reply = (u64, u64, u64);
 
 struct Entry {
     at: u64,
@@ -419,7 +434,12 @@ impl<'a> Sim<'a> {
                     queue: VecDeque::new(),
                     queued_units: 0,
                     in_flight_since: None,
+                    in_flight_urgent: false,
+                    urgent_in_flight: 0,
+                    requests_in_flight: 0,
                     short_answer_at: None,
+                    urgent_short_at: None,
+                    recheck_at: None,
                     peak: 0,
                     denials: 0,
                     sample_denials: 0,
@@ -643,18 +663,32 @@ impl<'a> Sim<'a> {
         match self.kind {
             Kind::Allot { instant: true, .. } => {
                 let c = &self.cells[k];
-                let state = TriggerState {
+                let mut state = TriggerState {
                     now,
                     allocation: c.alloc,
                     in_use: c.in_use,
                     short_units: c.queued_units,
                     in_flight_since: c.in_flight_since,
+                    in_flight_urgent: c.in_flight_urgent,
+                    in_flight_urgent_units: c.urgent_in_flight,
                     short_answer_at: c.short_answer_at,
+                    urgent_short_at: c.urgent_short_at,
                 };
-                if let Some(units) = instant_request(&state, &self.cfg.trigger) {
-                    let free = c.alloc.saturating_sub(c.in_use);
-                    let deficit = c.queued_units.saturating_sub(free);
-                    self.send_instant(k, units, deficit);
+                if let Some(pull) = instant_request(&state, &self.cfg.trigger) {
+                    self.send_instant(k, pull.units, pull.urgent);
+                    let c = &self.cells[k];
+                    state.in_flight_since = c.in_flight_since;
+                    state.in_flight_urgent = c.in_flight_urgent;
+                    state.in_flight_urgent_units = c.urgent_in_flight;
+                }
+                // As the metering server's timer task: re-evaluate when time alone can change
+                // the decision.
+                if let Some(at) = next_check_at(&state, &self.cfg.trigger) {
+                    let c = &mut self.cells[k];
+                    if c.recheck_at.is_none_or(|t| at < t || t <= now) {
+                        c.recheck_at = Some(at);
+                        self.at(at, Ev::Recheck { cell: k });
+                    }
                 }
             }
             Kind::Sentinel => {
@@ -721,6 +755,28 @@ impl<'a> Sim<'a> {
                 reachable += free;
             }
         }
+        if std::env::var("EXP_DEBUG_DENY").is_ok() && anywhere >= units {
+            let c = &self.cells[k];
+            let others: Vec<(u64, u64, u64)> = (0..self.w.sites.len())
+                .map(|o| {
+                    let c = &self.cells[o * self.np + p];
+                    (c.alloc, c.in_use, c.queued_units)
+                })
+                .collect();
+            eprintln!(
+                "DENY t={} site={s} p={p} units={units} arrived={arrived} alloc={} in_use={} q={} inflight={:?}/{} ushort={:?} reserve={} transit={} cells={:?}",
+                self.now,
+                c.alloc,
+                c.in_use,
+                c.queued_units,
+                c.in_flight_since,
+                c.in_flight_urgent,
+                c.urgent_short_at,
+                self.books[p].reserve,
+                self.books[p].in_transit,
+                others
+            );
+        }
         let c = &mut self.cells[k];
         c.denials += units;
         c.sample_denials += units;
@@ -755,6 +811,9 @@ impl<'a> Sim<'a> {
         let site = self.cells[k].site;
         let c = &mut self.cells[k];
         c.in_flight_since = Some(now);
+        c.in_flight_urgent = deficit > 0;
+        c.urgent_in_flight += deficit;
+        c.requests_in_flight += 1;
         c.instant_units += units;
         c.instant_count += 1;
         self.metrics.transactions += 1;
@@ -768,7 +827,22 @@ impl<'a> Sim<'a> {
                     deficit,
                 },
             );
+        } else {
+            self.lost_request(k, units, deficit);
         }
+    }
+
+    /// A request that never reaches the balancer: the metering server's call fails after its
+    /// timeout, an answer of none.
+    fn lost_request(&mut self, k: usize, units: u64, deficit: u64) {
+        self.at(
+            self.now + self.cfg.trigger.in_flight_timeout_ms,
+            Ev::Grant {
+                cell: k,
+                units: 0,
+                reply: Some((units, deficit.min(units), 0)),
+            },
+        );
     }
 
     // ---- events ---------------------------------------------------------------------------
@@ -802,11 +876,16 @@ impl<'a> Sim<'a> {
                 deficit,
             } => {
                 if !self.balancer_up(self.now) {
+                    self.lost_request(cell, units, deficit);
                     return;
                 }
                 let p = self.cells[cell].product;
+                // When the reserve cannot cover the urgent units, the balancer reads the donors'
+                // statuses before it plans (the releases leave a round trip later); otherwise
+                // it plans with what its last run saw.
+                let status_read = self.books[p].reserve < deficit.min(units);
                 let plan = matches!(self.kind, Kind::Allot { .. })
-                    .then(|| self.plan_instant(cell, units, deficit));
+                    .then(|| self.plan_instant(cell, units, deficit, status_read));
                 let g = plan
                     .as_ref()
                     .map_or(units.min(self.books[p].reserve), |plan| plan.from_reserve);
@@ -832,9 +911,18 @@ impl<'a> Sim<'a> {
                             .iter()
                             .map(|&(site, units)| (self.cell(site as usize, p), units))
                             .collect();
-                        self.send_reclaims(cell, &asks)
+                        let delay = if status_read { 2 * lat } else { 0 };
+                        self.send_reclaims(cell, &asks, (units, deficit.min(units), g), delay)
                     }
-                    None => g < units && self.reclaim(cell, units - g, deficit.saturating_sub(g)),
+                    None => {
+                        g < units
+                            && self.reclaim(
+                                cell,
+                                units - g,
+                                deficit.saturating_sub(g),
+                                (units, deficit.min(units), g),
+                            )
+                    }
                 };
                 if !reclaiming || g > 0 {
                     self.at(
@@ -842,7 +930,7 @@ impl<'a> Sim<'a> {
                         Ev::Grant {
                             cell,
                             units: g,
-                            reply: (!reclaiming).then_some(units),
+                            reply: (!reclaiming).then_some((units, deficit.min(units), 0)),
                         },
                     );
                 }
@@ -856,10 +944,20 @@ impl<'a> Sim<'a> {
                 if units > 0 {
                     c.granted_at = Some(self.now);
                 }
-                if let Some(asked) = reply {
-                    c.in_flight_since = None;
-                    if units < asked {
+                if let Some((asked, urgent, before)) = reply {
+                    c.requests_in_flight = c.requests_in_flight.saturating_sub(1);
+                    c.urgent_in_flight = c.urgent_in_flight.saturating_sub(urgent);
+                    if c.requests_in_flight == 0 {
+                        c.in_flight_since = None;
+                        c.in_flight_urgent = false;
+                        c.urgent_in_flight = 0;
+                    }
+                    let granted = before + units;
+                    if granted < asked {
                         c.short_answer_at = Some(self.now);
+                    }
+                    if granted < urgent {
+                        c.urgent_short_at = Some(self.now);
                     }
                 }
                 if units > 0 {
@@ -990,6 +1088,12 @@ impl<'a> Sim<'a> {
                 self.metrics.violations = violations;
             }
             Ev::Advise => self.advise(),
+            Ev::Recheck { cell } => {
+                if self.cells[cell].recheck_at == Some(self.now) {
+                    self.cells[cell].recheck_at = None;
+                    self.after_change(cell);
+                }
+            }
             Ev::Sample => {
                 self.sample();
                 self.at(self.now + self.cfg.sample_every, Ev::Sample);
@@ -1039,7 +1143,7 @@ impl<'a> Sim<'a> {
     /// The baselines' instant handler when the reserve is short (allot's is the real instant
     /// plan): release free units from the sites that need them least, then grant them to the
     /// asker. Returns whether any release was sent; the largest carries the answer to the asker.
-    fn reclaim(&mut self, asker: usize, short: u64, urgent: u64) -> bool {
+    fn reclaim(&mut self, asker: usize, short: u64, urgent: u64, answer: Reply) -> bool {
         let p = self.cells[asker].product;
         let now = self.now;
         // (spare above own needs, free, site) per reachable donor.
@@ -1081,13 +1185,19 @@ impl<'a> Sim<'a> {
             .filter(|a| a.1 > 0)
             .map(|(s, units)| (self.cell(s, p), units))
             .collect();
-        self.send_reclaims(asker, &asks)
+        self.send_reclaims(asker, &asks, answer, 0)
     }
 
     /// Sends the releases of a reclaim for `asker` (cell, units); once each is confirmed its
     /// units are granted to the asker, and the largest carries the answer to its request.
     /// Returns whether any release was sent.
-    fn send_reclaims(&mut self, asker: usize, asks: &[(usize, u64)]) -> bool {
+    fn send_reclaims(
+        &mut self,
+        asker: usize,
+        asks: &[(usize, u64)],
+        answer: Reply,
+        delay: u64,
+    ) -> bool {
         let answer_by = asks
             .iter()
             .enumerate()
@@ -1097,9 +1207,9 @@ impl<'a> Sim<'a> {
         for (i, &(cell, units)) in asks.iter().enumerate() {
             if units > 0 {
                 self.metrics.transactions += 1;
-                let reply = (Some(i) == answer_by).then_some(units);
+                let reply = (Some(i) == answer_by).then_some(answer);
                 self.at(
-                    self.now + self.cfg.latency,
+                    self.now + delay + self.cfg.latency,
                     Ev::Release {
                         cell,
                         units,
@@ -1326,6 +1436,7 @@ impl<'a> Sim<'a> {
         asker: usize,
         units: u64,
         deficit: u64,
+        fresh: bool,
     ) -> allot_core::instant::InstantPlan {
         let now = self.now;
         let p = self.cells[asker].product;
@@ -1338,12 +1449,23 @@ impl<'a> Sim<'a> {
                 CellSnapshot {
                     server: s as u32,
                     allocation: c.alloc,
-                    in_use: c.seen.1.min(c.alloc),
+                    in_use: if fresh {
+                        c.in_use
+                    } else {
+                        c.seen.1.min(c.alloc)
+                    },
                     min_units: u64::from(set.min_units),
                     buffer_units: u64::from(set.buffer_units),
                     draining: false,
                     recently_granted: c.granted_at.is_some_and(|t| t + self.cfg.hold > now),
-                    demand: c.seen.0,
+                    demand: if fresh {
+                        Demand {
+                            waiting: c.queued_units,
+                            ..c.seen.0
+                        }
+                    } else {
+                        c.seen.0
+                    },
                 }
             })
             .collect();
