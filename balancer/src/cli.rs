@@ -280,6 +280,19 @@ pub struct DoctorArgs {
     pub client: ClientArgs,
 }
 
+/// `allot-balancer explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The product.
+    pub product: String,
+    /// Only this server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// `allot-balancer history`.
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
@@ -990,6 +1003,59 @@ impl DoctorArgs {
         } else {
             anyhow::bail!("doctor found problems")
         }
+    }
+}
+
+impl ExplainArgs {
+    /// Prints, per server, the demand signals, want, fair share, target and the deciding rule.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut path = format!("/v1/products/{}/explain", segment(&self.product));
+        if let Some(server) = &self.server {
+            path.push_str(&format!("?server={}", segment(server)));
+        }
+        let e: allot_core::wire::balancer::Explanation =
+            AdminClient::new(&self.client)?.get(&path).await?;
+        output(self.client.json, &e, |e| {
+            println!(
+                "{}: purchased {}, reserve {} (after the plan: {}), in transit {}; scarcity: {}",
+                e.product, e.purchased, e.reserve, e.reserve_after, e.in_transit, e.scarcity
+            );
+            let mut t = table(&[
+                "server", "alloc", "in use", "waiting", "peak", "denials", "level", "forecast",
+                "window", "min", "buffer", "need", "want", "fair", "target", "decision",
+            ]);
+            for c in &e.servers {
+                t.add_row(vec![
+                    c.server.clone(),
+                    c.allocation.to_string(),
+                    c.in_use.to_string(),
+                    c.waiting.to_string(),
+                    c.peak_in_use.to_string(),
+                    c.denials.to_string(),
+                    c.level.to_string(),
+                    c.forecast.to_string(),
+                    opt(&c.window_peak),
+                    c.min_units.to_string(),
+                    c.buffer_units.to_string(),
+                    c.need.to_string(),
+                    c.want.to_string(),
+                    c.fair_share.to_string(),
+                    c.target.to_string(),
+                    if c.held {
+                        format!("{} (held)", c.decision)
+                    } else {
+                        c.decision.clone()
+                    },
+                ]);
+            }
+            println!("{t}");
+            for u in &e.unreachable {
+                println!("UNREACHABLE: {u} (its units stay where they are)");
+            }
+            if let Some(note) = &e.note {
+                println!("NOTE: {note}");
+            }
+        })
     }
 }
 

@@ -56,6 +56,8 @@ pub enum Command {
     Runs(crate::cli::RunsCommand),
     /// Compare the books with every server; exits non-zero on any discrepancy.
     Doctor(crate::cli::DoctorArgs),
+    /// What a run would decide for a product now, and the rule behind each server's target.
+    Explain(crate::cli::ExplainArgs),
     /// The advisor's schedule and buffer recommendations; `--apply` applies them.
     Advise(crate::cli::AdviseArgs),
     /// The opt-in autotune setting.

@@ -51,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Balance(cmd) => cmd.run().await,
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,
+        Command::Explain(cmd) => cmd.run().await,
         Command::History(cmd) => cmd.run().await,
         Command::Advise(cmd) => cmd.run().await,
         Command::Autotune(cmd) => cmd.run().await,

@@ -38,7 +38,9 @@
 //!    bound; never more than the in-flight timeout): by then the clients held for it have been
 //!    answered, and a lost request must not keep the clients still queued from being asked for.
 //!    When the deficit has grown beyond the urgent units in flight (`in_flight_urgent_units`:
-//!    clients queued since), the extra units are asked for at once, urgent only, no top-up.
+//!    clients queued since), the extra units are asked for, urgent only, no top-up, a fifth of
+//!    `urgent_retry_ms` after the latest request was sent — soon enough for the hold bound,
+//!    late enough that a burst is asked for in a few requests.
 //! 3. **Short answers.** After a short answer, proactive pulls back off for `backoff_ms` (a few
 //!    seconds: the pool is scarce, and asking again at once would only load the balancer). The
 //!    back-off never delays an urgent pull. An answer that did not cover its urgent units (the
@@ -201,6 +203,8 @@ fn assess(state: &TriggerState, config: &TriggerConfig) -> Option<(Pull, Option<
         // Clients queued after the urgent request in flight was sent are not covered by it:
         // they are asked for at once, on their own (rule 2), so a burst is not served one
         // round trip after another past the hold bound.
+        // They are batched: asked for a fifth of the retry after the latest request was sent,
+        // so a burst costs a few requests, not one per client.
         let covered = state.in_flight_urgent_units;
         if state.in_flight_urgent
             && covered > 0
@@ -208,15 +212,15 @@ fn assess(state: &TriggerState, config: &TriggerConfig) -> Option<(Pull, Option<
             && state
                 .urgent_short_at
                 .is_none_or(|at| now >= at.saturating_add(retry))
+            && let Some(sent) = state.in_flight_since
         {
+            let batched = sent.saturating_add(retry / 5);
             let extra = (deficit - covered).clamp(1, config.max_request_units.max(1));
-            return Some((
-                Pull {
-                    units: extra,
-                    urgent: extra,
-                },
-                None,
-            ));
+            let pull = Pull {
+                units: extra,
+                urgent: extra,
+            };
+            return Some((pull, (now < batched).then_some(batched)));
         }
         if state.in_flight_urgent
             && let Some(sent) = state.in_flight_since
@@ -282,8 +286,15 @@ mod tests {
         s.in_flight_since = Some(s.now - 10);
         s.in_flight_urgent = true;
         s.in_flight_urgent_units = 2;
+        // Batched: a fifth of the retry after the request in flight was sent.
+        assert_eq!(instant_request(&s, &c), None);
         assert_eq!(
-            instant_request(&s, &c),
+            next_check_at(&s, &c),
+            Some(s.now - 10 + c.urgent_retry() / 5)
+        );
+        let later = at(&s, s.now - 10 + c.urgent_retry() / 5);
+        assert_eq!(
+            instant_request(&later, &c),
             Some(Pull {
                 units: 3,
                 urgent: 3

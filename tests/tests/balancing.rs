@@ -18,6 +18,7 @@ on_both_backends!(
     a_silent_server_is_reclaimed_once_and_rejoins,
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
+    a_plan_is_explained_server_by_server_and_nothing_moves,
 );
 
 /// Checks out `n` units one at a time; returns the handles of those granted.
@@ -478,4 +479,75 @@ async fn the_same_instant_request_twice_grants_once(backend: Backend) {
     assert_eq!(status.as_u16(), 401);
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
     fleet.assert_doctor_ok().await;
+}
+
+async fn a_plan_is_explained_server_by_server_and_nothing_moves(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 20).await;
+    fleet.add_meter("paris").await;
+    fleet.add_meter("tokyo").await;
+    fleet.wait_synced("cad").await;
+    fleet.balance().await;
+    let held = checkout_n(&fleet, 0, "cad", 3).await;
+    assert_eq!(held.len(), 3, "instant balances serve Paris");
+    let before = fleet.api().get("/v1/products/cad").await;
+
+    let e = fleet.api().get("/v1/products/cad/explain").await;
+    assert_eq!(e["product"], "cad");
+    assert_eq!(e["purchased"], 20);
+    let servers = e["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 2, "{e}");
+    let known = [
+        "steady",
+        "grant_needed",
+        "grant_ahead",
+        "dead_band",
+        "deferred",
+        "hold",
+        "kept_excess",
+        "release_idle",
+        "release_for_shortage",
+        "drain",
+        "surplus",
+    ];
+    let mut targets = 0;
+    for c in servers {
+        assert!(known.contains(&c["decision"].as_str().unwrap()), "{c}");
+        assert!(
+            c["target"].as_u64().unwrap() >= c["in_use"].as_u64().unwrap(),
+            "{c}"
+        );
+        targets += c["target"].as_u64().unwrap();
+    }
+    let paris = servers
+        .iter()
+        .find(|c| c["server"] == "paris")
+        .expect("paris");
+    assert_eq!(paris["in_use"], 3, "{paris}");
+    assert_eq!(paris["need"], 3, "{paris}");
+    assert_eq!(paris["held"], true, "Paris was just granted units: {paris}");
+    assert!(paris["want"].as_u64().unwrap() >= 3, "{paris}");
+    // Conservation of the explained plan.
+    assert_eq!(
+        targets + e["reserve_after"].as_u64().unwrap() + e["in_transit"].as_u64().unwrap(),
+        20,
+        "{e}"
+    );
+
+    // One server's line only; an unknown product is refused.
+    let one = fleet
+        .api()
+        .get("/v1/products/cad/explain?server=tokyo")
+        .await;
+    assert_eq!(one["servers"].as_array().unwrap().len(), 1);
+    assert_eq!(one["servers"][0]["server"], "tokyo");
+    let (status, body) = fleet
+        .api()
+        .send(reqwest::Method::GET, "/v1/products/nope/explain", None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_product");
+
+    // Explaining moved nothing.
+    assert_eq!(fleet.api().get("/v1/products/cad").await, before);
 }

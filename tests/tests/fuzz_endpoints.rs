@@ -975,6 +975,10 @@ async fn malformed_input_to_every_balancer_endpoint_changes_nothing(backend: Bac
         ("GET /v1/runs", example(&[], None)),
         ("GET /v1/runs/{id}", example(&[("id", "1")], None)),
         ("GET /v1/doctor", example(&[], None)),
+        (
+            "GET /v1/products/{product}/explain",
+            example(&[("product", "cad")], None),
+        ),
         ("GET /v1/history", example(&[], None)),
         ("GET /v1/advice", example(&[], None)),
         ("POST /v1/advice/apply", example(&[], Some(json!({"since": "7d"})))),

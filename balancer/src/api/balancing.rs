@@ -1,4 +1,4 @@
-//! Balance runs on demand, their history, and the doctor.
+//! Balance runs on demand, their history, the doctor, and the explanation of a plan.
 
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, ApiQuery, AppState};
@@ -8,7 +8,9 @@ use allot_core::ErrorCode;
 use allot_core::domain::RunTrigger;
 use allot_core::error::ErrorBody;
 use allot_core::validate;
-use allot_core::wire::balancer::{BalanceRequest, DoctorReport, List, RunDetail, RunSummary};
+use allot_core::wire::balancer::{
+    BalanceRequest, DoctorReport, Explanation, List, RunDetail, RunSummary,
+};
 use axum::Json;
 use axum::extract::State;
 use serde::Deserialize;
@@ -126,4 +128,37 @@ pub(super) async fn doctor(
     _: Admin,
 ) -> Result<Json<DoctorReport>, ApiError> {
     Ok(Json(state.engine.doctor().await?))
+}
+
+/// The filter of `GET /v1/products/{product}/explain`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExplainParams {
+    /// Only this server's line.
+    server: Option<String>,
+}
+
+/// What a run would decide for the product now, and the rule behind each server's target.
+#[utoipa::path(get, path = "/v1/products/{product}/explain", tag = "balancing", security(("adminToken" = [])),
+    params(("product" = String, Path, description = "The product's name"), ExplainParams),
+    responses(
+        (status = 200, description = "The plan a run would make, explained", body = Explanation),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
+pub(super) async fn explain(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(product): ApiPath<String>,
+    ApiQuery(params): ApiQuery<ExplainParams>,
+) -> Result<Json<Explanation>, ApiError> {
+    validate::path_name("product", &product)?;
+    if let Some(server) = &params.server {
+        validate::path_name("server", server)?;
+    }
+    Ok(Json(
+        state
+            .engine
+            .explain(&product, params.server.as_deref())
+            .await?,
+    ))
 }

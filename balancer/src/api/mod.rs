@@ -155,6 +155,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(balancing::runs))
         .routes(routes!(balancing::run))
         .routes(routes!(balancing::doctor))
+        .routes(routes!(balancing::explain))
         .routes(routes!(history::history))
         .routes(routes!(advice::get_advice))
         .routes(routes!(advice::apply_advice))

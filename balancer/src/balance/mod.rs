@@ -17,6 +17,7 @@
 //! granted them: the allocations servers have applied never sum above purchased.
 
 mod agent_client;
+mod explain;
 mod instant;
 mod run;
 pub mod scheduler;

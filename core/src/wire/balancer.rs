@@ -401,6 +401,74 @@ pub struct DoctorProduct {
     pub servers: Vec<DoctorCell>,
 }
 
+/// `GET /v1/products/{product}/explain`: what a balance run would decide for one product now,
+/// and which rule decided each server's target — the operator's answer to "why did (or didn't)
+/// this server get units?" without reading logs. Nothing is moved to produce it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Explanation {
+    /// The product.
+    pub product: String,
+    /// Units purchased.
+    pub purchased: u64,
+    /// Units in the reserve now.
+    pub reserve: u64,
+    /// Units of grants sent and not yet confirmed.
+    pub in_transit: u64,
+    /// Which level of the pool runs out (`ample`, `wants`, `needs`, `mins`, `in_use`).
+    pub scarcity: String,
+    /// The reserve the plan would leave.
+    pub reserve_after: u64,
+    /// One entry per server that answered (or the one asked for).
+    pub servers: Vec<ExplainedCell>,
+    /// Servers that did not answer: their units are left where they are.
+    pub unreachable: Vec<String>,
+    /// Why nothing could be planned, when nothing could.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One server's part of an [`Explanation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExplainedCell {
+    /// The server.
+    pub server: String,
+    /// Units it holds.
+    pub allocation: u64,
+    /// Units in use now.
+    pub in_use: u64,
+    /// Units clients wait for now.
+    pub waiting: u64,
+    /// Its configured floor.
+    pub min_units: u64,
+    /// Its configured buffer.
+    pub buffer_units: u64,
+    /// Highest in use since the last run.
+    pub peak_in_use: u64,
+    /// Checkouts denied since the last run.
+    pub denials: u64,
+    /// The decaying demand level from the history.
+    pub level: u64,
+    /// The forecast: the same hour yesterday and last week, looking ahead.
+    pub forecast: u64,
+    /// The highest peak of the idle-release window; absent while the history is shorter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_peak: Option<u64>,
+    /// Units were granted to it recently, so they are held.
+    pub held: bool,
+    /// Units it needs now (in use + waiting).
+    pub need: u64,
+    /// Units it should hold (demand plus buffer, at least its min).
+    pub want: u64,
+    /// What max-min fairness gives it.
+    pub fair_share: u64,
+    /// What the next run would leave it.
+    pub target: u64,
+    /// The rule that decided the target (see the operator guide).
+    pub decision: String,
+}
+
 /// `GET /v1/doctor`: do the books and every reachable server agree?
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
