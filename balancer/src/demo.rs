@@ -430,10 +430,21 @@ async fn render(
             continue;
         };
         let b = &detail.product;
+        // The balancer runs in this process: its own accounting, as /metrics exports it.
+        let m = &crate::metrics::METRICS;
+        let unserved = |kind: &str| m.unserved_units.with_label_values(&[p.name, kind]).get();
         let _ = writeln!(
             out,
-            "\n{}: purchased {}  reserve {}  in transit {}  allocated {}",
-            p.name, b.purchased, b.reserve, b.in_transit, b.allocated
+            "\n{}: purchased {}  reserve {}  in transit {}  allocated {}  |  unserved waiting: \
+             false {} true {}  ping-pong units {}",
+            p.name,
+            b.purchased,
+            b.reserve,
+            b.in_transit,
+            b.allocated,
+            unserved("false"),
+            unserved("true"),
+            m.ping_pong_units.with_label_values(&[p.name]).get(),
         );
         let _ = writeln!(
             out,

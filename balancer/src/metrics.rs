@@ -71,6 +71,17 @@ pub struct Metrics {
     /// Requests refused for their credentials, by reason (`unauthorized`, `forbidden`): a
     /// rising count is someone probing, or a server still presenting a rotated-out token.
     pub requests_refused: IntCounterVec,
+    /// Units waiting clients asked for that an instant balance could not serve, by product and
+    /// kind: `true` when no unit was free anywhere the balancer could see (only buying helps),
+    /// `false` when units sat free in the reserve or above another server's need (the
+    /// balancer's fault: the denial the policy exists to prevent).
+    pub unserved_units: IntCounterVec,
+    /// Units granted to a server that had released units of the same product within the hour
+    /// (ping-pong), by product.
+    pub ping_pong_units: IntCounterVec,
+    /// Checkouts the servers reported at balance runs, by product: the denominator of units
+    /// moved per checkout.
+    pub checkouts: IntCounterVec,
     books: IntGaugeVec,
     in_use: IntGaugeVec,
     allocation: IntGaugeVec,
@@ -138,6 +149,25 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .expect("valid histogram"),
         ),
         moves: counter(&r, "allot_moves_total", "Moves booked, by kind.", &["kind"]),
+        unserved_units: counter(
+            &r,
+            "allot_unserved_units_total",
+            "Units waiting clients asked for that an instant balance could not serve: \
+             kind=true when no unit was free anywhere, kind=false when one was.",
+            &["product", "kind"],
+        ),
+        ping_pong_units: counter(
+            &r,
+            "allot_ping_pong_units_total",
+            "Units granted to a server that released units of the product within the hour.",
+            &["product"],
+        ),
+        checkouts: counter(
+            &r,
+            "allot_checkouts_total",
+            "Checkouts the metering servers reported at balance runs.",
+            &["product"],
+        ),
         units_moved: counter(
             &r,
             "allot_units_moved_total",

@@ -58,7 +58,9 @@
 //!    rule 5's *urgent* grants need beyond the reserve — first units above the donors' wants,
 //!    then units between a donor's fair share and its want (largest first, then by server id);
 //!    a grant ahead of demand that the reserve cannot fund is deferred (largest first), since
-//!    pre-positioning is worth a move from the reserve but not two moves and a donor's wait; (b) with instant balancing on, the excess above what the cell
+//!    pre-positioning is worth a move from the reserve but not two moves and a donor's wait —
+//!    with instant balancing off, when the runs are the only way units move, every grant is
+//!    funded this way; (b) with instant balancing on, the excess above what the cell
 //!    needed over the whole window ([`CellSnapshot::window_want`]) when it is beyond the dead
 //!    band and the cell is not held — it goes to the reserve, the shared buffer every site can
 //!    draw from in one move; (c) a draining server gives back every free unit.
@@ -667,7 +669,8 @@ fn plan_product_with(
     // Rule 6a: the grants need more than the reserve holds. Grants ahead of demand are deferred
     // (the reserve alone funds them); the urgent ones take excess above the donors' wants, then
     // units between the donors' fair shares and wants.
-    if planned > pool {
+    // With instant balancing off, nobody can pull between runs: every grant is funded.
+    if planned > pool && config.instant_balancing {
         planned = defer_grants_ahead(work, planned, pool, config);
     }
     if planned > pool {

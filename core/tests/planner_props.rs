@@ -435,8 +435,9 @@ fn expected_targets(
     if planned > pool {
         let mut over = planned - pool;
         let grant = |k: usize, target: &[u64]| target[k] - cells[k].allocation;
+        // With instant balancing off every grant is funded: nothing is deferred.
         let mut ahead: Vec<usize> = (0..n)
-            .filter(|&k| decision[k] == Decision::GrantAhead)
+            .filter(|&k| config.instant_balancing && decision[k] == Decision::GrantAhead)
             .collect();
         ahead.sort_by_key(|&k| std::cmp::Reverse(grant(k, &target)));
         for k in ahead {
@@ -650,7 +651,7 @@ fn check_product(
             }
             // Rule 6a: units are taken from a holder for urgent grants only; a grant ahead of
             // demand is funded by the reserve alone.
-            if !(idle && t == idle_to) && ahead {
+            if !(idle && t == idle_to) && ahead && config.instant_balancing {
                 return fail("released to fund a grant ahead of demand");
             }
         }

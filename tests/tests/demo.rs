@@ -38,4 +38,17 @@ fn the_demo_runs_shows_the_books_and_stops_cleanly() {
         in_use > 0,
         "no unit in use in the last frame:\n{last_frame}"
     );
+    // The demo tells the truth about the policy: it shows false denials (units waiting clients
+    // could not get while units were free elsewhere) and ping-pong, and there are none.
+    for product in ["CAD Suite", "Simulator"] {
+        let line = last_frame
+            .lines()
+            .find(|l| l.starts_with(&format!("{product}: purchased")))
+            .unwrap_or_else(|| panic!("no books line for {product}:\n{last_frame}"));
+        assert!(
+            line.contains("unserved waiting: false 0 "),
+            "false denials in the demo: {line}"
+        );
+        assert!(line.contains("ping-pong units"), "{line}");
+    }
 }

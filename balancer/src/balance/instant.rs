@@ -233,6 +233,39 @@ impl Engine {
             }
         }
         units_moved += granted;
+        // Accounting: urgent units left unserved are true shortfalls when nothing was free
+        // anywhere the balancer could see, false ones when units were (the reserve after the
+        // grants, or free units above a donor's need).
+        let unserved = urgent.saturating_sub(granted);
+        if unserved > 0 {
+            let reserve_now = self.store.product(&req.product).await?.product.reserve;
+            let free_elsewhere: u64 = snapshot
+                .iter()
+                .filter(|c| c.server != asker)
+                .map(|c| {
+                    c.allocation
+                        .saturating_sub(c.in_use.saturating_add(c.demand.waiting))
+                })
+                .sum::<u64>()
+                .saturating_sub(reclaimed)
+                + reserve_now;
+            let falsely = unserved.min(free_elsewhere);
+            let metric = &crate::metrics::METRICS.unserved_units;
+            metric
+                .with_label_values(&[req.product.as_str(), "false"])
+                .inc_by(falsely);
+            metric
+                .with_label_values(&[req.product.as_str(), "true"])
+                .inc_by(unserved - falsely);
+            if falsely > 0 {
+                tracing::warn!(
+                    unserved,
+                    falsely,
+                    free_elsewhere,
+                    "waiting clients left unserved while units were free elsewhere"
+                );
+            }
+        }
         // Only a settled outcome is remembered: a grant still in flight is finished by the next
         // run, and a retry of this request may then find the units already there.
         if errors.is_empty() {

@@ -246,11 +246,18 @@ impl Engine {
                         ))
                     })?;
                 crate::metrics::METRICS.moved(&booked);
-                if booked.kind == MoveKind::Grant && booked.applied_units.unwrap_or(0) > 0 {
-                    self.memory
-                        .lock()
-                        .expect("engine memory")
-                        .granted(&booked.server, &booked.product);
+                let applied = booked.applied_units.unwrap_or(0);
+                if applied > 0 {
+                    let mut memory = self.memory.lock().expect("engine memory");
+                    if booked.kind == MoveKind::Grant {
+                        let back = memory.granted(&booked.server, &booked.product, applied);
+                        crate::metrics::METRICS
+                            .ping_pong_units
+                            .with_label_values(&[booked.product.as_str()])
+                            .inc_by(back);
+                    } else {
+                        memory.released(&booked.server, &booked.product, applied);
+                    }
                 }
                 tracing::info!(
                     applied = answer.units,

@@ -69,9 +69,20 @@ impl Engine {
         // are set aside like an unreachable server's.
         let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
         let now_ms = Utc::now().timestamp_millis();
-        self.store
-            .record_samples(run_id, now_ms, &usage_samples(&statuses))
-            .await?;
+        let samples = usage_samples(&statuses);
+        let m = &crate::metrics::METRICS;
+        for s in &samples {
+            let product = s.product.as_str();
+            m.checkouts
+                .with_label_values(&[product])
+                .inc_by(s.checkouts);
+            // Every product's accounting series exist from its first run, at 0.
+            for kind in ["true", "false"] {
+                m.unserved_units.with_label_values(&[product, kind]);
+            }
+            m.ping_pong_units.with_label_values(&[product]);
+        }
+        self.store.record_samples(run_id, now_ms, &samples).await?;
         let in_flight = self.store.unfinished_moves().await?;
         let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
         crate::metrics::METRICS
@@ -184,10 +195,12 @@ impl Engine {
                 .await?;
             (plan, server_names, releases)
         };
-        if !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant) {
+        let released_first =
+            !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant);
+        self.send_all(releases, by_name, &mut moved).await;
+        if released_first {
             crate::fault::point("between_release_and_grant");
         }
-        self.send_all(releases, by_name, &mut moved).await;
         let grants = {
             let _serialised = lock.lock().await;
             let reserve = self.store.product(name).await?.product.reserve;

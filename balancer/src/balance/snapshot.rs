@@ -25,13 +25,41 @@ pub(super) struct Memory {
     seen: HashMap<CellKey, (Demand, u64)>,
     /// Per cell, when units were last granted to it.
     granted_at: HashMap<CellKey, Instant>,
+    /// Per cell, the units it released within the ping-pong window, and when.
+    released: HashMap<CellKey, Vec<(Instant, u64)>>,
 }
 
+/// A unit released and granted back to the same server within this long is ping-pong.
+pub(super) const PING_PONG_WINDOW: Duration = Duration::from_secs(3600);
+
 impl Memory {
-    /// Notes a grant applied to a cell.
-    pub(super) fn granted(&mut self, server: &str, product: &str) {
-        self.granted_at
-            .insert((server.to_owned(), product.to_owned()), Instant::now());
+    /// Notes a grant applied to a cell; returns the units of it that come back within the
+    /// ping-pong window of a release from the same cell.
+    pub(super) fn granted(&mut self, server: &str, product: &str, units: u64) -> u64 {
+        let key = (server.to_owned(), product.to_owned());
+        self.granted_at.insert(key.clone(), Instant::now());
+        let Some(released) = self.released.get_mut(&key) else {
+            return 0;
+        };
+        released.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
+        let mut left = units;
+        for (_, r) in released.iter_mut() {
+            let matched = (*r).min(left);
+            *r -= matched;
+            left -= matched;
+        }
+        released.retain(|(_, r)| *r > 0);
+        units - left
+    }
+
+    /// Notes a release applied by a cell.
+    pub(super) fn released(&mut self, server: &str, product: &str, units: u64) {
+        let entry = self
+            .released
+            .entry((server.to_owned(), product.to_owned()))
+            .or_default();
+        entry.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
+        entry.push((Instant::now(), units));
     }
 
     /// Whether the cell was granted units within `hold`.
@@ -50,6 +78,10 @@ impl Memory {
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
     pub(super) fn forget_older_than(&mut self, hold: Duration) {
         self.granted_at.retain(|_, at| at.elapsed() < hold);
+        self.released.retain(|_, r| {
+            r.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
+            !r.is_empty()
+        });
     }
 }
 

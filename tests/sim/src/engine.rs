@@ -755,28 +755,6 @@ impl<'a> Sim<'a> {
                 reachable += free;
             }
         }
-        if std::env::var("EXP_DEBUG_DENY").is_ok() && anywhere >= units {
-            let c = &self.cells[k];
-            let others: Vec<(u64, u64, u64)> = (0..self.w.sites.len())
-                .map(|o| {
-                    let c = &self.cells[o * self.np + p];
-                    (c.alloc, c.in_use, c.queued_units)
-                })
-                .collect();
-            eprintln!(
-                "DENY t={} site={s} p={p} units={units} arrived={arrived} alloc={} in_use={} q={} inflight={:?}/{} ushort={:?} reserve={} transit={} cells={:?}",
-                self.now,
-                c.alloc,
-                c.in_use,
-                c.queued_units,
-                c.in_flight_since,
-                c.in_flight_urgent,
-                c.urgent_short_at,
-                self.books[p].reserve,
-                self.books[p].in_transit,
-                others
-            );
-        }
         let c = &mut self.cells[k];
         c.denials += units;
         c.sample_denials += units;
