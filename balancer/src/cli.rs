@@ -861,6 +861,8 @@ fn runs_table(runs: &[RunSummary]) -> Table {
         "unreachable",
         "moves",
         "units",
+        "unserved false/true",
+        "ping-pong",
     ]);
     for r in runs {
         let ms = r
@@ -877,6 +879,8 @@ fn runs_table(runs: &[RunSummary]) -> Table {
             r.servers_unreachable.to_string(),
             r.moves.to_string(),
             r.units_moved.to_string(),
+            format!("{}/{}", r.unserved_false, r.unserved_true),
+            r.ping_pong_units.to_string(),
         ]);
     }
     t

@@ -1,5 +1,11 @@
 //! allot's pure core.
 //!
+//! Modules: `domain` (the vocabulary), `wire` (JSON shapes), `error` (stable codes), `validate`
+//! (edge rules), `openapi` (schemas), `checkout` (the metering server's book), `trigger` (when
+//! a metering server asks for units), `demand` (demand signals from the history), `planner`
+//! (where every unit should sit), `instant` (what an instant balance does), `advisor`
+//! (schedule and buffer recommendations).
+//!
 //! Everything here is deterministic and free of I/O: the vocabulary of DESIGN.md as types
 //! ([`domain`]), the JSON shapes of the HTTP APIs ([`wire`]), the stable error codes
 //! ([`error`]), the edge validation rules ([`validate`]) and the decision makers that the

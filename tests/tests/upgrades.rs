@@ -420,6 +420,9 @@ fn response_types_ignore_unknown_fields() {
         servers_unreachable: 0,
         moves: 1,
         units_moved: 1,
+        unserved_true: 0,
+        unserved_false: 0,
+        ping_pong_units: 0,
         errors: vec![],
     };
     let counters = UsageCounters::default();

@@ -80,7 +80,7 @@ impl Engine {
         let mut errors = Vec::new();
 
         // Plan and log under the lock.
-        let reserve = self.store.product(&req.product).await?.product.reserve;
+        let reserve = self.available_reserve(&req.product).await?;
         let cells = self.store.product_cells(&req.product).await?;
         // The reserve cannot cover the clients waiting: what the last run saw of the donors
         // may be a quarter of an hour old, so read the statuses of those holding units now.
@@ -100,7 +100,7 @@ impl Engine {
         } else {
             Default::default()
         };
-        let reserve = self.store.product(&req.product).await?.product.reserve;
+        let reserve = self.available_reserve(&req.product).await?;
         let cells = self.store.product_cells(&req.product).await?;
         // A server with a move of this product still unconfirmed is in an unknown state (most
         // likely unreachable): asking it again would only log another release that cannot be
@@ -172,6 +172,7 @@ impl Engine {
                 Err(e) => errors.push(format!("release of {units} from {name} not logged: {e}")),
             }
         }
+        let _earmark = Earmark::new(self, &req.product, plan.reclaimed());
         drop(serialised);
 
         // Send outside the lock: the grant from the reserve and the releases at once.
@@ -234,9 +235,10 @@ impl Engine {
         }
         units_moved += granted;
         // Accounting: urgent units left unserved are true shortfalls when nothing was free
-        // anywhere the balancer could see, false ones when units were (the reserve after the
-        // grants, or free units above a donor's need).
+        // anywhere the balancer could see, false ones when units were and the plan left them
+        // (the reserve after the grants, or free units above a donor's need it did not ask for).
         let unserved = urgent.saturating_sub(granted);
+        let mut unserved_false = 0;
         if unserved > 0 {
             let reserve_now = self.store.product(&req.product).await?.product.reserve;
             let free_elsewhere: u64 = snapshot
@@ -247,9 +249,12 @@ impl Engine {
                         .saturating_sub(c.in_use.saturating_add(c.demand.waiting))
                 })
                 .sum::<u64>()
-                .saturating_sub(reclaimed)
+                // Units the plan asked for and a donor could not give (used meanwhile) were
+                // not free when the release arrived: only units the plan left are counted.
+                .saturating_sub(plan.reclaimed())
                 + reserve_now;
             let falsely = unserved.min(free_elsewhere);
+            unserved_false = falsely;
             let metric = &crate::metrics::METRICS.unserved_units;
             metric
                 .with_label_values(&[req.product.as_str(), "false"])
@@ -281,6 +286,11 @@ impl Engine {
                 )
                 .await?;
         }
+        let ping_pong = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .take_ping_pong(run_id);
         self.store
             .finish_run(
                 run_id,
@@ -290,6 +300,9 @@ impl Engine {
                     servers_unreachable: 0,
                     moves,
                     units_moved,
+                    unserved_true: unserved - unserved_false,
+                    unserved_false,
+                    ping_pong_units: ping_pong,
                     errors,
                 },
             )
@@ -303,7 +316,50 @@ impl Engine {
     }
 }
 
+/// Units being reclaimed for one request's waiting clients, earmarked from logging the
+/// releases until the grant that carries them on is logged (or the request gives up), so no
+/// other request or run takes them from the reserve in between.
+struct Earmark<'a> {
+    engine: &'a Engine,
+    product: &'a str,
+    units: u64,
+}
+
+impl<'a> Earmark<'a> {
+    fn new(engine: &'a Engine, product: &'a str, units: u64) -> Self {
+        engine
+            .memory
+            .lock()
+            .expect("engine memory")
+            .earmark(product, i128::from(units));
+        Self {
+            engine,
+            product,
+            units,
+        }
+    }
+}
+
+impl Drop for Earmark<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut memory) = self.engine.memory.lock() {
+            memory.earmark(self.product, -i128::from(self.units));
+        }
+    }
+}
+
 impl Engine {
+    /// The product's reserve less the units earmarked for instant balances under way.
+    pub(super) async fn available_reserve(&self, product: &str) -> Result<u64, BalanceError> {
+        let reserve = self.store.product(product).await?.product.reserve;
+        let earmarked = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .earmarked(product);
+        Ok(reserve.saturating_sub(earmarked))
+    }
+
     /// The statuses of `donors` that answer within [`super::EngineConfig::donor_read_timeout`]
     /// (a server that does not is simply judged by what the last run saw).
     async fn donor_statuses(&self, donors: Vec<ServerRecord>) -> super::StatusMap {

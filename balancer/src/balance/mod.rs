@@ -251,6 +251,9 @@ impl Engine {
                     let mut memory = self.memory.lock().expect("engine memory");
                     if booked.kind == MoveKind::Grant {
                         let back = memory.granted(&booked.server, &booked.product, applied);
+                        if let Some(run_id) = booked.run_id {
+                            memory.ping_pong_in_run(run_id, back);
+                        }
                         crate::metrics::METRICS
                             .ping_pong_units
                             .with_label_values(&[booked.product.as_str()])

@@ -133,13 +133,20 @@ impl Engine {
             }
         }
 
+        let ping_pong = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .take_ping_pong(run_id);
         let outcome = RunOutcome {
             status: if errors.is_empty() { "ok" } else { "partial" }.into(),
             servers_queried: statuses.len() as u64,
             servers_unreachable: unreachable.len() as u64,
             moves,
             units_moved,
+            ping_pong_units: ping_pong,
             errors,
+            ..RunOutcome::default()
         };
         self.store.finish_run(run_id, &outcome).await?;
         tally.finish(&outcome.status, statuses.keys(), unreachable.keys());
@@ -203,7 +210,7 @@ impl Engine {
         }
         let grants = {
             let _serialised = lock.lock().await;
-            let reserve = self.store.product(name).await?.product.reserve;
+            let reserve = self.available_reserve(name).await?;
             self.log_moves(
                 run_id,
                 epoch,

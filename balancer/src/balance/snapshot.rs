@@ -27,6 +27,11 @@ pub(super) struct Memory {
     granted_at: HashMap<CellKey, Instant>,
     /// Per cell, the units it released within the ping-pong window, and when.
     released: HashMap<CellKey, Vec<(Instant, u64)>>,
+    /// Ping-pong units per run still running, for its record.
+    ping_pong_by_run: HashMap<i64, u64>,
+    /// Per product, units being released for an instant balance's waiting clients: they reach
+    /// the reserve before the grant that carries them on, and no other request may take them.
+    earmarked: HashMap<String, u64>,
 }
 
 /// A unit released and granted back to the same server within this long is ping-pong.
@@ -50,6 +55,32 @@ impl Memory {
         }
         released.retain(|(_, r)| *r > 0);
         units - left
+    }
+
+    /// The product's units earmarked for instant balances under way.
+    pub(super) fn earmarked(&self, product: &str) -> u64 {
+        self.earmarked.get(product).copied().unwrap_or(0)
+    }
+
+    /// Earmarks (or, negative, frees) reclaimed units of a product.
+    pub(super) fn earmark(&mut self, product: &str, units: i128) {
+        let entry = self.earmarked.entry(product.to_owned()).or_default();
+        *entry = u64::try_from((i128::from(*entry) + units).max(0)).unwrap_or(u64::MAX);
+        if *entry == 0 {
+            self.earmarked.remove(product);
+        }
+    }
+
+    /// Adds ping-pong units to a run's tally.
+    pub(super) fn ping_pong_in_run(&mut self, run_id: i64, units: u64) {
+        if units > 0 {
+            *self.ping_pong_by_run.entry(run_id).or_default() += units;
+        }
+    }
+
+    /// Takes a finished run's ping-pong tally.
+    pub(super) fn take_ping_pong(&mut self, run_id: i64) -> u64 {
+        self.ping_pong_by_run.remove(&run_id).unwrap_or(0)
     }
 
     /// Notes a release applied by a cell.

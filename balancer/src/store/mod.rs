@@ -296,6 +296,12 @@ pub struct RunOutcome {
     pub moves: u64,
     /// Units they carried.
     pub units_moved: u64,
+    /// Units waiting clients asked for that could not be served while nothing was free.
+    pub unserved_true: u64,
+    /// Units waiting clients asked for that could not be served while units were free.
+    pub unserved_false: u64,
+    /// Units granted back to a server that released units of the product within the hour.
+    pub ping_pong_units: u64,
     /// One line per problem.
     pub errors: Vec<String>,
 }

@@ -327,7 +327,8 @@ impl From<CellRecordRow> for CellRecord {
 macro_rules! run_columns {
     () => {
         "r.id, r.trigger, r.status, r.started_at, r.finished_at, r.servers_queried, \
-         r.servers_unreachable, r.moves, r.units_moved, r.errors"
+         r.servers_unreachable, r.moves, r.units_moved, r.errors, r.unserved_true, \
+         r.unserved_false, r.ping_pong_units"
     };
 }
 pub(super) use run_columns;
@@ -344,6 +345,9 @@ pub(super) struct RunRow {
     pub moves: i64,
     pub units_moved: i64,
     pub errors: Option<String>,
+    pub unserved_true: i64,
+    pub unserved_false: i64,
+    pub ping_pong_units: i64,
 }
 
 impl RunRow {
@@ -358,6 +362,9 @@ impl RunRow {
             servers_unreachable: count(self.servers_unreachable),
             moves: count(self.moves),
             units_moved: count(self.units_moved),
+            unserved_true: count(self.unserved_true),
+            unserved_false: count(self.unserved_false),
+            ping_pong_units: count(self.ping_pong_units),
             errors: self
                 .errors
                 .and_then(|e| serde_json::from_str(&e).ok())

@@ -1155,7 +1155,8 @@ impl Store for SqlStore {
         let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         sqlx::query(
             "UPDATE balance_runs SET status = $1, finished_at = $2, servers_queried = $3, \
-             servers_unreachable = $4, moves = $5, units_moved = $6, errors = $7 WHERE id = $8",
+             servers_unreachable = $4, moves = $5, units_moved = $6, errors = $7, \
+             unserved_true = $8, unserved_false = $9, ping_pong_units = $10 WHERE id = $11",
         )
         .bind(&outcome.status)
         .bind(now_ms())
@@ -1164,6 +1165,9 @@ impl Store for SqlStore {
         .bind(wide(outcome.moves))
         .bind(wide(outcome.units_moved))
         .bind(json(&outcome.errors))
+        .bind(wide(outcome.unserved_true))
+        .bind(wide(outcome.unserved_false))
+        .bind(wide(outcome.ping_pong_units))
         .bind(run_id)
         .execute(&self.pool)
         .await?;

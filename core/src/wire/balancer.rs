@@ -350,6 +350,18 @@ pub struct RunSummary {
     pub moves: u64,
     /// Units those moves carried.
     pub units_moved: u64,
+    /// Units waiting clients asked for that this (instant) run could not serve while nothing
+    /// was free anywhere: only buying more helps.
+    #[serde(default)]
+    pub unserved_true: u64,
+    /// Units waiting clients asked for that this run could not serve although units were
+    /// free elsewhere: false denials, what the balancing policy minimises.
+    #[serde(default)]
+    pub unserved_false: u64,
+    /// Units this run granted to a server that had released units of the same product within
+    /// the hour (ping-pong).
+    #[serde(default)]
+    pub ping_pong_units: u64,
     /// What went wrong, one line each.
     pub errors: Vec<String>,
 }
