@@ -1,6 +1,12 @@
 //! allot's central balancer: the books ([`store`]), the admin API ([`api`]), tokens
 //! ([`auth`]), the balance schedule ([`schedule`]), configuration ([`config`]) and the admin
 //! CLI ([`cli`]).
+//!
+//! Every module: `advice` (the trend advisor's shell), `api` (HTTP routes), `auth` (tokens),
+//! `balance` (the engine: runs, instant balances, explain, reconciliation, doctor), `cli`,
+//! `config`, `demo`, `fault` (fault-injection points for the tests), `history` (roll-ups and
+//! retention), `leader` (leadership and epochs), `metrics` (Prometheus), `schedule` (cron),
+//! `service` (the `serve` process), `store` (the books in SQL).
 #![forbid(unsafe_code)]
 
 pub mod advice;
