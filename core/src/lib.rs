@@ -1,10 +1,16 @@
-//! allot's pure core.
+//! allot's pure core: no clock, no I/O, no randomness — every decision of allot as a function.
 //!
-//! Modules: `domain` (the vocabulary), `wire` (JSON shapes), `error` (stable codes), `validate`
-//! (edge rules), `openapi` (schemas), `checkout` (the metering server's book), `trigger` (when
-//! a metering server asks for units), `demand` (demand signals from the history), `planner`
-//! (where every unit should sit), `instant` (what an instant balance does), `advisor`
-//! (schedule and buffer recommendations).
+//! - `domain` — the vocabulary of DESIGN.md as types (products, servers, policies, moves).
+//! - `wire` — the JSON shapes of the HTTP APIs (`wire::agent`, `wire::balancer`).
+//! - `error` — the stable error codes both servers answer with.
+//! - `validate` — the edge rules every request is checked against.
+//! - `openapi` — the schemas of both APIs (feature `openapi`).
+//! - `checkout` — the metering server's book: `rules` (ACL, seat, staleout), `types`, the book.
+//! - `trigger` — when a metering server asks the balancer for units, and how many are urgent.
+//! - `demand` — demand signals (level, window peak, forecast) from the history.
+//! - `planner` — where every unit should sit: `types`, the per-product flow, the water-fill.
+//! - `instant` — what an instant balance grants and reclaims.
+//! - `advisor` — schedule and buffer recommendations from the history.
 //!
 //! Everything here is deterministic and free of I/O: the vocabulary of DESIGN.md as types
 //! ([`domain`]), the JSON shapes of the HTTP APIs ([`wire`]), the stable error codes

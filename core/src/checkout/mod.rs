@@ -1,0 +1,655 @@
+//! The metering server's checkout book: every decision about who gets a unit, as pure code.
+//!
+//! A metering server keeps its live state — products with their policy and allocation, the
+//! checkouts held under their handles, the wait queues, the applied moves — in a [`Book`]. The
+//! server's HTTP handlers, its store and its staleout task are shells around it: they call the
+//! book with the request, `now` (Unix milliseconds) and fresh handles, persist what it returns and
+//! answer. Nothing here reads a clock, draws a random number or does I/O, so every rule (policy,
+//! seat, ACL, staleout arithmetic, FIFO wait queue, release of free units only, idempotent moves)
+//! is tested directly, including by property tests over random operation sequences.
+//!
+//! The module is laid out by concern: [`rules`] holds the stateless rules (ACL, seat, policy
+//! decision, staleout arithmetic), [`types`] the records and answers the book exchanges with its
+//! shells, `moves` the balancer's grants and releases as the book applies them, and this file
+//! the [`Book`] itself: checkouts, the wait queue, heartbeats, checkins and staleouts.
+
+mod moves;
+pub mod rules;
+pub mod types;
+
+pub use rules::*;
+pub use types::*;
+
+use crate::domain::{MoveKind, Policy};
+use crate::wire::agent::{AgentProduct, MoveResponse, ProductStatus, UsageCounters};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// A seat shared by several handles (`per_user_host`, `per_user`).
+#[derive(Debug, Clone)]
+struct SharedSeat {
+    units: u32,
+    handles: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    id: u64,
+    user: String,
+    host: String,
+    units: u32,
+}
+
+/// One live checkout in memory: only what decisions and staleout need.
+#[derive(Debug, Clone)]
+struct Live {
+    product: Arc<str>,
+    seat: Option<Box<str>>,
+    units: u32,
+    deadline: Millis,
+}
+
+/// One product's live figures.
+#[derive(Debug, Clone)]
+struct ProductBook {
+    name: Arc<str>,
+    policy: Policy,
+    allocation: u32,
+    generation: u64,
+    in_use: u32,
+    seats: HashMap<Box<str>, SharedSeat>,
+    queue: VecDeque<Waiter>,
+    /// Σ units of `queue`, kept as it changes so the trigger's input costs nothing to read.
+    queued_units: u64,
+    since_last: UsageCounters,
+    totals: UsageCounters,
+}
+
+impl ProductBook {
+    fn note_in_use(&mut self) {
+        self.since_last.peak_in_use = self.since_last.peak_in_use.max(self.in_use);
+        self.totals.peak_in_use = self.totals.peak_in_use.max(self.in_use);
+    }
+
+    fn count(&mut self, f: impl Fn(&mut UsageCounters)) {
+        f(&mut self.since_last);
+        f(&mut self.totals);
+    }
+}
+
+/// Everything a metering server knows, and every rule it applies to it.
+#[derive(Debug, Default)]
+pub struct Book {
+    products: HashMap<Arc<str>, ProductBook>,
+    checkouts: HashMap<Handle, Live>,
+    deadlines: BTreeSet<(Millis, Handle)>,
+    moves: HashMap<Uuid, AppliedMove>,
+    waiting: usize,
+    next_waiter: u64,
+    limits: Limits,
+    /// `None`: standalone, no lease needed. `Some(t)`: new grants only while `now < t`, so a
+    /// server the balancer may have declared lost never grants units it no longer owns.
+    lease: Option<Millis>,
+}
+
+impl Book {
+    /// An empty book with the given caps.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// Defines a product or replaces its policy. Returns whether the product is new and the
+    /// waiters a looser policy now serves.
+    pub fn define(
+        &mut self,
+        product: &str,
+        policy: Policy,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> (bool, Vec<Served>) {
+        let is_new = match self.products.get_mut(product) {
+            Some(p) => {
+                p.policy = policy;
+                false
+            }
+            None => {
+                let name: Arc<str> = Arc::from(product);
+                self.products.insert(
+                    name.clone(),
+                    ProductBook {
+                        name,
+                        policy,
+                        allocation: 0,
+                        generation: 0,
+                        in_use: 0,
+                        seats: HashMap::new(),
+                        queue: VecDeque::new(),
+                        queued_units: 0,
+                        since_last: UsageCounters::default(),
+                        totals: UsageCounters::default(),
+                    },
+                );
+                true
+            }
+        };
+        let served = self.serve(product, now, handles);
+        (is_new, served)
+    }
+
+    /// Restores a product from the store (at start), with its allocation, generation and totals.
+    pub fn restore_product(
+        &mut self,
+        product: &str,
+        policy: Policy,
+        allocation: u32,
+        generation: u64,
+        totals: UsageCounters,
+    ) {
+        self.define(product, policy, 0, &mut || Handle(0));
+        if let Some(p) = self.products.get_mut(product) {
+            p.allocation = allocation;
+            p.generation = generation;
+            p.totals = totals;
+        }
+    }
+
+    /// Restores a persisted checkout (at start). Its staleout clock restarts at `now`: clients
+    /// could not heartbeat while the server was down.
+    pub fn restore_checkout(&mut self, record: &CheckoutRecord, now: Millis) {
+        let Some(p) = self.products.get_mut(record.product.as_str()) else {
+            return;
+        };
+        let deadline = staleout_deadline(now, p.policy.staleout_seconds);
+        let seat: Option<Box<str>> = record.seat.as_deref().map(Box::from);
+        match &seat {
+            Some(key) => match p.seats.get_mut(key) {
+                Some(s) => s.handles += 1,
+                None => {
+                    p.seats.insert(
+                        key.clone(),
+                        SharedSeat {
+                            units: record.units,
+                            handles: 1,
+                        },
+                    );
+                    p.in_use = p.in_use.saturating_add(record.units);
+                }
+            },
+            None => p.in_use = p.in_use.saturating_add(record.units),
+        }
+        p.note_in_use();
+        self.checkouts.insert(
+            record.handle,
+            Live {
+                product: p.name.clone(),
+                seat,
+                units: record.units,
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, record.handle));
+    }
+
+    /// Restores an applied move (at start) so its repeat is still answered from it.
+    pub fn restore_move(&mut self, applied: AppliedMove) {
+        self.moves.insert(applied.response.move_id, applied);
+    }
+
+    /// Sets a product's allocation from local configuration (standalone use): a decrease takes
+    /// only free units, like a release. Returns the new allocation, generation and the waiters
+    /// served, if it changed.
+    pub fn set_allocation(
+        &mut self,
+        product: &str,
+        target: u32,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Option<(u32, u64, Vec<Served>)> {
+        let p = self.products.get_mut(product)?;
+        let new = if target < p.allocation {
+            p.allocation - releasable(p.allocation, p.in_use, p.allocation - target)
+        } else {
+            target
+        };
+        if new == p.allocation {
+            return None;
+        }
+        p.allocation = new;
+        p.generation += 1;
+        let (allocation, generation) = (p.allocation, p.generation);
+        let served = self.serve(product, now, handles);
+        Some((allocation, generation, served))
+    }
+
+    /// Sets the lease: `None` for a standalone server, `Some(until)` for one under a balancer
+    /// (`Some(0)` before its first sync). Returns the waiters a renewed lease now serves.
+    pub fn set_lease(
+        &mut self,
+        lease: Option<Millis>,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Vec<Served> {
+        let was = self.leased(now);
+        self.lease = lease;
+        if was || !self.leased(now) {
+            return Vec::new();
+        }
+        let mut names: Vec<Arc<str>> = self.products.keys().cloned().collect();
+        names.sort_unstable();
+        let mut served = Vec::new();
+        for name in names {
+            served.extend(self.serve(&name, now, handles));
+        }
+        served
+    }
+
+    /// The lease: `None` when standalone, else when it ends (Unix ms).
+    pub fn lease(&self) -> Option<Millis> {
+        self.lease
+    }
+
+    /// Whether new checkouts may be granted at `now` (standalone, or within the lease).
+    pub fn leased(&self, now: Millis) -> bool {
+        self.lease.is_none_or(|until| now < until)
+    }
+
+    /// Adopts the allocation the balancer's books give a product after the server was declared
+    /// lost (its units were reclaimed). Unlike a release this may go below the units in use:
+    /// live checkouts continue, new grants follow the new allocation. The generation moves past
+    /// both the local one and the books' one, so the balancer sees a change. Returns the new
+    /// allocation, generation and the waiters served; `None` for an unknown product.
+    pub fn adopt_allocation(
+        &mut self,
+        product: &str,
+        units: u32,
+        generation: u64,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Option<(u32, u64, Vec<Served>)> {
+        let p = self.products.get_mut(product)?;
+        p.allocation = units;
+        p.generation = p.generation.saturating_add(1).max(generation);
+        let (allocation, generation) = (p.allocation, p.generation);
+        let served = self.serve(product, now, handles);
+        Some((allocation, generation, served))
+    }
+
+    /// Units asked by the clients queued for a product: the `short_units` of the instant-balance
+    /// trigger (`crate::trigger`).
+    pub fn queued_units(&self, product: &str) -> u64 {
+        self.products.get(product).map_or(0, |p| p.queued_units)
+    }
+
+    /// Counts an instant balance asked of the balancer (status counters and totals).
+    pub fn count_instant_request(&mut self, product: &str) {
+        if let Some(p) = self.products.get_mut(product) {
+            p.count(|c| c.instant_requests += 1);
+        }
+    }
+
+    /// A checkout request. `wait` says the client will wait in the queue when nothing is free.
+    pub fn checkout(
+        &mut self,
+        product: &str,
+        who: Who<'_>,
+        units: u32,
+        wait: bool,
+        now: Millis,
+        handle: Handle,
+    ) -> Result<Outcome, Refusal> {
+        let p = self
+            .products
+            .get_mut(product)
+            .ok_or(Refusal::UnknownProduct)?;
+        acl_check(&p.policy.acl, &who).map_err(Refusal::Forbidden)?;
+        if let Some(until) = self.lease
+            && now >= until
+        {
+            // Not a denial: no move of units could have prevented it (the balancer may already
+            // have reclaimed them), so it is not demand the balancer should act on.
+            return Err(Refusal::LeaseExpired { since: until });
+        }
+        let key = seat_key(p.policy.seat, who.user, who.host);
+        let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
+        let decision = decide(
+            p.policy.enforcement,
+            p.allocation,
+            p.in_use,
+            units,
+            seat_held,
+            !p.queue.is_empty(),
+        );
+        if decision == Decision::Deny {
+            if wait {
+                if self.waiting >= self.limits.max_waiting {
+                    return Err(Refusal::Full);
+                }
+                self.next_waiter += 1;
+                let id = self.next_waiter;
+                p.queued_units += u64::from(units);
+                p.queue.push_back(Waiter {
+                    id,
+                    user: who.user.to_owned(),
+                    host: who.host.to_owned(),
+                    units,
+                });
+                self.waiting += 1;
+                return Ok(Outcome::Queued(id));
+            }
+            p.count(|c| c.denials += 1);
+            return Err(Refusal::Unavailable);
+        }
+        if self.checkouts.len() >= self.limits.max_checkouts {
+            return Err(Refusal::Full);
+        }
+        Ok(Outcome::Granted(self.take(
+            product, who.user, who.host, units, decision, now, handle,
+        )))
+    }
+
+    /// Applies a non-deny decision: takes the units (or joins the seat) under a new handle.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &mut self,
+        product: &str,
+        user: &str,
+        host: &str,
+        units: u32,
+        decision: Decision,
+        now: Millis,
+        handle: Handle,
+    ) -> Grant {
+        let p = self
+            .products
+            .get_mut(product)
+            .expect("product checked by caller");
+        let key = seat_key(p.policy.seat, user, host).map(String::into_boxed_str);
+        let (units, joined, overdraft) = match decision {
+            Decision::Join => {
+                let k = key.as_deref().expect("join needs a seat");
+                let s = p.seats.get_mut(k).expect("join needs a held seat");
+                s.handles += 1;
+                (s.units, true, false)
+            }
+            Decision::Take { overdraft } => {
+                if let Some(k) = &key {
+                    p.seats.insert(k.clone(), SharedSeat { units, handles: 1 });
+                }
+                p.in_use = p.in_use.saturating_add(units);
+                p.note_in_use();
+                (units, false, overdraft)
+            }
+            Decision::Deny => unreachable!("take is never called with a denial"),
+        };
+        p.count(|c| c.checkouts += 1);
+        if overdraft {
+            p.count(|c| c.overdrafts += 1);
+        }
+        let deadline = staleout_deadline(now, p.policy.staleout_seconds);
+        self.checkouts.insert(
+            handle,
+            Live {
+                product: p.name.clone(),
+                seat: key.clone(),
+                units,
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, handle));
+        Grant {
+            record: CheckoutRecord {
+                handle,
+                product: product.to_owned(),
+                user: user.to_owned(),
+                host: host.to_owned(),
+                seat: key.map(String::from),
+                units,
+                overdraft,
+                created_at: now,
+            },
+            heartbeat_seconds: p.policy.heartbeat_seconds,
+            joined,
+        }
+    }
+
+    /// Hands freed units to the product's queue, first come first served, while the head fits.
+    fn serve(
+        &mut self,
+        product: &str,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Vec<Served> {
+        let mut served = Vec::new();
+        if !self.leased(now) {
+            // Without a lease nothing new is granted; the waiters stay until their timeout.
+            return served;
+        }
+        while let Some(p) = self.products.get_mut(product) {
+            let Some(head) = p.queue.front() else { break };
+            let key = seat_key(p.policy.seat, &head.user, &head.host);
+            let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
+            let decision = decide(
+                p.policy.enforcement,
+                p.allocation,
+                p.in_use,
+                head.units,
+                seat_held,
+                false,
+            );
+            if decision == Decision::Deny || self.checkouts.len() >= self.limits.max_checkouts {
+                break;
+            }
+            let w = p.queue.pop_front().expect("head exists");
+            p.queued_units -= u64::from(w.units);
+            self.waiting -= 1;
+            let grant = self.take(product, &w.user, &w.host, w.units, decision, now, handles());
+            served.push(Served {
+                waiter: w.id,
+                grant,
+            });
+        }
+        served
+    }
+
+    /// Removes a waiter from its queue (timeout or disconnect) and serves the waiters behind
+    /// it that its leaving lets through: a smaller request that fits where the waiter's did
+    /// not, or the end of its head-of-line blocking. Returns `None` when it is no longer
+    /// queued, i.e. it was already served.
+    ///
+    /// A timeout counts as a denial — unless the lease had run out at `now`: nothing could be
+    /// granted then, whatever units the balancer moved, so it is a lease refusal
+    /// ([`Left::lease_expired`]) and not counted in `denials`.
+    pub fn cancel_wait(
+        &mut self,
+        product: &str,
+        waiter: u64,
+        timed_out: bool,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Option<Left> {
+        let leased = self.leased(now);
+        let p = self.products.get_mut(product)?;
+        let pos = p.queue.iter().position(|w| w.id == waiter)?;
+        if let Some(w) = p.queue.remove(pos) {
+            p.queued_units -= u64::from(w.units);
+        }
+        self.waiting -= 1;
+        if timed_out && leased {
+            p.count(|c| c.denials += 1);
+        }
+        Some(Left {
+            lease_expired: !leased,
+            served: self.serve(product, now, handles),
+        })
+    }
+
+    /// Keeps a checkout alive. Returns its new staleout deadline.
+    pub fn heartbeat(&mut self, handle: Handle, now: Millis) -> Result<Millis, BadHandle> {
+        let live = self.checkouts.get_mut(&handle).ok_or(BadHandle)?;
+        let staleout = self
+            .products
+            .get(&live.product)
+            .map_or(0, |p| p.policy.staleout_seconds);
+        let deadline = staleout_deadline(now, staleout);
+        self.deadlines.remove(&(live.deadline, handle));
+        live.deadline = deadline;
+        self.deadlines.insert((deadline, handle));
+        Ok(deadline)
+    }
+
+    /// Ends a checkout. Returns the product and the waiters its freed units serve.
+    pub fn checkin(
+        &mut self,
+        handle: Handle,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Result<(Arc<str>, Vec<Served>), BadHandle> {
+        let live = self.checkouts.remove(&handle).ok_or(BadHandle)?;
+        self.deadlines.remove(&(live.deadline, handle));
+        let product = live.product.clone();
+        if let Some(p) = self.products.get_mut(&live.product) {
+            let frees = match &live.seat {
+                Some(k) => match p.seats.get_mut(k) {
+                    Some(s) if s.handles > 1 => {
+                        s.handles -= 1;
+                        false
+                    }
+                    _ => {
+                        p.seats.remove(k);
+                        true
+                    }
+                },
+                None => true,
+            };
+            if frees {
+                p.in_use = p.in_use.saturating_sub(live.units);
+            }
+        }
+        let served = self.serve(&product, now, handles);
+        Ok((product, served))
+    }
+
+    /// The earliest staleout deadline, for the task that sleeps until it.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.deadlines.first().map(|(d, _)| *d)
+    }
+
+    /// Stales out every checkout whose deadline has passed. Returns the staled handles (with
+    /// their product) and the waiters their units serve.
+    pub fn expire(
+        &mut self,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> (Vec<(Handle, Arc<str>)>, Vec<Served>) {
+        let mut staled = Vec::new();
+        let mut served = Vec::new();
+        while let Some(&(deadline, handle)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if let Ok((product, s)) = self.checkin(handle, now, handles) {
+                if let Some(p) = self.products.get_mut(&product) {
+                    p.count(|c| c.staleouts += 1);
+                }
+                staled.push((handle, product));
+                served.extend(s);
+            } else {
+                self.deadlines.pop_first();
+            }
+        }
+        (staled, served)
+    }
+    /// The product a live checkout belongs to.
+    pub fn product_of(&self, handle: Handle) -> Option<&str> {
+        self.checkouts.get(&handle).map(|l| &*l.product)
+    }
+
+    /// The policy of a product, if defined.
+    pub fn policy(&self, product: &str) -> Option<&Policy> {
+        self.products.get(product).map(|p| &p.policy)
+    }
+
+    /// A product's allocation, generation and in-use units.
+    pub fn figures(&self, product: &str) -> Option<(u32, u64, u32)> {
+        self.products
+            .get(product)
+            .map(|p| (p.allocation, p.generation, p.in_use))
+    }
+
+    /// Live checkouts (handles).
+    pub fn live_checkouts(&self) -> usize {
+        self.checkouts.len()
+    }
+
+    /// Clients waiting, over all products.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// Whether a handle is live.
+    pub fn is_live(&self, handle: Handle) -> bool {
+        self.checkouts.contains_key(&handle)
+    }
+
+    /// The client view of every product, sorted by name.
+    pub fn products(&self) -> Vec<AgentProduct> {
+        let mut out: Vec<AgentProduct> = self
+            .products
+            .values()
+            .map(|p| AgentProduct {
+                product: p.name.to_string(),
+                allocated: p.allocation,
+                in_use: p.in_use,
+                free: p.allocation.saturating_sub(p.in_use),
+                waiting: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
+                policy: p.policy.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.product.cmp(&b.product));
+        out
+    }
+
+    /// Every product's totals, for the store.
+    pub fn totals(&self) -> Vec<(String, UsageCounters)> {
+        self.products
+            .values()
+            .map(|p| (p.name.to_string(), p.totals.clone()))
+            .collect()
+    }
+
+    /// The balancer's view of every product, sorted by name. With `reset`, the counters since
+    /// the last read start again (the peak restarts at the current in-use).
+    pub fn status(&mut self, reset: bool) -> Vec<ProductStatus> {
+        let mut out: Vec<ProductStatus> = self
+            .products
+            .values_mut()
+            .map(|p| {
+                let s = ProductStatus {
+                    product: p.name.to_string(),
+                    allocation: p.allocation,
+                    generation: p.generation,
+                    in_use: p.in_use,
+                    waiting: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
+                    since_last: p.since_last.clone(),
+                    totals: p.totals.clone(),
+                };
+                if reset {
+                    p.since_last = UsageCounters {
+                        peak_in_use: p.in_use,
+                        ..UsageCounters::default()
+                    };
+                }
+                s
+            })
+            .collect();
+        out.sort_by(|a, b| a.product.cmp(&b.product));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

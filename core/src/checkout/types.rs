@@ -1,0 +1,140 @@
+//! What the checkout book takes from and gives back to its shells: persisted records, grants,
+//! outcomes, refusals, applied moves and the book's limits.
+
+use super::rules::{AclDenial, Handle, Millis};
+use crate::domain::MoveKind;
+use crate::wire::agent::MoveResponse;
+
+/// A checkout as persisted: enough to rebuild the book after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutRecord {
+    /// The checkout's name.
+    pub handle: Handle,
+    /// The product checked out.
+    pub product: String,
+    /// Who holds it.
+    pub user: String,
+    /// Where it is held.
+    pub host: String,
+    /// The shared seat it belongs to, if the product shares seats.
+    pub seat: Option<String>,
+    /// Units held by the checkout's seat.
+    pub units: u32,
+    /// Granted beyond the allocation (soft stop).
+    pub overdraft: bool,
+    /// When it was granted.
+    pub created_at: Millis,
+}
+
+/// A waiter's leaving of its queue ([`Book::cancel_wait`](super::Book::cancel_wait)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    /// The server's lease had run out when it left: its timeout is a lease refusal, not a
+    /// denial.
+    pub lease_expired: bool,
+    /// The waiters behind it that its leaving let through, to hand their checkouts to.
+    pub served: Vec<Served>,
+}
+
+/// A granted checkout, to persist (`record`) and to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// What to persist before answering.
+    pub record: CheckoutRecord,
+    /// How often the client should heartbeat.
+    pub heartbeat_seconds: u32,
+    /// Whether this checkout joined a seat already held (no new units were taken).
+    pub joined: bool,
+}
+
+/// A waiting client that a freed unit was handed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The waiter, as returned by [`Outcome::Queued`].
+    pub waiter: u64,
+    /// Its checkout.
+    pub grant: Grant,
+}
+
+/// The result of a checkout request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Granted now.
+    Granted(Grant),
+    /// Nothing free; the client waits in the product's queue under this id.
+    Queued(u64),
+}
+
+/// Why a checkout was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The product is not defined here.
+    UnknownProduct,
+    /// The ACL refuses this user, host or group.
+    Forbidden(AclDenial),
+    /// Hard stop and nothing free (and the client would not wait).
+    Unavailable,
+    /// The server's cap on live checkouts or waiting clients is reached.
+    Full,
+    /// The server's lease from the balancer ran out at `since` (Unix ms; 0 when it never had
+    /// one): it may not grant, because the balancer may already have reclaimed its units.
+    LeaseExpired {
+        /// When the lease ended.
+        since: Millis,
+    },
+}
+
+/// Why a heartbeat or checkin was refused: the handle is unknown or staled out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadHandle;
+
+/// Why a move was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveRefusal {
+    /// The product is not defined here.
+    UnknownProduct,
+    /// The move id was already applied as another kind of move or to another product.
+    Conflict,
+}
+
+/// A move as applied and persisted, so a repeat is answered from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMove {
+    /// Release or grant.
+    pub kind: MoveKind,
+    /// The product moved.
+    pub product: String,
+    /// Units the balancer asked to move.
+    pub requested: u32,
+    /// The first answer, repeated verbatim.
+    pub response: MoveResponse,
+}
+
+/// The answer to a move request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveOutcome {
+    /// The answer (the first one, for a repeat).
+    pub response: MoveResponse,
+    /// The move to persist, or `None` for a repeat that changed nothing.
+    pub applied: Option<AppliedMove>,
+    /// Waiters served by a grant's new units.
+    pub served: Vec<Served>,
+}
+
+/// Caps that keep one server's memory and work bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most live checkouts (handles) at once.
+    pub max_checkouts: usize,
+    /// Most clients waiting at once, over all products.
+    pub max_waiting: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_checkouts: 1_000_000,
+            max_waiting: 10_000,
+        }
+    }
+}
