@@ -2,7 +2,7 @@
 //! shape the real advisor ([`allot_core::advisor::advise`]) reads, and the advisor's answer
 //! turned back into the simulator's schedule and per-cell settings.
 //!
-//! An advised policy runs un-tuned through the training period ([`SimConfig::train`]) while a
+//! An advised policy runs un-tuned through the training period (`SimConfig::train`) while a
 //! [`Recorder`] keeps what `balancer/src/advice.rs` reads from the store: a usage sample per
 //! (server, product) per scheduled run, every grant of an instant balance, every run with its
 //! moves, and the schedule's run times. At the end of the period [`advisor_input`] builds the
@@ -10,7 +10,6 @@
 //! recommended cron to run times (parsed with `croner`, as the balancer does) and the
 //! recommended `min_units` / `buffer_units` to cells. Nothing of the advisor is re-implemented.
 //!
-//! [`SimConfig::train`]: crate::engine::SimConfig::train
 
 use crate::workload::{MINUTE, Workload};
 use allot_core::advisor::{

@@ -3,10 +3,12 @@
 //! trigger policy from `allot-core`, side by side with the baselines and the one-pool oracle
 //! on the same arrivals. See docs/simulator.md.
 //!
-//! Every module: `advice` (the advice experiment), `engine` (the discrete-event engine),
-//! `flexnet` (FlexNet log parsing), `metrics` (what a run measures), `replay` (`allot-sim
-//! replay`), `report` (tables and plots), `rng` (seeded randomness), `workload` (synthetic
-//! workloads).
+//! - `engine` — the discrete-event engine: `engine::site` (metering servers), `engine::events`
+//!   (what each message does where it lands), `engine::balancer` (runs, instant balances).
+//! - `workload` — the synthetic workloads; `flexnet` — FlexNet log parsing into workloads.
+//! - `metrics` — what a run measures; `report` — the tables and plots of docs/BENCHMARKS.md.
+//! - `advice` — the advice experiment (the real advisor over the recorded history).
+//! - `replay` — `allot-sim replay LOG...`; `rng` — seeded randomness.
 #![forbid(unsafe_code)]
 
 pub mod advice;
