@@ -272,7 +272,7 @@ const PLOTTED: [&str; 7] = [
     "allot",
 ];
 
-/// Denial rate per hour of simulated time, one line per policy in [`PLOTTED`].
+/// Denial rate per hour of simulated time, one line per policy in `PLOTTED`.
 pub fn plot_denials(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let root = BitMapBackend::new(path, (1100, 420)).into_drawing_area();
