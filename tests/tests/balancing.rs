@@ -5,6 +5,7 @@
 use allot_tests::fleet::Fleet;
 use allot_tests::{Backend, on_both_backends};
 use serde_json::Value;
+use sqlx::{Connection, Executor};
 use std::time::{Duration, Instant};
 
 on_both_backends!(
@@ -19,6 +20,7 @@ on_both_backends!(
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
     a_plan_is_explained_server_by_server_and_nothing_moves,
+    one_product_that_cannot_be_planned_does_not_stop_the_run,
 );
 
 /// Checks out `n` units one at a time; returns the handles of those granted.
@@ -602,4 +604,49 @@ async fn a_plan_is_explained_server_by_server_and_nothing_moves(backend: Backend
             .count()
     };
     assert_eq!(runs(&fleet.api().get("/v1/runs").await), runs_before);
+}
+
+/// Issue 13, item 7: a product whose books cannot be planned is recorded in the run's errors
+/// and the run goes on with the next product (it used to abort the whole run).
+async fn one_product_that_cannot_be_planned_does_not_stop_the_run(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("bad", 10).await;
+    fleet.product("cad", 10).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    fleet.wait_synced("bad").await;
+    fleet.limits("paris", "bad", 2, 0).await;
+    fleet.limits("paris", "cad", 2, 0).await;
+    // Break the books of "bad" (planned first, by name) behind the balancer's back: purchased
+    // no longer equals reserve + in transit + allocations, so the planner refuses it.
+    let sql = "UPDATE products SET purchased = purchased + 1 WHERE name = 'bad'";
+    match &fleet.backend.database_url {
+        Some(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            conn.execute(sql).await.unwrap();
+        }
+        None => {
+            let path = fleet.backend.data_dir.path().join("allot.db");
+            let url = format!("sqlite://{}", path.display());
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            conn.execute(sql).await.unwrap();
+        }
+    }
+
+    let run = fleet.balance().await;
+    assert_eq!(run["status"], "partial", "{run}");
+    let errors: Vec<&str> = run["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.starts_with("bad: not balanced")),
+        "{run}"
+    );
+    assert!(errors.iter().all(|e| !e.starts_with("cad")), "{run}");
+    // The product after it was balanced: its min reached Paris; the broken one moved nothing.
+    assert_eq!(fleet.allocation("paris", "cad").await, 2, "{run}");
+    assert_eq!(fleet.allocation("paris", "bad").await, 0, "{run}");
 }
