@@ -5,6 +5,19 @@
 use super::*;
 
 impl Sim<'_> {
+    /// A run's release of `units` from cell `k`, landing one latency later.
+    fn send_release(&mut self, k: usize, units: u64) {
+        self.metrics.transactions += 1;
+        self.at(
+            self.now + self.cfg.latency,
+            Ev::Release {
+                cell: k,
+                units,
+                for_cell: None,
+            },
+        );
+    }
+
     /// The baselines' instant handler when the reserve is short (allot's is the real instant
     /// plan): release free units from the sites that need them least, then grant them to the
     /// asker. Returns whether any release was sent; the largest carries the answer to the asker.
@@ -162,15 +175,7 @@ impl Sim<'_> {
             if t < c.alloc {
                 let units = c.alloc - t;
                 moves += 1;
-                self.metrics.transactions += 1;
-                self.at(
-                    now + self.cfg.latency,
-                    Ev::Release {
-                        cell: k,
-                        units,
-                        for_cell: None,
-                    },
-                );
+                self.send_release(k, units);
             } else if t > c.alloc {
                 grants.push((k, t - c.alloc));
             }
@@ -270,17 +275,7 @@ impl Sim<'_> {
         for m in plan.moves {
             let k = self.cell(m.server() as usize, p);
             match m {
-                Move::Release { units, .. } => {
-                    self.metrics.transactions += 1;
-                    self.at(
-                        now + self.cfg.latency,
-                        Ev::Release {
-                            cell: k,
-                            units,
-                            for_cell: None,
-                        },
-                    );
-                }
+                Move::Release { units, .. } => self.send_release(k, units),
                 Move::Grant { units, .. } => grants.push((k, units)),
             }
         }
