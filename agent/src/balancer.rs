@@ -5,8 +5,8 @@
 //! starting with the one that answered last, so a dead first URL costs one failed attempt only
 //! until another one answers. Any failure (unreachable, timeout, an error status such as a
 //! follower's `not_leader`) moves on to the next URL; the call fails only when all did.
-//! The orchestration — what a sync changes, when an instant balance is asked — lives in
-//! [`crate::server`]; this module only talks HTTP.
+//! The orchestration — what a sync changes, when an instant balance is asked — lives in the
+//! server's `sync` and `pull` modules; this module only talks HTTP, below them.
 
 use allot_core::error::ErrorBody;
 use allot_core::trigger::TriggerConfig;
@@ -105,7 +105,7 @@ impl BalancerLink {
             "/v1/instant-balance",
             req,
             self.instant_timeout,
-            crate::server::now_ms,
+            crate::clock::now_ms,
         )
         .await
         .map(|(_, r)| r)
