@@ -33,7 +33,7 @@ pub struct BalancerConfig {
     /// When to ask for an instant balance (the pure policy's knobs).
     pub trigger: TriggerConfig,
     /// CA certificates, beside the system's, trusted for an `https://` balancer.
-    pub trust: allot_tls::Trust,
+    pub trust: allot_http::tls::Trust,
 }
 
 impl BalancerConfig {
@@ -44,7 +44,7 @@ impl BalancerConfig {
             sync_interval: Duration::from_secs(30),
             instant_wait: Duration::from_millis(500),
             trigger: TriggerConfig::default(),
-            trust: allot_tls::Trust::default(),
+            trust: allot_http::tls::Trust::default(),
         }
     }
 }
@@ -135,6 +135,8 @@ impl BalancerLink {
         Err(errors.join("; "))
     }
 
+    /// One request to one URL; its span names the URL, so a failover is visible in the log.
+    #[tracing::instrument(skip_all, fields(url = %url))]
     async fn attempt<B: Serialize, T: DeserializeOwned>(
         &self,
         url: &str,

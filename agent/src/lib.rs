@@ -33,7 +33,6 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod error;
-pub mod fault;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -49,7 +49,7 @@ pub struct ServerConfig {
     /// `None`: standalone (no lease, no instant balance).
     pub balancer: Option<BalancerConfig>,
     /// Serve HTTPS with this certificate; `None`: plain HTTP.
-    pub tls: Option<allot_tls::ServerTls>,
+    pub tls: Option<allot_http::tls::ServerTls>,
 }
 
 impl ServerConfig {

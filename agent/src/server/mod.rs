@@ -38,13 +38,12 @@ use crate::clock::{now_ms, rfc3339};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{Mutation, Store};
-use allot_core::ErrorCode;
 use allot_core::checkout::{Book, Handle, Millis, Served};
 use allot_core::validate::{self, MAX_BODY_BYTES};
 use allot_core::wire::agent::ProductDefinition;
+use allot_http::refusals::{Refusals, count_refused};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::DefaultBodyLimit;
 use pull::PullTrack;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -240,6 +239,12 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Refusals counted in this server's metrics; a 403 is a product's ACL deciding, not a
+/// credential refused.
+fn refusals(app: App) -> Refusals {
+    Refusals::new(move |reason| app.metrics.refused(reason)).forbidden_by_acl()
+}
+
 /// The whole API: the documented routes, the JSON error shape for unknown paths and methods,
 /// the body limit and the refusal counting.
 fn router(app: App) -> Router {
@@ -249,35 +254,10 @@ fn router(app: App) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
+            refusals(app.clone()),
             count_refused,
         ))
         .with_state(app)
-}
-
-/// Logs and counts every request refused for its credentials, in one place whichever
-/// extractor or policy refused it. The log names the method and path, never the presented
-/// token; an ACL refusal (403) is an ordinary policy decision, logged at info.
-async fn count_refused(
-    State(app): State<App>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
-    match response.status() {
-        StatusCode::UNAUTHORIZED => {
-            app.metrics.refused(ErrorCode::Unauthorized);
-            tracing::warn!(%method, %path, "request refused: bad or missing token");
-        }
-        StatusCode::FORBIDDEN => {
-            app.metrics.refused(ErrorCode::Forbidden);
-            tracing::info!(%method, %path, "request refused by an ACL");
-        }
-        _ => {}
-    }
-    response
 }
 
 /// Runs the metering server on `listener` until `shutdown` resolves, then stops accepting,

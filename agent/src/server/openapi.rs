@@ -1,10 +1,10 @@
 //! The metering server's OpenAPI document (`GET /v1/openapi.json`, `docs/openapi/agent.json`),
 //! generated from the code: the handlers' `#[utoipa::path]` operations are registered together
-//! with their routes ([`super::handlers::table`]), and the schemas are derived from the wire
+//! with their routes (`handlers::table`), and the schemas are derived from the wire
 //! types, so the document cannot drift from what the server serves.
 //!
 //! Layering: this module documents the handlers' table and adds the route that serves the
-//! document; the router ([`super::router`]) serves what [`routes`] returns. The handlers never
+//! document; the server's router serves what `routes` returns. The handlers never
 //! refer to it.
 
 use super::App;

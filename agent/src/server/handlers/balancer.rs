@@ -106,7 +106,7 @@ pub(super) async fn move_handler(
     };
     durable(ack).await?;
     if fresh && !release {
-        crate::fault::point("agent_grant_applied");
+        allot_http::fault::point("agent_grant_applied");
     }
     Ok(Json(response))
 }
