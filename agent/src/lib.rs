@@ -5,9 +5,10 @@
 //!   `allot_core::checkout::Book` that makes every decision;
 //! - `server::config` — [`ServerConfig`], the `--products-file` format and the start errors;
 //! - `server::auth` — the balancer-token and client-key extractors (SHA-256, constant time);
-//! - `server::handlers` — the route table; `handlers::clients` (checkout, queue, heartbeat,
-//!   checkin, products), `handlers::balancer` (status, moves, product definitions),
-//!   `handlers::meta` (healthz, metrics);
+//! - `server::handlers` — the route table: every handler with its OpenAPI operation;
+//! - `server::handlers::clients` — checkout and its queue, heartbeat, checkin, products;
+//! - `server::handlers::balancer` — the balancer's calls: status, moves, product definitions;
+//! - `server::handlers::meta` — `/healthz` and `/metrics`;
 //! - [`server::openapi`] (also [`openapi`]) — the OpenAPI document of the route table, and
 //!   the route serving it;
 //! - `server::writer` — the group-commit writer: one SQLite transaction per batch, an answer
