@@ -5,8 +5,8 @@
 //! starting with the one that answered last, so a dead first URL costs one failed attempt only
 //! until another one answers. Any failure (unreachable, timeout, an error status such as a
 //! follower's `not_leader`) moves on to the next URL; the call fails only when all did.
-//! The orchestration — what a sync changes, when an instant balance is asked — lives in
-//! [`crate::server`]; this module only talks HTTP.
+//! The orchestration — what a sync changes, when an instant balance is asked — lives in the
+//! server's `sync` and `pull` modules; this module only talks HTTP, below them.
 
 use allot_core::error::ErrorBody;
 use allot_core::trigger::TriggerConfig;
@@ -33,7 +33,7 @@ pub struct BalancerConfig {
     /// When to ask for an instant balance (the pure policy's knobs).
     pub trigger: TriggerConfig,
     /// CA certificates, beside the system's, trusted for an `https://` balancer.
-    pub trust: allot_tls::Trust,
+    pub trust: allot_http::tls::Trust,
 }
 
 impl BalancerConfig {
@@ -44,7 +44,7 @@ impl BalancerConfig {
             sync_interval: Duration::from_secs(30),
             instant_wait: Duration::from_millis(500),
             trigger: TriggerConfig::default(),
-            trust: allot_tls::Trust::default(),
+            trust: allot_http::tls::Trust::default(),
         }
     }
 }
@@ -105,7 +105,7 @@ impl BalancerLink {
             "/v1/instant-balance",
             req,
             self.instant_timeout,
-            crate::server::now_ms,
+            crate::clock::now_ms,
         )
         .await
         .map(|(_, r)| r)
@@ -135,6 +135,8 @@ impl BalancerLink {
         Err(errors.join("; "))
     }
 
+    /// One request to one URL; its span names the URL, so a failover is visible in the log.
+    #[tracing::instrument(skip_all, fields(url = %url))]
     async fn attempt<B: Serialize, T: DeserializeOwned>(
         &self,
         url: &str,

@@ -1,5 +1,7 @@
 //! The Rust client of the metering server: plain calls, and a [`Lease`] that heartbeats while
-//! it lives and checks in when dropped.
+//! it lives and checks in when dropped. Each call runs in a `tracing` span named after it,
+//! carrying the product or move id (never a handle or a key), so a caller's logs say which call
+//! failed.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), allot_agent::client::ClientError> {
@@ -74,12 +76,12 @@ pub struct Client {
 impl Client {
     /// A client of the server at `url` (e.g. `http://127.0.0.1:7401`).
     pub fn new(url: &str) -> Result<Self, ClientError> {
-        Self::with_trust(url, &allot_tls::Trust::default())
+        Self::with_trust(url, &allot_http::tls::Trust::default())
     }
 
     /// A client of the server at `url` that also trusts `trust`'s CAs (an `https://` server
     /// whose certificate a private CA signed).
-    pub fn with_trust(url: &str, trust: &allot_tls::Trust) -> Result<Self, ClientError> {
+    pub fn with_trust(url: &str, trust: &allot_http::tls::Trust) -> Result<Self, ClientError> {
         allot_core::validate::http_url("url", url).map_err(|_| ClientError::Url(url.to_owned()))?;
         let http = trust
             .client_builder()
@@ -141,6 +143,7 @@ impl Client {
 
     /// Checks units out (waits in the queue if `wait_seconds > 0`). The caller heartbeats and
     /// checks in; [`Client::lease`] does both for you.
+    #[tracing::instrument(skip_all, fields(product = %req.product, units = req.units))]
     pub async fn checkout(&self, req: &CheckoutRequest) -> Result<CheckoutResponse, ClientError> {
         let rb = self
             .request(reqwest::Method::POST, "/v1/checkout")
@@ -150,6 +153,7 @@ impl Client {
     }
 
     /// Keeps a checkout alive.
+    #[tracing::instrument(skip_all)]
     pub async fn heartbeat(&self, handle: &str) -> Result<HandleResponse, ClientError> {
         self.post(
             "/v1/heartbeat",
@@ -161,6 +165,7 @@ impl Client {
     }
 
     /// Ends a checkout.
+    #[tracing::instrument(skip_all)]
     pub async fn checkin(&self, handle: &str) -> Result<HandleResponse, ClientError> {
         self.post(
             "/v1/checkin",
@@ -172,26 +177,31 @@ impl Client {
     }
 
     /// The server's products as its clients see them.
+    #[tracing::instrument(skip_all)]
     pub async fn products(&self) -> Result<AgentProducts, ClientError> {
         self.get("/v1/products").await
     }
 
     /// The balancer's view (needs the server token); resets the since-last counters.
+    #[tracing::instrument(skip_all)]
     pub async fn status(&self) -> Result<AgentStatus, ClientError> {
         self.get("/v1/status").await
     }
 
     /// Releases free units to the reserve (server token).
+    #[tracing::instrument(skip_all, fields(move_id = %req.move_id, product = %req.product, units = req.units))]
     pub async fn release(&self, req: &MoveRequest) -> Result<MoveResponse, ClientError> {
         self.post("/v1/allocations/release", req).await
     }
 
     /// Grants units from the reserve (server token).
+    #[tracing::instrument(skip_all, fields(move_id = %req.move_id, product = %req.product, units = req.units))]
     pub async fn grant(&self, req: &MoveRequest) -> Result<MoveResponse, ClientError> {
         self.post("/v1/allocations/grant", req).await
     }
 
     /// Defines a product or replaces its policy (server token).
+    #[tracing::instrument(skip_all, fields(product = %product))]
     pub async fn define(
         &self,
         product: &str,
@@ -205,11 +215,13 @@ impl Client {
     }
 
     /// The server's health.
+    #[tracing::instrument(skip_all)]
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.get("/healthz").await
     }
 
     /// Checks out and starts heartbeating; the returned [`Lease`] checks in when dropped.
+    #[tracing::instrument(skip_all, fields(product = %req.product, units = req.units))]
     pub async fn lease(&self, req: &CheckoutRequest) -> Result<Lease, ClientError> {
         let grant = self.checkout(req).await?;
         let (lost_tx, lost) = watch::channel(false);

@@ -2,13 +2,15 @@
 //!
 //! Handlers return [`ApiError`]; its `IntoResponse` writes `{"error": {"code", "message"}}`
 //! (`allot_core::error::ErrorBody`). Internal failures are logged here and answered with a bare
-//! `internal`, never with SQL text or paths. [`ApiJson`] makes axum's JSON rejections (bad
-//! syntax, unknown fields, a body over 64 KiB) answer in the same shape.
+//! `internal`, never with SQL text or paths. [`ApiJson`] (the shared `allot_http::json` checks)
+//! and [`ApiPath`] make body and path rejections (bad syntax, unknown fields, a body over
+//! 64 KiB) answer in the same shape.
 
 use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
-use allot_core::validate::{self, Invalid, MAX_BODY_BYTES};
-use axum::extract::{FromRequest, Request};
+use allot_core::validate::{Invalid, MAX_BODY_BYTES};
+use allot_http::json::JsonRejection;
+use axum::extract::FromRequest;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -107,50 +109,22 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body extractor whose rejections are [`ApiError`]s, so every failure has the JSON
-/// error shape (axum's own `Json` answers in plain text), and which takes only a JSON object
-/// (see [`validate::json_object`]).
-#[derive(Debug, Clone, Copy, Default)]
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::NotJson => ApiError::NotJson(rejection.to_string()),
+            JsonRejection::TooLarge(_) => ApiError::TooLarge,
+            JsonRejection::Malformed(why) => ApiError::BadRequest(why),
+        }
+    }
+}
+
+/// A JSON body (checked by the shared [`allot_http::json::Json`]: content type, size, a JSON
+/// object, no unknown field) whose rejections are [`ApiError`]s, so every failure has the JSON
+/// error shape and this server's codes (axum's own `Json` answers in plain text).
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(allot_http::json::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
-
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(validate::is_json_content_type);
-        if !json {
-            return Err(ApiError::NotJson(
-                "expected a request with `Content-Type: application/json`".to_owned(),
-            ));
-        }
-        let bytes = match axum::body::Bytes::from_request(req, state).await {
-            Ok(bytes) => bytes,
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::TooLarge);
-            }
-            Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
-        };
-        validate::json_object(&bytes)?;
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
-        }
-    }
-}
-
-impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
-    fn into_response(self) -> Response {
-        axum::Json(self.0).into_response()
-    }
-}
 
 /// Path parameters whose rejections (say, a segment that is not UTF-8 once percent-decoded) are
 /// [`ApiError`]s: axum's own `Path` answers those in plain text.

@@ -87,10 +87,10 @@ struct ServeArgs {
     sync_seconds: u64,
     /// Serve HTTPS with this certificate and key.
     #[command(flatten)]
-    tls: allot_tls::ServerTlsArgs,
+    tls: allot_http::tls::ServerTlsArgs,
     /// CA certificates trusted for an `https://` balancer.
     #[command(flatten)]
-    ca: allot_tls::CaArgs,
+    ca: allot_http::tls::CaArgs,
     /// Milliseconds a hard-stop checkout that found nothing free is held for an instant
     /// balance before it is denied.
     #[arg(long, env = "ALLOT_INSTANT_WAIT_MS", default_value_t = 500,
@@ -108,7 +108,7 @@ struct ClientArgs {
     client_key: Option<String>,
     /// CA certificates trusted for an `https://` server URL.
     #[command(flatten)]
-    ca: allot_tls::CaArgs,
+    ca: allot_http::tls::CaArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,7 +233,7 @@ fn client(args: &ClientArgs) -> anyhow::Result<Client> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    allot_tls::install_crypto_provider();
+    allot_http::tls::install_crypto_provider();
     let args = Args::parse();
     init_logging(args.log_format);
     let code = match args.command {

@@ -36,7 +36,7 @@ pub struct ClientArgs {
     pub json: bool,
     /// CA certificates trusted for an `https://` balancer URL.
     #[command(flatten)]
-    pub ca: allot_tls::CaArgs,
+    pub ca: allot_http::tls::CaArgs,
 }
 
 /// `allot-balancer product …`.

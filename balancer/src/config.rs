@@ -97,10 +97,10 @@ pub struct ServeArgs {
     pub admin_token: Option<String>,
     /// Serve HTTPS with this certificate and key.
     #[command(flatten)]
-    pub tls: allot_tls::ServerTlsArgs,
+    pub tls: allot_http::tls::ServerTlsArgs,
     /// CA certificates trusted for HTTPS calls to metering servers.
     #[command(flatten)]
-    pub ca: allot_tls::CaArgs,
+    pub ca: allot_http::tls::CaArgs,
     /// The URL other balancers' followers send clients to while this one leads (default
     /// `http://<listen>`, `https://` with TLS).
     #[arg(long, env = "ALLOT_ADVERTISE_URL")]
@@ -150,7 +150,7 @@ impl ServeArgs {
 
     /// The balancing engine's settings; `trust` holds the CA certificates its calls to metering
     /// servers accept.
-    pub fn engine_config(&self, trust: allot_tls::Trust) -> crate::balance::EngineConfig {
+    pub fn engine_config(&self, trust: allot_http::tls::Trust) -> crate::balance::EngineConfig {
         crate::balance::EngineConfig {
             trust,
             call_timeout: std::time::Duration::from_millis(self.call_timeout_ms.max(1)),

@@ -4,7 +4,7 @@
 //!
 //! Every module: `advice` (the trend advisor's shell), `api` (HTTP routes), `auth` (tokens),
 //! `balance` (the engine: runs, instant balances, explain, reconciliation, doctor), `cli`,
-//! `config`, `demo`, `fault` (fault-injection points for the tests), `history` (roll-ups and
+//! `config`, `demo`, `history` (roll-ups and
 //! retention), `leader` (leadership and epochs), `metrics` (Prometheus), `schedule` (cron),
 //! `service` (the `serve` process), `store` (the books in SQL).
 #![forbid(unsafe_code)]
@@ -16,7 +16,6 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod fault;
 pub mod history;
 pub mod leader;
 pub mod metrics;

@@ -6,7 +6,7 @@ use allot_balancer::service;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    allot_tls::install_crypto_provider();
+    allot_http::tls::install_crypto_provider();
     let cli = Cli::parse();
     let service = matches!(cli.command, Command::Serve(_) | Command::Migrate(_));
     let runtime = match tokio::runtime::Runtime::new() {

@@ -7,8 +7,9 @@ use crate::store::StoreError;
 use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
 use allot_core::validate::Invalid;
+use allot_http::json::JsonRejection;
 use axum::Json;
-use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -34,12 +35,6 @@ impl ApiError {
     /// A `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
-    }
-
-    /// A body that is not `application/json`: `415` with the `bad_request` code.
-    pub fn not_json() -> Self {
-        Self::bad_request("expected a request with `Content-Type: application/json`")
-            .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
     }
 
     /// The stable code, for tests and logs.
@@ -98,21 +93,9 @@ impl From<StoreError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();
-        let error = Self::bad_request(rejection.body_text());
+        let error = Self::bad_request(rejection.to_string());
         // Keep HTTP's more precise statuses for a body too large or not JSON.
         if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            error.with_status(status)
-        } else {
-            error
-        }
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
-        let status = rejection.status();
-        let error = Self::bad_request(rejection.body_text());
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
             error.with_status(status)
         } else {
             error

@@ -52,28 +52,11 @@ pub struct AppState {
     pub token_grace: Duration,
 }
 
-/// A JSON body whose rejections (content type, size, syntax, unknown fields) answer in the
-/// API's error shape, and which takes only a JSON object (see [`validate::json_object`]).
+/// A JSON body (the shared `allot_http::json` checks: content type, size, a JSON object, no
+/// unknown field) whose rejections answer in the API's error shape.
+#[derive(FromRequest)]
+#[from_request(via(allot_http::json::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(validate::is_json_content_type);
-        if !json {
-            return Err(ApiError::not_json());
-        }
-        let bytes = axum::body::Bytes::from_request(req, state).await?;
-        validate::json_object(&bytes)?;
-        let Json(value) = Json::<T>::from_bytes(&bytes)?;
-        Ok(Self(value))
-    }
-}
 
 /// Path parameters whose rejections answer in the API's error shape.
 #[derive(FromRequestParts)]
@@ -197,31 +180,16 @@ pub fn router(state: AppState) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(axum::middleware::map_response(timeout_in_the_error_shape))
-        .layer(axum::middleware::from_fn(count_refused))
+        .layer(axum::middleware::from_fn_with_state(
+            allot_http::refusals::Refusals::new(|reason| {
+                crate::metrics::METRICS
+                    .requests_refused
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+            }),
+            allot_http::refusals::count_refused,
+        ))
         .with_state(state)
-}
-
-/// Logs and counts every request refused for its credentials, in one place whichever
-/// extractor refused it (admin or metering-server token). The log names the method and path,
-/// never the presented token.
-async fn count_refused(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
-    let reason = match response.status() {
-        axum::http::StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
-        axum::http::StatusCode::FORBIDDEN => ErrorCode::Forbidden,
-        _ => return response,
-    };
-    crate::metrics::METRICS
-        .requests_refused
-        .with_label_values(&[reason.as_str()])
-        .inc();
-    tracing::warn!(%method, %path, reason = reason.as_str(), "request refused for its credentials");
-    response
 }
 
 /// How long any request may take before it is answered `503 unavailable`.
@@ -303,7 +271,7 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
 /// then finishes in-flight requests.
 pub async fn run(
     listener: TcpListener,
-    tls: Option<allot_tls::ServerTls>,
+    tls: Option<allot_http::tls::ServerTls>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -39,7 +39,7 @@ pub struct AgentClient {
 
 impl AgentClient {
     /// A client whose calls give up after `timeout` and that trusts `trust`'s CAs for HTTPS.
-    pub fn new(tokens: ServerTokens, timeout: Duration, trust: &allot_tls::Trust) -> Self {
+    pub fn new(tokens: ServerTokens, timeout: Duration, trust: &allot_http::tls::Trust) -> Self {
         let http = trust
             .client_builder()
             .timeout(timeout)

@@ -90,7 +90,7 @@ pub struct EngineConfig {
     /// shortage elsewhere needs them, and an instant balance never reclaims from it meanwhile.
     pub hold: Duration,
     /// CA certificates, beside the system's, trusted when calling servers over HTTPS.
-    pub trust: allot_tls::Trust,
+    pub trust: allot_http::tls::Trust,
 }
 
 impl Default for EngineConfig {
@@ -104,7 +104,7 @@ impl Default for EngineConfig {
             signals: SignalConfig::default(),
             donor_read_timeout: Duration::from_millis(200),
             hold: Duration::from_millis(allot_core::planner::DEFAULT_HOLD_MS),
-            trust: allot_tls::Trust::default(),
+            trust: allot_http::tls::Trust::default(),
         }
     }
 }
@@ -229,7 +229,7 @@ impl Engine {
         let release = mv.kind == MoveKind::Release;
         match self.agents.send_move(server, release, &request).await {
             Ok(answer) => {
-                crate::fault::point("after_move_sent");
+                allot_http::fault::point("after_move_sent");
                 let booked = self
                     .store
                     .complete_move(

@@ -206,7 +206,7 @@ impl Engine {
             !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant);
         self.send_all(releases, by_name, &mut moved).await;
         if released_first {
-            crate::fault::point("between_release_and_grant");
+            allot_http::fault::point("between_release_and_grant");
         }
         let grants = {
             let _serialised = lock.lock().await;

@@ -10,7 +10,6 @@
 //! - **One crypto provider**: aws-lc-rs, the one sqlx and reqwest already use. Configurations
 //!   built here name it explicitly, and [`install_crypto_provider`] makes it the process
 //!   default, so no library ever has to guess between two providers (rustls panics then).
-#![forbid(unsafe_code)]
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};

@@ -1,9 +1,13 @@
-//! Crash points for the fault-injection tests.
+//! Crash points for the fault-injection tests, in both servers.
 //!
 //! `ALLOT_FAULT_CRASH_AT=<point>` makes the process abort — no cleanup, no flush, exactly like
 //! `kill -9` — the first time it reaches that point, so tests can kill it at an instant no
-//! signal could hit reliably (between a release and its grant, between a server's answer and
-//! its booking). Unset, a point costs one comparison with a cached `None`.
+//! signal could hit reliably. Unset, a point costs one comparison with a cached `None`. Points:
+//!
+//! - `between_release_and_grant` (balancer): a run sent its releases, none of its grants yet.
+//! - `after_move_sent` (balancer): a server answered a move; the balancer has not booked it.
+//! - `agent_grant_applied` (metering server): a grant move is durably applied; its answer is
+//!   not sent yet.
 
 use std::sync::OnceLock;
 

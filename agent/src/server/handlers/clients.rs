@@ -1,0 +1,447 @@
+//! The clients' calls: checkout (granted at once, or queued first come first served, or held
+//! for an instant balance), heartbeat, checkin and the product list. Every decision is the
+//! book's; these handlers validate, log the decision to the writer and answer once durable.
+
+use super::super::auth::ClientAuth;
+use super::super::pull::pull;
+use super::super::writer::durable;
+use super::super::{App, Inner, Shared, WaiterGrant, new_handle};
+use crate::clock::{now_ms, rfc3339};
+use crate::error::{ApiError, ApiJson};
+use crate::metrics::DenialReason;
+use crate::store::Mutation;
+use allot_core::checkout::{self, Handle, Millis, Outcome, Refusal, Who};
+use allot_core::error::ErrorBody;
+use allot_core::validate;
+use allot_core::wire::agent::{
+    AgentProducts, CheckoutRequest, CheckoutResponse, HandleRequest, HandleResponse,
+};
+use axum::Json;
+use axum::extract::State;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The longest a client may ask to wait in the queue: one hour.
+pub const MAX_WAIT_SECONDS: u32 = 3600;
+
+/// Checks a checkout in if the request that created it is dropped before answering.
+struct PendingCheckout<'a> {
+    app: &'a Shared,
+    handle: Option<Handle>,
+}
+
+impl PendingCheckout<'_> {
+    fn disarm(mut self) {
+        self.handle = None;
+    }
+}
+
+impl Drop for PendingCheckout<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.app.abandon(h);
+        }
+    }
+}
+
+/// Takes a queued client out of the queue if its request is dropped (client disconnect), and
+/// gives back a checkout handed to it that it never received.
+struct QueuedGuard<'a> {
+    app: &'a App,
+    product: String,
+    waiter: u64,
+    rx: Option<oneshot::Receiver<WaiterGrant>>,
+}
+
+/// How a queued client's wait ended.
+enum WaitEnd {
+    /// A checkout was handed to it (possibly racing with its leaving).
+    Served(WaiterGrant),
+    /// It left the queue without one.
+    Left {
+        /// The lease had run out when it left (a lease refusal, not a denial).
+        lease_expired: bool,
+    },
+}
+
+impl QueuedGuard<'_> {
+    /// Leaves the queue (timeout or shutdown), serving the waiters behind that its leaving
+    /// lets through. Returns a grant that raced with the leaving.
+    fn leave(&mut self, timed_out: bool) -> WaitEnd {
+        let mut inner = self.app.lock();
+        let now = now_ms();
+        if let Some(left) =
+            inner
+                .book
+                .cancel_wait(&self.product, self.waiter, timed_out, now, &mut new_handle)
+        {
+            inner.waiters.remove(&self.waiter);
+            self.rx = None;
+            self.app.dispatch(&mut inner, left.served, now);
+            pull(self.app, &mut inner, &self.product, now);
+            return WaitEnd::Left {
+                lease_expired: left.lease_expired,
+            };
+        }
+        drop(inner);
+        // Not queued any more: it was served under the lock, so the grant is already sent.
+        match self.rx.take().and_then(|mut rx| rx.try_recv().ok()) {
+            Some(g) => WaitEnd::Served(g),
+            None => WaitEnd::Left {
+                lease_expired: false,
+            },
+        }
+    }
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        if self.rx.is_some()
+            && let WaitEnd::Served(g) = self.leave(false)
+        {
+            self.app.abandon(g.served.grant.record.handle);
+        }
+    }
+}
+
+fn parse_handle(s: &str) -> Result<Handle, ApiError> {
+    s.parse().map_err(|_| ApiError::BadHandle)
+}
+
+fn validate_checkout(req: &CheckoutRequest) -> Result<(), ApiError> {
+    validate::path_name("product", &req.product)?;
+    validate::name("user", &req.user)?;
+    validate::name("host", &req.host)?;
+    if req.groups.len() > validate::MAX_ACL_ENTRIES {
+        return Err(ApiError::BadRequest(format!(
+            "groups: must hold at most {} entries",
+            validate::MAX_ACL_ENTRIES
+        )));
+    }
+    for g in &req.groups {
+        validate::name("groups", g)?;
+    }
+    validate::units("units", req.units)?;
+    if req.wait_seconds > MAX_WAIT_SECONDS {
+        return Err(ApiError::BadRequest(format!(
+            "wait_seconds: must be at most {MAX_WAIT_SECONDS}, got {}",
+            req.wait_seconds
+        )));
+    }
+    Ok(())
+}
+
+fn answer(grant: &checkout::Grant) -> CheckoutResponse {
+    CheckoutResponse {
+        handle: grant.record.handle.to_string(),
+        units: grant.record.units,
+        heartbeat_seconds: grant.heartbeat_seconds,
+        overdraft: grant.record.overdraft,
+    }
+}
+
+/// Checks units of a product out; optionally waits in the first-come-first-served queue.
+#[utoipa::path(post, path = "/v1/checkout", tag = "clients", security(("clientKey" = []), ()),
+    request_body = CheckoutRequest,
+    responses(
+        (status = 200, description = "Granted", body = CheckoutResponse),
+        (status = 403, description = "`forbidden`: the product's ACL refuses the requester", body = ErrorBody),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`license_unavailable`: none free under hard stop, or the wait timed out", body = ErrorBody),
+        (status = 410, description = "`license_expired`: this server's lease from the balancer ran out", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a limit is reached, the store failed, or the server is stopping", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(product = %req.product))]
+pub(super) async fn checkout_handler(
+    State(app): State<App>,
+    _auth: ClientAuth,
+    ApiJson(req): ApiJson<CheckoutRequest>,
+) -> Result<Json<CheckoutResponse>, ApiError> {
+    let started = Instant::now();
+    validate_checkout(&req)?;
+    app.check_writable()?;
+    let who = Who {
+        user: &req.user,
+        host: &req.host,
+        groups: &req.groups,
+    };
+    let now = now_ms();
+    enum Next {
+        Granted(checkout::Grant, oneshot::Receiver<bool>),
+        Queued(u64, oneshot::Receiver<WaiterGrant>),
+    }
+    // With a balancer, a hard-stop checkout that finds nothing free is held in the queue
+    // (FIFO with the waiting clients) while an instant balance is asked for.
+    let hold = app.balancer.is_some();
+    let next = {
+        let mut inner = app.lock();
+        let mut outcome = inner.book.checkout(
+            &req.product,
+            who,
+            req.units,
+            req.wait_seconds > 0 || hold,
+            now,
+            new_handle(),
+        );
+        if hold && req.wait_seconds == 0 && outcome == Err(Refusal::Full) {
+            // No room to hold it: the plain answer, as without a balancer.
+            outcome = inner
+                .book
+                .checkout(&req.product, who, req.units, false, now, new_handle());
+        }
+        let next = match outcome {
+            Ok(Outcome::Granted(grant)) => {
+                let ack = app.log(&mut inner, Mutation::Checkout(grant.record.clone()));
+                let deadline =
+                    checkout::staleout_deadline(now, policy_staleout(&inner, &req.product));
+                app.arm(&mut inner, deadline);
+                Ok(Next::Granted(grant, ack))
+            }
+            Ok(Outcome::Queued(waiter)) => {
+                let (tx, rx) = oneshot::channel();
+                inner.waiters.insert(waiter, tx);
+                Ok(Next::Queued(waiter, rx))
+            }
+            Err(refusal) => Err((refusal, inner.synced_at)),
+        };
+        if next.is_ok() {
+            pull(&app, &mut inner, &req.product, now);
+        }
+        next
+    };
+    match next {
+        Ok(Next::Granted(grant, ack)) => {
+            let pending = PendingCheckout {
+                app: &app,
+                handle: Some(grant.record.handle),
+            };
+            durable(ack).await?;
+            pending.disarm();
+            app.metrics.checkout(
+                &req.product,
+                grant.record.overdraft,
+                started.elapsed().as_secs_f64(),
+            );
+            if grant.record.overdraft {
+                tracing::warn!(product = %req.product, "overdraft checkout granted beyond the allocation");
+            }
+            Ok(Json(answer(&grant)))
+        }
+        Ok(Next::Queued(waiter, rx)) => wait_in_queue(&app, req, waiter, rx, started).await,
+        Err((refusal, synced_at)) => Err(refused(&app, &req.product, refusal, synced_at)),
+    }
+}
+
+fn policy_staleout(inner: &Inner, product: &str) -> u32 {
+    inner.book.policy(product).map_or(0, |p| p.staleout_seconds)
+}
+
+/// Why an expired lease refuses: when it ended and since when no sync succeeded.
+fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
+    match synced_at {
+        Some(synced) if since > 0 => format!(
+            "this server's lease from the balancer expired at {}: the balancer has been \
+             unreachable since {} (the last successful sync); new checkouts resume after the \
+             next successful sync",
+            rfc3339(since),
+            rfc3339(synced)
+        ),
+        _ => "this server has no lease from the balancer yet (it has never synced with it); \
+              new checkouts start after the first successful sync"
+            .to_owned(),
+    }
+}
+
+fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Millis>) -> ApiError {
+    match refusal {
+        Refusal::LeaseExpired { since } => {
+            // Not a denial: no move of units could have prevented it.
+            app.metrics.lease_refusal(product);
+            ApiError::LicenseExpired(lease_message(since, synced_at))
+        }
+        Refusal::UnknownProduct => ApiError::UnknownProduct(product.to_owned()),
+        Refusal::Forbidden(why) => {
+            app.metrics.denial(product, DenialReason::Forbidden);
+            ApiError::Forbidden(why.to_string())
+        }
+        Refusal::Unavailable => {
+            app.metrics.denial(product, DenialReason::Unavailable);
+            ApiError::LicenseUnavailable(format!("no free unit of {product:?} on this server"))
+        }
+        Refusal::Full => {
+            app.metrics.denial(product, DenialReason::Limit);
+            ApiError::Unavailable(
+                "this server's limit of checkouts or waiting clients is reached; retry later"
+                    .to_owned(),
+            )
+        }
+    }
+}
+
+async fn wait_in_queue(
+    app: &App,
+    req: CheckoutRequest,
+    waiter: u64,
+    rx: oneshot::Receiver<WaiterGrant>,
+    started: Instant,
+) -> Result<Json<CheckoutResponse>, ApiError> {
+    let mut guard = QueuedGuard {
+        app,
+        product: req.product.clone(),
+        waiter,
+        rx: Some(rx),
+    };
+    let mut stopping = app.stopping.subscribe();
+    let mut wait = Duration::from_secs(u64::from(req.wait_seconds));
+    if let Some(b) = &app.balancer {
+        // Held for an instant balance: the longer of the client's wait and the hold bound.
+        wait = wait.max(b.config.instant_wait);
+    }
+    let got = {
+        let rx = guard.rx.as_mut().expect("receiver present until taken");
+        tokio::select! {
+            r = rx => r.ok(),
+            _ = tokio::time::sleep(wait) => None,
+            _ = stopping.wait_for(|s| *s) => None,
+        }
+    };
+    let got = match got {
+        Some(g) => {
+            guard.rx = None;
+            WaitEnd::Served(g)
+        }
+        None => guard.leave(!*app.stopping.borrow()),
+    };
+    drop(guard);
+    let (served, ack) = match got {
+        WaitEnd::Served(WaiterGrant { served, durable }) => (served, durable),
+        WaitEnd::Left { lease_expired } => {
+            return Err(wait_ended(app, &req, wait, lease_expired));
+        }
+    };
+    let pending = PendingCheckout {
+        app,
+        handle: Some(served.grant.record.handle),
+    };
+    durable(ack).await?;
+    pending.disarm();
+    app.metrics.checkout(
+        &req.product,
+        served.grant.record.overdraft,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(Json(answer(&served.grant)))
+}
+
+/// The answer to a queued client that left the queue without a checkout, counted.
+fn wait_ended(
+    app: &Shared,
+    req: &CheckoutRequest,
+    wait: Duration,
+    lease_expired: bool,
+) -> ApiError {
+    if *app.stopping.borrow() {
+        return ApiError::Unavailable("the server is stopping".to_owned());
+    }
+    if lease_expired {
+        // The lease ran out while it waited: nothing could be granted any more, whatever units
+        // the balancer moved. A lease refusal, not a denial.
+        let (since, synced_at) = {
+            let inner = app.lock();
+            (inner.book.lease().unwrap_or(0), inner.synced_at)
+        };
+        app.metrics.lease_refusal(&req.product);
+        return ApiError::LicenseExpired(lease_message(since, synced_at));
+    }
+    if req.wait_seconds == 0 {
+        // Held only for an instant balance that brought nothing in time.
+        app.metrics.denial(&req.product, DenialReason::Unavailable);
+        return ApiError::LicenseUnavailable(format!(
+            "no free unit of {:?} on this server, and none arrived from the balancer \
+             within {} ms",
+            req.product,
+            wait.as_millis()
+        ));
+    }
+    app.metrics.denial(&req.product, DenialReason::Timeout);
+    ApiError::LicenseUnavailable(format!(
+        "no unit of {:?} freed within {} s",
+        req.product, req.wait_seconds
+    ))
+}
+
+/// Keeps a checkout alive.
+#[utoipa::path(post, path = "/v1/heartbeat", tag = "clients", security(("clientKey" = []), ()),
+    request_body = HandleRequest,
+    responses(
+        (status = 200, description = "The checkout's new staleout", body = HandleResponse),
+        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody)))]
+pub(super) async fn heartbeat_handler(
+    State(app): State<App>,
+    _auth: ClientAuth,
+    ApiJson(req): ApiJson<HandleRequest>,
+) -> Result<Json<HandleResponse>, ApiError> {
+    let handle = parse_handle(&req.handle)?;
+    let now = now_ms();
+    let deadline = app
+        .lock()
+        .book
+        .heartbeat(handle, now)
+        .map_err(|_| ApiError::BadHandle)?;
+    app.metrics.heartbeat();
+    Ok(Json(HandleResponse {
+        handle: req.handle,
+        staleout_in_seconds: checkout::seconds_until(deadline, now),
+    }))
+}
+
+/// Ends a checkout.
+#[utoipa::path(post, path = "/v1/checkin", tag = "clients", security(("clientKey" = []), ()),
+    request_body = HandleRequest,
+    responses(
+        (status = 200, description = "Checked in", body = HandleResponse),
+        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
+pub(super) async fn checkin_handler(
+    State(app): State<App>,
+    _auth: ClientAuth,
+    ApiJson(req): ApiJson<HandleRequest>,
+) -> Result<Json<HandleResponse>, ApiError> {
+    let handle = parse_handle(&req.handle)?;
+    app.check_writable()?;
+    let now = now_ms();
+    let (product, ack) = {
+        let mut inner = app.lock();
+        let (product, served) = inner
+            .book
+            .checkin(handle, now, &mut new_handle)
+            .map_err(|_| ApiError::BadHandle)?;
+        let ack = app.log(
+            &mut inner,
+            Mutation::Checkin {
+                handle,
+                product: product.clone(),
+            },
+        );
+        app.dispatch(&mut inner, served, now);
+        pull(&app, &mut inner, &product, now);
+        (product, ack)
+    };
+    app.metrics.checkin(&product);
+    durable(ack).await?;
+    Ok(Json(HandleResponse {
+        handle: req.handle,
+        staleout_in_seconds: 0,
+    }))
+}
+
+/// Products with their allocation, in use, free and waiting.
+#[utoipa::path(get, path = "/v1/products", tag = "clients", security(("clientKey" = []), ()),
+    responses((status = 200, description = "Every product this server knows", body = AgentProducts)))]
+pub(super) async fn products_handler(
+    State(app): State<App>,
+    _auth: ClientAuth,
+) -> Json<AgentProducts> {
+    Json(AgentProducts {
+        products: app.lock().book.products(),
+    })
+}

@@ -1,0 +1,98 @@
+//! The group-commit writer: one task owns the SQLite [`Store`]; handlers send it their
+//! mutations (in decision order, under the book's lock) and await its acknowledgement, so no
+//! answer ever precedes its durability while one transaction serves every pending request.
+
+use super::App;
+use crate::error::ApiError;
+use crate::store::{self, Mutation, Store};
+use std::sync::atomic::Ordering;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the writer task receives. `Write` is by far the most common message, so it is not
+/// boxed to keep the other variants small.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum WriterMsg {
+    /// Persist, then acknowledge (if anyone waits).
+    Write(Mutation, Option<oneshot::Sender<bool>>),
+    /// Acknowledge once everything sent before is durable.
+    Barrier(oneshot::Sender<bool>),
+    /// Flush, write the totals, close the store and say so.
+    Close(oneshot::Sender<()>),
+}
+
+/// Awaits a writer acknowledgement.
+pub(super) async fn durable(rx: oneshot::Receiver<bool>) -> Result<(), ApiError> {
+    match rx.await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::Internal("store write failed".to_owned())),
+        Err(_) => Err(ApiError::Unavailable("the server is stopping".to_owned())),
+    }
+}
+
+/// The group-commit writer: takes every pending mutation, commits them in one transaction,
+/// then acknowledges each. On a failed commit it poisons the server (memory is ahead of the
+/// log) and answers every waiter with failure.
+pub(super) async fn writer_task(
+    mut store: Store,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    app: App,
+) {
+    let mut msgs = Vec::with_capacity(1024);
+    let mut batch: Vec<Mutation> = Vec::with_capacity(1024);
+    let mut acks: Vec<oneshot::Sender<bool>> = Vec::with_capacity(1024);
+    loop {
+        if rx.recv_many(&mut msgs, 4096).await == 0 {
+            return;
+        }
+        let mut close = None;
+        for m in msgs.drain(..) {
+            match m {
+                WriterMsg::Write(m, ack) => {
+                    batch.push(m);
+                    acks.extend(ack);
+                }
+                WriterMsg::Barrier(ack) => acks.push(ack),
+                WriterMsg::Close(done) => close = Some(done),
+            }
+        }
+        let totals = {
+            let inner = app.lock();
+            if close.is_some() {
+                inner.book.totals()
+            } else {
+                let touched = store::touched(&batch);
+                inner
+                    .book
+                    .totals()
+                    .into_iter()
+                    .filter(|(n, _)| touched.contains(&n.as_str()))
+                    .collect()
+            }
+        };
+        let ok = if app.poisoned.load(Ordering::Relaxed) {
+            false
+        } else if batch.is_empty() && totals.is_empty() {
+            true
+        } else {
+            match store.write_batch(&batch, &totals).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, mutations = batch.len(), "store write failed; refusing further changes");
+                    app.poisoned.store(true, Ordering::Relaxed);
+                    false
+                }
+            }
+        };
+        batch.clear();
+        for a in acks.drain(..) {
+            let _ = a.send(ok);
+        }
+        if let Some(done) = close {
+            if let Err(e) = store.close().await {
+                tracing::error!(error = %e, "closing the store failed");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
