@@ -50,6 +50,8 @@ pub struct AppState {
     pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
     /// How long a rotated-out server token keeps working when the rotation names no grace.
     pub token_grace: Duration,
+    /// This balancer's metrics, exported on `/metrics` (the engine counts into the same).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A JSON body whose rejections (content type, size, syntax, unknown fields) answer in the
@@ -289,7 +291,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     let leading = state.leadership.borrow().is_some();
-    Ok(crate::metrics::render(&*state.store, leading).await?)
+    Ok(crate::metrics::render(&state.metrics, &*state.store, leading).await?)
 }
 
 /// This document (OpenAPI 3.1).

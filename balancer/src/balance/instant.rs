@@ -74,7 +74,7 @@ impl Engine {
         }
         let wanted = u64::from(req.units);
         let urgent = u64::from(req.urgent());
-        let tally = crate::metrics::InstantTally::start();
+        let tally = crate::metrics::InstantTally::start(self.metrics.clone());
         let epoch = self.epoch()?;
         let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
         let mut errors = Vec::new();
@@ -255,7 +255,7 @@ impl Engine {
                 + reserve_now;
             let falsely = unserved.min(free_elsewhere);
             unserved_false = falsely;
-            let metric = &crate::metrics::METRICS.unserved_units;
+            let metric = &self.metrics.unserved_units;
             metric
                 .with_label_values(&[req.product.as_str(), "false"])
                 .inc_by(falsely);

@@ -13,8 +13,11 @@
 //! (the schema's `CHECK (reserve >= 0)` backs the code up).
 
 pub mod postgres;
+mod reporting;
 mod rows;
 pub mod sqlite;
+
+pub use reporting::{DatabaseErrorHook, ErrorReporting};
 
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
@@ -62,10 +65,10 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Every database error passes here (`?` on a sqlx call), so here it is counted.
+/// Every database error passes here (`?` on a sqlx call). Counting them is the caller's
+/// business: see [`ErrorReporting`].
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        crate::metrics::METRICS.store_errors.inc();
         StoreError::Database(e)
     }
 }
@@ -184,7 +187,7 @@ pub struct ServerRecord {
     pub site: String,
     /// Active, draining or lost.
     pub state: ServerState,
-    /// The salt its token is derived from (see [`crate::auth::ServerTokens`]).
+    /// The salt its token is derived from (the `auth` module derives the token itself).
     pub token_salt: String,
     /// The token it had before its latest rotation, while that one's grace period runs.
     pub previous_token: Option<PreviousToken>,
