@@ -587,3 +587,39 @@ pub async fn render(
 fn gauge_value(units: u64) -> i64 {
     i64::try_from(units).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allot_core::domain::MoveState;
+
+    fn applied_grant(units: u64) -> MoveRecord {
+        MoveRecord {
+            id: uuid::Uuid::nil(),
+            run_id: None,
+            product: "cad".into(),
+            server: "paris".into(),
+            kind: MoveKind::Grant,
+            units,
+            state: MoveState::Applied,
+            applied_units: Some(units),
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn two_balancers_in_one_process_count_apart() {
+        let (a, b) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+        a.moved(&applied_grant(3));
+        RunTally::start(a.clone(), RunTrigger::Manual).finish("ok", [], []);
+        drop(InstantTally::start(b.clone()));
+        let grant = [MoveKind::Grant.as_str()];
+        assert_eq!(a.units_moved.with_label_values(&grant).get(), 3);
+        assert_eq!(b.units_moved.with_label_values(&grant).get(), 0);
+        let manual_ok = [RunTrigger::Manual.as_str(), "ok"];
+        assert_eq!(a.runs.with_label_values(&manual_ok).get(), 1);
+        assert_eq!(b.runs.with_label_values(&manual_ok).get(), 0);
+        assert_eq!(a.instant_requests.with_label_values(&["failed"]).get(), 0);
+        assert_eq!(b.instant_requests.with_label_values(&["failed"]).get(), 1);
+    }
+}

@@ -16,7 +16,8 @@ use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
 use uuid::Uuid;
 
 impl Engine {
-    /// Serves a server that asked for units; see the [module documentation](self).
+    /// Serves a server that asked for units (DESIGN.md flow 3; the engine's `instant` module
+    /// documents how).
     #[tracing::instrument(skip_all, fields(server = %server.name, product = %req.product, units = req.units, urgent = req.urgent(), request_id = %req.request_id))]
     pub async fn instant(
         &self,

@@ -2,7 +2,8 @@
 //! reconciliation, lost servers and the doctor.
 //!
 //! The engine is a shell around the pure planner: it reads the books and every server's
-//! status, builds a [`Snapshot`], calls [`planner::plan`], and executes the moves through
+//! status, builds a [`Snapshot`](allot_core::planner::Snapshot), calls
+//! [`planner::plan`](allot_core::planner::plan), and executes the moves through
 //! [`Engine::execute`] — the one function that carries a move from the move log to a server and
 //! back into the books:
 //!

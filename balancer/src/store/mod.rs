@@ -2,7 +2,8 @@
 //! usage samples, settings and the audit log.
 //!
 //! [`Store`] speaks in domain words; two implementations share one body of SQL
-//! ([`sql.rs`](sql)), compiled once per backend with that backend's connection type:
+//! (`store/sql/`, one file per family of tables), compiled once per backend with that
+//! backend's connection type:
 //! [`sqlite`] (the embedded default) and [`postgres`] (production). The SQL is written in the
 //! dialect both accept (`$n` parameters, `RETURNING`, `ON CONFLICT`); the backends differ only
 //! in how a write transaction begins and in their migrations.
@@ -11,6 +12,9 @@
 //! moves runs in one transaction that keeps `reserve + in_transit + Σ allocation = purchased`,
 //! and a change that would drive the reserve negative is refused with [`StoreError::Conflict`]
 //! (the schema's `CHECK (reserve >= 0)` backs the code up).
+//!
+//! The store counts nothing itself: a database error is returned as [`StoreError::Database`],
+//! and the service wraps the store in [`ErrorReporting`] to count them in its metrics.
 
 pub mod postgres;
 mod reporting;
