@@ -1,7 +1,7 @@
 //! Balancing benchmarks over real HTTP on loopback, with real stores (not a timed test).
 //!
 //! 1. **Instant balance, reserve path.** One metering server (an in-process `allot_agent`) and
-//!    one balancer (the real `service::serve`, built from `serve` command-line arguments). A client acting as the server sends
+//!    one balancer (the real `service::run`, built from `serve` command-line arguments). A client acting as the server sends
 //!    `POST /v1/instant-balance` (its own Bearer token, `units: 1`, a fresh request id)
 //!    sequentially; the balancer answers only after the grant was logged, applied (and fsynced)
 //!    by the server and booked, so the round trip is the end-to-end latency of a would-be
@@ -26,7 +26,7 @@
 
 use allot_balancer::auth::{self, ServerTokens};
 use allot_balancer::balance::{Engine, EngineConfig};
-use allot_balancer::config::{Cli, Command};
+use allot_balancer::cli::{Cli, Command};
 use allot_balancer::service;
 use allot_balancer::store::{self, ScheduleSetting, Store};
 use allot_core::domain::RunTrigger;
@@ -194,7 +194,7 @@ fn start_agent(
     tx
 }
 
-/// Starts the real balancer service (`service::serve`: store, engine, scheduler, API) on a
+/// Starts the real balancer service (`service::run`: store, engine, scheduler, API) on a
 /// fresh loopback port over the books at `data_dir` / `database_url`; returns its URL and a
 /// stop switch. Built from the command line so the bench follows the service's own wiring.
 fn start_balancer(
@@ -202,10 +202,11 @@ fn start_balancer(
     data_dir: &std::path::Path,
     database_url: Option<&str>,
 ) -> (String, oneshot::Sender<()>) {
-    // A free port: bind, read it, release it for the service to bind.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    // A free port, bound here and handed to the service: no window for another process.
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("a free port");
+    let addr = listener.local_addr().expect("the bound address");
     let mut argv = vec![
         "allot-balancer".to_string(),
         "serve".into(),
@@ -228,7 +229,7 @@ fn start_balancer(
     };
     let (tx, rx) = oneshot::channel::<()>();
     rt.spawn(async move {
-        service::serve(args, async move {
+        service::run(listener, args, async move {
             let _ = rx.await;
         })
         .await

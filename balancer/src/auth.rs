@@ -11,6 +11,10 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
+/// The longest grace a rotated-out server token may keep working: the token policy the API,
+/// the CLI and `serve` all check against (defined with the other wire limits in `allot-core`).
+pub use allot_core::validate::MAX_TOKEN_GRACE_SECONDS;
+
 /// The prefix of every allot token, so secret scanners and people recognise one.
 const TOKEN_PREFIX: &str = "allot_";
 

@@ -1,20 +1,13 @@
-//! Command-line and environment configuration. Every flag has an `ALLOT_…` twin.
+//! The service's configuration: `serve` and `migrate` flags, each with an `ALLOT_…` twin.
+//!
+//! A leaf but for `paths` (itself a leaf): plain values, parsed by clap, that the service turns
+//! into its parts (the engine's settings, history retention, the metrics cap: see `service`).
+//! The admin CLI's commands live with the CLI. Nothing here can pull the service, the API or
+//! the CLI into a circle.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-
-/// allot's central balancer and its admin CLI.
-#[derive(Debug, Parser)]
-#[command(name = "allot-balancer", version, about)]
-pub struct Cli {
-    /// Log format of the service.
-    #[arg(long, env = "ALLOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
-    pub log_format: LogFormat,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,58 +18,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the balancer: HTTP API and scheduler.
-    Serve(ServeArgs),
-    /// Apply pending database migrations and exit.
-    Migrate(StoreArgs),
-    /// Products: add, list, show.
-    #[command(subcommand)]
-    Product(crate::cli::ProductCommand),
-    /// Purchases: add, list, remove.
-    #[command(subcommand)]
-    Entitlement(crate::cli::EntitlementCommand),
-    /// Metering servers: add, list, drain, remove.
-    #[command(subcommand)]
-    Server(crate::cli::ServerCommand),
-    /// Per (server, product) floors and buffers.
-    #[command(subcommand)]
-    Allocation(crate::cli::AllocationCommand),
-    /// The balance schedule.
-    #[command(subcommand)]
-    Schedule(crate::cli::ScheduleCommand),
-    /// The audit log, newest first.
-    Audit(crate::cli::AuditArgs),
-    /// Run a balance now and print its moves.
-    Balance(crate::cli::BalanceArgs),
-    /// Balance runs: list, show.
-    #[command(subcommand)]
-    Runs(crate::cli::RunsCommand),
-    /// Compare the books with every server; exits non-zero on any discrepancy.
-    Doctor(crate::cli::DoctorArgs),
-    /// What a run would decide for a product now, and the rule behind each server's target.
-    Explain(crate::cli::ExplainArgs),
-    /// The advisor's schedule and buffer recommendations; `--apply` applies them.
-    Advise(crate::cli::AdviseArgs),
-    /// The opt-in autotune setting.
-    #[command(subcommand)]
-    Autotune(crate::cli::AutotuneCommand),
-    /// Usage history as sparklines, CSV or JSON.
-    History(crate::cli::HistoryArgs),
-    /// A balancer, three metering servers and simulated users over a compressed day.
-    Demo(crate::demo::DemoArgs),
-    /// Print the API's OpenAPI document (as served at /v1/openapi.json) and exit; this is how
-    /// docs/openapi/balancer.json is written.
-    Openapi,
-}
+/// Per-(server, product) metric series exported by default: 200 servers × 50 products.
+pub const DEFAULT_METRICS_MAX_CELLS: usize = 10_000;
 
 /// Where the books live.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Files of this process (the SQLite database, the generated admin token).
-    #[arg(long, env = "ALLOT_DATA_DIR", default_value_os_t = default_data_dir())]
+    #[arg(long, env = "ALLOT_DATA_DIR", default_value_os_t = crate::paths::default_data_dir())]
     pub data_dir: PathBuf,
     /// `postgres://…` for PostgreSQL; absent → SQLite `allot.db` in the data directory.
     #[arg(long, env = "ALLOT_DATABASE_URL")]
@@ -86,7 +35,8 @@ pub struct StoreArgs {
 /// `allot-balancer serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address and port of the HTTP API.
+    /// Address and port of the HTTP API (bound by `service::serve`; `service::run` is handed a
+    /// listener instead).
     #[arg(long, env = "ALLOT_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
     /// The books.
@@ -131,49 +81,10 @@ pub struct ServeArgs {
     /// After `server rotate-token`, seconds a server's old token keeps working unless the
     /// rotation names its own grace (the server presenting its new token ends it sooner).
     #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS", default_value_t = 24 * 3600,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_TOKEN_GRACE_SECONDS)))]
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(allot_core::validate::MAX_TOKEN_GRACE_SECONDS)))]
     pub token_grace_seconds: u32,
     /// Most per-(server, product) metric series exported; beyond it they are left out, so a
     /// large estate cannot overload Prometheus.
-    #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = crate::metrics::DEFAULT_MAX_CELLS)]
+    #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = DEFAULT_METRICS_MAX_CELLS)]
     pub metrics_max_cells: usize,
-}
-
-impl ServeArgs {
-    /// How long history is kept.
-    pub fn retention(&self) -> crate::history::Retention {
-        crate::history::Retention {
-            raw: std::time::Duration::from_secs(self.history_raw_days.max(1) * 86_400),
-            hourly: std::time::Duration::from_secs(self.history_hourly_days.max(1) * 86_400),
-        }
-    }
-
-    /// The balancing engine's settings; `trust` holds the CA certificates its calls to metering
-    /// servers accept.
-    pub fn engine_config(&self, trust: allot_http::tls::Trust) -> crate::balance::EngineConfig {
-        crate::balance::EngineConfig {
-            trust,
-            call_timeout: std::time::Duration::from_millis(self.call_timeout_ms.max(1)),
-            concurrency: self.concurrency.max(1),
-            lease: std::time::Duration::from_secs(self.lease_seconds.max(1)),
-            lease_margin: std::time::Duration::from_secs(self.lease_margin_seconds),
-            hold: std::time::Duration::from_secs(self.hold_seconds),
-            ..crate::balance::EngineConfig::default()
-        }
-    }
-}
-
-pub use allot_core::validate::MAX_TOKEN_GRACE_SECONDS;
-
-/// The data directory a laptop user expects: `$XDG_DATA_HOME/allot/balancer`, else
-/// `~/.local/share/allot/balancer`, else `./allot-data`.
-pub fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
-    match base {
-        Some(base) => base.join("allot").join("balancer"),
-        None => PathBuf::from("allot-data"),
-    }
 }

@@ -7,8 +7,9 @@
 //! every second, per product and site: allocation, in use, denials and instant balances, the
 //! reserve, and the moves of the latest runs. Ctrl-C stops everything cleanly.
 
-use crate::cli::{AdminClient, ClientArgs};
+use crate::cli::{AdminClient, ClientArgs, DemoArgs};
 use crate::config::{ServeArgs, StoreArgs};
+use crate::metrics::Metrics;
 use allot_core::wire::agent::AgentStatus;
 use allot_core::wire::balancer::{List, ProductDetail, RegisteredServer, RunDetail, RunSummary};
 use anyhow::{Context, bail};
@@ -17,25 +18,8 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// `allot-balancer demo`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {
-    /// Stop by itself after this many seconds (default: run until Ctrl-C).
-    #[arg(long)]
-    pub duration_seconds: Option<u64>,
-    /// Print each frame below the previous one instead of redrawing the screen.
-    #[arg(long)]
-    pub no_clear: bool,
-    /// The `allot-agent` binary (default: next to this executable).
-    #[arg(long, env = "ALLOT_AGENT_BINARY")]
-    pub agent_binary: Option<PathBuf>,
-    /// The demo balancer's admin token, so other terminals can run the admin CLI against it
-    /// (`allot-balancer history`, `runs list`, `advise`); a fresh one when absent.
-    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-}
 
 /// Seconds of real time per simulated hour.
 const SECONDS_PER_HOUR: f64 = 5.0;
@@ -131,15 +115,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         history_hourly_days: 400,
         // A simulated hour lasts five seconds: hold freshly granted units about that long.
         hold_seconds: 5,
-        metrics_max_cells: crate::metrics::DEFAULT_MAX_CELLS,
+        metrics_max_cells: crate::config::DEFAULT_METRICS_MAX_CELLS,
         token_grace_seconds: 24 * 3600,
         tls: Default::default(),
         ca: Default::default(),
     };
+    let listener = tokio::net::TcpListener::bind(balancer_addr)
+        .await
+        .with_context(|| format!("listen on {balancer_addr}"))?;
+    let metrics = Arc::new(Metrics::new());
     let (stop_balancer, stopped) = tokio::sync::oneshot::channel::<()>();
-    let balancer = tokio::spawn(crate::service::serve(serve_args, async move {
-        let _ = stopped.await;
-    }));
+    let balancer = tokio::spawn(crate::service::run_with_metrics(
+        listener,
+        serve_args,
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
@@ -152,16 +145,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ca: Default::default(),
     })?;
 
-    let outcome = drive(
-        &args,
-        &agent,
-        dir.path(),
-        &balancer_url,
-        &admin,
-        &admin_token,
-        &http,
-    )
-    .await;
+    let demo_balancer = DemoBalancer {
+        url: balancer_url,
+        admin,
+        admin_token,
+        metrics,
+    };
+    let outcome = drive(&args, &agent, dir.path(), &demo_balancer, &http).await;
     let _ = stop_balancer.send(());
     let _ = balancer.await;
     outcome
@@ -182,15 +172,30 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The in-process balancer the demo drives, and how to reach it.
+struct DemoBalancer {
+    /// Its base URL.
+    url: String,
+    /// An admin client of its API.
+    admin: AdminClient,
+    /// Its admin token, for the agents' registration.
+    admin_token: String,
+    /// Its own metrics: the demo shows its accounting as `/metrics` exports it.
+    metrics: Arc<Metrics>,
+}
+
 async fn drive(
     args: &DemoArgs,
     agent: &Path,
     dir: &Path,
-    balancer_url: &str,
-    admin: &AdminClient,
-    admin_token: &str,
+    balancer: &DemoBalancer,
     http: &reqwest::Client,
 ) -> anyhow::Result<()> {
+    let (balancer_url, admin, admin_token) = (
+        balancer.url.as_str(),
+        &balancer.admin,
+        balancer.admin_token.as_str(),
+    );
     let _: serde_json::Value = admin
         .call(
             Method::PUT,
@@ -283,7 +288,16 @@ async fn drive(
             last_heartbeat = Instant::now();
         }
         if last_frame.elapsed() >= Duration::from_secs(1) {
-            let frame = render(&sites, hour, balancer_url, admin, admin_token, http).await;
+            let frame = render(
+                &sites,
+                hour,
+                balancer_url,
+                admin,
+                admin_token,
+                &balancer.metrics,
+                http,
+            )
+            .await;
             if !args.no_clear {
                 print!("\x1b[2J\x1b[H");
             }
@@ -377,6 +391,7 @@ async fn render(
     balancer_url: &str,
     admin: &AdminClient,
     admin_token: &str,
+    metrics: &Metrics,
     http: &reqwest::Client,
 ) -> String {
     use std::fmt::Write;
@@ -431,7 +446,7 @@ async fn render(
         };
         let b = &detail.product;
         // The balancer runs in this process: its own accounting, as /metrics exports it.
-        let m = &crate::metrics::METRICS;
+        let m = metrics;
         let unserved = |kind: &str| m.unserved_units.with_label_values(&[p.name, kind]).get();
         let _ = writeln!(
             out,

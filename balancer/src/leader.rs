@@ -7,7 +7,7 @@
 //! paused ex-leader that wakes up cannot touch the books. On SQLite there is one balancer: it
 //! leads from the start.
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +18,32 @@ const LEADER_LOCK: i64 = 0x616c6c6f74;
 /// How often a follower tries for the lock and a leader checks its lock session is alive.
 const POLL: Duration = Duration::from_secs(2);
 
+/// Why a leadership session ended (it is retried after a pause either way).
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// The lock's own PostgreSQL session failed: connect, lock or keep-alive.
+    #[error(transparent)]
+    Session(#[from] sqlx::Error),
+    /// The store refused or failed to bump the leader epoch.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LeaderError {
+    /// A stable, machine-readable name of the failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Session(_) => "session",
+            Self::Store(_) => "store",
+        }
+    }
+}
+
 /// Leads at once (SQLite, or tests): bumps the epoch and never lets go.
 pub async fn lead_alone(
     store: &dyn Store,
     url: &str,
-) -> Result<watch::Receiver<Option<i64>>, crate::store::StoreError> {
+) -> Result<watch::Receiver<Option<i64>>, StoreError> {
     let epoch = store.take_leadership(url).await?;
     tracing::info!(epoch, "leading (single balancer)");
     // A watch receiver keeps the last value after its sender is gone: the value never changes.
@@ -62,9 +83,9 @@ pub async fn compete(
                         let _ = tried.send(());
                     }
                     if leading.send_replace(None).is_some() {
-                        tracing::error!(error = %e, "leadership lost");
+                        tracing::error!(error = %e, code = e.code(), "leadership lost");
                     } else {
-                        tracing::debug!(error = %e, "leadership not available");
+                        tracing::debug!(error = %e, code = e.code(), "leadership not available");
                     }
                 }
             }
@@ -88,7 +109,7 @@ async fn hold_lock(
     on_lead: &(impl Fn(i64) + Send + Sync),
     shutdown: &mut watch::Receiver<bool>,
     tried: &mut Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<(), anyhow::Error> {
+) -> Result<(), LeaderError> {
     let mut conn = PgConnection::connect(database_url).await?;
     loop {
         let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")

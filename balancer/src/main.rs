@@ -1,7 +1,8 @@
 //! `allot-balancer`: the central balancer service and its admin CLI.
 #![forbid(unsafe_code)]
 
-use allot_balancer::config::{Cli, Command, LogFormat};
+use allot_balancer::cli::{Cli, Command};
+use allot_balancer::config::LogFormat;
 use allot_balancer::service;
 use clap::Parser;
 
@@ -33,7 +34,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_logging(cli.log_format);
-            service::serve(args, service::shutdown_signal()).await
+            Ok(service::serve(args, service::shutdown_signal()).await?)
         }
         Command::Migrate(args) => {
             init_logging(cli.log_format);

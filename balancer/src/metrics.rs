@@ -3,7 +3,8 @@
 //! Counters and histograms are updated where things happen: a balance run and an instant
 //! balance each carry a tally ([`RunTally`], [`InstantTally`]) that counts them as `failed` if
 //! they end early with an error; every booked move is counted by [`Metrics::moved`]; every
-//! database error by the store's `From<sqlx::Error>`. The books' gauges are read from the
+//! database error through the hook the service gives the store
+//! ([`crate::store::ErrorReporting`]). The books' gauges are read from the
 //! store at scrape time, so they are never stale, cost nothing between scrapes, and every
 //! balancer sharing the books reports the same figures.
 //!
@@ -11,6 +12,9 @@
 //! product) series stop at [`Metrics::set_max_cells`]), trigger, kind, status, outcome, state —
 //! never a user, host or handle. Every label value known in advance is exported at zero from
 //! the first scrape, so `rate()` and `increase()` see the first event.
+//!
+//! Each balancer has its own [`Metrics`] (made by the service, shared by the engine and the
+//! API through their state), so tests read their own counters; nothing is process-wide.
 //!
 //! The full list, with each metric's meaning, is in `docs/OPERATIONS.md`.
 
@@ -23,11 +27,10 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Per-(server, product) series exported by default: 200 servers × 50 products.
-pub const DEFAULT_MAX_CELLS: usize = 10_000;
+use crate::config::DEFAULT_METRICS_MAX_CELLS as DEFAULT_MAX_CELLS;
 
 /// The run statuses a run can end with (`ok`, `partial` from the engine; `failed` when it
 /// returned an error before finishing).
@@ -68,9 +71,6 @@ pub struct Metrics {
     pub discrepancies: IntCounter,
     /// Database errors met by the store: a failing database shows here before anywhere else.
     pub store_errors: IntCounter,
-    /// Requests refused for their credentials, by reason (`unauthorized`, `forbidden`): a
-    /// rising count is someone probing, or a server still presenting a rotated-out token.
-    pub requests_refused: IntCounterVec,
     /// Units waiting clients asked for that an instant balance could not serve, by product and
     /// kind: `true` when no unit was free anywhere the balancer could see (only buying helps),
     /// `false` when units sat free in the reserve or above another server's need (the
@@ -82,6 +82,9 @@ pub struct Metrics {
     /// Checkouts the servers reported at balance runs, by product: the denominator of units
     /// moved per checkout.
     pub checkouts: IntCounterVec,
+    /// Requests refused for their credentials, by reason (`unauthorized`, `forbidden`): a
+    /// rising count is someone probing, or a server still presenting a rotated-out token.
+    pub requests_refused: IntCounterVec,
     books: IntGaugeVec,
     in_use: IntGaugeVec,
     allocation: IntGaugeVec,
@@ -126,191 +129,199 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
-/// The process's metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let r = Registry::new();
-    let m = Metrics {
-        runs: counter(
-            &r,
-            "allot_balance_runs_total",
-            "Balance runs by trigger and status (ok, partial, failed).",
-            &["trigger", "status"],
-        ),
-        run_seconds: register(
-            &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "allot_balance_run_duration_seconds",
-                    "Duration of balance runs.",
-                )
-                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
-                &["trigger"],
-            )
-            .expect("valid histogram"),
-        ),
-        moves: counter(&r, "allot_moves_total", "Moves booked, by kind.", &["kind"]),
-        unserved_units: counter(
-            &r,
-            "allot_unserved_units_total",
-            "Units waiting clients asked for that an instant balance could not serve: \
-             kind=true when no unit was free anywhere, kind=false when one was.",
-            &["product", "kind"],
-        ),
-        ping_pong_units: counter(
-            &r,
-            "allot_ping_pong_units_total",
-            "Units granted to a server that released units of the product within the hour.",
-            &["product"],
-        ),
-        checkouts: counter(
-            &r,
-            "allot_checkouts_total",
-            "Checkouts the metering servers reported at balance runs.",
-            &["product"],
-        ),
-        units_moved: counter(
-            &r,
-            "allot_units_moved_total",
-            "Units moved, by kind.",
-            &["kind"],
-        ),
-        instant_requests: counter(
-            &r,
-            "allot_instant_balance_requests_total",
-            "Instant-balance requests by outcome (granted, short, none, failed).",
-            &["outcome"],
-        ),
-        instant_granted_units: register(
-            &r,
-            IntCounter::new(
-                "allot_instant_balance_granted_units_total",
-                "Units granted by instant balances.",
-            )
-            .expect("valid counter"),
-        ),
-        instant_seconds: register(
-            &r,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "allot_instant_balance_duration_seconds",
-                    "Time to answer an instant-balance request.",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
-                ]),
-            )
-            .expect("valid histogram"),
-        ),
-        unreachable: register(
-            &r,
-            IntGauge::new(
-                "allot_unreachable_servers",
-                "Servers unreachable in the latest run.",
-            )
-            .expect("valid gauge"),
-        ),
-        discrepancies: register(
-            &r,
-            IntCounter::new(
-                "allot_reconciliation_discrepancies_total",
-                "Disagreements between the books and a server found by reconciliation.",
-            )
-            .expect("valid counter"),
-        ),
-        store_errors: register(
-            &r,
-            IntCounter::new(
-                "allot_store_errors_total",
-                "Database errors met by the store (constraint refusals are not errors).",
-            )
-            .expect("valid counter"),
-        ),
-        requests_refused: counter(
-            &r,
-            "allot_requests_refused_total",
-            "Requests refused for their credentials, by reason (unauthorized, forbidden).",
-            &["reason"],
-        ),
-        books: gauge(
-            &r,
-            "allot_units",
-            "The books per product: purchased, reserve, in_transit, allocated.",
-            &["product", "pool"],
-        ),
-        in_use: gauge(
-            &r,
-            "allot_in_use_units",
-            "Units in use per product, from the newest usage sample of each server.",
-            &["product"],
-        ),
-        allocation: gauge(
-            &r,
-            "allot_allocation_units",
-            "Units allocated per server and product.",
-            &["server", "product"],
-        ),
-        server_in_use: gauge(
-            &r,
-            "allot_server_in_use_units",
-            "Units in use per server and product, from the newest usage sample.",
-            &["server", "product"],
-        ),
-        unreachable_runs: gauge(
-            &r,
-            "allot_server_unreachable_runs",
-            "Consecutive balance runs a server has not answered (0 once it answers).",
-            &["server"],
-        ),
-        cells_omitted: register(
-            &r,
-            IntGauge::new(
-                "allot_metrics_cells_omitted",
-                "Per-(server, product) series left out by --metrics-max-cells.",
-            )
-            .expect("valid gauge"),
-        ),
-        servers: gauge(
-            &r,
-            "allot_servers",
-            "Registered metering servers by state.",
-            &["state"],
-        ),
-        leader: register(
-            &r,
-            IntGauge::new(
-                "allot_leader",
-                "1 while this balancer leads (runs balances), 0 while it follows.",
-            )
-            .expect("valid gauge"),
-        ),
-        registry: r,
-        state: Mutex::new(ScrapeState {
-            max_cells: DEFAULT_MAX_CELLS,
-            unreachable_runs: BTreeMap::new(),
-            usage: BTreeMap::new(),
-            usage_read_to: None,
-        }),
-    };
-    for trigger in RUN_TRIGGERS {
-        for status in RUN_STATUSES {
-            m.runs.with_label_values(&[trigger.as_str(), status]);
-        }
-        m.run_seconds.with_label_values(&[trigger.as_str()]);
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
-    for kind in [MoveKind::Release, MoveKind::Grant] {
-        m.moves.with_label_values(&[kind.as_str()]);
-        m.units_moved.with_label_values(&[kind.as_str()]);
-    }
-    for outcome in INSTANT_OUTCOMES {
-        m.instant_requests.with_label_values(&[outcome]);
-    }
-    for reason in REFUSAL_REASONS {
-        m.requests_refused.with_label_values(&[reason.as_str()]);
-    }
-    m
-});
+}
 
 impl Metrics {
+    /// A fresh set of metrics in a registry of its own: one per balancer (the service makes
+    /// it and hands it to the engine and the API), so two balancers in one process, or two
+    /// tests, never count into each other.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Metrics {
+            runs: counter(
+                &r,
+                "allot_balance_runs_total",
+                "Balance runs by trigger and status (ok, partial, failed).",
+                &["trigger", "status"],
+            ),
+            run_seconds: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "allot_balance_run_duration_seconds",
+                        "Duration of balance runs.",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+                    &["trigger"],
+                )
+                .expect("valid histogram"),
+            ),
+            moves: counter(&r, "allot_moves_total", "Moves booked, by kind.", &["kind"]),
+            unserved_units: counter(
+                &r,
+                "allot_unserved_units_total",
+                "Units waiting clients asked for that an instant balance could not serve: \
+             kind=true when no unit was free anywhere, kind=false when one was.",
+                &["product", "kind"],
+            ),
+            ping_pong_units: counter(
+                &r,
+                "allot_ping_pong_units_total",
+                "Units granted to a server that released units of the product within the hour.",
+                &["product"],
+            ),
+            checkouts: counter(
+                &r,
+                "allot_checkouts_total",
+                "Checkouts the metering servers reported at balance runs.",
+                &["product"],
+            ),
+            units_moved: counter(
+                &r,
+                "allot_units_moved_total",
+                "Units moved, by kind.",
+                &["kind"],
+            ),
+            instant_requests: counter(
+                &r,
+                "allot_instant_balance_requests_total",
+                "Instant-balance requests by outcome (granted, short, none, failed).",
+                &["outcome"],
+            ),
+            instant_granted_units: register(
+                &r,
+                IntCounter::new(
+                    "allot_instant_balance_granted_units_total",
+                    "Units granted by instant balances.",
+                )
+                .expect("valid counter"),
+            ),
+            instant_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "allot_instant_balance_duration_seconds",
+                        "Time to answer an instant-balance request.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    ]),
+                )
+                .expect("valid histogram"),
+            ),
+            unreachable: register(
+                &r,
+                IntGauge::new(
+                    "allot_unreachable_servers",
+                    "Servers unreachable in the latest run.",
+                )
+                .expect("valid gauge"),
+            ),
+            discrepancies: register(
+                &r,
+                IntCounter::new(
+                    "allot_reconciliation_discrepancies_total",
+                    "Disagreements between the books and a server found by reconciliation.",
+                )
+                .expect("valid counter"),
+            ),
+            store_errors: register(
+                &r,
+                IntCounter::new(
+                    "allot_store_errors_total",
+                    "Database errors met by the store (constraint refusals are not errors).",
+                )
+                .expect("valid counter"),
+            ),
+            books: gauge(
+                &r,
+                "allot_units",
+                "The books per product: purchased, reserve, in_transit, allocated.",
+                &["product", "pool"],
+            ),
+            in_use: gauge(
+                &r,
+                "allot_in_use_units",
+                "Units in use per product, from the newest usage sample of each server.",
+                &["product"],
+            ),
+            allocation: gauge(
+                &r,
+                "allot_allocation_units",
+                "Units allocated per server and product.",
+                &["server", "product"],
+            ),
+            server_in_use: gauge(
+                &r,
+                "allot_server_in_use_units",
+                "Units in use per server and product, from the newest usage sample.",
+                &["server", "product"],
+            ),
+            unreachable_runs: gauge(
+                &r,
+                "allot_server_unreachable_runs",
+                "Consecutive balance runs a server has not answered (0 once it answers).",
+                &["server"],
+            ),
+            cells_omitted: register(
+                &r,
+                IntGauge::new(
+                    "allot_metrics_cells_omitted",
+                    "Per-(server, product) series left out by --metrics-max-cells.",
+                )
+                .expect("valid gauge"),
+            ),
+            servers: gauge(
+                &r,
+                "allot_servers",
+                "Registered metering servers by state.",
+                &["state"],
+            ),
+            leader: register(
+                &r,
+                IntGauge::new(
+                    "allot_leader",
+                    "1 while this balancer leads (runs balances), 0 while it follows.",
+                )
+                .expect("valid gauge"),
+            ),
+            requests_refused: counter(
+                &r,
+                "allot_requests_refused_total",
+                "Requests refused for their credentials, by reason (unauthorized, forbidden).",
+                &["reason"],
+            ),
+            registry: r,
+            state: Mutex::new(ScrapeState {
+                max_cells: DEFAULT_MAX_CELLS,
+                unreachable_runs: BTreeMap::new(),
+                usage: BTreeMap::new(),
+                usage_read_to: None,
+            }),
+        };
+        for trigger in RUN_TRIGGERS {
+            for status in RUN_STATUSES {
+                m.runs.with_label_values(&[trigger.as_str(), status]);
+            }
+            m.run_seconds.with_label_values(&[trigger.as_str()]);
+        }
+        for kind in [MoveKind::Release, MoveKind::Grant] {
+            m.moves.with_label_values(&[kind.as_str()]);
+            m.units_moved.with_label_values(&[kind.as_str()]);
+        }
+        for outcome in INSTANT_OUTCOMES {
+            m.instant_requests.with_label_values(&[outcome]);
+        }
+        for reason in REFUSAL_REASONS {
+            m.requests_refused.with_label_values(&[reason.as_str()]);
+        }
+        m
+    }
+
     /// Caps the per-(server, product) series (`--metrics-max-cells`): the cells after the first
     /// `max` in (server, product) order are left out and counted in
     /// `allot_metrics_cells_omitted`, so a large estate cannot overload Prometheus.
@@ -347,15 +358,17 @@ impl Metrics {
 /// dropped unfinished (the run returned an error), it counts the run as `failed`, so a failing
 /// store cannot hide failing runs.
 pub struct RunTally {
+    metrics: Arc<Metrics>,
     trigger: RunTrigger,
     started: Instant,
     finished: bool,
 }
 
 impl RunTally {
-    /// Starts timing a run.
-    pub fn start(trigger: RunTrigger) -> Self {
+    /// Starts timing a run, counted in `metrics`.
+    pub fn start(metrics: Arc<Metrics>, trigger: RunTrigger) -> Self {
         Self {
+            metrics,
             trigger,
             started: Instant::now(),
             finished: false,
@@ -370,7 +383,7 @@ impl RunTally {
         unreachable: impl IntoIterator<Item = &'a String>,
     ) {
         self.finished = true;
-        let m = &*METRICS;
+        let m = &*self.metrics;
         m.run_ended(self.trigger, status, self.started.elapsed());
         let mut state = m.state.lock().expect("metrics state");
         for name in reached {
@@ -388,7 +401,8 @@ impl RunTally {
 impl Drop for RunTally {
     fn drop(&mut self) {
         if !self.finished {
-            METRICS.run_ended(self.trigger, "failed", self.started.elapsed());
+            self.metrics
+                .run_ended(self.trigger, "failed", self.started.elapsed());
         }
     }
 }
@@ -396,14 +410,16 @@ impl Drop for RunTally {
 /// Counts one instant-balance request like [`RunTally`] counts a run: dropped unfinished, it
 /// counts the request as `failed`.
 pub struct InstantTally {
+    metrics: Arc<Metrics>,
     started: Instant,
     finished: bool,
 }
 
 impl InstantTally {
-    /// Starts timing a request.
-    pub fn start() -> Self {
+    /// Starts timing a request, counted in `metrics`.
+    pub fn start(metrics: Arc<Metrics>) -> Self {
         Self {
+            metrics,
             started: Instant::now(),
             finished: false,
         }
@@ -417,22 +433,29 @@ impl InstantTally {
             0 => "none",
             _ => "short",
         };
-        METRICS.instant_ended(outcome, granted, self.started.elapsed());
+        self.metrics
+            .instant_ended(outcome, granted, self.started.elapsed());
     }
 }
 
 impl Drop for InstantTally {
     fn drop(&mut self) {
         if !self.finished {
-            METRICS.instant_ended("failed", 0, self.started.elapsed());
+            self.metrics
+                .instant_ended("failed", 0, self.started.elapsed());
         }
     }
 }
 
-/// Renders every metric in Prometheus's text format, reading the books' gauges from `store`;
-/// `leading` says whether this balancer holds the leadership now.
-pub async fn render(store: &dyn Store, leading: bool) -> Result<String, crate::store::StoreError> {
-    let m = &*METRICS;
+/// Renders every metric of `metrics` in Prometheus's text
+/// format, reading the books' gauges from `store`; `leading` says whether this balancer holds
+/// the leadership now.
+pub async fn render(
+    metrics: &Metrics,
+    store: &dyn Store,
+    leading: bool,
+) -> Result<String, crate::store::StoreError> {
+    let m = metrics;
     let products = store.products().await?;
     let mut cells = store.cells().await?;
     let servers = store.server_records().await?;
@@ -533,12 +556,50 @@ pub async fn render(store: &dyn Store, leading: bool) -> Result<String, crate::s
     drop(state);
     m.leader.set(i64::from(leading));
     let mut out = Vec::new();
+    let mut families = m.registry.gather();
+    families.sort_by(|a, b| a.name().cmp(b.name()));
     TextEncoder::new()
-        .encode(&m.registry.gather(), &mut out)
+        .encode(&families, &mut out)
         .expect("text encoding never fails");
     Ok(String::from_utf8(out).unwrap_or_default())
 }
 
 fn gauge_value(units: u64) -> i64 {
     i64::try_from(units).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allot_core::domain::MoveState;
+
+    fn applied_grant(units: u64) -> MoveRecord {
+        MoveRecord {
+            id: uuid::Uuid::nil(),
+            run_id: None,
+            product: "cad".into(),
+            server: "paris".into(),
+            kind: MoveKind::Grant,
+            units,
+            state: MoveState::Applied,
+            applied_units: Some(units),
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn two_balancers_in_one_process_count_apart() {
+        let (a, b) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+        a.moved(&applied_grant(3));
+        RunTally::start(a.clone(), RunTrigger::Manual).finish("ok", [], []);
+        drop(InstantTally::start(b.clone()));
+        let grant = [MoveKind::Grant.as_str()];
+        assert_eq!(a.units_moved.with_label_values(&grant).get(), 3);
+        assert_eq!(b.units_moved.with_label_values(&grant).get(), 0);
+        let manual_ok = [RunTrigger::Manual.as_str(), "ok"];
+        assert_eq!(a.runs.with_label_values(&manual_ok).get(), 1);
+        assert_eq!(b.runs.with_label_values(&manual_ok).get(), 0);
+        assert_eq!(a.instant_requests.with_label_values(&["failed"]).get(), 0);
+        assert_eq!(b.instant_requests.with_label_values(&["failed"]).get(), 1);
+    }
 }

@@ -1,45 +1,141 @@
 //! The balancer service as a function: open the books, resume unfinished moves, start the
-//! scheduler and serve the API until a shutdown future resolves, then finish the run in flight
-//! and close the store. The binary calls it with a SIGTERM/SIGINT future; the demo with its own.
+//! scheduler and serve the API on a listener until a shutdown future resolves, then finish the
+//! run in flight and close the store.
+//!
+//! [`run`] takes a bound listener, so tests (and the demo) bind `127.0.0.1:0` and pass a
+//! oneshot; the binary goes through [`serve`], which binds `--listen` and passes SIGTERM/SIGINT.
+//! Failures are [`ServeError`]s with stable codes; `anyhow` stays in `main`.
 
 use crate::api::{self, AppState};
 use crate::auth::{self, AdminTokenSource};
 use crate::balance::{Engine, scheduler};
 use crate::config::{ServeArgs, StoreArgs};
-use crate::store;
-use anyhow::Context;
+use crate::metrics::Metrics;
+use crate::store::{self, StoreError};
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-/// Opens (creating the data directory and migrating) the store the arguments name.
-pub async fn open_store(args: &StoreArgs) -> anyhow::Result<Arc<dyn store::Store>> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
-    store::open(args.database_url.as_deref(), &args.data_dir)
-        .await
-        .context("open the store")
+/// Why the service could not start or stopped with an error; [`ServeError::code`] names each
+/// kind stably for logs and scripts.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `--listen` could not be bound.
+    #[error("listen on {addr}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTPS certificate or key could not be read.
+    #[error("load --tls-cert/--tls-key")]
+    Tls(#[source] allot_http::tls::TlsError),
+    /// The CA certificates for calls to metering servers could not be read.
+    #[error("load --ca-file")]
+    Ca(#[source] allot_http::tls::TlsError),
+    /// The data directory could not be created.
+    #[error("create data directory {}", .path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it could not be created.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened or migrated.
+    #[error("open the store")]
+    OpenStore(#[source] StoreError),
+    /// The admin token could not be read or written.
+    #[error("load the admin token")]
+    AdminToken(#[source] std::io::Error),
+    /// The store failed while the service started or stopped.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The HTTP server failed.
+    #[error("serve HTTP")]
+    Http(#[source] std::io::Error),
 }
 
-/// Runs the balancer until `shutdown` resolves.
+impl ServeError {
+    /// A stable, machine-readable name of the failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Listen { .. } => "listen",
+            Self::Tls(_) => "tls",
+            Self::Ca(_) => "ca",
+            Self::DataDir { .. } => "data_dir",
+            Self::OpenStore(_) => "open_store",
+            Self::AdminToken(_) => "admin_token",
+            Self::Store(_) => "store",
+            Self::Http(_) => "http",
+        }
+    }
+}
+
+/// Opens (creating the data directory and migrating) the store the arguments name.
+pub async fn open_store(args: &StoreArgs) -> Result<Arc<dyn store::Store>, ServeError> {
+    std::fs::create_dir_all(&args.data_dir).map_err(|source| ServeError::DataDir {
+        path: args.data_dir.clone(),
+        source,
+    })?;
+    store::open(args.database_url.as_deref(), &args.data_dir)
+        .await
+        .map_err(ServeError::OpenStore)
+}
+
+/// The binary's entry: binds `--listen`, then [`run`]s until `shutdown` resolves.
 pub async fn serve(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    run(listener, args, shutdown).await
+}
+
+/// Runs the balancer on `listener` until `shutdown` resolves (`config.listen` is not bound
+/// again), with metrics of its own.
+pub async fn run(
+    listener: TcpListener,
+    config: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    run_with_metrics(listener, config, Arc::default(), shutdown).await
+}
+
+/// [`run`], counting into `metrics`, which the caller can read (the demo shows them).
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    args: ServeArgs,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     // TLS files are read before anything else, so a wrong path fails the start at once.
-    let tls = args.tls.load().context("load --tls-cert/--tls-key")?;
-    let trust = args.ca.load().context("load --ca-file")?;
-    let store = open_store(&args.store).await?;
+    let tls = args.tls.load().map_err(ServeError::Tls)?;
+    let trust = args.ca.load().map_err(ServeError::Ca)?;
+    let opened = open_store(&args.store).await?;
+    let counted = metrics.clone();
+    let store: Arc<dyn store::Store> = Arc::new(store::ErrorReporting::new(
+        opened,
+        Box::new(move |_| counted.store_errors.inc()),
+    ));
     let (admin, source) =
         auth::load_or_create_admin_token(args.admin_token.as_deref(), &args.store.data_dir)
-            .context("load the admin token")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
+            .map_err(ServeError::AdminToken)?;
+    let local = listener.local_addr().map_err(ServeError::Http)?;
     let schedule = store.schedule().await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        listen = %listener.local_addr()?,
+        listen = %local,
         data_dir = %args.store.data_dir.display(),
         store = store.backend(),
         schedule = %schedule.cron,
@@ -50,8 +146,8 @@ pub async fn serve(
     if store.backend() == "sqlite" {
         tracing::info!("SQLite store: single balancer (high availability needs PostgreSQL)");
     }
-    if tls.is_none() && !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "plain HTTP beyond loopback: tokens cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
+    if tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(listen = %local, "plain HTTP beyond loopback: tokens cross the network in clear text; use --tls-cert/--tls-key or a TLS-terminating proxy");
     }
     match &source {
         AdminTokenSource::Configured => tracing::info!("admin token: from --admin-token"),
@@ -66,7 +162,7 @@ pub async fn serve(
         ),
     }
     let tokens = auth::ServerTokens::new(&store.token_key().await?);
-    crate::metrics::METRICS.set_max_cells(args.metrics_max_cells);
+    metrics.set_max_cells(args.metrics_max_cells);
     tracing::info!(
         lease_seconds = args.lease_seconds,
         lease_margin_seconds = args.lease_margin_seconds,
@@ -77,7 +173,7 @@ pub async fn serve(
     let (stop_scheduler, stopped) = watch::channel(false);
     let advertise = args.advertise_url.clone().unwrap_or_else(|| {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", args.listen)
+        format!("{scheme}://{local}")
     });
     let (won, mut wins) = tokio::sync::mpsc::unbounded_channel::<i64>();
     let leadership = match &args.store.database_url {
@@ -105,8 +201,9 @@ pub async fn serve(
     let engine = Engine::with_leadership(
         store.clone(),
         tokens.clone(),
-        args.engine_config(trust),
+        engine_config(&args, trust),
         leadership.clone(),
+        metrics.clone(),
     );
     // Each time leadership is won, unfinished moves are resumed before anything is planned.
     let resumer = engine.clone();
@@ -132,7 +229,7 @@ pub async fn serve(
         schedule_changed.clone(),
         stopped,
     ));
-    let retention = args.retention();
+    let retention = retention(&args);
     let history = tokio::spawn(crate::history::retention_task(
         store.clone(),
         retention,
@@ -145,6 +242,7 @@ pub async fn serve(
         stop_scheduler.subscribe(),
     ));
     let state = AppState {
+        metrics,
         retention,
         tokens,
         store: store.clone(),
@@ -154,7 +252,9 @@ pub async fn serve(
         leadership,
         token_grace: std::time::Duration::from_secs(u64::from(args.token_grace_seconds)),
     };
-    api::run(listener, tls, state, shutdown).await?;
+    api::run(listener, tls, state, shutdown)
+        .await
+        .map_err(ServeError::Http)?;
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
     let _ = stop_scheduler.send(true);
     let _ = scheduler.await;
@@ -163,6 +263,31 @@ pub async fn serve(
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// How long history is kept.
+pub fn retention(args: &ServeArgs) -> crate::history::Retention {
+    crate::history::Retention {
+        raw: std::time::Duration::from_secs(args.history_raw_days.max(1) * 86_400),
+        hourly: std::time::Duration::from_secs(args.history_hourly_days.max(1) * 86_400),
+    }
+}
+
+/// The balancing engine's settings; `trust` holds the CA certificates its calls to metering
+/// servers accept.
+pub fn engine_config(
+    args: &ServeArgs,
+    trust: allot_http::tls::Trust,
+) -> crate::balance::EngineConfig {
+    crate::balance::EngineConfig {
+        trust,
+        call_timeout: std::time::Duration::from_millis(args.call_timeout_ms.max(1)),
+        concurrency: args.concurrency.max(1),
+        lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+        lease_margin: std::time::Duration::from_secs(args.lease_margin_seconds),
+        hold: std::time::Duration::from_secs(args.hold_seconds),
+        ..crate::balance::EngineConfig::default()
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

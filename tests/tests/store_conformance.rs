@@ -836,3 +836,95 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
     store.complete_move(old.id, 2, 1, epoch).await.unwrap();
     assert_balanced(&*store).await;
 }
+
+/// The differences the two balancer migration folders may have, line for line: (PostgreSQL,
+/// SQLite). Anything else is a schema drift between the backends.
+const DIALECT_DIFFERENCES: &[(&str, &str)] = &[
+    // Each file says which backend it is for.
+    (
+        "-- The balancer's books on PostgreSQL (production). Kept in step with balancer-sqlite:",
+        "-- The balancer's books on SQLite (the embedded default). Kept in step with \
+         balancer-postgres:",
+    ),
+    // Surrogate keys: an identity column on PostgreSQL, SQLite's rowid alias.
+    (
+        "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "INTEGER PRIMARY KEY AUTOINCREMENT",
+    ),
+];
+
+/// The first line where `postgres` and `sqlite` (one migration's two texts) differ by more than
+/// [`DIALECT_DIFFERENCES`]: its number and both texts.
+fn drift(postgres: &str, sqlite: &str) -> Option<(usize, String, String)> {
+    let (pg, lite): (Vec<&str>, Vec<&str>) = (postgres.lines().collect(), sqlite.lines().collect());
+    for index in 0..pg.len().max(lite.len()) {
+        let (p, s) = (
+            pg.get(index).copied().unwrap_or("<end of file>"),
+            lite.get(index).copied().unwrap_or("<end of file>"),
+        );
+        let translated = DIALECT_DIFFERENCES
+            .iter()
+            .fold(p.to_owned(), |line, (from, to)| line.replace(from, to));
+        if translated != s {
+            return Some((index + 1, p.to_owned(), s.to_owned()));
+        }
+    }
+    None
+}
+
+/// The `.sql` files of a migration folder, by name.
+fn migrations(folder: &str) -> std::collections::BTreeMap<String, String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(folder);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "sql"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            (name, text)
+        })
+        .collect()
+}
+
+#[test]
+fn migrations_differ_between_backends_only_by_dialect() {
+    let postgres = migrations("balancer-postgres");
+    let sqlite = migrations("balancer-sqlite");
+    assert!(!postgres.is_empty(), "no PostgreSQL migrations found");
+    assert_eq!(
+        postgres.keys().collect::<Vec<_>>(),
+        sqlite.keys().collect::<Vec<_>>(),
+        "both backends have the same migration files"
+    );
+    for (name, pg) in &postgres {
+        if let Some((line, p, s)) = drift(pg, &sqlite[name]) {
+            panic!(
+                "{name} line {line}: the backends differ beyond the known dialect differences\n  \
+                 balancer-postgres: {p}\n  balancer-sqlite:   {s}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_schema_drift_between_backends_is_reported_with_its_line() {
+    let pg = "CREATE TABLE t (\n    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n    \
+              units BIGINT NOT NULL\n);";
+    let lite = "CREATE TABLE t (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,\n    \
+                units BIGINT NOT NULL\n);";
+    assert_eq!(drift(pg, lite), None);
+    let drifted = lite.replace("units BIGINT NOT NULL", "units INTEGER");
+    assert_eq!(
+        drift(pg, &drifted),
+        Some((
+            3,
+            "    units BIGINT NOT NULL".to_owned(),
+            "    units INTEGER".to_owned()
+        ))
+    );
+    assert_eq!(drift(pg, &format!("{lite}\n-- more")).map(|d| d.0), Some(5));
+}

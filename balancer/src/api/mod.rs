@@ -50,6 +50,8 @@ pub struct AppState {
     pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
     /// How long a rotated-out server token keeps working when the rotation names no grace.
     pub token_grace: Duration,
+    /// This balancer's metrics, exported on `/metrics` (the engine counts into the same).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A JSON body (the shared `allot_http::json` checks: content type, size, a JSON object, no
@@ -181,12 +183,15 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::map_response(timeout_in_the_error_shape))
         .layer(axum::middleware::from_fn_with_state(
-            allot_http::refusals::Refusals::new(|reason| {
-                crate::metrics::METRICS
-                    .requests_refused
-                    .with_label_values(&[reason.as_str()])
-                    .inc();
-            }),
+            {
+                let metrics = state.metrics.clone();
+                allot_http::refusals::Refusals::new(move |reason| {
+                    metrics
+                        .requests_refused
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
+                })
+            },
             allot_http::refusals::count_refused,
         ))
         .with_state(state)
@@ -257,7 +262,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
     let leading = state.leadership.borrow().is_some();
-    Ok(crate::metrics::render(&*state.store, leading).await?)
+    Ok(crate::metrics::render(&state.metrics, &*state.store, leading).await?)
 }
 
 /// This document (OpenAPI 3.1).

@@ -2,8 +2,7 @@
 
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
-use crate::auth;
-use crate::config::MAX_TOKEN_GRACE_SECONDS;
+use crate::auth::{self, MAX_TOKEN_GRACE_SECONDS};
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::balancer::{

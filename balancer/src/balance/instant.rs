@@ -16,7 +16,8 @@ use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
 use uuid::Uuid;
 
 impl Engine {
-    /// Serves a server that asked for units; see the [module documentation](self).
+    /// Serves a server that asked for units (DESIGN.md flow 3; the engine's `instant` module
+    /// documents how).
     #[tracing::instrument(skip_all, fields(server = %server.name, product = %req.product, units = req.units, urgent = req.urgent(), request_id = %req.request_id))]
     pub async fn instant(
         &self,
@@ -74,7 +75,7 @@ impl Engine {
         }
         let wanted = u64::from(req.units);
         let urgent = u64::from(req.urgent());
-        let tally = crate::metrics::InstantTally::start();
+        let tally = crate::metrics::InstantTally::start(self.metrics.clone());
         let epoch = self.epoch()?;
         let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
         let mut errors = Vec::new();
@@ -255,7 +256,7 @@ impl Engine {
                 + reserve_now;
             let falsely = unserved.min(free_elsewhere);
             unserved_false = falsely;
-            let metric = &crate::metrics::METRICS.unserved_units;
+            let metric = &self.metrics.unserved_units;
             metric
                 .with_label_values(&[req.product.as_str(), "false"])
                 .inc_by(falsely);

@@ -2,7 +2,8 @@
 //! reconciliation, lost servers and the doctor.
 //!
 //! The engine is a shell around the pure planner: it reads the books and every server's
-//! status, builds a [`Snapshot`], calls [`planner::plan`], and executes the moves through
+//! status, builds a [`Snapshot`](allot_core::planner::Snapshot), calls
+//! [`planner::plan`](allot_core::planner::plan), and executes the moves through
 //! [`Engine::execute`] — the one function that carries a move from the move log to a server and
 //! back into the books:
 //!
@@ -26,6 +27,7 @@ mod snapshot;
 pub use agent_client::{AgentClient, CallError};
 
 use crate::auth::ServerTokens;
+use crate::metrics::Metrics;
 use crate::store::{
     CellRecord, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
 };
@@ -147,6 +149,8 @@ pub struct Engine {
     leadership: watch::Receiver<Option<i64>>,
     /// What the last run saw of each cell, and when cells were last granted units.
     memory: Arc<Mutex<snapshot::Memory>>,
+    /// Where runs, moves and instant balances are counted: this balancer's own metrics.
+    metrics: Arc<Metrics>,
 }
 
 /// A server's answer to a status read in a run.
@@ -165,23 +169,27 @@ struct Observation {
 }
 
 impl Engine {
-    /// The only writer of a store that never saw a takeover (epoch 0): embedded uses,
-    /// benchmarks and tests. A service uses [`Engine::with_leadership`].
+    /// The only writer of a store that never saw a takeover (epoch 0), counting into metrics
+    /// of its own: embedded uses, benchmarks and tests. A service uses
+    /// [`Engine::with_leadership`].
     pub fn new(store: Arc<dyn Store>, tokens: ServerTokens, config: EngineConfig) -> Self {
         let (leading, leadership) = watch::channel(Some(0));
         // The engine keeps a receiver; a closed channel keeps its last value.
         drop(leading);
-        Self::with_leadership(store, tokens, config, leadership)
+        Self::with_leadership(store, tokens, config, leadership, Arc::default())
     }
 
-    /// An engine that balances only while `leadership` holds an epoch, and writes with it.
+    /// An engine that balances only while `leadership` holds an epoch, and writes with it;
+    /// it counts what it does in `metrics`.
     pub fn with_leadership(
         store: Arc<dyn Store>,
         tokens: ServerTokens,
         config: EngineConfig,
         leadership: watch::Receiver<Option<i64>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             agents: AgentClient::new(tokens, config.call_timeout, &config.trust),
             store,
             config: Arc::new(config),
@@ -201,6 +209,11 @@ impl Engine {
     /// whatever it attempts.
     fn write_epoch(&self) -> i64 {
         self.epoch().unwrap_or(-1)
+    }
+
+    /// The metrics the engine counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The engine's settings.
@@ -245,7 +258,7 @@ impl Engine {
                             mv.id, server.name
                         ))
                     })?;
-                crate::metrics::METRICS.moved(&booked);
+                self.metrics.moved(&booked);
                 let applied = booked.applied_units.unwrap_or(0);
                 if applied > 0 {
                     let mut memory = self.memory.lock().expect("engine memory");
@@ -254,7 +267,7 @@ impl Engine {
                         if let Some(run_id) = booked.run_id {
                             memory.ping_pong_in_run(run_id, back);
                         }
-                        crate::metrics::METRICS
+                        self.metrics
                             .ping_pong_units
                             .with_label_values(&[booked.product.as_str()])
                             .inc_by(back);

@@ -41,7 +41,7 @@ impl Engine {
         }
         self.reclaim_lost().await?;
         let run_id = self.store.begin_run(trigger, epoch).await?;
-        let tally = crate::metrics::RunTally::start(trigger);
+        let tally = crate::metrics::RunTally::start(self.metrics.clone(), trigger);
         let started = std::time::Instant::now();
         let mut errors = self.resume_unfinished().await?;
 
@@ -70,7 +70,7 @@ impl Engine {
         let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
         let now_ms = Utc::now().timestamp_millis();
         let samples = usage_samples(&statuses);
-        let m = &crate::metrics::METRICS;
+        let m = &self.metrics;
         for s in &samples {
             let product = s.product.as_str();
             m.checkouts
@@ -85,7 +85,7 @@ impl Engine {
         self.store.record_samples(run_id, now_ms, &samples).await?;
         let in_flight = self.store.unfinished_moves().await?;
         let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
-        crate::metrics::METRICS
+        self.metrics
             .discrepancies
             .inc_by(discrepancies.len() as u64);
         for d in &discrepancies {

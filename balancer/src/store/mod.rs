@@ -2,7 +2,8 @@
 //! usage samples, settings and the audit log.
 //!
 //! [`Store`] speaks in domain words; two implementations share one body of SQL
-//! ([`sql.rs`](sql)), compiled once per backend with that backend's connection type:
+//! (`store/sql/`, one file per family of tables), compiled once per backend with that
+//! backend's connection type:
 //! [`sqlite`] (the embedded default) and [`postgres`] (production). The SQL is written in the
 //! dialect both accept (`$n` parameters, `RETURNING`, `ON CONFLICT`); the backends differ only
 //! in how a write transaction begins and in their migrations.
@@ -11,10 +12,16 @@
 //! moves runs in one transaction that keeps `reserve + in_transit + Σ allocation = purchased`,
 //! and a change that would drive the reserve negative is refused with [`StoreError::Conflict`]
 //! (the schema's `CHECK (reserve >= 0)` backs the code up).
+//!
+//! The store counts nothing itself: a database error is returned as [`StoreError::Database`],
+//! and the service wraps the store in [`ErrorReporting`] to count them in its metrics.
 
 pub mod postgres;
+mod reporting;
 mod rows;
 pub mod sqlite;
+
+pub use reporting::{DatabaseErrorHook, ErrorReporting};
 
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
@@ -62,10 +69,10 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Every database error passes here (`?` on a sqlx call), so here it is counted.
+/// Every database error passes here (`?` on a sqlx call). Counting them is the caller's
+/// business: see [`ErrorReporting`].
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        crate::metrics::METRICS.store_errors.inc();
         StoreError::Database(e)
     }
 }
@@ -184,7 +191,7 @@ pub struct ServerRecord {
     pub site: String,
     /// Active, draining or lost.
     pub state: ServerState,
-    /// The salt its token is derived from (see [`crate::auth::ServerTokens`]).
+    /// The salt its token is derived from (the `auth` module derives the token itself).
     pub token_salt: String,
     /// The token it had before its latest rotation, while that one's grace period runs.
     pub previous_token: Option<PreviousToken>,

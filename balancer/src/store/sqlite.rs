@@ -17,7 +17,7 @@ type Db = sqlx::Sqlite;
 
 // The shared SQL, compiled once per backend on purpose (see the module docs of `store`).
 #[allow(clippy::duplicate_mod)]
-#[path = "sql.rs"]
+#[path = "sql/mod.rs"]
 mod sql;
 pub use sql::SqlStore;
 

@@ -1,0 +1,419 @@
+//! How the admin CLI shows answers to people: one table renderer ([`table`]) that every
+//! listing goes through, each listing's columns as a [`Row`], and the few answers that read
+//! better as lines than as a table (a schedule, the advisor's advice). `--json` bypasses all of
+//! it ([`output`]).
+
+use allot_core::wire::balancer::{
+    AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistorySeries, MoveView,
+    Product, RunDetail, RunSummary, Schedule, Server,
+};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+
+/// One line of a listing: its column titles and its cells, so every listing is drawn by the
+/// same [`table`].
+pub(super) trait Row {
+    /// The column titles, in order.
+    const HEADER: &'static [&'static str];
+    /// This row's cells, in the order of [`Row::HEADER`].
+    fn cells(&self) -> Vec<String>;
+}
+
+/// The one table renderer of the CLI: `rows` under their header, in one comfy-table style.
+pub(super) fn table<'a, R: Row + 'a>(rows: impl IntoIterator<Item = &'a R>) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(R::HEADER.to_vec());
+    for row in rows {
+        table.add_row(row.cells());
+    }
+    table
+}
+
+/// An optional value, or `-`.
+fn opt<T: ToString>(value: &Option<T>) -> String {
+    value
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints `value` as JSON or through `human`.
+pub(super) fn output<T: Serialize>(
+    json: bool,
+    value: &T,
+    human: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+impl Row for Product {
+    const HEADER: &'static [&'static str] = &[
+        "product",
+        "enforcement",
+        "seat",
+        "purchased",
+        "allocated",
+        "in transit",
+        "reserve",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.policy.enforcement.to_string(),
+            self.policy.seat.to_string(),
+            self.purchased.to_string(),
+            self.allocated.to_string(),
+            self.in_transit.to_string(),
+            self.reserve.to_string(),
+        ]
+    }
+}
+
+impl Row for AllocationView {
+    const HEADER: &'static [&'static str] = &[
+        "server",
+        "site",
+        "state",
+        "allocation",
+        "in use",
+        "min",
+        "buffer",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.server.clone(),
+            self.site.clone(),
+            self.state.to_string(),
+            self.allocation.to_string(),
+            opt(&self.in_use),
+            self.min_units.to_string(),
+            self.buffer_units.to_string(),
+        ]
+    }
+}
+
+impl Row for Entitlement {
+    const HEADER: &'static [&'static str] = &[
+        "id",
+        "product",
+        "units",
+        "expires",
+        "reference",
+        "added",
+        "by",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.product.clone(),
+            self.units.to_string(),
+            opt(&self.expires_at.map(|t| t.to_rfc3339())),
+            opt(&self.reference),
+            self.created_at.to_rfc3339(),
+            self.created_by.clone(),
+        ]
+    }
+}
+
+impl Row for Server {
+    const HEADER: &'static [&'static str] = &[
+        "server",
+        "site",
+        "state",
+        "url",
+        "last seen",
+        "old token until",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.site.clone(),
+            self.state.to_string(),
+            self.url.clone(),
+            opt(&self.last_seen_at.map(|t| t.to_rfc3339())),
+            opt(&self.previous_token_until.map(|t| t.to_rfc3339())),
+        ]
+    }
+}
+
+impl Row for AuditEntry {
+    const HEADER: &'static [&'static str] = &["id", "at", "actor", "action", "target", "after"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.at.to_rfc3339(),
+            self.actor.clone(),
+            self.action.clone(),
+            self.target.clone(),
+            opt(&self.after.as_ref().map(|v| v.to_string())),
+        ]
+    }
+}
+
+impl Row for RunSummary {
+    const HEADER: &'static [&'static str] = &[
+        "run",
+        "trigger",
+        "status",
+        "started",
+        "ms",
+        "servers",
+        "unreachable",
+        "moves",
+        "units",
+        "unserved false/true",
+        "ping-pong",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let ms = self
+            .finished_at
+            .map(|f| (f - self.started_at).num_milliseconds().to_string())
+            .unwrap_or_else(|| "-".into());
+        vec![
+            self.id.to_string(),
+            self.trigger.to_string(),
+            self.status.clone(),
+            self.started_at.to_rfc3339(),
+            ms,
+            self.servers_queried.to_string(),
+            self.servers_unreachable.to_string(),
+            self.moves.to_string(),
+            self.units_moved.to_string(),
+            format!("{}/{}", self.unserved_false, self.unserved_true),
+            self.ping_pong_units.to_string(),
+        ]
+    }
+}
+
+impl Row for MoveView {
+    const HEADER: &'static [&'static str] = &[
+        "move", "kind", "product", "server", "units", "state", "applied",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.kind.to_string(),
+            self.product.clone(),
+            self.server.clone(),
+            self.units.to_string(),
+            self.state.to_string(),
+            opt(&self.applied_units),
+        ]
+    }
+}
+
+impl Row for DoctorCell {
+    const HEADER: &'static [&'static str] = &[
+        "server",
+        "books",
+        "books gen",
+        "server",
+        "server gen",
+        "in use",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.server.clone(),
+            self.store_allocation.to_string(),
+            self.store_generation.to_string(),
+            opt(&self.server_allocation),
+            opt(&self.server_generation),
+            opt(&self.in_use),
+        ]
+    }
+}
+
+impl Row for ExplainedCell {
+    const HEADER: &'static [&'static str] = &[
+        "server", "alloc", "in use", "waiting", "peak", "denials", "level", "forecast", "window",
+        "min", "buffer", "need", "want", "fair", "target", "decision",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.server.clone(),
+            self.allocation.to_string(),
+            self.in_use.to_string(),
+            self.waiting.to_string(),
+            self.peak_in_use.to_string(),
+            self.denials.to_string(),
+            self.level.to_string(),
+            self.forecast.to_string(),
+            opt(&self.window_peak),
+            self.min_units.to_string(),
+            self.buffer_units.to_string(),
+            self.need.to_string(),
+            self.want.to_string(),
+            self.fair_share.to_string(),
+            self.target.to_string(),
+            if self.held {
+                format!("{} (held)", self.decision)
+            } else {
+                self.decision.clone()
+            },
+        ]
+    }
+}
+
+/// A history series as sparklines: peak in use over allocation (on one scale), denials and
+/// instant balances (each on its own).
+impl Row for HistorySeries {
+    const HEADER: &'static [&'static str] = &[
+        "product",
+        "server",
+        "site",
+        "in use (peak) vs allocation",
+        "denials",
+        "instant",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let peaks: Vec<u64> = self
+            .points
+            .iter()
+            .map(|p| p.peak_in_use.max(p.in_use_max))
+            .collect();
+        let allocations: Vec<u64> = self.points.iter().map(|p| p.allocation_max).collect();
+        let scale = peaks.iter().chain(&allocations).copied().max().unwrap_or(0);
+        let denials: Vec<u64> = self.points.iter().map(|p| p.denials).collect();
+        let instant: Vec<u64> = self.points.iter().map(|p| p.instant_requests).collect();
+        vec![
+            self.product.clone(),
+            self.server.clone(),
+            self.site.clone(),
+            format!(
+                "{}  max {}\n{}  max {}",
+                sparkline(&peaks, scale),
+                peaks.iter().max().unwrap_or(&0),
+                sparkline(&allocations, scale),
+                allocations.iter().max().unwrap_or(&0)
+            ),
+            format!(
+                "{} Σ{}",
+                sparkline(&denials, 0),
+                denials.iter().sum::<u64>()
+            ),
+            format!(
+                "{} Σ{}",
+                sparkline(&instant, 0),
+                instant.iter().sum::<u64>()
+            ),
+        ]
+    }
+}
+
+/// A run: its summary, its move log and its errors.
+pub(super) fn print_run(detail: &RunDetail) {
+    println!("{}", table(std::slice::from_ref(&detail.run)));
+    println!("{}", table(&detail.move_log));
+    for e in &detail.run.errors {
+        println!("! {e}");
+    }
+}
+
+/// The schedule and its next runs.
+pub(super) fn print_schedule(s: &Schedule) {
+    println!("cron:     {}", s.cron);
+    println!("timezone: {}", s.timezone);
+    println!("next runs:");
+    for run in &s.next_runs {
+        println!("  {}", run.to_rfc3339());
+    }
+}
+
+/// A unicode sparkline of `values`, scaled to `scale` (the series' own maximum when 0).
+pub fn sparkline(values: &[u64], scale: u64) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let top = if scale == 0 {
+        values.iter().copied().max().unwrap_or(0)
+    } else {
+        scale
+    };
+    values
+        .iter()
+        .map(|&v| {
+            if top == 0 {
+                BARS[0]
+            } else {
+                let level = (v.min(top) * 7).div_ceil(top);
+                BARS[usize::try_from(level).unwrap_or(7).min(7)]
+            }
+        })
+        .collect()
+}
+
+/// Quotes a CSV field when it holds a comma, a quote or a line break.
+pub(super) fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
+}
+
+/// The advisor's advice: the schedule's, then each cell's, with evidence and effect.
+pub(super) fn print_advice(advice: &allot_core::advisor::Advice) {
+    use allot_core::advisor::Action;
+    let s = &advice.schedule;
+    match s.action {
+        Action::Keep => println!("schedule: keep {} ({})", s.current.cron, s.current.timezone),
+        Action::Change => println!(
+            "schedule: {} ({}) → {} ({}), {} runs a day",
+            s.current.cron,
+            s.current.timezone,
+            s.recommended.cron,
+            s.recommended.timezone,
+            s.recommended.runs_per_day
+        ),
+    }
+    for e in &s.evidence {
+        println!("  evidence: {}", e.text);
+    }
+    for e in &s.expected_effect {
+        println!("  expected: {}", e.text);
+    }
+    let changes: Vec<_> = advice
+        .cells
+        .iter()
+        .filter(|c| c.action == Action::Change)
+        .collect();
+    if changes.is_empty() {
+        println!("cells: no change");
+    }
+    for c in changes {
+        println!(
+            "{} / {}: min {} → {}, buffer {} → {}",
+            c.server,
+            c.product,
+            c.current.min_units,
+            c.recommended.min_units,
+            c.current.buffer_units,
+            c.recommended.buffer_units
+        );
+        for e in &c.evidence {
+            println!("  evidence: {}", e.text);
+        }
+        for e in &c.expected_effect {
+            println!("  expected: {}", e.text);
+        }
+    }
+    for note in &advice.notes {
+        println!("note: {note}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sparklines_scale_to_the_series() {
+        assert_eq!(super::sparkline(&[0, 4, 8], 0), "▁▅█");
+        assert_eq!(super::sparkline(&[0, 0], 0), "▁▁");
+        assert_eq!(super::sparkline(&[2], 8), "▃");
+        assert_eq!(super::csv_field("a,b"), "\"a,b\"");
+    }
+}

@@ -1,0 +1,331 @@
+//! A [`Store`] that reports every database error to its owner.
+//!
+//! The store knows nothing of metrics: the service wraps the store it opened in
+//! [`ErrorReporting`] with a hook that counts `allot_store_errors_total` in its own
+//! metrics. Constraint refusals ([`StoreError::Conflict`], not-found, fencing) are answers, not
+//! failures, and are not reported.
+
+use super::{
+    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
+    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
+    UsageSample,
+};
+use allot_core::domain::RunTrigger;
+use allot_core::wire::balancer::{
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
+    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// What a store does when the database fails: the caller's, so it can count or log.
+pub type DatabaseErrorHook = Box<dyn Fn(&sqlx::Error) + Send + Sync>;
+
+/// Delegates every call to the store it wraps and calls its hook with each database error
+/// returned.
+pub struct ErrorReporting {
+    inner: Arc<dyn Store>,
+    on_database_error: DatabaseErrorHook,
+}
+
+impl ErrorReporting {
+    /// Wraps `inner`; `on_database_error` runs once per call that failed in the database.
+    pub fn new(inner: Arc<dyn Store>, on_database_error: DatabaseErrorHook) -> Self {
+        Self {
+            inner,
+            on_database_error,
+        }
+    }
+
+    /// Passes `result` on, reporting it first if the database failed.
+    fn seen<T>(&self, result: StoreResult<T>) -> StoreResult<T> {
+        if let Err(StoreError::Database(e)) = &result {
+            (self.on_database_error)(e);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Store for ErrorReporting {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+
+    async fn create_product(&self, actor: &str, def: &CreateProduct) -> StoreResult<Product> {
+        self.seen(self.inner.create_product(actor, def).await)
+    }
+
+    async fn products(&self) -> StoreResult<Vec<Product>> {
+        self.seen(self.inner.products().await)
+    }
+
+    async fn product(&self, name: &str) -> StoreResult<ProductDetail> {
+        self.seen(self.inner.product(name).await)
+    }
+
+    async fn add_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        req: &AddEntitlement,
+    ) -> StoreResult<Entitlement> {
+        self.seen(self.inner.add_entitlement(actor, product, req).await)
+    }
+
+    async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>> {
+        self.seen(self.inner.entitlements(product).await)
+    }
+
+    async fn remove_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        id: i64,
+    ) -> StoreResult<Entitlement> {
+        self.seen(self.inner.remove_entitlement(actor, product, id).await)
+    }
+
+    async fn register_server(
+        &self,
+        actor: &str,
+        req: &RegisterServer,
+        token_salt: &str,
+        token_hash: &str,
+    ) -> StoreResult<Server> {
+        self.seen(
+            self.inner
+                .register_server(actor, req, token_salt, token_hash)
+                .await,
+        )
+    }
+
+    async fn servers(&self) -> StoreResult<Vec<Server>> {
+        self.seen(self.inner.servers().await)
+    }
+
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<ServerRecord>> {
+        self.seen(self.inner.server_by_token_hash(token_hash).await)
+    }
+
+    async fn rotate_server_token(
+        &self,
+        actor: &str,
+        name: &str,
+        token_salt: &str,
+        token_hash: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<ServerRecord> {
+        self.seen(
+            self.inner
+                .rotate_server_token(actor, name, token_salt, token_hash, previous_until)
+                .await,
+        )
+    }
+
+    async fn retire_previous_token(&self, name: &str, current_salt: &str) -> StoreResult<bool> {
+        self.seen(self.inner.retire_previous_token(name, current_salt).await)
+    }
+
+    async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        self.seen(self.inner.drain_server(actor, name).await)
+    }
+
+    async fn remove_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        self.seen(self.inner.remove_server(actor, name).await)
+    }
+
+    async fn set_allocation_limits(
+        &self,
+        actor: &str,
+        server: &str,
+        product: &str,
+        req: &SetAllocation,
+    ) -> StoreResult<AllocationView> {
+        self.seen(
+            self.inner
+                .set_allocation_limits(actor, server, product, req)
+                .await,
+        )
+    }
+
+    async fn schedule(&self) -> StoreResult<ScheduleSetting> {
+        self.seen(self.inner.schedule().await)
+    }
+
+    async fn set_schedule(&self, actor: &str, setting: &ScheduleSetting) -> StoreResult<()> {
+        self.seen(self.inner.set_schedule(actor, setting).await)
+    }
+
+    async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        self.seen(self.inner.audit(query).await)
+    }
+
+    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
+        self.seen(self.inner.begin_move(mv).await)
+    }
+
+    async fn complete_move(
+        &self,
+        id: Uuid,
+        applied_units: u64,
+        generation: u64,
+        epoch: i64,
+    ) -> StoreResult<MoveRecord> {
+        self.seen(
+            self.inner
+                .complete_move(id, applied_units, generation, epoch)
+                .await,
+        )
+    }
+
+    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {
+        self.seen(self.inner.abandon_move(id, reason, epoch).await)
+    }
+
+    async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>> {
+        self.seen(self.inner.unfinished_moves().await)
+    }
+
+    async fn books(&self) -> StoreResult<Vec<BooksCheck>> {
+        self.seen(self.inner.books().await)
+    }
+
+    async fn token_key(&self) -> StoreResult<String> {
+        self.seen(self.inner.token_key().await)
+    }
+
+    async fn server_records(&self) -> StoreResult<Vec<ServerRecord>> {
+        self.seen(self.inner.server_records().await)
+    }
+
+    async fn touch_server(&self, name: &str) -> StoreResult<()> {
+        self.seen(self.inner.touch_server(name).await)
+    }
+
+    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>> {
+        self.seen(self.inner.reclaim_lost_server(name, epoch).await)
+    }
+
+    async fn take_leadership(&self, url: &str) -> StoreResult<i64> {
+        self.seen(self.inner.take_leadership(url).await)
+    }
+
+    async fn leader(&self) -> StoreResult<(i64, String)> {
+        self.seen(self.inner.leader().await)
+    }
+
+    async fn revive_server(&self, name: &str) -> StoreResult<bool> {
+        self.seen(self.inner.revive_server(name).await)
+    }
+
+    async fn clear_reset(&self, name: &str) -> StoreResult<()> {
+        self.seen(self.inner.clear_reset(name).await)
+    }
+
+    async fn cells(&self) -> StoreResult<Vec<CellRecord>> {
+        self.seen(self.inner.cells().await)
+    }
+
+    async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
+        self.seen(self.inner.product_cells(product).await)
+    }
+
+    async fn touch_servers(&self, names: &[String]) -> StoreResult<()> {
+        self.seen(self.inner.touch_servers(names).await)
+    }
+
+    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64> {
+        self.seen(self.inner.begin_run(trigger, epoch).await)
+    }
+
+    async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()> {
+        self.seen(self.inner.finish_run(run_id, outcome).await)
+    }
+
+    async fn record_samples(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        samples: &[UsageSample],
+    ) -> StoreResult<()> {
+        self.seen(self.inner.record_samples(run_id, at_ms, samples).await)
+    }
+
+    async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
+        self.seen(self.inner.runs(query).await)
+    }
+
+    async fn run(&self, run_id: i64) -> StoreResult<RunDetail> {
+        self.seen(self.inner.run(run_id).await)
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {
+        self.seen(self.inner.history(query).await)
+    }
+
+    async fn roll_up(&self, until_ms: i64) -> StoreResult<u64> {
+        self.seen(self.inner.roll_up(until_ms).await)
+    }
+
+    async fn prune_history(
+        &self,
+        raw_before_ms: i64,
+        hourly_before_ms: i64,
+    ) -> StoreResult<(u64, u64)> {
+        self.seen(
+            self.inner
+                .prune_history(raw_before_ms, hourly_before_ms)
+                .await,
+        )
+    }
+
+    async fn samples_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, UsageSample)>> {
+        self.seen(self.inner.samples_between(from_ms, to_ms).await)
+    }
+
+    async fn peak_samples(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> StoreResult<Vec<(String, String, i64, u64)>> {
+        self.seen(self.inner.peak_samples(ranges).await)
+    }
+
+    async fn instant_grants_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, String, String, u64)>> {
+        self.seen(self.inner.instant_grants_between(from_ms, to_ms).await)
+    }
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        self.seen(self.inner.setting(key).await)
+    }
+
+    async fn set_setting(&self, actor: &str, key: &str, value: &str) -> StoreResult<()> {
+        self.seen(self.inner.set_setting(actor, key, value).await)
+    }
+
+    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
+        self.seen(self.inner.instant_request(request_id).await)
+    }
+
+    async fn record_instant_request(
+        &self,
+        request_id: Uuid,
+        record: &InstantRecord,
+    ) -> StoreResult<()> {
+        self.seen(self.inner.record_instant_request(request_id, record).await)
+    }
+}

@@ -1,0 +1,307 @@
+//! Usage history: the samples each run records, their hourly roll-ups, retention, and the
+//! reads the demand signals, the metrics and the advisor make of them.
+
+use super::{
+    Db, HistoryBucket, HistoryQuery, Pool, StoreError, StoreResult, UsageSample, begin_write, count,
+};
+
+/// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
+/// over 200 servers × 50 products writes 10,000 samples, and every statement costs a
+/// network round trip (PostgreSQL) or a hop to the driver's thread (SQLite). Names are
+/// resolved to ids once, in the same transaction; a sample naming a removed server or an
+/// unknown product is skipped, as the per-row `INSERT … SELECT` did.
+pub(super) async fn record_samples(
+    pool: &Pool<Db>,
+    run_id: i64,
+    at_ms: i64,
+    samples: &[UsageSample],
+) -> StoreResult<()> {
+    /// Columns bound per row.
+    const COLUMNS: usize = 13;
+    /// Rows per statement: 6,500 parameters, far below both backends' limits (SQLite
+    /// 32,766, PostgreSQL 65,535).
+    const CHUNK: usize = 500;
+    let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut tx = begin_write(pool).await?;
+    let servers: std::collections::HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM servers WHERE removed_at IS NULL")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let products: std::collections::HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let rows: Vec<(i64, i64, &UsageSample)> = samples
+        .iter()
+        .filter_map(|s| Some((*servers.get(&s.server)?, *products.get(&s.product)?, s)))
+        .collect();
+    for chunk in rows.chunks(CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
+             in_use, peak_in_use, checkouts, denials, overdrafts, staleouts, waiting, \
+             instant_requests) VALUES ",
+        );
+        for row in 0..chunk.len() {
+            sql.push_str(if row == 0 { "(" } else { ", (" });
+            let params: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("${}", row * COLUMNS + c))
+                .collect();
+            sql.push_str(&params.join(", "));
+            sql.push(')');
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (server_id, product_id, s) in chunk {
+            query = query
+                .bind(run_id)
+                .bind(*server_id)
+                .bind(*product_id)
+                .bind(at_ms)
+                .bind(wide(s.allocation))
+                .bind(wide(s.in_use))
+                .bind(wide(s.peak_in_use))
+                .bind(wide(s.checkouts))
+                .bind(wide(s.denials))
+                .bind(wide(s.overdrafts))
+                .bind(wide(s.staleouts))
+                .bind(wide(s.waiting))
+                .bind(wide(s.instant_requests));
+        }
+        query.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn history(pool: &Pool<Db>, q: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {
+    let filter = |v: &Option<String>| v.clone().unwrap_or_default();
+    let raw = sqlx::query_as::<_, HistoryBucket>(
+        "SELECT s.name AS server, s.site, p.name AS product, (u.at / $1) * $1 AS bucket, \
+         COUNT(*) AS samples, CAST(SUM(u.allocation) AS BIGINT) AS allocation_sum, \
+         MAX(u.allocation) AS allocation_max, CAST(SUM(u.in_use) AS BIGINT) AS in_use_sum, \
+         MAX(u.in_use) AS in_use_max, MAX(u.peak_in_use) AS peak_in_use, \
+         CAST(SUM(u.checkouts) AS BIGINT) AS checkouts, \
+         CAST(SUM(u.denials) AS BIGINT) AS denials, \
+         CAST(SUM(u.overdrafts) AS BIGINT) AS overdrafts, \
+         CAST(SUM(u.staleouts) AS BIGINT) AS staleouts, \
+         CAST(SUM(u.waiting) AS BIGINT) AS waiting_sum, MAX(u.waiting) AS waiting_max, \
+         CAST(SUM(u.instant_requests) AS BIGINT) AS instant_requests \
+         FROM usage_samples u JOIN servers s ON s.id = u.server_id \
+         JOIN products p ON p.id = u.product_id \
+         WHERE u.at >= $2 AND u.at < $3 AND ($4 = '' OR p.name = $4) \
+         AND ($5 = '' OR s.name = $5) AND ($6 = '' OR s.site = $6) \
+         GROUP BY 1, 2, 3, 4",
+    )
+    .bind(q.step_ms)
+    .bind(q.from_ms.max(q.raw_from_ms))
+    .bind(q.to_ms)
+    .bind(filter(&q.product))
+    .bind(filter(&q.server))
+    .bind(filter(&q.site))
+    .fetch_all(pool)
+    .await?;
+    let hourly = sqlx::query_as::<_, HistoryBucket>(
+        "SELECT s.name AS server, s.site, p.name AS product, (h.hour / $1) * $1 AS bucket, \
+         CAST(SUM(h.samples) AS BIGINT) AS samples, \
+         CAST(SUM(h.allocation_sum) AS BIGINT) AS allocation_sum, \
+         MAX(h.allocation_max) AS allocation_max, \
+         CAST(SUM(h.in_use_sum) AS BIGINT) AS in_use_sum, MAX(h.in_use_max) AS in_use_max, \
+         MAX(h.peak_in_use) AS peak_in_use, CAST(SUM(h.checkouts) AS BIGINT) AS checkouts, \
+         CAST(SUM(h.denials) AS BIGINT) AS denials, \
+         CAST(SUM(h.overdrafts) AS BIGINT) AS overdrafts, \
+         CAST(SUM(h.staleouts) AS BIGINT) AS staleouts, \
+         CAST(SUM(h.waiting_sum) AS BIGINT) AS waiting_sum, \
+         MAX(h.waiting_max) AS waiting_max, \
+         CAST(SUM(h.instant_requests) AS BIGINT) AS instant_requests \
+         FROM usage_hourly h JOIN servers s ON s.id = h.server_id \
+         JOIN products p ON p.id = h.product_id \
+         WHERE h.hour >= $2 AND h.hour < $3 AND ($4 = '' OR p.name = $4) \
+         AND ($5 = '' OR s.name = $5) AND ($6 = '' OR s.site = $6) \
+         GROUP BY 1, 2, 3, 4",
+    )
+    .bind(q.step_ms.max(3_600_000))
+    .bind(q.from_ms - q.from_ms.rem_euclid(3_600_000))
+    .bind(q.to_ms.min(q.raw_from_ms))
+    .bind(filter(&q.product))
+    .bind(filter(&q.server))
+    .bind(filter(&q.site))
+    .fetch_all(pool)
+    .await?;
+    Ok(raw.into_iter().chain(hourly).collect())
+}
+
+pub(super) async fn roll_up(pool: &Pool<Db>, until_ms: i64) -> StoreResult<u64> {
+    let until = until_ms - until_ms.rem_euclid(3_600_000);
+    let mut tx = begin_write(pool).await?;
+    let from: i64 = sqlx::query_scalar::<_, String>(
+        "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
+    )
+    .fetch_one(&mut *tx)
+    .await?
+    .parse()
+    .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+    if until <= from {
+        return Ok(0);
+    }
+    let written = sqlx::query(
+        "INSERT INTO usage_hourly (server_id, product_id, hour, samples, allocation_sum, \
+         allocation_max, in_use_sum, in_use_max, peak_in_use, checkouts, denials, \
+         overdrafts, staleouts, waiting_sum, waiting_max, instant_requests) \
+         SELECT server_id, product_id, (at / 3600000) * 3600000, COUNT(*), \
+         SUM(allocation), MAX(allocation), SUM(in_use), MAX(in_use), MAX(peak_in_use), \
+         SUM(checkouts), SUM(denials), SUM(overdrafts), SUM(staleouts), SUM(waiting), \
+         MAX(waiting), SUM(instant_requests) FROM usage_samples \
+         WHERE at >= $1 AND at < $2 GROUP BY 1, 2, 3 \
+         ON CONFLICT (server_id, product_id, hour) DO UPDATE SET \
+         samples = excluded.samples, allocation_sum = excluded.allocation_sum, \
+         allocation_max = excluded.allocation_max, in_use_sum = excluded.in_use_sum, \
+         in_use_max = excluded.in_use_max, peak_in_use = excluded.peak_in_use, \
+         checkouts = excluded.checkouts, denials = excluded.denials, \
+         overdrafts = excluded.overdrafts, staleouts = excluded.staleouts, \
+         waiting_sum = excluded.waiting_sum, waiting_max = excluded.waiting_max, \
+         instant_requests = excluded.instant_requests",
+    )
+    .bind(from)
+    .bind(until)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("UPDATE settings SET value = $1 WHERE key = 'history.rolled_up_to'")
+        .bind(until.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+pub(super) async fn prune_history(
+    pool: &Pool<Db>,
+    raw_before_ms: i64,
+    hourly_before_ms: i64,
+) -> StoreResult<(u64, u64)> {
+    let mut tx = begin_write(pool).await?;
+    let rolled: i64 = sqlx::query_scalar::<_, String>(
+        "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
+    )
+    .fetch_one(&mut *tx)
+    .await?
+    .parse()
+    .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+    // Never delete a raw sample before its hour is rolled up.
+    let raw = sqlx::query("DELETE FROM usage_samples WHERE at < $1")
+        .bind(raw_before_ms.min(rolled))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    let hourly = sqlx::query("DELETE FROM usage_hourly WHERE hour < $1")
+        .bind(hourly_before_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok((raw, hourly))
+}
+
+pub(super) async fn samples_between(
+    pool: &Pool<Db>,
+    from_ms: i64,
+    to_ms: i64,
+) -> StoreResult<Vec<(i64, UsageSample)>> {
+    type Row = (
+        i64,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT u.at, s.name, p.name, u.allocation, u.in_use, u.peak_in_use, u.checkouts, \
+         u.denials, u.overdrafts, u.staleouts, u.waiting, u.instant_requests \
+         FROM usage_samples u JOIN servers s ON s.id = u.server_id \
+         JOIN products p ON p.id = u.product_id WHERE u.at >= $1 AND u.at < $2 \
+         ORDER BY u.at, s.name, p.name",
+    )
+    .bind(from_ms)
+    .bind(to_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.0,
+                UsageSample {
+                    server: r.1,
+                    product: r.2,
+                    allocation: count(r.3),
+                    in_use: count(r.4),
+                    peak_in_use: count(r.5),
+                    checkouts: count(r.6),
+                    denials: count(r.7),
+                    overdrafts: count(r.8),
+                    staleouts: count(r.9),
+                    waiting: count(r.10),
+                    instant_requests: count(r.11),
+                },
+            )
+        })
+        .collect())
+}
+
+pub(super) async fn peak_samples(
+    pool: &Pool<Db>,
+    ranges: &[(i64, i64)],
+) -> StoreResult<Vec<(String, String, i64, u64)>> {
+    let mut out = Vec::new();
+    for &(from, to) in ranges {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT s.name, p.name, u.at, u.peak_in_use FROM usage_samples u \
+             JOIN servers s ON s.id = u.server_id JOIN products p ON p.id = u.product_id \
+             WHERE u.at >= $1 AND u.at <= $2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+        out.extend(
+            rows.into_iter()
+                .map(|(server, product, at, peak)| (server, product, at, count(peak))),
+        );
+    }
+    Ok(out)
+}
+
+pub(super) async fn instant_grants_between(
+    pool: &Pool<Db>,
+    from_ms: i64,
+    to_ms: i64,
+) -> StoreResult<Vec<(i64, String, String, u64)>> {
+    let rows: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT m.created_at, s.name, p.name, m.applied_units FROM moves m \
+         JOIN balance_runs r ON r.id = m.run_id JOIN servers s ON s.id = m.server_id \
+         JOIN products p ON p.id = m.product_id WHERE r.trigger = 'instant' \
+         AND m.kind = 'grant' AND m.state = 'applied' \
+         AND m.created_at >= $1 AND m.created_at < $2 ORDER BY m.created_at",
+    )
+    .bind(from_ms)
+    .bind(to_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(at, server, product, units)| (at, server, product, units.map_or(0, count)))
+        .collect())
+}

@@ -1,0 +1,527 @@
+//! The SQL implementation of [`Store`], written once in the dialect SQLite and PostgreSQL
+//! share and compiled by each backend module with its own `Db`, `begin_write`, `connect_pool`
+//! and `MIGRATOR` (see [`super`]).
+//!
+//! Split by domain, one file per family of tables; the [`Store`] impl below only dispatches:
+//! [`books`] (products, entitlements, cells), [`fleet`] (servers, tokens, limits, leases, lost
+//! servers), [`moves`] (the move log), [`runs`] (runs and instant requests), [`history`]
+//! (samples, roll-ups, retention) and [`settings`] (schedule, settings, leadership, audit).
+//! The helpers here are the ones several families share.
+//!
+//! Every pool change is a conditional `UPDATE … WHERE reserve >= $n` (or `in_transit`, or
+//! `units`) whose affected-row count decides: zero rows means the units are not there, the
+//! transaction rolls back and the caller gets a conflict. The books never pass through a
+//! state that breaks conservation at a commit.
+
+mod books;
+mod fleet;
+mod history;
+mod moves;
+mod runs;
+mod settings;
+
+use super::{
+    BACKEND, Db, LOCK_EPOCH, LOCK_PRODUCT, MIGRATOR, begin_read, begin_write, connect_pool,
+};
+use crate::store::rows::{
+    AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
+    cell_columns, cell_record_columns, count, entitlement_columns, move_columns, now_ms,
+    product_columns, run_columns, server_columns,
+};
+use crate::store::{
+    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
+    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
+    UsageSample,
+};
+use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+use allot_core::wire::balancer::{
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
+    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::{Database, Pool};
+use uuid::Uuid;
+
+type Conn = <Db as Database>::Connection;
+
+/// The balancer's books in one SQL database.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: Pool<Db>,
+}
+
+impl SqlStore {
+    /// Connects and applies pending migrations, so a store is always at the code's schema.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let pool = connect_pool(url).await?;
+        MIGRATOR.run(&pool).await?;
+        // The key server tokens are derived from: made once, kept with the books.
+        let key = hex::encode(rand::random::<[u8; 32]>());
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('server.token.key', $1) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .execute(&pool)
+        .await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for tests that inspect the database directly.
+    pub fn pool(&self) -> &Pool<Db> {
+        &self.pool
+    }
+}
+
+/// Maps constraint violations to conflicts: a taken name or a refused CHECK is the caller's
+/// problem, not a server fault.
+fn conflict_on_constraint(err: sqlx::Error, what: &str) -> StoreError {
+    if let sqlx::Error::Database(db) = &err
+        && (db.is_unique_violation() || db.is_check_violation() || db.is_foreign_key_violation())
+    {
+        return StoreError::Conflict(format!("{what}: {}", db.message()));
+    }
+    StoreError::Database(err)
+}
+
+fn json<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_string(value).ok()
+}
+
+async fn write_audit(
+    conn: &mut Conn,
+    actor: &str,
+    action: &str,
+    target: &str,
+    before: Option<String>,
+    after: Option<String>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, target, before, after) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(now_ms())
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(before)
+    .bind(after)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn product_id(conn: &mut Conn, name: &str) -> StoreResult<i64> {
+    sqlx::query_scalar::<_, i64>("SELECT id FROM products WHERE name = $1")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::UnknownProduct(name.to_owned()))
+}
+
+/// Takes the product's row lock before any other row of the transaction, so every writer
+/// locks in the same order (product, then allocations) and concurrent moves cannot deadlock.
+async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<()> {
+    sqlx::query(LOCK_PRODUCT)
+        .bind(product_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Refuses the write of a leader whose epoch is not the current one (fencing). Reads the epoch
+/// under a share lock, so a takeover (which bumps it) waits for this transaction to finish.
+async fn check_epoch(conn: &mut Conn, epoch: i64) -> StoreResult<()> {
+    let current: i64 = sqlx::query_scalar::<_, String>(LOCK_EPOCH)
+        .fetch_one(conn)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
+    if epoch != current {
+        return Err(StoreError::Fenced { epoch, current });
+    }
+    Ok(())
+}
+
+async fn server_row(conn: &mut Conn, name: &str) -> StoreResult<ServerRow> {
+    sqlx::query_as::<_, ServerRow>(concat!(
+        "SELECT ",
+        server_columns!(),
+        " FROM servers s WHERE s.name = $1 AND s.removed_at IS NULL"
+    ))
+    .bind(name)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("server {name:?}")))
+}
+
+async fn product_by_id(conn: &mut Conn, id: i64) -> StoreResult<Product> {
+    sqlx::query_as::<_, ProductRow>(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products p WHERE p.id = $1"
+    ))
+    .bind(id)
+    .fetch_one(conn)
+    .await?
+    .into_product()
+}
+
+async fn cell(conn: &mut Conn, server_id: i64, product_id: i64) -> StoreResult<AllocationView> {
+    sqlx::query_as::<_, CellRow>(concat!(
+        "SELECT ",
+        cell_columns!(),
+        " FROM allocations a JOIN servers s ON s.id = a.server_id \
+         WHERE a.server_id = $1 AND a.product_id = $2"
+    ))
+    .bind(server_id)
+    .bind(product_id)
+    .fetch_one(conn)
+    .await?
+    .into_view()
+}
+
+async fn move_row(conn: &mut Conn, id: Uuid) -> StoreResult<MoveRow> {
+    sqlx::query_as::<_, MoveRow>(concat!(
+        "SELECT ",
+        move_columns!(),
+        " FROM moves m JOIN products p ON p.id = m.product_id \
+         JOIN servers s ON s.id = m.server_id WHERE m.id = $1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("move {id}")))
+}
+
+async fn set_move_state(
+    conn: &mut Conn,
+    id: &str,
+    state: MoveState,
+    applied_units: Option<i64>,
+    error: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE moves SET state = $1, applied_units = $2, error = $3, updated_at = $4 \
+         WHERE id = $5 AND state = 'planned'",
+    )
+    .bind(state.as_str())
+    .bind(applied_units)
+    .bind(error)
+    .bind(now_ms())
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A transfer inside a product's pool that needs the source column to hold the units.
+#[derive(Clone, Copy)]
+enum PoolShift {
+    /// A grant is sent: its units leave the reserve and travel.
+    ReserveToTransit,
+    /// A grant is given up: its units come back.
+    TransitToReserve,
+}
+
+/// Applies a [`PoolShift`], refusing with a conflict when the source column is short.
+async fn shift_pool(
+    conn: &mut Conn,
+    product_id: i64,
+    shift: PoolShift,
+    units: i64,
+) -> StoreResult<()> {
+    let sql = match shift {
+        PoolShift::ReserveToTransit => {
+            "UPDATE products SET reserve = reserve - $1, in_transit = in_transit + $1 \
+             WHERE id = $2 AND reserve >= $1"
+        }
+        PoolShift::TransitToReserve => {
+            "UPDATE products SET in_transit = in_transit - $1, reserve = reserve + $1 \
+             WHERE id = $2 AND in_transit >= $1"
+        }
+    };
+    let moved = sqlx::query(sql)
+        .bind(units)
+        .bind(product_id)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    if moved == 0 {
+        let from = match shift {
+            PoolShift::ReserveToTransit => "the reserve",
+            PoolShift::TransitToReserve => "transit",
+        };
+        return Err(StoreError::Conflict(format!(
+            "fewer than {units} units in {from}"
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn create_product(&self, actor: &str, def: &CreateProduct) -> StoreResult<Product> {
+        books::create_product(&self.pool, actor, def).await
+    }
+
+    async fn products(&self) -> StoreResult<Vec<Product>> {
+        books::products(&self.pool).await
+    }
+
+    async fn product(&self, name: &str) -> StoreResult<ProductDetail> {
+        books::product(&self.pool, name).await
+    }
+
+    async fn add_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        req: &AddEntitlement,
+    ) -> StoreResult<Entitlement> {
+        books::add_entitlement(&self.pool, actor, product, req).await
+    }
+
+    async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>> {
+        books::entitlements(&self.pool, product).await
+    }
+
+    async fn remove_entitlement(
+        &self,
+        actor: &str,
+        product: &str,
+        id: i64,
+    ) -> StoreResult<Entitlement> {
+        books::remove_entitlement(&self.pool, actor, product, id).await
+    }
+
+    async fn register_server(
+        &self,
+        actor: &str,
+        req: &RegisterServer,
+        token_salt: &str,
+        token_hash: &str,
+    ) -> StoreResult<Server> {
+        fleet::register_server(&self.pool, actor, req, token_salt, token_hash).await
+    }
+
+    async fn server_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<ServerRecord>> {
+        fleet::server_by_token_hash(&self.pool, token_hash).await
+    }
+
+    async fn rotate_server_token(
+        &self,
+        actor: &str,
+        name: &str,
+        token_salt: &str,
+        token_hash: &str,
+        previous_until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreResult<ServerRecord> {
+        fleet::rotate_server_token(
+            &self.pool,
+            actor,
+            name,
+            token_salt,
+            token_hash,
+            previous_until,
+        )
+        .await
+    }
+
+    async fn retire_previous_token(&self, name: &str, current_salt: &str) -> StoreResult<bool> {
+        fleet::retire_previous_token(&self.pool, name, current_salt).await
+    }
+
+    async fn drain_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        fleet::drain_server(&self.pool, actor, name).await
+    }
+
+    async fn remove_server(&self, actor: &str, name: &str) -> StoreResult<Server> {
+        fleet::remove_server(&self.pool, actor, name).await
+    }
+
+    async fn set_allocation_limits(
+        &self,
+        actor: &str,
+        server: &str,
+        product: &str,
+        req: &SetAllocation,
+    ) -> StoreResult<AllocationView> {
+        fleet::set_allocation_limits(&self.pool, actor, server, product, req).await
+    }
+
+    async fn schedule(&self) -> StoreResult<ScheduleSetting> {
+        settings::schedule(&self.pool).await
+    }
+
+    async fn set_schedule(&self, actor: &str, setting: &ScheduleSetting) -> StoreResult<()> {
+        settings::set_schedule(&self.pool, actor, setting).await
+    }
+
+    async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        settings::audit(&self.pool, query).await
+    }
+
+    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
+        moves::begin_move(&self.pool, mv).await
+    }
+
+    async fn complete_move(
+        &self,
+        id: Uuid,
+        applied_units: u64,
+        generation: u64,
+        epoch: i64,
+    ) -> StoreResult<MoveRecord> {
+        moves::complete_move(&self.pool, id, applied_units, generation, epoch).await
+    }
+
+    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {
+        moves::abandon_move(&self.pool, id, reason, epoch).await
+    }
+
+    async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>> {
+        moves::unfinished_moves(&self.pool).await
+    }
+
+    async fn books(&self) -> StoreResult<Vec<BooksCheck>> {
+        books::books(&self.pool).await
+    }
+
+    async fn token_key(&self) -> StoreResult<String> {
+        settings::token_key(&self.pool).await
+    }
+
+    async fn server_records(&self) -> StoreResult<Vec<ServerRecord>> {
+        fleet::server_records(&self.pool).await
+    }
+
+    async fn touch_server(&self, name: &str) -> StoreResult<()> {
+        fleet::touch_server(&self.pool, name).await
+    }
+
+    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>> {
+        fleet::reclaim_lost_server(&self.pool, name, epoch).await
+    }
+
+    async fn revive_server(&self, name: &str) -> StoreResult<bool> {
+        fleet::revive_server(&self.pool, name).await
+    }
+
+    async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
+        books::product_cells(&self.pool, product).await
+    }
+
+    async fn touch_servers(&self, names: &[String]) -> StoreResult<()> {
+        fleet::touch_servers(&self.pool, names).await
+    }
+
+    async fn clear_reset(&self, name: &str) -> StoreResult<()> {
+        fleet::clear_reset(&self.pool, name).await
+    }
+
+    async fn cells(&self) -> StoreResult<Vec<CellRecord>> {
+        books::cells(&self.pool).await
+    }
+
+    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64> {
+        runs::begin_run(&self.pool, trigger, epoch).await
+    }
+
+    async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()> {
+        runs::finish_run(&self.pool, run_id, outcome).await
+    }
+
+    async fn record_samples(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        samples: &[UsageSample],
+    ) -> StoreResult<()> {
+        history::record_samples(&self.pool, run_id, at_ms, samples).await
+    }
+
+    async fn runs(&self, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
+        runs::runs(&self.pool, q).await
+    }
+
+    async fn run(&self, run_id: i64) -> StoreResult<RunDetail> {
+        runs::run(&self.pool, run_id).await
+    }
+
+    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
+        runs::instant_request(&self.pool, request_id).await
+    }
+
+    async fn record_instant_request(
+        &self,
+        request_id: Uuid,
+        record: &InstantRecord,
+    ) -> StoreResult<()> {
+        runs::record_instant_request(&self.pool, request_id, record).await
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {
+        history::history(&self.pool, q).await
+    }
+
+    async fn roll_up(&self, until_ms: i64) -> StoreResult<u64> {
+        history::roll_up(&self.pool, until_ms).await
+    }
+
+    async fn prune_history(
+        &self,
+        raw_before_ms: i64,
+        hourly_before_ms: i64,
+    ) -> StoreResult<(u64, u64)> {
+        history::prune_history(&self.pool, raw_before_ms, hourly_before_ms).await
+    }
+
+    async fn samples_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, UsageSample)>> {
+        history::samples_between(&self.pool, from_ms, to_ms).await
+    }
+
+    async fn peak_samples(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> StoreResult<Vec<(String, String, i64, u64)>> {
+        history::peak_samples(&self.pool, ranges).await
+    }
+
+    async fn instant_grants_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<Vec<(i64, String, String, u64)>> {
+        history::instant_grants_between(&self.pool, from_ms, to_ms).await
+    }
+
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        settings::setting(&self.pool, key).await
+    }
+
+    async fn set_setting(&self, actor: &str, key: &str, value: &str) -> StoreResult<()> {
+        settings::set_setting(&self.pool, actor, key, value).await
+    }
+
+    async fn take_leadership(&self, url: &str) -> StoreResult<i64> {
+        settings::take_leadership(&self.pool, url).await
+    }
+
+    async fn leader(&self) -> StoreResult<(i64, String)> {
+        settings::leader(&self.pool).await
+    }
+}
