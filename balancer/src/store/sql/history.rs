@@ -136,16 +136,19 @@ pub(super) async fn history(pool: &Pool<Db>, q: &HistoryQuery) -> StoreResult<Ve
     Ok(raw.into_iter().chain(hourly).collect())
 }
 
+/// How far the raw samples have been rolled up into hours (ms), read inside `tx`.
+async fn rolled_up_to(tx: &mut sqlx::Transaction<'_, Db>) -> StoreResult<i64> {
+    sqlx::query_scalar::<_, String>("SELECT value FROM settings WHERE key = 'history.rolled_up_to'")
+        .fetch_one(&mut **tx)
+        .await?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))
+}
+
 pub(super) async fn roll_up(pool: &Pool<Db>, until_ms: i64) -> StoreResult<u64> {
     let until = until_ms - until_ms.rem_euclid(3_600_000);
     let mut tx = begin_write(pool).await?;
-    let from: i64 = sqlx::query_scalar::<_, String>(
-        "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
-    )
-    .fetch_one(&mut *tx)
-    .await?
-    .parse()
-    .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+    let from: i64 = rolled_up_to(&mut tx).await?;
     if until <= from {
         return Ok(0);
     }
@@ -186,13 +189,7 @@ pub(super) async fn prune_history(
     hourly_before_ms: i64,
 ) -> StoreResult<(u64, u64)> {
     let mut tx = begin_write(pool).await?;
-    let rolled: i64 = sqlx::query_scalar::<_, String>(
-        "SELECT value FROM settings WHERE key = 'history.rolled_up_to'",
-    )
-    .fetch_one(&mut *tx)
-    .await?
-    .parse()
-    .map_err(|e| StoreError::Corrupt(format!("history.rolled_up_to: {e}")))?;
+    let rolled: i64 = rolled_up_to(&mut tx).await?;
     // Never delete a raw sample before its hour is rolled up.
     let raw = sqlx::query("DELETE FROM usage_samples WHERE at < $1")
         .bind(raw_before_ms.min(rolled))
