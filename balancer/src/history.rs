@@ -153,6 +153,11 @@ fn into_series(buckets: Vec<HistoryBucket>, step_ms: i64) -> Vec<HistorySeries> 
         slot.waiting_sum += b.waiting_sum;
         slot.waiting_max = slot.waiting_max.max(b.waiting_max);
         slot.instant_requests += b.instant_requests;
+        slot.units_granted += b.units_granted;
+        slot.units_released += b.units_released;
+        slot.ping_pong_units += b.ping_pong_units;
+        slot.unserved_true += b.unserved_true;
+        slot.unserved_false += b.unserved_false;
     }
     let count = |v: i64| u64::try_from(v).unwrap_or(0);
     merged
@@ -179,6 +184,11 @@ fn into_series(buckets: Vec<HistoryBucket>, step_ms: i64) -> Vec<HistorySeries> 
                         staleouts: count(b.staleouts),
                         waiting_max: count(b.waiting_max),
                         instant_requests: count(b.instant_requests),
+                        units_granted: count(b.units_granted),
+                        units_released: count(b.units_released),
+                        ping_pong_units: count(b.ping_pong_units),
+                        unserved_true: count(b.unserved_true),
+                        unserved_false: count(b.unserved_false),
                     }
                 })
                 .collect(),
@@ -203,7 +213,7 @@ mod tests {
 
     #[test]
     fn merging_keeps_peaks_sums_and_counts() {
-        let b = |bucket, samples, in_use_max, denials| HistoryBucket {
+        let b = |bucket, samples, in_use_max, denials: i64| HistoryBucket {
             server: "s".into(),
             site: "x".into(),
             product: "p".into(),
@@ -213,6 +223,9 @@ mod tests {
             in_use_max,
             peak_in_use: in_use_max + 1,
             denials,
+            units_granted: denials * 2,
+            ping_pong_units: denials,
+            unserved_false: samples,
             ..HistoryBucket::default()
         };
         let series = into_series(vec![b(0, 2, 5, 1), b(HOUR_MS, 4, 9, 2)], 2 * HOUR_MS);
@@ -221,6 +234,10 @@ mod tests {
         assert_eq!(
             (p.samples, p.in_use_max, p.peak_in_use, p.denials),
             (6, 9, 10, 3)
+        );
+        assert_eq!(
+            (p.units_granted, p.ping_pong_units, p.unserved_false),
+            (6, 3, 6)
         );
         assert!((p.in_use_mean - (10.0 + 36.0) / 6.0).abs() < 1e-9);
     }

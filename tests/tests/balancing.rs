@@ -170,6 +170,26 @@ async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
                 && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // The next run's sample carries Paris's accounting into the history: the units granted
+    // to it and the true shortfall, per cell.
+    fleet.balance().await;
+    let history = fleet
+        .api()
+        .get("/v1/history?since=1h&product=cad&server=paris")
+        .await;
+    let total = |field: &str| -> u64 {
+        history["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["points"].as_array().unwrap())
+            .map(|p| p[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(total("units_granted"), 3, "{history:#}");
+    assert_eq!(total("units_released"), 0, "{history:#}");
+    assert!(total("unserved_true") >= 1, "{history:#}");
+    assert_eq!(total("unserved_false"), 0, "{history:#}");
     fleet.assert_doctor_ok().await;
 }
 

@@ -2,8 +2,8 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, HistoryBucket, HistoryQuery, NewMove, ScheduleSetting, Store, StoreError,
-    UsageSample,
+    self, AuditQuery, CellAccounting, HistoryBucket, HistoryQuery, NewMove, ScheduleSetting, Store,
+    StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
@@ -695,8 +695,27 @@ fn sample(in_use: u64, peak: u64, denials: u64) -> UsageSample {
         in_use,
         peak_in_use: peak,
         denials,
+        // The balancer's own accounting, distinct per field so a swapped column shows.
+        accounting: CellAccounting {
+            units_granted: in_use + 1,
+            units_released: denials,
+            ping_pong_units: 1,
+            unserved_true: peak,
+            unserved_false: 2 * denials,
+        },
         ..UsageSample::default()
     }
+}
+
+/// The accounting columns of a bucket, in `CellAccounting`'s order.
+fn accounting_of(b: &HistoryBucket) -> [i64; 5] {
+    [
+        b.units_granted,
+        b.units_released,
+        b.ping_pong_units,
+        b.unserved_true,
+        b.unserved_false,
+    ]
 }
 
 async fn buckets(store: &dyn Store, from: i64, to: i64, raw_from: i64) -> Vec<HistoryBucket> {
@@ -746,6 +765,20 @@ async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
         (raw[0].samples, raw[0].peak_in_use, raw[0].denials),
         (2, 7, 3)
     );
+    assert_eq!(
+        accounting_of(&raw[0]),
+        [4 + 6, 3, 2, 7 + 4, 6],
+        "per-cell accounting is summed per bucket"
+    );
+    let read_back = store.samples_between(h, h + HOUR).await.unwrap();
+    assert_eq!(
+        read_back
+            .iter()
+            .map(|(_, s)| s.accounting)
+            .collect::<Vec<_>>(),
+        vec![sample(3, 7, 2).accounting, sample(5, 4, 1).accounting],
+        "raw samples keep their accounting"
+    );
     // Roll up both hours, delete the raw samples: the same figures come from the roll-ups.
     assert_eq!(store.roll_up(h + 2 * HOUR + 1).await.unwrap(), 2);
     assert_eq!(
@@ -768,6 +801,11 @@ async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
         "a roll-up keeps the peak, the max, the sum and the count"
     );
     assert_eq!(rolled[0].denials, 3);
+    assert_eq!(
+        accounting_of(&rolled[0]),
+        accounting_of(&raw[0]),
+        "a roll-up keeps the accounting"
+    );
     assert_eq!(rolled[1].peak_in_use, 2);
     // A raw sample of an hour not yet rolled up is never pruned.
     let run4 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();

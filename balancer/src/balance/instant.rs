@@ -287,11 +287,16 @@ impl Engine {
                 )
                 .await?;
         }
-        let ping_pong = self
-            .memory
-            .lock()
-            .expect("engine memory")
-            .take_ping_pong(run_id);
+        let ping_pong = {
+            let mut memory = self.memory.lock().expect("engine memory");
+            memory.unserved(
+                &server.name,
+                &req.product,
+                unserved - unserved_false,
+                unserved_false,
+            );
+            memory.take_ping_pong(run_id)
+        };
         self.store
             .finish_run(
                 run_id,

@@ -636,23 +636,25 @@ fn reconcile(
     found
 }
 
-fn usage_samples(statuses: &StatusMap) -> Vec<UsageSample> {
+/// One usage sample per (server, product) the statuses report, each carrying the balancer's
+/// accounting of the cell since its previous sample (taken from `memory`, so counted once).
+fn usage_samples(statuses: &StatusMap, memory: &mut snapshot::Memory) -> Vec<UsageSample> {
     statuses
         .iter()
-        .flat_map(|(server, status)| {
-            status.products.iter().map(move |p| UsageSample {
-                server: server.clone(),
-                product: p.product.clone(),
-                allocation: u64::from(p.allocation),
-                in_use: u64::from(p.in_use),
-                peak_in_use: u64::from(p.since_last.peak_in_use),
-                checkouts: p.since_last.checkouts,
-                denials: p.since_last.denials,
-                overdrafts: p.since_last.overdrafts,
-                staleouts: p.since_last.staleouts,
-                waiting: u64::from(p.waiting),
-                instant_requests: p.since_last.instant_requests,
-            })
+        .flat_map(|(server, status)| status.products.iter().map(move |p| (server, p)))
+        .map(|(server, p)| UsageSample {
+            server: server.clone(),
+            product: p.product.clone(),
+            allocation: u64::from(p.allocation),
+            in_use: u64::from(p.in_use),
+            peak_in_use: u64::from(p.since_last.peak_in_use),
+            checkouts: p.since_last.checkouts,
+            denials: p.since_last.denials,
+            overdrafts: p.since_last.overdrafts,
+            staleouts: p.since_last.staleouts,
+            waiting: u64::from(p.waiting),
+            instant_requests: p.since_last.instant_requests,
+            accounting: memory.take_accounting(server, &p.product),
         })
         .collect()
 }

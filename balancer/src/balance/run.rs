@@ -69,7 +69,7 @@ impl Engine {
         // are set aside like an unreachable server's.
         let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
         let now_ms = Utc::now().timestamp_millis();
-        let samples = usage_samples(&statuses);
+        let samples = usage_samples(&statuses, &mut self.memory.lock().expect("engine memory"));
         let m = &self.metrics;
         for s in &samples {
             let product = s.product.as_str();

@@ -3,7 +3,7 @@
 //! move; the core's planner and instant plan do.
 
 use super::StatusMap;
-use crate::store::{CellRecord, ServerRecord, Store, StoreError};
+use crate::store::{CellAccounting, CellRecord, ServerRecord, Store, StoreError};
 use allot_core::demand::{PeakSample, SignalConfig, Signals, signals};
 use allot_core::domain::ServerState;
 use allot_core::planner::{CellSnapshot, Demand, ProductSnapshot};
@@ -29,6 +29,8 @@ pub(super) struct Memory {
     released: HashMap<CellKey, Vec<(Instant, u64)>>,
     /// Ping-pong units per run still running, for its record.
     ping_pong_by_run: HashMap<i64, u64>,
+    /// Per cell, what balancing did to and for it since its last usage sample.
+    accounting: HashMap<CellKey, CellAccounting>,
     /// Per product, units being released for an instant balance's waiting clients: they reach
     /// the reserve before the grant that carries them on, and no other request may take them.
     earmarked: HashMap<String, u64>,
@@ -43,18 +45,44 @@ impl Memory {
     pub(super) fn granted(&mut self, server: &str, product: &str, units: u64) -> u64 {
         let key = (server.to_owned(), product.to_owned());
         self.granted_at.insert(key.clone(), Instant::now());
-        let Some(released) = self.released.get_mut(&key) else {
-            return 0;
+        let back = match self.released.get_mut(&key) {
+            None => 0,
+            Some(released) => {
+                released.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
+                let mut left = units;
+                for (_, r) in released.iter_mut() {
+                    let matched = (*r).min(left);
+                    *r -= matched;
+                    left -= matched;
+                }
+                released.retain(|(_, r)| *r > 0);
+                units - left
+            }
         };
-        released.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
-        let mut left = units;
-        for (_, r) in released.iter_mut() {
-            let matched = (*r).min(left);
-            *r -= matched;
-            left -= matched;
+        let tally = self.accounting.entry(key).or_default();
+        tally.units_granted += units;
+        tally.ping_pong_units += back;
+        back
+    }
+
+    /// Notes units a cell's waiting clients asked for that an instant balance left unserved.
+    pub(super) fn unserved(&mut self, server: &str, product: &str, truly: u64, falsely: u64) {
+        if truly + falsely == 0 {
+            return;
         }
-        released.retain(|(_, r)| *r > 0);
-        units - left
+        let tally = self
+            .accounting
+            .entry((server.to_owned(), product.to_owned()))
+            .or_default();
+        tally.unserved_true += truly;
+        tally.unserved_false += falsely;
+    }
+
+    /// Takes a cell's accounting since its last sample (zero when nothing happened).
+    pub(super) fn take_accounting(&mut self, server: &str, product: &str) -> CellAccounting {
+        self.accounting
+            .remove(&(server.to_owned(), product.to_owned()))
+            .unwrap_or_default()
     }
 
     /// The product's units earmarked for instant balances under way.
@@ -85,10 +113,12 @@ impl Memory {
 
     /// Notes a release applied by a cell.
     pub(super) fn released(&mut self, server: &str, product: &str, units: u64) {
-        let entry = self
-            .released
-            .entry((server.to_owned(), product.to_owned()))
-            .or_default();
+        let key = (server.to_owned(), product.to_owned());
+        self.accounting
+            .entry(key.clone())
+            .or_default()
+            .units_released += units;
+        let entry = self.released.entry(key).or_default();
         entry.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
         entry.push((Instant::now(), units));
     }

@@ -4,8 +4,8 @@
 //! it ([`output`]).
 
 use allot_core::wire::balancer::{
-    AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistorySeries, MoveView,
-    Product, RunDetail, RunSummary, Schedule, Server,
+    AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistoryPoint,
+    HistorySeries, MoveView, Product, RunDetail, RunSummary, Schedule, Server,
 };
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
@@ -261,8 +261,9 @@ impl Row for ExplainedCell {
     }
 }
 
-/// A history series as sparklines: peak in use over allocation (on one scale), denials and
-/// instant balances (each on its own).
+/// A history series as sparklines: peak in use over allocation (on one scale), denials,
+/// instant balances and units moved (each on its own), with the totals of ping-pong and of
+/// units left unserved while free elsewhere (the balancer's own failures).
 impl Row for HistorySeries {
     const HEADER: &'static [&'static str] = &[
         "product",
@@ -271,6 +272,8 @@ impl Row for HistorySeries {
         "in use (peak) vs allocation",
         "denials",
         "instant",
+        "moved (ping-pong)",
+        "unserved true / false",
     ];
     fn cells(&self) -> Vec<String> {
         let peaks: Vec<u64> = self
@@ -282,6 +285,12 @@ impl Row for HistorySeries {
         let scale = peaks.iter().chain(&allocations).copied().max().unwrap_or(0);
         let denials: Vec<u64> = self.points.iter().map(|p| p.denials).collect();
         let instant: Vec<u64> = self.points.iter().map(|p| p.instant_requests).collect();
+        let moved: Vec<u64> = self
+            .points
+            .iter()
+            .map(|p| p.units_granted + p.units_released)
+            .collect();
+        let sum = |f: fn(&HistoryPoint) -> u64| self.points.iter().map(f).sum::<u64>();
         vec![
             self.product.clone(),
             self.server.clone(),
@@ -302,6 +311,17 @@ impl Row for HistorySeries {
                 "{} Σ{}",
                 sparkline(&instant, 0),
                 instant.iter().sum::<u64>()
+            ),
+            format!(
+                "{} Σ{} ({})",
+                sparkline(&moved, 0),
+                moved.iter().sum::<u64>(),
+                sum(|p| p.ping_pong_units)
+            ),
+            format!(
+                "{} / {}",
+                sum(|p| p.unserved_true),
+                sum(|p| p.unserved_false)
             ),
         ]
     }

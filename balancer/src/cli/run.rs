@@ -396,12 +396,13 @@ impl HistoryArgs {
             println!(
                 "product,server,site,at,samples,allocation_mean,allocation_max,in_use_mean,\
                  in_use_max,peak_in_use,checkouts,denials,overdrafts,staleouts,waiting_max,\
-                 instant_requests"
+                 instant_requests,units_granted,units_released,ping_pong_units,unserved_true,\
+                 unserved_false"
             );
             for s in &history.series {
                 for p in &s.points {
                     println!(
-                        "{},{},{},{},{},{:.3},{},{:.3},{},{},{},{},{},{},{},{}",
+                        "{},{},{},{},{},{:.3},{},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                         csv_field(&s.product),
                         csv_field(&s.server),
                         csv_field(&s.site),
@@ -417,7 +418,12 @@ impl HistoryArgs {
                         p.overdrafts,
                         p.staleouts,
                         p.waiting_max,
-                        p.instant_requests
+                        p.instant_requests,
+                        p.units_granted,
+                        p.units_released,
+                        p.ping_pong_units,
+                        p.unserved_true,
+                        p.unserved_false
                     );
                 }
             }

@@ -288,6 +288,38 @@ pub struct UsageSample {
     pub waiting: u64,
     /// Instant balances asked since the previous read.
     pub instant_requests: u64,
+    /// What the balancer did to and for the cell since the previous sample.
+    pub accounting: CellAccounting,
+}
+
+/// The balancer's own accounting of one (server, product) between two samples: the cost of
+/// balancing it (units moved, ping-pong) and what balancing failed to serve (true and false
+/// shortfalls), so history can say where moves and false denials happen, not only how many.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellAccounting {
+    /// Units granted to the cell and applied by its server.
+    pub units_granted: u64,
+    /// Units released from the cell and applied by its server.
+    pub units_released: u64,
+    /// Units of those grants that came back within the hour of a release from the cell.
+    pub ping_pong_units: u64,
+    /// Units its waiting clients asked for that an instant balance could not serve while
+    /// nothing was free anywhere (true shortfalls).
+    pub unserved_true: u64,
+    /// Units its waiting clients asked for that an instant balance left unserved while units
+    /// were free elsewhere (false shortfalls: the policy's failures).
+    pub unserved_false: u64,
+}
+
+impl CellAccounting {
+    /// Adds another tally to this one.
+    pub fn add(&mut self, other: &Self) {
+        self.units_granted += other.units_granted;
+        self.units_released += other.units_released;
+        self.ping_pong_units += other.ping_pong_units;
+        self.unserved_true += other.unserved_true;
+        self.unserved_false += other.unserved_false;
+    }
 }
 
 /// How a balance run ended.
@@ -383,6 +415,16 @@ pub struct HistoryBucket {
     pub waiting_max: i64,
     /// Σ instant requests.
     pub instant_requests: i64,
+    /// Σ units granted.
+    pub units_granted: i64,
+    /// Σ units released.
+    pub units_released: i64,
+    /// Σ ping-pong units.
+    pub ping_pong_units: i64,
+    /// Σ units unserved with nothing free anywhere.
+    pub unserved_true: i64,
+    /// Σ units unserved while units were free elsewhere.
+    pub unserved_false: i64,
 }
 
 /// Which runs to list, newest first.

@@ -628,6 +628,23 @@ pub struct HistoryPoint {
     pub waiting_max: u64,
     /// Instant balances asked.
     pub instant_requests: u64,
+    /// Units the balancer granted to the cell (scheduled runs and instant balances).
+    #[serde(default)]
+    pub units_granted: u64,
+    /// Units the balancer released from the cell.
+    #[serde(default)]
+    pub units_released: u64,
+    /// Units granted back to the cell within the hour of a release from it (ping-pong).
+    #[serde(default)]
+    pub ping_pong_units: u64,
+    /// Units its waiting clients asked for that no instant balance could serve while nothing
+    /// was free anywhere in the estate (true shortfalls).
+    #[serde(default)]
+    pub unserved_true: u64,
+    /// Units its waiting clients asked for that were left unserved while units were free in the
+    /// reserve or above another server's need (false shortfalls: the balancer's failures).
+    #[serde(default)]
+    pub unserved_false: u64,
 }
 
 /// The time series of one (server, product).

@@ -2,7 +2,8 @@
 //! reads the demand signals, the metrics and the advisor make of them.
 
 use super::{
-    Db, HistoryBucket, HistoryQuery, Pool, StoreError, StoreResult, UsageSample, begin_write, count,
+    CellAccounting, Db, HistoryBucket, HistoryQuery, Pool, StoreError, StoreResult, UsageSample,
+    begin_write, count,
 };
 
 /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
@@ -17,8 +18,8 @@ pub(super) async fn record_samples(
     samples: &[UsageSample],
 ) -> StoreResult<()> {
     /// Columns bound per row.
-    const COLUMNS: usize = 13;
-    /// Rows per statement: 6,500 parameters, far below both backends' limits (SQLite
+    const COLUMNS: usize = 18;
+    /// Rows per statement: 9,000 parameters, far below both backends' limits (SQLite
     /// 32,766, PostgreSQL 65,535).
     const CHUNK: usize = 500;
     let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -46,7 +47,8 @@ pub(super) async fn record_samples(
         let mut sql = String::from(
             "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
              in_use, peak_in_use, checkouts, denials, overdrafts, staleouts, waiting, \
-             instant_requests) VALUES ",
+             instant_requests, units_granted, units_released, ping_pong_units, \
+             unserved_true, unserved_false) VALUES ",
         );
         for row in 0..chunk.len() {
             sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -71,7 +73,12 @@ pub(super) async fn record_samples(
                 .bind(wide(s.overdrafts))
                 .bind(wide(s.staleouts))
                 .bind(wide(s.waiting))
-                .bind(wide(s.instant_requests));
+                .bind(wide(s.instant_requests))
+                .bind(wide(s.accounting.units_granted))
+                .bind(wide(s.accounting.units_released))
+                .bind(wide(s.accounting.ping_pong_units))
+                .bind(wide(s.accounting.unserved_true))
+                .bind(wide(s.accounting.unserved_false));
         }
         query.execute(&mut *tx).await?;
     }
@@ -91,7 +98,12 @@ pub(super) async fn history(pool: &Pool<Db>, q: &HistoryQuery) -> StoreResult<Ve
          CAST(SUM(u.overdrafts) AS BIGINT) AS overdrafts, \
          CAST(SUM(u.staleouts) AS BIGINT) AS staleouts, \
          CAST(SUM(u.waiting) AS BIGINT) AS waiting_sum, MAX(u.waiting) AS waiting_max, \
-         CAST(SUM(u.instant_requests) AS BIGINT) AS instant_requests \
+         CAST(SUM(u.instant_requests) AS BIGINT) AS instant_requests, \
+         CAST(SUM(u.units_granted) AS BIGINT) AS units_granted, \
+         CAST(SUM(u.units_released) AS BIGINT) AS units_released, \
+         CAST(SUM(u.ping_pong_units) AS BIGINT) AS ping_pong_units, \
+         CAST(SUM(u.unserved_true) AS BIGINT) AS unserved_true, \
+         CAST(SUM(u.unserved_false) AS BIGINT) AS unserved_false \
          FROM usage_samples u JOIN servers s ON s.id = u.server_id \
          JOIN products p ON p.id = u.product_id \
          WHERE u.at >= $2 AND u.at < $3 AND ($4 = '' OR p.name = $4) \
@@ -118,7 +130,12 @@ pub(super) async fn history(pool: &Pool<Db>, q: &HistoryQuery) -> StoreResult<Ve
          CAST(SUM(h.staleouts) AS BIGINT) AS staleouts, \
          CAST(SUM(h.waiting_sum) AS BIGINT) AS waiting_sum, \
          MAX(h.waiting_max) AS waiting_max, \
-         CAST(SUM(h.instant_requests) AS BIGINT) AS instant_requests \
+         CAST(SUM(h.instant_requests) AS BIGINT) AS instant_requests, \
+         CAST(SUM(h.units_granted) AS BIGINT) AS units_granted, \
+         CAST(SUM(h.units_released) AS BIGINT) AS units_released, \
+         CAST(SUM(h.ping_pong_units) AS BIGINT) AS ping_pong_units, \
+         CAST(SUM(h.unserved_true) AS BIGINT) AS unserved_true, \
+         CAST(SUM(h.unserved_false) AS BIGINT) AS unserved_false \
          FROM usage_hourly h JOIN servers s ON s.id = h.server_id \
          JOIN products p ON p.id = h.product_id \
          WHERE h.hour >= $2 AND h.hour < $3 AND ($4 = '' OR p.name = $4) \
@@ -155,11 +172,13 @@ pub(super) async fn roll_up(pool: &Pool<Db>, until_ms: i64) -> StoreResult<u64> 
     let written = sqlx::query(
         "INSERT INTO usage_hourly (server_id, product_id, hour, samples, allocation_sum, \
          allocation_max, in_use_sum, in_use_max, peak_in_use, checkouts, denials, \
-         overdrafts, staleouts, waiting_sum, waiting_max, instant_requests) \
+         overdrafts, staleouts, waiting_sum, waiting_max, instant_requests, units_granted, \
+         units_released, ping_pong_units, unserved_true, unserved_false) \
          SELECT server_id, product_id, (at / 3600000) * 3600000, COUNT(*), \
          SUM(allocation), MAX(allocation), SUM(in_use), MAX(in_use), MAX(peak_in_use), \
          SUM(checkouts), SUM(denials), SUM(overdrafts), SUM(staleouts), SUM(waiting), \
-         MAX(waiting), SUM(instant_requests) FROM usage_samples \
+         MAX(waiting), SUM(instant_requests), SUM(units_granted), SUM(units_released), \
+         SUM(ping_pong_units), SUM(unserved_true), SUM(unserved_false) FROM usage_samples \
          WHERE at >= $1 AND at < $2 GROUP BY 1, 2, 3 \
          ON CONFLICT (server_id, product_id, hour) DO UPDATE SET \
          samples = excluded.samples, allocation_sum = excluded.allocation_sum, \
@@ -168,7 +187,10 @@ pub(super) async fn roll_up(pool: &Pool<Db>, until_ms: i64) -> StoreResult<u64> 
          checkouts = excluded.checkouts, denials = excluded.denials, \
          overdrafts = excluded.overdrafts, staleouts = excluded.staleouts, \
          waiting_sum = excluded.waiting_sum, waiting_max = excluded.waiting_max, \
-         instant_requests = excluded.instant_requests",
+         instant_requests = excluded.instant_requests, \
+         units_granted = excluded.units_granted, units_released = excluded.units_released, \
+         ping_pong_units = excluded.ping_pong_units, unserved_true = excluded.unserved_true, \
+         unserved_false = excluded.unserved_false",
     )
     .bind(from)
     .bind(until)
@@ -210,23 +232,32 @@ pub(super) async fn samples_between(
     from_ms: i64,
     to_ms: i64,
 ) -> StoreResult<Vec<(i64, UsageSample)>> {
-    type Row = (
-        i64,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    );
+    /// One sample as stored.
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        at: i64,
+        server: String,
+        product: String,
+        allocation: i64,
+        in_use: i64,
+        peak_in_use: i64,
+        checkouts: i64,
+        denials: i64,
+        overdrafts: i64,
+        staleouts: i64,
+        waiting: i64,
+        instant_requests: i64,
+        units_granted: i64,
+        units_released: i64,
+        ping_pong_units: i64,
+        unserved_true: i64,
+        unserved_false: i64,
+    }
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT u.at, s.name, p.name, u.allocation, u.in_use, u.peak_in_use, u.checkouts, \
-         u.denials, u.overdrafts, u.staleouts, u.waiting, u.instant_requests \
+        "SELECT u.at, s.name AS server, p.name AS product, u.allocation, u.in_use, \
+         u.peak_in_use, u.checkouts, u.denials, u.overdrafts, u.staleouts, u.waiting, \
+         u.instant_requests, u.units_granted, u.units_released, u.ping_pong_units, \
+         u.unserved_true, u.unserved_false \
          FROM usage_samples u JOIN servers s ON s.id = u.server_id \
          JOIN products p ON p.id = u.product_id WHERE u.at >= $1 AND u.at < $2 \
          ORDER BY u.at, s.name, p.name",
@@ -239,19 +270,26 @@ pub(super) async fn samples_between(
         .into_iter()
         .map(|r| {
             (
-                r.0,
+                r.at,
                 UsageSample {
-                    server: r.1,
-                    product: r.2,
-                    allocation: count(r.3),
-                    in_use: count(r.4),
-                    peak_in_use: count(r.5),
-                    checkouts: count(r.6),
-                    denials: count(r.7),
-                    overdrafts: count(r.8),
-                    staleouts: count(r.9),
-                    waiting: count(r.10),
-                    instant_requests: count(r.11),
+                    server: r.server,
+                    product: r.product,
+                    allocation: count(r.allocation),
+                    in_use: count(r.in_use),
+                    peak_in_use: count(r.peak_in_use),
+                    checkouts: count(r.checkouts),
+                    denials: count(r.denials),
+                    overdrafts: count(r.overdrafts),
+                    staleouts: count(r.staleouts),
+                    waiting: count(r.waiting),
+                    instant_requests: count(r.instant_requests),
+                    accounting: CellAccounting {
+                        units_granted: count(r.units_granted),
+                        units_released: count(r.units_released),
+                        ping_pong_units: count(r.ping_pong_units),
+                        unserved_true: count(r.unserved_true),
+                        unserved_false: count(r.unserved_false),
+                    },
                 },
             )
         })

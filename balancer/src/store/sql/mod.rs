@@ -29,9 +29,9 @@ use crate::store::rows::{
     product_columns, run_columns, server_columns,
 };
 use crate::store::{
-    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
-    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
-    UsageSample,
+    AuditQuery, BooksCheck, CellAccounting, CellRecord, HistoryBucket, HistoryQuery, InstantRecord,
+    MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError,
+    StoreResult, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
