@@ -61,9 +61,22 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
     fleet.wait_synced("cad").await;
     fleet.limits("paris", "cad", 0, 2).await;
     fleet.limits("tokyo", "cad", 0, 2).await;
-    fleet.balance().await;
+    let first = fleet.balance().await;
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
     assert_eq!(fleet.allocation("tokyo", "cad").await, 2);
+    // The run's detail says why: each server's buffer was granted ahead of demand.
+    let decisions = first["decisions"].as_array().expect("decisions");
+    for server in ["paris", "tokyo"] {
+        let d = decisions
+            .iter()
+            .find(|d| d["server"] == server && d["product"] == "cad")
+            .unwrap_or_else(|| panic!("no decision for {server}: {first:#}"));
+        assert_eq!(
+            (d["decision"].as_str(), d["target"].as_u64(), d["want"].as_u64()),
+            (Some("grant_ahead"), Some(2), Some(2)),
+            "{first:#}"
+        );
+    }
 
     // Paris's morning: 8 users. Instant balances serve them; the run then sizes Paris for its
     // load plus buffer and leaves Tokyo its buffer.

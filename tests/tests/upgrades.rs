@@ -425,6 +425,25 @@ fn response_types_ignore_unknown_fields() {
         ping_pong_units: 0,
         errors: vec![],
     };
+    let explained = ExplainedCell {
+        server: "s".into(),
+        allocation: 2,
+        in_use: 1,
+        waiting: 0,
+        min_units: 0,
+        buffer_units: 1,
+        peak_in_use: 1,
+        denials: 0,
+        level: 1,
+        forecast: 1,
+        window_peak: Some(1),
+        held: false,
+        need: 1,
+        want: 2,
+        fair_share: 2,
+        target: 2,
+        decision: "steady".into(),
+    };
     let counters = UsageCounters::default();
     tolerates(&Health {
         status: "ok".into(),
@@ -478,6 +497,10 @@ fn response_types_ignore_unknown_fields() {
     tolerates(&RunDetail {
         run: run.clone(),
         move_log: vec![mv.clone()],
+        decisions: vec![RunDecision {
+            product: "cad".into(),
+            cell: explained.clone(),
+        }],
     });
     tolerates(&DoctorReport {
         ok: true,

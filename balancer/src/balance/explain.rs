@@ -4,7 +4,7 @@
 
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation};
-use allot_core::planner::{self, Scarcity};
+use allot_core::planner::{self, ProductPlan, ProductSnapshot, Scarcity};
 use allot_core::wire::balancer::{ExplainedCell, Explanation};
 use chrono::Utc;
 
@@ -69,19 +69,33 @@ impl Engine {
         }
         .into();
         out.reserve_after = plan.reserve;
-        for cp in &plan.cells {
-            let name = &server_names[cp.server as usize];
-            if server.is_some_and(|s| s != name) {
-                continue;
-            }
+        out.servers = explained_cells(&snapshot, &plan, &server_names)
+            .into_iter()
+            .filter(|c| server.is_none_or(|s| s == c.server))
+            .collect();
+        Ok(out)
+    }
+}
+
+/// Every cell of a product's plan as an operator reads it: the snapshot's signals beside the
+/// plan's need, want, share, target and the rule that decided. The one place both `explain`
+/// and each run's recorded decisions are made from.
+pub(super) fn explained_cells(
+    snapshot: &ProductSnapshot,
+    plan: &ProductPlan,
+    server_names: &[String],
+) -> Vec<ExplainedCell> {
+    plan.cells
+        .iter()
+        .map(|cp| {
             let c = snapshot
                 .cells
                 .iter()
                 .find(|c| c.server == cp.server)
                 .expect("the plan's cells are the snapshot's");
             let s = c.demand.signals;
-            out.servers.push(ExplainedCell {
-                server: name.clone(),
+            ExplainedCell {
+                server: server_names[cp.server as usize].clone(),
                 allocation: c.allocation,
                 in_use: c.in_use,
                 waiting: c.demand.waiting,
@@ -98,8 +112,7 @@ impl Engine {
                 fair_share: cp.fair_share,
                 target: cp.target,
                 decision: cp.decision.as_str().into(),
-            });
-        }
-        Ok(out)
-    }
+            }
+        })
+        .collect()
 }

@@ -8,12 +8,13 @@
 //! have applied never sum above purchased. A product that fails is recorded in the run's
 //! errors and the run goes on with the next.
 
+use super::explain::explained_cells;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
 use crate::store::{MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger};
-use allot_core::planner::{self, Move, ProductPlan};
-use allot_core::wire::balancer::{Product, RunDetail};
+use allot_core::planner::{self, Decision, Move, ProductPlan};
+use allot_core::wire::balancer::{Product, RunDecision, RunDetail};
 use chrono::Utc;
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -175,7 +176,7 @@ impl Engine {
     ) -> Result<Moved, BalanceError> {
         let lock = self.product_lock(name);
         let mut moved = Moved::default();
-        let (plan, server_names, releases) = {
+        let (plan, server_names, releases, decisions) = {
             let _serialised = lock.lock().await;
             // The books may have moved since the run began (instant balances): reread them.
             let product = self.store.product(name).await?.product;
@@ -200,8 +201,25 @@ impl Engine {
                     None,
                 )
                 .await?;
-            (plan, server_names, releases)
+            let decisions: Vec<RunDecision> = explained_cells(&snapshot, &plan, &server_names)
+                .into_iter()
+                .filter(|c| c.decision != Decision::Steady.as_str())
+                .map(|cell| RunDecision {
+                    product: name.to_owned(),
+                    cell,
+                })
+                .collect();
+            (plan, server_names, releases, decisions)
         };
+        // Why the run did what it did, kept with the run; its loss loses no unit, only the
+        // explanation, so a failure to record it is logged, not fatal.
+        if let Err(e) = self
+            .store
+            .record_decisions(run_id, Utc::now().timestamp_millis(), &decisions)
+            .await
+        {
+            tracing::warn!(product = name, run_id, error = %e, "run decisions not recorded");
+        }
         let released_first =
             !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant);
         self.send_all(releases, by_name, &mut moved).await;

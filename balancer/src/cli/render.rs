@@ -5,7 +5,7 @@
 
 use allot_core::wire::balancer::{
     AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistoryPoint,
-    HistorySeries, MoveView, Product, RunDetail, RunSummary, Schedule, Server,
+    HistorySeries, MoveView, Product, RunDecision, RunDetail, RunSummary, Schedule, Server,
 };
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
@@ -261,6 +261,19 @@ impl Row for ExplainedCell {
     }
 }
 
+/// A run's decision: the product, then the same columns as `explain`.
+impl Row for RunDecision {
+    const HEADER: &'static [&'static str] = &[
+        "product", "server", "alloc", "in use", "waiting", "peak", "denials", "level", "forecast",
+        "window", "min", "buffer", "need", "want", "fair", "target", "decision",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let mut cells = vec![self.product.clone()];
+        cells.extend(self.cell.cells());
+        cells
+    }
+}
+
 /// A history series as sparklines: peak in use over allocation (on one scale), denials,
 /// instant balances and units moved (each on its own), with the totals of ping-pong and of
 /// units left unserved while free elsewhere (the balancer's own failures).
@@ -331,6 +344,10 @@ impl Row for HistorySeries {
 pub(super) fn print_run(detail: &RunDetail) {
     println!("{}", table(std::slice::from_ref(&detail.run)));
     println!("{}", table(&detail.move_log));
+    if !detail.decisions.is_empty() {
+        println!("why (every server not left steady):");
+        println!("{}", table(&detail.decisions));
+    }
     for e in &detail.run.errors {
         println!("! {e}");
     }

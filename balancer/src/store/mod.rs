@@ -26,7 +26,7 @@ pub use reporting::{DatabaseErrorHook, ErrorReporting};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
-    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
+    RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -602,6 +602,14 @@ pub trait Store: Send + Sync + 'static {
         run_id: i64,
         at_ms: i64,
         samples: &[UsageSample],
+    ) -> StoreResult<()>;
+    /// Records why a run did what it did to one product: the decisions of the servers the
+    /// planner did not leave steady, taken at `at_ms` (pruned with the raw samples).
+    async fn record_decisions(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        decisions: &[RunDecision],
     ) -> StoreResult<()>;
     /// Runs, newest first.
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>>;

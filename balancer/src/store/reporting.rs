@@ -13,7 +13,7 @@ use super::{
 use allot_core::domain::RunTrigger;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
-    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
+    RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -256,6 +256,15 @@ impl Store for ErrorReporting {
         samples: &[UsageSample],
     ) -> StoreResult<()> {
         self.seen(self.inner.record_samples(run_id, at_ms, samples).await)
+    }
+
+    async fn record_decisions(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        decisions: &[RunDecision],
+    ) -> StoreResult<()> {
+        self.seen(self.inner.record_decisions(run_id, at_ms, decisions).await)
     }
 
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>> {

@@ -375,6 +375,22 @@ pub struct RunDetail {
     pub run: RunSummary,
     /// The moves the run logged.
     pub move_log: Vec<MoveView>,
+    /// Why: per product, every server the planner did not leave steady, with the signals it
+    /// read and the rule that decided the move or the non-move (scheduled and manual runs;
+    /// kept as long as the raw usage samples).
+    #[serde(default)]
+    pub decisions: Vec<RunDecision>,
+}
+
+/// One server's decision in one product of a run: what `explain` would have shown then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunDecision {
+    /// The product.
+    pub product: String,
+    /// The server's signals, want, target and decision.
+    #[serde(flatten)]
+    pub cell: ExplainedCell,
 }
 
 /// One (server, product) cell as the store and the server each see it.

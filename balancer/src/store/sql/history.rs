@@ -3,7 +3,7 @@
 
 use super::{
     CellAccounting, Db, HistoryBucket, HistoryQuery, Pool, StoreError, StoreResult, UsageSample,
-    begin_write, count,
+    begin_write, count, values_placeholders,
 };
 
 /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
@@ -50,14 +50,7 @@ pub(super) async fn record_samples(
              instant_requests, units_granted, units_released, ping_pong_units, \
              unserved_true, unserved_false) VALUES ",
         );
-        for row in 0..chunk.len() {
-            sql.push_str(if row == 0 { "(" } else { ", (" });
-            let params: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", row * COLUMNS + c))
-                .collect();
-            sql.push_str(&params.join(", "));
-            sql.push(')');
-        }
+        sql.push_str(&values_placeholders(chunk.len(), COLUMNS));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (server_id, product_id, s) in chunk {
             query = query
@@ -218,6 +211,11 @@ pub(super) async fn prune_history(
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    // A run's decisions are kept as long as its raw samples.
+    sqlx::query("DELETE FROM run_decisions WHERE at < $1")
+        .bind(raw_before_ms)
+        .execute(&mut *tx)
+        .await?;
     let hourly = sqlx::query("DELETE FROM usage_hourly WHERE hour < $1")
         .bind(hourly_before_ms)
         .execute(&mut *tx)

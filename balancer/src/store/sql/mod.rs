@@ -35,8 +35,8 @@ use crate::store::{
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{
-    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
-    RegisterServer, RunDetail, RunSummary, Server, SetAllocation,
+    AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, ExplainedCell, Product,
+    ProductDetail, RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
 use async_trait::async_trait;
 use serde::Serialize;
@@ -83,6 +83,20 @@ fn conflict_on_constraint(err: sqlx::Error, what: &str) -> StoreError {
         return StoreError::Conflict(format!("{what}: {}", db.message()));
     }
     StoreError::Database(err)
+}
+
+/// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
+/// one statement per chunk instead of one per row (each statement is a round trip).
+fn values_placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|c| format!("${}", row * columns + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn json<T: Serialize>(value: &T) -> Option<String> {
@@ -448,6 +462,15 @@ impl Store for SqlStore {
         samples: &[UsageSample],
     ) -> StoreResult<()> {
         history::record_samples(&self.pool, run_id, at_ms, samples).await
+    }
+
+    async fn record_decisions(
+        &self,
+        run_id: i64,
+        at_ms: i64,
+        decisions: &[RunDecision],
+    ) -> StoreResult<()> {
+        runs::record_decisions(&self.pool, run_id, at_ms, decisions).await
     }
 
     async fn runs(&self, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {

@@ -1,9 +1,11 @@
 //! Balance runs and the answered instant-balance requests (idempotence by request id).
 
 use super::{
-    Db, InstantRecord, MoveRow, Pool, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger,
-    RunsQuery, StoreError, StoreResult, Uuid, count, json, move_columns, now_ms, run_columns,
+    Db, ExplainedCell, InstantRecord, MoveRow, Pool, RunDecision, RunDetail, RunOutcome, RunRow,
+    RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid, begin_write, count, json,
+    move_columns, now_ms, run_columns, values_placeholders,
 };
+use std::collections::HashMap;
 
 pub(super) async fn begin_run(
     pool: &Pool<Db>,
@@ -90,7 +92,145 @@ pub(super) async fn run(pool: &Pool<Db>, run_id: i64) -> StoreResult<RunDetail> 
     .iter()
     .map(MoveRow::to_view)
     .collect::<StoreResult<_>>()?;
-    Ok(RunDetail { run, move_log })
+    let decisions = sqlx::query_as::<_, DecisionRow>(
+        "SELECT p.name AS product, s.name AS server, d.decision, d.allocation, d.in_use, \
+         d.waiting, d.min_units, d.buffer_units, d.peak_in_use, d.denials, d.level, \
+         d.forecast, d.window_peak, d.held, d.need, d.want, d.fair_share, d.target \
+         FROM run_decisions d JOIN products p ON p.id = d.product_id \
+         JOIN servers s ON s.id = d.server_id WHERE d.run_id = $1 ORDER BY p.name, s.name",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(DecisionRow::into_decision)
+    .collect();
+    Ok(RunDetail {
+        run,
+        move_log,
+        decisions,
+    })
+}
+
+/// One stored [`RunDecision`].
+#[derive(sqlx::FromRow)]
+struct DecisionRow {
+    product: String,
+    server: String,
+    decision: String,
+    allocation: i64,
+    in_use: i64,
+    waiting: i64,
+    min_units: i64,
+    buffer_units: i64,
+    peak_in_use: i64,
+    denials: i64,
+    level: i64,
+    forecast: i64,
+    window_peak: Option<i64>,
+    held: bool,
+    need: i64,
+    want: i64,
+    fair_share: i64,
+    target: i64,
+}
+
+impl DecisionRow {
+    fn into_decision(self) -> RunDecision {
+        RunDecision {
+            product: self.product,
+            cell: ExplainedCell {
+                server: self.server,
+                allocation: count(self.allocation),
+                in_use: count(self.in_use),
+                waiting: count(self.waiting),
+                min_units: count(self.min_units),
+                buffer_units: count(self.buffer_units),
+                peak_in_use: count(self.peak_in_use),
+                denials: count(self.denials),
+                level: count(self.level),
+                forecast: count(self.forecast),
+                window_peak: self.window_peak.map(count),
+                held: self.held,
+                need: count(self.need),
+                want: count(self.want),
+                fair_share: count(self.fair_share),
+                target: count(self.target),
+                decision: self.decision,
+            },
+        }
+    }
+}
+
+/// One multi-row `INSERT` per chunk, names resolved to ids in the same transaction; a
+/// decision naming a removed server or product is skipped (it cannot be shown anyway).
+pub(super) async fn record_decisions(
+    pool: &Pool<Db>,
+    run_id: i64,
+    at_ms: i64,
+    decisions: &[RunDecision],
+) -> StoreResult<()> {
+    /// Columns bound per row.
+    const COLUMNS: usize = 20;
+    /// Rows per statement: 10,000 parameters, within both backends' limits.
+    const CHUNK: usize = 500;
+    let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let mut tx = begin_write(pool).await?;
+    let servers: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM servers WHERE removed_at IS NULL")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let products: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let rows: Vec<(i64, i64, &RunDecision)> = decisions
+        .iter()
+        .filter_map(|d| Some((*servers.get(&d.cell.server)?, *products.get(&d.product)?, d)))
+        .collect();
+    for chunk in rows.chunks(CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO run_decisions (run_id, product_id, server_id, at, decision, \
+             allocation, in_use, waiting, min_units, buffer_units, peak_in_use, denials, \
+             level, forecast, window_peak, held, need, want, fair_share, target) VALUES ",
+        );
+        sql.push_str(&values_placeholders(chunk.len(), COLUMNS));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (server_id, product_id, d) in chunk {
+            let c = &d.cell;
+            query = query
+                .bind(run_id)
+                .bind(*product_id)
+                .bind(*server_id)
+                .bind(at_ms)
+                .bind(&c.decision)
+                .bind(wide(c.allocation))
+                .bind(wide(c.in_use))
+                .bind(wide(c.waiting))
+                .bind(wide(c.min_units))
+                .bind(wide(c.buffer_units))
+                .bind(wide(c.peak_in_use))
+                .bind(wide(c.denials))
+                .bind(wide(c.level))
+                .bind(wide(c.forecast))
+                .bind(c.window_peak.map(wide))
+                .bind(c.held)
+                .bind(wide(c.need))
+                .bind(wide(c.want))
+                .bind(wide(c.fair_share))
+                .bind(wide(c.target));
+        }
+        query.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 pub(super) async fn instant_request(
