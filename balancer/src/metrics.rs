@@ -309,7 +309,7 @@ impl Metrics {
             }
             m.run_seconds.with_label_values(&[trigger.as_str()]);
         }
-        for kind in [MoveKind::Release, MoveKind::Grant] {
+        for kind in [MoveKind::Release, MoveKind::Grant, MoveKind::Retire] {
             m.moves.with_label_values(&[kind.as_str()]);
             m.units_moved.with_label_values(&[kind.as_str()]);
         }

@@ -229,6 +229,10 @@ pub async fn run_with_metrics(
         schedule_changed.clone(),
         stopped,
     ));
+    let expiry = tokio::spawn(crate::balance::expiry::run(
+        engine.clone(),
+        stop_scheduler.subscribe(),
+    ));
     let retention = retention(&args);
     let history = tokio::spawn(crate::history::retention_task(
         store.clone(),
@@ -260,6 +264,7 @@ pub async fn run_with_metrics(
     let _ = scheduler.await;
     let _ = history.await;
     let _ = autotune.await;
+    let _ = expiry.await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())

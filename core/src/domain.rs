@@ -176,6 +176,10 @@ pub enum MoveKind {
     Release,
     /// Reserve → server. The units travel through in-transit until the server confirms.
     Grant,
+    /// Server → out of the estate: an expired entitlement's units leave `purchased`. Free units
+    /// go first; the server may be left with fewer units than it has in use, and then grants
+    /// nothing new until enough are checked in (units in use are never taken from a client).
+    Retire,
 }
 
 /// Where a move stands in the move log.
@@ -202,7 +206,8 @@ pub enum RunTrigger {
     Instant,
     /// An operator asked (`POST /v1/balance`).
     Manual,
-    /// A lost server's units came back.
+    /// Units the balancer took back outside any plan: a lost server's (back to the reserve)
+    /// or an expired entitlement's (`retire` moves, out of the estate).
     Reclaim,
 }
 
@@ -238,7 +243,7 @@ wire_enum_text! {
     Enforcement { HardStop = "hard_stop", SoftStop = "soft_stop", NoStop = "no_stop" }
     Seat { Concurrent = "concurrent", PerUserHost = "per_user_host", PerUser = "per_user" }
     ServerState { Active = "active", Draining = "draining", Lost = "lost" }
-    MoveKind { Release = "release", Grant = "grant" }
+    MoveKind { Release = "release", Grant = "grant", Retire = "retire" }
     MoveState { Planned = "planned", Applied = "applied", Abandoned = "abandoned" }
     RunTrigger { Scheduled = "scheduled", Instant = "instant", Manual = "manual", Reclaim = "reclaim" }
 }

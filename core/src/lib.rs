@@ -24,6 +24,7 @@ pub mod checkout;
 pub mod demand;
 pub mod domain;
 pub mod error;
+pub mod expiry;
 pub mod instant;
 #[cfg(feature = "openapi")]
 pub mod openapi;

@@ -40,3 +40,36 @@ CREATE TABLE run_decisions (
     PRIMARY KEY (run_id, product_id, server_id)
 );
 CREATE INDEX run_decisions_at ON run_decisions (at);
+
+-- Expiry enforced (issue 15): the units of an expired entitlement already taken out of
+-- `purchased` (from the reserve, or retired from servers); the entitlement is removed, by
+-- `expiry`, once all are.
+ALTER TABLE entitlements ADD COLUMN retired BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX entitlements_expiring ON entitlements (expires_at) WHERE removed_at IS NULL;
+
+-- Retire moves: an expired entitlement's units leave a server's allocation and the estate.
+-- SQLite cannot change a CHECK constraint in place, so the move log is rebuilt, the same way
+-- on both backends (nothing references it).
+CREATE TABLE moves_new (
+    id             TEXT    PRIMARY KEY,
+    run_id         BIGINT  REFERENCES balance_runs (id),
+    product_id     BIGINT  NOT NULL REFERENCES products (id),
+    server_id      BIGINT  NOT NULL REFERENCES servers (id),
+    kind           TEXT    NOT NULL CHECK (kind IN ('release', 'grant', 'retire')),
+    units          BIGINT  NOT NULL CHECK (units > 0),
+    state          TEXT    NOT NULL CHECK (state IN ('planned', 'applied', 'abandoned')),
+    -- Units the server confirmed: a release takes only free units and may move fewer.
+    applied_units  BIGINT  CHECK (applied_units >= 0 AND applied_units <= units),
+    epoch          BIGINT  NOT NULL,
+    created_at     BIGINT  NOT NULL,
+    updated_at     BIGINT  NOT NULL,
+    error          TEXT
+);
+INSERT INTO moves_new (id, run_id, product_id, server_id, kind, units, state, applied_units,
+    epoch, created_at, updated_at, error)
+    SELECT id, run_id, product_id, server_id, kind, units, state, applied_units, epoch,
+    created_at, updated_at, error FROM moves;
+DROP TABLE moves;
+ALTER TABLE moves_new RENAME TO moves;
+CREATE INDEX moves_unfinished ON moves (state) WHERE state = 'planned';
+CREATE INDEX moves_run ON moves (run_id);

@@ -252,6 +252,28 @@ impl Fleet {
             .unwrap_or(0)
     }
 
+    /// Runs `sql` on the balancer's database behind its back: how a test breaks the books or
+    /// moves the clock of a stored row.
+    pub async fn execute_sql(&self, sql: &str) {
+        use sqlx::{Connection, Executor};
+        match &self.backend.database_url {
+            Some(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let path = self.backend.data_dir.path().join("allot.db");
+                let url = format!("sqlite://{}", path.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// The doctor's report.
     pub async fn doctor(&self) -> Value {
         self.api().get("/v1/doctor").await

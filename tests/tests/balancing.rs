@@ -5,7 +5,6 @@
 use allot_tests::fleet::Fleet;
 use allot_tests::{Backend, on_both_backends};
 use serde_json::Value;
-use sqlx::{Connection, Executor};
 use std::time::{Duration, Instant};
 
 on_both_backends!(
@@ -72,7 +71,11 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
             .find(|d| d["server"] == server && d["product"] == "cad")
             .unwrap_or_else(|| panic!("no decision for {server}: {first:#}"));
         assert_eq!(
-            (d["decision"].as_str(), d["target"].as_u64(), d["want"].as_u64()),
+            (
+                d["decision"].as_str(),
+                d["target"].as_u64(),
+                d["want"].as_u64()
+            ),
             (Some("grant_ahead"), Some(2), Some(2)),
             "{first:#}"
         );
@@ -664,18 +667,7 @@ async fn one_product_that_cannot_be_planned_does_not_stop_the_run(backend: Backe
     // Break the books of "bad" (planned first, by name) behind the balancer's back: purchased
     // no longer equals reserve + in transit + allocations, so the planner refuses it.
     let sql = "UPDATE products SET purchased = purchased + 1 WHERE name = 'bad'";
-    match &fleet.backend.database_url {
-        Some(url) => {
-            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-            conn.execute(sql).await.unwrap();
-        }
-        None => {
-            let path = fleet.backend.data_dir.path().join("allot.db");
-            let url = format!("sqlite://{}", path.display());
-            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-            conn.execute(sql).await.unwrap();
-        }
-    }
+    fleet.execute_sql(sql).await;
 
     let run = fleet.balance().await;
     assert_eq!(run["status"], "partial", "{run}");

@@ -464,6 +464,7 @@ fn response_types_ignore_unknown_fields() {
         id: 1,
         product: "cad".into(),
         units: 1,
+        retired_units: 0,
         expires_at: None,
         reference: None,
         created_at: t,

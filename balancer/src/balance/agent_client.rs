@@ -5,6 +5,7 @@
 
 use crate::auth::ServerTokens;
 use crate::store::ServerRecord;
+use allot_core::domain::MoveKind;
 use allot_core::error::ErrorBody;
 use allot_core::wire::agent::{AgentStatus, MoveRequest, MoveResponse};
 use serde::Serialize;
@@ -69,13 +70,13 @@ impl AgentClient {
     pub async fn send_move(
         &self,
         server: &ServerRecord,
-        release: bool,
+        kind: MoveKind,
         request: &MoveRequest,
     ) -> Result<MoveResponse, CallError> {
-        let path = if release {
-            "/v1/allocations/release"
-        } else {
-            "/v1/allocations/grant"
+        let path = match kind {
+            MoveKind::Release => "/v1/allocations/release",
+            MoveKind::Grant => "/v1/allocations/grant",
+            MoveKind::Retire => "/v1/allocations/retire",
         };
         self.call(server, reqwest::Method::POST, path, Some(request))
             .await

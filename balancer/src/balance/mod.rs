@@ -18,6 +18,7 @@
 //! granted them: the allocations servers have applied never sum above purchased.
 
 mod agent_client;
+pub mod expiry;
 mod explain;
 mod instant;
 mod run;
@@ -239,8 +240,7 @@ impl Engine {
             product: mv.product.clone(),
             units: u32::try_from(mv.units).unwrap_or(u32::MAX),
         };
-        let release = mv.kind == MoveKind::Release;
-        match self.agents.send_move(server, release, &request).await {
+        match self.agents.send_move(server, mv.kind, &request).await {
             Ok(answer) => {
                 allot_http::fault::point("after_move_sent");
                 let booked = self
@@ -271,7 +271,7 @@ impl Engine {
                             .ping_pong_units
                             .with_label_values(&[booked.product.as_str()])
                             .inc_by(back);
-                    } else {
+                    } else if booked.kind == MoveKind::Release {
                         memory.released(&booked.server, &booked.product, applied);
                     }
                 }

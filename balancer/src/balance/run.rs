@@ -41,6 +41,11 @@ impl Engine {
             self.store.product(name).await?;
         }
         self.reclaim_lost().await?;
+        // Expired entitlements leave `purchased` before anything is planned; a failure is
+        // retried by the expiry task and never stops the run.
+        if let Err(e) = self.expire_locked().await {
+            tracing::warn!(error = %e, "expiry enforcement failed before the run; retrying later");
+        }
         let run_id = self.store.begin_run(trigger, epoch).await?;
         let tally = crate::metrics::RunTally::start(self.metrics.clone(), trigger);
         let started = std::time::Instant::now();

@@ -611,6 +611,11 @@ pub trait Store: Send + Sync + 'static {
         at_ms: i64,
         decisions: &[RunDecision],
     ) -> StoreResult<()>;
+    /// Takes expired entitlements out of `purchased` as far as the reserve allows (see
+    /// `balance::expiry`); returns, per product, the units still to retire from servers, net
+    /// of retire moves already under way.
+    async fn expire_from_reserve(&self, now_ms: i64, epoch: i64)
+    -> StoreResult<Vec<(String, u64)>>;
     /// Runs, newest first.
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>>;
     /// One run with its moves.

@@ -267,6 +267,14 @@ impl Store for ErrorReporting {
         self.seen(self.inner.record_decisions(run_id, at_ms, decisions).await)
     }
 
+    async fn expire_from_reserve(
+        &self,
+        now_ms: i64,
+        epoch: i64,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        self.seen(self.inner.expire_from_reserve(now_ms, epoch).await)
+    }
+
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
         self.seen(self.inner.runs(query).await)
     }

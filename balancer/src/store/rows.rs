@@ -86,7 +86,7 @@ impl ProductRow {
 /// The columns of [`EntitlementRow`].
 macro_rules! entitlement_columns {
     () => {
-        "e.id, p.name AS product, e.units, e.expires_at, \
+        "e.id, p.name AS product, e.units, e.retired, e.expires_at, \
     e.reference, e.created_at, e.created_by"
     };
 }
@@ -97,6 +97,7 @@ pub(super) struct EntitlementRow {
     pub id: i64,
     pub product: String,
     pub units: i64,
+    pub retired: i64,
     pub expires_at: Option<i64>,
     pub reference: Option<String>,
     pub created_at: i64,
@@ -109,6 +110,7 @@ impl From<EntitlementRow> for Entitlement {
             id: row.id,
             product: row.product,
             units: count(row.units),
+            retired_units: count(row.retired),
             expires_at: row.expires_at.map(time),
             reference: row.reference,
             created_at: time(row.created_at),

@@ -24,9 +24,10 @@ impl Book {
         let moved = match kind {
             MoveKind::Release => releasable(p.allocation, p.in_use, units),
             MoveKind::Grant => units.min(u32::MAX - p.allocation),
+            MoveKind::Retire => units.min(p.allocation),
         };
         match kind {
-            MoveKind::Release => p.allocation -= moved,
+            MoveKind::Release | MoveKind::Retire => p.allocation -= moved,
             MoveKind::Grant => p.allocation += moved,
         }
         p.generation += 1;
@@ -53,20 +54,42 @@ impl Book {
         product: &str,
         units: u32,
     ) -> Result<MoveOutcome, MoveRefusal> {
-        Ok(
-            match self.apply_move(MoveKind::Release, move_id, product, units)? {
-                Ok(applied) => MoveOutcome {
-                    response: applied.response.clone(),
-                    applied: Some(applied),
-                    served: Vec::new(),
-                },
-                Err(response) => MoveOutcome {
-                    response,
-                    applied: None,
-                    served: Vec::new(),
-                },
+        self.take_back(MoveKind::Release, move_id, product, units)
+    }
+
+    /// A retirement from the balancer (an expired entitlement): takes `units` out of the
+    /// allocation, free or not, at most the whole allocation. Checkouts in use stay; with fewer
+    /// units than in use the server grants nothing new until enough are checked in, so no new
+    /// checkout goes beyond the estate's new total. Idempotent by move id.
+    pub fn retire(
+        &mut self,
+        move_id: Uuid,
+        product: &str,
+        units: u32,
+    ) -> Result<MoveOutcome, MoveRefusal> {
+        self.take_back(MoveKind::Retire, move_id, product, units)
+    }
+
+    /// A release or a retirement: units leave the allocation and nobody is served.
+    fn take_back(
+        &mut self,
+        kind: MoveKind,
+        move_id: Uuid,
+        product: &str,
+        units: u32,
+    ) -> Result<MoveOutcome, MoveRefusal> {
+        Ok(match self.apply_move(kind, move_id, product, units)? {
+            Ok(applied) => MoveOutcome {
+                response: applied.response.clone(),
+                applied: Some(applied),
+                served: Vec::new(),
             },
-        )
+            Err(response) => MoveOutcome {
+                response,
+                applied: None,
+                served: Vec::new(),
+            },
+        })
     }
 
     /// A grant from the balancer: adds units and serves waiters. Idempotent by move id.

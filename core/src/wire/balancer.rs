@@ -143,7 +143,11 @@ pub struct Entitlement {
     pub product: String,
     /// Units purchased.
     pub units: u64,
-    /// When it stops counting.
+    /// Units of it already out of `purchased` since it expired; the rest are still held by
+    /// servers (in use) and leave as they are checked in. 0 until it expires.
+    #[serde(default)]
+    pub retired_units: u64,
+    /// When it stops counting (absent: permanent).
     pub expires_at: Option<DateTime<Utc>>,
     /// Order number or note.
     pub reference: Option<String>,

@@ -10,6 +10,7 @@ use crate::clock::now_ms;
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::store::Mutation;
 use allot_core::checkout::MoveRefusal;
+use allot_core::domain::MoveKind;
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{
@@ -62,7 +63,7 @@ pub(super) async fn status_handler(
 pub(super) async fn move_handler(
     app: &App,
     req: MoveRequest,
-    release: bool,
+    kind: MoveKind,
 ) -> Result<Json<MoveResponse>, ApiError> {
     validate::path_name("product", &req.product)?;
     validate::units("units", req.units)?;
@@ -70,12 +71,14 @@ pub(super) async fn move_handler(
     let now = now_ms();
     let (response, ack, fresh) = {
         let mut inner = app.lock();
-        let outcome = if release {
-            inner.book.release(req.move_id, &req.product, req.units)
-        } else {
-            inner
-                .book
-                .grant(req.move_id, &req.product, req.units, now, &mut new_handle)
+        let outcome = match kind {
+            MoveKind::Release => inner.book.release(req.move_id, &req.product, req.units),
+            MoveKind::Retire => inner.book.retire(req.move_id, &req.product, req.units),
+            MoveKind::Grant => {
+                inner
+                    .book
+                    .grant(req.move_id, &req.product, req.units, now, &mut new_handle)
+            }
         };
         let outcome = outcome.map_err(|r| match r {
             MoveRefusal::UnknownProduct => ApiError::UnknownProduct(req.product.clone()),
@@ -90,7 +93,7 @@ pub(super) async fn move_handler(
                 let ack = app.log(&mut inner, Mutation::Move { applied, at: now });
                 app.dispatch(&mut inner, outcome.served, now);
                 pull(app, &mut inner, &req.product, now);
-                tracing::info!(move_id = %req.move_id, product = %req.product, release,
+                tracing::info!(move_id = %req.move_id, product = %req.product, %kind,
                 units = outcome.response.units, allocation = outcome.response.allocation,
                 generation = outcome.response.generation, "move applied");
                 ack
@@ -105,7 +108,7 @@ pub(super) async fn move_handler(
         (outcome.response, ack, fresh)
     };
     durable(ack).await?;
-    if fresh && !release {
+    if fresh && kind == MoveKind::Grant {
         allot_http::fault::point("agent_grant_applied");
     }
     Ok(Json(response))
@@ -124,7 +127,25 @@ pub(super) async fn release_handler(
     _auth: BalancerAuth,
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> Result<Json<MoveResponse>, ApiError> {
-    move_handler(&app, req, true).await
+    move_handler(&app, req, MoveKind::Release).await
+}
+
+/// Retires units of an expired entitlement: they leave the allocation, free units first and
+/// then units in use (which stay with their clients; no new checkout is granted until the
+/// server is back under its allocation); idempotent by `move_id`.
+#[utoipa::path(post, path = "/v1/allocations/retire", tag = "balancer", security(("serverToken" = [])),
+    request_body = MoveRequest,
+    responses(
+        (status = 200, description = "What was retired, and the allocation after", body = MoveResponse),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the move id was used for another move", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
+pub(super) async fn retire_handler(
+    State(app): State<App>,
+    _auth: BalancerAuth,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> Result<Json<MoveResponse>, ApiError> {
+    move_handler(&app, req, MoveKind::Retire).await
 }
 
 /// Adds units from the reserve; idempotent by `move_id`.
@@ -140,7 +161,7 @@ pub(super) async fn grant_handler(
     _auth: BalancerAuth,
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> Result<Json<MoveResponse>, ApiError> {
-    move_handler(&app, req, false).await
+    move_handler(&app, req, MoveKind::Grant).await
 }
 
 /// Defines a product or replaces its policy (the balancer pushes definitions here).

@@ -29,4 +29,5 @@ pub(super) fn table() -> OpenApiRouter<App> {
         .routes(routes!(balancer::status_handler))
         .routes(routes!(balancer::release_handler))
         .routes(routes!(balancer::grant_handler))
+        .routes(routes!(balancer::retire_handler))
 }

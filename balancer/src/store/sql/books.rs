@@ -218,7 +218,7 @@ pub(super) async fn books(pool: &Pool<Db>) -> StoreResult<Vec<BooksCheck>> {
         "SELECT p.name AS product, p.purchased, p.reserve, p.in_transit, \
          CAST(COALESCE((SELECT SUM(a.units) FROM allocations a \
              WHERE a.product_id = p.id), 0) AS BIGINT) AS allocated, \
-         CAST(COALESCE((SELECT SUM(e.units) FROM entitlements e \
+         CAST(COALESCE((SELECT SUM(e.units - e.retired) FROM entitlements e \
              WHERE e.product_id = p.id AND e.removed_at IS NULL), 0) AS BIGINT) AS entitled, \
          CAST(COALESCE((SELECT SUM(m.units) FROM moves m WHERE m.product_id = p.id \
              AND m.kind = 'grant' AND m.state = 'planned'), 0) AS BIGINT) AS planned_grants \

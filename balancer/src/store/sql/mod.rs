@@ -14,6 +14,7 @@
 //! state that breaks conservation at a commit.
 
 mod books;
+mod expiry;
 mod fleet;
 mod history;
 mod moves;
@@ -471,6 +472,14 @@ impl Store for SqlStore {
         decisions: &[RunDecision],
     ) -> StoreResult<()> {
         runs::record_decisions(&self.pool, run_id, at_ms, decisions).await
+    }
+
+    async fn expire_from_reserve(
+        &self,
+        now_ms: i64,
+        epoch: i64,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        expiry::expire_from_reserve(&self.pool, now_ms, epoch).await
     }
 
     async fn runs(&self, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {

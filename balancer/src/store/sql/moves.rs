@@ -19,7 +19,7 @@ pub(super) async fn begin_move(pool: &Pool<Db>, mv: &NewMove) -> StoreResult<Mov
     check_epoch(&mut tx, mv.epoch).await?;
     let sid = server_row(&mut tx, &mv.server).await?.id;
     match mv.kind {
-        MoveKind::Release => {
+        MoveKind::Release | MoveKind::Retire => {
             let held: Option<i64> = sqlx::query_scalar(
                 "SELECT units FROM allocations WHERE server_id = $1 AND product_id = $2",
             )
@@ -86,9 +86,9 @@ pub(super) async fn complete_move(
     let generation = i64::try_from(generation).unwrap_or(i64::MAX);
     let refuse = |why: String| Err(StoreError::Conflict(format!("move {id}: {why}")));
     match record.kind {
-        MoveKind::Release => {
+        kind @ (MoveKind::Release | MoveKind::Retire) => {
             if applied > row.units {
-                return refuse(format!("released {applied} of {} asked", row.units));
+                return refuse(format!("{kind}d {applied} of {} asked", row.units));
             }
             let taken = sqlx::query(
                 "UPDATE allocations SET units = units - $1, generation = \
@@ -105,8 +105,15 @@ pub(super) async fn complete_move(
             if taken == 0 {
                 return refuse(format!("the allocation holds fewer than {applied} units"));
             }
+            // A retirement leaves the estate (what no expired entitlement is owed goes to the
+            // reserve, so the books always balance); a release goes to the reserve.
+            let retired = if kind == MoveKind::Retire {
+                super::expiry::retire(&mut tx, row.product_id, applied).await?
+            } else {
+                0
+            };
             sqlx::query("UPDATE products SET reserve = reserve + $1 WHERE id = $2")
-                .bind(applied)
+                .bind(applied - retired)
                 .bind(row.product_id)
                 .execute(&mut *tx)
                 .await?;
