@@ -86,6 +86,8 @@ pub struct Metrics {
     /// rising count is someone probing, or a server still presenting a rotated-out token.
     pub requests_refused: IntCounterVec,
     books: IntGaugeVec,
+    expires_at: IntGaugeVec,
+    expired_units: IntGaugeVec,
     in_use: IntGaugeVec,
     allocation: IntGaugeVec,
     server_in_use: IntGaugeVec,
@@ -242,6 +244,20 @@ impl Metrics {
                 "allot_units",
                 "The books per product: purchased, reserve, in_transit, allocated.",
                 &["product", "pool"],
+            ),
+            expires_at: gauge(
+                &r,
+                "allot_entitlement_expiry_timestamp_seconds",
+                "When each entitlement with an expiry stops counting (Unix seconds); permanent \
+                 entitlements have no series.",
+                &["product", "entitlement"],
+            ),
+            expired_units: gauge(
+                &r,
+                "allot_entitlement_expired_units",
+                "Units of expired entitlements still held by servers (in use), per product: \
+                 they leave purchased as they are checked in.",
+                &["product"],
             ),
             in_use: gauge(
                 &r,
@@ -459,6 +475,7 @@ pub async fn render(
     let products = store.products().await?;
     let mut cells = store.cells().await?;
     let servers = store.server_records().await?;
+    let entitlements = store.dated_entitlements().await?;
     let now = Utc::now().timestamp_millis();
     let read_from = {
         let state = m.state.lock().expect("metrics state");
@@ -491,6 +508,24 @@ pub async fn render(
         .retain(|name, _| names.contains(name.as_str()));
 
     m.books.reset();
+    m.expires_at.reset();
+    m.expired_units.reset();
+    for p in &products {
+        m.expired_units.with_label_values(&[p.name.as_str()]).set(0);
+    }
+    for e in &entitlements {
+        let Some(at) = e.expires_at else { continue };
+        m.expires_at
+            .with_label_values(&[e.product.as_str(), e.id.to_string().as_str()])
+            .set(at.timestamp());
+        if at.timestamp_millis() <= now
+            && let Ok(g) = m
+                .expired_units
+                .get_metric_with_label_values(&[e.product.as_str()])
+        {
+            g.add(gauge_value(e.units.saturating_sub(e.retired_units)));
+        }
+    }
     m.in_use.reset();
     for p in &products {
         for (pool, value) in [

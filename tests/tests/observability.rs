@@ -70,6 +70,15 @@ async fn every_dashboard_and_alert_query_is_valid_against_real_processes() {
 
     let mut fleet = Fleet::start(Backend::sqlite(), &[], &[]).await;
     fleet.product("cad", 6).await;
+    // A dated purchase, so the expiry gauges and alerts have a series to read.
+    let renewal = chrono::Utc::now() + chrono::Duration::days(10);
+    fleet
+        .api()
+        .post(
+            "/v1/products/cad/entitlements",
+            serde_json::json!({"units": 2, "expires_at": renewal}),
+        )
+        .await;
     fleet.product("sim", 2).await;
     fleet.add_meter("paris").await;
     fleet.add_meter("tokyo").await;

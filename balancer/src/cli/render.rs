@@ -99,6 +99,24 @@ impl Row for AllocationView {
     }
 }
 
+/// When an entitlement stops counting, as an administrator reads it: never, the date with the
+/// days left, or — expired — how many of its units are still in use.
+fn expiry(e: &Entitlement, now: chrono::DateTime<chrono::Utc>) -> String {
+    match e.expires_at {
+        None => "never".into(),
+        Some(at) if at > now => {
+            let days = (at - now).num_days();
+            format!("{} ({days} days left)", at.format("%Y-%m-%d"))
+        }
+        Some(at) => format!(
+            "{} (expired; {} of {} units still in use)",
+            at.format("%Y-%m-%d"),
+            e.units.saturating_sub(e.retired_units),
+            e.units
+        ),
+    }
+}
+
 impl Row for Entitlement {
     const HEADER: &'static [&'static str] = &[
         "id",
@@ -114,7 +132,7 @@ impl Row for Entitlement {
             self.id.to_string(),
             self.product.clone(),
             self.units.to_string(),
-            opt(&self.expires_at.map(|t| t.to_rfc3339())),
+            expiry(self, chrono::Utc::now()),
             opt(&self.reference),
             self.created_at.to_rfc3339(),
             self.created_by.clone(),
@@ -446,6 +464,33 @@ pub(super) fn print_advice(advice: &allot_core::advisor::Advice) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_says_days_left_or_what_is_still_in_use() {
+        let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut e = Entitlement {
+            id: 1,
+            product: "cad".into(),
+            units: 6,
+            retired_units: 0,
+            expires_at: None,
+            reference: None,
+            created_at: now,
+            created_by: "admin".into(),
+        };
+        assert_eq!(expiry(&e, now), "never");
+        e.expires_at = Some(now + chrono::Duration::days(29) + chrono::Duration::hours(1));
+        assert!(
+            expiry(&e, now).ends_with("(29 days left)"),
+            "{}",
+            expiry(&e, now)
+        );
+        e.expires_at = Some(now - chrono::Duration::hours(1));
+        e.retired_units = 4;
+        assert!(expiry(&e, now).ends_with("(expired; 2 of 6 units still in use)"));
+    }
+
     #[test]
     fn sparklines_scale_to_the_series() {
         assert_eq!(super::sparkline(&[0, 4, 8], 0), "▁▅█");

@@ -474,6 +474,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Entitlement>;
     /// The product's live entitlements.
     async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>>;
+    /// Every live entitlement with an expiry, of every product, soonest first (expired ones
+    /// still owed units included): what the expiry metrics and alerts watch.
+    async fn dated_entitlements(&self) -> StoreResult<Vec<Entitlement>>;
     /// Removes a purchase; refused with a conflict unless its units are free in the reserve.
     async fn remove_entitlement(
         &self,

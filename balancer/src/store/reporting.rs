@@ -79,6 +79,10 @@ impl Store for ErrorReporting {
         self.seen(self.inner.add_entitlement(actor, product, req).await)
     }
 
+    async fn dated_entitlements(&self) -> StoreResult<Vec<Entitlement>> {
+        self.seen(self.inner.dated_entitlements().await)
+    }
+
     async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>> {
         self.seen(self.inner.entitlements(product).await)
     }

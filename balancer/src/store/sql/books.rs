@@ -133,6 +133,21 @@ pub(super) async fn add_entitlement(
     Ok(entitlement)
 }
 
+pub(super) async fn dated_entitlements(pool: &Pool<Db>) -> StoreResult<Vec<Entitlement>> {
+    Ok(sqlx::query_as::<_, EntitlementRow>(concat!(
+        "SELECT ",
+        entitlement_columns!(),
+        " FROM entitlements e \
+         JOIN products p ON p.id = e.product_id \
+         WHERE e.removed_at IS NULL AND e.expires_at IS NOT NULL ORDER BY e.expires_at, e.id"
+    ))
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(Entitlement::from)
+    .collect())
+}
+
 pub(super) async fn entitlements(pool: &Pool<Db>, product: &str) -> StoreResult<Vec<Entitlement>> {
     let mut conn = pool.acquire().await?;
     let pid = product_id(&mut conn, product).await?;

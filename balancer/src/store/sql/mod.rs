@@ -306,6 +306,10 @@ impl Store for SqlStore {
         books::add_entitlement(&self.pool, actor, product, req).await
     }
 
+    async fn dated_entitlements(&self) -> StoreResult<Vec<Entitlement>> {
+        books::dated_entitlements(&self.pool).await
+    }
+
     async fn entitlements(&self, product: &str) -> StoreResult<Vec<Entitlement>> {
         books::entitlements(&self.pool, product).await
     }
