@@ -52,6 +52,9 @@ use tokio::sync::{Semaphore, watch};
 fn refused_by_the_move_log(status: u16, code: &str) -> bool {
     (status == 404 && code == ErrorCode::UnknownProduct.as_str())
         || (status == 409 && code == ErrorCode::Conflict.as_str())
+        // A route the server does not have (a retire move sent to a server older than retire
+        // moves) was certainly not applied.
+        || (status == 404 && code == ErrorCode::NotFound.as_str())
 }
 
 /// Why a move did not finish. Only an unconfirmed move leaves the server's state unknown, so
