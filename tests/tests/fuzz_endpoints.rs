@@ -1109,6 +1109,13 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
                 Some(json!({"move_id": "0190a0b0-0000-7000-8000-000000000003", "product": "cad", "units": 1})),
             ),
         ),
+        (
+            "POST /v1/allocations/retire",
+            example(
+                &[],
+                Some(json!({"move_id": "0190a0b0-0000-7000-8000-000000000004", "product": "cad", "units": 1})),
+            ),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
