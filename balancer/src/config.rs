@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Days hourly roll-ups are kept.
     #[arg(long, env = "ALLOT_HISTORY_HOURLY_DAYS", default_value_t = 400)]
     pub history_hourly_days: u64,
+    /// Days usage and denial records are kept (a year of reports and a renewal's margin).
+    #[arg(long, env = "ALLOT_RECORDS_DAYS", default_value_t = 400)]
+    pub records_days: u64,
     /// After `server rotate-token`, seconds a server's old token keeps working unless the
     /// rotation names its own grace (the server presenting its new token ends it sooner).
     #[arg(long, env = "ALLOT_TOKEN_GRACE_SECONDS", default_value_t = 24 * 3600,

@@ -113,6 +113,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         concurrency: 32,
         history_raw_days: 30,
         history_hourly_days: 400,
+        records_days: 400,
         // A simulated hour lasts five seconds: hold freshly granted units about that long.
         hold_seconds: 5,
         metrics_max_cells: crate::config::DEFAULT_METRICS_MAX_CELLS,

@@ -19,6 +19,8 @@ pub struct Retention {
     pub raw: Duration,
     /// Hourly roll-ups (default 400 days).
     pub hourly: Duration,
+    /// Usage and denial records (default 400 days).
+    pub records: Duration,
 }
 
 impl Default for Retention {
@@ -26,6 +28,7 @@ impl Default for Retention {
         Self {
             raw: Duration::from_secs(30 * 86_400),
             hourly: Duration::from_secs(400 * 86_400),
+            records: Duration::from_secs(400 * 86_400),
         }
     }
 }
@@ -44,17 +47,18 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Rolls complete hours up and deletes what retention no longer keeps. Returns (roll-up rows
-/// written, raw samples deleted, roll-ups deleted).
+/// written, raw samples deleted, roll-ups deleted, usage and denial records deleted).
 pub async fn maintain(
     store: &dyn Store,
     now_ms: i64,
     retention: &Retention,
-) -> Result<(u64, u64, u64), StoreError> {
+) -> Result<(u64, u64, u64, u64), StoreError> {
     let rolled = store.roll_up(now_ms).await?;
     let (raw, hourly) = store
         .prune_history(now_ms - ms(retention.raw), now_ms - ms(retention.hourly))
         .await?;
-    Ok((rolled, raw, hourly))
+    let records = store.prune_records(now_ms - ms(retention.records)).await?;
+    Ok((rolled, raw, hourly, records))
 }
 
 /// Runs [`maintain`] at start and every ten minutes until `shutdown` turns true.
@@ -65,11 +69,12 @@ pub async fn retention_task(
 ) {
     loop {
         match maintain(&*store, Utc::now().timestamp_millis(), &retention).await {
-            Ok((rolled, raw, hourly)) if rolled + raw + hourly > 0 => {
+            Ok((rolled, raw, hourly, records)) if rolled + raw + hourly + records > 0 => {
                 tracing::info!(
                     rolled,
                     raw_deleted = raw,
                     hourly_deleted = hourly,
+                    records_deleted = records,
                     "history maintained"
                 );
             }
@@ -205,6 +210,7 @@ mod tests {
         let r = Retention {
             raw: Duration::from_secs(3600),
             hourly: Duration::from_secs(86_400),
+            records: Duration::from_secs(86_400),
         };
         let now = 10 * HOUR_MS + 15 * 60_000;
         assert_eq!(r.raw_from_ms(now), 10 * HOUR_MS);

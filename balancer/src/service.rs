@@ -275,6 +275,7 @@ pub fn retention(args: &ServeArgs) -> crate::history::Retention {
     crate::history::Retention {
         raw: std::time::Duration::from_secs(args.history_raw_days.max(1) * 86_400),
         hourly: std::time::Duration::from_secs(args.history_hourly_days.max(1) * 86_400),
+        records: std::time::Duration::from_secs(args.records_days.max(1) * 86_400),
     }
 }
 

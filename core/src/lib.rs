@@ -30,6 +30,7 @@ pub mod instant;
 pub mod openapi;
 pub mod planner;
 pub mod trigger;
+pub mod usage;
 pub mod validate;
 pub mod wire;
 

@@ -73,3 +73,39 @@ DROP TABLE moves;
 ALTER TABLE moves_new RENAME TO moves;
 CREATE INDEX moves_unfinished ON moves (state) WHERE state = 'planned';
 CREATE INDEX moves_run ON moves (run_id);
+
+-- Usage and denial records (issue 15): every ended checkout and every denial, shipped by the
+-- metering servers in batches and stored once by record id; kept for the records' retention
+-- (default 400 days). Groups, which a report may group by, in a table of their own.
+CREATE TABLE usage_records (
+    id          TEXT    PRIMARY KEY,
+    server_id   BIGINT  NOT NULL REFERENCES servers (id),
+    product_id  BIGINT  NOT NULL REFERENCES products (id),
+    user_name   TEXT    NOT NULL,
+    host        TEXT    NOT NULL,
+    units       BIGINT  NOT NULL CHECK (units > 0),
+    started_at  BIGINT  NOT NULL,
+    ended_at    BIGINT  NOT NULL,
+    ended_by    TEXT    NOT NULL CHECK (ended_by IN ('checkin', 'staleout', 'revoke', 'idle', 'restart')),
+    CHECK (ended_at >= started_at)
+);
+CREATE INDEX usage_records_ended ON usage_records (ended_at);
+CREATE INDEX usage_records_product ON usage_records (product_id, ended_at);
+CREATE INDEX usage_records_user ON usage_records (user_name, ended_at);
+CREATE TABLE denial_records (
+    id              TEXT    PRIMARY KEY,
+    server_id       BIGINT  NOT NULL REFERENCES servers (id),
+    product_id      BIGINT  NOT NULL REFERENCES products (id),
+    user_name       TEXT    NOT NULL,
+    host            TEXT    NOT NULL,
+    at              BIGINT  NOT NULL,
+    reason          TEXT    NOT NULL,
+    free_elsewhere  BOOLEAN
+);
+CREATE INDEX denial_records_at ON denial_records (at);
+CREATE INDEX denial_records_product ON denial_records (product_id, at);
+CREATE TABLE record_groups (
+    record_id   TEXT NOT NULL,
+    group_name  TEXT NOT NULL,
+    PRIMARY KEY (record_id, group_name)
+);

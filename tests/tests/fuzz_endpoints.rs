@@ -756,7 +756,8 @@ impl Target {
                 let mut b = body.clone().expect("a body");
                 b.as_object_mut()
                     .expect("an object")
-                    .insert("pad".to_owned(), json!("y".repeat(70 * 1024)));
+                    // Over every route's body bound (64 KiB; 1 MiB for a batch of records).
+                    .insert("pad".to_owned(), json!("y".repeat(1_100 * 1024)));
                 Some((Some("application/json"), serde_json::to_vec(&b).unwrap()))
             }
             _ => body.map(|b| (Some("application/json"), serde_json::to_vec(&b).unwrap())),
@@ -896,6 +897,7 @@ async fn balancer_books(api: &Api) -> Value {
         "autotune": api.get("/v1/autotune").await,
         "audit": api.get("/v1/audit?limit=1000").await,
         "runs": api.get("/v1/runs?limit=1000").await,
+        "usage": api.get("/v1/usage?since=400d&group_by=product").await["rows"].clone(),
     })
 }
 
@@ -992,6 +994,22 @@ async fn malformed_input_to_every_balancer_endpoint_changes_nothing(backend: Bac
             ),
         ),
         ("POST /v1/sync", example(&[], Some(json!({"version": "0.1.0"})))),
+        (
+            "POST /v1/records",
+            example(
+                &[],
+                Some(json!({
+                    "usage": [{"id": "0190a0b0-0000-7000-8000-000000000011", "product": "cad",
+                        "user": "ann", "host": "h1", "groups": ["eng"], "units": 1,
+                        "started_at": "2026-11-02T08:00:00Z", "ended_at": "2026-11-02T09:00:00Z",
+                        "ended_by": "checkin"}],
+                    "denials": [{"id": "0190a0b0-0000-7000-8000-000000000012", "product": "cad",
+                        "user": "bob", "host": "h2", "groups": [], "at": "2026-11-02T08:30:00Z",
+                        "reason": "license_unavailable", "free_elsewhere": false}]})),
+            ),
+        ),
+        ("GET /v1/usage", example(&[], None)),
+        ("GET /v1/usage/renewal", example(&[], None)),
         (
             "POST /v1/instant-balance",
             example(

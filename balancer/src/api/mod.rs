@@ -9,6 +9,7 @@ pub mod error;
 mod history;
 mod metering;
 mod openapi;
+mod records;
 mod servers;
 mod settings;
 
@@ -147,6 +148,17 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(advice::get_autotune, advice::set_autotune))
         .routes(routes!(metering::sync))
         .routes(routes!(metering::instant_balance))
+        .routes({
+            // A batch of records is larger than any other body: its own bound.
+            let (schemas, paths, route) = routes!(records::store_records);
+            (
+                schemas,
+                paths,
+                route.layer(DefaultBodyLimit::max(records::MAX_BATCH_BYTES)),
+            )
+        })
+        .routes(routes!(records::usage))
+        .routes(routes!(records::renewal))
 }
 
 /// The balancer's OpenAPI document, as served at `/v1/openapi.json` and written to

@@ -24,10 +24,12 @@ pub mod sqlite;
 pub use reporting::{DatabaseErrorHook, ErrorReporting};
 
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
     RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
+use allot_core::wire::records::{GroupBy, RecordAck, RecordBatch};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -320,6 +322,38 @@ impl CellAccounting {
         self.unserved_true += other.unserved_true;
         self.unserved_false += other.unserved_false;
     }
+}
+
+/// What a usage report reads: a window, an optional product, a grouping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordsQuery {
+    /// Window start (Unix ms).
+    pub since_ms: i64,
+    /// Window end (Unix ms), exclusive.
+    pub until_ms: i64,
+    /// Only this product.
+    pub product: Option<String>,
+    /// What rows are keyed by.
+    pub group_by: GroupBy,
+}
+
+/// One group's totals over a window, as the store sums them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// The user, group, host, server, site or product.
+    pub key: String,
+    /// Checkouts overlapping the window.
+    pub checkouts: u64,
+    /// Units × milliseconds held inside the window.
+    pub unit_ms: u64,
+    /// The most units held at once.
+    pub peak: u64,
+    /// Denials with nothing free anywhere.
+    pub denials_true: u64,
+    /// Denials with units free elsewhere.
+    pub denials_false: u64,
+    /// Denials by policy or without a balancer's answer.
+    pub denials_other: u64,
 }
 
 /// How a balance run ended.
@@ -619,6 +653,24 @@ pub trait Store: Send + Sync + 'static {
     /// of retire moves already under way.
     async fn expire_from_reserve(&self, now_ms: i64, epoch: i64)
     -> StoreResult<Vec<(String, u64)>>;
+    /// Stores a metering server's batch of usage and denial records, once per record id;
+    /// returns the acknowledgement and the records dropped for naming an unknown product.
+    async fn store_records(
+        &self,
+        server: &str,
+        batch: &RecordBatch,
+    ) -> StoreResult<(RecordAck, u64)>;
+    /// Per group of a usage report: checkouts, unit-time, peak and denials.
+    async fn usage_totals(&self, query: &RecordsQuery) -> StoreResult<Vec<UsageTotals>>;
+    /// One product's checkouts overlapping `[since_ms, until_ms)`.
+    async fn usage_intervals(
+        &self,
+        product: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<Interval>>;
+    /// Deletes records older than `before_ms`; returns how many.
+    async fn prune_records(&self, before_ms: i64) -> StoreResult<u64>;
     /// Runs, newest first.
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>>;
     /// One run with its moves.

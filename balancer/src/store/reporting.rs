@@ -10,11 +10,14 @@ use super::{
     NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
     UsageSample,
 };
+use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::RunTrigger;
+use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
     RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
+use allot_core::wire::records::{RecordAck, RecordBatch};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -277,6 +280,35 @@ impl Store for ErrorReporting {
         epoch: i64,
     ) -> StoreResult<Vec<(String, u64)>> {
         self.seen(self.inner.expire_from_reserve(now_ms, epoch).await)
+    }
+
+    async fn store_records(
+        &self,
+        server: &str,
+        batch: &RecordBatch,
+    ) -> StoreResult<(RecordAck, u64)> {
+        self.seen(self.inner.store_records(server, batch).await)
+    }
+
+    async fn usage_totals(&self, query: &RecordsQuery) -> StoreResult<Vec<UsageTotals>> {
+        self.seen(self.inner.usage_totals(query).await)
+    }
+
+    async fn usage_intervals(
+        &self,
+        product: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<Interval>> {
+        self.seen(
+            self.inner
+                .usage_intervals(product, since_ms, until_ms)
+                .await,
+        )
+    }
+
+    async fn prune_records(&self, before_ms: i64) -> StoreResult<u64> {
+        self.seen(self.inner.prune_records(before_ms).await)
     }
 
     async fn runs(&self, query: &RunsQuery) -> StoreResult<Vec<RunSummary>> {

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod balancer;
+pub mod records;
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};

@@ -18,6 +18,7 @@ mod expiry;
 mod fleet;
 mod history;
 mod moves;
+mod records;
 mod runs;
 mod settings;
 
@@ -34,11 +35,14 @@ use crate::store::{
     MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError,
     StoreResult, UsageSample,
 };
+use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, ExplainedCell, Product,
     ProductDetail, RegisterServer, RunDecision, RunDetail, RunSummary, Server, SetAllocation,
 };
+use allot_core::wire::records::{RecordAck, RecordBatch};
 use async_trait::async_trait;
 use serde::Serialize;
 use sqlx::{Database, Pool};
@@ -484,6 +488,31 @@ impl Store for SqlStore {
         epoch: i64,
     ) -> StoreResult<Vec<(String, u64)>> {
         expiry::expire_from_reserve(&self.pool, now_ms, epoch).await
+    }
+
+    async fn store_records(
+        &self,
+        server: &str,
+        batch: &RecordBatch,
+    ) -> StoreResult<(RecordAck, u64)> {
+        records::store_records(&self.pool, server, batch).await
+    }
+
+    async fn usage_totals(&self, query: &RecordsQuery) -> StoreResult<Vec<UsageTotals>> {
+        records::usage_totals(&self.pool, query).await
+    }
+
+    async fn usage_intervals(
+        &self,
+        product: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<Interval>> {
+        records::usage_intervals(&self.pool, product, since_ms, until_ms).await
+    }
+
+    async fn prune_records(&self, before_ms: i64) -> StoreResult<u64> {
+        records::prune_records(&self.pool, before_ms).await
     }
 
     async fn runs(&self, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {

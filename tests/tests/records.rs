@@ -1,0 +1,220 @@
+//! Usage and denial records and the reports built on them (issue 15, items 3 and 4), over real
+//! HTTP against a real `allot-balancer` on SQLite and on PostgreSQL: a metering server's batches
+//! are stored once by record id, however often they are resent; reports group, clip and count
+//! as an administrator expects; bad input is refused and changes nothing.
+
+use allot_tests::balancer::{Api, Balancer};
+use allot_tests::{Backend, on_both_backends};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+on_both_backends!(
+    records_are_stored_once_and_reported_by_every_grouping,
+    bad_batches_and_bad_report_queries_change_nothing,
+);
+
+const T0: &str = "2026-11-02T08:00:00Z";
+
+/// `T0` plus `minutes`, RFC 3339.
+fn at(minutes: i64) -> String {
+    let t0 = chrono::DateTime::parse_from_rfc3339(T0).unwrap();
+    (t0 + chrono::Duration::minutes(minutes)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn usage(id: u32, user: &str, groups: &[&str], units: u32, from: i64, to: i64) -> Value {
+    json!({"id": format!("0190a0b0-0000-7000-8000-{id:012}"), "product": "cad", "user": user,
+        "host": format!("{user}-pc"), "groups": groups, "units": units,
+        "started_at": at(from), "ended_at": at(to), "ended_by": "checkin"})
+}
+
+fn denial(id: u32, user: &str, minute: i64, free_elsewhere: Option<bool>) -> Value {
+    json!({"id": format!("0190a0b0-0000-7000-9000-{id:012}"), "product": "cad", "user": user,
+        "host": format!("{user}-pc"), "groups": ["eng"], "at": at(minute),
+        "reason": "license_unavailable", "free_elsewhere": free_elsewhere})
+}
+
+/// A balancer with product `cad` (4 units) and server `paris`; answers the admin client and
+/// paris's own.
+async fn estate(backend: &Backend) -> (Balancer, Api, Api) {
+    let balancer = Balancer::start(backend).await;
+    let api = balancer.api();
+    api.post("/v1/products", json!({"name": "cad"})).await;
+    api.post("/v1/products/cad/entitlements", json!({"units": 4}))
+        .await;
+    let registered = api
+        .post(
+            "/v1/servers",
+            json!({"name": "paris", "url": "http://127.0.0.1:1", "site": "eu"}),
+        )
+        .await;
+    let paris = api.with_token(registered["token"].as_str());
+    (balancer, api, paris)
+}
+
+fn rows(report: &Value) -> Vec<(String, u64, f64, u64, u64, u64)> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_owned(),
+                r["checkouts"].as_u64().unwrap(),
+                r["hours"].as_f64().unwrap(),
+                r["peak_concurrent"].as_u64().unwrap(),
+                r["denials_true"].as_u64().unwrap(),
+                r["denials_false"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn records_are_stored_once_and_reported_by_every_grouping(backend: Backend) {
+    let (_balancer, api, paris) = estate(&backend).await;
+    // Ann holds 2 units 08:00–10:00 and 1 unit 09:00–11:00 (3 at once 09:00–10:00); Bob holds 1
+    // unit 09:30–10:30. Ann is denied once with nothing free, Bob once while units were free.
+    let batch = json!({
+        "usage": [
+            usage(1, "ann", &["eng", "cad-users"], 2, 0, 120),
+            usage(2, "ann", &["eng"], 1, 60, 180),
+            usage(3, "bob", &["ops"], 1, 90, 150),
+        ],
+        "denials": [denial(1, "ann", 100, Some(false)), denial(2, "bob", 100, Some(true))],
+    });
+    let ack = paris.post("/v1/records", batch.clone()).await;
+    assert_eq!(
+        (ack["stored"].as_u64(), ack["duplicates"].as_u64()),
+        (Some(5), Some(0))
+    );
+    // The server did not hear the answer and resends: stored once.
+    let ack = paris.post("/v1/records", batch).await;
+    assert_eq!(
+        (ack["stored"].as_u64(), ack["duplicates"].as_u64()),
+        (Some(0), Some(5))
+    );
+
+    let window = format!("since={}&until={}", at(-60), at(24 * 60));
+    let by_user = api.get(&format!("/v1/usage?{window}&group_by=user")).await;
+    assert_eq!(
+        rows(&by_user),
+        [
+            ("ann".to_owned(), 2, 6.0, 3, 1, 0),
+            ("bob".to_owned(), 1, 1.0, 1, 0, 1),
+        ],
+        "{by_user:#}"
+    );
+    let by_group = api.get(&format!("/v1/usage?{window}&group_by=group")).await;
+    let groups: Vec<(String, u64, f64, u64)> = rows(&by_group)
+        .into_iter()
+        .map(|(k, c, h, p, _, _)| (k, c, h, p))
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("eng".to_owned(), 2, 6.0, 3),
+            ("cad-users".to_owned(), 1, 4.0, 2),
+            ("ops".to_owned(), 1, 1.0, 1),
+        ],
+        "{by_group:#}"
+    );
+    let by_site = api.get(&format!("/v1/usage?{window}&group_by=site")).await;
+    assert_eq!(
+        rows(&by_site),
+        [("eu".to_owned(), 3, 7.0, 4, 1, 1)],
+        "{by_site:#}"
+    );
+    // A window that cuts the day at 09:30 clips the hours and keeps what overlapped (Bob's
+    // checkout starts as it ends).
+    let clipped = api
+        .get(&format!(
+            "/v1/usage?since={}&until={}&group_by=product",
+            at(0),
+            at(90)
+        ))
+        .await;
+    assert_eq!(
+        rows(&clipped),
+        [("cad".to_owned(), 2, 3.5, 3, 0, 0)],
+        "{clipped:#}"
+    );
+
+    // The renewal report: 4 purchased, at most 4 held, the cap reached for 30 minutes.
+    let renewal = api
+        .get(&format!(
+            "/v1/usage/renewal?since={}&until={}",
+            at(0),
+            at(240)
+        ))
+        .await;
+    let cad = &renewal["products"][0];
+    assert_eq!(
+        (
+            cad["product"].as_str(),
+            cad["purchased"].as_u64(),
+            cad["peak"].as_u64(),
+            cad["never_used"].as_u64(),
+            cad["denials_true"].as_u64()
+        ),
+        (Some("cad"), Some(4), Some(4), Some(0), Some(1)),
+        "{renewal:#}"
+    );
+    assert!(
+        (cad["hours_at_cap"].as_f64().unwrap() - 0.5).abs() < 1e-9,
+        "{renewal:#}"
+    );
+    assert!(
+        cad["suggestion"].as_str().unwrap().starts_with("buy"),
+        "{renewal:#}"
+    );
+}
+
+async fn bad_batches_and_bad_report_queries_change_nothing(backend: Backend) {
+    let (_balancer, api, paris) = estate(&backend).await;
+    let before = api.get("/v1/usage?since=3650d&group_by=product").await;
+    let good = usage(1, "ann", &[], 1, 0, 60);
+    let mut backwards = good.clone();
+    backwards["ended_at"] = json!(at(-1));
+    let mut nameless = good.clone();
+    nameless["user"] = json!("");
+    let too_many: Vec<Value> = (0..1_001).map(|i| usage(i, "ann", &[], 1, 0, 1)).collect();
+    for (body, why) in [
+        (
+            json!({"usage": [good.clone(), backwards]}),
+            "ended before it started",
+        ),
+        (json!({"usage": [good.clone(), nameless]}), "empty user"),
+        (json!({"usage": too_many}), "over the batch bound"),
+        (
+            json!({"usage": [good.clone()], "extra": 1}),
+            "unknown field",
+        ),
+    ] {
+        let (status, answer) = paris.send(Method::POST, "/v1/records", Some(body)).await;
+        assert_eq!(status, 400, "{why}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request", "{why}: {answer}");
+    }
+    // Only a metering server ships records; an admin token is not a server's.
+    let (status, _) = api
+        .send(Method::POST, "/v1/records", Some(json!({"usage": [good]})))
+        .await;
+    assert_eq!(status, 401);
+    for query in [
+        "group_by=nobody",
+        "since=yesterday",
+        "since=2026-11-02T08:00:00Z&until=2026-11-01T08:00:00Z",
+        "since=2020-01-01T00:00:00Z&until=2026-01-01T00:00:00Z",
+        "product=a%2Fb",
+    ] {
+        let (status, answer) = api
+            .send(Method::GET, &format!("/v1/usage?{query}"), None)
+            .await;
+        assert_eq!(status, 400, "{query}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request", "{query}: {answer}");
+    }
+    let (status, _) = paris.send(Method::GET, "/v1/usage", None).await;
+    assert_eq!(status, 401, "reports are for administrators");
+    assert_eq!(
+        api.get("/v1/usage?since=3650d&group_by=product").await["rows"],
+        before["rows"]
+    );
+}
