@@ -72,7 +72,11 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
             .find(|d| d["server"] == server && d["product"] == "cad")
             .unwrap_or_else(|| panic!("no decision for {server}: {first:#}"));
         assert_eq!(
-            (d["decision"].as_str(), d["target"].as_u64(), d["want"].as_u64()),
+            (
+                d["decision"].as_str(),
+                d["target"].as_u64(),
+                d["want"].as_u64()
+            ),
             (Some("grant_ahead"), Some(2), Some(2)),
             "{first:#}"
         );
