@@ -31,6 +31,7 @@ use utoipa::OpenApi;
         (name = "servers", description = "Metering servers and their per-product floors and buffers"),
         (name = "balancing", description = "Balance runs, their history and the doctor"),
         (name = "settings", description = "The schedule, autotune and the audit log"),
+        (name = "licences", description = "Who holds what across the estate, and force release"),
         (name = "metering", description = "Called by metering servers with their own token"),
         (name = "meta", description = "Health, metrics and this document")
     )
