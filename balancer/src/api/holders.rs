@@ -39,9 +39,9 @@ impl From<HoldersError> for ApiError {
         match e {
             HoldersError::Store(e) => e.into(),
             HoldersError::UnknownServer(_) => Self::new(ErrorCode::NotFound, e.to_string()),
-            HoldersError::NotFound { ref unreachable, .. } if unreachable.is_empty() => {
-                Self::new(ErrorCode::NotFound, e.to_string())
-            }
+            HoldersError::NotFound {
+                ref unreachable, ..
+            } if unreachable.is_empty() => Self::new(ErrorCode::NotFound, e.to_string()),
             // Some server did not answer: it may hold the checkout, so "not found" would be a
             // guess.
             HoldersError::NotFound { .. } => Self::new(ErrorCode::Unavailable, e.to_string()),
@@ -123,5 +123,7 @@ pub(super) async fn revoke(
         ApiError::bad_request("id: expected a checkout id, `co_` and 32 hex digits")
     })?;
     validate_reason(&req.reason).map_err(ApiError::bad_request)?;
-    Ok(Json(state.engine.revoke(Admin::ACTOR, id, &req.reason).await?))
+    Ok(Json(
+        state.engine.revoke(Admin::ACTOR, id, &req.reason).await?,
+    ))
 }

@@ -330,7 +330,9 @@ impl CheckoutsArgs {
                 );
             }
             if h.next_cursor.is_some() {
-                println!("more holders than this listing shows; narrow it with --product, --user or --server");
+                println!(
+                    "more holders than this listing shows; narrow it with --product, --user or --server"
+                );
             }
         })
     }

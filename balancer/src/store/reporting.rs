@@ -174,11 +174,7 @@ impl Store for ErrorReporting {
         target: &str,
         detail: &serde_json::Value,
     ) -> StoreResult<()> {
-        self.seen(
-            self.inner
-                .record_audit(actor, action, target, detail)
-                .await,
-        )
+        self.seen(self.inner.record_audit(actor, action, target, detail).await)
     }
 
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {

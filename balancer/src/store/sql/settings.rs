@@ -66,7 +66,15 @@ pub(super) async fn record_audit(
     detail: &serde_json::Value,
 ) -> StoreResult<()> {
     let mut tx = begin_write(pool).await?;
-    write_audit(&mut tx, actor, action, target, None, Some(detail.to_string())).await?;
+    write_audit(
+        &mut tx,
+        actor,
+        action,
+        target,
+        None,
+        Some(detail.to_string()),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
