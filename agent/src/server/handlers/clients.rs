@@ -53,7 +53,8 @@ struct QueuedGuard<'a> {
     rx: Option<oneshot::Receiver<WaiterGrant>>,
 }
 
-/// How a queued client's wait ended.
+/// How a queued client's wait ended. Lives on one request's stack, once: not boxed.
+#[allow(clippy::large_enum_variant)]
 enum WaitEnd {
     /// A checkout was handed to it (possibly racing with its leaving).
     Served(WaiterGrant),
