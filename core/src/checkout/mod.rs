@@ -10,8 +10,9 @@
 //!
 //! The module is laid out by concern: [`rules`] holds the stateless rules (ACL, seat, policy
 //! decision, staleout arithmetic), [`types`] the records and answers the book exchanges with its
-//! shells, `moves` the balancer's grants and releases as the book applies them, and this file
-//! the [`Book`] itself: checkouts, the wait queue, heartbeats, checkins and staleouts.
+//! shells, `moves` the balancer's grants and releases as the book applies them, [`holders`]
+//! the operator's view (public checkout ids, the listing, revoke), and this file the [`Book`]
+//! itself: checkouts, the wait queue, heartbeats, checkins and staleouts.
 
 pub mod holders;
 mod moves;
