@@ -22,6 +22,7 @@ on_both_backends!(
     a_revoke_survives_a_restart_of_the_metering_server,
     bad_revokes_and_listings_change_nothing,
     allot_agent_run_stops_its_command_and_exits_revoked,
+    the_cli_lists_holders_as_a_table_and_revokes,
 );
 
 /// A fleet with `paris` and `tokyo`, and hard-stop products `cad` and `sim` (heartbeats every
@@ -544,4 +545,67 @@ async fn allot_agent_run_stops_its_command_and_exits_revoked(backend: Backend) {
     );
     assert_eq!(allot_agent::cli::EXIT_REVOKED, 77);
     assert_eq!(rows(&holders(&fleet, "?user=gina").await), vec![]);
+}
+
+/// Runs `allot-balancer ARGS` against the fleet's balancer; answers (exit code, stdout, stderr).
+async fn cli(fleet: &Fleet, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(binary("allot-balancer"))
+        .args(args)
+        .args(["--url", fleet.balancer.url(), "--admin-token", ADMIN_TOKEN])
+        .output()
+        .await
+        .expect("allot-balancer runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn the_cli_lists_holders_as_a_table_and_revokes(backend: Backend) {
+    let mut fleet = estate(backend, 4, 2).await;
+    let ann = take(&fleet, 0, "cad", "ann").await;
+    take(&fleet, 1, "sim", "bob").await;
+
+    let (code, table, err) = cli(&fleet, &["checkouts"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for word in [
+        "server",
+        "last heartbeat",
+        "paris",
+        "tokyo",
+        "ann",
+        "bob",
+        "ann-ws",
+        "held",
+        "2 held, 0 waiting",
+    ] {
+        assert!(table.contains(word), "{word} missing:\n{table}");
+    }
+    assert!(!table.contains(&ann), "a handle leaked:\n{table}");
+    let (code, table, _) = cli(&fleet, &["checkouts", "--product", "sim"]).await;
+    assert_eq!(code, Some(0));
+    assert!(table.contains("bob") && !table.contains("ann"), "{table}");
+
+    let (code, json, err) = cli(&fleet, &["checkouts", "--user", "ann", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let listing: Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(rows(&listing), vec![row("paris", "cad", "ann", "held")]);
+    let id = id_of(&listing, "ann");
+
+    let (code, out, err) = cli(&fleet, &["revoke", &id, "--reason", "cli test"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&id) && out.contains("ann"), "{out}");
+    assert_eq!(heartbeat(&fleet, 0, &ann).await.0, StatusCode::GONE);
+    let (code, _, err) = cli(&fleet, &["revoke", &id, "--reason", "again"]).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("conflict"), "{err}");
+
+    fleet.meters[1].kill9();
+    let (code, table, _) = cli(&fleet, &["checkouts"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        table.contains("unreachable (their holders are not listed): tokyo"),
+        "{table}"
+    );
 }
