@@ -2,7 +2,7 @@
 //!
 //! These are CLI glue: they print to stdout/stderr and return exit codes.
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, LeaseEnd};
 use allot_core::wire::agent::{AgentProducts, CheckoutRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -14,6 +14,11 @@ use tokio::signal::unix::{SignalKind, signal};
 pub const EXIT_DENIED: i32 = 75;
 /// The command could not be started (as a shell says).
 pub const EXIT_CANNOT_RUN: i32 = 127;
+/// `EX_NOPERM` from sysexits.h: an administrator revoked the license while the command ran; the
+/// command was sent SIGTERM (SIGKILL after [`REVOKE_GRACE`]). Whatever the command's own status.
+pub const EXIT_REVOKED: i32 = 77;
+/// How long a command may take to stop after SIGTERM on a revoke before it gets SIGKILL.
+pub const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The user name to check out as when none is given: `$USER`, else `$LOGNAME`, else `unknown`.
 pub fn default_user() -> String {
@@ -33,7 +38,9 @@ pub fn default_host() -> String {
 
 /// Checks out, runs `command` while heartbeating, checks in when it exits, and returns the exit
 /// code to leave with: the command's (128 + signal if a signal ended it), or
-/// [`EXIT_DENIED`] when the checkout is refused. SIGINT and SIGTERM are forwarded to the command.
+/// [`EXIT_DENIED`] when the checkout is refused, or [`EXIT_REVOKED`] when an administrator
+/// revoked it while the command ran (the command is sent SIGTERM at once). SIGINT and SIGTERM
+/// are forwarded to the command.
 pub async fn run_command(client: &Client, req: CheckoutRequest, command: &[OsString]) -> i32 {
     let Some((program, args)) = command.split_first() else {
         eprintln!("allot-agent run: no command given");
@@ -81,13 +88,38 @@ pub async fn run_command(client: &Client, req: CheckoutRequest, command: &[OsStr
             let _ = kill(Pid::from_raw(pid), sig);
         }
     };
+    let mut ended = false;
+    let mut revoked = false;
+    let mut kill_at: Option<tokio::time::Instant> = None;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
             _ = sigint.recv() => forward(&child, Signal::SIGINT),
             _ = sigterm.recv() => forward(&child, Signal::SIGTERM),
+            end = lease.wait_ended(), if !ended => {
+                ended = true;
+                if let LeaseEnd::Revoked(why) = end {
+                    eprintln!(
+                        "allot-agent: license for {:?} revoked: {why}; stopping the command \
+                         (SIGTERM, SIGKILL after {} s)",
+                        req.product,
+                        REVOKE_GRACE.as_secs()
+                    );
+                    revoked = true;
+                    forward(&child, Signal::SIGTERM);
+                    kill_at = Some(tokio::time::Instant::now() + REVOKE_GRACE);
+                }
+            }
+            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() => {
+                kill_at = None;
+                forward(&child, Signal::SIGKILL);
+            }
         }
     };
+    if revoked {
+        lease.forget();
+        return EXIT_REVOKED;
+    }
     if let Err(e) = lease.checkin().await {
         eprintln!("allot-agent: checkin failed (the checkout will stale out): {e}");
     }

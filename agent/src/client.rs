@@ -224,7 +224,7 @@ impl Client {
     #[tracing::instrument(skip_all, fields(product = %req.product, units = req.units))]
     pub async fn lease(&self, req: &CheckoutRequest) -> Result<Lease, ClientError> {
         let grant = self.checkout(req).await?;
-        let (lost_tx, lost) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(None);
         let client = self.clone();
         let handle = grant.handle.clone();
         let every = Duration::from_secs(u64::from(grant.heartbeat_seconds.max(1)));
@@ -236,7 +236,14 @@ impl Client {
                     Ok(_) => {}
                     Err(e) if e.code() == Some(ErrorCode::BadHandle) => {
                         tracing::warn!("checkout lost (staled out or unknown to the server)");
-                        let _ = lost_tx.send(true);
+                        let _ = lost_tx.send(Some(LeaseEnd::Lost));
+                        return;
+                    }
+                    Err(ClientError::Api { body, .. })
+                        if body.error.code == ErrorCode::LicenseRevoked =>
+                    {
+                        tracing::warn!(reason = %body.error.message, "checkout revoked by an administrator");
+                        let _ = lost_tx.send(Some(LeaseEnd::Revoked(body.error.message)));
                         return;
                     }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
@@ -252,6 +259,16 @@ impl Client {
     }
 }
 
+/// How a checkout ended on the server's side while its holder still held it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// The server no longer knows the handle (it staled out, or the server lost it).
+    Lost,
+    /// An administrator revoked it (`410 license_revoked`): the server's message, with when
+    /// and why. The holder must stop using the product; its units went to someone else.
+    Revoked(String),
+}
+
 /// A live checkout: heartbeats in the background; [`Lease::checkin`] ends it, and dropping it
 /// ends it too (from a spawned task, so a tokio runtime must be running).
 #[derive(Debug)]
@@ -259,7 +276,7 @@ pub struct Lease {
     client: Client,
     grant: CheckoutResponse,
     heartbeat: Option<JoinHandle<()>>,
-    lost: watch::Receiver<bool>,
+    lost: watch::Receiver<Option<LeaseEnd>>,
 }
 
 impl Lease {
@@ -268,9 +285,37 @@ impl Lease {
         &self.grant
     }
 
-    /// Whether the server no longer knows the checkout (it staled out).
+    /// Whether the server no longer holds the checkout for us (staled out or revoked).
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.lost.borrow().is_some()
+    }
+
+    /// How the checkout ended on the server's side, if it did.
+    pub fn ended(&self) -> Option<LeaseEnd> {
+        self.lost.borrow().clone()
+    }
+
+    /// Resolves when a heartbeat learns that the checkout ended on the server's side (staled
+    /// out or revoked); never while it lives.
+    pub async fn wait_ended(&self) -> LeaseEnd {
+        let mut rx = self.lost.clone();
+        loop {
+            if let Some(end) = rx.borrow_and_update().clone() {
+                return end;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Stops heartbeating and forgets the checkout without checking it in: for one the server
+    /// already ended (a revoked checkout answers a checkin `410` anyway).
+    pub fn forget(mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        self.grant.handle.clear();
     }
 
     /// Ends the checkout now and reports the outcome.

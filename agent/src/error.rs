@@ -50,6 +50,12 @@ pub enum ApiError {
     /// The handle is unknown or has staled out.
     #[error("unknown or staled-out handle")]
     BadHandle,
+    /// An operator revoked the checkout; the message says when and why.
+    #[error("{0}")]
+    LicenseRevoked(String),
+    /// No live checkout has the public id asked for.
+    #[error("{0}")]
+    UnknownCheckout(String),
     /// The request contradicts the state (a move id reused for another move).
     #[error("{0}")]
     Conflict(String),
@@ -76,6 +82,8 @@ impl ApiError {
             ApiError::LicenseUnavailable(_) => ErrorCode::LicenseUnavailable,
             ApiError::LicenseExpired(_) => ErrorCode::LicenseExpired,
             ApiError::BadHandle => ErrorCode::BadHandle,
+            ApiError::LicenseRevoked(_) => ErrorCode::LicenseRevoked,
+            ApiError::UnknownCheckout(_) => ErrorCode::NotFound,
             ApiError::Conflict(_) => ErrorCode::Conflict,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Internal(_) => ErrorCode::Internal,

@@ -87,6 +87,8 @@ pub struct Metrics {
     overdrafts: IntCounterVec,
     staleouts: IntCounterVec,
     checkins: IntCounterVec,
+    /// Checkouts force-released by an operator (never labelled by user, host or handle).
+    revocations: IntCounterVec,
     heartbeats: IntCounter,
     waiting: IntGaugeVec,
     allocation: IntGaugeVec,
@@ -218,6 +220,12 @@ impl Metrics {
                 &["product"],
             ),
             checkins: counter(&r, "allot_agent_checkins_total", "Checkins.", &["product"]),
+            revocations: counter(
+                &r,
+                "allot_agent_revocations_total",
+                "Checkouts force-released by an operator (POST /v1/checkouts/{id}/revoke).",
+                &["product"],
+            ),
             waiting: gauge(
                 &r,
                 "allot_agent_waiting_clients",
@@ -282,6 +290,11 @@ impl Metrics {
         self.staleouts.with_label_values(&[product]).inc();
     }
 
+    /// Counts a revocation (a force release by an operator).
+    pub fn revocation(&self, product: &str) {
+        self.revocations.with_label_values(&[product]).inc();
+    }
+
     /// Counts a checkin.
     pub fn checkin(&self, product: &str) {
         self.checkins.with_label_values(&[product]).inc();
@@ -335,6 +348,7 @@ impl Metrics {
                 &self.overdrafts,
                 &self.staleouts,
                 &self.checkins,
+                &self.revocations,
             ] {
                 family.with_label_values(&l);
             }

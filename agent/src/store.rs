@@ -10,7 +10,9 @@
 //! survive kill -9 but could lose the last commits on power loss). Group commit pays the fsync
 //! once per batch, so FULL costs little throughput under load.
 
-use allot_core::checkout::{AppliedMove, Book, CheckoutRecord, Handle, Millis};
+use allot_core::checkout::{
+    AppliedMove, Book, CheckoutRecord, Handle, Millis, REVOCATION_KEPT_MS, Revocation,
+};
 use allot_core::domain::{MoveKind, Policy};
 use allot_core::wire::agent::{MoveResponse, UsageCounters};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
@@ -76,6 +78,8 @@ pub enum Mutation {
     },
     /// A successful sync renewed the balancer lease.
     Lease(LeaseRecord),
+    /// An operator revoked a checkout: its row goes, the revocation is remembered.
+    Revoke(Revocation),
 }
 
 impl Mutation {
@@ -86,6 +90,7 @@ impl Mutation {
             Mutation::Checkin { product, .. } => Some(product),
             Mutation::Move { applied, .. } => Some(&applied.product),
             Mutation::Lease(_) => None,
+            Mutation::Revoke(r) => Some(&r.product),
         }
     }
 }
@@ -177,7 +182,7 @@ impl Store {
             );
         }
         let rows = sqlx::query(
-            "SELECT handle, product, user, host, seat, units, overdraft, created_ms \
+            "SELECT handle, product, user, host, groups, seat, units, overdraft, created_ms \
              FROM checkouts ORDER BY rowid",
         )
         .fetch_all(&mut self.conn)
@@ -191,12 +196,37 @@ impl Store {
                 product: row.try_get("product")?,
                 user: row.try_get("user")?,
                 host: row.try_get("host")?,
+                groups: serde_json::from_str(&row.try_get::<String, _>("groups")?)
+                    .map_err(|e| StoreError::Corrupt(format!("groups of {handle}: {e}")))?,
                 seat: row.try_get("seat")?,
                 units: u32_of(row.try_get("units")?, "units")?,
                 overdraft: row.try_get::<i64, _>("overdraft")? != 0,
                 created_at: u64_of(row.try_get("created_ms")?, "created_ms")?,
             };
             book.restore_checkout(&record, now);
+        }
+        // Revocations: the old are forgotten (the holder would have staled out since), the rest
+        // still answer the holder `license_revoked`.
+        let horizon = now.saturating_sub(REVOCATION_KEPT_MS);
+        sqlx::query("DELETE FROM revocations WHERE revoked_ms < ?")
+            .bind(i64_of(horizon))
+            .execute(&mut self.conn)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT handle, product, revoked_ms, reason FROM revocations ORDER BY revoked_ms",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        for row in rows {
+            let handle: String = row.try_get("handle")?;
+            book.restore_revocation(Revocation {
+                handle: handle
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("revoked handle {handle:?}")))?,
+                product: row.try_get("product")?,
+                at: u64_of(row.try_get("revoked_ms")?, "revoked_ms")?,
+                reason: row.try_get("reason")?,
+            });
         }
         let rows = sqlx::query(
             "SELECT move_id, kind, product, requested, units, allocation, generation FROM moves",
@@ -311,6 +341,24 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                Mutation::Revoke(r) => {
+                    // The checkout may have been inserted earlier in this batch.
+                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+                    sqlx::query("DELETE FROM checkouts WHERE handle = ?")
+                        .bind(r.handle.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(
+                        "INSERT INTO revocations (handle, product, revoked_ms, reason) \
+                         VALUES (?, ?, ?, ?) ON CONFLICT (handle) DO NOTHING",
+                    )
+                    .bind(r.handle.to_string())
+                    .bind(r.product.as_str())
+                    .bind(i64_of(r.at))
+                    .bind(r.reason.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 Mutation::Lease(lease) => {
                     for (key, value) in [
                         ("lease_until_ms", lease.until),
@@ -379,14 +427,14 @@ async fn flush_checkouts(
         let n = chunk_size(rest.len());
         let (chunk, tail) = rest.split_at(n);
         let mut sql = String::from(
-            "INSERT INTO checkouts (handle, product, user, host, seat, units, overdraft, \
-             created_ms) VALUES ",
+            "INSERT INTO checkouts (handle, product, user, host, groups, seat, units, \
+             overdraft, created_ms) VALUES ",
         );
         for i in 0..n {
             sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?)"
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
             } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+                ", (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             });
         }
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -396,6 +444,7 @@ async fn flush_checkouts(
                 .bind(r.product.as_str())
                 .bind(r.user.as_str())
                 .bind(r.host.as_str())
+                .bind(serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()))
                 .bind(r.seat.as_deref())
                 .bind(i64::from(r.units))
                 .bind(i64::from(r.overdraft))

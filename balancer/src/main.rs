@@ -49,6 +49,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Allocation(cmd) => cmd.run().await,
         Command::Schedule(cmd) => cmd.run().await,
         Command::Audit(cmd) => cmd.run().await,
+        Command::Checkouts(cmd) => cmd.run().await,
+        Command::Revoke(cmd) => cmd.run().await,
         Command::Balance(cmd) => cmd.run().await,
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,

@@ -26,6 +26,11 @@ pub enum ErrorCode {
     BadHandle,
     /// The entitlement or lease behind the request has expired.
     LicenseExpired,
+    /// An administrator force-released this checkout (`POST /v1/checkouts/{id}/revoke`): its
+    /// units went to another client, so the holder must stop using the product; the message
+    /// says when and why. Distinct from `bad_handle` so a client can tell an operator's act
+    /// from its own missed heartbeats.
+    LicenseRevoked,
     /// The request contradicts the current state (units in use, duplicate name, negative reserve).
     Conflict,
     /// This balancer is a follower; mutations go to the leader.
@@ -48,6 +53,7 @@ impl ErrorCode {
             Self::LicenseUnavailable => "license_unavailable",
             Self::BadHandle => "bad_handle",
             Self::LicenseExpired => "license_expired",
+            Self::LicenseRevoked => "license_revoked",
             Self::Conflict => "conflict",
             Self::NotLeader => "not_leader",
             Self::Unavailable => "unavailable",
@@ -63,7 +69,7 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::NotFound | Self::UnknownProduct | Self::BadHandle => 404,
             Self::LicenseUnavailable | Self::Conflict => 409,
-            Self::LicenseExpired => 410,
+            Self::LicenseExpired | Self::LicenseRevoked => 410,
             Self::NotLeader => 421,
             Self::Unavailable => 503,
             Self::Internal => 500,
@@ -126,6 +132,7 @@ mod tests {
             ErrorCode::LicenseUnavailable,
             ErrorCode::BadHandle,
             ErrorCode::LicenseExpired,
+            ErrorCode::LicenseRevoked,
             ErrorCode::Conflict,
             ErrorCode::NotLeader,
             ErrorCode::Unavailable,

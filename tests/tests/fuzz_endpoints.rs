@@ -598,8 +598,16 @@ impl Target {
                 if field.required && !field.in_array {
                     push(Fault::Field(field.pointer.clone(), None), true);
                 }
+                // "Longer than a name" is no fault for a field allowed longer (a reason).
+                let max_len = field.schema["maxLength"].as_u64().unwrap_or(128);
+                let too_long_for_a_name_only = |v: &Value| {
+                    v.as_str().is_some_and(|t| {
+                        t.chars().count() > 128 && t.chars().count() as u64 <= max_len
+                    })
+                };
                 for v in wrong_values(field.kind, field.required)
                     .into_iter()
+                    .filter(|v| !too_long_for_a_name_only(v))
                     .chain(past_bounds(&field.schema))
                 {
                     push(Fault::Field(field.pointer.clone(), Some(v)), true);
@@ -637,15 +645,42 @@ impl Target {
             })
             .collect();
         if !leaves.is_empty() {
-            let pointers: Vec<(String, &'static str, u64)> = leaves
+            // A string field allowing more than a name (a revoke's reason) gets strings longer
+            // than its own `maxLength`, so a generated value is wrong for whichever field.
+            let long_fields: Vec<usize> = leaves
                 .iter()
-                .map(|f| (f.pointer.clone(), f.kind, too_big_from(&f.schema)))
+                .filter_map(|f| f.schema["maxLength"].as_u64())
+                .filter(|max| *max > 128)
+                .map(|max| usize::try_from(max).unwrap_or(usize::MAX))
+                .collect();
+            let pointers: Vec<(String, &'static str, u64, bool)> = leaves
+                .iter()
+                .map(|f| {
+                    let long = f.schema["maxLength"].as_u64().is_some_and(|m| m > 128);
+                    (f.pointer.clone(), f.kind, too_big_from(&f.schema), long)
+                })
                 .collect();
             let strings = invalid_string.clone().prop_map(Value::String).boxed();
+            let longer = match long_fields.iter().max() {
+                Some(max) => {
+                    proptest::string::string_regex(&format!("[a-z ]{{{},{}}}", max + 1, max + 100))
+                        .expect("a regex")
+                        .prop_map(Value::String)
+                        .boxed()
+                }
+                None => strings.clone(),
+            };
             let numbers = invalid_number.boxed();
             faults.push(
-                (proptest::sample::select(pointers), strings, numbers)
-                    .prop_map(|((pointer, kind, too_big), s, n)| {
+                (proptest::sample::select(pointers), strings, longer, numbers)
+                    .prop_map(|((pointer, kind, too_big, long), s, l, n)| {
+                        let s = if long
+                            && s.as_str().is_some_and(|t| !t.chars().any(char::is_control))
+                        {
+                            l
+                        } else {
+                            s
+                        };
                         let v = if kind == "integer" {
                             n.for_field(too_big)
                         } else {
@@ -868,6 +903,10 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// A well-formed checkout id no server holds: a revoke's example must change nothing even
+/// where a fault leaves the request valid.
+const UNKNOWN_CHECKOUT: &str = "co_00000000000000000000000000000000";
+
 fn example(path: &[(&'static str, &str)], body: Option<Value>) -> Example {
     Example {
         path: path.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
@@ -994,6 +1033,11 @@ async fn malformed_input_to_every_balancer_endpoint_changes_nothing(backend: Bac
             ),
         ),
         ("POST /v1/sync", example(&[], Some(json!({"version": "0.1.0"})))),
+        ("GET /v1/checkouts", example(&[], None)),
+        (
+            "POST /v1/checkouts/{id}/revoke",
+            example(&[("id", UNKNOWN_CHECKOUT)], Some(json!({"reason": "licence audit"}))),
+        ),
         (
             "POST /v1/records",
             example(
@@ -1113,6 +1157,11 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
         ("GET /v1/products", example(&[], None)),
         ("PUT /v1/products/{product}", example(&[("product", "cad")], Some(policy))),
         ("GET /v1/status", example(&[], None)),
+        ("GET /v1/checkouts", example(&[], None)),
+        (
+            "POST /v1/checkouts/{id}/revoke",
+            example(&[("id", UNKNOWN_CHECKOUT)], Some(json!({"reason": "licence audit"}))),
+        ),
         (
             "POST /v1/allocations/release",
             example(

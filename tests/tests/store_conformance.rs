@@ -27,6 +27,7 @@ on_both_backends!(
     servers_register_drain_and_remove,
     a_rotated_token_keeps_its_predecessor_for_the_grace,
     allocation_limits_create_the_cell_and_are_audited,
+    an_act_outside_the_books_is_audited_with_its_detail,
     schedule_has_a_default_and_can_be_replaced,
     grant_travels_through_transit,
     release_returns_only_confirmed_units,
@@ -382,6 +383,33 @@ async fn a_rotated_token_keeps_its_predecessor_for_the_grace(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(found.token_salt, "salt-5");
+    assert_balanced(&*store).await;
+}
+
+async fn an_act_outside_the_books_is_audited_with_its_detail(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let detail = serde_json::json!({"server": "s1", "user": "ann", "reason": "licence audit"});
+    store
+        .record_audit("admin", "checkout.revoke", "co_0123", &detail)
+        .await
+        .unwrap();
+    let audit = store
+        .audit(AuditQuery {
+            limit: 1,
+            before_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            audit[0].actor.as_str(),
+            audit[0].action.as_str(),
+            audit[0].target.as_str()
+        ),
+        ("admin", "checkout.revoke", "co_0123")
+    );
+    assert!(audit[0].before.is_none());
+    assert_eq!(audit[0].after.as_ref(), Some(&detail));
     assert_balanced(&*store).await;
 }
 

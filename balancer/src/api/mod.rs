@@ -7,6 +7,7 @@ mod balancing;
 mod books;
 pub mod error;
 mod history;
+mod holders;
 mod metering;
 mod openapi;
 mod records;
@@ -146,6 +147,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(advice::get_advice))
         .routes(routes!(advice::apply_advice))
         .routes(routes!(advice::get_autotune, advice::set_autotune))
+        .routes(routes!(holders::holders))
+        .routes(routes!(holders::revoke))
         .routes(routes!(metering::sync))
         .routes(routes!(metering::instant_balance))
         .routes({

@@ -32,6 +32,7 @@ use utoipa::OpenApi;
         (name = "balancing", description = "Balance runs, their history and the doctor"),
         (name = "settings", description = "The schedule, autotune and the audit log"),
         (name = "records", description = "Usage and denial reports for chargeback and renewal"),
+        (name = "licences", description = "Who holds what across the estate, and force release"),
         (name = "metering", description = "Called by metering servers with their own token"),
         (name = "meta", description = "Health, metrics and this document")
     )

@@ -7,7 +7,9 @@ use crate::auth::ServerTokens;
 use crate::store::ServerRecord;
 use allot_core::domain::MoveKind;
 use allot_core::error::ErrorBody;
-use allot_core::wire::agent::{AgentStatus, MoveRequest, MoveResponse};
+use allot_core::wire::agent::{
+    AgentStatus, HolderPage, MoveRequest, MoveResponse, RevokeRequest, Revoked,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
@@ -79,6 +81,34 @@ impl AgentClient {
             MoveKind::Retire => "/v1/allocations/retire",
         };
         self.call(server, reqwest::Method::POST, path, Some(request))
+            .await
+    }
+
+    /// `GET /v1/checkouts?…`: one page of the server's holders (`params` are the query's
+    /// name/value pairs, encoded here).
+    pub async fn holders(
+        &self,
+        server: &ServerRecord,
+        params: &[(&str, String)],
+    ) -> Result<HolderPage, CallError> {
+        let mut url = reqwest::Url::parse("http://query.invalid/v1/checkouts")
+            .expect("a constant URL parses");
+        url.query_pairs_mut()
+            .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())));
+        let path = format!("/v1/checkouts?{}", url.query().unwrap_or(""));
+        self.call::<(), _>(server, reqwest::Method::GET, &path, None)
+            .await
+    }
+
+    /// `POST /v1/checkouts/{id}/revoke` (`id` is a validated public id: no escaping needed).
+    pub async fn revoke(
+        &self,
+        server: &ServerRecord,
+        id: &str,
+        request: &RevokeRequest,
+    ) -> Result<Revoked, CallError> {
+        let path = format!("/v1/checkouts/{id}/revoke");
+        self.call(server, reqwest::Method::POST, &path, Some(request))
             .await
     }
 

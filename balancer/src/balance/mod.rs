@@ -20,12 +20,14 @@
 mod agent_client;
 pub mod expiry;
 mod explain;
+mod holders;
 mod instant;
 mod run;
 pub mod scheduler;
 mod snapshot;
 
 pub use agent_client::{AgentClient, CallError};
+pub use holders::{HoldersError, HoldersQuery};
 
 use crate::auth::ServerTokens;
 use crate::metrics::Metrics;

@@ -58,6 +58,12 @@ pub enum Command {
     Schedule(ScheduleCommand),
     /// The audit log, newest first.
     Audit(AuditArgs),
+    /// Who holds what: every live checkout and waiting client of the estate, lmstat-style.
+    /// Servers that do not answer are named, never silently left out.
+    Checkouts(CheckoutsArgs),
+    /// Force-release a checkout by its id (`co_…`, from `checkouts`): its units free at once,
+    /// its holder is told `license_revoked`; audited with the reason.
+    Revoke(RevokeArgs),
     /// Run a balance now and print its moves.
     Balance(BalanceArgs),
     /// Balance runs: list, show.
@@ -308,6 +314,36 @@ pub struct AuditArgs {
     /// At most this many entries.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer checkouts`.
+#[derive(Debug, Args)]
+pub struct CheckoutsArgs {
+    /// Only this product.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// Only this user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only this metering server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The checkout's public id, as `checkouts` lists it (`co_…`).
+    pub id: String,
+    /// Why (required, at most 500 characters): kept in the audit log and told to the holder.
+    #[arg(long)]
+    pub reason: String,
     /// How to reach the balancer.
     #[command(flatten)]
     pub client: ClientArgs,

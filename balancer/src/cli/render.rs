@@ -161,6 +161,47 @@ impl Row for Server {
     }
 }
 
+impl Row for allot_core::wire::agent::Holder {
+    const HEADER: &'static [&'static str] = &[
+        "server",
+        "product",
+        "user",
+        "host",
+        "groups",
+        "units",
+        "state",
+        "since",
+        "last heartbeat",
+        "id",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let state = match self.state {
+            allot_core::wire::agent::HolderState::Held if self.overdraft => "held (overdraft)",
+            allot_core::wire::agent::HolderState::Held => "held",
+            allot_core::wire::agent::HolderState::Waiting => "waiting",
+        };
+        let time = |t: &Option<chrono::DateTime<chrono::Utc>>| {
+            opt(&t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        };
+        vec![
+            self.server.clone(),
+            self.product.clone(),
+            self.user.clone(),
+            self.host.clone(),
+            if self.groups.is_empty() {
+                "-".into()
+            } else {
+                self.groups.join(",")
+            },
+            self.units.to_string(),
+            state.into(),
+            time(&self.granted_at.or(self.waiting_since)),
+            time(&self.last_heartbeat),
+            self.id.clone(),
+        ]
+    }
+}
+
 impl Row for AuditEntry {
     const HEADER: &'static [&'static str] = &["id", "at", "actor", "action", "target", "after"];
     fn cells(&self) -> Vec<String> {

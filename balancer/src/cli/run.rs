@@ -4,10 +4,12 @@
 use super::client::{AdminClient, segment};
 use super::render::{csv_field, output, print_advice, print_run, print_schedule, table};
 use super::{
-    AdviseArgs, AllocationCommand, AuditArgs, AutotuneCommand, BalanceArgs, DoctorArgs,
-    EntitlementCommand, ExplainArgs, HistoryArgs, ProductCommand, RunsCommand, ScheduleCommand,
-    ServerCommand,
+    AdviseArgs, AllocationCommand, AuditArgs, AutotuneCommand, BalanceArgs, CheckoutsArgs,
+    DoctorArgs, EntitlementCommand, ExplainArgs, HistoryArgs, ProductCommand, RevokeArgs,
+    RunsCommand, ScheduleCommand, ServerCommand,
 };
+use allot_core::wire::agent::{RevokeRequest, Revoked};
+use allot_core::wire::balancer::Holders;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, BalanceRequest, CreateProduct, DoctorReport,
     Entitlement, History, List, Product, ProductDetail, RegisterServer, RegisteredServer,
@@ -262,6 +264,105 @@ impl AuditArgs {
             .get(&format!("/v1/audit?limit={}", self.limit))
             .await?;
         output(self.client.json, &list, |l| println!("{}", table(&l.items)))
+    }
+}
+
+/// Most pages `checkouts` follows (of 1000 holders each) before it stops and says so.
+const MAX_HOLDER_PAGES: usize = 1000;
+
+impl CheckoutsArgs {
+    /// Lists every holder, following the pages, as a table (or the JSON of one big page).
+    pub async fn run(self) -> anyhow::Result<()> {
+        let client = AdminClient::new(&self.client)?;
+        let mut filters = String::new();
+        for (name, value) in [
+            ("product", &self.product),
+            ("user", &self.user),
+            ("server", &self.server),
+        ] {
+            if let Some(v) = value {
+                filters.push_str(&format!("&{name}={}", segment(v)));
+            }
+        }
+        let mut all = Holders {
+            items: Vec::new(),
+            next_cursor: None,
+            unreachable: Vec::new(),
+        };
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_HOLDER_PAGES {
+            let after = cursor
+                .as_deref()
+                .map(|c| format!("&cursor={}", segment(c)))
+                .unwrap_or_default();
+            let page: Holders = client
+                .get(&format!("/v1/checkouts?limit=1000{filters}{after}"))
+                .await?;
+            all.items.extend(page.items);
+            for s in page.unreachable {
+                if !all.unreachable.contains(&s) {
+                    all.unreachable.push(s);
+                }
+            }
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        all.next_cursor = cursor;
+        output(self.client.json, &all, |h| {
+            println!("{}", table(&h.items));
+            println!(
+                "{} held, {} waiting",
+                h.items
+                    .iter()
+                    .filter(|i| i.state == allot_core::wire::agent::HolderState::Held)
+                    .count(),
+                h.items
+                    .iter()
+                    .filter(|i| i.state == allot_core::wire::agent::HolderState::Waiting)
+                    .count()
+            );
+            if !h.unreachable.is_empty() {
+                println!(
+                    "unreachable (their holders are not listed): {}",
+                    h.unreachable.join(", ")
+                );
+            }
+            if h.next_cursor.is_some() {
+                println!(
+                    "more holders than this listing shows; narrow it with --product, --user or --server"
+                );
+            }
+        })
+    }
+}
+
+impl RevokeArgs {
+    /// Force-releases one checkout and prints what it was.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let req = RevokeRequest {
+            reason: self.reason,
+        };
+        let revoked: Revoked = AdminClient::new(&self.client)?
+            .call(
+                Method::POST,
+                &format!("/v1/checkouts/{}/revoke", segment(&self.id)),
+                Some(&req),
+            )
+            .await?;
+        output(self.client.json, &revoked, |r| {
+            println!(
+                "revoked {} on {}: {} of {} held by {}@{}; {} waiting client(s) served",
+                r.checkout.id,
+                r.checkout.server,
+                r.checkout.units,
+                r.checkout.product,
+                r.checkout.user,
+                r.checkout.host,
+                r.served_waiters
+            );
+        })
     }
 }
 

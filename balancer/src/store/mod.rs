@@ -577,6 +577,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// A page of the audit log, newest first.
     async fn audit(&self, query: AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+    /// Records an act done outside the books (a checkout revoked on a metering server) in the
+    /// audit log: who, what, to what, and its details as the entry's `after`.
+    async fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()>;
 
     /// Logs a move as planned before it is sent (refused when `mv.epoch` is not the current
     /// leader epoch: a deposed leader cannot touch the books). A grant's units leave the reserve into

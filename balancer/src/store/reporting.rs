@@ -174,6 +174,16 @@ impl Store for ErrorReporting {
         self.seen(self.inner.audit(query).await)
     }
 
+    async fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        self.seen(self.inner.record_audit(actor, action, target, detail).await)
+    }
+
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
         self.seen(self.inner.begin_move(mv).await)
     }

@@ -10,13 +10,19 @@
 //!
 //! The module is laid out by concern: [`rules`] holds the stateless rules (ACL, seat, policy
 //! decision, staleout arithmetic), [`types`] the records and answers the book exchanges with its
-//! shells, `moves` the balancer's grants and releases as the book applies them, and this file
-//! the [`Book`] itself: checkouts, the wait queue, heartbeats, checkins and staleouts.
+//! shells, `moves` the balancer's grants and releases as the book applies them, [`holders`]
+//! the operator's view (public checkout ids, the listing, revoke), and this file the [`Book`]
+//! itself: checkouts, the wait queue, heartbeats, checkins and staleouts.
 
+pub mod holders;
 mod moves;
 pub mod rules;
 pub mod types;
 
+pub use holders::{
+    CheckoutId, Cursor, HolderFilter, MAX_HOLDERS_PAGE, MAX_REASON_CHARS, REVOCATION_KEPT_MS,
+    Revocation, RevokeOutcome, RevokeRefusal,
+};
 pub use rules::*;
 pub use types::*;
 
@@ -38,16 +44,29 @@ struct Waiter {
     id: u64,
     user: String,
     host: String,
+    groups: Box<[String]>,
     units: u32,
+    /// When it joined the queue, for the holders' listing.
+    since: Millis,
 }
 
-/// One live checkout in memory: only what decisions and staleout need.
+/// One live checkout in memory: what decisions and staleout need, and what the holders'
+/// listing shows.
 #[derive(Debug, Clone)]
 struct Live {
     product: Arc<str>,
     seat: Option<Box<str>>,
     units: u32,
     deadline: Millis,
+    /// Its public name (a hash of the handle), indexed in `Book::ids`.
+    id: CheckoutId,
+    user: Box<str>,
+    host: Box<str>,
+    groups: Box<[String]>,
+    overdraft: bool,
+    created_at: Millis,
+    /// The last heartbeat since the grant or the restart; `None` before the first.
+    heartbeat_at: Option<Millis>,
 }
 
 /// One product's live figures.
@@ -83,6 +102,12 @@ impl ProductBook {
 pub struct Book {
     products: HashMap<Arc<str>, ProductBook>,
     checkouts: HashMap<Handle, Live>,
+    /// Live checkouts by public id, so a revoke finds its handle.
+    ids: HashMap<CheckoutId, Handle>,
+    /// Revoked handles, so the holder's next heartbeat or checkin hears `license_revoked`.
+    revoked: HashMap<Handle, Revocation>,
+    /// `revoked` in the order made, so old revocations are forgotten cheaply.
+    revoked_order: VecDeque<(Millis, Handle)>,
     deadlines: BTreeSet<(Millis, Handle)>,
     moves: HashMap<Uuid, AppliedMove>,
     waiting: usize,
@@ -182,6 +207,7 @@ impl Book {
             None => p.in_use = p.in_use.saturating_add(record.units),
         }
         p.note_in_use();
+        let id = CheckoutId::of(record.handle);
         self.checkouts.insert(
             record.handle,
             Live {
@@ -189,8 +215,16 @@ impl Book {
                 seat,
                 units: record.units,
                 deadline,
+                id,
+                user: record.user.as_str().into(),
+                host: record.host.as_str().into(),
+                groups: record.groups.clone().into_boxed_slice(),
+                overdraft: record.overdraft,
+                created_at: record.created_at,
+                heartbeat_at: None,
             },
         );
+        self.ids.insert(id, record.handle);
         self.deadlines.insert((deadline, record.handle));
     }
 
@@ -335,7 +369,9 @@ impl Book {
                     id,
                     user: who.user.to_owned(),
                     host: who.host.to_owned(),
+                    groups: who.groups.into(),
                     units,
+                    since: now,
                 });
                 self.waiting += 1;
                 return Ok(Outcome::Queued(id));
@@ -346,18 +382,16 @@ impl Book {
         if self.checkouts.len() >= self.limits.max_checkouts {
             return Err(Refusal::Full);
         }
-        Ok(Outcome::Granted(self.take(
-            product, who.user, who.host, units, decision, now, handle,
-        )))
+        Ok(Outcome::Granted(
+            self.take(product, who, units, decision, now, handle),
+        ))
     }
 
     /// Applies a non-deny decision: takes the units (or joins the seat) under a new handle.
-    #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         product: &str,
-        user: &str,
-        host: &str,
+        who: Who<'_>,
         units: u32,
         decision: Decision,
         now: Millis,
@@ -367,6 +401,7 @@ impl Book {
             .products
             .get_mut(product)
             .expect("product checked by caller");
+        let (user, host) = (who.user, who.host);
         let key = seat_key(p.policy.seat, user, host).map(String::into_boxed_str);
         let (units, joined, overdraft) = match decision {
             Decision::Join => {
@@ -390,6 +425,7 @@ impl Book {
             p.count(|c| c.overdrafts += 1);
         }
         let deadline = staleout_deadline(now, p.policy.staleout_seconds);
+        let id = CheckoutId::of(handle);
         self.checkouts.insert(
             handle,
             Live {
@@ -397,8 +433,16 @@ impl Book {
                 seat: key.clone(),
                 units,
                 deadline,
+                id,
+                user: user.into(),
+                host: host.into(),
+                groups: who.groups.into(),
+                overdraft,
+                created_at: now,
+                heartbeat_at: None,
             },
         );
+        self.ids.insert(id, handle);
         self.deadlines.insert((deadline, handle));
         Grant {
             record: CheckoutRecord {
@@ -406,6 +450,7 @@ impl Book {
                 product: product.to_owned(),
                 user: user.to_owned(),
                 host: host.to_owned(),
+                groups: who.groups.to_vec(),
                 seat: key.map(String::from),
                 units,
                 overdraft,
@@ -446,7 +491,12 @@ impl Book {
             let w = p.queue.pop_front().expect("head exists");
             p.queued_units -= u64::from(w.units);
             self.waiting -= 1;
-            let grant = self.take(product, &w.user, &w.host, w.units, decision, now, handles());
+            let who = Who {
+                user: &w.user,
+                host: &w.host,
+                groups: &w.groups,
+            };
+            let grant = self.take(product, who, w.units, decision, now, handles());
             served.push(Served {
                 waiter: w.id,
                 grant,
@@ -487,9 +537,24 @@ impl Book {
         })
     }
 
+    /// Why a handle is not live: revoked (and remembered), or unknown.
+    fn bad_handle(&self, handle: Handle) -> BadHandle {
+        match self.revoked.get(&handle) {
+            Some(r) => BadHandle::Revoked {
+                at: r.at,
+                reason: r.reason.clone(),
+            },
+            None => BadHandle::Unknown,
+        }
+    }
+
     /// Keeps a checkout alive. Returns its new staleout deadline.
     pub fn heartbeat(&mut self, handle: Handle, now: Millis) -> Result<Millis, BadHandle> {
-        let live = self.checkouts.get_mut(&handle).ok_or(BadHandle)?;
+        if !self.checkouts.contains_key(&handle) {
+            return Err(self.bad_handle(handle));
+        }
+        let live = self.checkouts.get_mut(&handle).ok_or(BadHandle::Unknown)?;
+        live.heartbeat_at = Some(now);
         let staleout = self
             .products
             .get(&live.product)
@@ -508,7 +573,10 @@ impl Book {
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
     ) -> Result<(Arc<str>, Vec<Served>), BadHandle> {
-        let live = self.checkouts.remove(&handle).ok_or(BadHandle)?;
+        let Some(live) = self.checkouts.remove(&handle) else {
+            return Err(self.bad_handle(handle));
+        };
+        self.ids.remove(&live.id);
         self.deadlines.remove(&(live.deadline, handle));
         let product = live.product.clone();
         if let Some(p) = self.products.get_mut(&live.product) {
@@ -545,6 +613,7 @@ impl Book {
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
     ) -> (Vec<(Handle, Arc<str>)>, Vec<Served>) {
+        self.forget_old_revocations(now);
         let mut staled = Vec::new();
         let mut served = Vec::new();
         while let Some(&(deadline, handle)) = self.deadlines.first() {

@@ -207,7 +207,10 @@ fn staleout_frees_units_and_reports_next_deadline() {
     assert_eq!(b.next_deadline(), Some(50_000));
     assert!(b.expire(49_999, &mut || g.next()).0.is_empty());
     assert_eq!(b.expire(50_000, &mut || g.next()).0[0].0, c.record.handle);
-    assert_eq!(b.heartbeat(c.record.handle, 50_001), Err(BadHandle));
+    assert_eq!(
+        b.heartbeat(c.record.handle, 50_001),
+        Err(BadHandle::Unknown)
+    );
     assert_eq!(b.next_deadline(), None);
     assert_eq!(b.status(false)[0].since_last.staleouts, 1);
 }
@@ -471,6 +474,7 @@ enum Op {
         wait: bool,
     },
     Checkin(usize),
+    Revoke(usize),
     Heartbeat(usize),
     Cancel(usize),
     Release {
@@ -489,6 +493,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u8..4, 0u8..3, 1u32..3, any::<bool>())
             .prop_map(|(user, host, units, wait)| Op::Checkout { user, host, units, wait }),
         3 => any::<usize>().prop_map(Op::Checkin),
+        1 => any::<usize>().prop_map(Op::Revoke),
         1 => any::<usize>().prop_map(Op::Heartbeat),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => (0u8..6, 0u32..4).prop_map(|(id, units)| Op::Release { id, units }),
@@ -552,6 +557,15 @@ proptest! {
                     if let Ok((_, s)) = b.checkin(h, now, &mut || g.next()) {
                         served = s;
                     }
+                }
+                Op::Revoke(i) if !handles.is_empty() => {
+                    // A revoke ends the checkout as a checkin does, and its holder is told.
+                    let h = handles.swap_remove(i % handles.len());
+                    let out = b.revoke("s", CheckoutId::of(h), "why", now, &mut || g.next());
+                    prop_assert!(out.is_ok());
+                    served = out.map(|o| o.served).unwrap_or_default();
+                    let revoked = matches!(b.heartbeat(h, now), Err(BadHandle::Revoked { .. }));
+                    prop_assert!(revoked);
                 }
                 Op::Heartbeat(i) if !handles.is_empty() => {
                     let h = handles[i % handles.len()];

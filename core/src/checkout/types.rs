@@ -16,6 +16,8 @@ pub struct CheckoutRecord {
     pub user: String,
     /// Where it is held.
     pub host: String,
+    /// The groups the client stated, shown to operators with the checkout.
+    pub groups: Vec<String>,
     /// The shared seat it belongs to, if the product shares seats.
     pub seat: Option<String>,
     /// Units held by the checkout's seat.
@@ -84,9 +86,19 @@ pub enum Refusal {
     },
 }
 
-/// Why a heartbeat or checkin was refused: the handle is unknown or staled out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BadHandle;
+/// Why a heartbeat or checkin was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadHandle {
+    /// The handle is unknown, or its checkout ended (checkin, staleout).
+    Unknown,
+    /// An operator revoked the checkout: its units went to someone else.
+    Revoked {
+        /// When (Unix ms).
+        at: Millis,
+        /// Why, as the operator said.
+        reason: String,
+    },
+}
 
 /// Why a move was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

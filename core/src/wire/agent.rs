@@ -2,6 +2,7 @@
 //! balancer side (status, release, grant).
 
 use crate::domain::Policy;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -230,4 +231,87 @@ impl From<Policy> for ProductDefinition {
             acl: p.acl,
         }
     }
+}
+
+/// Whether a holder entry is a granted checkout or a client waiting in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HolderState {
+    /// Granted: holds units now.
+    Held,
+    /// Queued: waits for a unit to free (first come, first served).
+    Waiting,
+}
+
+/// One live checkout or waiting client, as an operator sees it (`GET /v1/checkouts`). Names the
+/// checkout by a public id that cannot heartbeat or check in: the handle stays the client's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Holder {
+    /// Public id: `co_` and 32 hex digits (a one-way hash of the handle) for a checkout, which
+    /// `POST /v1/checkouts/{id}/revoke` takes; `wt_` and a number for a waiting client.
+    pub id: String,
+    /// The metering server it is held on (the balancer's name for it).
+    pub server: String,
+    /// The product.
+    pub product: String,
+    /// Who holds it.
+    pub user: String,
+    /// Where it is held.
+    pub host: String,
+    /// The groups the client stated at checkout.
+    pub groups: Vec<String>,
+    /// Units held (or asked for, when waiting).
+    pub units: u32,
+    /// Held or waiting.
+    pub state: HolderState,
+    /// Granted beyond the allocation (soft stop).
+    pub overdraft: bool,
+    /// When it was granted (held only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<DateTime<Utc>>,
+    /// Its last heartbeat since the grant or the server's last start (held only; absent when
+    /// none came yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// When it joined the queue (waiting only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/checkouts` on a metering server: one page of its holders, ordered by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HolderPage {
+    /// The server's own name.
+    pub server: String,
+    /// Holders whose id sorts after the request's `after`, at most `limit` of them.
+    pub items: Vec<Holder>,
+    /// More holders follow the last one: ask again with `after` = its id.
+    pub more: bool,
+}
+
+/// `POST /v1/checkouts/{id}/revoke`: force-release a checkout, saying why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Why, for the audit log and the holder's error message: 1–500 characters.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 500))]
+    pub reason: String,
+}
+
+/// The answer to a revoke: the checkout as it was, and what its freed units did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Revoked {
+    /// The checkout that was revoked.
+    pub checkout: Holder,
+    /// When it was revoked.
+    pub revoked_at: DateTime<Utc>,
+    /// The reason given.
+    pub reason: String,
+    /// Waiting clients its units were handed to at once.
+    pub served_waiters: u32,
 }

@@ -694,3 +694,21 @@ pub struct History {
     /// One series per (server, product) with samples in the window.
     pub series: Vec<HistorySeries>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Licence administration: who holds what, force release.
+
+/// `GET /v1/checkouts`: one page of the live holders of the whole estate, ordered by server
+/// then id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Holders {
+    /// Live checkouts and waiting clients.
+    pub items: Vec<crate::wire::agent::Holder>,
+    /// Where the next page starts (`?cursor=`); absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Servers asked that did not answer: their holders are missing from this page, never
+    /// silently.
+    pub unreachable: Vec<String>,
+}

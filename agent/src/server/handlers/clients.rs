@@ -10,7 +10,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiJson};
 use crate::metrics::DenialReason;
 use crate::store::Mutation;
-use allot_core::checkout::{self, Handle, Millis, Outcome, Refusal, Who};
+use allot_core::checkout::{self, BadHandle, Handle, Millis, Outcome, Refusal, Who};
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{
@@ -53,7 +53,8 @@ struct QueuedGuard<'a> {
     rx: Option<oneshot::Receiver<WaiterGrant>>,
 }
 
-/// How a queued client's wait ended.
+/// How a queued client's wait ended. Lives on one request's stack, once: not boxed.
+#[allow(clippy::large_enum_variant)]
 enum WaitEnd {
     /// A checkout was handed to it (possibly racing with its leaving).
     Served(WaiterGrant),
@@ -106,6 +107,17 @@ impl Drop for QueuedGuard<'_> {
 
 fn parse_handle(s: &str) -> Result<Handle, ApiError> {
     s.parse().map_err(|_| ApiError::BadHandle)
+}
+
+/// The answer to a heartbeat or checkin of a handle that is not live.
+fn handle_refused(refusal: BadHandle) -> ApiError {
+    match refusal {
+        BadHandle::Unknown => ApiError::BadHandle,
+        BadHandle::Revoked { at, reason } => ApiError::LicenseRevoked(format!(
+            "this checkout was revoked by an administrator at {}: {reason}",
+            rfc3339(at)
+        )),
+    }
 }
 
 fn validate_checkout(req: &CheckoutRequest) -> Result<(), ApiError> {
@@ -374,7 +386,8 @@ fn wait_ended(
     request_body = HandleRequest,
     responses(
         (status = 200, description = "The checkout's new staleout", body = HandleResponse),
-        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody)))]
+        (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody),
+        (status = 410, description = "`license_revoked`: an administrator revoked this checkout; stop using the product", body = ErrorBody)))]
 pub(super) async fn heartbeat_handler(
     State(app): State<App>,
     _auth: ClientAuth,
@@ -386,7 +399,7 @@ pub(super) async fn heartbeat_handler(
         .lock()
         .book
         .heartbeat(handle, now)
-        .map_err(|_| ApiError::BadHandle)?;
+        .map_err(handle_refused)?;
     app.metrics.heartbeat();
     Ok(Json(HandleResponse {
         handle: req.handle,
@@ -400,6 +413,7 @@ pub(super) async fn heartbeat_handler(
     responses(
         (status = 200, description = "Checked in", body = HandleResponse),
         (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody),
+        (status = 410, description = "`license_revoked`: an administrator revoked this checkout (its units are already free)", body = ErrorBody),
         (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 pub(super) async fn checkin_handler(
     State(app): State<App>,
@@ -414,7 +428,7 @@ pub(super) async fn checkin_handler(
         let (product, served) = inner
             .book
             .checkin(handle, now, &mut new_handle)
-            .map_err(|_| ApiError::BadHandle)?;
+            .map_err(handle_refused)?;
         let ack = app.log(
             &mut inner,
             Mutation::Checkin {

@@ -1,5 +1,6 @@
 //! The metering server's HTTP handlers, by caller: [`clients`] (checkout, heartbeat, checkin,
-//! products), [`balancer`] (status, moves, product definitions; the server's token) and
+//! products), [`balancer`] (status, moves, product definitions; the server's token),
+//! [`holders`] (who holds what, force release; the server's token) and
 //! [`meta`] (liveness, metrics). Each is a thin shell around the book in [`super::Shared`].
 //!
 //! [`table`] registers every handler with its OpenAPI operation; [`super::openapi`] documents
@@ -7,6 +8,7 @@
 
 mod balancer;
 mod clients;
+mod holders;
 mod meta;
 
 pub use clients::MAX_WAIT_SECONDS;
@@ -30,4 +32,6 @@ pub(super) fn table() -> OpenApiRouter<App> {
         .routes(routes!(balancer::release_handler))
         .routes(routes!(balancer::grant_handler))
         .routes(routes!(balancer::retire_handler))
+        .routes(routes!(holders::holders_handler))
+        .routes(routes!(holders::revoke_handler))
 }

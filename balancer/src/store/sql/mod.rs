@@ -394,6 +394,16 @@ impl Store for SqlStore {
         settings::audit(&self.pool, query).await
     }
 
+    async fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        settings::record_audit(&self.pool, actor, action, target, detail).await
+    }
+
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
         moves::begin_move(&self.pool, mv).await
     }

@@ -58,6 +58,27 @@ pub(super) async fn set_schedule(
     Ok(())
 }
 
+pub(super) async fn record_audit(
+    pool: &Pool<Db>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &serde_json::Value,
+) -> StoreResult<()> {
+    let mut tx = begin_write(pool).await?;
+    write_audit(
+        &mut tx,
+        actor,
+        action,
+        target,
+        None,
+        Some(detail.to_string()),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 pub(super) async fn audit(pool: &Pool<Db>, query: AuditQuery) -> StoreResult<Vec<AuditEntry>> {
     Ok(sqlx::query_as::<_, AuditRow>(
         "SELECT id, at, actor, action, target, before, after FROM audit_log \
