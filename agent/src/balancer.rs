@@ -13,6 +13,7 @@ use allot_core::trigger::TriggerConfig;
 use allot_core::wire::balancer::{
     InstantBalanceRequest, InstantBalanceResponse, SyncRequest, SyncResponse,
 };
+use allot_core::wire::records::{RecordAck, RecordBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +21,8 @@ use std::time::Duration;
 
 /// Longest a sync attempt may take on one URL before the next is tried.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a batch of records may take to be stored.
+const RECORDS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the metering server works with its balancer (absent: standalone, no lease).
 #[derive(Debug, Clone)]
@@ -109,6 +112,15 @@ impl BalancerLink {
         )
         .await
         .map(|(_, r)| r)
+    }
+
+    /// `POST /v1/records`: a batch of usage and denial records; the answer means every record
+    /// of it is stored.
+    #[tracing::instrument(skip_all, fields(usage = batch.usage.len(), denials = batch.denials.len()))]
+    pub async fn records(&self, batch: &RecordBatch) -> Result<RecordAck, String> {
+        self.post("/v1/records", batch, RECORDS_TIMEOUT, crate::clock::now_ms)
+            .await
+            .map(|(_, ack)| ack)
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(

@@ -75,6 +75,10 @@ impl InstantOutcome {
 struct BalancerGauges {
     up: IntGauge,
     lease_seconds_left: IntGauge,
+    /// Usage and denial records in the outbox, not yet stored by the balancer.
+    records_waiting: IntGauge,
+    /// Records the balancer has stored.
+    records_shipped: IntCounter,
 }
 
 /// The server's metric families.
@@ -165,9 +169,25 @@ impl Metrics {
             .expect("valid metric");
             r.register(Box::new(lease_seconds_left.clone()))
                 .expect("unique metric");
+            let records_waiting = IntGauge::new(
+                "allot_agent_records_waiting",
+                "Usage and denial records kept until the balancer stores them.",
+            )
+            .expect("valid metric");
+            r.register(Box::new(records_waiting.clone()))
+                .expect("unique metric");
+            let records_shipped = IntCounter::new(
+                "allot_agent_records_shipped_total",
+                "Usage and denial records the balancer has stored.",
+            )
+            .expect("valid metric");
+            r.register(Box::new(records_shipped.clone()))
+                .expect("unique metric");
             BalancerGauges {
                 up,
                 lease_seconds_left,
+                records_waiting,
+                records_shipped,
             }
         });
         let requests_refused = counter(
@@ -283,6 +303,20 @@ impl Metrics {
     /// waited in the queue).
     pub fn lease_refusal(&self, product: &str) {
         self.lease_refusals.with_label_values(&[product]).inc();
+    }
+
+    /// Sets the records waiting in the outbox.
+    pub fn records_waiting(&self, n: u64) {
+        if let Some(b) = &self.balancer {
+            b.records_waiting.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts records the balancer has stored.
+    pub fn records_shipped(&self, n: u64) {
+        if let Some(b) = &self.balancer {
+            b.records_shipped.inc_by(n);
+        }
     }
 
     /// Counts a staleout.

@@ -15,11 +15,13 @@ use allot_core::checkout::{
 };
 use allot_core::domain::{MoveKind, Policy};
 use allot_core::wire::agent::{MoveResponse, UsageCounters};
+use allot_core::wire::records::{DenialRecord, RecordBatch, UsageRecord};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Row};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// The migrations of the metering server's store, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/agent-sqlite");
@@ -68,7 +70,14 @@ pub enum Mutation {
         handle: Handle,
         /// Its product, so the batch knows whose totals to write.
         product: Arc<str>,
+        /// Its usage record, written in the same transaction (absent for a checkout its client
+        /// never received).
+        usage: Option<Box<UsageRecord>>,
     },
+    /// A checkout denied: its record, for the balancer.
+    Denial(Box<DenialRecord>),
+    /// The balancer stored these records: they leave the outbox.
+    Shipped(Vec<Uuid>),
     /// A release or grant applied.
     Move {
         /// The move and its answer.
@@ -78,8 +87,9 @@ pub enum Mutation {
     },
     /// A successful sync renewed the balancer lease.
     Lease(LeaseRecord),
-    /// An operator revoked a checkout: its row goes, the revocation is remembered.
-    Revoke(Revocation),
+    /// An operator revoked a checkout: its row goes, the revocation is remembered, its usage
+    /// record waits for the balancer.
+    Revoke(Revocation, Box<UsageRecord>),
 }
 
 impl Mutation {
@@ -89,8 +99,9 @@ impl Mutation {
             Mutation::Checkout(r) => Some(&r.product),
             Mutation::Checkin { product, .. } => Some(product),
             Mutation::Move { applied, .. } => Some(&applied.product),
-            Mutation::Lease(_) => None,
-            Mutation::Revoke(r) => Some(&r.product),
+            Mutation::Lease(_) | Mutation::Shipped(_) => None,
+            Mutation::Denial(_) => None,
+            Mutation::Revoke(r, _) => Some(&r.product),
         }
     }
 }
@@ -292,7 +303,23 @@ impl Store {
         for m in batch {
             match m {
                 Mutation::Checkout(r) => inserts.push(r),
-                Mutation::Checkin { handle, .. } => deletes.push(*handle),
+                Mutation::Checkin { handle, usage, .. } => {
+                    deletes.push(*handle);
+                    if let Some(usage) = usage {
+                        outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
+                    }
+                }
+                Mutation::Denial(denial) => {
+                    outbox(&mut tx, denial.id, "denial", denial.at, denial).await?;
+                }
+                Mutation::Shipped(ids) => {
+                    for id in ids {
+                        sqlx::query("DELETE FROM outbox WHERE id = ?")
+                            .bind(id.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
                 Mutation::Product {
                     name,
                     policy,
@@ -341,9 +368,10 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Mutation::Revoke(r) => {
+                Mutation::Revoke(r, usage) => {
                     // The checkout may have been inserted earlier in this batch.
                     flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+                    outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
                     sqlx::query("DELETE FROM checkouts WHERE handle = ?")
                         .bind(r.handle.to_string())
                         .execute(&mut *tx)
@@ -404,6 +432,82 @@ impl Store {
             .await?;
         self.conn.close().await?;
         Ok(())
+    }
+}
+
+/// Puts a record in the outbox, in the transaction of what it records.
+async fn outbox<T: serde::Serialize>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: Uuid,
+    kind: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    record: &T,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_string(record)
+        .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+    sqlx::query(
+        "INSERT INTO outbox (id, kind, body, created_ms) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id.to_string())
+    .bind(kind)
+    .bind(body)
+    .bind(at.timestamp_millis())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A reader of the outbox on a connection of its own (WAL lets it read beside the writer):
+/// the shipper takes the oldest records from it and, once the balancer has stored them, asks
+/// the writer to delete them.
+pub struct OutboxReader {
+    conn: SqliteConnection,
+}
+
+impl OutboxReader {
+    /// Opens `agent.db` in `data_dir` read-only (the writer has created and migrated it).
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("agent.db"))
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5));
+        Ok(Self {
+            conn: SqliteConnection::connect_with(&options).await?,
+        })
+    }
+
+    /// The oldest `limit` records: a batch to ship, and how many are waiting in all.
+    pub async fn oldest(
+        &mut self,
+        limit: u32,
+    ) -> Result<(RecordBatch, Vec<Uuid>, u64), StoreError> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT id, kind, body FROM outbox ORDER BY seq LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&mut self.conn)
+                .await?;
+        let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&mut self.conn)
+            .await?;
+        let mut batch = RecordBatch::default();
+        let mut ids = Vec::with_capacity(rows.len());
+        for (id, kind, body) in rows {
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("record {id}: {e}"));
+            match kind.as_str() {
+                "usage" => batch
+                    .usage
+                    .push(serde_json::from_str(&body).map_err(corrupt)?),
+                _ => batch
+                    .denials
+                    .push(serde_json::from_str(&body).map_err(corrupt)?),
+            }
+            ids.push(
+                Uuid::parse_str(&id)
+                    .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?,
+            );
+        }
+        Ok((batch, ids, u64::try_from(waiting).unwrap_or(0)))
     }
 }
 

@@ -4,13 +4,16 @@
 //! as an administrator expects; bad input is refused and changes nothing.
 
 use allot_tests::balancer::{Api, Balancer};
+use allot_tests::fleet::Fleet;
 use allot_tests::{Backend, on_both_backends};
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 on_both_backends!(
     records_are_stored_once_and_reported_by_every_grouping,
     bad_batches_and_bad_report_queries_change_nothing,
+    metering_servers_ship_every_record_once_across_kill_9_of_both_sides,
 );
 
 const T0: &str = "2026-11-02T08:00:00Z";
@@ -216,5 +219,92 @@ async fn bad_batches_and_bad_report_queries_change_nothing(backend: Backend) {
     assert_eq!(
         api.get("/v1/usage?since=3650d&group_by=product").await["rows"],
         before["rows"]
+    );
+}
+
+/// The usage report per user over the last day, as (user, checkouts, denials of any class),
+/// by user.
+async fn shipped(fleet: &Fleet) -> Vec<(String, u64, u64)> {
+    let report = fleet.api().get("/v1/usage?since=1d&group_by=user").await;
+    let mut rows: Vec<(String, u64, u64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let denials = ["denials_true", "denials_false", "denials_other"]
+                .iter()
+                .map(|k| r[k].as_u64().unwrap())
+                .sum();
+            (
+                r["key"].as_str().unwrap().to_owned(),
+                r["checkouts"].as_u64().unwrap(),
+                denials,
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn metering_servers_ship_every_record_once_across_kill_9_of_both_sides(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 1).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("paris", "cad", 1, 0).await;
+    fleet.balance().await;
+    // Ann checks out and in; Bob is denied while she holds the only unit.
+    let (status, ann) = fleet.meters[0].checkout("cad", "ann").await;
+    assert_eq!(status, 200, "{ann}");
+    let (status, bob) = fleet.meters[0].checkout("cad", "bob").await;
+    assert_eq!(status, 409, "{bob}");
+    fleet.meters[0]
+        .checkin(ann["handle"].as_str().unwrap())
+        .await;
+    // The checkin was acknowledged, so its record is durable: kill -9 before it could ship.
+    fleet.meters[0].kill9();
+    fleet.meters[0].restart().await;
+    allot_tests::eventually(
+        "the records reach the balancer",
+        Duration::from_secs(30),
+        || async { shipped(&fleet).await == [("ann".to_owned(), 1, 0), ("bob".to_owned(), 0, 1)] },
+    )
+    .await;
+
+    // The balancer dies with records on their way: they wait in the outbox and arrive once.
+    fleet.balancer.kill9();
+    let (status, carol) = fleet.meters[0].checkout("cad", "carol").await;
+    assert_eq!(status, 200, "the lease outlives the balancer: {carol}");
+    fleet.meters[0]
+        .checkin(carol["handle"].as_str().unwrap())
+        .await;
+    fleet.balancer.restart().await;
+    allot_tests::eventually(
+        "carol's record arrives",
+        Duration::from_secs(30),
+        || async { shipped(&fleet).await.len() == 3 },
+    )
+    .await;
+    // Well after every resend could have happened, each record is counted once.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        shipped(&fleet).await,
+        [
+            ("ann".to_owned(), 1, 0),
+            ("bob".to_owned(), 0, 1),
+            ("carol".to_owned(), 1, 0),
+        ]
+    );
+    let metrics = reqwest::get(format!("{}/metrics", fleet.meters[0].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "allot_agent_records_waiting 0"),
+        "{metrics}"
     );
 }

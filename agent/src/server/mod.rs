@@ -26,6 +26,7 @@ mod config;
 mod handlers;
 pub mod openapi;
 mod pull;
+mod records;
 mod sync;
 mod tasks;
 mod writer;
@@ -173,7 +174,16 @@ impl Shared {
                     Ok(x) => x,
                     Err(_) => continue,
                 };
-                self.log_quiet(inner, Mutation::Checkin { handle, product });
+                // Its client never had it: no usage to record.
+                let usage = None;
+                self.log_quiet(
+                    inner,
+                    Mutation::Checkin {
+                        handle,
+                        product,
+                        usage,
+                    },
+                );
                 queue.extend(more);
             }
         }
@@ -184,7 +194,15 @@ impl Shared {
         let mut inner = self.lock();
         let now = now_ms();
         if let Ok((product, served)) = inner.book.checkin(handle, now, &mut new_handle) {
-            self.log_quiet(&mut inner, Mutation::Checkin { handle, product });
+            let usage = None;
+            self.log_quiet(
+                &mut inner,
+                Mutation::Checkin {
+                    handle,
+                    product,
+                    usage,
+                },
+            );
             self.dispatch(&mut inner, served, now);
         }
     }
@@ -397,6 +415,7 @@ pub async fn run(
 
     let timer = tokio::spawn(tasks::timer_task(app.clone()));
     let sync = tokio::spawn(sync::sync_task(app.clone()));
+    let shipper = tokio::spawn(records::ship_task(app.clone(), config.data_dir.clone()));
     let stop_app = app.clone();
     let graceful = async move {
         shutdown.await;
@@ -421,6 +440,7 @@ pub async fn run(
     app.stopping.send_replace(true);
     let _ = timer.await;
     let _ = sync.await;
+    let _ = shipper.await;
     let (done_tx, done_rx) = oneshot::channel();
     let _ = app.writer.send(WriterMsg::Close(done_tx));
     let _ = done_rx.await;

@@ -8,6 +8,7 @@ use super::{App, new_handle};
 use crate::clock::now_ms;
 use crate::store::Mutation;
 use allot_core::checkout::Millis;
+use allot_core::wire::records::EndedBy;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,11 +36,20 @@ pub(super) async fn timer_task(app: App) {
             }
             let (staled, served) = inner.book.expire(now, &mut new_handle);
             let mut touched: Vec<Arc<str>> = Vec::new();
-            for (handle, product) in staled {
+            for ended in staled {
+                let product = ended.product.clone();
                 app.metrics.staleout(&product);
                 tracing::info!(%product, "checkout staled out");
                 touched.push(product.clone());
-                app.log_quiet(&mut inner, Mutation::Checkin { handle, product });
+                let usage = Some(super::records::usage(&ended, EndedBy::Staleout, now));
+                app.log_quiet(
+                    &mut inner,
+                    Mutation::Checkin {
+                        handle: ended.handle,
+                        product,
+                        usage,
+                    },
+                );
             }
             app.dispatch(&mut inner, served, now);
             touched.sort_unstable();

@@ -566,6 +566,20 @@ impl Book {
         Ok(deadline)
     }
 
+    /// What a live checkout's usage record would say if it ended now, for the caller that
+    /// ends it (checkin, revoke) to record.
+    pub fn ended(&self, handle: Handle) -> Option<Ended> {
+        self.checkouts.get(&handle).map(|live| Ended {
+            handle,
+            product: live.product.clone(),
+            user: live.user.to_string(),
+            host: live.host.to_string(),
+            groups: live.groups.to_vec(),
+            units: live.units,
+            started_at: live.created_at,
+        })
+    }
+
     /// Ends a checkout. Returns the product and the waiters its freed units serve.
     pub fn checkin(
         &mut self,
@@ -606,13 +620,13 @@ impl Book {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    /// Stales out every checkout whose deadline has passed. Returns the staled handles (with
-    /// their product) and the waiters their units serve.
+    /// Stales out every checkout whose deadline has passed. Returns the staled checkouts and
+    /// the waiters their units serve.
     pub fn expire(
         &mut self,
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
-    ) -> (Vec<(Handle, Arc<str>)>, Vec<Served>) {
+    ) -> (Vec<Ended>, Vec<Served>) {
         self.forget_old_revocations(now);
         let mut staled = Vec::new();
         let mut served = Vec::new();
@@ -620,11 +634,12 @@ impl Book {
             if deadline > now {
                 break;
             }
-            if let Ok((product, s)) = self.checkin(handle, now, handles) {
+            let ended = self.ended(handle);
+            if let (Some(ended), Ok((product, s))) = (ended, self.checkin(handle, now, handles)) {
                 if let Some(p) = self.products.get_mut(&product) {
                     p.count(|c| c.staleouts += 1);
                 }
-                staled.push((handle, product));
+                staled.push(ended);
                 served.extend(s);
             } else {
                 self.deadlines.pop_first();

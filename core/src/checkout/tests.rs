@@ -206,7 +206,12 @@ fn staleout_frees_units_and_reports_next_deadline() {
     b.heartbeat(c.record.handle, 20_000).unwrap();
     assert_eq!(b.next_deadline(), Some(50_000));
     assert!(b.expire(49_999, &mut || g.next()).0.is_empty());
-    assert_eq!(b.expire(50_000, &mut || g.next()).0[0].0, c.record.handle);
+    let staled = b.expire(50_000, &mut || g.next()).0;
+    assert_eq!(staled[0].handle, c.record.handle);
+    assert_eq!(
+        (staled[0].units, staled[0].started_at),
+        (1, c.record.created_at)
+    );
     assert_eq!(
         b.heartbeat(c.record.handle, 50_001),
         Err(BadHandle::Unknown)
@@ -595,8 +600,8 @@ proptest! {
                 Op::Tick(ms) => {
                     now += ms;
                     let (staled, s) = b.expire(now, &mut || g.next());
-                    for (h, _) in staled {
-                        prop_assert!(!b.is_live(h));
+                    for ended in staled {
+                        prop_assert!(!b.is_live(ended.handle));
                     }
                     served = s;
                 }

@@ -28,6 +28,25 @@ pub struct CheckoutRecord {
     pub created_at: Millis,
 }
 
+/// A checkout as it ended: what its usage record says (who, where, how many, since when).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Its handle.
+    pub handle: Handle,
+    /// The product.
+    pub product: std::sync::Arc<str>,
+    /// Who held it.
+    pub user: String,
+    /// Where.
+    pub host: String,
+    /// The groups the client stated.
+    pub groups: Vec<String>,
+    /// Units it held.
+    pub units: u32,
+    /// When it was granted.
+    pub started_at: Millis,
+}
+
 /// A waiter's leaving of its queue ([`Book::cancel_wait`](super::Book::cancel_wait)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Left {

@@ -4,18 +4,21 @@
 
 use super::super::auth::ClientAuth;
 use super::super::pull::pull;
+use super::super::records;
 use super::super::writer::durable;
 use super::super::{App, Inner, Shared, WaiterGrant, new_handle};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiJson};
 use crate::metrics::DenialReason;
 use crate::store::Mutation;
+use allot_core::ErrorCode;
 use allot_core::checkout::{self, BadHandle, Handle, Millis, Outcome, Refusal, Who};
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{
     AgentProducts, CheckoutRequest, CheckoutResponse, HandleRequest, HandleResponse,
 };
+use allot_core::wire::records::EndedBy;
 use axum::Json;
 use axum::extract::State;
 use std::time::{Duration, Instant};
@@ -239,7 +242,7 @@ pub(super) async fn checkout_handler(
             Ok(Json(answer(&grant)))
         }
         Ok(Next::Queued(waiter, rx)) => wait_in_queue(&app, req, waiter, rx, started).await,
-        Err((refusal, synced_at)) => Err(refused(&app, &req.product, refusal, synced_at)),
+        Err((refusal, synced_at)) => Err(refused(&app, &req, refusal, synced_at)),
     }
 }
 
@@ -263,7 +266,29 @@ fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
     }
 }
 
-fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Millis>) -> ApiError {
+/// Counts a denial and records it for the balancer (its outbox row commits with the next
+/// batch; a denial changes nothing else, so nothing waits for it).
+fn denied(app: &Shared, req: &CheckoutRequest, reason: DenialReason, code: ErrorCode) {
+    app.metrics.denial(&req.product, reason);
+    let record = records::denial(
+        &req.product,
+        &req.user,
+        &req.host,
+        &req.groups,
+        code.as_str(),
+        now_ms(),
+    );
+    let mut inner = app.lock();
+    app.log_quiet(&mut inner, Mutation::Denial(record));
+}
+
+fn refused(
+    app: &Shared,
+    req: &CheckoutRequest,
+    refusal: Refusal,
+    synced_at: Option<Millis>,
+) -> ApiError {
+    let product = req.product.as_str();
     match refusal {
         Refusal::LeaseExpired { since } => {
             // Not a denial: no move of units could have prevented it.
@@ -272,15 +297,20 @@ fn refused(app: &Shared, product: &str, refusal: Refusal, synced_at: Option<Mill
         }
         Refusal::UnknownProduct => ApiError::UnknownProduct(product.to_owned()),
         Refusal::Forbidden(why) => {
-            app.metrics.denial(product, DenialReason::Forbidden);
+            denied(app, req, DenialReason::Forbidden, ErrorCode::Forbidden);
             ApiError::Forbidden(why.to_string())
         }
         Refusal::Unavailable => {
-            app.metrics.denial(product, DenialReason::Unavailable);
+            denied(
+                app,
+                req,
+                DenialReason::Unavailable,
+                ErrorCode::LicenseUnavailable,
+            );
             ApiError::LicenseUnavailable(format!("no free unit of {product:?} on this server"))
         }
         Refusal::Full => {
-            app.metrics.denial(product, DenialReason::Limit);
+            denied(app, req, DenialReason::Limit, ErrorCode::Unavailable);
             ApiError::Unavailable(
                 "this server's limit of checkouts or waiting clients is reached; retry later"
                     .to_owned(),
@@ -366,7 +396,12 @@ fn wait_ended(
     }
     if req.wait_seconds == 0 {
         // Held only for an instant balance that brought nothing in time.
-        app.metrics.denial(&req.product, DenialReason::Unavailable);
+        denied(
+            app,
+            req,
+            DenialReason::Unavailable,
+            ErrorCode::LicenseUnavailable,
+        );
         return ApiError::LicenseUnavailable(format!(
             "no free unit of {:?} on this server, and none arrived from the balancer \
              within {} ms",
@@ -374,7 +409,12 @@ fn wait_ended(
             wait.as_millis()
         ));
     }
-    app.metrics.denial(&req.product, DenialReason::Timeout);
+    denied(
+        app,
+        req,
+        DenialReason::Timeout,
+        ErrorCode::LicenseUnavailable,
+    );
     ApiError::LicenseUnavailable(format!(
         "no unit of {:?} freed within {} s",
         req.product, req.wait_seconds
@@ -425,6 +465,7 @@ pub(super) async fn checkin_handler(
     let now = now_ms();
     let (product, ack) = {
         let mut inner = app.lock();
+        let ended = inner.book.ended(handle);
         let (product, served) = inner
             .book
             .checkin(handle, now, &mut new_handle)
@@ -434,6 +475,7 @@ pub(super) async fn checkin_handler(
             Mutation::Checkin {
                 handle,
                 product: product.clone(),
+                usage: ended.map(|e| records::usage(&e, EndedBy::Checkin, now)),
             },
         );
         app.dispatch(&mut inner, served, now);

@@ -11,10 +11,11 @@ use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::store::Mutation;
 use allot_core::checkout::holders::{is_holder_id, validate_reason};
-use allot_core::checkout::{CheckoutId, HolderFilter, MAX_HOLDERS_PAGE, RevokeRefusal};
+use allot_core::checkout::{CheckoutId, Ended, HolderFilter, MAX_HOLDERS_PAGE, RevokeRefusal};
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{HolderPage, RevokeRequest, Revoked};
+use allot_core::wire::records::EndedBy;
 use axum::Json;
 use axum::extract::State;
 use axum::http::Uri;
@@ -131,7 +132,23 @@ pub(super) async fn revoke_handler(
                     r.reason
                 )),
             })?;
-        let ack = app.log(&mut inner, Mutation::Revoke(outcome.revocation.clone()));
+        let h = &outcome.holder;
+        let ended = Ended {
+            handle: outcome.revocation.handle,
+            product: h.product.as_str().into(),
+            user: h.user.clone(),
+            host: h.host.clone(),
+            groups: h.groups.clone(),
+            units: h.units,
+            started_at: h
+                .granted_at
+                .map_or(now, |t| u64::try_from(t.timestamp_millis()).unwrap_or(now)),
+        };
+        let usage = super::super::records::usage(&ended, EndedBy::Revoke, now);
+        let ack = app.log(
+            &mut inner,
+            Mutation::Revoke(outcome.revocation.clone(), usage),
+        );
         let served = std::mem::take(&mut outcome.served);
         let served_waiters = u32::try_from(served.len()).unwrap_or(u32::MAX);
         app.dispatch(&mut inner, served, now);
