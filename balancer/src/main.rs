@@ -56,6 +56,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(cmd) => cmd.run().await,
         Command::Explain(cmd) => cmd.run().await,
         Command::History(cmd) => cmd.run().await,
+        Command::Usage(cmd) => cmd.run().await,
+        Command::Renewal(cmd) => cmd.run().await,
         Command::Advise(cmd) => cmd.run().await,
         Command::Autotune(cmd) => cmd.run().await,
         Command::Openapi => {

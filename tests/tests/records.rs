@@ -3,8 +3,9 @@
 //! are stored once by record id, however often they are resent; reports group, clip and count
 //! as an administrator expects; bad input is refused and changes nothing.
 
-use allot_tests::balancer::{Api, Balancer};
+use allot_tests::balancer::{ADMIN_TOKEN, Api, Balancer};
 use allot_tests::fleet::Fleet;
+use allot_tests::process::binary;
 use allot_tests::{Backend, on_both_backends};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -73,7 +74,7 @@ fn rows(report: &Value) -> Vec<(String, u64, f64, u64, u64, u64)> {
 }
 
 async fn records_are_stored_once_and_reported_by_every_grouping(backend: Backend) {
-    let (_balancer, api, paris) = estate(&backend).await;
+    let (balancer, api, paris) = estate(&backend).await;
     // Ann holds 2 units 08:00–10:00 and 1 unit 09:00–11:00 (3 at once 09:00–10:00); Bob holds 1
     // unit 09:30–10:30. Ann is denied once with nothing free, Bob once while units were free.
     let batch = json!({
@@ -169,6 +170,55 @@ async fn records_are_stored_once_and_reported_by_every_grouping(backend: Backend
         cad["suggestion"].as_str().unwrap().starts_with("buy"),
         "{renewal:#}"
     );
+
+    // The same through the CLI: CSV for a spreadsheet, a table for a person.
+    let cli = |args: Vec<String>| {
+        let url = balancer.url().to_owned();
+        async move {
+            let out = tokio::process::Command::new(binary("allot-balancer"))
+                .args(args)
+                .args(["--url", &url, "--admin-token", ADMIN_TOKEN])
+                .output()
+                .await
+                .expect("allot-balancer runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let csv = cli(vec![
+        "usage".into(),
+        "--by".into(),
+        "group".into(),
+        "--since".into(),
+        at(-60),
+        "--until".into(),
+        at(24 * 60),
+        "--csv".into(),
+    ])
+    .await;
+    assert_eq!(
+        csv.lines().collect::<Vec<_>>(),
+        [
+            "group,checkouts,hours,peak_concurrent,denials_true,denials_false,denials_other",
+            "eng,2,6.000,3,1,1,0",
+            "cad-users,1,4.000,2,0,0,0",
+            "ops,1,1.000,1,0,0,0",
+        ],
+        "{csv}"
+    );
+    let table = cli(vec![
+        "renewal".into(),
+        "--since".into(),
+        at(0),
+        "--product".into(),
+        "cad".into(),
+    ])
+    .await;
+    assert!(table.contains("cad") && table.contains("buy"), "{table}");
 }
 
 async fn bad_batches_and_bad_report_queries_change_nothing(backend: Backend) {

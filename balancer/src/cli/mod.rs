@@ -64,6 +64,12 @@ pub enum Command {
     /// Force-release a checkout by its id (`co_…`, from `checkouts`): its units free at once,
     /// its holder is told `license_revoked`; audited with the reason.
     Revoke(RevokeArgs),
+    /// Usage per user, group, host, server, site or product over a window: checkouts, hours,
+    /// peak concurrent, true and false denials (for chargeback).
+    Usage(UsageArgs),
+    /// Per product, purchased against peak, 95th percentile and mean use, hours at the cap,
+    /// denials and units never used — and what that suggests at renewal.
+    Renewal(RenewalArgs),
     /// Run a balance now and print its moves.
     Balance(BalanceArgs),
     /// Balance runs: list, show.
@@ -404,6 +410,46 @@ pub struct ExplainArgs {
     /// Only this server.
     #[arg(long)]
     pub server: Option<String>,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer usage`.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// What rows are: user, group, host, server, site or product.
+    #[arg(long = "by", default_value = "user")]
+    pub by: String,
+    /// Window start: how far back (`30d`) or an RFC 3339 time.
+    #[arg(long, default_value = "30d")]
+    pub since: String,
+    /// Window end (RFC 3339); default now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only this product.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// Print CSV instead of a table.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
+    /// How to reach the balancer.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `allot-balancer renewal`.
+#[derive(Debug, Args)]
+pub struct RenewalArgs {
+    /// Window start: how far back (`365d`) or an RFC 3339 time.
+    #[arg(long, default_value = "365d")]
+    pub since: String,
+    /// Only this product.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// Print CSV instead of a table.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
     /// How to reach the balancer.
     #[command(flatten)]
     pub client: ClientArgs,

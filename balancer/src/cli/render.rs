@@ -7,6 +7,7 @@ use allot_core::wire::balancer::{
     AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistoryPoint,
     HistorySeries, MoveView, Product, RunDecision, RunDetail, RunSummary, Schedule, Server,
 };
+use allot_core::wire::records::{RenewalRow, UsageRow};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
@@ -316,6 +317,58 @@ impl Row for ExplainedCell {
             } else {
                 self.decision.clone()
             },
+        ]
+    }
+}
+
+/// One group of a usage report.
+impl Row for UsageRow {
+    const HEADER: &'static [&'static str] = &[
+        "key",
+        "checkouts",
+        "hours",
+        "peak",
+        "denied (true)",
+        "denied (false)",
+        "denied (other)",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.key.clone(),
+            self.checkouts.to_string(),
+            format!("{:.1}", self.hours),
+            self.peak_concurrent.to_string(),
+            self.denials_true.to_string(),
+            self.denials_false.to_string(),
+            self.denials_other.to_string(),
+        ]
+    }
+}
+
+/// One product at renewal.
+impl Row for RenewalRow {
+    const HEADER: &'static [&'static str] = &[
+        "product",
+        "purchased",
+        "peak",
+        "p95",
+        "mean",
+        "h at cap",
+        "denied (true / false)",
+        "never used",
+        "suggestion",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.product.clone(),
+            self.purchased.to_string(),
+            self.peak.to_string(),
+            self.p95.to_string(),
+            format!("{:.1}", self.average),
+            format!("{:.1}", self.hours_at_cap),
+            format!("{} / {}", self.denials_true, self.denials_false),
+            self.never_used.to_string(),
+            self.suggestion.clone(),
         ]
     }
 }

@@ -5,8 +5,8 @@ use super::client::{AdminClient, segment};
 use super::render::{csv_field, output, print_advice, print_run, print_schedule, table};
 use super::{
     AdviseArgs, AllocationCommand, AuditArgs, AutotuneCommand, BalanceArgs, CheckoutsArgs,
-    DoctorArgs, EntitlementCommand, ExplainArgs, HistoryArgs, ProductCommand, RevokeArgs,
-    RunsCommand, ScheduleCommand, ServerCommand,
+    DoctorArgs, EntitlementCommand, ExplainArgs, HistoryArgs, ProductCommand, RenewalArgs,
+    RevokeArgs, RunsCommand, ScheduleCommand, ServerCommand, UsageArgs,
 };
 use allot_core::wire::agent::{RevokeRequest, Revoked};
 use allot_core::wire::balancer::Holders;
@@ -15,6 +15,7 @@ use allot_core::wire::balancer::{
     Entitlement, History, List, Product, ProductDetail, RegisterServer, RegisteredServer,
     RotateToken, RotatedToken, RunDetail, RunSummary, Schedule, Server, SetAllocation, SetSchedule,
 };
+use allot_core::wire::records::{RenewalReport, UsageReport};
 use reqwest::Method;
 
 impl ProductCommand {
@@ -471,6 +472,98 @@ impl ExplainArgs {
             if let Some(note) = &e.note {
                 println!("NOTE: {note}");
             }
+        })
+    }
+}
+
+/// A report's query string: each given parameter, encoded.
+fn report_query(params: &[(&str, Option<&str>)]) -> String {
+    params
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", segment(v))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl UsageArgs {
+    /// Prints the usage report as a table, CSV or JSON.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let path = format!(
+            "/v1/usage?{}",
+            report_query(&[
+                ("group_by", Some(&self.by)),
+                ("since", Some(&self.since)),
+                ("until", self.until.as_deref()),
+                ("product", self.product.as_deref()),
+            ])
+        );
+        let report: UsageReport = AdminClient::new(&self.client)?.get(&path).await?;
+        if self.csv {
+            println!(
+                "{},checkouts,hours,peak_concurrent,denials_true,denials_false,denials_other",
+                report.group_by.as_str()
+            );
+            for r in &report.rows {
+                println!(
+                    "{},{},{:.3},{},{},{},{}",
+                    csv_field(&r.key),
+                    r.checkouts,
+                    r.hours,
+                    r.peak_concurrent,
+                    r.denials_true,
+                    r.denials_false,
+                    r.denials_other
+                );
+            }
+            return Ok(());
+        }
+        output(self.client.json, &report, |r| {
+            println!(
+                "{} → {}, by {}",
+                r.since.to_rfc3339(),
+                r.until.to_rfc3339(),
+                r.group_by.as_str()
+            );
+            println!("{}", table(&r.rows));
+        })
+    }
+}
+
+impl RenewalArgs {
+    /// Prints the renewal report as a table, CSV or JSON.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let path = format!(
+            "/v1/usage/renewal?{}",
+            report_query(&[
+                ("since", Some(&self.since)),
+                ("product", self.product.as_deref()),
+            ])
+        );
+        let report: RenewalReport = AdminClient::new(&self.client)?.get(&path).await?;
+        if self.csv {
+            println!(
+                "product,purchased,peak,p95,average,hours_at_cap,denials_true,denials_false,never_used,suggestion"
+            );
+            for r in &report.products {
+                println!(
+                    "{},{},{},{},{:.3},{:.3},{},{},{},{}",
+                    csv_field(&r.product),
+                    r.purchased,
+                    r.peak,
+                    r.p95,
+                    r.average,
+                    r.hours_at_cap,
+                    r.denials_true,
+                    r.denials_false,
+                    r.never_used,
+                    csv_field(&r.suggestion)
+                );
+            }
+            return Ok(());
+        }
+        output(self.client.json, &report, |r| {
+            println!("{} → {}", r.since.to_rfc3339(), r.until.to_rfc3339());
+            println!("{}", table(&r.products));
         })
     }
 }
