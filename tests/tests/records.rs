@@ -345,6 +345,21 @@ async fn metering_servers_ship_every_record_once_across_kill_9_of_both_sides(bac
             ("carol".to_owned(), 1, 0),
         ]
     );
+    // Bob was denied with nothing free anywhere: a true denial, as the balancer classified the
+    // shortfall when it answered the server.
+    let bob = fleet.api().get("/v1/usage?since=1d&group_by=user").await;
+    let bob = bob["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "bob")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (bob["denials_true"].as_u64(), bob["denials_false"].as_u64()),
+        (Some(1), Some(0)),
+        "{bob:#}"
+    );
     let metrics = reqwest::get(format!("{}/metrics", fleet.meters[0].url()))
         .await
         .unwrap()

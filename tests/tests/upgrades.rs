@@ -543,6 +543,7 @@ fn response_types_ignore_unknown_fields() {
         product: "cad".into(),
         granted: 1,
         allocation: 1,
+        free_elsewhere: Some(false),
     });
     tolerates(&History {
         from: t,

@@ -37,9 +37,22 @@ pub(super) struct PullTrack {
     short_answer_at: Option<Millis>,
     /// When it last granted fewer than the urgent units asked (none to spare for them).
     urgent_short_at: Option<Millis>,
+    /// The newest classification of a shortfall the balancer gave (when, and whether units
+    /// were free elsewhere), for the records of the denials it leads to.
+    shortage: Option<(Millis, bool)>,
     /// When the trigger is due again by time alone (`trigger::next_check_at`): the timer task
     /// evaluates it then.
     pub(super) recheck_at: Option<Millis>,
+}
+
+impl PullTrack {
+    /// Whether the balancer's newest shortfall, if no older than `within` ms at `now`, found
+    /// units free elsewhere: how a denial after it is classified.
+    pub(super) fn shortage(&self, now: Millis, within: Millis) -> Option<bool> {
+        self.shortage
+            .filter(|(at, _)| now.saturating_sub(*at) <= within)
+            .map(|(_, free)| free)
+    }
 }
 
 /// Evaluates the instant-balance trigger (`allot_core::trigger`) for `product` after a change
@@ -147,6 +160,9 @@ async fn instant_balance(app: App, request: InstantBalanceRequest) {
             }
             if granted < u64::from(request.urgent()) {
                 track.urgent_short_at = Some(now);
+            }
+            if let Some(free) = result.as_ref().ok().and_then(|a| a.free_elsewhere) {
+                track.shortage = Some((now, free));
             }
         }
         pull(&app, &mut inner, product, now);

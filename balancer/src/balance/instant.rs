@@ -29,6 +29,7 @@ impl Engine {
             product: req.product.clone(),
             granted,
             allocation,
+            free_elsewhere: None,
         };
         let allocation_of = |cells: &[CellRecord]| {
             cells
@@ -315,10 +316,13 @@ impl Engine {
             .await?;
         tally.finish(wanted, granted);
         tracing::info!(granted, reclaimed, run_id, "instant balance answered");
-        Ok(answer(
-            granted,
-            allocation_of(&self.store.product_cells(&req.product).await?),
-        ))
+        Ok(InstantBalanceResponse {
+            free_elsewhere: (unserved > 0).then_some(unserved_false > 0),
+            ..answer(
+                granted,
+                allocation_of(&self.store.product_cells(&req.product).await?),
+            )
+        })
     }
 }
 

@@ -612,6 +612,11 @@ pub struct InstantBalanceResponse {
     pub granted: u64,
     /// The server's allocation after the grant, as booked.
     pub allocation: u64,
+    /// When urgent units (clients waiting) went unserved: whether units were free elsewhere —
+    /// in the reserve or above another server's need — when the balancer answered (a false
+    /// shortfall) or none were (a true one). The server records its denials with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_elsewhere: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -270,17 +270,29 @@ fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
 /// batch; a denial changes nothing else, so nothing waits for it).
 fn denied(app: &Shared, req: &CheckoutRequest, reason: DenialReason, code: ErrorCode) {
     app.metrics.denial(&req.product, reason);
-    let record = records::denial(
+    let now = now_ms();
+    let mut record = records::denial(
         &req.product,
         &req.user,
         &req.host,
         &req.groups,
         code.as_str(),
-        now_ms(),
+        now,
     );
     let mut inner = app.lock();
+    // A shortage denial takes the class the balancer gave the shortfall it answered last
+    // (within the hold bound and a margin); a policy denial has none.
+    if matches!(reason, DenialReason::Unavailable | DenialReason::Timeout) {
+        record.free_elsewhere = inner
+            .pulls
+            .get(&req.product)
+            .and_then(|t| t.shortage(now, SHORTAGE_CLASS_MS));
+    }
     app.log_quiet(&mut inner, Mutation::Denial(record));
 }
+
+/// How long the balancer's classification of a shortfall describes the denials after it.
+const SHORTAGE_CLASS_MS: Millis = 10_000;
 
 fn refused(
     app: &Shared,
