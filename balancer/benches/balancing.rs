@@ -13,11 +13,18 @@
 //!    (nothing changed) and runs after some cells saw a checkout and a denial (the planner
 //!    grants them more). Each is timed as a whole `Engine::run`.
 //!
-//! Both run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
+//! 3. **Usage report, a year of records.** `ALLOT_BENCH_RECORDS` usage records (default
+//!    1,000,000: 10,000 users in 100 groups over 365 days, stored through the store's own
+//!    `store_records` in batches of 1,000, as metering servers ship them), then the 30-day
+//!    per-user report (`Store::usage_totals`, what `GET /v1/usage` runs) and, as the same run's
+//!    baseline, reading the window's intervals (`Store::usage_intervals`). Medians of 5 rounds.
+//!
+//! All run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
 //! `ALLOT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, dropped at the
 //! end; skipped with a message when unreachable).
 //!
-//! Run: `cargo bench -p allot-balancer --bench balancing`. Env: `ALLOT_BENCH_INSTANT` (requests
+//! Run: `cargo bench -p allot-balancer --bench balancing`. Env: `ALLOT_BENCH_ONLY` (`instant`,
+//! `run` or `reports`; default all three), `ALLOT_BENCH_INSTANT` (requests
 //! per backend, default 2000), `ALLOT_BENCH_SERVERS` (200), `ALLOT_BENCH_PRODUCTS` (50),
 //! `ALLOT_BENCH_HOT_CELLS` (starving cells per steady run, default 100),
 //! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
@@ -645,10 +652,111 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average()
     );
-    for backend in backends.split(',') {
-        instant_bench(&server_rt, &client_rt, backend);
+    let only = std::env::var("ALLOT_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
+    if wanted("instant") {
+        for backend in backends.split(',') {
+            instant_bench(&server_rt, &client_rt, backend);
+        }
     }
-    for backend in backends.split(',') {
-        run_bench(&server_rt, &client_rt, backend);
+    if wanted("run") {
+        for backend in backends.split(',') {
+            run_bench(&server_rt, &client_rt, backend);
+        }
     }
+    if wanted("reports") {
+        for backend in backends.split(',') {
+            server_rt.block_on(reports_bench(backend));
+        }
+    }
+}
+
+/// Section 3: the 30-day per-user usage report over a year of records.
+async fn reports_bench(backend: &str) {
+    use allot_balancer::store::RecordsQuery;
+    use allot_core::wire::records::{EndedBy, GroupBy, RecordBatch, UsageRecord};
+    let Some(books) = Books::open(backend).await else {
+        return;
+    };
+    let store = &books.store;
+    let records = env_or("ALLOT_BENCH_RECORDS", 1_000_000);
+    store
+        .create_product("bench", &product_def("cad"))
+        .await
+        .expect("product");
+    register(
+        &**store,
+        &ServerTokens::new("bench-key"),
+        "paris",
+        "http://127.0.0.1:1",
+    )
+    .await;
+    let day: i64 = 86_400_000;
+    let end = chrono::Utc::now().timestamp_millis();
+    let start = end - 365 * day;
+    let span = u64::try_from(end - start).unwrap();
+    let loaded = Instant::now();
+    let mut next = 0u64;
+    while (next as usize) < records {
+        let n = (records - next as usize).min(1_000) as u64;
+        let usage = (next..next + n)
+            .map(|i| {
+                // Spread evenly over the year, a few hours each, deterministic.
+                let offset = u128::from(i) * u128::from(span) / records as u128;
+                let at = start + i64::try_from(offset).unwrap();
+                let user = i * 31 % 10_000;
+                UsageRecord {
+                    id: uuid::Uuid::from_u128(u128::from(i) + 1),
+                    product: "cad".into(),
+                    user: format!("user{user}"),
+                    host: format!("host{}", user % 2_000),
+                    groups: vec![format!("group{}", user % 100)],
+                    units: 1,
+                    started_at: chrono::DateTime::from_timestamp_millis(at).unwrap(),
+                    ended_at: chrono::DateTime::from_timestamp_millis(
+                        at + i64::try_from(i % 8 + 1).unwrap() * 3_600_000,
+                    )
+                    .unwrap(),
+                    ended_by: EndedBy::Checkin,
+                }
+            })
+            .collect();
+        let batch = RecordBatch {
+            usage,
+            denials: Vec::new(),
+        };
+        store.store_records("paris", &batch).await.expect("store");
+        next += n;
+    }
+    let load_s = loaded.elapsed().as_secs_f64();
+    let query = RecordsQuery {
+        since_ms: end - 30 * day,
+        until_ms: end,
+        product: None,
+        group_by: GroupBy::User,
+    };
+    let mut report_ms = Vec::new();
+    let mut baseline_ms = Vec::new();
+    let mut rows = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        rows = store.usage_totals(&query).await.expect("report").len();
+        report_ms.push(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        store
+            .usage_intervals("cad", query.since_ms, query.until_ms)
+            .await
+            .expect("baseline");
+        baseline_ms.push(t.elapsed().as_micros() as u64);
+    }
+    report_ms.sort_unstable();
+    baseline_ms.sort_unstable();
+    let (report, baseline) = (report_ms[2] as f64 / 1000.0, baseline_ms[2] as f64 / 1000.0);
+    println!(
+        "reports [{backend}] {records} records loaded in {load_s:.1} s; 30-day per-user report: \
+         median {report:.1} ms ({rows} users); baseline (read the window's intervals): median \
+         {baseline:.1} ms; ratio {:.2}",
+        report / baseline.max(0.001)
+    );
+    books.close().await;
 }

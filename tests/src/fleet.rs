@@ -227,6 +227,21 @@ impl Fleet {
             .await;
     }
 
+    /// Checks out `n` units one at a time at meter `meter` (users `user<meter>-<i>`); returns
+    /// the handles of those granted.
+    pub async fn checkout_n(&self, meter: usize, product: &str, n: usize) -> Vec<String> {
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (status, body) = self.meters[meter]
+                .checkout(product, &format!("user{meter}-{i}"))
+                .await;
+            if status == 200 {
+                handles.push(body["handle"].as_str().unwrap().to_owned());
+            }
+        }
+        handles
+    }
+
     /// Sets a cell's min and buffer.
     pub async fn limits(&self, server: &str, product: &str, min: u32, buffer: u32) {
         self.api()

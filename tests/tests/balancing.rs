@@ -22,20 +22,6 @@ on_both_backends!(
     one_product_that_cannot_be_planned_does_not_stop_the_run,
 );
 
-/// Checks out `n` units one at a time; returns the handles of those granted.
-async fn checkout_n(fleet: &Fleet, meter: usize, product: &str, n: usize) -> Vec<String> {
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let (status, body) = fleet.meters[meter]
-            .checkout(product, &format!("user{meter}-{i}"))
-            .await;
-        if status == 200 {
-            handles.push(body["handle"].as_str().unwrap().to_owned());
-        }
-    }
-    handles
-}
-
 fn moves_of(run: &Value) -> Vec<(String, String, u64)> {
     run["move_log"]
         .as_array()
@@ -83,7 +69,7 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
 
     // Paris's morning: 8 users. Instant balances serve them; the run then sizes Paris for its
     // load plus buffer and leaves Tokyo its buffer.
-    let paris = checkout_n(&fleet, 0, "cad", 8).await;
+    let paris = fleet.checkout_n(0, "cad", 8).await;
     assert_eq!(paris.len(), 8, "every Paris checkout is served");
     // A run skips a product while one of Paris's own top-ups is still in transit. Paris wants
     // its load plus buffer (10); whether its top-ups stopped at 9 or 10 depends on timing, and
@@ -111,7 +97,7 @@ async fn demand_shifting_between_servers_is_followed(backend: Backend) {
     for handle in &paris {
         fleet.meters[0].checkin(handle).await;
     }
-    let tokyo = checkout_n(&fleet, 1, "cad", 12).await;
+    let tokyo = fleet.checkout_n(1, "cad", 12).await;
     assert_eq!(tokyo.len(), 12, "every Tokyo checkout is served");
     fleet.balance().await;
     let run = fleet.balance().await;
@@ -141,7 +127,7 @@ async fn instant_balance_turns_a_denial_into_a_grant(backend: Backend) {
     })
     .await;
     // Exhaust the purchase: the fourth checkout is denied, after the hold bound, not hung.
-    let more = checkout_n(&fleet, 0, "cad", 3).await;
+    let more = fleet.checkout_n(0, "cad", 3).await;
     assert_eq!(more.len(), 2);
     let (status, body) = fleet.meters[0].checkout("cad", "late").await;
     assert_eq!(status, 409, "{body}");
@@ -252,7 +238,7 @@ async fn kill9_between_release_and_grant_loses_nothing(backend: Backend) {
     // Allocations move without releases first: no crash on the way in.
     let run = fleet.balance().await;
     assert_eq!(moves_of(&run), [("grant".into(), "from".into(), 6)]);
-    let held = checkout_n(&fleet, 0, "cad", 2).await;
+    let held = fleet.checkout_n(0, "cad", 2).await;
     assert_eq!(held.len(), 2);
     // Now the run must release from `from` and grant to `to` (its min, a need the run serves
     // at once): the balancer dies in between.
@@ -463,7 +449,7 @@ async fn a_silent_server_is_reclaimed_once_and_rejoins(backend: Backend) {
         "Tokyo's units are back in the reserve"
     );
     // Paris can use them now.
-    assert_eq!(checkout_n(&fleet, 0, "cad", 5).await.len(), 5);
+    assert_eq!(fleet.checkout_n(0, "cad", 5).await.len(), 5);
     // Tokyo returns: it adopts the books (nothing), so no unit is counted twice.
     fleet.meters[1].start(&[]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -497,7 +483,7 @@ async fn a_drained_server_empties_as_its_checkouts_end(backend: Backend) {
     fleet.limits("old", "cad", 2, 4).await;
     fleet.balance().await;
     assert!(fleet.allocation("old", "cad").await >= 4);
-    let held = checkout_n(&fleet, 0, "cad", 2).await;
+    let held = fleet.checkout_n(0, "cad", 2).await;
     assert_eq!(held.len(), 2);
     let (status, _) = fleet
         .api()
@@ -575,7 +561,7 @@ async fn a_plan_is_explained_server_by_server_and_nothing_moves(backend: Backend
     fleet.add_meter("tokyo").await;
     fleet.wait_synced("cad").await;
     fleet.balance().await;
-    let held = checkout_n(&fleet, 0, "cad", 3).await;
+    let held = fleet.checkout_n(0, "cad", 3).await;
     assert_eq!(held.len(), 3, "instant balances serve Paris");
     let runs_before = fleet.api().get("/v1/runs").await["items"]
         .as_array()

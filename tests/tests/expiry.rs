@@ -14,20 +14,6 @@ on_both_backends!(
     a_permanent_entitlement_never_expires_and_the_reserve_pays_first,
 );
 
-/// Checks out `n` units one at a time at `meter`; returns the handles of those granted.
-async fn checkout_n(fleet: &Fleet, meter: usize, product: &str, n: usize) -> Vec<String> {
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let (status, body) = fleet.meters[meter]
-            .checkout(product, &format!("user{meter}-{i}"))
-            .await;
-        if status == 200 {
-            handles.push(body["handle"].as_str().unwrap().to_owned());
-        }
-    }
-    handles
-}
-
 /// Adds an entitlement of `units` to `product` expiring in an hour; returns its id.
 async fn expiring(fleet: &Fleet, product: &str, units: u32) -> i64 {
     let at = chrono::Utc::now() + chrono::Duration::hours(1);
@@ -68,9 +54,9 @@ async fn an_expired_entitlement_leaves_purchased_without_taking_a_unit_in_use(ba
     fleet.balance().await;
     assert_eq!(fleet.allocation("paris", "cad").await, 4);
     assert_eq!(fleet.allocation("tokyo", "cad").await, 4);
-    let paris = checkout_n(&fleet, 0, "cad", 4).await;
+    let paris = fleet.checkout_n(0, "cad", 4).await;
     assert_eq!(paris.len(), 4);
-    let tokyo = checkout_n(&fleet, 1, "cad", 1).await;
+    let tokyo = fleet.checkout_n(1, "cad", 1).await;
     assert_eq!(tokyo.len(), 1);
 
     // The 6-unit contract ends. The reserve is empty: Tokyo's 3 free units go first, then 3

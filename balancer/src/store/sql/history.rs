@@ -2,8 +2,8 @@
 //! reads the demand signals, the metrics and the advisor make of them.
 
 use super::{
-    CellAccounting, Db, HistoryBucket, HistoryQuery, Pool, StoreError, StoreResult, UsageSample,
-    begin_write, count, values_placeholders,
+    CellAccounting, Db, HistoryBucket, HistoryQuery, NameIds, Pool, StoreError, StoreResult,
+    UsageSample, begin_write, count, values_placeholders,
 };
 
 /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
@@ -27,21 +27,13 @@ pub(super) async fn record_samples(
         return Ok(());
     }
     let mut tx = begin_write(pool).await?;
-    let servers: std::collections::HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM servers WHERE removed_at IS NULL")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-    let products: std::collections::HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    let ids = NameIds::read(&mut tx).await?;
     let rows: Vec<(i64, i64, &UsageSample)> = samples
         .iter()
-        .filter_map(|s| Some((*servers.get(&s.server)?, *products.get(&s.product)?, s)))
+        .filter_map(|s| {
+            let (server, product) = ids.cell(&s.server, &s.product)?;
+            Some((server, product, s))
+        })
         .collect();
     for chunk in rows.chunks(CHUNK) {
         let mut sql = String::from(

@@ -90,6 +90,36 @@ fn conflict_on_constraint(err: sqlx::Error, what: &str) -> StoreError {
     StoreError::Database(err)
 }
 
+/// The ids of live servers and of products by name, read once inside a bulk write's
+/// transaction so its rows can name them without a lookup per row.
+struct NameIds {
+    servers: std::collections::HashMap<String, i64>,
+    products: std::collections::HashMap<String, i64>,
+}
+
+impl NameIds {
+    async fn read(conn: &mut Conn) -> StoreResult<Self> {
+        let servers = sqlx::query_as::<_, (String, i64)>(
+            "SELECT name, id FROM servers WHERE removed_at IS NULL",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        let products = sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Self { servers, products })
+    }
+
+    /// (server id, product id), when both exist.
+    fn cell(&self, server: &str, product: &str) -> Option<(i64, i64)> {
+        Some((*self.servers.get(server)?, *self.products.get(product)?))
+    }
+}
+
 /// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
 /// one statement per chunk instead of one per row (each statement is a round trip).
 fn values_placeholders(rows: usize, columns: usize) -> String {

@@ -2,11 +2,11 @@
 //! read by the usage and renewal reports. A report's grouping is one of a fixed set of column
 //! expressions, never text from the request.
 
-use super::{Db, Pool, StoreResult, begin_write, count, values_placeholders};
+use super::{Conn, Db, Pool, StoreResult, begin_write, count, values_placeholders};
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::usage::Interval;
 use allot_core::wire::records::{GroupBy, RecordAck, RecordBatch};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Stores a server's batch in one transaction; records already stored count as duplicates,
 /// records naming a product the balancer does not know are dropped (and counted).
@@ -29,41 +29,42 @@ pub(super) async fn store_records(
     let mut ack = RecordAck::default();
     let mut dropped = 0u64;
     let mut groups: Vec<(String, &str)> = Vec::new();
+    // Each record kind: its rows with their product id, the INSERT's head and column count,
+    // and how one row binds.
+    let known = |product: &str| products.get(product).copied();
     let usage: Vec<_> = batch
         .usage
         .iter()
-        .filter_map(|r| match products.get(&r.product) {
-            Some(&pid) => Some((pid, r)),
-            None => {
-                dropped += 1;
-                None
-            }
-        })
+        .filter_map(|r| known(&r.product).map(|pid| (pid, r)))
         .collect();
+    let denials: Vec<_> = batch
+        .denials
+        .iter()
+        .filter_map(|r| known(&r.product).map(|pid| (pid, r)))
+        .collect();
+    dropped += (batch.usage.len() - usage.len() + batch.denials.len() - denials.len()) as u64;
     for chunk in usage.chunks(500) {
-        let mut sql = String::from(
-            "INSERT INTO usage_records (id, server_id, product_id, user_name, host, units, \
-             started_at, ended_at, ended_by) VALUES ",
-        );
-        sql.push_str(&values_placeholders(chunk.len(), 9));
-        sql.push_str(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
-        for (pid, r) in chunk {
-            query = query
-                .bind(r.id.to_string())
-                .bind(server_id)
-                .bind(*pid)
-                .bind(&r.user)
-                .bind(&r.host)
-                .bind(i64::from(r.units))
-                .bind(r.started_at.timestamp_millis())
-                .bind(r.ended_at.timestamp_millis())
-                .bind(r.ended_by.as_str());
-        }
-        let stored = query.fetch_all(&mut *tx).await?;
-        ack.stored += stored.len() as u64;
-        ack.duplicates += (chunk.len() - stored.len()) as u64;
-        let fresh: std::collections::HashSet<String> = stored.into_iter().collect();
+        let fresh = insert_new(
+            &mut tx,
+            "usage_records (id, server_id, product_id, user_name, host, units, started_at, \
+             ended_at, ended_by)",
+            9,
+            chunk,
+            |q, (pid, r)| {
+                q.bind(r.id.to_string())
+                    .bind(server_id)
+                    .bind(*pid)
+                    .bind(&r.user)
+                    .bind(&r.host)
+                    .bind(i64::from(r.units))
+                    .bind(r.started_at.timestamp_millis())
+                    .bind(r.ended_at.timestamp_millis())
+                    .bind(r.ended_by.as_str())
+            },
+        )
+        .await?;
+        ack.stored += fresh.len() as u64;
+        ack.duplicates += (chunk.len() - fresh.len()) as u64;
         for (_, r) in chunk {
             let id = r.id.to_string();
             if fresh.contains(&id) {
@@ -71,40 +72,27 @@ pub(super) async fn store_records(
             }
         }
     }
-    let denials: Vec<_> = batch
-        .denials
-        .iter()
-        .filter_map(|r| match products.get(&r.product) {
-            Some(&pid) => Some((pid, r)),
-            None => {
-                dropped += 1;
-                None
-            }
-        })
-        .collect();
     for chunk in denials.chunks(500) {
-        let mut sql = String::from(
-            "INSERT INTO denial_records (id, server_id, product_id, user_name, host, at, \
-             reason, free_elsewhere) VALUES ",
-        );
-        sql.push_str(&values_placeholders(chunk.len(), 8));
-        sql.push_str(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
-        for (pid, r) in chunk {
-            query = query
-                .bind(r.id.to_string())
-                .bind(server_id)
-                .bind(*pid)
-                .bind(&r.user)
-                .bind(&r.host)
-                .bind(r.at.timestamp_millis())
-                .bind(&r.reason)
-                .bind(r.free_elsewhere);
-        }
-        let stored = query.fetch_all(&mut *tx).await?;
-        ack.stored += stored.len() as u64;
-        ack.duplicates += (chunk.len() - stored.len()) as u64;
-        let fresh: std::collections::HashSet<String> = stored.into_iter().collect();
+        let fresh = insert_new(
+            &mut tx,
+            "denial_records (id, server_id, product_id, user_name, host, at, reason, \
+             free_elsewhere)",
+            8,
+            chunk,
+            |q, (pid, r)| {
+                q.bind(r.id.to_string())
+                    .bind(server_id)
+                    .bind(*pid)
+                    .bind(&r.user)
+                    .bind(&r.host)
+                    .bind(r.at.timestamp_millis())
+                    .bind(&r.reason)
+                    .bind(r.free_elsewhere)
+            },
+        )
+        .await?;
+        ack.stored += fresh.len() as u64;
+        ack.duplicates += (chunk.len() - fresh.len()) as u64;
         for (_, r) in chunk {
             let id = r.id.to_string();
             if fresh.contains(&id) {
@@ -126,6 +114,29 @@ pub(super) async fn store_records(
     }
     tx.commit().await?;
     Ok((ack, dropped))
+}
+
+/// A statement binding one row's parameters.
+type Insert<'q> = sqlx::query::QueryScalar<'q, Db, String, <Db as sqlx::Database>::Arguments>;
+
+/// Inserts `rows` into `into` (`table (columns)`) in one statement, skipping ids already
+/// stored; returns the ids stored now.
+async fn insert_new<'q, R>(
+    conn: &mut Conn,
+    into: &str,
+    columns: usize,
+    rows: &'q [R],
+    bind: impl Fn(Insert<'q>, &'q R) -> Insert<'q>,
+) -> StoreResult<HashSet<String>> {
+    let sql = format!(
+        "INSERT INTO {into} VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+        values_placeholders(rows.len(), columns)
+    );
+    let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+    for row in rows {
+        query = bind(query, row);
+    }
+    Ok(query.fetch_all(&mut *conn).await?.into_iter().collect())
 }
 
 /// The key column and the join a grouping needs: a fixed set, never request text.

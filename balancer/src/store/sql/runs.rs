@@ -1,11 +1,10 @@
 //! Balance runs and the answered instant-balance requests (idempotence by request id).
 
 use super::{
-    Db, ExplainedCell, InstantRecord, MoveRow, Pool, RunDecision, RunDetail, RunOutcome, RunRow,
-    RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid, begin_write, count, json,
-    move_columns, now_ms, run_columns, values_placeholders,
+    Db, ExplainedCell, InstantRecord, MoveRow, NameIds, Pool, RunDecision, RunDetail, RunOutcome,
+    RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid, begin_write, count,
+    json, move_columns, now_ms, run_columns, values_placeholders,
 };
-use std::collections::HashMap;
 
 pub(super) async fn begin_run(
     pool: &Pool<Db>,
@@ -179,21 +178,13 @@ pub(super) async fn record_decisions(
         return Ok(());
     }
     let mut tx = begin_write(pool).await?;
-    let servers: HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM servers WHERE removed_at IS NULL")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-    let products: HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i64)>("SELECT name, id FROM products")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    let ids = NameIds::read(&mut tx).await?;
     let rows: Vec<(i64, i64, &RunDecision)> = decisions
         .iter()
-        .filter_map(|d| Some((*servers.get(&d.cell.server)?, *products.get(&d.product)?, d)))
+        .filter_map(|d| {
+            let (server, product) = ids.cell(&d.cell.server, &d.product)?;
+            Some((server, product, d))
+        })
         .collect();
     for chunk in rows.chunks(CHUNK) {
         let mut sql = String::from(
