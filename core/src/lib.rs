@@ -1,7 +1,8 @@
 //! allot's pure core: no clock, no I/O, no randomness — every decision of allot as a function.
 //!
 //! - `domain` — the vocabulary of DESIGN.md as types (products, servers, policies, moves).
-//! - `wire` — the JSON shapes of the HTTP APIs (`wire::agent`, `wire::balancer`).
+//! - `wire` — the JSON shapes of the HTTP APIs (`wire::agent`, `wire::balancer`,
+//!   `wire::records`).
 //! - `error` — the stable error codes both servers answer with.
 //! - `validate` — the edge rules every request is checked against.
 //! - `openapi` — the schemas of both APIs (feature `openapi`).
@@ -11,6 +12,8 @@
 //! - `planner` — where every unit should sit: `types`, the per-product flow, the water-fill.
 //! - `instant` — what an instant balance grants and reclaims.
 //! - `advisor` — schedule and buffer recommendations from the history.
+//! - `expiry` — which servers retire how many units of an expired entitlement.
+//! - `usage` — concurrency over a window from usage records, and the renewal suggestion.
 //!
 //! Everything here is deterministic and free of I/O: the vocabulary of DESIGN.md as types
 //! ([`domain`]), the JSON shapes of the HTTP APIs ([`wire`]), the stable error codes
