@@ -89,7 +89,7 @@ pub enum Mutation {
     Lease(LeaseRecord),
     /// An operator revoked a checkout: its row goes, the revocation is remembered, its usage
     /// record waits for the balancer.
-    Revoke(Revocation, Box<UsageRecord>),
+    Revoke(Revocation, Option<Box<UsageRecord>>),
 }
 
 impl Mutation {
@@ -371,7 +371,9 @@ impl Store {
                 Mutation::Revoke(r, usage) => {
                     // The checkout may have been inserted earlier in this batch.
                     flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
-                    outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
+                    if let Some(usage) = usage {
+                        outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
+                    }
                     sqlx::query("DELETE FROM checkouts WHERE handle = ?")
                         .bind(r.handle.to_string())
                         .execute(&mut *tx)

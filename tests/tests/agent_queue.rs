@@ -3,6 +3,7 @@
 
 use allot_tests::agent::{TestAgent, hard_stop, poll_until};
 use serde_json::json;
+use sqlx::Connection;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,14 @@ async fn a_wait_that_times_out_is_denied_and_leaves_the_queue() {
             .await
             .contains("allot_agent_denials_total{product=\"cad\",reason=\"timeout\"} 1")
     );
+    // A standalone server has no balancer to ship records to: it keeps none.
+    let db = format!("sqlite://{}", a.dir.path().join("agent.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

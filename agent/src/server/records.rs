@@ -3,7 +3,7 @@
 //! batches by [`ship_task`]; a batch leaves the outbox only once the balancer has stored it, and
 //! the balancer stores a record id once, so a crash on either side loses and duplicates none.
 
-use super::{App, FAILURE_LOG_EVERY, Throttle};
+use super::{App, FAILURE_LOG_EVERY, Shared, Throttle};
 use crate::store::{Mutation, OutboxReader};
 use allot_core::checkout::{Ended, Millis};
 use allot_core::wire::records::{DenialRecord, EndedBy, MAX_BATCH, UsageRecord};
@@ -19,9 +19,16 @@ fn at(ms: Millis) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)).unwrap_or_default()
 }
 
-/// The usage record of a checkout that ended at `now`.
-pub(super) fn usage(ended: &Ended, ended_by: EndedBy, now: Millis) -> Box<UsageRecord> {
-    Box::new(UsageRecord {
+/// The usage record of a checkout that ended at `now`; none on a standalone server, which
+/// has no balancer to ship records to.
+pub(super) fn usage(
+    app: &Shared,
+    ended: &Ended,
+    ended_by: EndedBy,
+    now: Millis,
+) -> Option<Box<UsageRecord>> {
+    app.balancer.as_ref()?;
+    Some(Box::new(UsageRecord {
         id: Uuid::now_v7(),
         product: ended.product.to_string(),
         user: ended.user.clone(),
@@ -31,19 +38,22 @@ pub(super) fn usage(ended: &Ended, ended_by: EndedBy, now: Millis) -> Box<UsageR
         started_at: at(ended.started_at),
         ended_at: at(now.max(ended.started_at)),
         ended_by,
-    })
+    }))
 }
 
-/// The record of a checkout denied at `now` with the stable code `reason`.
+/// The record of a checkout denied at `now` with the stable code `reason`; none on a
+/// standalone server.
 pub(super) fn denial(
+    app: &Shared,
     product: &str,
     user: &str,
     host: &str,
     groups: &[String],
     reason: &str,
     now: Millis,
-) -> Box<DenialRecord> {
-    Box::new(DenialRecord {
+) -> Option<Box<DenialRecord>> {
+    app.balancer.as_ref()?;
+    Some(Box::new(DenialRecord {
         id: Uuid::now_v7(),
         product: product.to_owned(),
         user: user.to_owned(),
@@ -52,7 +62,7 @@ pub(super) fn denial(
         at: at(now),
         reason: reason.to_owned(),
         free_elsewhere: None,
-    })
+    }))
 }
 
 /// Ships the outbox to the balancer until the server stops: the oldest records first, in

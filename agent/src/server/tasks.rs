@@ -41,7 +41,7 @@ pub(super) async fn timer_task(app: App) {
                 app.metrics.staleout(&product);
                 tracing::info!(%product, "checkout staled out");
                 touched.push(product.clone());
-                let usage = Some(super::records::usage(&ended, EndedBy::Staleout, now));
+                let usage = super::records::usage(&app, &ended, EndedBy::Staleout, now);
                 app.log_quiet(
                     &mut inner,
                     Mutation::Checkin {

@@ -271,14 +271,17 @@ fn lease_message(since: Millis, synced_at: Option<Millis>) -> String {
 fn denied(app: &Shared, req: &CheckoutRequest, reason: DenialReason, code: ErrorCode) {
     app.metrics.denial(&req.product, reason);
     let now = now_ms();
-    let mut record = records::denial(
+    let Some(mut record) = records::denial(
+        app,
         &req.product,
         &req.user,
         &req.host,
         &req.groups,
         code.as_str(),
         now,
-    );
+    ) else {
+        return;
+    };
     let mut inner = app.lock();
     // A shortage denial takes the class the balancer gave the shortfall it answered last
     // (within the hold bound and a margin); a policy denial has none.
@@ -487,7 +490,7 @@ pub(super) async fn checkin_handler(
             Mutation::Checkin {
                 handle,
                 product: product.clone(),
-                usage: ended.map(|e| records::usage(&e, EndedBy::Checkin, now)),
+                usage: ended.and_then(|e| records::usage(&app, &e, EndedBy::Checkin, now)),
             },
         );
         app.dispatch(&mut inner, served, now);

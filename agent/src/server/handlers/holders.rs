@@ -144,7 +144,7 @@ pub(super) async fn revoke_handler(
                 .granted_at
                 .map_or(now, |t| u64::try_from(t.timestamp_millis()).unwrap_or(now)),
         };
-        let usage = super::super::records::usage(&ended, EndedBy::Revoke, now);
+        let usage = super::super::records::usage(&app, &ended, EndedBy::Revoke, now);
         let ack = app.log(
             &mut inner,
             Mutation::Revoke(outcome.revocation.clone(), usage),
