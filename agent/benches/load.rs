@@ -7,7 +7,12 @@
 //!    checkout+checkin pairs/s and latency percentiles, closed loop;
 //! 3. the durable server at 80% of its measured peak, open loop (latency from the scheduled
 //!    send time, so queueing is not hidden);
-//! 4. the RSS of the real `allot-agent` binary holding 100,000 live checkouts.
+//! 4. the RSS of the real `allot-agent` binary holding 100,000 live checkouts;
+//! 5. with records flowing (`ALLOT_BENCH_ONLY=records` runs only this): the same open loop at
+//!    `ALLOT_BENCH_RECORD_RATE` pairs/s (default 1,000, so 1,000 usage records/s) against a
+//!    durable server synced with a real balancer (`allot_balancer::service::run` on SQLite, in
+//!    process) that ships every checkin's record, and against the standalone durable server
+//!    (which keeps none) in the same rounds: the checkout's cost of recording and shipping.
 //!
 //! Run: `cargo bench -p allot-agent --bench load` (env `ALLOT_BENCH_SECONDS`, default 3;
 //! `ALLOT_BENCH_CONNECTIONS`, default 128; `ALLOT_BENCH_ROUNDS`, default 3).
@@ -339,6 +344,10 @@ fn main() {
         .prefix("allot-load-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
+    if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "records") {
+        records_flow(&server_rt, &client_rt, dir.path(), conns, secs, rounds);
+        return;
+    }
     let (bare_url, bare_stop) = start_bare(&server_rt);
     let (url, stop) = start_durable(&server_rt, &dir.path().join("durable"));
     std::thread::sleep(Duration::from_millis(300));
@@ -413,4 +422,203 @@ fn main() {
         rss_before as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
+}
+
+/// Section 5: open-loop checkout+checkin pairs against a server whose every checkin leaves a
+/// usage record shipped to a real balancer, and against the standalone server, round by round.
+fn records_flow(
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    dir: &std::path::Path,
+    conns: usize,
+    secs: u64,
+    rounds: usize,
+) {
+    use allot_agent::balancer::BalancerConfig;
+    use allot_agent::server::ServerConfig;
+    use clap::Parser;
+    let rate = env_or("ALLOT_BENCH_RECORD_RATE", 1_000) as f64;
+    let admin = "bench-admin-token-0123456789abcdef";
+    // The real balancer service on SQLite, built from `serve` arguments.
+    let listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let balancer_url = format!("http://{}", listener.local_addr().unwrap());
+    let argv = [
+        "allot-balancer",
+        "serve",
+        "--data-dir",
+        &dir.join("balancer").display().to_string(),
+        "--admin-token",
+        admin,
+    ];
+    let allot_balancer::cli::Cli {
+        command: allot_balancer::cli::Command::Serve(args),
+        ..
+    } = allot_balancer::cli::Cli::try_parse_from(argv).unwrap()
+    else {
+        panic!("serve arguments");
+    };
+    let (stop_balancer, stopped) = oneshot::channel::<()>();
+    server_rt.spawn(async move {
+        allot_balancer::service::run(listener, args, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let agent_listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let agent_url = format!("http://{}", agent_listener.local_addr().unwrap());
+    let http = client();
+    let api = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+        let request = http
+            .request(method, format!("{balancer_url}{path}"))
+            .bearer_auth(admin)
+            .json(&body);
+        let path = path.to_owned();
+        async move {
+            let r = request.send().await.unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let token = client_rt.block_on(async {
+        for _ in 0..200 {
+            if http
+                .get(format!("{balancer_url}/healthz"))
+                .send()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        api(
+            reqwest::Method::POST,
+            "/v1/products",
+            json!({"name": "cad"}),
+        )
+        .await;
+        api(
+            reqwest::Method::POST,
+            "/v1/products/cad/entitlements",
+            json!({"units": 1_000_000}),
+        )
+        .await;
+        api(
+            reqwest::Method::PUT,
+            "/v1/schedule",
+            json!({"cron": "0 0 1 1 *", "timezone": "UTC"}),
+        )
+        .await;
+        let registered = api(
+            reqwest::Method::POST,
+            "/v1/servers",
+            json!({"name": "bench", "url": agent_url, "site": "bench"}),
+        )
+        .await;
+        registered["token"].as_str().unwrap().to_owned()
+    });
+    let mut config = ServerConfig::new(dir.join("shipping"));
+    config.name = "bench".into();
+    config.token = Some(token);
+    config.balancer = Some(BalancerConfig::new(vec![balancer_url.clone()]));
+    let (stop_agent, agent_stopped) = oneshot::channel::<()>();
+    server_rt.spawn(async move {
+        allot_agent::run(agent_listener, config, async move {
+            let _ = agent_stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    // Every unit to the server, so no checkout waits for an instant balance.
+    client_rt.block_on(async {
+        for _ in 0..400 {
+            let products: serde_json::Value = http
+                .get(format!("{agent_url}/v1/products"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if products["products"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        api(
+            reqwest::Method::PUT,
+            "/v1/servers/bench/products/cad",
+            json!({"min_units": 1_000_000, "buffer_units": 0}),
+        )
+        .await;
+        api(reqwest::Method::POST, "/v1/balance", json!({})).await;
+    });
+    let (standalone, stop_standalone) = start_durable(server_rt, &dir.join("standalone"));
+    std::thread::sleep(Duration::from_millis(300));
+    open_loop(client_rt, &agent_url, conns, 1, rate);
+    open_loop(client_rt, &standalone, conns, 1, rate);
+    let (mut with, mut without) = (vec![], vec![]);
+    for round in 0..rounds {
+        let w = open_loop(client_rt, &agent_url, conns, secs, rate);
+        let o = open_loop(client_rt, &standalone, conns, secs, rate);
+        eprintln!(
+            "round {round}: at {rate:.0} pairs/s, shipping records: achieved {:.0}, p50 {:.2} ms, \
+             p99 {:.2} ms; standalone: achieved {:.0}, p50 {:.2} ms, p99 {:.2} ms",
+            w.ops, w.p50_ms, w.p99_ms, o.ops, o.p50_ms, o.p99_ms
+        );
+        with.push(w);
+        without.push(o);
+    }
+    // Let the shipper drain, then read what it shipped.
+    std::thread::sleep(Duration::from_secs(6));
+    let metrics = client_rt.block_on(async {
+        http.get(format!("{agent_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let read = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let med = |v: &[Result], f: fn(&Result) -> f64| median(v.iter().map(f).collect());
+    println!(
+        "| at {rate:.0} pairs/s, open loop, median of {rounds} rounds | shipping records | standalone (none) |"
+    );
+    println!("| --- | --- | --- |");
+    println!(
+        "| achieved pairs/s | {:.0} | {:.0} |",
+        med(&with, |r| r.ops),
+        med(&without, |r| r.ops)
+    );
+    println!(
+        "| latency per request p50 / p99 | {:.2} / {:.2} ms | {:.2} / {:.2} ms |",
+        med(&with, |r| r.p50_ms),
+        med(&with, |r| r.p99_ms),
+        med(&without, |r| r.p50_ms),
+        med(&without, |r| r.p99_ms)
+    );
+    println!(
+        "| records shipped / still waiting | {:.0} / {:.0} | – |",
+        read("allot_agent_records_shipped_total"),
+        read("allot_agent_records_waiting")
+    );
+    let _ = stop_agent.send(());
+    let _ = stop_standalone.send(());
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = stop_balancer.send(());
+    std::thread::sleep(Duration::from_millis(300));
 }
