@@ -12,6 +12,7 @@ use std::time::Duration;
 on_both_backends!(
     an_expired_entitlement_leaves_purchased_without_taking_a_unit_in_use,
     a_permanent_entitlement_never_expires_and_the_reserve_pays_first,
+    kill9_after_a_retire_is_applied_retires_it_once,
 );
 
 /// Adds an entitlement of `units` to `product` expiring in an hour; returns its id.
@@ -163,5 +164,46 @@ async fn a_permanent_entitlement_never_expires_and_the_reserve_pays_first(backen
     assert_eq!(fleet.allocation("paris", "cad").await, 3);
     let runs = fleet.api().get("/v1/runs?trigger=reclaim").await;
     assert_eq!(runs["items"].as_array().unwrap().len(), 0, "{runs:#}");
+    fleet.assert_doctor_ok().await;
+}
+
+async fn kill9_after_a_retire_is_applied_retires_it_once(backend: Backend) {
+    let mut fleet = Fleet::start(
+        backend,
+        &[],
+        &[("ALLOT_FAULT_CRASH_AT", "after_retire_sent")],
+    )
+    .await;
+    fleet.product("cad", 1).await;
+    let contract = expiring(&fleet, "cad", 3).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    fleet.limits("paris", "cad", 4, 0).await;
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("paris", "cad").await, 4);
+    let held = fleet.checkout_n(0, "cad", 2).await;
+    assert_eq!(held.len(), 2);
+
+    // The contract ends; the retire move reaches Paris, which applies it durably, and the
+    // balancer dies before booking it.
+    expire_now(&fleet, contract).await;
+    fleet
+        .balancer
+        .restart_after_exit(Duration::from_secs(20))
+        .await;
+    // The restarted leader resends the move; Paris answers from its move log: retired once.
+    allot_tests::eventually("the retire is booked", Duration::from_secs(30), || async {
+        books(&fleet, "cad").await["purchased"] == 1
+    })
+    .await;
+    let detail = books(&fleet, "cad").await;
+    assert_eq!(
+        (detail["reserve"].as_u64(), detail["in_transit"].as_u64()),
+        (Some(0), Some(0)),
+        "{detail:#}"
+    );
+    assert_eq!(fleet.allocation("paris", "cad").await, 1, "{detail:#}");
+    assert_eq!(fleet.meters[0].product("cad").await["in_use"], 2);
+    fleet.assert_no_over_grant("cad", 1).await;
     fleet.assert_doctor_ok().await;
 }

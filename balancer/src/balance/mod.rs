@@ -248,6 +248,9 @@ impl Engine {
         match self.agents.send_move(server, mv.kind, &request).await {
             Ok(answer) => {
                 allot_http::fault::point("after_move_sent");
+                if mv.kind == MoveKind::Retire {
+                    allot_http::fault::point("after_retire_sent");
+                }
                 let booked = self
                     .store
                     .complete_move(
