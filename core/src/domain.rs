@@ -239,6 +239,9 @@ macro_rules! wire_enum_text {
     )+};
 }
 
+/// The same text forms for the wire enums of other modules (`wire::records`).
+pub(crate) use wire_enum_text;
+
 wire_enum_text! {
     Enforcement { HardStop = "hard_stop", SoftStop = "soft_stop", NoStop = "no_stop" }
     Seat { Concurrent = "concurrent", PerUserHost = "per_user_host", PerUser = "per_user" }

@@ -6,11 +6,12 @@
 //! the books balance at every step; units in use stay with their clients, and a server left
 //! with fewer units than in use grants nothing new until enough are checked in.
 
-use super::{BalanceError, Engine, Observation};
-use crate::store::{NewMove, RunOutcome};
-use allot_core::domain::{MoveKind, RunTrigger};
+use super::{BalanceError, Engine};
+use crate::store::{NewMove, RunOutcome, ServerRecord};
+use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::expiry::{Holding, retirements};
 use chrono::Utc;
+use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -38,12 +39,26 @@ impl Engine {
             return Ok(0);
         }
         let run_id = self.store.begin_run(RunTrigger::Reclaim, epoch).await?;
-        let Observation {
-            servers, statuses, ..
-        } = self.observe(true).await?;
+        // Only the servers holding an owed product are asked what they have in use.
+        let holding: BTreeSet<String> = self
+            .store
+            .cells()
+            .await?
+            .into_iter()
+            .filter(|c| c.units > 0 && owed.iter().any(|(p, _)| *p == c.product))
+            .map(|c| c.server)
+            .collect();
+        let servers: Vec<ServerRecord> = self
+            .store
+            .server_records()
+            .await?
+            .into_iter()
+            .filter(|s| s.state != ServerState::Lost && holding.contains(&s.name))
+            .collect();
+        let (statuses, unreachable) = self.statuses(&servers, true).await;
         let mut outcome = RunOutcome {
             servers_queried: statuses.len() as u64,
-            servers_unreachable: servers.len().saturating_sub(statuses.len()) as u64,
+            servers_unreachable: unreachable.len() as u64,
             ..RunOutcome::default()
         };
         for (product, units) in owed {

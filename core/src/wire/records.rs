@@ -5,6 +5,8 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
 use uuid::Uuid;
 
 /// The most records one batch may carry, to bound a request's size and its transaction.
@@ -25,35 +27,6 @@ pub enum EndedBy {
     Idle,
     /// The metering server restarted and could not keep it.
     Restart,
-}
-
-impl EndedBy {
-    /// The name used on the wire and in the store.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndedBy::Checkin => "checkin",
-            EndedBy::Staleout => "staleout",
-            EndedBy::Revoke => "revoke",
-            EndedBy::Idle => "idle",
-            EndedBy::Restart => "restart",
-        }
-    }
-}
-
-impl std::str::FromStr for EndedBy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [
-            EndedBy::Checkin,
-            EndedBy::Staleout,
-            EndedBy::Revoke,
-            EndedBy::Idle,
-            EndedBy::Restart,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == s)
-        .ok_or_else(|| format!("unknown end {s:?}"))
-    }
 }
 
 /// One ended checkout.
@@ -152,37 +125,9 @@ pub enum GroupBy {
     Product,
 }
 
-impl GroupBy {
-    /// The name used on the wire and the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GroupBy::User => "user",
-            GroupBy::Group => "group",
-            GroupBy::Host => "host",
-            GroupBy::Server => "server",
-            GroupBy::Site => "site",
-            GroupBy::Product => "product",
-        }
-    }
-}
-
-impl std::str::FromStr for GroupBy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [
-            GroupBy::User,
-            GroupBy::Group,
-            GroupBy::Host,
-            GroupBy::Server,
-            GroupBy::Site,
-            GroupBy::Product,
-        ]
-        .into_iter()
-        .find(|g| g.as_str() == s)
-        .ok_or_else(|| {
-            format!("unknown group_by {s:?}: one of user, group, host, server, site, product")
-        })
-    }
+crate::domain::wire_enum_text! {
+    EndedBy { Checkin = "checkin", Staleout = "staleout", Revoke = "revoke", Idle = "idle", Restart = "restart" }
+    GroupBy { User = "user", Group = "group", Host = "host", Server = "server", Site = "site", Product = "product" }
 }
 
 /// One group's usage over a report's window.
