@@ -428,7 +428,7 @@ fn expected_targets(
         };
     }
     // Rule 6a: grants the reserve cannot fund. Grants ahead of demand are deferred first
-    // (largest grant first); the urgent ones then take excess above the donors' wants, then
+    // (smallest grant first); the urgent ones then take excess above the donors' wants, then
     // excess down to the donors' fair shares (largest first). Ties go by server: the cells are
     // in server order and the sorts are stable.
     let planned: u64 = target.iter().sum();
@@ -439,7 +439,7 @@ fn expected_targets(
         let mut ahead: Vec<usize> = (0..n)
             .filter(|&k| config.instant_balancing && decision[k] == Decision::GrantAhead)
             .collect();
-        ahead.sort_by_key(|&k| std::cmp::Reverse(grant(k, &target)));
+        ahead.sort_by_key(|&k| grant(k, &target));
         for k in ahead {
             if over == 0 {
                 break;

@@ -57,7 +57,7 @@
 //! 6. **Take back slow.** A cell above its fair share keeps its excess, except: (a) as much as
 //!    rule 5's *urgent* grants need beyond the reserve — first units above the donors' wants,
 //!    then units between a donor's fair share and its want (largest first, then by server id);
-//!    a grant ahead of demand that the reserve cannot fund is deferred (largest first), since
+//!    a grant ahead of demand that the reserve cannot fund is deferred (smallest first), since
 //!    pre-positioning is worth a move from the reserve but not two moves and a donor's wait —
 //!    with instant balancing off, when the runs are the only way units move, every grant is
 //!    funded this way; (b) with instant balancing on, the excess above what the cell
@@ -370,8 +370,10 @@ fn plan_product_with(
     })
 }
 
-/// Rule 6a's middle step: grants ahead of demand are cut back (largest first, then by server
-/// id) until the plan fits the pool or none is left; returns the units then planned.
+/// Rule 6a's middle step: grants ahead of demand are cut back (smallest first, then by server
+/// id) until the plan fits the pool or none is left; returns the units then planned. Smallest
+/// first keeps the plan monotone: a cell that wants more is never granted less (largest first
+/// cut a cell's grant back for having grown).
 fn defer_grants_ahead(
     work: &mut [Work],
     mut planned: u128,
@@ -383,8 +385,8 @@ fn defer_grants_ahead(
         .collect();
     let grant = |w: &Work| w.target - w.allocation;
     ahead.sort_unstable_by(|&a, &b| {
-        grant(&work[b])
-            .cmp(&grant(&work[a]))
+        grant(&work[a])
+            .cmp(&grant(&work[b]))
             .then(work[a].server.cmp(&work[b].server))
     });
     for k in ahead {
