@@ -108,6 +108,175 @@ pub struct Policy {
         deserialize_with = "tolerant_acl"
     )]
     pub acl: Acl,
+    /// The options-file rules: per user/group/host caps and reservations, linger, borrowing,
+    /// idle reclaim and queue priorities.
+    #[serde(
+        default,
+        skip_serializing_if = "Options::is_default",
+        deserialize_with = "tolerant_options"
+    )]
+    pub options: Options,
+}
+
+/// Whom a limit or a reservation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One user (the checkout's `user`).
+    User,
+    /// The members of a group (a checkout counts in every group its client states).
+    Group,
+    /// One host.
+    Host,
+}
+
+/// FlexNet's MAX: the most units one user, the members of one group, or one host may hold at
+/// once at a metering server. A cap is per server: the balancer moves units between servers,
+/// not holders, so a user working at two sites may hold `max` at each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Whom it caps.
+    pub scope: Scope,
+    /// The user, group or host name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub name: String,
+    /// Most units held at once (0 refuses every checkout of that scope).
+    #[cfg_attr(feature = "openapi", schema(maximum = 1_000_000))]
+    pub max: u32,
+}
+
+/// FlexNet's RESERVE: units of each server's allocation kept for one user, group or host.
+/// Others are refused those units while they are free; the balancer counts them as needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// Whom the units are kept for.
+    pub scope: Scope,
+    /// The user, group or host name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub name: String,
+    /// Units kept.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    pub units: u32,
+}
+
+/// The wait-queue order of a group's members: higher first, first come first served within
+/// one priority (SMS 2.0's callback priorities). Groups not listed have priority 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GroupPriority {
+    /// The group.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub group: String,
+    /// Its priority, 0–1000; a client in several groups takes the highest.
+    #[cfg_attr(feature = "openapi", schema(maximum = 1000))]
+    pub priority: u32,
+}
+
+/// A product's options-file rules. Every field defaults to "off", so a policy without them
+/// behaves exactly as before they existed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Per user, group or host caps (FlexNet MAX).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// Units kept for a user, group or host (FlexNet RESERVE).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<Reservation>,
+    /// After a checkin the seat stays held for its user and host this long; a relaunch in
+    /// that time reuses it (FlexNet LINGER). 0: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub linger_seconds: u32,
+    /// Whether a waiting client may take a lingering unit before its linger is up (otherwise
+    /// lingering units are held to the end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linger_yields: bool,
+    /// The longest a unit may be borrowed for offline use, in hours (FlexNet
+    /// MAX_BORROW_HOURS). 0: borrowing is not allowed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_borrow_hours: u32,
+    /// A client idle this long hears a notice in its heartbeat answer. 0: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_notify_seconds: u32,
+    /// A client idle this long loses its checkout (FlexNet TIMEOUT), recorded as ended by
+    /// `idle`. 0: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_revoke_seconds: u32,
+    /// Wait-queue priorities per group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priorities: Vec<GroupPriority>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Options {
+    /// The options' names on the wire.
+    pub const FIELDS: [&'static str; 8] = [
+        "limits",
+        "reservations",
+        "linger_seconds",
+        "linger_yields",
+        "max_borrow_hours",
+        "idle_notify_seconds",
+        "idle_revoke_seconds",
+        "priorities",
+    ];
+
+    /// Whether every option is off, so it can be left out of answers and displays.
+    pub fn is_default(&self) -> bool {
+        *self == Options::default()
+    }
+
+    /// The queue priority of a client stating `groups`: the highest of its groups', else 0.
+    pub fn priority(&self, groups: &[String]) -> u32 {
+        self.priorities
+            .iter()
+            .filter(|p| groups.contains(&p.group))
+            .map(|p| p.priority)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Reads the options of a [`Policy`] in an answer: like [`tolerant_acl`], an option this
+/// version does not know is ignored only while it is off (empty, 0 or false), and refused
+/// otherwise, so an older metering server never silently drops a rule it cannot enforce.
+fn tolerant_options<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Options, D::Error> {
+    use serde::de::Error as _;
+    let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    if let Some((rule, _)) = map
+        .iter()
+        .find(|(k, v)| !Options::FIELDS.contains(&k.as_str()) && !is_off(v))
+    {
+        return Err(D::Error::custom(format!(
+            "options.{rule}: an option this metering server cannot enforce; upgrade it before using the option"
+        )));
+    }
+    map.retain(|k, _| Options::FIELDS.contains(&k.as_str()));
+    Options::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
+}
+
+/// Whether a JSON value says "off": null, empty, zero or false.
+fn is_off(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Bool(b) => !b,
+        serde_json::Value::Number(n) => n.as_f64() == Some(0.0),
+        serde_json::Value::Array(items) => items.is_empty(),
+        serde_json::Value::Object(fields) => fields.is_empty(),
+        serde_json::Value::String(_) => false,
+    }
 }
 
 /// Reads the ACL of a [`Policy`] — which travels in answers (products, a sync) — ignoring
@@ -119,15 +288,9 @@ pub struct Policy {
 fn tolerant_acl<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Acl, D::Error> {
     use serde::de::Error as _;
     let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
-    let empty = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => true,
-        serde_json::Value::Array(items) => items.is_empty(),
-        serde_json::Value::Object(fields) => fields.is_empty(),
-        _ => false,
-    };
     if let Some((rule, _)) = map
         .iter()
-        .find(|(k, v)| !Acl::FIELDS.contains(&k.as_str()) && !empty(v))
+        .find(|(k, v)| !Acl::FIELDS.contains(&k.as_str()) && !is_off(v))
     {
         return Err(D::Error::custom(format!(
             "acl.{rule}: a rule this metering server cannot enforce; upgrade it before using the rule"
@@ -145,6 +308,7 @@ impl Default for Policy {
             heartbeat_seconds: DEFAULT_HEARTBEAT_SECONDS,
             staleout_seconds: DEFAULT_STALEOUT_SECONDS,
             acl: Acl::default(),
+            options: Options::default(),
         }
     }
 }
@@ -249,6 +413,7 @@ wire_enum_text! {
     MoveKind { Release = "release", Grant = "grant", Retire = "retire" }
     MoveState { Planned = "planned", Applied = "applied", Abandoned = "abandoned" }
     RunTrigger { Scheduled = "scheduled", Instant = "instant", Manual = "manual", Reclaim = "reclaim" }
+    Scope { User = "user", Group = "group", Host = "host" }
 }
 
 #[cfg(test)]

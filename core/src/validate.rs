@@ -3,7 +3,7 @@
 //! One definition per rule so the balancer, the metering server and the CLI refuse the same
 //! things with the same words.
 
-use crate::domain::{Acl, Policy};
+use crate::domain::{Acl, Options, Policy};
 
 /// The largest unit count a single request may name.
 pub const MAX_UNITS: u32 = 1_000_000;
@@ -125,7 +125,97 @@ pub fn policy(policy: &Policy) -> Result<(), Invalid> {
             format!("must be between heartbeat_seconds ({hb}) and {MAX_POLICY_SECONDS}, got {so}"),
         ));
     }
-    acl(&policy.acl)
+    acl(&policy.acl)?;
+    options(&policy.options)
+}
+
+/// The most rules one list of a product's options may hold (limits, reservations,
+/// priorities), to bound the work of every checkout.
+pub const MAX_OPTION_RULES: usize = 1_000;
+/// The longest borrow a policy may allow: one year.
+pub const MAX_BORROW_HOURS: u32 = 366 * 24;
+/// The highest queue priority.
+pub const MAX_PRIORITY: u32 = 1_000;
+
+/// A product's options: bounded lists of valid names, no rule twice, times within bounds and
+/// the idle notice before the idle revoke.
+pub fn options(options: &Options) -> Result<(), Invalid> {
+    fn list<T>(
+        field: &str,
+        items: &[T],
+        key: impl Fn(&T) -> (String, &str),
+    ) -> Result<(), Invalid> {
+        if items.len() > MAX_OPTION_RULES {
+            return Err(Invalid::new(
+                field,
+                format!("must hold at most {MAX_OPTION_RULES} entries"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let (k, n) = key(item);
+            name(&format!("{field}[{i}].name"), n)?;
+            if !seen.insert(k.clone()) {
+                return Err(Invalid::new(
+                    format!("{field}[{i}]"),
+                    format!("duplicate rule for {k}; give each scope and name one rule"),
+                ));
+            }
+        }
+        Ok(())
+    }
+    list("options.limits", &options.limits, |l| {
+        (format!("{} {:?}", l.scope, l.name), &l.name)
+    })?;
+    for (i, l) in options.limits.iter().enumerate() {
+        units_or_zero(&format!("options.limits[{i}].max"), l.max)?;
+    }
+    list("options.reservations", &options.reservations, |r| {
+        (format!("{} {:?}", r.scope, r.name), &r.name)
+    })?;
+    for (i, r) in options.reservations.iter().enumerate() {
+        units(&format!("options.reservations[{i}].units"), r.units)?;
+    }
+    list("options.priorities", &options.priorities, |p| {
+        (format!("group {:?}", p.group), &p.group)
+    })?;
+    for (i, p) in options.priorities.iter().enumerate() {
+        if p.priority > MAX_PRIORITY {
+            return Err(Invalid::new(
+                format!("options.priorities[{i}].priority"),
+                format!("must be between 0 and {MAX_PRIORITY}, got {}", p.priority),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("options.linger_seconds", options.linger_seconds),
+        ("options.idle_notify_seconds", options.idle_notify_seconds),
+        ("options.idle_revoke_seconds", options.idle_revoke_seconds),
+    ] {
+        if value > MAX_POLICY_SECONDS {
+            return Err(Invalid::new(
+                field,
+                format!("must be between 0 and {MAX_POLICY_SECONDS}, got {value}"),
+            ));
+        }
+    }
+    if options.max_borrow_hours > MAX_BORROW_HOURS {
+        return Err(Invalid::new(
+            "options.max_borrow_hours",
+            format!(
+                "must be between 0 and {MAX_BORROW_HOURS}, got {}",
+                options.max_borrow_hours
+            ),
+        ));
+    }
+    let (notify, revoke) = (options.idle_notify_seconds, options.idle_revoke_seconds);
+    if notify > 0 && revoke > 0 && notify >= revoke {
+        return Err(Invalid::new(
+            "options.idle_notify_seconds",
+            format!("must be below idle_revoke_seconds ({revoke}), got {notify}"),
+        ));
+    }
+    Ok(())
 }
 
 /// An ACL: each list bounded, each entry a valid name.

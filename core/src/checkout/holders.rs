@@ -70,10 +70,16 @@ pub fn waiter_id(waiter: u64) -> String {
     format!("wt_{waiter:020}")
 }
 
-/// Whether `s` is a holder id as [`CheckoutId`] or [`waiter_id`] write them.
+/// The public id of a lingering seat: `lg_` and its number, zero-padded like a waiter's.
+pub fn lingering_id(id: u64) -> String {
+    format!("lg_{id:020}")
+}
+
+/// Whether `s` is a holder id as [`CheckoutId`], [`waiter_id`] or [`lingering_id`] write them.
 pub fn is_holder_id(s: &str) -> bool {
     s.parse::<CheckoutId>().is_ok()
         || s.strip_prefix("wt_")
+            .or_else(|| s.strip_prefix("lg_"))
             .is_some_and(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -185,6 +191,8 @@ pub enum RevokeRefusal {
     Unknown,
     /// It was already revoked; the first revocation stands.
     AlreadyRevoked(Revocation),
+    /// It is borrowed: the unit is away with its holder, offline, until returned or expired.
+    Borrowed,
 }
 
 /// Unix milliseconds as a UTC time, for the wire.
@@ -227,6 +235,15 @@ impl Book {
                     ids.push((id, Entry::Waiting(&p.name, w)));
                 }
             }
+            for l in p.lingering.values().flatten() {
+                if !filter.matches(&p.name, &l.owner.user) {
+                    continue;
+                }
+                let id = lingering_id(l.id);
+                if *id > *after {
+                    ids.push((id, Entry::Lingering(&p.name, l)));
+                }
+            }
         }
         let more = ids.len() > limit;
         if more {
@@ -251,6 +268,22 @@ impl Book {
                     granted_at: None,
                     last_heartbeat: None,
                     waiting_since: Some(utc(w.since)),
+                    until: None,
+                }),
+                Entry::Lingering(product, l) => Some(Holder {
+                    id,
+                    server: server.to_owned(),
+                    product: product.to_owned(),
+                    user: l.owner.user.to_string(),
+                    host: l.owner.host.to_string(),
+                    groups: l.owner.groups.to_vec(),
+                    units: l.units,
+                    state: HolderState::Lingering,
+                    overdraft: false,
+                    granted_at: None,
+                    last_heartbeat: None,
+                    waiting_since: None,
+                    until: Some(utc(l.until)),
                 }),
             })
             .collect();
@@ -268,11 +301,15 @@ impl Book {
             host: live.host.to_string(),
             groups: live.groups.to_vec(),
             units: live.units,
-            state: HolderState::Held,
+            state: match live.borrowed_until {
+                Some(_) => HolderState::Borrowed,
+                None => HolderState::Held,
+            },
             overdraft: live.overdraft,
             granted_at: Some(utc(live.created_at)),
             last_heartbeat: live.heartbeat_at.map(utc),
             waiting_since: None,
+            until: live.borrowed_until.map(utc),
         })
     }
 
@@ -299,8 +336,15 @@ impl Book {
             });
         };
         let holder = self.holder(server, handle).ok_or(RevokeRefusal::Unknown)?;
+        if self
+            .checkouts
+            .get(&handle)
+            .is_some_and(|l| l.borrowed_until.is_some())
+        {
+            return Err(RevokeRefusal::Borrowed);
+        }
         let (product, served) = self
-            .checkin(handle, now, handles)
+            .end(handle, false, now, handles)
             .map_err(|_| RevokeRefusal::Unknown)?;
         let revocation = Revocation {
             handle,
@@ -346,6 +390,7 @@ impl Book {
 enum Entry<'a> {
     Held(Handle),
     Waiting(&'a str, &'a super::Waiter),
+    Lingering(&'a str, &'a super::options::Lingering),
 }
 
 #[cfg(test)]
@@ -368,6 +413,7 @@ mod tests {
             heartbeat_seconds: 10,
             staleout_seconds: 30,
             acl: Acl::default(),
+            options: Default::default(),
         };
         b.define("cad", policy.clone(), 0, &mut next);
         b.define("sim", policy, 0, &mut next);
@@ -482,7 +528,7 @@ mod tests {
         let Outcome::Queued(waiter) = take(&mut b, "cad", "bob", true, next()) else {
             panic!("bob waits");
         };
-        b.heartbeat(held, 7).unwrap();
+        b.heartbeat(held, None, 7).unwrap();
         let id = CheckoutId::of(held);
         let listed = b.holders("s1", &HolderFilter::default(), None, 10).0;
         let ann = listed.iter().find(|h| h.user == "ann").unwrap();
@@ -500,7 +546,7 @@ mod tests {
             at: 10,
             reason: "audit".into(),
         };
-        assert_eq!(b.heartbeat(held, 11), Err(told.clone()));
+        assert_eq!(b.heartbeat(held, None, 11), Err(told.clone()));
         assert_eq!(b.checkin(held, 11, &mut next).map(|_| ()), Err(told));
         assert!(matches!(
             b.revoke("s1", id, "again", 12, &mut next),
@@ -513,7 +559,7 @@ mod tests {
         // Long after, the revocation is forgotten: the handle is just unknown.
         b.expire(10 + REVOCATION_KEPT_MS, &mut next);
         assert_eq!(
-            b.heartbeat(held, 10 + REVOCATION_KEPT_MS),
+            b.heartbeat(held, None, 10 + REVOCATION_KEPT_MS),
             Err(BadHandle::Unknown)
         );
     }
@@ -528,7 +574,7 @@ mod tests {
             reason: "moved to another team".into(),
         });
         assert!(matches!(
-            b.heartbeat(Handle(77), 4),
+            b.heartbeat(Handle(77), None, 4),
             Err(BadHandle::Revoked { at: 3, .. })
         ));
         assert!(b.revocation(Handle(77)).is_some());

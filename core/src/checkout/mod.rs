@@ -16,6 +16,7 @@
 
 pub mod holders;
 mod moves;
+mod options;
 pub mod rules;
 pub mod types;
 
@@ -23,8 +24,11 @@ pub use holders::{
     CheckoutId, Cursor, HolderFilter, MAX_HOLDERS_PAGE, MAX_REASON_CHARS, REVOCATION_KEPT_MS,
     Revocation, RevokeOutcome, RevokeRefusal,
 };
+pub use options::{IdleVerdict, idle_verdict};
 pub use rules::*;
 pub use types::*;
+
+use options::{Lingering, Owner, Tally};
 
 use crate::domain::{MoveKind, Policy};
 use crate::wire::agent::{AgentProduct, MoveResponse, ProductStatus, UsageCounters};
@@ -37,6 +41,8 @@ use uuid::Uuid;
 struct SharedSeat {
     units: u32,
     handles: u32,
+    /// Whose units they are, for the tally (a `per_user` seat spans hosts).
+    owner: Owner,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +54,8 @@ struct Waiter {
     units: u32,
     /// When it joined the queue, for the holders' listing.
     since: Millis,
+    /// Its place in the queue: higher first, then first come first served.
+    priority: u32,
 }
 
 /// One live checkout in memory: what decisions and staleout need, and what the holders'
@@ -67,6 +75,8 @@ struct Live {
     created_at: Millis,
     /// The last heartbeat since the grant or the restart; `None` before the first.
     heartbeat_at: Option<Millis>,
+    /// Borrowed for offline use until then: no heartbeats needed, never revoked or reclaimed.
+    borrowed_until: Option<Millis>,
 }
 
 /// One product's live figures.
@@ -83,9 +93,55 @@ struct ProductBook {
     queued_units: u64,
     since_last: UsageCounters,
     totals: UsageCounters,
+    /// Units held per user, group and host that a limit or reservation names.
+    tally: Tally,
+    /// Seats lingering after their checkin, by [`options::linger_key`].
+    lingering: HashMap<Box<str>, Vec<Lingering>>,
 }
 
 impl ProductBook {
+    /// Units of the allocation a holder other than the reservations' own may not take: in use
+    /// (lingering included) plus the reservations not yet taken up.
+    fn committed(&self, holder: Option<(&str, &str, &[String])>) -> (u32, u32) {
+        let (own, others) = options::unfilled(&self.policy.options, &self.tally, holder);
+        (self.in_use.saturating_add(others), own)
+    }
+
+    /// Reserved units nobody holds yet: needed, not free, for the balancer and for releases.
+    fn reserved_idle(&self) -> u32 {
+        options::unfilled(&self.policy.options, &self.tally, None).1
+    }
+
+    /// Recounts the tally from the live checkouts, seats and lingering seats (after the rules
+    /// changed).
+    fn retally<'a>(&mut self, live: impl Iterator<Item = &'a Live>) {
+        let mut tally = options::tally_for(&self.policy.options);
+        if !tally.is_empty() {
+            for l in live.filter(|l| l.product == self.name && l.seat.is_none()) {
+                options::count(&mut tally, &l.user, &l.host, &l.groups, i64::from(l.units));
+            }
+            for s in self.seats.values() {
+                let o = &s.owner;
+                options::count(&mut tally, &o.user, &o.host, &o.groups, i64::from(s.units));
+            }
+            for l in self.lingering.values().flatten() {
+                let o = &l.owner;
+                options::count(&mut tally, &o.user, &o.host, &o.groups, i64::from(l.units));
+            }
+        }
+        self.tally = tally;
+    }
+
+    fn count_owner(&mut self, owner: &Owner, units: u32, sign: i64) {
+        options::count(
+            &mut self.tally,
+            &owner.user,
+            &owner.host,
+            &owner.groups,
+            sign * i64::from(units),
+        );
+    }
+
     fn note_in_use(&mut self) {
         self.since_last.peak_in_use = self.since_last.peak_in_use.max(self.in_use);
         self.totals.peak_in_use = self.totals.peak_in_use.max(self.in_use);
@@ -116,6 +172,11 @@ pub struct Book {
     /// `None`: standalone, no lease needed. `Some(t)`: new grants only while `now < t`, so a
     /// server the balancer may have declared lost never grants units it no longer owns.
     lease: Option<Millis>,
+    /// When each lingering seat ends, by its number.
+    linger_deadlines: BTreeSet<(Millis, u64)>,
+    /// Where each lingering seat is: its product and key.
+    lingers: HashMap<u64, (Arc<str>, Box<str>)>,
+    next_linger: u64,
 }
 
 impl Book {
@@ -138,11 +199,17 @@ impl Book {
     ) -> (bool, Vec<Served>) {
         let is_new = match self.products.get_mut(product) {
             Some(p) => {
+                let rules_changed = p.policy.options.limits != policy.options.limits
+                    || p.policy.options.reservations != policy.options.reservations;
                 p.policy = policy;
+                if rules_changed {
+                    p.retally(self.checkouts.values());
+                }
                 false
             }
             None => {
                 let name: Arc<str> = Arc::from(product);
+                let tally = options::tally_for(&policy.options);
                 self.products.insert(
                     name.clone(),
                     ProductBook {
@@ -156,6 +223,8 @@ impl Book {
                         queued_units: 0,
                         since_last: UsageCounters::default(),
                         totals: UsageCounters::default(),
+                        tally,
+                        lingering: HashMap::new(),
                     },
                 );
                 true
@@ -188,23 +257,38 @@ impl Book {
         let Some(p) = self.products.get_mut(record.product.as_str()) else {
             return;
         };
-        let deadline = staleout_deadline(now, p.policy.staleout_seconds);
+        let deadline = record
+            .borrowed_until
+            .unwrap_or_else(|| staleout_deadline(now, p.policy.staleout_seconds));
         let seat: Option<Box<str>> = record.seat.as_deref().map(Box::from);
-        match &seat {
+        let owner = Owner {
+            user: record.user.as_str().into(),
+            host: record.host.as_str().into(),
+            groups: record.groups.clone().into_boxed_slice(),
+        };
+        let takes = match &seat {
             Some(key) => match p.seats.get_mut(key) {
-                Some(s) => s.handles += 1,
+                Some(s) => {
+                    s.handles += 1;
+                    false
+                }
                 None => {
                     p.seats.insert(
                         key.clone(),
                         SharedSeat {
                             units: record.units,
                             handles: 1,
+                            owner: owner.clone(),
                         },
                     );
-                    p.in_use = p.in_use.saturating_add(record.units);
+                    true
                 }
             },
-            None => p.in_use = p.in_use.saturating_add(record.units),
+            None => true,
+        };
+        if takes {
+            p.in_use = p.in_use.saturating_add(record.units);
+            p.count_owner(&owner, record.units, 1);
         }
         p.note_in_use();
         let id = CheckoutId::of(record.handle);
@@ -222,6 +306,7 @@ impl Book {
                 overdraft: record.overdraft,
                 created_at: record.created_at,
                 heartbeat_at: None,
+                borrowed_until: record.borrowed_until,
             },
         );
         self.ids.insert(id, record.handle);
@@ -335,6 +420,49 @@ impl Book {
         now: Millis,
         handle: Handle,
     ) -> Result<Outcome, Refusal> {
+        self.request(product, who, units, wait, None, now, handle)
+    }
+
+    /// A borrow: one checkout held without heartbeats until `until` (Unix ms) for offline
+    /// use, granted only from units free now (never queued) and only where the policy allows
+    /// borrowing for that long. It is never revoked nor reclaimed; it ends by its return (a
+    /// checkin) or at `until` (a staleout).
+    pub fn borrow(
+        &mut self,
+        product: &str,
+        who: Who<'_>,
+        units: u32,
+        until: Millis,
+        now: Millis,
+        handle: Handle,
+    ) -> Result<Grant, Refusal> {
+        let p = self.products.get(product).ok_or(Refusal::UnknownProduct)?;
+        let max_hours = p.policy.options.max_borrow_hours;
+        if max_hours == 0 {
+            return Err(Refusal::BorrowNotAllowed);
+        }
+        if until.saturating_sub(now) > u64::from(max_hours) * 3_600_000 || until <= now {
+            return Err(Refusal::BorrowTooLong { max_hours });
+        }
+        match self.request(product, who, units, false, Some(until), now, handle)? {
+            Outcome::Granted(grant) => Ok(grant),
+            Outcome::Queued(_) => unreachable!("a borrow never waits"),
+        }
+    }
+
+    /// The checkout and the borrow: ACL, lease, a lingering seat to reuse, limits, then the
+    /// decision over what the reservations leave this requester.
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &mut self,
+        product: &str,
+        who: Who<'_>,
+        units: u32,
+        wait: bool,
+        borrow: Option<Millis>,
+        now: Millis,
+        handle: Handle,
+    ) -> Result<Outcome, Refusal> {
         let p = self
             .products
             .get_mut(product)
@@ -347,32 +475,82 @@ impl Book {
             // have reclaimed them), so it is not demand the balancer should act on.
             return Err(Refusal::LeaseExpired { since: until });
         }
-        let key = seat_key(p.policy.seat, who.user, who.host);
+        // A borrowed unit is its own seat: it leaves the site with its holder.
+        let key = seat_key(p.policy.seat, who.user, who.host).filter(|_| borrow.is_none());
         let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
-        let decision = decide(
+        if !seat_held && borrow.is_none() && p.policy.options.linger_seconds > 0 {
+            let lkey = options::linger_key(key.as_deref(), who.user, who.host);
+            let found = p.lingering.get(&lkey).and_then(|list| {
+                list.iter()
+                    .position(|l| key.is_some() || l.units == units)
+                    .map(|i| list[i].id)
+            });
+            if let Some(id) = found {
+                if self.checkouts.len() >= self.limits.max_checkouts {
+                    return Err(Refusal::Full);
+                }
+                let lingering = self.unlinger(id).expect("found above");
+                return Ok(Outcome::Granted(self.take(
+                    product,
+                    who,
+                    Take::Reuse(lingering),
+                    now,
+                    handle,
+                )));
+            }
+        }
+        let p = self.products.get_mut(product).expect("found above");
+        if !seat_held
+            && let Some(limit) =
+                options::breached(&p.policy.options, &p.tally, who.user, who.host, who.groups, units)
+        {
+            return Err(Refusal::Limit {
+                scope: limit.scope,
+                name: limit.name.clone(),
+                max: limit.max,
+            });
+        }
+        let (committed, own) = p.committed(Some((who.user, who.host, who.groups)));
+        // Units kept for this requester are its own: no queue stands before them.
+        let queue_ahead = !p.queue.is_empty() && units > own && borrow.is_none();
+        let mut decision = decide(
             p.policy.enforcement,
             p.allocation,
-            p.in_use,
+            committed,
             units,
             seat_held,
-            !p.queue.is_empty(),
+            queue_ahead,
         );
-        if decision == Decision::Deny {
-            if wait {
+        if decision == Decision::Deny && !queue_ahead && self.yield_lingering(product, units, committed) {
+            decision = Decision::Take { overdraft: false };
+        }
+        let p = self.products.get_mut(product).expect("found above");
+        if decision == Decision::Deny || (borrow.is_some() && decision != (Decision::Take { overdraft: false })) {
+            if wait && borrow.is_none() {
                 if self.waiting >= self.limits.max_waiting {
                     return Err(Refusal::Full);
                 }
                 self.next_waiter += 1;
                 let id = self.next_waiter;
                 p.queued_units += u64::from(units);
-                p.queue.push_back(Waiter {
-                    id,
-                    user: who.user.to_owned(),
-                    host: who.host.to_owned(),
-                    groups: who.groups.into(),
-                    units,
-                    since: now,
-                });
+                let priority = p.policy.options.priority(who.groups);
+                let at = p
+                    .queue
+                    .iter()
+                    .position(|w| w.priority < priority)
+                    .unwrap_or(p.queue.len());
+                p.queue.insert(
+                    at,
+                    Waiter {
+                        id,
+                        user: who.user.to_owned(),
+                        host: who.host.to_owned(),
+                        groups: who.groups.into(),
+                        units,
+                        since: now,
+                        priority,
+                    },
+                );
                 self.waiting += 1;
                 return Ok(Outcome::Queued(id));
             }
@@ -382,18 +560,84 @@ impl Book {
         if self.checkouts.len() >= self.limits.max_checkouts {
             return Err(Refusal::Full);
         }
-        Ok(Outcome::Granted(
-            self.take(product, who, units, decision, now, handle),
-        ))
+        let take = match (decision, borrow) {
+            (_, Some(until)) => Take::Borrow(until),
+            (Decision::Join, None) => Take::Join,
+            (Decision::Take { overdraft }, None) => Take::New { units, overdraft },
+            (Decision::Deny, None) => unreachable!("denials returned above"),
+        };
+        Ok(Outcome::Granted(self.take(product, who, take, now, handle)))
     }
 
-    /// Applies a non-deny decision: takes the units (or joins the seat) under a new handle.
+    /// Ends lingering seats of a product, the soonest to end first, until `units` more fit
+    /// beside `committed` — when its policy lets waiting clients take lingering units.
+    /// Returns whether they now fit.
+    fn yield_lingering(&mut self, product: &str, units: u32, committed: u32) -> bool {
+        let Some(p) = self.products.get(product) else {
+            return false;
+        };
+        if !p.policy.options.linger_yields
+            || p.policy.enforcement != crate::domain::Enforcement::HardStop
+        {
+            return false;
+        }
+        let fits = |committed: u32, allocation: u32| {
+            u64::from(committed) + u64::from(units) <= u64::from(allocation)
+        };
+        let mut soonest: Vec<(Millis, u64, u32)> = p
+            .lingering
+            .values()
+            .flatten()
+            .map(|l| (l.until, l.id, l.units))
+            .collect();
+        let lingering: u32 = soonest.iter().map(|l| l.2).sum();
+        if !fits(committed.saturating_sub(lingering), p.allocation) {
+            return false;
+        }
+        soonest.sort_unstable();
+        let allocation = p.allocation;
+        let mut committed = committed;
+        for (_, id, freed) in soonest {
+            if fits(committed, allocation) {
+                break;
+            }
+            self.end_lingering(id);
+            committed -= freed;
+        }
+        true
+    }
+
+    /// Takes a lingering seat out of the book's indexes, its units still counted in use.
+    fn unlinger(&mut self, id: u64) -> Option<Lingering> {
+        let (product, key) = self.lingers.remove(&id)?;
+        let p = self.products.get_mut(&product)?;
+        let list = p.lingering.get_mut(&key)?;
+        let i = list.iter().position(|l| l.id == id)?;
+        let l = list.swap_remove(i);
+        if list.is_empty() {
+            p.lingering.remove(&key);
+        }
+        self.linger_deadlines.remove(&(l.until, id));
+        Some(l)
+    }
+
+    /// Ends a lingering seat: its units free. Returns its product.
+    fn end_lingering(&mut self, id: u64) -> Option<Arc<str>> {
+        let product = self.lingers.get(&id)?.0.clone();
+        let l = self.unlinger(id)?;
+        let p = self.products.get_mut(&product)?;
+        p.in_use = p.in_use.saturating_sub(l.units);
+        p.count_owner(&l.owner, l.units, -1);
+        Some(product)
+    }
+
+    /// Applies a non-deny decision under a new handle: new units, a seat joined, a lingering
+    /// seat reused or a borrow.
     fn take(
         &mut self,
         product: &str,
         who: Who<'_>,
-        units: u32,
-        decision: Decision,
+        take: Take,
         now: Millis,
         handle: Handle,
     ) -> Grant {
@@ -402,29 +646,68 @@ impl Book {
             .get_mut(product)
             .expect("product checked by caller");
         let (user, host) = (who.user, who.host);
-        let key = seat_key(p.policy.seat, user, host).map(String::into_boxed_str);
-        let (units, joined, overdraft) = match decision {
-            Decision::Join => {
+        let owner = || Owner {
+            user: user.into(),
+            host: host.into(),
+            groups: who.groups.into(),
+        };
+        let mut key = seat_key(p.policy.seat, user, host).map(String::into_boxed_str);
+        let mut borrowed_until = None;
+        let (units, joined, overdraft) = match take {
+            Take::Join => {
                 let k = key.as_deref().expect("join needs a seat");
                 let s = p.seats.get_mut(k).expect("join needs a held seat");
                 s.handles += 1;
                 (s.units, true, false)
             }
-            Decision::Take { overdraft } => {
+            Take::Reuse(l) => {
+                // Its units are still in use; they change hands from the lingering owner.
+                p.count_owner(&l.owner, l.units, -1);
+                p.count_owner(&owner(), l.units, 1);
+                if let Some(k) = &l.seat {
+                    p.seats.insert(
+                        k.clone(),
+                        SharedSeat {
+                            units: l.units,
+                            handles: 1,
+                            owner: owner(),
+                        },
+                    );
+                }
+                key = l.seat;
+                (l.units, true, false)
+            }
+            Take::New { units, overdraft } => {
                 if let Some(k) = &key {
-                    p.seats.insert(k.clone(), SharedSeat { units, handles: 1 });
+                    p.seats.insert(
+                        k.clone(),
+                        SharedSeat {
+                            units,
+                            handles: 1,
+                            owner: owner(),
+                        },
+                    );
                 }
                 p.in_use = p.in_use.saturating_add(units);
+                p.count_owner(&owner(), units, 1);
                 p.note_in_use();
                 (units, false, overdraft)
             }
-            Decision::Deny => unreachable!("take is never called with a denial"),
+            Take::Borrow(until) => {
+                key = None;
+                borrowed_until = Some(until);
+                p.in_use = p.in_use.saturating_add(1);
+                p.count_owner(&owner(), 1, 1);
+                p.note_in_use();
+                (1, false, false)
+            }
         };
         p.count(|c| c.checkouts += 1);
         if overdraft {
             p.count(|c| c.overdrafts += 1);
         }
-        let deadline = staleout_deadline(now, p.policy.staleout_seconds);
+        let deadline =
+            borrowed_until.unwrap_or_else(|| staleout_deadline(now, p.policy.staleout_seconds));
         let id = CheckoutId::of(handle);
         self.checkouts.insert(
             handle,
@@ -440,6 +723,7 @@ impl Book {
                 overdraft,
                 created_at: now,
                 heartbeat_at: None,
+                borrowed_until,
             },
         );
         self.ids.insert(id, handle);
@@ -455,13 +739,16 @@ impl Book {
                 units,
                 overdraft,
                 created_at: now,
+                borrowed_until,
             },
             heartbeat_seconds: p.policy.heartbeat_seconds,
             joined,
         }
     }
 
-    /// Hands freed units to the product's queue, first come first served, while the head fits.
+    /// Hands freed units to the product's queue in its order (priority, then first come first
+    /// served). A waiter a limit holds back keeps its place without blocking those behind it;
+    /// behind a waiter that does not fit, only waiters taking units reserved for them go on.
     fn serve(
         &mut self,
         product: &str,
@@ -473,22 +760,46 @@ impl Book {
             // Without a lease nothing new is granted; the waiters stay until their timeout.
             return served;
         }
-        while let Some(p) = self.products.get_mut(product) {
-            let Some(head) = p.queue.front() else { break };
-            let key = seat_key(p.policy.seat, &head.user, &head.host);
+        let mut i = 0;
+        let mut blocked = false;
+        loop {
+            let Some(p) = self.products.get_mut(product) else {
+                break;
+            };
+            let Some(w) = p.queue.get(i) else { break };
+            let key = seat_key(p.policy.seat, &w.user, &w.host);
             let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
-            let decision = decide(
-                p.policy.enforcement,
-                p.allocation,
-                p.in_use,
-                head.units,
-                seat_held,
-                false,
-            );
-            if decision == Decision::Deny || self.checkouts.len() >= self.limits.max_checkouts {
+            let opts = &p.policy.options;
+            if !seat_held
+                && options::breached(opts, &p.tally, &w.user, &w.host, &w.groups, w.units)
+                    .is_some()
+            {
+                i += 1;
+                continue;
+            }
+            let (committed, own) = p.committed(Some((&w.user, &w.host, &w.groups)));
+            if blocked && (w.units > own || opts.reservations.is_empty()) {
+                if opts.reservations.is_empty() {
+                    break;
+                }
+                i += 1;
+                continue;
+            }
+            let (enforcement, allocation, units) = (p.policy.enforcement, p.allocation, w.units);
+            let mut decision = decide(enforcement, allocation, committed, units, seat_held, false);
+            if decision == Decision::Deny && self.yield_lingering(product, units, committed) {
+                decision = Decision::Take { overdraft: false };
+            }
+            if self.checkouts.len() >= self.limits.max_checkouts {
                 break;
             }
-            let w = p.queue.pop_front().expect("head exists");
+            if decision == Decision::Deny {
+                blocked = true;
+                i += 1;
+                continue;
+            }
+            let p = self.products.get_mut(product).expect("found above");
+            let w = p.queue.remove(i).expect("index checked");
             p.queued_units -= u64::from(w.units);
             self.waiting -= 1;
             let who = Who {
@@ -496,7 +807,15 @@ impl Book {
                 host: &w.host,
                 groups: &w.groups,
             };
-            let grant = self.take(product, who, w.units, decision, now, handles());
+            let take = match decision {
+                Decision::Join => Take::Join,
+                Decision::Take { overdraft } => Take::New {
+                    units: w.units,
+                    overdraft,
+                },
+                Decision::Deny => unreachable!("denials skipped above"),
+            };
+            let grant = self.take(product, who, take, now, handles());
             served.push(Served {
                 waiter: w.id,
                 grant,
@@ -548,22 +867,34 @@ impl Book {
         }
     }
 
-    /// Keeps a checkout alive. Returns its new staleout deadline.
-    pub fn heartbeat(&mut self, handle: Handle, now: Millis) -> Result<Millis, BadHandle> {
-        if !self.checkouts.contains_key(&handle) {
+    /// Keeps a checkout alive, and judges the client's idleness report against the policy's
+    /// idle rules. Returns its new staleout deadline (a borrow's stays its return time) and
+    /// the idle verdict; a [`IdleVerdict::Revoke`] is the caller's to carry out (it revokes
+    /// and records, as an operator's revoke).
+    pub fn heartbeat(
+        &mut self,
+        handle: Handle,
+        idle_seconds: Option<u32>,
+        now: Millis,
+    ) -> Result<(Millis, IdleVerdict), BadHandle> {
+        let Some(live) = self.checkouts.get_mut(&handle) else {
             return Err(self.bad_handle(handle));
-        }
-        let live = self.checkouts.get_mut(&handle).ok_or(BadHandle::Unknown)?;
+        };
         live.heartbeat_at = Some(now);
-        let staleout = self
-            .products
-            .get(&live.product)
-            .map_or(0, |p| p.policy.staleout_seconds);
+        if live.borrowed_until.is_some() {
+            return Ok((live.deadline, IdleVerdict::Active));
+        }
+        let policy = self.products.get(&live.product).map(|p| &p.policy);
+        let staleout = policy.map_or(0, |p| p.staleout_seconds);
+        let verdict = match (policy, idle_seconds) {
+            (Some(p), Some(idle)) => idle_verdict(&p.options, idle),
+            _ => IdleVerdict::Active,
+        };
         let deadline = staleout_deadline(now, staleout);
         self.deadlines.remove(&(live.deadline, handle));
         live.deadline = deadline;
         self.deadlines.insert((deadline, handle));
-        Ok(deadline)
+        Ok((deadline, verdict))
     }
 
     /// What a live checkout's usage record would say if it ended now, for the caller that
@@ -580,10 +911,24 @@ impl Book {
         })
     }
 
-    /// Ends a checkout. Returns the product and the waiters its freed units serve.
+    /// Ends a checkout. Returns the product and the waiters its freed units serve. Under a
+    /// policy with `linger_seconds`, the seat's units stay held for its user and host that long
+    /// (a borrow's return never lingers).
     pub fn checkin(
         &mut self,
         handle: Handle,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Result<(Arc<str>, Vec<Served>), BadHandle> {
+        self.end(handle, true, now, handles)
+    }
+
+    /// Ends a checkout by checkin (`linger`) or by staleout or revoke (no linger: the holder
+    /// is gone or was told to stop).
+    fn end(
+        &mut self,
+        handle: Handle,
+        linger: bool,
         now: Millis,
         handles: &mut impl FnMut() -> Handle,
     ) -> Result<(Arc<str>, Vec<Served>), BadHandle> {
@@ -593,35 +938,64 @@ impl Book {
         self.ids.remove(&live.id);
         self.deadlines.remove(&(live.deadline, handle));
         let product = live.product.clone();
+        let mut lingered = None;
         if let Some(p) = self.products.get_mut(&live.product) {
             let frees = match &live.seat {
                 Some(k) => match p.seats.get_mut(k) {
                     Some(s) if s.handles > 1 => {
                         s.handles -= 1;
-                        false
+                        None
                     }
-                    _ => {
-                        p.seats.remove(k);
-                        true
-                    }
+                    _ => p.seats.remove(k).map(|s| s.owner),
                 },
-                None => true,
+                None => Some(Owner {
+                    user: live.user.clone(),
+                    host: live.host.clone(),
+                    groups: live.groups.clone(),
+                }),
             };
-            if frees {
-                p.in_use = p.in_use.saturating_sub(live.units);
+            let linger_ms = u64::from(p.policy.options.linger_seconds) * 1000;
+            match frees {
+                Some(owner) if linger && linger_ms > 0 && live.borrowed_until.is_none() => {
+                    self.next_linger += 1;
+                    let id = self.next_linger;
+                    let key = options::linger_key(live.seat.as_deref(), &live.user, &live.host);
+                    let until = now.saturating_add(linger_ms);
+                    p.lingering.entry(key.clone()).or_default().push(Lingering {
+                        id,
+                        units: live.units,
+                        until,
+                        owner,
+                        seat: live.seat.clone(),
+                    });
+                    lingered = Some((until, id, key));
+                }
+                Some(owner) => {
+                    p.in_use = p.in_use.saturating_sub(live.units);
+                    p.count_owner(&owner, live.units, -1);
+                }
+                None => {}
             }
+        }
+        if let Some((until, id, key)) = lingered {
+            self.linger_deadlines.insert((until, id));
+            self.lingers.insert(id, (product.clone(), key));
         }
         let served = self.serve(&product, now, handles);
         Ok((product, served))
     }
 
-    /// The earliest staleout deadline, for the task that sleeps until it.
+    /// The earliest deadline (a staleout, a borrow's end or a linger's), for the task that
+    /// sleeps until it.
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.deadlines.first().map(|(d, _)| *d)
+        let staleout = self.deadlines.first().map(|(d, _)| *d);
+        let linger = self.linger_deadlines.first().map(|(d, _)| *d);
+        staleout.into_iter().chain(linger).min()
     }
 
-    /// Stales out every checkout whose deadline has passed. Returns the staled checkouts and
-    /// the waiters their units serve.
+    /// Stales out every checkout whose deadline has passed (a borrow past its time included)
+    /// and ends the lingers that are up. Returns the staled checkouts and the waiters their
+    /// units serve.
     pub fn expire(
         &mut self,
         now: Millis,
@@ -630,12 +1004,24 @@ impl Book {
         self.forget_old_revocations(now);
         let mut staled = Vec::new();
         let mut served = Vec::new();
+        while let Some(&(until, id)) = self.linger_deadlines.first() {
+            if until > now {
+                break;
+            }
+            match self.end_lingering(id) {
+                Some(product) => served.extend(self.serve(&product, now, handles)),
+                None => {
+                    self.linger_deadlines.pop_first();
+                }
+            }
+        }
         while let Some(&(deadline, handle)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
             let ended = self.ended(handle);
-            if let (Some(ended), Ok((product, s))) = (ended, self.checkin(handle, now, handles)) {
+            if let (Some(ended), Ok((product, s))) = (ended, self.end(handle, false, now, handles))
+            {
                 if let Some(p) = self.products.get_mut(&product) {
                     p.count(|c| c.staleouts += 1);
                 }
@@ -647,6 +1033,7 @@ impl Book {
         }
         (staled, served)
     }
+
     /// The product a live checkout belongs to.
     pub fn product_of(&self, handle: Handle) -> Option<&str> {
         self.checkouts.get(&handle).map(|l| &*l.product)
@@ -717,6 +1104,7 @@ impl Book {
                     allocation: p.allocation,
                     generation: p.generation,
                     in_use: p.in_use,
+                    reserved: p.reserved_idle().min(p.allocation.saturating_sub(p.in_use)),
                     waiting: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
                     since_last: p.since_last.clone(),
                     totals: p.totals.clone(),
@@ -733,6 +1121,18 @@ impl Book {
         out.sort_by(|a, b| a.product.cmp(&b.product));
         out
     }
+}
+
+/// How a granted checkout comes by its units.
+enum Take {
+    /// It shares a seat its user already holds.
+    Join,
+    /// It reuses its user's lingering seat.
+    Reuse(Lingering),
+    /// It takes new units (beyond the allocation under soft stop: `overdraft`).
+    New { units: u32, overdraft: bool },
+    /// It borrows one unit until then.
+    Borrow(Millis),
 }
 
 #[cfg(test)]

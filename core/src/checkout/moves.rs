@@ -22,7 +22,7 @@ impl Book {
             .get_mut(product)
             .ok_or(MoveRefusal::UnknownProduct)?;
         let moved = match kind {
-            MoveKind::Release => releasable(p.allocation, p.in_use, units),
+            MoveKind::Release => releasable(p.allocation, p.in_use + p.reserved_idle(), units),
             MoveKind::Grant => units.min(u32::MAX - p.allocation),
             MoveKind::Retire => units.min(p.allocation),
         };

@@ -9,6 +9,7 @@ fn policy(enforcement: Enforcement, seat: Seat) -> Policy {
         heartbeat_seconds: 10,
         staleout_seconds: 30,
         acl: Acl::default(),
+        options: Default::default(),
     }
 }
 
@@ -203,7 +204,7 @@ fn staleout_frees_units_and_reports_next_deadline() {
     let (mut b, mut g) = book_with(Enforcement::HardStop, Seat::Concurrent, 1);
     let c = granted(b.checkout("cad", who("a", "h"), 1, false, 1_000, g.next()));
     assert_eq!(b.next_deadline(), Some(31_000));
-    b.heartbeat(c.record.handle, 20_000).unwrap();
+    b.heartbeat(c.record.handle, None, 20_000).unwrap();
     assert_eq!(b.next_deadline(), Some(50_000));
     assert!(b.expire(49_999, &mut || g.next()).0.is_empty());
     let staled = b.expire(50_000, &mut || g.next()).0;
@@ -213,7 +214,7 @@ fn staleout_frees_units_and_reports_next_deadline() {
         (1, c.record.created_at)
     );
     assert_eq!(
-        b.heartbeat(c.record.handle, 50_001),
+        b.heartbeat(c.record.handle, None, 50_001),
         Err(BadHandle::Unknown)
     );
     assert_eq!(b.next_deadline(), None);
@@ -378,7 +379,7 @@ fn expired_lease_refuses_new_checkouts_but_not_heartbeats_or_checkins() {
     );
     // Refused for the lease, not for lack of units: not a denial.
     assert_eq!(b.status(false)[0].since_last.denials, 0);
-    assert!(b.heartbeat(held.record.handle, 10_001).is_ok());
+    assert!(b.heartbeat(held.record.handle, None, 10_001).is_ok());
     assert!(
         b.checkin(held.record.handle, 10_002, &mut || g.next())
             .is_ok()
@@ -569,12 +570,12 @@ proptest! {
                     let out = b.revoke("s", CheckoutId::of(h), "why", now, &mut || g.next());
                     prop_assert!(out.is_ok());
                     served = out.map(|o| o.served).unwrap_or_default();
-                    let revoked = matches!(b.heartbeat(h, now), Err(BadHandle::Revoked { .. }));
+                    let revoked = matches!(b.heartbeat(h, None, now), Err(BadHandle::Revoked { .. }));
                     prop_assert!(revoked);
                 }
                 Op::Heartbeat(i) if !handles.is_empty() => {
                     let h = handles[i % handles.len()];
-                    let _ = b.heartbeat(h, now);
+                    let _ = b.heartbeat(h, None, now);
                 }
                 Op::Cancel(i) if !waiters.is_empty() => {
                     let w = waiters.remove(i % waiters.len());

@@ -26,6 +26,8 @@ pub struct CheckoutRecord {
     pub overdraft: bool,
     /// When it was granted.
     pub created_at: Millis,
+    /// Borrowed for offline use until then (no heartbeats; ends by return or at that time).
+    pub borrowed_until: Option<Millis>,
 }
 
 /// A checkout as it ended: what its usage record says (who, where, how many, since when).
@@ -87,12 +89,28 @@ pub enum Outcome {
 }
 
 /// Why a checkout was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The product is not defined here.
     UnknownProduct,
     /// The ACL refuses this user, host or group.
     Forbidden(AclDenial),
+    /// A limit of the product's options caps this user, group or host (FlexNet MAX).
+    Limit {
+        /// Whom the limit caps.
+        scope: crate::domain::Scope,
+        /// The user, group or host it names.
+        name: String,
+        /// Its cap.
+        max: u32,
+    },
+    /// The product's policy does not allow borrowing (`max_borrow_hours` is 0).
+    BorrowNotAllowed,
+    /// The borrow asks for longer than the policy's `max_borrow_hours` (or ends in the past).
+    BorrowTooLong {
+        /// The policy's longest borrow.
+        max_hours: u32,
+    },
     /// Hard stop and nothing free (and the client would not wait).
     Unavailable,
     /// The server's cap on live checkouts or waiting clients is reached.

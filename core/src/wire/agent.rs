@@ -125,14 +125,29 @@ pub struct ProductStatus {
     pub allocation: u32,
     /// Bumped by every applied release or grant, so the balancer can tell what the server saw.
     pub generation: u64,
-    /// Units checked out now.
+    /// Units checked out now (lingering and borrowed units included).
     pub in_use: u32,
+    /// Units kept free for their reservations (FlexNet RESERVE): needed, not free, so the
+    /// balancer never takes them back and never counts them as free elsewhere.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reserved: u32,
     /// Clients waiting in the queue now.
     pub waiting: u32,
     /// Counters since the previous status read (the read resets them).
     pub since_last: UsageCounters,
     /// Counters since the server's store was created.
     pub totals: UsageCounters,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl ProductStatus {
+    /// Units the balancer must treat as needed here: in use plus the reserved ones still free.
+    pub fn needed(&self) -> u32 {
+        self.in_use.saturating_add(self.reserved)
+    }
 }
 
 /// `GET /v1/status`: what the balancer needs to plan.
@@ -199,6 +214,9 @@ pub struct ProductDefinition {
     /// Who may check the product out.
     #[serde(default, deserialize_with = "super::object_only")]
     pub acl: crate::domain::Acl,
+    /// The options-file rules (limits, reservations, linger, borrowing, idle, priorities).
+    #[serde(default, deserialize_with = "super::object_only")]
+    pub options: crate::domain::Options,
 }
 
 fn default_heartbeat() -> u32 {
@@ -217,6 +235,7 @@ impl From<ProductDefinition> for Policy {
             heartbeat_seconds: d.heartbeat_seconds,
             staleout_seconds: d.staleout_seconds,
             acl: d.acl,
+            options: d.options,
         }
     }
 }
@@ -229,6 +248,7 @@ impl From<Policy> for ProductDefinition {
             heartbeat_seconds: p.heartbeat_seconds,
             staleout_seconds: p.staleout_seconds,
             acl: p.acl,
+            options: p.options,
         }
     }
 }
@@ -242,6 +262,10 @@ pub enum HolderState {
     Held,
     /// Queued: waits for a unit to free (first come, first served).
     Waiting,
+    /// Borrowed for offline use: held without heartbeats until returned or `until`.
+    Borrowed,
+    /// Checked in, its seat held on for its user and host until `until` (FlexNet LINGER).
+    Lingering,
 }
 
 /// One live checkout or waiting client, as an operator sees it (`GET /v1/checkouts`). Names the
@@ -250,7 +274,8 @@ pub enum HolderState {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Holder {
     /// Public id: `co_` and 32 hex digits (a one-way hash of the handle) for a checkout, which
-    /// `POST /v1/checkouts/{id}/revoke` takes; `wt_` and a number for a waiting client.
+    /// `POST /v1/checkouts/{id}/revoke` takes; `wt_` and a number for a waiting client; `lg_`
+    /// and a number for a lingering seat.
     pub id: String,
     /// The metering server it is held on (the balancer's name for it).
     pub server: String,
@@ -278,6 +303,9 @@ pub struct Holder {
     /// When it joined the queue (waiting only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTime<Utc>>,
+    /// When a borrow must be returned, or a linger ends (borrowed and lingering only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// `GET /v1/checkouts` on a metering server: one page of its holders, ordered by id.

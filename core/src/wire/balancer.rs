@@ -1,6 +1,6 @@
 //! The balancer's admin API.
 
-use crate::domain::{Acl, Enforcement, Policy, Seat, ServerState};
+use crate::domain::{Acl, Enforcement, Options, Policy, Seat, ServerState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,10 @@ pub struct CreateProduct {
     /// Who may check it out.
     #[serde(default, deserialize_with = "super::object_only")]
     pub acl: Acl,
+    /// The options-file rules: limits, reservations, linger, borrowing, idle reclaim and
+    /// queue priorities.
+    #[serde(default, deserialize_with = "super::object_only")]
+    pub options: Options,
 }
 
 impl CreateProduct {
@@ -55,6 +59,7 @@ impl CreateProduct {
             heartbeat_seconds: self.heartbeat_seconds,
             staleout_seconds: self.staleout_seconds,
             acl: self.acl.clone(),
+            options: self.options.clone(),
         }
     }
 }
