@@ -27,11 +27,14 @@ use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
 use allot_core::wire::Health;
 use allot_core::wire::agent::{
-    AgentProduct, AgentProducts, AgentStatus, CheckoutRequest, CheckoutResponse, HandleRequest,
-    HandleResponse, MoveRequest, MoveResponse, ProductDefinition,
+    AgentProduct, AgentProducts, AgentStatus, BorrowRequest, BorrowResponse, CheckoutRequest,
+    CheckoutResponse, HandleRequest, HandleResponse, HeartbeatRequest, MoveRequest, MoveResponse,
+    ProductDefinition,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -152,15 +155,36 @@ impl Client {
         Self::send(rb).await
     }
 
-    /// Keeps a checkout alive.
+    /// Keeps a checkout alive, reporting the program's idle seconds when known.
     #[tracing::instrument(skip_all)]
-    pub async fn heartbeat(&self, handle: &str) -> Result<HandleResponse, ClientError> {
+    pub async fn heartbeat(
+        &self,
+        handle: &str,
+        idle_seconds: Option<u32>,
+    ) -> Result<HandleResponse, ClientError> {
         self.post(
             "/v1/heartbeat",
-            &HandleRequest {
+            &HeartbeatRequest {
                 handle: handle.to_owned(),
+                idle_seconds,
             },
         )
+        .await
+    }
+
+    /// Borrows one unit for offline use for `req.hours`.
+    #[tracing::instrument(skip_all, fields(product = %req.product, hours = req.hours))]
+    pub async fn borrow(&self, req: &BorrowRequest) -> Result<BorrowResponse, ClientError> {
+        self.post("/v1/borrow", req).await
+    }
+
+    /// Returns a borrowed unit before its time.
+    #[tracing::instrument(skip_all)]
+    pub async fn return_borrow(&self, handle: &str) -> Result<HandleResponse, ClientError> {
+        Self::send(self.request(
+            reqwest::Method::POST,
+            &format!("/v1/borrow/{handle}/return"),
+        ))
         .await
     }
 
@@ -227,12 +251,23 @@ impl Client {
         let (lost_tx, lost) = watch::channel(None);
         let client = self.clone();
         let handle = grant.handle.clone();
+        let idle = Arc::new(AtomicU64::new(0));
+        let idle_seen = idle.clone();
         let every = Duration::from_secs(u64::from(grant.heartbeat_seconds.max(1)));
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
-                match client.heartbeat(&handle).await {
+                // 0: not measured; n + 1: idle for n seconds.
+                let idle_seconds = match idle_seen.load(Ordering::Relaxed) {
+                    0 => None,
+                    n => Some(u32::try_from(n - 1).unwrap_or(u32::MAX)),
+                };
+                match client.heartbeat(&handle, idle_seconds).await {
+                    Ok(HandleResponse {
+                        notice: Some(notice),
+                        ..
+                    }) => tracing::warn!(%notice, "the metering server says this checkout is idle"),
                     Ok(_) => {}
                     Err(e) if e.code() == Some(ErrorCode::BadHandle) => {
                         tracing::warn!("checkout lost (staled out or unknown to the server)");
@@ -255,6 +290,7 @@ impl Client {
             grant,
             heartbeat: Some(heartbeat),
             lost,
+            idle,
         })
     }
 }
@@ -277,9 +313,16 @@ pub struct Lease {
     grant: CheckoutResponse,
     heartbeat: Option<JoinHandle<()>>,
     lost: watch::Receiver<Option<LeaseEnd>>,
+    /// The idle seconds the next heartbeat reports, plus one (0: not measured).
+    idle: Arc<AtomicU64>,
 }
 
 impl Lease {
+    /// Sets the idle time the next heartbeats report (the product's idle rules judge it).
+    pub fn report_idle(&self, seconds: u32) {
+        self.idle.store(u64::from(seconds) + 1, Ordering::Relaxed);
+    }
+
     /// The server's answer: handle, units, heartbeat interval, overdraft.
     pub fn grant(&self) -> &CheckoutResponse {
         &self.grant

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// No unit could be granted.
     #[error("{0}")]
     LicenseUnavailable(String),
+    /// A limit of the product's options caps the requester; the message names it.
+    #[error("{0}")]
+    LimitReached(String),
     /// The server's balancer lease ran out: it may not grant new checkouts.
     #[error("{0}")]
     LicenseExpired(String),
@@ -77,6 +80,7 @@ impl ApiError {
             | ApiError::MethodNotAllowed => ErrorCode::BadRequest,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::LimitReached(_) => ErrorCode::LimitReached,
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::UnknownProduct(_) => ErrorCode::UnknownProduct,
             ApiError::LicenseUnavailable(_) => ErrorCode::LicenseUnavailable,

@@ -34,6 +34,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod error;
+pub mod idle;
 pub mod metrics;
 pub mod server;
 pub mod store;

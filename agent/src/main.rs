@@ -45,6 +45,11 @@ enum Command {
     Run(RunArgs),
     /// Show the server's products.
     Status(StatusArgs),
+    /// Borrow one unit for offline use (if the product's policy allows borrowing); prints the
+    /// handle to return it with.
+    Borrow(BorrowArgs),
+    /// Return a borrowed unit before its time.
+    Return(ReturnArgs),
     /// Print the API's OpenAPI document (as served at /v1/openapi.json) and exit; this is how
     /// docs/openapi/agent.json is written.
     Openapi,
@@ -136,6 +141,38 @@ struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BorrowArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The product to borrow.
+    #[arg(long, env = "ALLOT_PRODUCT")]
+    product: String,
+    /// For how long, in hours (at most the product's max_borrow_hours).
+    #[arg(long)]
+    hours: u32,
+    /// User to borrow as (default: $USER).
+    #[arg(long, env = "ALLOT_USER")]
+    user: Option<String>,
+    /// The host the unit goes away on (default: this host's name).
+    #[arg(long, env = "ALLOT_HOST")]
+    host: Option<String>,
+    /// Groups for group ACLs, limits and reservations (comma-separated).
+    #[arg(long, env = "ALLOT_GROUPS", value_delimiter = ',')]
+    groups: Vec<String>,
+    /// Machine output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReturnArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The handle `borrow` printed.
+    handle: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -271,6 +308,29 @@ async fn main() -> std::process::ExitCode {
                 1
             }
         },
+        Command::Borrow(a) => match borrow(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("allot-agent: {e:#}");
+                cli::EXIT_DENIED
+            }
+        },
+        Command::Return(a) => match client(&a.client) {
+            Ok(c) => match c.return_borrow(&a.handle).await {
+                Ok(_) => {
+                    println!("returned");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("allot-agent: {e}");
+                    1
+                }
+            },
+            Err(e) => {
+                eprintln!("allot-agent: {e:#}");
+                64
+            }
+        },
         Command::Status(a) => match status(&a).await {
             Ok(()) => 0,
             Err(e) => {
@@ -280,6 +340,33 @@ async fn main() -> std::process::ExitCode {
         },
     };
     std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn borrow(args: BorrowArgs) -> anyhow::Result<()> {
+    let borrowed = client(&args.client)?
+        .borrow(&allot_core::wire::agent::BorrowRequest {
+            product: args.product,
+            user: args.user.unwrap_or_else(cli::default_user),
+            host: args.host.unwrap_or_else(cli::default_host),
+            groups: args.groups,
+            hours: args.hours,
+        })
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&borrowed)?);
+    } else {
+        println!(
+            "borrowed {} unit of {:?} until {}\nhandle (to return it early): {}\nid: {}",
+            borrowed.units,
+            borrowed.product,
+            borrowed
+                .until
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            borrowed.handle,
+            borrowed.id
+        );
+    }
+    Ok(())
 }
 
 async fn status(args: &StatusArgs) -> anyhow::Result<()> {

@@ -22,14 +22,17 @@ pub enum DenialReason {
     Forbidden,
     /// A server cap (live checkouts, waiting clients) was reached.
     Limit,
+    /// A limit of the product's options (FlexNet MAX) capped the user, group or host.
+    PolicyLimit,
 }
 
 impl DenialReason {
-    const ALL: [DenialReason; 4] = [
+    const ALL: [DenialReason; 5] = [
         DenialReason::Unavailable,
         DenialReason::Timeout,
         DenialReason::Forbidden,
         DenialReason::Limit,
+        DenialReason::PolicyLimit,
     ];
 
     fn as_str(self) -> &'static str {
@@ -38,6 +41,7 @@ impl DenialReason {
             DenialReason::Timeout => "timeout",
             DenialReason::Forbidden => "forbidden",
             DenialReason::Limit => "limit",
+            DenialReason::PolicyLimit => "policy_limit",
         }
     }
 }

@@ -193,8 +193,8 @@ impl Store {
             );
         }
         let rows = sqlx::query(
-            "SELECT handle, product, user, host, groups, seat, units, overdraft, created_ms \
-             FROM checkouts ORDER BY rowid",
+            "SELECT handle, product, user, host, groups, seat, units, overdraft, created_ms, \
+             borrowed_until_ms FROM checkouts ORDER BY rowid",
         )
         .fetch_all(&mut self.conn)
         .await?;
@@ -213,6 +213,10 @@ impl Store {
                 units: u32_of(row.try_get("units")?, "units")?,
                 overdraft: row.try_get::<i64, _>("overdraft")? != 0,
                 created_at: u64_of(row.try_get("created_ms")?, "created_ms")?,
+                borrowed_until: row
+                    .try_get::<Option<i64>, _>("borrowed_until_ms")?
+                    .map(|ms| u64_of(ms, "borrowed_until_ms"))
+                    .transpose()?,
             };
             book.restore_checkout(&record, now);
         }
@@ -534,13 +538,13 @@ async fn flush_checkouts(
         let (chunk, tail) = rest.split_at(n);
         let mut sql = String::from(
             "INSERT INTO checkouts (handle, product, user, host, groups, seat, units, \
-             overdraft, created_ms) VALUES ",
+             overdraft, created_ms, borrowed_until_ms) VALUES ",
         );
         for i in 0..n {
             sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             });
         }
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -554,7 +558,8 @@ async fn flush_checkouts(
                 .bind(r.seat.as_deref())
                 .bind(i64::from(r.units))
                 .bind(i64::from(r.overdraft))
-                .bind(i64_of(r.created_at));
+                .bind(i64_of(r.created_at))
+                .bind(r.borrowed_until.map(i64_of));
         }
         q.execute(&mut **tx).await?;
         rest = tail;

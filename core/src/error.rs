@@ -22,6 +22,9 @@ pub enum ErrorCode {
     UnknownProduct,
     /// No unit could be granted (hard stop, wait timed out).
     LicenseUnavailable,
+    /// A limit of the product's options (FlexNet MAX) caps this user, group or host at this
+    /// server; the message names the rule. Waiting would not help until the holder checks in.
+    LimitReached,
     /// A checkout handle that is unknown or has staled out.
     BadHandle,
     /// The entitlement or lease behind the request has expired.
@@ -51,6 +54,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::UnknownProduct => "unknown_product",
             Self::LicenseUnavailable => "license_unavailable",
+            Self::LimitReached => "limit_reached",
             Self::BadHandle => "bad_handle",
             Self::LicenseExpired => "license_expired",
             Self::LicenseRevoked => "license_revoked",
@@ -68,7 +72,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound | Self::UnknownProduct | Self::BadHandle => 404,
-            Self::LicenseUnavailable | Self::Conflict => 409,
+            Self::LicenseUnavailable | Self::LimitReached | Self::Conflict => 409,
             Self::LicenseExpired | Self::LicenseRevoked => 410,
             Self::NotLeader => 421,
             Self::Unavailable => 503,
@@ -130,6 +134,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::UnknownProduct,
             ErrorCode::LicenseUnavailable,
+            ErrorCode::LimitReached,
             ErrorCode::BadHandle,
             ErrorCode::LicenseExpired,
             ErrorCode::LicenseRevoked,

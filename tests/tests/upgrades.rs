@@ -560,6 +560,8 @@ fn response_types_ignore_unknown_fields() {
     tolerates(&HandleResponse {
         handle: "h".into(),
         staleout_in_seconds: 1,
+        notice: Some("idle".into()),
+        idle_revoke_in_seconds: Some(5),
     });
     tolerates(&AgentProducts {
         products: vec![AgentProduct {
@@ -578,6 +580,7 @@ fn response_types_ignore_unknown_fields() {
             allocation: 1,
             generation: 1,
             in_use: 0,
+            reserved: 1,
             waiting: 0,
             since_last: counters.clone(),
             totals: counters,
@@ -605,6 +608,33 @@ fn an_acl_rule_a_server_cannot_enforce_is_refused_not_dropped() {
     let error = serde_json::from_value::<allot_core::wire::balancer::SyncResponse>(answer)
         .expect_err("an unenforceable rule is refused");
     assert!(error.to_string().contains("acl.deny_sites"), "{error}");
+}
+
+/// The same for the product's options: a newer balancer's option this server does not know is
+/// ignored while it is off and refused when it is on, never silently dropped.
+#[test]
+fn an_option_a_server_cannot_enforce_is_refused_unless_it_is_off() {
+    let answer = |options: serde_json::Value| {
+        json!({
+            "server": "s1", "lease_seconds": 60, "allocations": [], "reset": false,
+            "products": [{"name": "cad", "policy": {"enforcement": "hard_stop",
+                "seat": "concurrent", "heartbeat_seconds": 60, "staleout_seconds": 300,
+                "options": options}}]
+        })
+    };
+    let read = serde_json::from_value::<allot_core::wire::balancer::SyncResponse>(answer(
+        json!({"linger_seconds": 30, "max_per_site": 0, "quotas": [], "audit_only": false}),
+    ))
+    .expect("options that are off are ignored");
+    assert_eq!(read.products[0].policy.options.linger_seconds, 30);
+    let error = serde_json::from_value::<allot_core::wire::balancer::SyncResponse>(answer(
+        json!({"linger_seconds": 30, "max_per_site": 2}),
+    ))
+    .expect_err("an option this server cannot enforce is refused");
+    assert!(
+        error.to_string().contains("options.max_per_site"),
+        "{error}"
+    );
 }
 
 /// Unknown fields anywhere in a real answer — not only at the top — are ignored by the typed

@@ -2,8 +2,10 @@
 
 use super::error::ApiError;
 use super::{Admin, ApiJson, ApiPath, AppState};
+use allot_core::domain::Policy;
 use allot_core::error::ErrorBody;
 use allot_core::validate;
+use allot_core::wire::agent::ProductDefinition;
 use allot_core::wire::balancer::{
     AddEntitlement, CreateProduct, Entitlement, List, Product, ProductDetail,
 };
@@ -63,6 +65,31 @@ pub(super) async fn show_product(
 ) -> Result<Json<ProductDetail>, ApiError> {
     validate::path_name("product", &product)?;
     Ok(Json(state.store.product(&product).await?))
+}
+
+/// Replaces a product's policy — enforcement, seat, heartbeat, staleout, ACL and options —
+/// whole; metering servers adopt it at their next sync.
+#[utoipa::path(put, path = "/v1/products/{product}/policy", tag = "books", security(("adminToken" = [])), params(("product" = String, Path, description = "The product's name")),
+    request_body = ProductDefinition,
+    responses(
+        (status = 200, description = "The product with its new policy", body = Product),
+        (status = 400, description = "`bad_request`: a field out of range, an unknown scope, a duplicate rule", body = ErrorBody),
+        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
+pub(super) async fn set_policy(
+    State(state): State<AppState>,
+    _: Admin,
+    ApiPath(product): ApiPath<String>,
+    ApiJson(def): ApiJson<ProductDefinition>,
+) -> Result<Json<Product>, ApiError> {
+    validate::path_name("product", &product)?;
+    let policy: Policy = def.into();
+    validate::policy(&policy)?;
+    let product = state
+        .store
+        .set_policy(Admin::ACTOR, &product, &policy)
+        .await?;
+    tracing::info!(product = %product.name, "product policy replaced");
+    Ok(Json(product))
 }
 
 /// Records a purchase: purchased and the reserve grow by its units.

@@ -129,6 +129,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(openapi_json))
         .routes(routes!(books::create_product, books::list_products))
         .routes(routes!(books::show_product))
+        .routes(routes!(books::set_policy))
         .routes(routes!(books::add_entitlement, books::list_entitlements))
         .routes(routes!(books::remove_entitlement))
         .routes(routes!(servers::register, servers::list))

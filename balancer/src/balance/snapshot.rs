@@ -235,7 +235,8 @@ pub(super) fn build_snapshot(
             instant_requests: seen.since_last.instant_requests,
             signals: view.signals.get(&key).copied().unwrap_or_default(),
         };
-        let in_use = u64::from(seen.in_use);
+        // Reserved units still free are needed here, never free to take (FlexNet RESERVE).
+        let in_use = u64::from(seen.needed());
         memory.saw(&server.name, &product.name, demand, in_use);
         snapshot_cells.push(CellSnapshot {
             server: id,
@@ -287,7 +288,7 @@ pub(super) fn instant_cells(
             // for what is in use, so a donor is never assumed idle without evidence.
             .unwrap_or_else(|| (Demand::default(), c.last_peak.unwrap_or(c.units)));
         if let Some(now) = super::reported(fresh, &c.server, product) {
-            in_use = u64::from(now.in_use);
+            in_use = u64::from(now.needed());
             demand.waiting = u64::from(now.waiting);
         }
         let id = u32::try_from(names.len()).expect("fewer than 2^32 servers");

@@ -18,7 +18,7 @@ pub use client::AdminClient;
 use crate::auth::MAX_TOKEN_GRACE_SECONDS;
 use crate::config::{LogFormat, ServeArgs, StoreArgs};
 use crate::paths::default_data_dir;
-use allot_core::domain::{Enforcement, Seat};
+use allot_core::domain::{Enforcement, GroupPriority, Limit, Options, Reservation, Scope, Seat};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -156,6 +156,33 @@ pub enum ProductCommand {
         /// Release a checkout after this long without a heartbeat.
         #[arg(long, default_value_t = allot_core::domain::DEFAULT_STALEOUT_SECONDS)]
         staleout_seconds: u32,
+        /// Limits, reservations, linger, borrowing, idle reclaim, priorities.
+        #[command(flatten)]
+        options: OptionFlags,
+        /// How to reach the balancer.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change a product's policy: each flag given replaces that setting, the rest stay.
+    /// Metering servers adopt it at their next sync.
+    Set {
+        /// The product's name.
+        name: String,
+        /// hard_stop, soft_stop or no_stop.
+        #[arg(long)]
+        enforcement: Option<Enforcement>,
+        /// concurrent, per_user_host or per_user.
+        #[arg(long)]
+        seat: Option<Seat>,
+        /// Client heartbeat interval.
+        #[arg(long)]
+        heartbeat_seconds: Option<u32>,
+        /// Release a checkout after this long without a heartbeat.
+        #[arg(long)]
+        staleout_seconds: Option<u32>,
+        /// Limits, reservations, linger, borrowing, idle reclaim, priorities.
+        #[command(flatten)]
+        options: OptionFlags,
         /// How to reach the balancer.
         #[command(flatten)]
         client: ClientArgs,
@@ -174,6 +201,107 @@ pub enum ProductCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// The options-file rules as flags, shared by `product add` and `product set`. A list flag
+/// given replaces the whole list; `--no-…` empties it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct OptionFlags {
+    /// Cap a user, group or host (FlexNet MAX): `SCOPE:NAME=MAX`, e.g. `group:interns=2`;
+    /// repeat for more.
+    #[arg(long = "limit", value_name = "SCOPE:NAME=MAX", value_parser = parse_limit)]
+    pub limits: Vec<Limit>,
+    /// Remove every limit.
+    #[arg(long, conflicts_with = "limits")]
+    pub no_limits: bool,
+    /// Keep units for a user, group or host (FlexNet RESERVE): `SCOPE:NAME=UNITS`; repeat
+    /// for more.
+    #[arg(long = "reserve", value_name = "SCOPE:NAME=UNITS", value_parser = parse_reservation)]
+    pub reservations: Vec<Reservation>,
+    /// Remove every reservation.
+    #[arg(long, conflicts_with = "reservations")]
+    pub no_reservations: bool,
+    /// Hold a seat for its user and host this long after a checkin (FlexNet LINGER); 0: off.
+    #[arg(long)]
+    pub linger_seconds: Option<u32>,
+    /// Whether a waiting client may take a lingering unit before its linger is up.
+    #[arg(long)]
+    pub linger_yields: Option<bool>,
+    /// Longest borrow for offline use, in hours (FlexNet MAX_BORROW_HOURS); 0: no borrowing.
+    #[arg(long)]
+    pub max_borrow_hours: Option<u32>,
+    /// Warn a client idle this long, in its heartbeat answer; 0: off.
+    #[arg(long)]
+    pub idle_notify_seconds: Option<u32>,
+    /// Take back a checkout idle this long (FlexNet TIMEOUT); 0: off.
+    #[arg(long)]
+    pub idle_revoke_seconds: Option<u32>,
+    /// Wait-queue priority of a group's members: `GROUP=N` (0–1000, higher first); repeat.
+    #[arg(long = "priority", value_name = "GROUP=N", value_parser = parse_priority)]
+    pub priorities: Vec<GroupPriority>,
+    /// Remove every priority.
+    #[arg(long, conflicts_with = "priorities")]
+    pub no_priorities: bool,
+}
+
+impl OptionFlags {
+    /// Applies the flags given to `options`; those not given leave their setting alone.
+    pub fn apply(&self, options: &mut Options) {
+        if self.no_limits || !self.limits.is_empty() {
+            options.limits = self.limits.clone();
+        }
+        if self.no_reservations || !self.reservations.is_empty() {
+            options.reservations = self.reservations.clone();
+        }
+        if self.no_priorities || !self.priorities.is_empty() {
+            options.priorities = self.priorities.clone();
+        }
+        let set = |flag: Option<u32>, value: &mut u32| {
+            if let Some(v) = flag {
+                *value = v;
+            }
+        };
+        set(self.linger_seconds, &mut options.linger_seconds);
+        set(self.max_borrow_hours, &mut options.max_borrow_hours);
+        set(self.idle_notify_seconds, &mut options.idle_notify_seconds);
+        set(self.idle_revoke_seconds, &mut options.idle_revoke_seconds);
+        if let Some(y) = self.linger_yields {
+            options.linger_yields = y;
+        }
+    }
+}
+
+/// `SCOPE:NAME=N` → (scope, name, n). The name may hold `:` and `=`; the scope ends at the
+/// first `:` and the number starts after the last `=`.
+fn scoped(text: &str) -> Result<(Scope, String, u32), String> {
+    let (scope, rest) = text
+        .split_once(':')
+        .ok_or("expected SCOPE:NAME=N, e.g. group:interns=2")?;
+    let (name, n) = rest
+        .rsplit_once('=')
+        .ok_or("expected SCOPE:NAME=N, e.g. group:interns=2")?;
+    let n = n.parse().map_err(|e| format!("{n:?}: {e}"))?;
+    Ok((scope.parse()?, name.to_owned(), n))
+}
+
+fn parse_limit(text: &str) -> Result<Limit, String> {
+    let (scope, name, max) = scoped(text)?;
+    Ok(Limit { scope, name, max })
+}
+
+fn parse_reservation(text: &str) -> Result<Reservation, String> {
+    let (scope, name, units) = scoped(text)?;
+    Ok(Reservation { scope, name, units })
+}
+
+fn parse_priority(text: &str) -> Result<GroupPriority, String> {
+    let (group, n) = text
+        .rsplit_once('=')
+        .ok_or("expected GROUP=N, e.g. design=10")?;
+    Ok(GroupPriority {
+        group: group.to_owned(),
+        priority: n.parse().map_err(|e| format!("{n:?}: {e}"))?,
+    })
 }
 
 /// `allot-balancer entitlement …`.

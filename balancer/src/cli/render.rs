@@ -180,6 +180,8 @@ impl Row for allot_core::wire::agent::Holder {
             allot_core::wire::agent::HolderState::Held if self.overdraft => "held (overdraft)",
             allot_core::wire::agent::HolderState::Held => "held",
             allot_core::wire::agent::HolderState::Waiting => "waiting",
+            allot_core::wire::agent::HolderState::Borrowed => "borrowed",
+            allot_core::wire::agent::HolderState::Lingering => "lingering",
         };
         let time = |t: &Option<chrono::DateTime<chrono::Utc>>| {
             opt(&t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
@@ -196,7 +198,7 @@ impl Row for allot_core::wire::agent::Holder {
             },
             self.units.to_string(),
             state.into(),
-            time(&self.granted_at.or(self.waiting_since)),
+            time(&self.granted_at.or(self.waiting_since).or(self.until)),
             time(&self.last_heartbeat),
             self.id.clone(),
         ]
@@ -553,6 +555,34 @@ pub(super) fn print_advice(advice: &allot_core::advisor::Advice) {
     }
     for note in &advice.notes {
         println!("note: {note}");
+    }
+}
+
+/// A product's options-file rules, one per line, as `product show` and `product set` print
+/// them (nothing when every option is off).
+pub fn print_options(options: &allot_core::domain::Options) {
+    for l in &options.limits {
+        println!("limit    {}:{} = {}", l.scope, l.name, l.max);
+    }
+    for r in &options.reservations {
+        println!("reserve  {}:{} = {}", r.scope, r.name, r.units);
+    }
+    for p in &options.priorities {
+        println!("priority {} = {}", p.group, p.priority);
+    }
+    let seconds = [
+        ("linger", options.linger_seconds, " s"),
+        ("borrow", options.max_borrow_hours, " h at most"),
+        ("idle notify", options.idle_notify_seconds, " s"),
+        ("idle revoke", options.idle_revoke_seconds, " s"),
+    ];
+    for (what, value, unit) in seconds {
+        if value > 0 {
+            println!("{what:<8} {value}{unit}");
+        }
+    }
+    if options.linger_yields {
+        println!("lingering units yield to waiting clients");
     }
 }
 

@@ -2,7 +2,9 @@
 //! [`AdminClient`], then the answer printed through [`render`](super::render) or as JSON.
 
 use super::client::{AdminClient, segment};
-use super::render::{csv_field, output, print_advice, print_run, print_schedule, table};
+use super::render::{
+    csv_field, output, print_advice, print_options, print_run, print_schedule, table,
+};
 use super::{
     AdviseArgs, AllocationCommand, AuditArgs, AutotuneCommand, BalanceArgs, CheckoutsArgs,
     DoctorArgs, EntitlementCommand, ExplainArgs, HistoryArgs, ProductCommand, RenewalArgs,
@@ -30,9 +32,10 @@ impl ProductCommand {
                 seat,
                 heartbeat_seconds,
                 staleout_seconds,
+                options,
                 client,
             } => {
-                let def = CreateProduct {
+                let mut def = CreateProduct {
                     name,
                     publisher,
                     version,
@@ -41,12 +44,41 @@ impl ProductCommand {
                     heartbeat_seconds,
                     staleout_seconds,
                     acl: Default::default(),
+                    options: Default::default(),
                 };
+                options.apply(&mut def.options);
                 let product: Product = AdminClient::new(&client)?
                     .call(Method::POST, "/v1/products", Some(&def))
                     .await?;
                 output(client.json, &product, |p| {
                     println!("{}", table(std::slice::from_ref(p)));
+                })
+            }
+            Self::Set {
+                name,
+                enforcement,
+                seat,
+                heartbeat_seconds,
+                staleout_seconds,
+                options,
+                client,
+            } => {
+                let admin = AdminClient::new(&client)?;
+                let path = format!("/v1/products/{}", segment(&name));
+                let current: ProductDetail = admin.get(&path).await?;
+                let mut policy = current.product.policy;
+                policy.enforcement = enforcement.unwrap_or(policy.enforcement);
+                policy.seat = seat.unwrap_or(policy.seat);
+                policy.heartbeat_seconds = heartbeat_seconds.unwrap_or(policy.heartbeat_seconds);
+                policy.staleout_seconds = staleout_seconds.unwrap_or(policy.staleout_seconds);
+                options.apply(&mut policy.options);
+                let def = allot_core::wire::agent::ProductDefinition::from(policy);
+                let product: Product = admin
+                    .call(Method::PUT, &format!("{path}/policy"), Some(&def))
+                    .await?;
+                output(client.json, &product, |p| {
+                    println!("{}", table(std::slice::from_ref(p)));
+                    print_options(&p.policy.options);
                 })
             }
             Self::List { client } => {
@@ -59,6 +91,7 @@ impl ProductCommand {
                     .await?;
                 output(client.json, &detail, |d| {
                     println!("{}", table(std::slice::from_ref(&d.product)));
+                    print_options(&d.product.policy.options);
                     println!("{}", table(&d.servers));
                 })
             }

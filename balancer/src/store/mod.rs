@@ -498,6 +498,14 @@ pub trait Store: Send + Sync + 'static {
     async fn products(&self) -> StoreResult<Vec<Product>>;
     /// One product with its per-server split.
     async fn product(&self, name: &str) -> StoreResult<ProductDetail>;
+    /// Replaces a product's policy (audited with the policy before and after); metering
+    /// servers adopt it at their next sync.
+    async fn set_policy(
+        &self,
+        actor: &str,
+        name: &str,
+        policy: &allot_core::domain::Policy,
+    ) -> StoreResult<Product>;
 
     /// Records a purchase: purchased and reserve both grow by its units.
     async fn add_entitlement(

@@ -73,6 +73,15 @@ impl Store for ErrorReporting {
         self.seen(self.inner.product(name).await)
     }
 
+    async fn set_policy(
+        &self,
+        actor: &str,
+        name: &str,
+        policy: &allot_core::domain::Policy,
+    ) -> StoreResult<Product> {
+        self.seen(self.inner.set_policy(actor, name, policy).await)
+    }
+
     async fn add_entitlement(
         &self,
         actor: &str,

@@ -4,7 +4,7 @@
 //! queries themselves are compiled per backend.
 
 use super::{CellRecord, MoveRecord, PreviousToken, ServerRecord, StoreError, StoreResult};
-use allot_core::domain::{Acl, Policy};
+use allot_core::domain::{Acl, Options, Policy};
 use allot_core::wire::balancer::{
     AllocationView, AuditEntry, Entitlement, MoveView, Product, RunSummary, Server,
 };
@@ -16,7 +16,7 @@ use uuid::Uuid;
 macro_rules! product_columns {
     () => {
         "p.name, p.publisher, p.version, p.enforcement, \
-    p.seat, p.heartbeat_seconds, p.staleout_seconds, p.acl, p.purchased, p.reserve, \
+    p.seat, p.heartbeat_seconds, p.staleout_seconds, p.acl, p.options, p.purchased, p.reserve, \
     p.in_transit, p.created_at, CAST(COALESCE((SELECT SUM(a.units) FROM allocations a \
     WHERE a.product_id = p.id), 0) AS BIGINT) AS allocated"
     };
@@ -52,6 +52,7 @@ pub(super) struct ProductRow {
     pub heartbeat_seconds: i64,
     pub staleout_seconds: i64,
     pub acl: String,
+    pub options: String,
     pub purchased: i64,
     pub reserve: i64,
     pub in_transit: i64,
@@ -63,6 +64,8 @@ impl ProductRow {
     pub fn into_product(self) -> StoreResult<Product> {
         let acl: Acl = serde_json::from_str(&self.acl)
             .map_err(|e| StoreError::Corrupt(format!("acl of {}: {e}", self.name)))?;
+        let options: Options = serde_json::from_str(&self.options)
+            .map_err(|e| StoreError::Corrupt(format!("options of {}: {e}", self.name)))?;
         Ok(Product {
             policy: Policy {
                 enforcement: parse(&self.enforcement)?,
@@ -70,6 +73,7 @@ impl ProductRow {
                 heartbeat_seconds: u32::try_from(self.heartbeat_seconds).unwrap_or(u32::MAX),
                 staleout_seconds: u32::try_from(self.staleout_seconds).unwrap_or(u32::MAX),
                 acl,
+                options,
             },
             name: self.name,
             publisher: self.publisher,

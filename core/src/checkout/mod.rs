@@ -501,8 +501,14 @@ impl Book {
         }
         let p = self.products.get_mut(product).expect("found above");
         if !seat_held
-            && let Some(limit) =
-                options::breached(&p.policy.options, &p.tally, who.user, who.host, who.groups, units)
+            && let Some(limit) = options::breached(
+                &p.policy.options,
+                &p.tally,
+                who.user,
+                who.host,
+                who.groups,
+                units,
+            )
         {
             return Err(Refusal::Limit {
                 scope: limit.scope,
@@ -521,11 +527,16 @@ impl Book {
             seat_held,
             queue_ahead,
         );
-        if decision == Decision::Deny && !queue_ahead && self.yield_lingering(product, units, committed) {
+        if decision == Decision::Deny
+            && !queue_ahead
+            && self.yield_lingering(product, units, committed)
+        {
             decision = Decision::Take { overdraft: false };
         }
         let p = self.products.get_mut(product).expect("found above");
-        if decision == Decision::Deny || (borrow.is_some() && decision != (Decision::Take { overdraft: false })) {
+        if decision == Decision::Deny
+            || (borrow.is_some() && decision != (Decision::Take { overdraft: false }))
+        {
             if wait && borrow.is_none() {
                 if self.waiting >= self.limits.max_waiting {
                     return Err(Refusal::Full);
@@ -762,17 +773,13 @@ impl Book {
         }
         let mut i = 0;
         let mut blocked = false;
-        loop {
-            let Some(p) = self.products.get_mut(product) else {
-                break;
-            };
+        while let Some(p) = self.products.get_mut(product) {
             let Some(w) = p.queue.get(i) else { break };
             let key = seat_key(p.policy.seat, &w.user, &w.host);
             let seat_held = key.as_deref().is_some_and(|k| p.seats.contains_key(k));
             let opts = &p.policy.options;
             if !seat_held
-                && options::breached(opts, &p.tally, &w.user, &w.host, &w.groups, w.units)
-                    .is_some()
+                && options::breached(opts, &p.tally, &w.user, &w.host, &w.groups, w.units).is_some()
             {
                 i += 1;
                 continue;
@@ -1059,6 +1066,13 @@ impl Book {
     /// Clients waiting, over all products.
     pub fn waiting(&self) -> usize {
         self.waiting
+    }
+
+    /// Whether a handle is a live borrow.
+    pub fn is_borrowed(&self, handle: Handle) -> bool {
+        self.checkouts
+            .get(&handle)
+            .is_some_and(|l| l.borrowed_until.is_some())
     }
 
     /// Whether a handle is live.

@@ -53,7 +53,12 @@ pub(super) fn tally_for(options: &Options) -> Tally {
         .limits
         .iter()
         .map(|l| (l.scope, l.name.as_str()))
-        .chain(options.reservations.iter().map(|r| (r.scope, r.name.as_str())))
+        .chain(
+            options
+                .reservations
+                .iter()
+                .map(|r| (r.scope, r.name.as_str())),
+        )
         .map(|(s, n)| ((s, Box::from(n)), 0))
         .collect()
 }
@@ -87,10 +92,7 @@ pub(super) fn breached<'a>(
 }
 
 fn held(tally: &Tally, scope: Scope, name: &str) -> u32 {
-    tally
-        .get(&(scope, Box::from(name)))
-        .copied()
-        .unwrap_or(0)
+    tally.get(&(scope, Box::from(name))).copied().unwrap_or(0)
 }
 
 /// Reserved units not yet taken: split into those kept for this holder and those kept for

@@ -61,6 +61,20 @@ pub struct HandleRequest {
     pub handle: String,
 }
 
+/// `POST /v1/heartbeat`: keep a checkout alive, saying how long its program has been idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// The handle returned by the checkout.
+    pub handle: String,
+    /// Seconds the program has been idle (no input, no CPU), for the product's idle rules;
+    /// absent when the client does not measure it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 31_536_000))]
+    pub idle_seconds: Option<u32>,
+}
+
 /// The answer to a heartbeat or a checkin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -69,6 +83,52 @@ pub struct HandleResponse {
     pub handle: String,
     /// Seconds until the checkout would stale out without another heartbeat (0 after checkin).
     pub staleout_in_seconds: u32,
+    /// A warning to show the user: idle past the product's `idle_notify_seconds`, the
+    /// checkout is taken back after `idle_revoke_in_seconds` more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// Seconds of further idleness before the checkout is revoked (with a notice only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_revoke_in_seconds: Option<u32>,
+}
+
+/// `POST /v1/borrow`: take one unit away for offline use (FlexNet borrowing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BorrowRequest {
+    /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub product: String,
+    /// Who borrows.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub user: String,
+    /// The machine the unit goes away on.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub host: String,
+    /// Groups the user belongs to, for group ACLs, limits and reservations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
+    pub groups: Vec<String>,
+    /// How long, at most the product's `max_borrow_hours`.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 8784))]
+    pub hours: u32,
+}
+
+/// A borrow granted: keep the handle to return it early.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BorrowResponse {
+    /// Names the borrow in `POST /v1/borrow/{handle}/return`; the borrower's secret.
+    pub handle: String,
+    /// Its public id, as operators see it in the holders' listing.
+    pub id: String,
+    /// The product.
+    pub product: String,
+    /// Units borrowed (one).
+    pub units: u32,
+    /// When it returns by itself.
+    pub until: DateTime<Utc>,
 }
 
 /// One product as a metering server's clients see it (`GET /v1/products`).

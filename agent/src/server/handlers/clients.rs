@@ -7,16 +7,20 @@ use super::super::pull::pull;
 use super::super::records;
 use super::super::writer::durable;
 use super::super::{App, Inner, Shared, WaiterGrant, new_handle};
+use super::holders::revoke_locked;
 use crate::clock::{now_ms, rfc3339};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::metrics::DenialReason;
 use crate::store::Mutation;
 use allot_core::ErrorCode;
-use allot_core::checkout::{self, BadHandle, Handle, Millis, Outcome, Refusal, Who};
+use allot_core::checkout::{
+    self, BadHandle, CheckoutId, Handle, IdleVerdict, Millis, Outcome, Refusal, Who,
+};
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{
-    AgentProducts, CheckoutRequest, CheckoutResponse, HandleRequest, HandleResponse,
+    AgentProducts, BorrowRequest, BorrowResponse, CheckoutRequest, CheckoutResponse, HandleRequest,
+    HandleResponse, HeartbeatRequest,
 };
 use allot_core::wire::records::EndedBy;
 use axum::Json;
@@ -117,7 +121,7 @@ fn handle_refused(refusal: BadHandle) -> ApiError {
     match refusal {
         BadHandle::Unknown => ApiError::BadHandle,
         BadHandle::Revoked { at, reason } => ApiError::LicenseRevoked(format!(
-            "this checkout was revoked by an administrator at {}: {reason}",
+            "this checkout was revoked at {}: {reason}",
             rfc3339(at)
         )),
     }
@@ -324,6 +328,19 @@ fn refused(
             );
             ApiError::LicenseUnavailable(format!("no free unit of {product:?} on this server"))
         }
+        Refusal::Limit { scope, name, max } => {
+            denied(app, req, DenialReason::PolicyLimit, ErrorCode::LimitReached);
+            ApiError::LimitReached(format!(
+                "the limit for {scope} {name:?} on {product:?} is reached: at most {max} \
+                 unit(s) held at once on this server"
+            ))
+        }
+        Refusal::BorrowNotAllowed => ApiError::Forbidden(format!(
+            "{product:?} may not be borrowed (its policy's max_borrow_hours is 0)"
+        )),
+        Refusal::BorrowTooLong { max_hours } => ApiError::BadRequest(format!(
+            "hours: {product:?} may be borrowed for at most {max_hours} hours"
+        )),
         Refusal::Full => {
             denied(app, req, DenialReason::Limit, ErrorCode::Unavailable);
             ApiError::Unavailable(
@@ -436,31 +453,88 @@ fn wait_ended(
     ))
 }
 
-/// Keeps a checkout alive.
+/// Keeps a checkout alive; with the client's idle time, applies the product's idle rules (a
+/// notice in the answer, then the checkout revoked and recorded as ended by `idle`).
 #[utoipa::path(post, path = "/v1/heartbeat", tag = "clients", security(("clientKey" = []), ()),
-    request_body = HandleRequest,
+    request_body = HeartbeatRequest,
     responses(
-        (status = 200, description = "The checkout's new staleout", body = HandleResponse),
+        (status = 200, description = "The checkout's new staleout, and an idle notice if one is due", body = HandleResponse),
+        (status = 400, description = "`bad_request`: a malformed handle or idle time", body = ErrorBody),
         (status = 404, description = "`bad_handle`: unknown or staled out", body = ErrorBody),
-        (status = 410, description = "`license_revoked`: an administrator revoked this checkout; stop using the product", body = ErrorBody)))]
+        (status = 410, description = "`license_revoked`: an administrator revoked this checkout, or it was idle past the product's `idle_revoke_seconds`; stop using the product", body = ErrorBody)))]
 pub(super) async fn heartbeat_handler(
     State(app): State<App>,
     _auth: ClientAuth,
-    ApiJson(req): ApiJson<HandleRequest>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HandleResponse>, ApiError> {
     let handle = parse_handle(&req.handle)?;
+    if req.idle_seconds.is_some_and(|s| s > MAX_IDLE_SECONDS) {
+        return Err(ApiError::BadRequest(format!(
+            "idle_seconds: must be at most {MAX_IDLE_SECONDS}"
+        )));
+    }
     let now = now_ms();
-    let deadline = app
-        .lock()
-        .book
-        .heartbeat(handle, now)
-        .map_err(handle_refused)?;
+    let beat = {
+        let mut inner = app.lock();
+        let beat = inner
+            .book
+            .heartbeat(handle, req.idle_seconds, now)
+            .map_err(handle_refused)?;
+        match beat {
+            (_, IdleVerdict::Revoke { idle_seconds }) => {
+                app.check_writable()?;
+                let limit = inner
+                    .book
+                    .product_of(handle)
+                    .and_then(|p| inner.book.policy(p))
+                    .map_or(0, |p| p.options.idle_revoke_seconds);
+                let reason = format!(
+                    "idle for {idle_seconds} s (the product's idle_revoke_seconds is {limit})"
+                );
+                let id = CheckoutId::of(handle);
+                let (outcome, _, ack) =
+                    revoke_locked(&app, &mut inner, id, &reason, EndedBy::Idle, now)?;
+                Err((outcome.holder.product, id, reason, ack))
+            }
+            beat => Ok(beat),
+        }
+    };
+    let (deadline, verdict) = match beat {
+        Ok(beat) => beat,
+        Err((product, id, reason, ack)) => {
+            durable(ack).await?;
+            app.metrics.revocation(&product);
+            tracing::info!(checkout = %id, product = %product, %reason,
+                "checkout revoked for idleness");
+            return Err(ApiError::LicenseRevoked(format!(
+                "this checkout was revoked at {}: {reason}",
+                rfc3339(now)
+            )));
+        }
+    };
     app.metrics.heartbeat();
+    let (notice, idle_revoke_in_seconds) = match verdict {
+        IdleVerdict::Notify { revoke_in } => (
+            Some(match revoke_in {
+                Some(s) => format!(
+                    "this checkout is idle; it will be taken back after {s} s more of idleness"
+                ),
+                None => "this checkout is idle; check it in if you no longer use it".to_owned(),
+            }),
+            revoke_in,
+        ),
+        _ => (None, None),
+    };
     Ok(Json(HandleResponse {
         handle: req.handle,
         staleout_in_seconds: checkout::seconds_until(deadline, now),
+        notice,
+        idle_revoke_in_seconds,
     }))
 }
+
+/// The longest idle time a heartbeat may report: a year.
+const MAX_IDLE_SECONDS: u32 = 31_536_000;
 
 /// Ends a checkout.
 #[utoipa::path(post, path = "/v1/checkin", tag = "clients", security(("clientKey" = []), ()),
@@ -502,7 +576,108 @@ pub(super) async fn checkin_handler(
     Ok(Json(HandleResponse {
         handle: req.handle,
         staleout_in_seconds: 0,
+        notice: None,
+        idle_revoke_in_seconds: None,
     }))
+}
+
+/// Borrows one unit for offline use: held without heartbeats until returned or until the
+/// hours asked (at most the product's `max_borrow_hours`) are up; survives restarts of both
+/// processes; never revoked nor reclaimed by the balancer.
+#[utoipa::path(post, path = "/v1/borrow", tag = "clients", security(("clientKey" = []), ()),
+    request_body = BorrowRequest,
+    responses(
+        (status = 200, description = "Borrowed", body = BorrowResponse),
+        (status = 400, description = "`bad_request`: a bad field, or more hours than the policy allows", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the ACL refuses the requester, or the product may not be borrowed", body = ErrorBody),
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 409, description = "`license_unavailable`: no unit free now; `limit_reached`: a limit caps the requester", body = ErrorBody),
+        (status = 410, description = "`license_expired`: this server's lease from the balancer ran out", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a limit is reached, the store failed, or the server is stopping", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(product = %req.product))]
+pub(super) async fn borrow_handler(
+    State(app): State<App>,
+    _auth: ClientAuth,
+    ApiJson(req): ApiJson<BorrowRequest>,
+) -> Result<Json<BorrowResponse>, ApiError> {
+    let as_checkout = CheckoutRequest {
+        product: req.product,
+        user: req.user,
+        host: req.host,
+        groups: req.groups,
+        units: 1,
+        wait_seconds: 0,
+    };
+    validate_checkout(&as_checkout)?;
+    if req.hours == 0 || req.hours > validate::MAX_BORROW_HOURS {
+        return Err(ApiError::BadRequest(format!(
+            "hours: must be between 1 and {}, got {}",
+            validate::MAX_BORROW_HOURS,
+            req.hours
+        )));
+    }
+    app.check_writable()?;
+    let who = Who {
+        user: &as_checkout.user,
+        host: &as_checkout.host,
+        groups: &as_checkout.groups,
+    };
+    let now = now_ms();
+    let until = now.saturating_add(u64::from(req.hours) * 3_600_000);
+    let granted = {
+        let mut inner = app.lock();
+        match inner
+            .book
+            .borrow(&as_checkout.product, who, 1, until, now, new_handle())
+        {
+            Ok(grant) => {
+                let ack = app.log(&mut inner, Mutation::Checkout(grant.record.clone()));
+                app.arm(&mut inner, until);
+                pull(&app, &mut inner, &as_checkout.product, now);
+                Ok((grant, ack))
+            }
+            Err(refusal) => Err((refusal, inner.synced_at)),
+        }
+    };
+    let (grant, ack) = granted.map_err(|(r, synced)| refused(&app, &as_checkout, r, synced))?;
+    let pending = PendingCheckout {
+        app: &app,
+        handle: Some(grant.record.handle),
+    };
+    durable(ack).await?;
+    pending.disarm();
+    app.metrics.checkout(&as_checkout.product, false, 0.0);
+    tracing::info!(user = %as_checkout.user, host = %as_checkout.host, hours = req.hours,
+        "unit borrowed for offline use");
+    Ok(Json(BorrowResponse {
+        handle: grant.record.handle.to_string(),
+        id: CheckoutId::of(grant.record.handle).to_string(),
+        product: as_checkout.product,
+        units: grant.record.units,
+        until: chrono::DateTime::from_timestamp_millis(i64::try_from(until).unwrap_or(i64::MAX))
+            .unwrap_or_default(),
+    }))
+}
+
+/// Returns a borrowed unit before its time: a checkin of the borrow (its usage record ends
+/// `checkin`; one left to run out ends `staleout`).
+#[utoipa::path(post, path = "/v1/borrow/{handle}/return", tag = "clients", security(("clientKey" = []), ()),
+    params(("handle" = String, Path, description = "The handle `POST /v1/borrow` answered")),
+    responses(
+        (status = 200, description = "Returned", body = HandleResponse),
+        (status = 400, description = "`bad_request`: not a handle", body = ErrorBody),
+        (status = 404, description = "`bad_handle`: unknown, already returned or expired", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
+pub(super) async fn return_handler(
+    State(app): State<App>,
+    auth: ClientAuth,
+    ApiPath(handle): ApiPath<String>,
+) -> Result<Json<HandleResponse>, ApiError> {
+    let h = parse_handle(&handle)?;
+    if !app.lock().book.is_borrowed(h) {
+        return Err(ApiError::BadHandle);
+    }
+    checkin_handler(State(app), auth, ApiJson(HandleRequest { handle })).await
 }
 
 /// Products with their allocation, in use, free and waiting.

@@ -103,7 +103,7 @@ pub(super) async fn holders_handler(
         (status = 200, description = "Revoked: the checkout as it was", body = Revoked),
         (status = 400, description = "`bad_request`: not a checkout id, or no reason (1–500 characters)", body = ErrorBody),
         (status = 404, description = "`not_found`: no live checkout has this id here", body = ErrorBody),
-        (status = 409, description = "`conflict`: it was already revoked", body = ErrorBody),
+        (status = 409, description = "`conflict`: it was already revoked, or it is borrowed", body = ErrorBody),
         (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
 pub(super) async fn revoke_handler(
     State(app): State<App>,
@@ -119,41 +119,7 @@ pub(super) async fn revoke_handler(
     let now = now_ms();
     let (outcome, served_waiters, ack) = {
         let mut inner = app.lock();
-        let mut outcome = inner
-            .book
-            .revoke(&app.name, id, &req.reason, now, &mut new_handle)
-            .map_err(|r| match r {
-                RevokeRefusal::Unknown => {
-                    ApiError::UnknownCheckout(format!("no live checkout {id} on this server"))
-                }
-                RevokeRefusal::AlreadyRevoked(r) => ApiError::Conflict(format!(
-                    "checkout {id} was already revoked at {}: {}",
-                    rfc3339(r.at),
-                    r.reason
-                )),
-            })?;
-        let h = &outcome.holder;
-        let ended = Ended {
-            handle: outcome.revocation.handle,
-            product: h.product.as_str().into(),
-            user: h.user.clone(),
-            host: h.host.clone(),
-            groups: h.groups.clone(),
-            units: h.units,
-            started_at: h
-                .granted_at
-                .map_or(now, |t| u64::try_from(t.timestamp_millis()).unwrap_or(now)),
-        };
-        let usage = super::super::records::usage(&app, &ended, EndedBy::Revoke, now);
-        let ack = app.log(
-            &mut inner,
-            Mutation::Revoke(outcome.revocation.clone(), usage),
-        );
-        let served = std::mem::take(&mut outcome.served);
-        let served_waiters = u32::try_from(served.len()).unwrap_or(u32::MAX);
-        app.dispatch(&mut inner, served, now);
-        pull(&app, &mut inner, &outcome.holder.product, now);
-        (outcome, served_waiters, ack)
+        revoke_locked(&app, &mut inner, id, &req.reason, EndedBy::Revoke, now)?
     };
     durable(ack).await?;
     app.metrics.revocation(&outcome.holder.product);
@@ -165,6 +131,63 @@ pub(super) async fn revoke_handler(
         reason: outcome.revocation.reason,
         served_waiters,
     }))
+}
+
+/// Revokes checkout `id` under the lock: the book frees it, the revocation and its usage
+/// record (ended by `ended_by`) go to the writer, its units go to the waiters. Shared by an
+/// operator's revoke and the idle rule. Returns the outcome, the waiters served and the ack
+/// to await before answering.
+pub(super) fn revoke_locked(
+    app: &App,
+    inner: &mut super::super::Inner,
+    id: CheckoutId,
+    reason: &str,
+    ended_by: EndedBy,
+    now: allot_core::checkout::Millis,
+) -> Result<
+    (
+        allot_core::checkout::RevokeOutcome,
+        u32,
+        tokio::sync::oneshot::Receiver<bool>,
+    ),
+    ApiError,
+> {
+    let mut outcome = inner
+        .book
+        .revoke(&app.name, id, reason, now, &mut new_handle)
+        .map_err(|r| match r {
+            RevokeRefusal::Unknown => {
+                ApiError::UnknownCheckout(format!("no live checkout {id} on this server"))
+            }
+            RevokeRefusal::AlreadyRevoked(r) => ApiError::Conflict(format!(
+                "checkout {id} was already revoked at {}: {}",
+                rfc3339(r.at),
+                r.reason
+            )),
+            RevokeRefusal::Borrowed => ApiError::Conflict(format!(
+                "checkout {id} is borrowed for offline use: it cannot be taken back before it \
+                 is returned or its borrow ends"
+            )),
+        })?;
+    let h = &outcome.holder;
+    let ended = Ended {
+        handle: outcome.revocation.handle,
+        product: h.product.as_str().into(),
+        user: h.user.clone(),
+        host: h.host.clone(),
+        groups: h.groups.clone(),
+        units: h.units,
+        started_at: h
+            .granted_at
+            .map_or(now, |t| u64::try_from(t.timestamp_millis()).unwrap_or(now)),
+    };
+    let usage = super::super::records::usage(app, &ended, ended_by, now);
+    let ack = app.log(inner, Mutation::Revoke(outcome.revocation.clone(), usage));
+    let served = std::mem::take(&mut outcome.served);
+    let served_waiters = u32::try_from(served.len()).unwrap_or(u32::MAX);
+    app.dispatch(inner, served, now);
+    pull(app, inner, &outcome.holder.product, now);
+    Ok((outcome, served_waiters, ack))
 }
 
 /// Unix milliseconds as a UTC time, for the answer.

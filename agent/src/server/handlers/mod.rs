@@ -27,6 +27,8 @@ pub(super) fn table() -> OpenApiRouter<App> {
         .routes(routes!(clients::heartbeat_handler))
         .routes(routes!(clients::checkin_handler))
         .routes(routes!(clients::products_handler))
+        .routes(routes!(clients::borrow_handler))
+        .routes(routes!(clients::return_handler))
         .routes(routes!(balancer::define_handler))
         .routes(routes!(balancer::status_handler))
         .routes(routes!(balancer::release_handler))

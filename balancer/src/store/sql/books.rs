@@ -18,8 +18,8 @@ pub(super) async fn create_product(
     let policy = def.policy();
     let id = sqlx::query_scalar::<_, i64>(
         "INSERT INTO products (name, publisher, version, enforcement, seat, \
-         heartbeat_seconds, staleout_seconds, acl, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+         heartbeat_seconds, staleout_seconds, acl, options, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
     )
     .bind(&def.name)
     .bind(&def.publisher)
@@ -29,6 +29,7 @@ pub(super) async fn create_product(
     .bind(i64::from(policy.heartbeat_seconds))
     .bind(i64::from(policy.staleout_seconds))
     .bind(json(&policy.acl).unwrap_or_else(|| "{}".into()))
+    .bind(json(&policy.options).unwrap_or_else(|| "{}".into()))
     .bind(now_ms())
     .fetch_one(&mut *tx)
     .await
@@ -41,6 +42,43 @@ pub(super) async fn create_product(
         &def.name,
         None,
         json(&product),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(product)
+}
+
+#[tracing::instrument(skip_all, fields(product = %name))]
+pub(super) async fn set_policy(
+    pool: &Pool<Db>,
+    actor: &str,
+    name: &str,
+    policy: &allot_core::domain::Policy,
+) -> StoreResult<Product> {
+    let mut tx = begin_write(pool).await?;
+    let id = product_id(&mut tx, name).await?;
+    let before = product_by_id(&mut tx, id).await?;
+    sqlx::query(
+        "UPDATE products SET enforcement = $2, seat = $3, heartbeat_seconds = $4, \
+         staleout_seconds = $5, acl = $6, options = $7 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(policy.enforcement.as_str())
+    .bind(policy.seat.as_str())
+    .bind(i64::from(policy.heartbeat_seconds))
+    .bind(i64::from(policy.staleout_seconds))
+    .bind(json(&policy.acl).unwrap_or_else(|| "{}".into()))
+    .bind(json(&policy.options).unwrap_or_else(|| "{}".into()))
+    .execute(&mut *tx)
+    .await?;
+    let product = product_by_id(&mut tx, id).await?;
+    write_audit(
+        &mut tx,
+        actor,
+        "product.policy",
+        name,
+        json(&before.policy),
+        json(&product.policy),
     )
     .await?;
     tx.commit().await?;

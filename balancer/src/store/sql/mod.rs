@@ -331,6 +331,15 @@ impl Store for SqlStore {
         books::product(&self.pool, name).await
     }
 
+    async fn set_policy(
+        &self,
+        actor: &str,
+        name: &str,
+        policy: &allot_core::domain::Policy,
+    ) -> StoreResult<Product> {
+        books::set_policy(&self.pool, actor, name, policy).await
+    }
+
     async fn add_entitlement(
         &self,
         actor: &str,
