@@ -481,8 +481,11 @@ impl Book {
         if !seat_held && borrow.is_none() && p.policy.options.linger_seconds > 0 {
             let lkey = options::linger_key(key.as_deref(), who.user, who.host);
             let found = p.lingering.get(&lkey).and_then(|list| {
+                // The same holder (user, host and groups), so no tally or limit changes.
                 list.iter()
-                    .position(|l| key.is_some() || l.units == units)
+                    .position(|l| {
+                        *l.owner.groups == *who.groups && (key.is_some() || l.units == units)
+                    })
                     .map(|i| list[i].id)
             });
             if let Some(id) = found {
@@ -529,7 +532,7 @@ impl Book {
         );
         if decision == Decision::Deny
             && !queue_ahead
-            && self.yield_lingering(product, units, committed)
+            && self.yield_lingering(product, (who.user, who.host, who.groups), units)
         {
             decision = Decision::Take { overdraft: false };
         }
@@ -580,40 +583,48 @@ impl Book {
         Ok(Outcome::Granted(self.take(product, who, take, now, handle)))
     }
 
-    /// Ends lingering seats of a product, the soonest to end first, until `units` more fit
-    /// beside `committed` — when its policy lets waiting clients take lingering units.
-    /// Returns whether they now fit.
-    fn yield_lingering(&mut self, product: &str, units: u32, committed: u32) -> bool {
+    /// Ends lingering seats of a product, the soonest to end first, until `units` more fit for
+    /// `holder` — when its policy lets waiting clients take lingering units. Ending a seat may
+    /// reopen a reservation it filled, so the fit is recounted as each would end, and nothing
+    /// ends unless the request fits at the last. Returns whether it now fits.
+    fn yield_lingering(
+        &mut self,
+        product: &str,
+        holder: (&str, &str, &[String]),
+        units: u32,
+    ) -> bool {
         let Some(p) = self.products.get(product) else {
             return false;
         };
         if !p.policy.options.linger_yields
             || p.policy.enforcement != crate::domain::Enforcement::HardStop
+            || p.lingering.is_empty()
         {
             return false;
         }
-        let fits = |committed: u32, allocation: u32| {
-            u64::from(committed) + u64::from(units) <= u64::from(allocation)
+        let mut soonest: Vec<&Lingering> = p.lingering.values().flatten().collect();
+        soonest.sort_unstable_by_key(|l| (l.until, l.id));
+        let mut tally = p.tally.clone();
+        let mut in_use = p.in_use;
+        let fits = |tally: &Tally, in_use: u32| {
+            let (_, others) = options::unfilled(&p.policy.options, tally, Some(holder));
+            u64::from(in_use) + u64::from(others) + u64::from(units) <= u64::from(p.allocation)
         };
-        let mut soonest: Vec<(Millis, u64, u32)> = p
-            .lingering
-            .values()
-            .flatten()
-            .map(|l| (l.until, l.id, l.units))
-            .collect();
-        let lingering: u32 = soonest.iter().map(|l| l.2).sum();
-        if !fits(committed.saturating_sub(lingering), p.allocation) {
-            return false;
-        }
-        soonest.sort_unstable();
-        let allocation = p.allocation;
-        let mut committed = committed;
-        for (_, id, freed) in soonest {
-            if fits(committed, allocation) {
+        let mut ending = Vec::new();
+        for l in soonest {
+            if fits(&tally, in_use) {
                 break;
             }
+            let o = &l.owner;
+            options::count(&mut tally, &o.user, &o.host, &o.groups, -i64::from(l.units));
+            in_use -= l.units;
+            ending.push(l.id);
+        }
+        if !fits(&tally, in_use) {
+            return false;
+        }
+        for id in ending {
             self.end_lingering(id);
-            committed -= freed;
         }
         true
     }
@@ -794,8 +805,11 @@ impl Book {
             }
             let (enforcement, allocation, units) = (p.policy.enforcement, p.allocation, w.units);
             let mut decision = decide(enforcement, allocation, committed, units, seat_held, false);
-            if decision == Decision::Deny && self.yield_lingering(product, units, committed) {
-                decision = Decision::Take { overdraft: false };
+            if decision == Decision::Deny {
+                let (user, host, groups) = (w.user.clone(), w.host.clone(), w.groups.clone());
+                if self.yield_lingering(product, (&user, &host, &groups), units) {
+                    decision = Decision::Take { overdraft: false };
+                }
             }
             if self.checkouts.len() >= self.limits.max_checkouts {
                 break;
@@ -1149,5 +1163,7 @@ enum Take {
     Borrow(Millis),
 }
 
+#[cfg(test)]
+mod options_tests;
 #[cfg(test)]
 mod tests;
