@@ -17,7 +17,8 @@ pub const EXIT_CANNOT_RUN: i32 = 127;
 /// `EX_NOPERM` from sysexits.h: an administrator revoked the license while the command ran; the
 /// command was sent SIGTERM (SIGKILL after [`REVOKE_GRACE`]). Whatever the command's own status.
 pub const EXIT_REVOKED: i32 = 77;
-/// How often `run` samples the command's CPU time to tell the server how idle it is.
+/// How often `run` samples the command's CPU time to tell the server how idle it is (at
+/// least once per heartbeat).
 pub const IDLE_SAMPLE_SECONDS: u64 = 5;
 /// How long a command may take to stop after SIGTERM on a revoke before it gets SIGKILL.
 pub const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -87,7 +88,9 @@ pub async fn run_command(client: &Client, req: CheckoutRequest, command: &[OsStr
     };
     // Idle reclaim: the command's process tree is idle while it uses no CPU.
     let mut idle = crate::idle::IdleClock::default();
-    let sample_every = std::time::Duration::from_secs(IDLE_SAMPLE_SECONDS);
+    let sample_every = std::time::Duration::from_secs(
+        IDLE_SAMPLE_SECONDS.min(u64::from(lease.grant().heartbeat_seconds.max(1))),
+    );
     let mut sample = tokio::time::interval(sample_every);
     let forward = |child: &tokio::process::Child, sig: Signal| {
         if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {

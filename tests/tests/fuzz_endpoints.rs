@@ -986,6 +986,19 @@ async fn malformed_input_to_every_balancer_endpoint_changes_nothing(backend: Bac
         ("GET /v1/products", example(&[], None)),
         ("GET /v1/products/{product}", example(&[("product", "cad")], None)),
         (
+            "PUT /v1/products/{product}/policy",
+            example(
+                &[("product", "cad")],
+                Some(json!({"enforcement": "hard_stop", "seat": "concurrent",
+                    "heartbeat_seconds": 60, "staleout_seconds": 300,
+                    "options": {"limits": [{"scope": "user", "name": "ann", "max": 1}],
+                        "reservations": [{"scope": "group", "name": "eng", "units": 1}],
+                        "linger_seconds": 30, "max_borrow_hours": 24,
+                        "idle_notify_seconds": 600, "idle_revoke_seconds": 1800,
+                        "priorities": [{"group": "eng", "priority": 5}]}})),
+            ),
+        ),
+        (
             "POST /v1/products/{product}/entitlements",
             example(
                 &[("product", "cad")],
@@ -1148,7 +1161,12 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
     let (status, doc) = agent.get("/v1/openapi.json").await;
     assert_eq!(status, 200);
     let policy = json!({"enforcement": "hard_stop", "seat": "concurrent", "heartbeat_seconds": 60,
-        "staleout_seconds": 300, "acl": {"allow_groups": ["eng"]}});
+        "staleout_seconds": 300, "acl": {"allow_groups": ["eng"]},
+        "options": {"limits": [{"scope": "group", "name": "eng", "max": 2}],
+            "reservations": [{"scope": "user", "name": "ann", "units": 1}],
+            "linger_seconds": 30, "linger_yields": true, "max_borrow_hours": 24,
+            "idle_notify_seconds": 600, "idle_revoke_seconds": 1800,
+            "priorities": [{"group": "eng", "priority": 5}]}});
     let examples: BTreeMap<String, Example> = [
         ("GET /healthz", example(&[], None)),
         ("GET /metrics", example(&[], None)),
@@ -1161,7 +1179,17 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
                     "units": 1, "wait_seconds": 0})),
             ),
         ),
-        ("POST /v1/heartbeat", example(&[], Some(json!({"handle": handle})))),
+        ("POST /v1/heartbeat", example(&[], Some(json!({"handle": handle, "idle_seconds": 5})))),
+        (
+            "POST /v1/borrow",
+            example(
+                &[],
+                Some(json!({"product": "cad", "user": "bob", "host": "laptop", "groups": ["eng"],
+                    "hours": 8})),
+            ),
+        ),
+        // A live checkout that is not a borrow: `return` refuses it, so nothing changes.
+        ("POST /v1/borrow/{handle}/return", example(&[("handle", &handle)], None)),
         ("POST /v1/checkin", example(&[], Some(json!({"handle": handle})))),
         ("GET /v1/products", example(&[], None)),
         ("PUT /v1/products/{product}", example(&[("product", "cad")], Some(policy))),
