@@ -101,6 +101,10 @@ struct ServeArgs {
     #[arg(long, env = "ALLOT_INSTANT_WAIT_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     instant_wait_ms: u64,
+    /// Hosts (or host:port) a client's callback webhook may name, comma-separated; none →
+    /// clients long-poll their callbacks.
+    #[arg(long, env = "ALLOT_CALLBACK_HOSTS", value_delimiter = ',')]
+    callback_hosts: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -255,6 +259,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         balancer,
         tls,
+        callback_hosts: args.callback_hosts,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

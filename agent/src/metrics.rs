@@ -97,6 +97,7 @@ pub struct Metrics {
     checkins: IntCounterVec,
     /// Checkouts force-released by an operator (never labelled by user, host or handle).
     revocations: IntCounterVec,
+    callbacks_ready: IntCounterVec,
     heartbeats: IntCounter,
     waiting: IntGaugeVec,
     allocation: IntGaugeVec,
@@ -250,6 +251,12 @@ impl Metrics {
                 "Checkouts force-released by an operator (POST /v1/checkouts/{id}/revoke).",
                 &["product"],
             ),
+            callbacks_ready: counter(
+                &r,
+                "allot_agent_callbacks_ready_total",
+                "Units kept for a client's callback (POST /v1/callbacks) for it to claim.",
+                &["product"],
+            ),
             waiting: gauge(
                 &r,
                 "allot_agent_waiting_clients",
@@ -333,6 +340,11 @@ impl Metrics {
         self.revocations.with_label_values(&[product]).inc();
     }
 
+    /// Counts a unit kept for a callback.
+    pub fn callback_ready(&self, product: &str) {
+        self.callbacks_ready.with_label_values(&[product]).inc();
+    }
+
     /// Counts a checkin.
     pub fn checkin(&self, product: &str) {
         self.checkins.with_label_values(&[product]).inc();
@@ -387,6 +399,7 @@ impl Metrics {
                 &self.staleouts,
                 &self.checkins,
                 &self.revocations,
+                &self.callbacks_ready,
             ] {
                 family.with_label_values(&l);
             }

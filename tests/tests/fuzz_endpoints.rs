@@ -916,6 +916,9 @@ fn urlencode(s: &str) -> String {
 /// where a fault leaves the request valid.
 const UNKNOWN_CHECKOUT: &str = "co_00000000000000000000000000000000";
 
+/// A well-formed callback id no client registered.
+const UNKNOWN_CALLBACK: &str = "cb_00000000000000000000000000000000";
+
 fn example(path: &[(&'static str, &str)], body: Option<Value>) -> Example {
     Example {
         path: path.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
@@ -1188,6 +1191,18 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
                     "hours": 8})),
             ),
         ),
+        (
+            "POST /v1/callbacks",
+            example(
+                &[],
+                Some(json!({"product": "cad", "user": "bob", "host": "h2", "groups": ["eng"],
+                    "units": 1, "hold_seconds": 60, "wait_seconds": 600})),
+            ),
+        ),
+        // A well-formed callback id no client registered: each call changes nothing.
+        ("GET /v1/callbacks/{id}", example(&[("id", UNKNOWN_CALLBACK)], None)),
+        ("DELETE /v1/callbacks/{id}", example(&[("id", UNKNOWN_CALLBACK)], None)),
+        ("POST /v1/callbacks/{id}/claim", example(&[("id", UNKNOWN_CALLBACK)], None)),
         // A live checkout that is not a borrow: `return` refuses it, so nothing changes.
         ("POST /v1/borrow/{handle}/return", example(&[("handle", &handle)], None)),
         ("POST /v1/checkin", example(&[], Some(json!({"handle": handle})))),

@@ -8,7 +8,8 @@
 //! after a checkin, reused by its user, listed as lingering), borrowing (no heartbeats, listed
 //! as borrowed, never revoked nor reclaimed, surviving kill -9 of both processes), idle reclaim
 //! (a notice, then a revoke recorded as `idle`; `allot-agent run` reports its command idle)
-//! and queue priorities.
+//! and queue priorities with user callbacks (a webhook on the allow-list, or a long-poll; the
+//! unit kept for the claim, and freed for the next when it is not claimed in time).
 
 use allot_tests::balancer::Api;
 use allot_tests::fleet::Fleet;
@@ -25,6 +26,7 @@ on_both_backends!(
     a_borrow_outlives_restarts_and_is_never_revoked_nor_reclaimed,
     idle_checkouts_are_warned_then_revoked_and_run_reports_idleness,
     a_higher_priority_group_is_served_first,
+    callbacks_keep_a_unit_for_the_first_in_line_and_call_it_back,
 );
 
 /// A fleet with `paris`, product `cad` (heartbeats every second) with `units` purchased, all
@@ -496,4 +498,198 @@ async fn a_higher_priority_group_is_served_first(backend: Backend) {
         .await;
     let (status, _) = plain.await.unwrap();
     assert_eq!(status, StatusCode::OK);
+}
+
+/// A webhook receiver on loopback: every JSON body posted to `/hook` arrives on the channel.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+async fn callbacks_keep_a_unit_for_the_first_in_line_and_call_it_back(backend: Backend) {
+    let mut fleet = estate(backend, 1).await;
+    let (hook, mut calls) = webhook_receiver().await;
+    let api = agent(&fleet);
+    let register = |body: Value| {
+        let api = api.clone();
+        async move { api.send(Method::POST, "/v1/callbacks", Some(body)).await }
+    };
+    // Off the allow-list (none is configured yet): refused, nothing queued.
+    let (status, body) = register(json!({"product": "cad", "user": "x", "host": "h",
+        "webhook": hook}))
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow-list")
+    );
+    fleet.meters[0].kill9();
+    fleet.meters[0]
+        .start(&[("ALLOT_CALLBACK_HOSTS", "127.0.0.1")])
+        .await;
+    fleet.wait_synced("cad").await;
+    set_options(
+        &fleet,
+        json!({"priorities": [{"group": "design", "priority": 10}]}),
+    )
+    .await;
+    let api = agent(&fleet);
+    let ann = handle_of(&fleet, "ann", &[], 1).await;
+    // Bob long-polls; Carl, of the priority group, leaves a webhook and goes first.
+    let (status, bob) = register(json!({"product": "cad", "user": "bob", "host": "h",
+        "hold_seconds": 1}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{bob}");
+    assert_eq!(
+        (bob["state"].as_str(), bob["position"].as_u64()),
+        (Some("waiting"), Some(0))
+    );
+    let (status, carl) = register(json!({"product": "cad", "user": "carl", "host": "h",
+        "groups": ["design"], "webhook": hook, "hold_seconds": 30}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{carl}");
+    assert_eq!(carl["position"], 0, "priority first: {carl}");
+    let bob_id = bob["id"].as_str().unwrap().to_owned();
+    let carl_id = carl["id"].as_str().unwrap().to_owned();
+    let bob_now = api.get(&format!("/v1/callbacks/{bob_id}")).await;
+    assert_eq!(bob_now["position"], 1);
+    let (status, _) = api
+        .send(
+            Method::POST,
+            &format!("/v1/callbacks/{carl_id}/claim"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "nothing kept yet");
+    // Ann checks in: the unit is kept for Carl and his webhook is called.
+    api.post("/v1/checkin", json!({"handle": ann})).await;
+    let called = tokio::time::timeout(Duration::from_secs(10), calls.recv())
+        .await
+        .expect("the webhook is called")
+        .unwrap();
+    assert_eq!(
+        (called["id"].as_str(), called["state"].as_str()),
+        (Some(carl_id.as_str()), Some("ready"))
+    );
+    assert_eq!(in_use(&fleet).await, 1, "the unit is kept, not free");
+    let (status, body) = checkout(&fleet, "dan", &[], 1).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a kept unit is not free: {body}"
+    );
+    let (status, claimed) = api
+        .send(
+            Method::POST,
+            &format!("/v1/callbacks/{carl_id}/claim"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    let carl_handle = claimed["handle"].as_str().unwrap().to_owned();
+    let (status, _) = api
+        .send(
+            Method::POST,
+            "/v1/heartbeat",
+            Some(json!({"handle": carl_handle})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        holders(&fleet).await,
+        [
+            ("bob".into(), "waiting".into()),
+            ("carl".into(), "held".into())
+        ]
+    );
+    // Carl checks in: Bob's long-poll wakes; he does not claim within his 1 s hold, so the
+    // unit frees again.
+    let poll = {
+        let api = api.clone();
+        let id = bob_id.clone();
+        tokio::spawn(async move {
+            api.get(&format!("/v1/callbacks/{id}?wait_seconds=20"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.post("/v1/checkin", json!({"handle": carl_handle}))
+        .await;
+    let woke = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long-poll answers when the unit is kept")
+        .unwrap();
+    assert_eq!(woke["state"], "ready", "{woke}");
+    eventually(
+        "the unclaimed hold ends",
+        Duration::from_secs(10),
+        || async { in_use(&fleet).await == 0 },
+    )
+    .await;
+    let over = api.get(&format!("/v1/callbacks/{bob_id}")).await;
+    assert_eq!(over["state"], "ended", "{over}");
+    let (status, _) = api
+        .send(Method::POST, &format!("/v1/callbacks/{bob_id}/claim"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Bad ids and values change nothing.
+    for (method, path) in [
+        (Method::GET, "/v1/callbacks/nope".to_owned()),
+        (Method::POST, "/v1/callbacks/cb_1/claim".to_owned()),
+        (
+            Method::GET,
+            format!("/v1/callbacks/{bob_id}?wait_seconds=99"),
+        ),
+    ] {
+        let (status, _) = api.send(method, &path, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+    }
+    let (status, _) = api
+        .send(Method::GET, &format!("/v1/callbacks/cb_{:032x}", 7), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for bad in [
+        json!({"product": "cad", "user": "x", "host": "h", "hold_seconds": 0}),
+        json!({"product": "cad", "user": "x", "host": "h", "hold_seconds": 601}),
+        json!({"product": "cad", "user": "x", "host": "h", "wait_seconds": 90000}),
+        json!({"product": "cad", "user": "x", "host": "h", "webhook": "http://evil.example.com/x"}),
+        json!({"product": "cad", "user": "x", "host": "h", "webhook": "ftp://127.0.0.1/x"}),
+    ] {
+        let (status, body) = register(bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    // A free unit is kept at once; a cancel gives it back.
+    let (status, eve) = register(json!({"product": "cad", "user": "eve", "host": "h"})).await;
+    assert_eq!(
+        (status, eve["state"].as_str()),
+        (StatusCode::CREATED, Some("ready"))
+    );
+    assert_eq!(in_use(&fleet).await, 1);
+    let (status, cancelled) = api
+        .send(
+            Method::DELETE,
+            &format!("/v1/callbacks/{}", eve["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, cancelled["state"].as_str()),
+        (StatusCode::OK, Some("ended"))
+    );
+    assert_eq!(in_use(&fleet).await, 0);
 }

@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub balancer: Option<BalancerConfig>,
     /// Serve HTTPS with this certificate; `None`: plain HTTP.
     pub tls: Option<allot_http::tls::ServerTls>,
+    /// Hosts (or host:port) a callback's webhook may name; empty: long-polled callbacks only.
+    pub callback_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -64,6 +66,7 @@ impl ServerConfig {
             limits: Limits::default(),
             balancer: None,
             tls: None,
+            callback_hosts: Vec::new(),
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - `sync`: the periodic sync with the balancer (products, lease, reset).
 
 mod auth;
+mod callbacks;
 mod config;
 mod handlers;
 pub mod openapi;
@@ -79,6 +80,8 @@ struct Inner {
     /// When the last successful sync was sent, so an expired lease can say since when the
     /// balancer has been unreachable.
     synced_at: Option<Millis>,
+    /// Clients' callbacks, by id and by waiter.
+    callbacks: callbacks::Callbacks,
 }
 
 /// The balancer link and its settings, when one is configured.
@@ -127,6 +130,10 @@ struct Shared {
     balancer: Option<Balancing>,
     /// Rate limit of the instant-balance failure warnings.
     instant_failures: Mutex<Throttle>,
+    /// Hosts a callback's webhook may name (`--callback-hosts`).
+    callback_hosts: Vec<String>,
+    /// Calls the callbacks' webhooks.
+    webhooks: reqwest::Client,
 }
 
 type App = Arc<Shared>;
@@ -167,7 +174,18 @@ impl Shared {
             let handle = s.grant.record.handle;
             let delivered = match inner.waiters.remove(&s.waiter) {
                 Some(tx) => tx.send(WaiterGrant { served: s, durable }).is_ok(),
-                None => false,
+                None => {
+                    let Inner {
+                        callbacks, book, ..
+                    } = &mut *inner;
+                    match callbacks.served(s.waiter, &s.grant, book, now) {
+                        Some((id, webhook)) => {
+                            self.callback_ready(inner, id, webhook, now);
+                            true
+                        }
+                        None => false,
+                    }
+                }
             };
             if !delivered {
                 let (product, more) = match inner.book.checkin(handle, now, &mut new_handle) {
@@ -187,6 +205,34 @@ impl Shared {
                 queue.extend(more);
             }
         }
+    }
+
+    /// A unit is kept for callback `id`: the timer learns the hold's deadline, and its webhook,
+    /// if any, is called (a few tries; the client's long-poll is the fallback).
+    fn callback_ready(&self, inner: &mut Inner, id: u128, webhook: Option<String>, now: Millis) {
+        let Some(c) = inner.callbacks.get_mut(id) else {
+            return;
+        };
+        let until = c.claim_by.unwrap_or(now);
+        let status = c.status(id, &inner.book, now);
+        self.arm(inner, until);
+        self.metrics.callback_ready(&status.product);
+        let Some(url) = webhook else {
+            return;
+        };
+        let client = self.webhooks.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=3u32 {
+                match client.post(&url).json(&status).send().await {
+                    Ok(r) if r.status().is_success() => return,
+                    Ok(r) => {
+                        tracing::warn!(status = %r.status(), attempt, "callback webhook refused")
+                    }
+                    Err(e) => tracing::warn!(error = %e, attempt, "callback webhook failed"),
+                }
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+            }
+        });
     }
 
     /// Checks in a checkout whose client will never learn its handle (its request was dropped).
@@ -327,6 +373,7 @@ pub async fn run(
             armed: Millis::MAX,
             pulls: HashMap::new(),
             synced_at: lease.map(|l| l.synced_at),
+            callbacks: callbacks::Callbacks::default(),
         }),
         writer: tx,
         timer_wake: Notify::new(),
@@ -338,6 +385,11 @@ pub async fn run(
         stopping,
         balancer,
         instant_failures: Mutex::new(Throttle::default()),
+        callback_hosts: config.callback_hosts.clone(),
+        webhooks: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ServeError::Balancer(format!("webhook client: {e}")))?,
     });
     let writer = tokio::spawn(writer::writer_task(store, rx, app.clone()));
 

@@ -52,12 +52,28 @@ pub(super) async fn timer_task(app: App) {
                 );
             }
             app.dispatch(&mut inner, served, now);
+            // Callbacks whose wait ran out, or that were not polled in time, leave the queue.
+            for (product, waiter) in inner.callbacks.run_out(now) {
+                if let Some(left) =
+                    inner
+                        .book
+                        .cancel_wait(&product, waiter, true, now, &mut new_handle)
+                {
+                    app.dispatch(&mut inner, left.served, now);
+                    touched.push(product.as_str().into());
+                }
+            }
             touched.sort_unstable();
             touched.dedup();
             for product in touched {
                 pull(&app, &mut inner, &product, now);
             }
-            let recheck = inner.pulls.values().filter_map(|t| t.recheck_at).min();
+            let recheck = inner
+                .pulls
+                .values()
+                .filter_map(|t| t.recheck_at)
+                .chain(inner.callbacks.next_deadline())
+                .min();
             let next = match (inner.book.next_deadline(), recheck) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

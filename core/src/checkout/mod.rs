@@ -1082,6 +1082,25 @@ impl Book {
         self.waiting
     }
 
+    /// Holds a live checkout only until `until` unless a heartbeat comes first: a unit served
+    /// to a callback is kept that long for its client to claim.
+    pub fn hold_until(&mut self, handle: Handle, until: Millis) {
+        if let Some(live) = self.checkouts.get_mut(&handle) {
+            self.deadlines.remove(&(live.deadline, handle));
+            live.deadline = until;
+            self.deadlines.insert((until, handle));
+        }
+    }
+
+    /// A waiter's place in its product's queue (0 is next), if it still waits.
+    pub fn queue_position(&self, product: &str, waiter: u64) -> Option<usize> {
+        self.products
+            .get(product)?
+            .queue
+            .iter()
+            .position(|w| w.id == waiter)
+    }
+
     /// Whether a handle is a live borrow.
     pub fn is_borrowed(&self, handle: Handle) -> bool {
         self.checkouts

@@ -115,6 +115,92 @@ pub struct BorrowRequest {
     pub hours: u32,
 }
 
+fn default_hold() -> u32 {
+    60
+}
+
+fn default_callback_wait() -> u32 {
+    3600
+}
+
+/// `POST /v1/callbacks`: instead of waiting on an open request, be called back when a unit is
+/// kept for you (SMS 2.0's user callbacks). The callback takes its place in the product's
+/// queue (group priority first, then first come first served).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CallbackRequest {
+    /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub product: String,
+    /// Who will run the program.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub user: String,
+    /// Where it will run.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub host: String,
+    /// Groups the user belongs to (ACLs, limits, reservations, priorities).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
+    pub groups: Vec<String>,
+    /// Units wanted.
+    #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    pub units: u32,
+    /// Called (`POST`, JSON [`CallbackStatus`]) the moment the unit is kept: an `http(s)` URL
+    /// whose host is on the metering server's `--callback-hosts` allow-list. Without it the
+    /// client long-polls `GET /v1/callbacks/{id}`, at least once a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// How long the kept unit waits for its claim, 1–600 seconds.
+    #[serde(default = "default_hold")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 600))]
+    pub hold_seconds: u32,
+    /// How long to stay in the queue, 1–86,400 seconds.
+    #[serde(default = "default_callback_wait")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
+    pub wait_seconds: u32,
+}
+
+/// Where a callback stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackState {
+    /// In the queue.
+    Waiting,
+    /// A unit is kept for it until `claim_by`: claim it with `POST /v1/callbacks/{id}/claim`.
+    Ready,
+    /// Claimed: it is a checkout now.
+    Claimed,
+    /// Left the queue or its hold without a checkout: its wait ran out, it was not renewed,
+    /// it was not claimed in time, or it was cancelled.
+    Ended,
+}
+
+/// A callback as its client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CallbackStatus {
+    /// Names the callback; the client's secret (whoever knows it may claim the unit).
+    pub id: String,
+    /// The product.
+    pub product: String,
+    /// Where it stands.
+    pub state: CallbackState,
+    /// Its place in the queue, 0 being next (waiting only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
+    /// Until when the kept unit waits for the claim (ready only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_by: Option<DateTime<Utc>>,
+    /// When a long-polled callback is dropped unless polled again (no webhook, waiting only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_by: Option<DateTime<Utc>>,
+    /// When it leaves the queue if no unit came.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// A borrow granted: keep the handle to return it early.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -127,7 +127,7 @@ fn handle_refused(refusal: BadHandle) -> ApiError {
     }
 }
 
-fn validate_checkout(req: &CheckoutRequest) -> Result<(), ApiError> {
+pub(super) fn validate_checkout(req: &CheckoutRequest) -> Result<(), ApiError> {
     validate::path_name("product", &req.product)?;
     validate::name("user", &req.user)?;
     validate::name("host", &req.host)?;
@@ -301,7 +301,7 @@ fn denied(app: &Shared, req: &CheckoutRequest, reason: DenialReason, code: Error
 /// How long the balancer's classification of a shortfall describes the denials after it.
 const SHORTAGE_CLASS_MS: Millis = 10_000;
 
-fn refused(
+pub(super) fn refused(
     app: &Shared,
     req: &CheckoutRequest,
     refusal: Refusal,

@@ -38,7 +38,7 @@ pub(super) struct HoldersParams {
 }
 
 /// Reads the query strictly: UTF-8, known fields only, in this API's error shape.
-fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+pub(super) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
     validate::query_utf8(uri.query().unwrap_or(""))?;
     axum::extract::Query::<T>::try_from_uri(uri)
         .map(|q| q.0)

@@ -7,6 +7,7 @@
 //! that table and the router serves it.
 
 mod balancer;
+mod callbacks;
 mod clients;
 mod holders;
 mod meta;
@@ -29,6 +30,9 @@ pub(super) fn table() -> OpenApiRouter<App> {
         .routes(routes!(clients::products_handler))
         .routes(routes!(clients::borrow_handler))
         .routes(routes!(clients::return_handler))
+        .routes(routes!(callbacks::register_handler))
+        .routes(routes!(callbacks::poll_handler, callbacks::cancel_handler))
+        .routes(routes!(callbacks::claim_handler))
         .routes(routes!(balancer::define_handler))
         .routes(routes!(balancer::status_handler))
         .routes(routes!(balancer::release_handler))
