@@ -126,6 +126,14 @@ impl Callbacks {
         out
     }
 
+    /// Whether `handle` is a unit kept for a callback that was never claimed: its end is no
+    /// one's usage.
+    pub fn kept_unclaimed(&self, handle: Handle) -> bool {
+        self.by_id
+            .values()
+            .any(|c| c.state == CallbackState::Ready && c.handle == Some(handle))
+    }
+
     /// Forgets `waiter` (it left the queue some other way).
     pub fn forget_waiter(&mut self, waiter: u64) {
         self.by_waiter.remove(&waiter);

@@ -188,7 +188,7 @@ impl Shared {
                 }
             };
             if !delivered {
-                let (product, more) = match inner.book.checkin(handle, now, &mut new_handle) {
+                let (product, more) = match inner.book.give_back(handle, now, &mut new_handle) {
                     Ok(x) => x,
                     Err(_) => continue,
                 };
@@ -239,7 +239,7 @@ impl Shared {
     fn abandon(&self, handle: Handle) {
         let mut inner = self.lock();
         let now = now_ms();
-        if let Ok((product, served)) = inner.book.checkin(handle, now, &mut new_handle) {
+        if let Ok((product, served)) = inner.book.give_back(handle, now, &mut new_handle) {
             let usage = None;
             self.log_quiet(
                 &mut inner,

@@ -41,7 +41,12 @@ pub(super) async fn timer_task(app: App) {
                 app.metrics.staleout(&product);
                 tracing::info!(%product, "checkout staled out");
                 touched.push(product.clone());
-                let usage = super::records::usage(&app, &ended, EndedBy::Staleout, now);
+                // A unit kept for a callback and never claimed was no one's usage.
+                let usage = if inner.callbacks.kept_unclaimed(ended.handle) {
+                    None
+                } else {
+                    super::records::usage(&app, &ended, EndedBy::Staleout, now)
+                };
                 app.log_quiet(
                     &mut inner,
                     Mutation::Checkin {

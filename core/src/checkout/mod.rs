@@ -944,6 +944,17 @@ impl Book {
         self.end(handle, true, now, handles)
     }
 
+    /// Ends a checkout its client never received (a dropped request, a waiter gone, a
+    /// cancelled callback): like a checkin, but its seat never lingers.
+    pub fn give_back(
+        &mut self,
+        handle: Handle,
+        now: Millis,
+        handles: &mut impl FnMut() -> Handle,
+    ) -> Result<(Arc<str>, Vec<Served>), BadHandle> {
+        self.end(handle, false, now, handles)
+    }
+
     /// Ends a checkout by checkin (`linger`) or by staleout or revoke (no linger: the holder
     /// is gone or was told to stop).
     fn end(

@@ -299,7 +299,7 @@ pub(super) async fn cancel_handler(
         }
     }
     if let Some(handle) = kept
-        && let Ok((p, more)) = inner.book.checkin(handle, now, &mut new_handle)
+        && let Ok((p, more)) = inner.book.give_back(handle, now, &mut new_handle)
     {
         // Its client never had it: no usage to record.
         app.log_quiet(
