@@ -520,8 +520,16 @@ impl Book {
             });
         }
         let (committed, own) = p.committed(Some((who.user, who.host, who.groups)));
-        // Units kept for this requester are its own: no queue stands before them.
-        let queue_ahead = !p.queue.is_empty() && units > own && borrow.is_none();
+        // Units kept for this requester are its own: no queue stands before them. Nor does a
+        // waiter a limit holds back (it keeps its place, but blocks no one).
+        let opts = &p.policy.options;
+        let queue_ahead = borrow.is_none()
+            && units > own
+            && p.queue.iter().any(|w| {
+                opts.limits.is_empty()
+                    || options::breached(opts, &p.tally, &w.user, &w.host, &w.groups, w.units)
+                        .is_none()
+            });
         let mut decision = decide(
             p.policy.enforcement,
             p.allocation,
@@ -575,7 +583,7 @@ impl Book {
             return Err(Refusal::Full);
         }
         let take = match (decision, borrow) {
-            (_, Some(until)) => Take::Borrow(until),
+            (_, Some(until)) => Take::Borrow { units, until },
             (Decision::Join, None) => Take::Join,
             (Decision::Take { overdraft }, None) => Take::New { units, overdraft },
             (Decision::Deny, None) => unreachable!("denials returned above"),
@@ -715,13 +723,13 @@ impl Book {
                 p.note_in_use();
                 (units, false, overdraft)
             }
-            Take::Borrow(until) => {
+            Take::Borrow { units, until } => {
                 key = None;
                 borrowed_until = Some(until);
-                p.in_use = p.in_use.saturating_add(1);
-                p.count_owner(&owner(), 1, 1);
+                p.in_use = p.in_use.saturating_add(units);
+                p.count_owner(&owner(), units, 1);
                 p.note_in_use();
-                (1, false, false)
+                (units, false, false)
             }
         };
         p.count(|c| c.checkouts += 1);
@@ -1189,8 +1197,8 @@ enum Take {
     Reuse(Lingering),
     /// It takes new units (beyond the allocation under soft stop: `overdraft`).
     New { units: u32, overdraft: bool },
-    /// It borrows one unit until then.
-    Borrow(Millis),
+    /// It borrows units until then.
+    Borrow { units: u32, until: Millis },
 }
 
 #[cfg(test)]

@@ -22,7 +22,11 @@ impl Book {
             .get_mut(product)
             .ok_or(MoveRefusal::UnknownProduct)?;
         let moved = match kind {
-            MoveKind::Release => releasable(p.allocation, p.in_use + p.reserved_idle(), units),
+            MoveKind::Release => releasable(
+                p.allocation,
+                p.in_use.saturating_add(p.reserved_idle()),
+                units,
+            ),
             MoveKind::Grant => units.min(u32::MAX - p.allocation),
             MoveKind::Retire => units.min(p.allocation),
         };

@@ -85,6 +85,38 @@ fn a_limit_caps_a_group_and_names_itself() {
 }
 
 #[test]
+fn a_waiter_a_limit_holds_back_keeps_its_place_but_blocks_no_one() {
+    let (mut b, mut g) = book(
+        Options::default(),
+        Enforcement::HardStop,
+        Seat::Concurrent,
+        1,
+    );
+    let x = grant(b.checkout("cad", who("x", &[]), 1, false, 0, g.next()));
+    let queued = b.checkout("cad", who("a", &[]), 1, true, 0, g.next());
+    assert!(matches!(queued, Ok(Outcome::Queued(_))));
+    // The policy now caps a at 0: a stays queued but is passed over.
+    let capped = Options {
+        limits: vec![Limit {
+            scope: Scope::User,
+            name: "a".into(),
+            max: 0,
+        }],
+        ..Options::default()
+    };
+    b.define(
+        "cad",
+        policy(Enforcement::HardStop, Seat::Concurrent, capped),
+        1,
+        &mut || g.next(),
+    );
+    let (_, served) = b.checkin(x.record.handle, 2, &mut || g.next()).unwrap();
+    assert!(served.is_empty());
+    assert_eq!(b.waiting(), 1);
+    grant(b.checkout("cad", who("b", &[]), 1, false, 3, g.next()));
+}
+
+#[test]
 fn reserved_units_are_kept_for_their_holder_and_not_released() {
     let options = Options {
         reservations: vec![Reservation {
