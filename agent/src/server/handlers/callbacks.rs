@@ -184,21 +184,31 @@ pub(super) async fn poll_handler(
             "wait_seconds: must be at most {MAX_POLL_SECONDS}"
         )));
     }
-    let (wake, state) = {
+    let wake = {
         let mut inner = app.lock();
         let now = now_ms();
         let c = inner.callbacks.get_mut(id).ok_or_else(|| unknown(&text))?;
         if c.state == CallbackState::Waiting && c.webhook.is_none() {
             c.renew_by = Some(now + RENEW_MS);
         }
-        (c.wake.clone(), c.state)
+        (c.state == CallbackState::Waiting && params.wait_seconds > 0).then(|| c.wake.clone())
     };
-    if state == CallbackState::Waiting && params.wait_seconds > 0 {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(u64::from(params.wait_seconds)),
-            wake.notified(),
-        )
-        .await;
+    if let Some(wake) = wake {
+        // Registered before the state is read again under the lock below, a change made in
+        // between still wakes it.
+        let changed = wake.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let still_waiting = app
+            .lock()
+            .callbacks
+            .get_mut(id)
+            .is_some_and(|c| c.state == CallbackState::Waiting);
+        if still_waiting {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(u64::from(params.wait_seconds)), changed)
+                    .await;
+        }
     }
     let mut inner = app.lock();
     let now = now_ms();
