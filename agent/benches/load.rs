@@ -14,6 +14,10 @@
 //!    process) that ships every checkin's record, and against the standalone durable server
 //!    (which keeps none) in the same rounds: the checkout's cost of recording and shipping.
 //!
+//! 6. with policy options (`ALLOT_BENCH_ONLY=options` runs only this): checkout+checkin pairs
+//!    against a product with a limit per client user, a host limit and ten group reservations,
+//!    and against a plain product, in alternating rounds: what the options cost a checkout.
+//!
 //! Run: `cargo bench -p allot-agent --bench load` (env `ALLOT_BENCH_SECONDS`, default 3;
 //! `ALLOT_BENCH_CONNECTIONS`, default 128; `ALLOT_BENCH_ROUNDS`, default 3).
 
@@ -57,6 +61,67 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// 6. The cost of the policy options (issue 16) on the checkout path: closed-loop
+///    checkout+checkin pairs against a durable server whose product has a limit for every
+///    client user, a host limit and ten group reservations (so every checkout counts its
+///    holder against the limits and the others' reservations), and against a plain one, in
+///    alternating rounds. `ALLOT_BENCH_ONLY=options` runs only this.
+fn options_cost(
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    dir: &std::path::Path,
+    conns: usize,
+    secs: u64,
+    rounds: usize,
+) {
+    let limits: Vec<serde_json::Value> = (0..conns)
+        .map(|w| json!({"scope": "user", "name": format!("u{w}"), "max": 1000}))
+        .chain([json!({"scope": "host", "name": "bench", "max": 1_000_000})])
+        .collect();
+    let reservations: Vec<serde_json::Value> = (0..10)
+        .map(|g| json!({"scope": "group", "name": format!("g{g}"), "units": 1}))
+        .collect();
+    let (plain_url, plain_stop) = start_durable(server_rt, &dir.join("plain"));
+    let (ruled_url, ruled_stop) = start_durable_with(
+        server_rt,
+        &dir.join("options"),
+        json!({"limits": limits, "reservations": reservations}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    closed_loop(client_rt, &plain_url, conns, 1, false);
+    closed_loop(client_rt, &ruled_url, conns, 1, false);
+    let (mut plain, mut ruled) = (vec![], vec![]);
+    let (mut plain_p99, mut ruled_p99) = (vec![], vec![]);
+    for round in 0..rounds {
+        let p = closed_loop(client_rt, &plain_url, conns, secs, false);
+        let r = closed_loop(client_rt, &ruled_url, conns, secs, false);
+        eprintln!(
+            "round {round}: plain {:.0} pairs/s (p99 {:.2} ms); with options {:.0} pairs/s (p99 {:.2} ms)",
+            p.ops, p.p99_ms, r.ops, r.p99_ms
+        );
+        plain.push(p.ops);
+        ruled.push(r.ops);
+        plain_p99.push(p.p99_ms);
+        ruled_p99.push(r.p99_ms);
+    }
+    let _ = plain_stop.send(());
+    let _ = ruled_stop.send(());
+    let (plain, ruled) = (median(plain), median(ruled));
+    println!(
+        "| measure (median of {rounds} rounds, {conns} connections, {secs} s) | plain product | with options | ratio |"
+    );
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| checkout+checkin pairs/s | {plain:.0} | {ruled:.0} | {:.2} |",
+        ruled / plain
+    );
+    println!(
+        "| p99 latency | {:.2} ms | {:.2} ms | |",
+        median(plain_p99),
+        median(ruled_p99)
+    );
+}
+
 /// Starts a bare axum server (one handler that ignores its body) on the server runtime.
 fn start_bare(rt: &Runtime) -> (String, oneshot::Sender<()>) {
     let listener = rt
@@ -77,13 +142,22 @@ fn start_bare(rt: &Runtime) -> (String, oneshot::Sender<()>) {
 }
 
 fn start_durable(rt: &Runtime, dir: &std::path::Path) -> (String, oneshot::Sender<()>) {
+    start_durable_with(rt, dir, json!({}))
+}
+
+/// A durable server whose product `cad` has the policy options `options`.
+fn start_durable_with(
+    rt: &Runtime,
+    dir: &std::path::Path,
+    options: serde_json::Value,
+) -> (String, oneshot::Sender<()>) {
     use allot_agent::server::{LocalProduct, ServerConfig};
     let mut config = ServerConfig::new(dir);
     config.products = vec![LocalProduct {
         product: "cad".into(),
         allocation: Some(1_000_000),
         policy: serde_json::from_value(json!({"enforcement": "hard_stop",
-            "heartbeat_seconds": 600, "staleout_seconds": 3600}))
+            "heartbeat_seconds": 600, "staleout_seconds": 3600, "options": options}))
         .unwrap(),
     }];
     let listener = rt
@@ -346,6 +420,10 @@ fn main() {
         .unwrap();
     if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "records") {
         records_flow(&server_rt, &client_rt, dir.path(), conns, secs, rounds);
+        return;
+    }
+    if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "options") {
+        options_cost(&server_rt, &client_rt, dir.path(), conns, secs, rounds);
         return;
     }
     let (bare_url, bare_stop) = start_bare(&server_rt);

@@ -10,8 +10,8 @@ use super::rules::Millis;
 use crate::domain::{Limit, Options, Scope};
 use std::collections::HashMap;
 
-/// Units held per rule key.
-pub(super) type Tally = HashMap<(Scope, Box<str>), u32>;
+/// Units held per rule key: by scope, then by name (so a lookup by `&str` allocates nothing).
+pub(super) type Tally = HashMap<Scope, HashMap<Box<str>, u32>>;
 
 /// Who holds units, as the tally and the rules see them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,18 +49,16 @@ fn applies(scope: Scope, name: &str, user: &str, host: &str, groups: &[String]) 
 
 /// An empty tally for the keys `options` names.
 pub(super) fn tally_for(options: &Options) -> Tally {
-    options
-        .limits
+    let limits = options.limits.iter().map(|l| (l.scope, l.name.as_str()));
+    let reservations = options
+        .reservations
         .iter()
-        .map(|l| (l.scope, l.name.as_str()))
-        .chain(
-            options
-                .reservations
-                .iter()
-                .map(|r| (r.scope, r.name.as_str())),
-        )
-        .map(|(s, n)| ((s, Box::from(n)), 0))
-        .collect()
+        .map(|r| (r.scope, r.name.as_str()));
+    let mut tally = Tally::new();
+    for (scope, name) in limits.chain(reservations) {
+        tally.entry(scope).or_default().insert(Box::from(name), 0);
+    }
+    tally
 }
 
 /// Adds (`sign` > 0) or removes `units` held by a holder to the tally's named keys.
@@ -69,8 +67,7 @@ pub(super) fn count(tally: &mut Tally, user: &str, host: &str, groups: &[String]
         return;
     }
     for (scope, name) in keys(user, host, groups) {
-        // A borrowed key for the lookup: the map's keys are boxed.
-        if let Some(held) = tally.get_mut(&(scope, Box::from(name))) {
+        if let Some(held) = tally.get_mut(&scope).and_then(|names| names.get_mut(name)) {
             *held = u32::try_from((i64::from(*held) + units).max(0)).unwrap_or(u32::MAX);
         }
     }
@@ -92,7 +89,11 @@ pub(super) fn breached<'a>(
 }
 
 fn held(tally: &Tally, scope: Scope, name: &str) -> u32 {
-    tally.get(&(scope, Box::from(name))).copied().unwrap_or(0)
+    tally
+        .get(&scope)
+        .and_then(|names| names.get(name))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Reserved units not yet taken: split into those kept for this holder and those kept for
@@ -198,7 +199,7 @@ mod tests {
         count(&mut t, "bob", "h", &eng, 1);
         count(&mut t, "zed", "h", &[], 5);
         assert_eq!(held(&t, Scope::Group, "eng"), 1);
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.values().map(HashMap::len).sum::<usize>(), 2);
         assert!(breached(&o, &t, "bob", "h", &eng, 1).is_none());
         assert_eq!(breached(&o, &t, "bob", "h", &eng, 2).unwrap().name, "eng");
         assert!(breached(&o, &t, "bob", "h", &[], 9).is_none());
