@@ -223,6 +223,8 @@ fn start_balancer(
         data_dir.display().to_string(),
         "--admin-token".into(),
         auth::generate_token(),
+        "--console-listen".into(),
+        "off".into(),
     ];
     if let Some(url) = database_url {
         argv.extend(["--database-url".to_string(), url.to_string()]);
