@@ -68,10 +68,12 @@ pub struct Operator {
 #[serde(deny_unknown_fields)]
 pub struct AddOperator {
     /// 1–64 of `A-Z a-z 0-9 . _ -`; not a name the balancer itself audits under.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     pub name: String,
     /// What they may do.
     pub role: Role,
     /// 12–256 characters.
+    #[schema(min_length = 12, max_length = 256)]
     pub password: String,
 }
 
@@ -114,6 +116,11 @@ pub fn validate_password(password: &str) -> Result<(), InvalidOperator> {
         return Err(InvalidOperator(format!(
             "password: must be {MIN_PASSWORD_CHARS}-{MAX_PASSWORD_CHARS} characters, got {chars}"
         )));
+    }
+    if password.chars().any(char::is_control) {
+        return Err(InvalidOperator(
+            "password: must not contain control characters".into(),
+        ));
     }
     Ok(())
 }
@@ -315,6 +322,7 @@ mod tests {
         assert!(validate_password("short").is_err());
         assert!(validate_password(&"p".repeat(12)).is_ok());
         assert!(validate_password(&"p".repeat(257)).is_err());
+        assert!(validate_password("twelve chars\u{7}").is_err());
     }
 
     #[test]

@@ -5,9 +5,9 @@ use allot_core::wire::balancer::History;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-const WIDTH: f64 = 600.0;
-const HEIGHT: f64 = 160.0;
-const LEFT: f64 = 36.0;
+const WIDTH: f64 = 400.0;
+const HEIGHT: f64 = 150.0;
+const LEFT: f64 = 30.0;
 const BOTTOM: f64 = 16.0;
 /// The height of the tallest denials bar.
 const DENIAL_BAR: f64 = 30.0;
@@ -35,9 +35,18 @@ pub fn chart(history: &History, purchased: u64, buckets: u64) -> String {
     let most_denials = sums.values().map(|s| s.2).max().unwrap_or(0).max(1) as f64;
     let x = |at: i64| LEFT + (at - from) as f64 / (to - from) as f64 * (WIDTH - LEFT - 4.0);
     let y = |v: f64| (HEIGHT - BOTTOM) - v / top * (HEIGHT - BOTTOM - 8.0);
+    // Steps: each bucket's value holds across the bucket, so a lone sample still shows.
+    let step_ms = i64::try_from(history.step_seconds)
+        .unwrap_or(3600)
+        .saturating_mul(1000)
+        .max(1);
     let line = |pick: &dyn Fn(&(f64, f64, u64)) -> f64| {
         sums.iter()
-            .map(|(at, s)| format!("{:.1},{:.1}", x(*at), y(pick(s))))
+            .map(|(at, s)| {
+                let v = y(pick(s));
+                let end = (*at + step_ms).min(to);
+                format!("{:.1},{v:.1} {:.1},{v:.1}", x(*at), x(end))
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
