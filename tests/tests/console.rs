@@ -72,6 +72,11 @@ impl Drop for Browser {
 impl Browser {
     /// A fresh browser, or `None` (with a note) when Chromium is not installed outside CI.
     async fn start() -> Option<Browser> {
+        Self::start_with(&[]).await
+    }
+
+    /// A fresh browser with extra Chromium flags.
+    async fn start_with(flags: &[&str]) -> Option<Browser> {
         let driver = executable(
             "CHROMEDRIVER",
             &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
@@ -109,15 +114,20 @@ impl Browser {
             }
         })
         .await;
+        let mut args = vec![
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,900",
+            "--hide-scrollbars",
+            "--lang=en-GB",
+        ];
+        args.extend_from_slice(flags);
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
-            json!({
-                "binary": chromium,
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1280,900",
-                         "--hide-scrollbars", "--lang=en-GB"],
-            }),
+            json!({ "binary": chromium, "args": args }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = ClientBuilder::new(connector)
@@ -171,7 +181,7 @@ impl Browser {
             .await
             .expect("password");
         form.submit().await.expect("submit");
-        assert_eq!(self.path().await, "/", "{name} is taken to the estate");
+        self.wait_for_path("/").await;
         assert!(self.text("#operator").await.contains(name));
     }
 
@@ -183,7 +193,17 @@ impl Browser {
             .click()
             .await
             .expect("click logout");
-        assert_eq!(self.path().await, "/login");
+        self.wait_for_path("/login").await;
+    }
+
+    /// Waits for the navigation a click or a submit started to land on `path`.
+    async fn wait_for_path(&self, path: &str) {
+        eventually(
+            &format!("the browser is at {path}"),
+            Duration::from_secs(20),
+            || async { self.path().await == path },
+        )
+        .await;
     }
 
     /// Every error the page script collected in this tab (see `console.js`).
@@ -287,6 +307,24 @@ async fn in_a_real_browser_every_page_shows_the_books_and_a_force_release_is_aud
     }
     assert!(browser.text("#sites").await.contains("paris"));
     browser.screenshot("estate").await;
+    // Keyboard: the first Tab reaches the skip link, then the navigation.
+    browser
+        .client
+        .find(Locator::Css("body"))
+        .await
+        .expect("body")
+        .send_keys("\u{E004}")
+        .await
+        .expect("tab");
+    let focused = browser
+        .client
+        .execute(
+            "return document.activeElement.getAttribute('href');",
+            vec![],
+        )
+        .await
+        .expect("focus");
+    assert_eq!(focused, json!("#main"), "the skip link comes first");
     // It refreshes itself without a reload.
     eventually(
         "the estate refreshes itself",
@@ -339,6 +377,12 @@ async fn in_a_real_browser_every_page_shows_the_books_and_a_force_release_is_aud
         .expect("limits form");
     form.set_by_name("buffer_units", "2").await.expect("buffer");
     form.submit().await.expect("save limits");
+    eventually(
+        "the change is reported",
+        Duration::from_secs(20),
+        || async { browser.count("#flash").await == 1 },
+    )
+    .await;
     assert!(browser.text("#flash").await.contains("buffer 2"));
     assert_eq!(
         api.get("/v1/products/cad").await["servers"][0]["buffer_units"],
@@ -479,6 +523,37 @@ async fn in_a_real_browser_every_page_shows_the_books_and_a_force_release_is_aud
         "errors in the browser"
     );
     browser.logout().await;
+    drop(browser);
+
+    // Dark mode: the same pages, readable on a dark background.
+    let Some(dark) = Browser::start_with(&[
+        "--force-dark-mode",
+        "--blink-settings=preferredColorScheme=0",
+    ])
+    .await
+    else {
+        return;
+    };
+    dark.login(&console, ANN).await;
+    let background = dark
+        .client
+        .execute(
+            "return getComputedStyle(document.body).backgroundColor;",
+            vec![],
+        )
+        .await
+        .expect("style");
+    assert_eq!(
+        background,
+        json!("rgb(13, 17, 23)"),
+        "the dark palette applies"
+    );
+    dark.screenshot("estate-dark").await;
+    assert_eq!(
+        dark.errors().await,
+        Vec::<String>::new(),
+        "errors in the browser"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
