@@ -596,6 +596,9 @@ pub trait Store: Send + Sync + 'static {
         role: crate::operators::Role,
         password_hash: &str,
     ) -> StoreResult<crate::operators::Operator>;
+    /// Every product's cells (by product, then server) with the newest in-use of each, in one
+    /// statement: what the console's estate page reads every few seconds.
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>>;
     /// Every operator, by name (without their hashes).
     async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>>;
     /// An operator and their password hash, for checking a login.

@@ -202,6 +202,10 @@ impl Store for ErrorReporting {
         self.seen(self.inner.operators().await)
     }
 
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
+        self.seen(self.inner.all_cells().await)
+    }
+
     async fn operator_credentials(
         &self,
         name: &str,

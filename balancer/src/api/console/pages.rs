@@ -112,27 +112,26 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
         row.site = server.site;
         row.servers += 1;
     }
+    let mut in_use: BTreeMap<String, u64> = BTreeMap::new();
+    for (product, cell) in store.all_cells().await? {
+        let used = cell.in_use.unwrap_or(0);
+        *in_use.entry(product).or_default() += used;
+        let site = sites.entry(cell.site.clone()).or_default();
+        site.site = cell.site;
+        site.allocation += cell.allocation;
+        site.in_use += used;
+    }
     let mut products = Vec::new();
     for p in store.products().await? {
-        let detail = store.product(&p.name).await?;
-        let mut in_use = 0;
-        for cell in &detail.servers {
-            let used = cell.in_use.unwrap_or(0);
-            in_use += used;
-            let site = sites.entry(cell.site.clone()).or_default();
-            site.site.clone_from(&cell.site);
-            site.allocation += cell.allocation;
-            site.in_use += used;
-        }
         let (denials_true, denials_false) = denials.get(&p.name).copied().unwrap_or_default();
         products.push(ProductRow {
             expiring: expiring.remove(&p.name).unwrap_or_default(),
+            in_use: in_use.get(&p.name).copied().unwrap_or(0),
             name: p.name,
             purchased: p.purchased,
             reserve: p.reserve,
             in_transit: p.in_transit,
             allocated: p.allocated,
-            in_use,
             denials_true,
             denials_false,
         });

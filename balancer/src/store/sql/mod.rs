@@ -14,6 +14,7 @@
 //! state that breaks conservation at a commit.
 
 mod books;
+mod estate;
 mod expiry;
 mod fleet;
 mod history;
@@ -447,6 +448,10 @@ impl Store for SqlStore {
 
     async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>> {
         operators::operators(&self.pool).await
+    }
+
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
+        estate::all_cells(&self.pool).await
     }
 
     async fn operator_credentials(
