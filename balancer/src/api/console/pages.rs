@@ -81,19 +81,26 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
     let store = &*console.app.store;
     let now = Utc::now();
     let day_start = now.date_naive().and_hms_opt(0, 0, 0).map(|d| d.and_utc());
-    let denials: BTreeMap<String, (u64, u64)> = store
-        .usage_totals(&RecordsQuery {
-            since_ms: day_start.unwrap_or(now).timestamp_millis(),
-            until_ms: now.timestamp_millis() + 1,
-            product: None,
-            group_by: GroupBy::Product,
-        })
-        .await?
+    let today = RecordsQuery {
+        since_ms: day_start.unwrap_or(now).timestamp_millis(),
+        until_ms: now.timestamp_millis() + 1,
+        product: None,
+        group_by: GroupBy::Product,
+    };
+    // Independent reads, concurrently (each on its own connection of the pool).
+    let (totals, dated, servers, cells, product_list) = tokio::try_join!(
+        store.usage_totals(&today),
+        store.dated_entitlements(),
+        store.servers(),
+        store.all_cells(),
+        store.products(),
+    )?;
+    let denials: BTreeMap<String, (u64, u64)> = totals
         .into_iter()
         .map(|t| (t.key, (t.denials_true, t.denials_false)))
         .collect();
     let mut expiring: BTreeMap<String, Vec<Expiring>> = BTreeMap::new();
-    for e in store.dated_entitlements().await? {
+    for e in dated {
         let Some(at) = e.expires_at else { continue };
         let left = days_left(at, now);
         if left <= EXPIRY_HORIZON_DAYS && e.units > e.retired_units {
@@ -107,13 +114,13 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
         }
     }
     let mut sites: BTreeMap<String, SiteRow> = BTreeMap::new();
-    for server in store.servers().await? {
+    for server in servers {
         let row = sites.entry(server.site.clone()).or_default();
         row.site = server.site;
         row.servers += 1;
     }
     let mut in_use: BTreeMap<String, u64> = BTreeMap::new();
-    for (product, cell) in store.all_cells().await? {
+    for (product, cell) in cells {
         let used = cell.in_use.unwrap_or(0);
         *in_use.entry(product).or_default() += used;
         let site = sites.entry(cell.site.clone()).or_default();
@@ -122,7 +129,7 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
         site.in_use += used;
     }
     let mut products = Vec::new();
-    for p in store.products().await? {
+    for p in product_list {
         let (denials_true, denials_false) = denials.get(&p.name).copied().unwrap_or_default();
         products.push(ProductRow {
             expiring: expiring.remove(&p.name).unwrap_or_default(),
