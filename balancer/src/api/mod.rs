@@ -108,6 +108,11 @@ impl Admin {
     /// The actor the audit log records for the admin token.
     pub const ROOT: &'static str = "admin";
 
+    /// The admin token's actor under its name from before operators existed, so handlers
+    /// written then still build. A handler using it audits `admin` whoever called: it should
+    /// take `admin: Admin` and record [`Admin::actor`] instead.
+    pub const ACTOR: &'static str = Self::ROOT;
+
     /// The operator acting (`admin` for the admin token), recorded in the audit log.
     pub fn actor(&self) -> &str {
         &self.actor
