@@ -19,12 +19,17 @@
 //!    per-user report (`Store::usage_totals`, what `GET /v1/usage` runs) and, as the same run's
 //!    baseline, reading the window's intervals (`Store::usage_intervals`). Medians of 5 rounds.
 //!
+//! 4. **The console's estate page, 200 servers × 50 products.** Every cell with a floor, a
+//!    buffer and a usage sample, an expiring purchase per product; the real service with its
+//!    console, logged in as `admin`; `GET /` timed (median and p99 of `ALLOT_BENCH_CONSOLE`,
+//!    default 50) and weighed with its stylesheet and script.
+//!
 //! All run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
 //! `ALLOT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, dropped at the
 //! end; skipped with a message when unreachable).
 //!
 //! Run: `cargo bench -p allot-balancer --bench balancing`. Env: `ALLOT_BENCH_ONLY` (`instant`,
-//! `run` or `reports`; default all three), `ALLOT_BENCH_INSTANT` (requests
+//! `run`, `reports` or `console`; default all four), `ALLOT_BENCH_INSTANT` (requests
 //! per backend, default 2000), `ALLOT_BENCH_SERVERS` (200), `ALLOT_BENCH_PRODUCTS` (50),
 //! `ALLOT_BENCH_HOT_CELLS` (starving cells per steady run, default 100),
 //! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
@@ -208,6 +213,8 @@ fn start_balancer(
     rt: &Runtime,
     data_dir: &std::path::Path,
     database_url: Option<&str>,
+    admin_token: &str,
+    console: Option<std::net::SocketAddr>,
 ) -> (String, oneshot::Sender<()>) {
     // A free port, bound here and handed to the service: no window for another process.
     let listener = rt
@@ -222,7 +229,9 @@ fn start_balancer(
         "--data-dir".into(),
         data_dir.display().to_string(),
         "--admin-token".into(),
-        auth::generate_token(),
+        admin_token.to_owned(),
+        "--console-listen".into(),
+        console.map_or("off".to_owned(), |a| a.to_string()),
     ];
     if let Some(url) = database_url {
         argv.extend(["--database-url".to_string(), url.to_string()]);
@@ -338,6 +347,8 @@ fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         server_rt,
         books.dir.path(),
         books.pg.as_ref().map(|p| p.url.as_str()),
+        &auth::generate_token(),
+        None,
     );
 
     let load_before = load_average();
@@ -669,6 +680,169 @@ fn main() {
             server_rt.block_on(reports_bench(backend));
         }
     }
+    if wanted("console") {
+        for backend in backends.split(',') {
+            console_bench(&server_rt, &client_rt, backend);
+        }
+    }
+}
+
+/// Section 4: the operator console's estate page over 200 servers × 50 products (every cell
+/// with a floor, a buffer and a usage sample), fetched as a logged-in browser would: the
+/// page's HTML time and its weight with the stylesheet and the script.
+fn console_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
+    use allot_balancer::store::{RunOutcome, UsageSample};
+    let servers = env_or("ALLOT_BENCH_SERVERS", 200);
+    let products = env_or("ALLOT_BENCH_PRODUCTS", 50);
+    let Some(books) = server_rt.block_on(Books::open(backend)) else {
+        return;
+    };
+    let loaded = Instant::now();
+    server_rt.block_on(async {
+        let store = &*books.store;
+        let tokens = ServerTokens::new("bench-key");
+        for s in 0..servers {
+            register(store, &tokens, &format!("s{s:03}"), "http://127.0.0.1:1").await;
+        }
+        let limits = SetAllocation {
+            min_units: 1,
+            buffer_units: 1,
+        };
+        let mut samples = Vec::new();
+        for p in 0..products {
+            let product = format!("p{p:02}");
+            store
+                .create_product("bench", &product_def(&product))
+                .await
+                .expect("product");
+            let units = u32::try_from(servers * 3).expect("units");
+            store
+                .add_entitlement(
+                    "bench",
+                    &product,
+                    &AddEntitlement {
+                        units,
+                        expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+                        reference: None,
+                    },
+                )
+                .await
+                .expect("entitlement");
+            for s in 0..servers {
+                let server = format!("s{s:03}");
+                store
+                    .set_allocation_limits("bench", &server, &product, &limits)
+                    .await
+                    .expect("limits");
+                samples.push(UsageSample {
+                    server,
+                    product: product.clone(),
+                    in_use: u64::try_from((s + p) % 3).unwrap_or(0),
+                    peak_in_use: 2,
+                    ..UsageSample::default()
+                });
+            }
+        }
+        let epoch = store.take_leadership("http://bench").await.expect("lead");
+        let run = store
+            .begin_run(RunTrigger::Manual, epoch)
+            .await
+            .expect("run");
+        store
+            .record_samples(run, chrono::Utc::now().timestamp_millis(), &samples)
+            .await
+            .expect("samples");
+        let outcome = RunOutcome {
+            status: "ok".into(),
+            ..RunOutcome::default()
+        };
+        store.finish_run(run, &outcome).await.expect("finish");
+    });
+    println!(
+        "console ({backend}): {servers} servers × {products} products loaded in {:.1} s",
+        loaded.elapsed().as_secs_f64()
+    );
+    let console_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let token = auth::generate_token();
+    let (_, stop_balancer) = start_balancer(
+        server_rt,
+        books.dir.path(),
+        books.pg.as_ref().map(|p| p.url.as_str()),
+        &token,
+        Some(console_addr),
+    );
+    let console = format!("http://{console_addr}");
+    let rounds = env_or("ALLOT_BENCH_CONSOLE", 50);
+    let (times, html, css, js) = client_rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        for _ in 0..200 {
+            if http.get(format!("{console}/login")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let login = http
+            .post(format!("{console}/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("name=admin&password={token}"))
+            .send()
+            .await
+            .expect("login");
+        let cookie = login.headers()["set-cookie"]
+            .to_str()
+            .expect("a cookie")
+            .split(';')
+            .next()
+            .expect("name=value")
+            .to_owned();
+        let page = |path: &'static str| {
+            let http = http.clone();
+            let cookie = cookie.clone();
+            let console = console.clone();
+            async move {
+                let r = http
+                    .get(format!("{console}{path}"))
+                    .header("cookie", cookie)
+                    .send()
+                    .await
+                    .expect("page");
+                assert!(r.status().is_success(), "{path}: {}", r.status());
+                r.bytes().await.expect("body").len()
+            }
+        };
+        let mut times = Vec::with_capacity(rounds);
+        let mut html = 0;
+        for round in 0..rounds + 3 {
+            let started = Instant::now();
+            html = page("/").await;
+            if round >= 3 {
+                times.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+        }
+        let css = page("/static/console.css").await;
+        let js = page("/static/console.js").await;
+        (times, html, css, js)
+    });
+    let s = series(times);
+    println!(
+        "console ({backend}): estate page HTML p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {rounds} \
+         requests; weight {:.1} KB (HTML {:.1} KB + CSS {:.1} KB + JS {:.1} KB); load {}",
+        s.p50,
+        s.p99,
+        s.max,
+        (html + css + js) as f64 / 1024.0,
+        html as f64 / 1024.0,
+        css as f64 / 1024.0,
+        js as f64 / 1024.0,
+        load_average()
+    );
+    let _ = stop_balancer.send(());
+    server_rt.block_on(books.close());
 }
 
 /// Section 3: the 30-day per-user usage report over a year of records.

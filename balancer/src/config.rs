@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// listener instead).
     #[arg(long, env = "ALLOT_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
+    /// Address and port of the operator's web console (its own port, same TLS as the API), or
+    /// `off`.
+    #[arg(long, env = "ALLOT_CONSOLE_LISTEN", default_value = "127.0.0.1:7410",
+          value_parser = parse_console_listen)]
+    pub console_listen: ConsoleListen,
     /// The books.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -90,4 +95,18 @@ pub struct ServeArgs {
     /// large estate cannot overload Prometheus.
     #[arg(long, env = "ALLOT_METRICS_MAX_CELLS", default_value_t = DEFAULT_METRICS_MAX_CELLS)]
     pub metrics_max_cells: usize,
+}
+
+/// Where the console listens: an address, or nowhere (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleListen(pub Option<SocketAddr>);
+
+/// `--console-listen`: `off` or an address and port.
+fn parse_console_listen(text: &str) -> Result<ConsoleListen, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(ConsoleListen(None));
+    }
+    text.parse()
+        .map(|addr| ConsoleListen(Some(addr)))
+        .map_err(|e| format!("expected `off` or an address:port: {e}"))
 }

@@ -101,6 +101,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .unwrap_or_else(crate::auth::generate_token);
     let serve_args = ServeArgs {
         listen: balancer_addr,
+        // The demo's API port is the only one it takes; run `serve` for the console.
+        console_listen: crate::config::ConsoleListen(None),
         store: StoreArgs {
             data_dir: dir.path().join("balancer"),
             database_url: None,
@@ -141,6 +143,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let admin = AdminClient::new(&ClientArgs {
         url: balancer_url.clone(),
         admin_token: Some(admin_token.clone()),
+        operator: None,
         data_dir: dir.path().to_path_buf(),
         json: false,
         ca: Default::default(),

@@ -9,7 +9,10 @@
 //!   rotation), `api/balancing.rs` (balance on demand, runs, doctor, explain),
 //!   `api/metering.rs` (the metering servers' sync and instant balance), `api/history.rs`,
 //!   `api/advice.rs`, `api/settings.rs` (schedule, audit), `api/error.rs` (the one error type),
-//!   `api/openapi.rs`.
+//!   `api/openapi.rs`, `api/operators.rs`; `api/console/` is the operator's web console (HTML on
+//!   its own port), whose changes go through the same handlers.
+//! - `operators`: operators (named logins with a role), their argon2 password hashes and the
+//!   login throttle.
 //! - `auth`: tokens (admin, metering servers) and the token policy (grace limits).
 //! - `balance`: the engine ([`balance::Engine`]). **A move is executed** by
 //!   `Engine::execute` in `balance/mod.rs`; runs in `balance/run.rs`, instant balances in
@@ -42,6 +45,7 @@ pub mod demo;
 pub mod history;
 pub mod leader;
 pub mod metrics;
+pub mod operators;
 pub mod paths;
 pub mod schedule;
 pub mod service;

@@ -51,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(cmd) => cmd.run().await,
         Command::Checkouts(cmd) => cmd.run().await,
         Command::Revoke(cmd) => cmd.run().await,
+        Command::Operator(cmd) => cmd.run().await,
         Command::Balance(cmd) => cmd.run().await,
         Command::Runs(cmd) => cmd.run().await,
         Command::Doctor(cmd) => cmd.run().await,

@@ -59,6 +59,15 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("serve HTTP")]
     Http(#[source] std::io::Error),
+    /// `--console-listen` could not be bound.
+    #[error("listen on {addr} (the console; `--console-listen off` turns it off)")]
+    ConsoleListen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ServeError {
@@ -73,6 +82,7 @@ impl ServeError {
             Self::AdminToken(_) => "admin_token",
             Self::Store(_) => "store",
             Self::Http(_) => "http",
+            Self::ConsoleListen { .. } => "console_listen",
         }
     }
 }
@@ -132,6 +142,16 @@ pub async fn run_with_metrics(
         auth::load_or_create_admin_token(args.admin_token.as_deref(), &args.store.data_dir)
             .map_err(ServeError::AdminToken)?;
     let local = listener.local_addr().map_err(ServeError::Http)?;
+    // The console's port is bound before anything runs, so a taken port fails the start.
+    let console_listener = match args.console_listen.0 {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::ConsoleListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let console_addr = console_listener.as_ref().and_then(|l| l.local_addr().ok());
     let schedule = store.schedule().await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -141,6 +161,9 @@ pub async fn run_with_metrics(
         schedule = %schedule.cron,
         tls = tls.is_some(),
         timezone = %schedule.timezone,
+        console = %console_addr.map_or("off".to_owned(), |a| {
+            format!("{}://{a}/", if tls.is_some() { "https" } else { "http" })
+        }),
         "allot-balancer starting"
     );
     if store.backend() == "sqlite" {
@@ -255,10 +278,35 @@ pub async fn run_with_metrics(
         schedule_changed,
         leadership,
         token_grace: std::time::Duration::from_secs(u64::from(args.token_grace_seconds)),
+        operators: crate::operators::Authenticator::new(store.clone()),
     };
-    api::run(listener, tls, state, shutdown)
+    // One shutdown signal, heard by the API and the console alike.
+    let (stop_http, http_stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_http.send(true);
+    });
+    let stopped_signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let console = console_listener.map(|listener| {
+        tokio::spawn(crate::api::console::run(
+            listener,
+            tls.clone(),
+            crate::api::console::Console::new(state.clone(), tls.is_some()),
+            stopped_signal(http_stopped.clone()),
+        ))
+    });
+    api::run(listener, tls, state, stopped_signal(http_stopped))
         .await
         .map_err(ServeError::Http)?;
+    if let Some(console) = console {
+        match console.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the console stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "the console's task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!("HTTP server stopped; finishing the balance run in flight, if any");
     let _ = stop_scheduler.send(true);
     let _ = scheduler.await;

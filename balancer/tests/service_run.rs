@@ -16,6 +16,8 @@ fn serve_args(dir: &std::path::Path, extra: &[&str]) -> ServeArgs {
         dir.to_str().expect("a UTF-8 path"),
         "--admin-token",
         "test-admin-token",
+        "--console-listen",
+        "off",
     ];
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("serve arguments").command {

@@ -13,6 +13,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub struct Balancer {
     process: Running,
     port: u16,
+    console_port: u16,
     args: Vec<String>,
 }
 
@@ -25,10 +26,13 @@ impl Balancer {
     /// Starts a balancer with extra `serve` flags and environment (e.g. a crash point).
     pub async fn start_with(backend: &Backend, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
+        let console_port = free_port();
         let mut args = vec![
             "serve".to_owned(),
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),
+            "--console-listen".to_owned(),
+            format!("127.0.0.1:{console_port}"),
             "--data-dir".to_owned(),
             backend.data_dir.path().display().to_string(),
             "--admin-token".to_owned(),
@@ -42,6 +46,7 @@ impl Balancer {
         Self {
             process,
             port,
+            console_port,
             args,
         }
     }
@@ -56,6 +61,11 @@ impl Balancer {
     /// The balancer's base URL.
     pub fn url(&self) -> &str {
         &self.process.url
+    }
+
+    /// The operator's console's base URL.
+    pub fn console_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.console_port)
     }
 
     /// An API client with the admin token.

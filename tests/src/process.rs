@@ -74,6 +74,9 @@ impl Running {
     ) -> Self {
         let child = Command::new(binary)
             .args(args)
+            // No balancer's console on its default port (tests run in parallel); a test that
+            // wants one passes `--console-listen` (see `Balancer::start_with`).
+            .env("ALLOT_CONSOLE_LISTEN", "off")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .spawn()

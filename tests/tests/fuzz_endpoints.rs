@@ -948,6 +948,7 @@ async fn balancer_books(api: &Api) -> Value {
         "autotune": api.get("/v1/autotune").await,
         "audit": api.get("/v1/audit?limit=1000").await,
         "runs": api.get("/v1/runs?limit=1000").await,
+        "operators": api.get("/v1/operators").await,
         "usage": api.get("/v1/usage?since=400d&group_by=product").await["rows"].clone(),
     })
 }
@@ -1079,6 +1080,15 @@ async fn malformed_input_to_every_balancer_endpoint_changes_nothing(backend: Bac
         ),
         ("GET /v1/usage", example(&[], None)),
         ("GET /v1/usage/renewal", example(&[], None)),
+        ("GET /v1/operators", example(&[], None)),
+        (
+            "POST /v1/operators",
+            example(
+                &[],
+                Some(json!({"name": "ops2", "role": "viewer", "password": "a-long-password-2"})),
+            ),
+        ),
+        ("DELETE /v1/operators/{name}", example(&[("name", "nobody")], None)),
         (
             "POST /v1/instant-balance",
             example(

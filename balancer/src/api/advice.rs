@@ -57,7 +57,7 @@ pub(super) struct AppliedAdvice {
     responses((status = 200, description = "The advice and what it changed", body = AppliedAdvice)))]
 pub(super) async fn apply_advice(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiJson(params): ApiJson<AdviceParams>,
 ) -> Result<Json<AppliedAdvice>, ApiError> {
     let since = window(&params)?;
@@ -65,7 +65,7 @@ pub(super) async fn apply_advice(
     let applied = advice::apply(
         &*state.store,
         &advice,
-        "admin (advice)",
+        &format!("{} (advice)", admin.actor()),
         &state.schedule_changed,
     )
     .await?;
@@ -89,7 +89,7 @@ pub(super) async fn get_autotune(
     responses((status = 200, description = "The new setting", body = Autotune)))]
 pub(super) async fn set_autotune(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiJson(setting): ApiJson<Autotune>,
 ) -> Result<Json<Autotune>, ApiError> {
     let b = &setting.bounds;
@@ -108,6 +108,6 @@ pub(super) async fn set_autotune(
             "window_days: must be between 1 and 30",
         ));
     }
-    advice::set_autotune(&*state.store, super::Admin::ACTOR, &setting).await?;
+    advice::set_autotune(&*state.store, admin.actor(), &setting).await?;
     Ok(Json(setting))
 }

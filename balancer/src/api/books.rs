@@ -32,11 +32,11 @@ fn validate_product(def: &CreateProduct) -> Result<(), validate::Invalid> {
         (status = 409, description = "`conflict`: a product of that name exists", body = ErrorBody)))]
 pub(super) async fn create_product(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiJson(def): ApiJson<CreateProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
     validate_product(&def)?;
-    let product = state.store.create_product(Admin::ACTOR, &def).await?;
+    let product = state.store.create_product(admin.actor(), &def).await?;
     tracing::info!(product = %product.name, "product created");
     Ok((StatusCode::CREATED, Json(product)))
 }
@@ -77,7 +77,7 @@ pub(super) async fn show_product(
         (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn set_policy(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(product): ApiPath<String>,
     ApiJson(def): ApiJson<ProductDefinition>,
 ) -> Result<Json<Product>, ApiError> {
@@ -86,7 +86,7 @@ pub(super) async fn set_policy(
     validate::policy(&policy)?;
     let product = state
         .store
-        .set_policy(Admin::ACTOR, &product, &policy)
+        .set_policy(admin.actor(), &product, &policy)
         .await?;
     tracing::info!(product = %product.name, "product policy replaced");
     Ok(Json(product))
@@ -100,7 +100,7 @@ pub(super) async fn set_policy(
         (status = 404, description = "`unknown_product`", body = ErrorBody)))]
 pub(super) async fn add_entitlement(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(product): ApiPath<String>,
     ApiJson(req): ApiJson<AddEntitlement>,
 ) -> Result<(StatusCode, Json<Entitlement>), ApiError> {
@@ -116,7 +116,7 @@ pub(super) async fn add_entitlement(
     }
     let entitlement = state
         .store
-        .add_entitlement(Admin::ACTOR, &product, &req)
+        .add_entitlement(admin.actor(), &product, &req)
         .await?;
     tracing::info!(%product, id = entitlement.id, units = entitlement.units, "entitlement added");
     Ok((StatusCode::CREATED, Json(entitlement)))
@@ -149,13 +149,13 @@ pub(super) async fn list_entitlements(
         (status = 409, description = "`conflict`: its units are not free in the reserve", body = ErrorBody)))]
 pub(super) async fn remove_entitlement(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath((product, id)): ApiPath<(String, i64)>,
 ) -> Result<Json<Entitlement>, ApiError> {
     validate::path_name("product", &product)?;
     let entitlement = state
         .store
-        .remove_entitlement(Admin::ACTOR, &product, id)
+        .remove_entitlement(admin.actor(), &product, id)
         .await?;
     tracing::info!(%product, id, units = entitlement.units, "entitlement removed");
     Ok(Json(entitlement))

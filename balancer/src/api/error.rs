@@ -42,6 +42,11 @@ impl ApiError {
         self.code
     }
 
+    /// The human message (the console shows it to the operator who caused it).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     fn with_status(mut self, status: StatusCode) -> Self {
         self.status = Some(status);
         self

@@ -115,7 +115,7 @@ pub(super) async fn holders(
         (status = 503, description = "`unavailable`: not found on the servers that answered, and some did not", body = ErrorBody)))]
 pub(super) async fn revoke(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<RevokeRequest>,
 ) -> Result<Json<Revoked>, ApiError> {
@@ -124,6 +124,6 @@ pub(super) async fn revoke(
     })?;
     validate_reason(&req.reason).map_err(ApiError::bad_request)?;
     Ok(Json(
-        state.engine.revoke(Admin::ACTOR, id, &req.reason).await?,
+        state.engine.revoke(admin.actor(), id, &req.reason).await?,
     ))
 }

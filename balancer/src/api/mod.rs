@@ -5,11 +5,13 @@
 mod advice;
 mod balancing;
 mod books;
+pub mod console;
 pub mod error;
 mod history;
 mod holders;
 mod metering;
 mod openapi;
+pub(crate) mod operators;
 mod records;
 mod servers;
 mod settings;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub token_grace: Duration,
     /// This balancer's metrics, exported on `/metrics` (the engine counts into the same).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Checks operators' passwords (HTTP Basic here, logins in the console), throttled.
+    pub operators: crate::operators::Authenticator,
 }
 
 /// A JSON body (the shared `allot_http::json` checks: content type, size, a JSON object, no
@@ -93,29 +97,124 @@ fn cursor(before: Option<i64>) -> Result<Option<i64>, ApiError> {
     }
 }
 
-/// Proof that the caller presented the admin token; the audit log names it `admin`.
-pub struct Admin;
+/// Proof that the caller may call the admin API: the admin token (the root credential,
+/// audited as `admin`) or an operator's name and password (HTTP Basic, audited under their
+/// name). A viewer may only read: any other method is `403 forbidden`.
+pub struct Admin {
+    actor: String,
+}
 
 impl Admin {
-    /// The actor recorded in the audit log.
-    pub const ACTOR: &'static str = "admin";
+    /// The actor the audit log records for the admin token.
+    pub const ROOT: &'static str = "admin";
+
+    /// The admin token's actor under its name from before operators existed, so handlers
+    /// written then still build. A handler using it audits `admin` whoever called: it should
+    /// take `admin: Admin` and record [`Admin::actor`] instead.
+    pub const ACTOR: &'static str = Self::ROOT;
+
+    /// The operator acting (`admin` for the admin token), recorded in the audit log.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
 }
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
+        let authorization = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(token) if state.admin.verify(token) => Ok(Admin),
-            _ => Err(ApiError::new(
+            .and_then(|v| v.to_str().ok());
+        if let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer "))
+            && state.admin.verify(token)
+        {
+            return Ok(Admin {
+                actor: Self::ROOT.to_owned(),
+            });
+        }
+        let Some((name, password)) = authorization.and_then(basic_credentials) else {
+            return Err(ApiError::new(
                 ErrorCode::Unauthorized,
-                "admin calls need `Authorization: Bearer <admin token>`",
-            )),
+                "admin calls need `Authorization: Bearer <admin token>` or an operator's \
+                 `Authorization: Basic`",
+            ));
+        };
+        let addr = peer_ip(parts);
+        let operator = state
+            .operators
+            .login(&name, &password, addr)
+            .await
+            .map_err(ApiError::from)?;
+        let reads = matches!(
+            parts.method,
+            axum::http::Method::GET | axum::http::Method::HEAD
+        );
+        if operator.role == crate::operators::Role::Viewer && !reads {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "operator {} is a viewer: viewers change nothing",
+                    operator.name
+                ),
+            ));
+        }
+        Ok(Admin {
+            actor: operator.name,
+        })
+    }
+}
+
+/// The address a connection came from, handed to handlers as `ConnectInfo<Peer>` (plain TCP
+/// and TLS listeners alike), so failed logins are throttled per address.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, allot_http::tls::TlsListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, allot_http::tls::TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// The peer's IP address, when the server records it.
+pub fn peer_ip(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|info| info.0.0.ip())
+}
+
+/// The name and password of an `Authorization: Basic …` header, if it is one.
+fn basic_credentials(header: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let encoded = header.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (name, password) = text.split_once(':')?;
+    Some((name.to_owned(), password.to_owned()))
+}
+
+impl From<crate::operators::LoginError> for ApiError {
+    fn from(e: crate::operators::LoginError) -> Self {
+        use crate::operators::LoginError;
+        match e {
+            LoginError::Wrong => Self::new(ErrorCode::Unauthorized, e.to_string()),
+            // Throttled: still `unauthorized` (the stable code), with the wait in the message.
+            LoginError::Throttled(_) => Self::new(ErrorCode::Unauthorized, e.to_string()),
+            LoginError::Store(e) => e.into(),
         }
     }
 }
@@ -163,6 +262,8 @@ fn routes() -> OpenApiRouter<AppState> {
         })
         .routes(routes!(records::usage))
         .routes(routes!(records::renewal))
+        .routes(routes!(operators::list, operators::add))
+        .routes(routes!(operators::remove))
 }
 
 /// The balancer's OpenAPI document, as served at `/v1/openapi.json` and written to
@@ -296,7 +397,8 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = router(state);
+    // The peer's address reaches the handlers, so failed logins are throttled per address.
+    let router = router(state).into_make_service_with_connect_info::<Peer>();
     match tls {
         Some(tls) => {
             axum::serve(tls.listener(listener)?, router)

@@ -14,7 +14,9 @@ use utoipa::OpenApi;
     info(
         title = "allot balancer (allot-balancer)",
         description = "The books (purchases, allocations, reserve, move log), balancing, history \
-            and advice. Admin calls take `Authorization: Bearer <admin token>`; metering servers \
+            and advice. Admin calls take `Authorization: Bearer <admin token>`, or an operator's \
+            `Authorization: Basic` (a viewer may only read; audited under the operator's \
+            name); metering servers \
             call `/v1/sync` and `/v1/instant-balance` with their own token.\n\n\
             Every error is `{\"error\": {\"code\", \"message\"}}` with a stable `code` (see \
             `ErrorCode`); a client branches on the code, never on the message. Bodies are at \
@@ -33,6 +35,7 @@ use utoipa::OpenApi;
         (name = "settings", description = "The schedule, autotune and the audit log"),
         (name = "records", description = "Usage and denial reports for chargeback and renewal"),
         (name = "licences", description = "Who holds what across the estate, and force release"),
+        (name = "operators", description = "The people who administer the balancer under their own name"),
         (name = "metering", description = "Called by metering servers with their own token"),
         (name = "meta", description = "Health, metrics and this document")
     )

@@ -21,7 +21,7 @@ use axum::http::StatusCode;
         (status = 409, description = "`conflict`: a server of that name exists", body = ErrorBody)))]
 pub(super) async fn register(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiJson(req): ApiJson<RegisterServer>,
 ) -> Result<(StatusCode, Json<RegisteredServer>), ApiError> {
     validate::path_name("name", &req.name)?;
@@ -31,7 +31,7 @@ pub(super) async fn register(
     let token = state.tokens.token(&req.name, &salt);
     let server = state
         .store
-        .register_server(Admin::ACTOR, &req, &salt, &auth::hash_token(&token))
+        .register_server(admin.actor(), &req, &salt, &auth::hash_token(&token))
         .await?;
     tracing::info!(server = %server.name, site = %server.site, "server registered");
     Ok((
@@ -50,7 +50,7 @@ pub(super) async fn register(
         (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn rotate_token(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(server): ApiPath<String>,
     ApiJson(req): ApiJson<RotateToken>,
 ) -> Result<Json<RotatedToken>, ApiError> {
@@ -71,7 +71,7 @@ pub(super) async fn rotate_token(
     let record = state
         .store
         .rotate_server_token(
-            Admin::ACTOR,
+            admin.actor(),
             &server,
             &salt,
             &auth::hash_token(&token),
@@ -102,11 +102,11 @@ pub(super) async fn list(
         (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub(super) async fn drain(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(server): ApiPath<String>,
 ) -> Result<Json<Server>, ApiError> {
     validate::path_name("server", &server)?;
-    let drained = state.store.drain_server(Admin::ACTOR, &server).await?;
+    let drained = state.store.drain_server(admin.actor(), &server).await?;
     tracing::info!(%server, "server draining");
     Ok(Json(drained))
 }
@@ -119,11 +119,11 @@ pub(super) async fn drain(
         (status = 409, description = "`conflict`: the server still holds units", body = ErrorBody)))]
 pub(super) async fn remove(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath(server): ApiPath<String>,
 ) -> Result<Json<Server>, ApiError> {
     validate::path_name("server", &server)?;
-    let removed = state.store.remove_server(Admin::ACTOR, &server).await?;
+    let removed = state.store.remove_server(admin.actor(), &server).await?;
     tracing::info!(%server, "server removed");
     Ok(Json(removed))
 }
@@ -139,7 +139,7 @@ pub(super) async fn remove(
         (status = 404, description = "`not_found` (server) or `unknown_product`", body = ErrorBody)))]
 pub(super) async fn set_allocation_limits(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiPath((server, product)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<SetAllocation>,
 ) -> Result<Json<AllocationView>, ApiError> {
@@ -149,7 +149,7 @@ pub(super) async fn set_allocation_limits(
     validate::units_or_zero("buffer_units", req.buffer_units)?;
     let view = state
         .store
-        .set_allocation_limits(Admin::ACTOR, &server, &product, &req)
+        .set_allocation_limits(admin.actor(), &server, &product, &req)
         .await?;
     tracing::info!(%server, %product, min = req.min_units, buffer = req.buffer_units, "allocation limits set");
     Ok(Json(view))

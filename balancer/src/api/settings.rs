@@ -37,7 +37,7 @@ pub(super) async fn schedule(
     responses((status = 200, description = "The new schedule", body = Schedule)))]
 pub(super) async fn set_schedule(
     State(state): State<AppState>,
-    _: Admin,
+    admin: Admin,
     ApiJson(req): ApiJson<SetSchedule>,
 ) -> Result<Json<Schedule>, ApiError> {
     let parsed = ParsedSchedule::parse(&req.cron, req.timezone.as_deref())?;
@@ -45,7 +45,7 @@ pub(super) async fn set_schedule(
         cron: req.cron,
         timezone: parsed.timezone_name().to_owned(),
     };
-    state.store.set_schedule(Admin::ACTOR, &setting).await?;
+    state.store.set_schedule(admin.actor(), &setting).await?;
     state.schedule_changed.notify_one();
     tracing::info!(cron = %setting.cron, timezone = %setting.timezone, "schedule set");
     Ok(Json(view(setting)?))

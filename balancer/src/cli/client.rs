@@ -13,18 +13,30 @@ use serde::de::DeserializeOwned;
 pub struct AdminClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    credential: Credential,
+}
+
+/// What the CLI presents: the admin token, or an operator's name and password.
+enum Credential {
+    Token(String),
+    Operator { name: String, password: String },
 }
 
 impl AdminClient {
     /// A client for `args.url` with the admin token from the flag, the environment or the
     /// local balancer's data directory.
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let token = match &args.admin_token {
-            Some(token) => token.clone(),
-            None => {
+        let credential = match (&args.operator, &args.admin_token) {
+            (Some(name), _) => Credential::Operator {
+                name: name.clone(),
+                password: std::env::var("ALLOT_OPERATOR_PASSWORD").context(
+                    "--operator needs the operator's password in ALLOT_OPERATOR_PASSWORD",
+                )?,
+            },
+            (None, Some(token)) => Credential::Token(token.clone()),
+            (None, None) => {
                 let path = admin_token_path(&args.data_dir);
-                std::fs::read_to_string(&path)
+                let token = std::fs::read_to_string(&path)
                     .with_context(|| {
                         format!(
                             "no admin token: pass --admin-token or ALLOT_ADMIN_TOKEN (could not \
@@ -33,7 +45,8 @@ impl AdminClient {
                         )
                     })?
                     .trim()
-                    .to_owned()
+                    .to_owned();
+                Credential::Token(token)
             }
         };
         Ok(Self {
@@ -45,7 +58,7 @@ impl AdminClient {
                 .timeout(std::time::Duration::from_secs(30))
                 .build()?,
             base: args.url.trim_end_matches('/').to_owned(),
-            token,
+            credential,
         })
     }
 
@@ -57,7 +70,13 @@ impl AdminClient {
         body: Option<&B>,
     ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        let mut request = match &self.credential {
+            Credential::Token(token) => self.http.request(method, &url).bearer_auth(token),
+            Credential::Operator { name, password } => self
+                .http
+                .request(method, &url)
+                .basic_auth(name, Some(password)),
+        };
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -83,7 +102,7 @@ impl AdminClient {
 }
 
 /// Percent-encodes one path segment (names may hold spaces and other characters).
-pub(super) fn segment(name: &str) -> String {
+pub(crate) fn segment(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

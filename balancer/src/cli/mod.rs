@@ -10,6 +10,9 @@
 //! `demo` module, which uses this one (not the other way round).
 
 mod client;
+mod operators;
+pub(crate) use client::segment;
+pub use operators::OperatorCommand;
 mod render;
 mod run;
 
@@ -64,6 +67,10 @@ pub enum Command {
     /// Force-release a checkout by its id (`co_…`, from `checkouts`): its units free at once,
     /// its holder is told `license_revoked`; audited with the reason.
     Revoke(RevokeArgs),
+    /// Operators: people who log in to the console (or call the API with HTTP Basic) under
+    /// their own name, as `admin` or `viewer`.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Usage per user, group, host, server, site or product over a window: checkouts, hours,
     /// peak concurrent, true and false denials (for chargeback).
     Usage(UsageArgs),
@@ -120,6 +127,10 @@ pub struct ClientArgs {
     /// The admin token; absent → `<data-dir>/admin-token` of a balancer on this machine.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Act as this operator (HTTP Basic, password from `ALLOT_OPERATOR_PASSWORD`) instead of
+    /// the admin token, so the audit log names you.
+    #[arg(long, env = "ALLOT_OPERATOR")]
+    pub operator: Option<String>,
     /// Where a local balancer keeps its admin token.
     #[arg(long, env = "ALLOT_DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,

@@ -595,6 +595,32 @@ pub trait Store: Send + Sync + 'static {
         detail: &serde_json::Value,
     ) -> StoreResult<()>;
 
+    /// Adds an operator (see `crate::operators`) with their password's argon2 hash, audited.
+    /// A taken name is a conflict.
+    async fn add_operator(
+        &self,
+        actor: &str,
+        name: &str,
+        role: crate::operators::Role,
+        password_hash: &str,
+    ) -> StoreResult<crate::operators::Operator>;
+    /// Every product's cells (by product, then server) with the newest in-use of each, in one
+    /// statement: what the console's estate page reads every few seconds.
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>>;
+    /// Every operator, by name (without their hashes).
+    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>>;
+    /// An operator and their password hash, for checking a login.
+    async fn operator_credentials(
+        &self,
+        name: &str,
+    ) -> StoreResult<Option<(crate::operators::Operator, String)>>;
+    /// Removes an operator, audited; not found when there is none of that name.
+    async fn remove_operator(
+        &self,
+        actor: &str,
+        name: &str,
+    ) -> StoreResult<crate::operators::Operator>;
+
     /// Logs a move as planned before it is sent (refused when `mv.epoch` is not the current
     /// leader epoch: a deposed leader cannot touch the books). A grant's units leave the reserve into
     /// transit in the same transaction (refused with a conflict if the reserve is short).

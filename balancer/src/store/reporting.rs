@@ -193,6 +193,43 @@ impl Store for ErrorReporting {
         self.seen(self.inner.record_audit(actor, action, target, detail).await)
     }
 
+    async fn add_operator(
+        &self,
+        actor: &str,
+        name: &str,
+        role: crate::operators::Role,
+        password_hash: &str,
+    ) -> StoreResult<crate::operators::Operator> {
+        self.seen(
+            self.inner
+                .add_operator(actor, name, role, password_hash)
+                .await,
+        )
+    }
+
+    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>> {
+        self.seen(self.inner.operators().await)
+    }
+
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
+        self.seen(self.inner.all_cells().await)
+    }
+
+    async fn operator_credentials(
+        &self,
+        name: &str,
+    ) -> StoreResult<Option<(crate::operators::Operator, String)>> {
+        self.seen(self.inner.operator_credentials(name).await)
+    }
+
+    async fn remove_operator(
+        &self,
+        actor: &str,
+        name: &str,
+    ) -> StoreResult<crate::operators::Operator> {
+        self.seen(self.inner.remove_operator(actor, name).await)
+    }
+
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
         self.seen(self.inner.begin_move(mv).await)
     }

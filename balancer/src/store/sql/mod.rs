@@ -14,10 +14,12 @@
 //! state that breaks conservation at a commit.
 
 mod books;
+mod estate;
 mod expiry;
 mod fleet;
 mod history;
 mod moves;
+mod operators;
 mod records;
 mod runs;
 mod settings;
@@ -441,6 +443,39 @@ impl Store for SqlStore {
         detail: &serde_json::Value,
     ) -> StoreResult<()> {
         settings::record_audit(&self.pool, actor, action, target, detail).await
+    }
+
+    async fn add_operator(
+        &self,
+        actor: &str,
+        name: &str,
+        role: crate::operators::Role,
+        password_hash: &str,
+    ) -> StoreResult<crate::operators::Operator> {
+        operators::add_operator(&self.pool, actor, name, role, password_hash).await
+    }
+
+    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>> {
+        operators::operators(&self.pool).await
+    }
+
+    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
+        estate::all_cells(&self.pool).await
+    }
+
+    async fn operator_credentials(
+        &self,
+        name: &str,
+    ) -> StoreResult<Option<(crate::operators::Operator, String)>> {
+        operators::operator_credentials(&self.pool, name).await
+    }
+
+    async fn remove_operator(
+        &self,
+        actor: &str,
+        name: &str,
+    ) -> StoreResult<crate::operators::Operator> {
+        operators::remove_operator(&self.pool, actor, name).await
     }
 
     async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
