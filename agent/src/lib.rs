@@ -21,6 +21,7 @@
 //!   settings;
 //! - [`clock`] — the wall clock (Unix ms), read in one place, and RFC 3339 for messages;
 //! - [`error`] — the API's error enum (stable codes) and its JSON and path extractors;
+//! - `idle` — how idle a wrapped command is (its process tree's CPU time), for the idle rules;
 //! - [`metrics`] — the Prometheus metrics behind `/metrics`;
 //! - [`client`] — the async Rust client and its [`client::Lease`] guard;
 //! - [`cli`] — the binary's `run` wrapper and `status` table.
