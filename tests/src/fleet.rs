@@ -142,6 +142,9 @@ pub struct Fleet {
     /// Every balancer URL metering servers are given (`--balancer A,B`); the first balancer's
     /// alone when empty.
     pub balancer_urls: Vec<String>,
+    /// Environment every metering server started from now on is given (see
+    /// [`Fleet::meter_env`]).
+    meter_env: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -158,7 +161,15 @@ impl Fleet {
             meters: Vec::new(),
             backend,
             balancer_urls: Vec::new(),
+            meter_env: Vec::new(),
         }
+    }
+
+    /// Gives every metering server added from now on `key=value` in its environment: e.g. a
+    /// hold bound long enough that a test asserting every checkout is served does not turn on
+    /// how fast a loaded CI machine answers an instant balance.
+    pub fn meter_env(&mut self, key: &str, value: &str) {
+        self.meter_env.push((key.to_owned(), value.to_owned()));
     }
 
     /// The admin API.
@@ -211,7 +222,12 @@ impl Fleet {
             balancer_url: balancer_url.to_owned(),
             env: Vec::new(),
         };
-        meter.start(&[]).await;
+        let env: Vec<(&str, &str)> = self
+            .meter_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        meter.start(&env).await;
         self.meters.push(meter);
         self.meters.len() - 1
     }

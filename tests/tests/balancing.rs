@@ -40,6 +40,10 @@ fn moves_of(run: &Value) -> Vec<(String, String, u64)> {
 
 async fn demand_shifting_between_servers_is_followed(backend: Backend) {
     let mut fleet = Fleet::start(backend, &[], &[]).await;
+    // The scenario asserts every checkout is served by instant balances; the default 500 ms
+    // hold bound is a latency promise measured in benchmarks, not something this test checks,
+    // and a loaded CI machine once took longer (CI run of session 6).
+    fleet.meter_env("ALLOT_INSTANT_WAIT_MS", "10000");
     fleet.product("cad", 20).await;
     fleet.add_meter("paris").await;
     fleet.add_meter("tokyo").await;
