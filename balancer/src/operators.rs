@@ -10,58 +10,15 @@
 //!
 //! Passwords are checked here and nowhere else; the store only keeps the hashes.
 
+pub use crate::store::{Operator, Role};
+
 use crate::store::{Store, StoreError};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// What an operator may do.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Reads everything and changes anything an admin token can.
-    Admin,
-    /// Reads everything and changes nothing.
-    Viewer,
-}
-
-impl Role {
-    /// The stored and wire form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Viewer => "viewer",
-        }
-    }
-
-    /// The role stored as `text`, if it is one.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "admin" => Some(Self::Admin),
-            "viewer" => Some(Self::Viewer),
-            _ => None,
-        }
-    }
-}
-
-/// An operator as the API and the console show it (never with the hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Operator {
-    /// Unique login name, also the audit log's actor for their changes.
-    pub name: String,
-    /// What they may do.
-    pub role: Role,
-    /// When they were added.
-    pub created_at: DateTime<Utc>,
-    /// Who added them.
-    pub created_by: String,
-}
 
 /// `POST /v1/operators`: a new operator and their password (hashed before it is stored).
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]

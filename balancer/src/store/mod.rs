@@ -32,7 +32,7 @@ use allot_core::wire::balancer::{
 use allot_core::wire::records::{GroupBy, RecordAck, RecordBatch};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -180,6 +180,50 @@ impl BooksCheck {
         }
         errors
     }
+}
+
+/// What an operator may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads everything and changes anything an admin token can.
+    Admin,
+    /// Reads everything and changes nothing.
+    Viewer,
+}
+
+impl Role {
+    /// The stored and wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Viewer => "viewer",
+        }
+    }
+
+    /// The role stored as `text`, if it is one.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "admin" => Some(Self::Admin),
+            "viewer" => Some(Self::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// An operator as the API and the console show it (never with the hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Operator {
+    /// Unique login name, also the audit log's actor for their changes.
+    pub name: String,
+    /// What they may do.
+    pub role: Role,
+    /// When they were added.
+    pub created_at: DateTime<Utc>,
+    /// Who added them.
+    pub created_by: String,
 }
 
 /// A server as the balancing engine needs it: where to call it and how to derive its token.
@@ -595,31 +639,24 @@ pub trait Store: Send + Sync + 'static {
         detail: &serde_json::Value,
     ) -> StoreResult<()>;
 
-    /// Adds an operator (see `crate::operators`) with their password's argon2 hash, audited.
+    /// Adds an operator (see the `operators` module) with their password's argon2 hash, audited.
     /// A taken name is a conflict.
     async fn add_operator(
         &self,
         actor: &str,
         name: &str,
-        role: crate::operators::Role,
+        role: Role,
         password_hash: &str,
-    ) -> StoreResult<crate::operators::Operator>;
+    ) -> StoreResult<Operator>;
     /// Every product's cells (by product, then server) with the newest in-use of each, in one
     /// statement: what the console's estate page reads every few seconds.
     async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>>;
     /// Every operator, by name (without their hashes).
-    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>>;
+    async fn operators(&self) -> StoreResult<Vec<Operator>>;
     /// An operator and their password hash, for checking a login.
-    async fn operator_credentials(
-        &self,
-        name: &str,
-    ) -> StoreResult<Option<(crate::operators::Operator, String)>>;
+    async fn operator_credentials(&self, name: &str) -> StoreResult<Option<(Operator, String)>>;
     /// Removes an operator, audited; not found when there is none of that name.
-    async fn remove_operator(
-        &self,
-        actor: &str,
-        name: &str,
-    ) -> StoreResult<crate::operators::Operator>;
+    async fn remove_operator(&self, actor: &str, name: &str) -> StoreResult<Operator>;
 
     /// Logs a move as planned before it is sent (refused when `mv.epoch` is not the current
     /// leader epoch: a deposed leader cannot touch the books). A grant's units leave the reserve into

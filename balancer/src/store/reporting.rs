@@ -197,9 +197,9 @@ impl Store for ErrorReporting {
         &self,
         actor: &str,
         name: &str,
-        role: crate::operators::Role,
+        role: crate::store::Role,
         password_hash: &str,
-    ) -> StoreResult<crate::operators::Operator> {
+    ) -> StoreResult<crate::store::Operator> {
         self.seen(
             self.inner
                 .add_operator(actor, name, role, password_hash)
@@ -207,7 +207,7 @@ impl Store for ErrorReporting {
         )
     }
 
-    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>> {
+    async fn operators(&self) -> StoreResult<Vec<crate::store::Operator>> {
         self.seen(self.inner.operators().await)
     }
 
@@ -218,7 +218,7 @@ impl Store for ErrorReporting {
     async fn operator_credentials(
         &self,
         name: &str,
-    ) -> StoreResult<Option<(crate::operators::Operator, String)>> {
+    ) -> StoreResult<Option<(crate::store::Operator, String)>> {
         self.seen(self.inner.operator_credentials(name).await)
     }
 
@@ -226,7 +226,7 @@ impl Store for ErrorReporting {
         &self,
         actor: &str,
         name: &str,
-    ) -> StoreResult<crate::operators::Operator> {
+    ) -> StoreResult<crate::store::Operator> {
         self.seen(self.inner.remove_operator(actor, name).await)
     }
 

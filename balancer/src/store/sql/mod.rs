@@ -449,13 +449,13 @@ impl Store for SqlStore {
         &self,
         actor: &str,
         name: &str,
-        role: crate::operators::Role,
+        role: crate::store::Role,
         password_hash: &str,
-    ) -> StoreResult<crate::operators::Operator> {
+    ) -> StoreResult<crate::store::Operator> {
         operators::add_operator(&self.pool, actor, name, role, password_hash).await
     }
 
-    async fn operators(&self) -> StoreResult<Vec<crate::operators::Operator>> {
+    async fn operators(&self) -> StoreResult<Vec<crate::store::Operator>> {
         operators::operators(&self.pool).await
     }
 
@@ -466,7 +466,7 @@ impl Store for SqlStore {
     async fn operator_credentials(
         &self,
         name: &str,
-    ) -> StoreResult<Option<(crate::operators::Operator, String)>> {
+    ) -> StoreResult<Option<(crate::store::Operator, String)>> {
         operators::operator_credentials(&self.pool, name).await
     }
 
@@ -474,7 +474,7 @@ impl Store for SqlStore {
         &self,
         actor: &str,
         name: &str,
-    ) -> StoreResult<crate::operators::Operator> {
+    ) -> StoreResult<crate::store::Operator> {
         operators::remove_operator(&self.pool, actor, name).await
     }
 

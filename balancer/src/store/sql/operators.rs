@@ -1,9 +1,9 @@
-//! Operators: their names, roles and password hashes (checked by `crate::operators`, never
+//! Operators: their names, roles and password hashes (checked by the `operators` module, never
 //! here), each change audited in its own transaction.
 
 use super::{Db, StoreError, StoreResult, begin_write, conflict_on_constraint, json, write_audit};
-use crate::operators::{Operator, Role};
 use crate::store::rows::{now_ms, time};
+use crate::store::{Operator, Role};
 use sqlx::Pool;
 
 type Row = (String, String, String, i64, String);
