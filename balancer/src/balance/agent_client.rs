@@ -8,7 +8,8 @@ use crate::store::ServerRecord;
 use allot_core::domain::MoveKind;
 use allot_core::error::ErrorBody;
 use allot_core::wire::agent::{
-    AgentStatus, HolderPage, MoveRequest, MoveResponse, RevokeRequest, Revoked,
+    AgentStatus, BatchResponse, HolderPage, MoveBatch, MoveRequest, MoveResponse, RevokeRequest,
+    Revoked,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -82,6 +83,21 @@ impl AgentClient {
         };
         self.call(server, reqwest::Method::POST, path, Some(request))
             .await
+    }
+
+    /// `POST /v1/allocations/batch`: several moves in one request, one outcome each.
+    pub async fn send_batch(
+        &self,
+        server: &ServerRecord,
+        batch: &MoveBatch,
+    ) -> Result<BatchResponse, CallError> {
+        self.call(
+            server,
+            reqwest::Method::POST,
+            "/v1/allocations/batch",
+            Some(batch),
+        )
+        .await
     }
 
     /// `GET /v1/checkouts?…`: one page of the server's holders (`params` are the query's

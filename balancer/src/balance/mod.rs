@@ -18,6 +18,7 @@
 //! granted them: the allocations servers have applied never sum above purchased.
 
 mod agent_client;
+mod batch;
 pub mod expiry;
 mod explain;
 mod holders;
@@ -51,6 +52,22 @@ use tokio::sync::{Semaphore, watch};
 /// authentication or parsing refusal happens before that lookup — after a token rotation, a
 /// re-send of a move the server applied earlier can be answered 401 — and abandoning the move
 /// then would free units the server still holds.
+/// A move the server applied whose booking failed: it stays planned and is re-sent, answered
+/// from the server's move log.
+fn not_booked(mv: &MoveRecord, server: &ServerRecord, e: &crate::store::StoreError) -> MoveFailure {
+    MoveFailure::NotBooked(format!(
+        "move {} applied by {} but not booked: {e}",
+        mv.id, server.name
+    ))
+}
+
+/// A move whose send got no answer the move log stands behind: it stays planned, re-sent.
+fn unconfirmed(mv: &MoveRecord, server: &ServerRecord, e: &CallError) -> MoveFailure {
+    tracing::warn!(move_id = %mv.id, server = %server.name, error = %e,
+        "move not confirmed; it stays planned and will be resent");
+    MoveFailure::Unconfirmed(format!("{} {} to {}: {e}", mv.kind, mv.id, server.name))
+}
+
 fn refused_by_the_move_log(status: u16, code: &str) -> bool {
     (status == 404 && code == ErrorCode::UnknownProduct.as_str())
         || (status == 409 && code == ErrorCode::Conflict.as_str())
@@ -260,29 +277,8 @@ impl Engine {
                         self.write_epoch(),
                     )
                     .await
-                    .map_err(|e| {
-                        MoveFailure::NotBooked(format!(
-                            "move {} applied by {} but not booked: {e}",
-                            mv.id, server.name
-                        ))
-                    })?;
-                self.metrics.moved(&booked);
-                let applied = booked.applied_units.unwrap_or(0);
-                if applied > 0 {
-                    let mut memory = self.memory.lock().expect("engine memory");
-                    if booked.kind == MoveKind::Grant {
-                        let back = memory.granted(&booked.server, &booked.product, applied);
-                        if let Some(run_id) = booked.run_id {
-                            memory.ping_pong_in_run(run_id, back);
-                        }
-                        self.metrics
-                            .ping_pong_units
-                            .with_label_values(&[booked.product.as_str()])
-                            .inc_by(back);
-                    } else if booked.kind == MoveKind::Release {
-                        memory.released(&booked.server, &booked.product, applied);
-                    }
-                }
+                    .map_err(|e| not_booked(mv, server, &e))?;
+                self.remember(&booked);
                 tracing::info!(
                     applied = answer.units,
                     generation = answer.generation,
@@ -295,31 +291,62 @@ impl Engine {
                 code,
                 message,
             }) if refused_by_the_move_log(status, &code) => {
-                // The move handler refused after consulting its move log (a move it had applied
-                // is answered from that log, never refused), so the server did not apply it: a
-                // grant's units go back to the reserve, a release simply did not happen.
-                let reason = format!("{code}: {message}");
-                self.store
-                    .abandon_move(mv.id, &reason, self.write_epoch())
-                    .await
-                    .map_err(|e| MoveFailure::NotBooked(e.to_string()))?;
-                tracing::warn!(%reason, "move refused by the server; abandoned");
-                Err(MoveFailure::Refused(format!(
-                    "{} {} refused by {}: {reason}",
-                    mv.kind, mv.id, server.name
-                )))
+                Err(self.abandon_refused(server, mv, &code, &message).await)
             }
             // Anything else — unreachable, a 5xx, or a refusal made before the move log was
             // read (a token the server no longer or not yet accepts, a body it cannot parse) —
             // says nothing of whether an earlier send was applied: the move stays planned.
-            Err(e) => {
-                tracing::warn!(error = %e, "move not confirmed; it stays planned and will be resent");
-                Err(MoveFailure::Unconfirmed(format!(
-                    "{} {} to {}: {e}",
-                    mv.kind, mv.id, server.name
-                )))
-            }
+            Err(e) => Err(unconfirmed(mv, server, &e)),
         }
+    }
+
+    /// Notes a booked move in the metrics and the engine's memory (what was granted and
+    /// released where, for the ping-pong count and the hold).
+    fn remember(&self, booked: &MoveRecord) {
+        self.metrics.moved(booked);
+        let applied = booked.applied_units.unwrap_or(0);
+        if applied == 0 {
+            return;
+        }
+        let mut memory = self.memory.lock().expect("engine memory");
+        if booked.kind == MoveKind::Grant {
+            let back = memory.granted(&booked.server, &booked.product, applied);
+            if let Some(run_id) = booked.run_id {
+                memory.ping_pong_in_run(run_id, back);
+            }
+            self.metrics
+                .ping_pong_units
+                .with_label_values(&[booked.product.as_str()])
+                .inc_by(back);
+        } else if booked.kind == MoveKind::Release {
+            memory.released(&booked.server, &booked.product, applied);
+        }
+    }
+
+    /// Abandons a move its server refused after consulting its move log (a move it had applied
+    /// is answered from that log, never refused), so the server did not apply it: a grant's
+    /// units go back to the reserve, a release simply did not happen.
+    async fn abandon_refused(
+        &self,
+        server: &ServerRecord,
+        mv: &MoveRecord,
+        code: &str,
+        message: &str,
+    ) -> MoveFailure {
+        let reason = format!("{code}: {message}");
+        if let Err(e) = self
+            .store
+            .abandon_move(mv.id, &reason, self.write_epoch())
+            .await
+        {
+            return MoveFailure::NotBooked(e.to_string());
+        }
+        tracing::warn!(move_id = %mv.id, server = %server.name, %reason,
+            "move refused by the server; abandoned");
+        MoveFailure::Refused(format!(
+            "{} {} refused by {}: {reason}",
+            mv.kind, mv.id, server.name
+        ))
     }
 
     /// Re-sends every unfinished move (start-up, and the start of every run). Moves of a

@@ -1,12 +1,13 @@
 //! Scheduled and manual runs (DESIGN.md flow 2): read every server, plan each product with the
 //! core's planner, execute the moves.
 //!
-//! Per product, the plan is made and its releases are logged under the product's lock; the
-//! lock is released while they travel; the grants are logged under the lock again (capped at
-//! what the reserve then holds, since an instant balance may have drawn on it meanwhile) and
-//! sent outside it. Releases always precede the grants they fund, so the allocations servers
-//! have applied never sum above purchased. A product that fails is recorded in the run's
-//! errors and the run goes on with the next.
+//! In two phases over the whole estate: each product is planned and its releases logged under
+//! its lock (one transaction per product), and every server's releases are sent in one batch
+//! with the locks released; then each product's grants are logged under its lock again (capped
+//! at what the reserve then holds, since an instant balance may have drawn on it meanwhile) and
+//! every server's grants are sent in one batch. Releases always precede the grants they fund,
+//! so the allocations servers have applied never sum above purchased. A product that fails is
+//! recorded in the run's errors and the run goes on with the next.
 
 use super::explain::explained_cells;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
@@ -17,6 +18,8 @@ use allot_core::planner::{self, Decision, Move, ProductPlan};
 use allot_core::wire::balancer::{Product, RunDecision, RunDetail};
 use chrono::Utc;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 /// What one product's part of a run moved.
@@ -120,24 +123,41 @@ impl Engine {
             .collect();
         let by_name: BTreeMap<&str, &ServerRecord> =
             servers.iter().map(|s| (s.name.as_str(), s)).collect();
-        let (mut moves, mut units_moved) = (0u64, 0u64);
+        let mut moved = Moved::default();
+        // Every product planned and its releases logged, then every server's releases sent in
+        // one batch, then every product's grants logged (capped at its reserve as it then
+        // stands) and every server's grants sent in one batch: releases precede the grants they
+        // fund across the whole run, and a server gets two requests, not one per move.
+        let mut planned = Vec::new();
+        let mut releases = Vec::new();
         for product in &products {
-            match self
-                .balance_product(run_id, epoch, &product.name, &view, &by_name)
-                .await
-            {
-                Ok(moved) => {
-                    moves += moved.moves;
-                    units_moved += moved.units;
-                    errors.extend(moved.errors);
+            match self.plan_product(run_id, epoch, &product.name, &view).await {
+                Ok(Some(mut p)) => {
+                    releases.append(&mut p.releases);
+                    planned.push(p);
                 }
-                Err(e) => {
-                    tracing::error!(product = %product.name, error = %e, run_id,
-                        "product not balanced this run; the run goes on");
-                    errors.push(format!("{}: not balanced: {e}", product.name));
-                }
+                Ok(None) => {}
+                Err(e) => not_balanced(&mut errors, &product.name, &e, run_id),
             }
         }
+        let grants_follow = planned
+            .iter()
+            .any(|p| p.plan.moves.iter().any(|m| m.kind() == MoveKind::Grant));
+        let released_first = !releases.is_empty() && grants_follow;
+        self.send_batched(releases, &by_name, &mut moved).await;
+        if released_first {
+            allot_http::fault::point("between_release_and_grant");
+        }
+        let mut grants = Vec::new();
+        for p in &planned {
+            match self.log_grants(run_id, epoch, p).await {
+                Ok(mut logged) => grants.append(&mut logged),
+                Err(e) => not_balanced(&mut errors, &p.name, &e, run_id),
+            }
+        }
+        self.send_batched(grants, &by_name, &mut moved).await;
+        let (moves, units_moved) = (moved.moves, moved.units);
+        errors.extend(moved.errors);
 
         let ping_pong = self
             .memory
@@ -169,21 +189,19 @@ impl Engine {
         Ok(self.store.run(run_id).await?)
     }
 
-    /// Plans one product and executes its moves: releases logged under the lock and sent
-    /// outside it, then grants logged under the lock (capped at the reserve) and sent outside.
-    async fn balance_product(
+    /// Plans one product under its lock (the books reread: instant balances may have moved
+    /// them since the run began), logs its releases in one transaction and records why the
+    /// run decided what it did. `None`: nothing to plan (no server holds or wants it).
+    async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
         name: &str,
         view: &RunView<'_>,
-        by_name: &BTreeMap<&str, &ServerRecord>,
-    ) -> Result<Moved, BalanceError> {
+    ) -> Result<Option<Planned>, BalanceError> {
         let lock = self.product_lock(name);
-        let mut moved = Moved::default();
-        let (plan, server_names, releases, decisions) = {
+        let (planned, decisions) = {
             let _serialised = lock.lock().await;
-            // The books may have moved since the run began (instant balances): reread them.
             let product = self.store.product(name).await?.product;
             let cells = self.store.product_cells(name).await?;
             let Some(BuiltSnapshot {
@@ -191,7 +209,7 @@ impl Engine {
                 server_names,
             }) = build_snapshot(&product, &cells, view)
             else {
-                return Ok(moved);
+                return Ok(None);
             };
             let plan = planner::plan_product(&snapshot, &self.config.planner)
                 .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
@@ -214,7 +232,13 @@ impl Engine {
                     cell,
                 })
                 .collect();
-            (plan, server_names, releases, decisions)
+            let planned = Planned {
+                name: name.to_owned(),
+                plan,
+                server_names,
+                releases,
+            };
+            (planned, decisions)
         };
         // Why the run did what it did, kept with the run; its loss loses no unit, only the
         // explanation, so a failure to record it is logged, not fatal.
@@ -225,32 +249,38 @@ impl Engine {
         {
             tracing::warn!(product = name, run_id, error = %e, "run decisions not recorded");
         }
-        let released_first =
-            !releases.is_empty() && plan.moves.iter().any(|m| m.kind() == MoveKind::Grant);
-        self.send_all(releases, by_name, &mut moved).await;
-        if released_first {
-            allot_http::fault::point("between_release_and_grant");
-        }
-        let grants = {
-            let _serialised = lock.lock().await;
-            let reserve = self.available_reserve(name).await?;
-            self.log_moves(
-                run_id,
-                epoch,
-                name,
-                &plan,
-                &server_names,
-                MoveKind::Grant,
-                Some(reserve),
-            )
-            .await?
-        };
-        self.send_all(grants, by_name, &mut moved).await;
-        Ok(moved)
+        Ok(Some(planned))
     }
 
-    /// Logs the plan's moves of one kind (grants capped, in order, at `reserve`); returns them
-    /// with their servers. A move the store refuses to log fails the product.
+    /// Logs a planned product's grants under its lock, capped at the reserve as it stands
+    /// now that the run's releases have landed (an instant balance may have drawn on it).
+    async fn log_grants(
+        &self,
+        run_id: i64,
+        epoch: i64,
+        p: &Planned,
+    ) -> Result<Vec<(String, MoveRecord)>, BalanceError> {
+        if !p.plan.moves.iter().any(|m| m.kind() == MoveKind::Grant) {
+            return Ok(Vec::new());
+        }
+        let lock = self.product_lock(&p.name);
+        let _serialised = lock.lock().await;
+        let reserve = self.available_reserve(&p.name).await?;
+        self.log_moves(
+            run_id,
+            epoch,
+            &p.name,
+            &p.plan,
+            &p.server_names,
+            MoveKind::Grant,
+            Some(reserve),
+        )
+        .await
+    }
+
+    /// Logs the plan's moves of one kind (grants capped, in order, at `reserve`) in one
+    /// transaction; returns them with their servers. A move the store refuses to log fails
+    /// the product, and none of its moves of that kind is logged.
     #[allow(clippy::too_many_arguments)]
     async fn log_moves(
         &self,
@@ -262,7 +292,7 @@ impl Engine {
         kind: MoveKind,
         mut reserve: Option<u64>,
     ) -> Result<Vec<(String, MoveRecord)>, BalanceError> {
-        let mut logged = Vec::new();
+        let mut new = Vec::new();
         for m in plan.moves.iter().filter(|m| m.kind() == kind) {
             let mut units = m.units();
             if let (Move::Grant { .. }, Some(left)) = (m, reserve.as_mut()) {
@@ -272,49 +302,80 @@ impl Engine {
             if units == 0 {
                 continue;
             }
-            let server = server_names[m.server() as usize].clone();
-            let record = self
-                .store
-                .begin_move(&NewMove {
-                    id: Uuid::now_v7(),
-                    run_id: Some(run_id),
-                    product: product.to_owned(),
-                    server: server.clone(),
-                    kind,
-                    units,
-                    epoch,
-                })
-                .await?;
-            logged.push((server, record));
+            new.push(NewMove {
+                id: Uuid::now_v7(),
+                run_id: Some(run_id),
+                product: product.to_owned(),
+                server: server_names[m.server() as usize].clone(),
+                kind,
+                units,
+                epoch,
+            });
         }
-        Ok(logged)
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logged = self.store.begin_moves(&new).await?;
+        Ok(logged.into_iter().map(|r| (r.server.clone(), r)).collect())
     }
 
-    /// Sends logged moves concurrently and adds what they moved to `moved`.
-    async fn send_all(
+    /// Sends logged moves, one batch per server (servers concurrently, bounded like status
+    /// reads), and adds what they moved to `moved`.
+    async fn send_batched(
         &self,
         logged: Vec<(String, MoveRecord)>,
         by_name: &BTreeMap<&str, &ServerRecord>,
         moved: &mut Moved,
     ) {
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut per_server: BTreeMap<String, Vec<MoveRecord>> = BTreeMap::new();
         for (server, record) in logged {
-            let Some(&server) = by_name.get(server.as_str()) else {
+            per_server.entry(server).or_default().push(record);
+        }
+        let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, moves) in per_server {
+            let Some(&server) = by_name.get(name.as_str()) else {
                 continue;
             };
             let server = server.clone();
             let engine = self.clone();
-            tasks.spawn(async move { engine.execute(&server, &record).await });
+            let semaphore = semaphore.clone();
+            tasks.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                engine.execute_batched(&server, moves).await
+            });
         }
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok(Ok(done)) => {
-                    moved.moves += 1;
-                    moved.units += done.applied_units.unwrap_or(0);
+                Ok(results) => {
+                    for result in results {
+                        match result {
+                            Ok(done) => {
+                                moved.moves += 1;
+                                moved.units += done.applied_units.unwrap_or(0);
+                            }
+                            Err(e) => moved.errors.push(e.to_string()),
+                        }
+                    }
                 }
-                Ok(Err(e)) => moved.errors.push(e.to_string()),
                 Err(e) => moved.errors.push(format!("a move task failed: {e}")),
             }
         }
     }
+}
+
+/// One product planned by a run, its releases logged; its grants wait for the releases.
+struct Planned {
+    name: String,
+    plan: ProductPlan,
+    server_names: Vec<String>,
+    /// Its logged releases, until the run gathers them into the servers' batches.
+    releases: Vec<(String, MoveRecord)>,
+}
+
+/// Records that a product was not balanced this run; the run goes on with the others.
+fn not_balanced(errors: &mut Vec<String>, product: &str, e: &BalanceError, run_id: i64) {
+    tracing::error!(%product, error = %e, run_id,
+        "product not balanced this run; the run goes on");
+    errors.push(format!("{product}: not balanced: {e}"));
 }

@@ -91,6 +91,17 @@ pub struct ScheduleSetting {
     pub timezone: String,
 }
 
+/// A move its server confirmed: the units it applied and its allocation's generation after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LandedMove {
+    /// The move.
+    pub id: Uuid,
+    /// Units the server applied (a release may apply fewer than asked).
+    pub applied_units: u64,
+    /// The server's allocation generation after it.
+    pub generation: u64,
+}
+
 /// A move about to be logged (and, for a grant, taken out of the reserve into transit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMove {
@@ -661,7 +672,16 @@ pub trait Store: Send + Sync + 'static {
     /// Logs a move as planned before it is sent (refused when `mv.epoch` is not the current
     /// leader epoch: a deposed leader cannot touch the books). A grant's units leave the reserve into
     /// transit in the same transaction (refused with a conflict if the reserve is short).
-    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord>;
+    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
+        let mut logged = self.begin_moves(std::slice::from_ref(mv)).await?;
+        logged
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a logged move vanished".into()))
+    }
+    /// Logs several moves as [`Store::begin_move`] does, in one transaction (their products
+    /// locked in id order first): all are logged or, on any refusal, none. A run logs each
+    /// product's releases, then its grants, this way.
+    async fn begin_moves(&self, moves: &[NewMove]) -> StoreResult<Vec<MoveRecord>>;
     /// Books a move the server confirmed: a release's `applied_units` (≤ asked, only free
     /// units) go to the reserve; a grant's units leave transit into the allocation. Repeating
     /// it for an applied move changes nothing and returns the record.
@@ -671,7 +691,25 @@ pub trait Store: Send + Sync + 'static {
         applied_units: u64,
         generation: u64,
         epoch: i64,
-    ) -> StoreResult<MoveRecord>;
+    ) -> StoreResult<MoveRecord> {
+        let landed = LandedMove {
+            id,
+            applied_units,
+            generation,
+        };
+        let mut booked = self.complete_moves(&[landed], epoch).await?;
+        booked
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a booked move vanished".into()))
+    }
+    /// Books several confirmed moves as [`Store::complete_move`] does, in one transaction: all
+    /// or, on any refusal, none (the caller may then book them one by one). A run books each
+    /// server's batch answer this way.
+    async fn complete_moves(
+        &self,
+        landed: &[LandedMove],
+        epoch: i64,
+    ) -> StoreResult<Vec<MoveRecord>>;
     /// Gives a planned move up: a grant's in-transit units return to the reserve. Only call it
     /// when the server is known not to have applied the move.
     async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord>;

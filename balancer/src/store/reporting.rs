@@ -230,22 +230,16 @@ impl Store for ErrorReporting {
         self.seen(self.inner.remove_operator(actor, name).await)
     }
 
-    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
-        self.seen(self.inner.begin_move(mv).await)
+    async fn begin_moves(&self, moves: &[NewMove]) -> StoreResult<Vec<MoveRecord>> {
+        self.seen(self.inner.begin_moves(moves).await)
     }
 
-    async fn complete_move(
+    async fn complete_moves(
         &self,
-        id: Uuid,
-        applied_units: u64,
-        generation: u64,
+        landed: &[crate::store::LandedMove],
         epoch: i64,
-    ) -> StoreResult<MoveRecord> {
-        self.seen(
-            self.inner
-                .complete_move(id, applied_units, generation, epoch)
-                .await,
-        )
+    ) -> StoreResult<Vec<MoveRecord>> {
+        self.seen(self.inner.complete_moves(landed, epoch).await)
     }
 
     async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {

@@ -335,6 +335,63 @@ pub struct MoveResponse {
     pub generation: u64,
 }
 
+/// The most moves one batch may carry, so a full batch (about 110 bytes a move) stays inside
+/// the 64 KiB body bound; the balancer splits a longer phase into several batches. One
+/// server's share of a first distribution is one move per product.
+pub const MAX_BATCH_MOVES: usize = 500;
+
+/// One move of a batch: a release, a grant or a retirement, by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BatchMove {
+    /// What the move does.
+    pub kind: crate::domain::MoveKind,
+    /// The move's id in the balancer's move log; a repeat is answered from the first outcome.
+    pub move_id: Uuid,
+    /// The product's name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
+    pub product: String,
+    /// Units to move.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    pub units: u32,
+}
+
+/// `POST /v1/allocations/batch`: every move of one run's phase for one server in one request,
+/// applied in order under one lock and made durable together; each stays idempotent by its id,
+/// so a batch resent after a lost answer applies nothing twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MoveBatch {
+    /// The moves, applied in this order (1 to 500).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 500))]
+    pub moves: Vec<BatchMove>,
+}
+
+/// The outcome of one move of a batch: what it moved, or why the server refused it after
+/// consulting its move log (so it was not applied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchOutcome {
+    /// The move.
+    pub move_id: Uuid,
+    /// What it moved, when applied (now or before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<MoveResponse>,
+    /// Why it was refused (`unknown_product`, `conflict`), when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<crate::error::ErrorDetail>,
+}
+
+/// The answer to a [`MoveBatch`]: one outcome per move, in the batch's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchResponse {
+    /// One per move, in order.
+    pub outcomes: Vec<BatchOutcome>,
+}
+
 /// `PUT /v1/products/{product}` on a metering server: define a product or replace its policy.
 ///
 /// The same fields as [`Policy`], but strict: an unknown field is an error, not a silently

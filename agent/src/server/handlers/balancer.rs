@@ -14,7 +14,8 @@ use allot_core::domain::MoveKind;
 use allot_core::error::ErrorBody;
 use allot_core::validate;
 use allot_core::wire::agent::{
-    AgentProduct, AgentStatus, MoveRequest, MoveResponse, ProductDefinition,
+    AgentProduct, AgentStatus, BatchOutcome, BatchResponse, MAX_BATCH_MOVES, MoveBatch,
+    MoveRequest, MoveResponse, ProductDefinition,
 };
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -60,6 +61,53 @@ pub(super) async fn status_handler(
     }))
 }
 
+/// Applies one move under the lock: the book decides (idempotent by move id), a fresh
+/// application is logged and may serve waiters; a repeat waits for the first to be durable.
+/// Returns the answer, what to await before answering, and whether it was fresh.
+fn apply_move(
+    app: &App,
+    inner: &mut super::super::Inner,
+    req: &MoveRequest,
+    kind: MoveKind,
+    now: u64,
+) -> Result<(MoveResponse, oneshot::Receiver<bool>, bool), ApiError> {
+    let outcome = match kind {
+        MoveKind::Release => inner.book.release(req.move_id, &req.product, req.units),
+        MoveKind::Retire => inner.book.retire(req.move_id, &req.product, req.units),
+        MoveKind::Grant => {
+            inner
+                .book
+                .grant(req.move_id, &req.product, req.units, now, &mut new_handle)
+        }
+    };
+    let outcome = outcome.map_err(|r| match r {
+        MoveRefusal::UnknownProduct => ApiError::UnknownProduct(req.product.clone()),
+        MoveRefusal::Conflict => ApiError::Conflict(format!(
+            "move {} was already applied as another move",
+            req.move_id
+        )),
+    })?;
+    let fresh = outcome.applied.is_some();
+    let ack = match outcome.applied {
+        Some(applied) => {
+            let ack = app.log(inner, Mutation::Move { applied, at: now });
+            app.dispatch(inner, outcome.served, now);
+            pull(app, inner, &req.product, now);
+            tracing::info!(move_id = %req.move_id, product = %req.product, %kind,
+                units = outcome.response.units, allocation = outcome.response.allocation,
+                generation = outcome.response.generation, "move applied");
+            ack
+        }
+        None => {
+            // A repeat: answer only once the first application is durable.
+            let (tx, rx) = oneshot::channel();
+            let _ = app.writer.send(WriterMsg::Barrier(tx));
+            rx
+        }
+    };
+    Ok((outcome.response, ack, fresh))
+}
+
 pub(super) async fn move_handler(
     app: &App,
     req: MoveRequest,
@@ -71,47 +119,80 @@ pub(super) async fn move_handler(
     let now = now_ms();
     let (response, ack, fresh) = {
         let mut inner = app.lock();
-        let outcome = match kind {
-            MoveKind::Release => inner.book.release(req.move_id, &req.product, req.units),
-            MoveKind::Retire => inner.book.retire(req.move_id, &req.product, req.units),
-            MoveKind::Grant => {
-                inner
-                    .book
-                    .grant(req.move_id, &req.product, req.units, now, &mut new_handle)
-            }
-        };
-        let outcome = outcome.map_err(|r| match r {
-            MoveRefusal::UnknownProduct => ApiError::UnknownProduct(req.product.clone()),
-            MoveRefusal::Conflict => ApiError::Conflict(format!(
-                "move {} was already applied as another move",
-                req.move_id
-            )),
-        })?;
-        let fresh = outcome.applied.is_some();
-        let ack = match outcome.applied {
-            Some(applied) => {
-                let ack = app.log(&mut inner, Mutation::Move { applied, at: now });
-                app.dispatch(&mut inner, outcome.served, now);
-                pull(app, &mut inner, &req.product, now);
-                tracing::info!(move_id = %req.move_id, product = %req.product, %kind,
-                units = outcome.response.units, allocation = outcome.response.allocation,
-                generation = outcome.response.generation, "move applied");
-                ack
-            }
-            None => {
-                // A repeat: answer only once the first application is durable.
-                let (tx, rx) = oneshot::channel();
-                let _ = app.writer.send(WriterMsg::Barrier(tx));
-                rx
-            }
-        };
-        (outcome.response, ack, fresh)
+        apply_move(app, &mut inner, &req, kind, now)?
     };
     durable(ack).await?;
     if fresh && kind == MoveKind::Grant {
         allot_http::fault::point("agent_grant_applied");
     }
     Ok(Json(response))
+}
+
+/// Applies a run's moves for this server in one request, in order, under one lock; their log
+/// entries go to the group-commit writer together, and the answer waits until all are durable.
+/// Each move keeps its own idempotency by id and its own outcome: a move the book refuses
+/// (`unknown_product`, `conflict`) is reported and the rest still apply. A bad batch (empty,
+/// over [`MAX_BATCH_MOVES`], a bad name or unit count anywhere) is refused whole and changes
+/// nothing.
+#[utoipa::path(post, path = "/v1/allocations/batch", tag = "balancer", security(("serverToken" = [])),
+    request_body = MoveBatch,
+    responses(
+        (status = 200, description = "One outcome per move, in order", body = BatchResponse),
+        (status = 400, description = "`bad_request`: empty, too long, or a bad move", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the store failed, or the server is stopping", body = ErrorBody)))]
+pub(super) async fn batch_handler(
+    State(app): State<App>,
+    _auth: BalancerAuth,
+    ApiJson(batch): ApiJson<MoveBatch>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    if batch.moves.is_empty() || batch.moves.len() > MAX_BATCH_MOVES {
+        return Err(ApiError::BadRequest(format!(
+            "moves: must hold 1 to {MAX_BATCH_MOVES} moves, got {}",
+            batch.moves.len()
+        )));
+    }
+    for m in &batch.moves {
+        validate::path_name("product", &m.product)?;
+        validate::units("units", m.units)?;
+    }
+    app.check_writable()?;
+    let now = now_ms();
+    let mut outcomes = Vec::with_capacity(batch.moves.len());
+    let mut acks = Vec::with_capacity(batch.moves.len());
+    let mut fresh_grant = false;
+    {
+        let mut inner = app.lock();
+        for m in batch.moves {
+            let req = MoveRequest {
+                move_id: m.move_id,
+                product: m.product,
+                units: m.units,
+            };
+            match apply_move(&app, &mut inner, &req, m.kind, now) {
+                Ok((response, ack, fresh)) => {
+                    fresh_grant |= fresh && m.kind == MoveKind::Grant;
+                    acks.push(ack);
+                    outcomes.push(BatchOutcome {
+                        move_id: m.move_id,
+                        applied: Some(response),
+                        refused: None,
+                    });
+                }
+                Err(e) => outcomes.push(BatchOutcome {
+                    move_id: m.move_id,
+                    applied: None,
+                    refused: Some(ErrorBody::new(e.code(), e.to_string()).error),
+                }),
+            }
+        }
+    }
+    for ack in acks {
+        durable(ack).await?;
+    }
+    if fresh_grant {
+        allot_http::fault::point("agent_grant_applied");
+    }
+    Ok(Json(BatchResponse { outcomes }))
 }
 
 /// Releases free units to the reserve (never in-use units); idempotent by `move_id`.

@@ -37,6 +37,7 @@ pub(super) fn table() -> OpenApiRouter<App> {
         .routes(routes!(balancer::status_handler))
         .routes(routes!(balancer::release_handler))
         .routes(routes!(balancer::grant_handler))
+        .routes(routes!(balancer::batch_handler))
         .routes(routes!(balancer::retire_handler))
         .routes(routes!(holders::holders_handler))
         .routes(routes!(holders::revoke_handler))

@@ -478,18 +478,16 @@ impl Store for SqlStore {
         operators::remove_operator(&self.pool, actor, name).await
     }
 
-    async fn begin_move(&self, mv: &NewMove) -> StoreResult<MoveRecord> {
-        moves::begin_move(&self.pool, mv).await
+    async fn begin_moves(&self, moves: &[NewMove]) -> StoreResult<Vec<MoveRecord>> {
+        moves::begin_moves(&self.pool, moves).await
     }
 
-    async fn complete_move(
+    async fn complete_moves(
         &self,
-        id: Uuid,
-        applied_units: u64,
-        generation: u64,
+        landed: &[crate::store::LandedMove],
         epoch: i64,
-    ) -> StoreResult<MoveRecord> {
-        moves::complete_move(&self.pool, id, applied_units, generation, epoch).await
+    ) -> StoreResult<Vec<MoveRecord>> {
+        moves::complete_moves(&self.pool, landed, epoch).await
     }
 
     async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {

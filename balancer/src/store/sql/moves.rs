@@ -1,23 +1,53 @@
 //! The move log: a move logged `planned` before it is sent, then booked `applied` or
 //! `abandoned`, each under its product's lock and the writer's epoch check.
 
+use crate::store::LandedMove;
+
 use super::{
     Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NewMove, Pool, PoolShift, StoreError,
     StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint, lock_product,
     move_columns, move_row, now_ms, product_id, server_row, set_move_state, shift_pool,
 };
 
-#[tracing::instrument(skip_all, fields(move_id = %mv.id, kind = %mv.kind, product = %mv.product, server = %mv.server, units = mv.units))]
-pub(super) async fn begin_move(pool: &Pool<Db>, mv: &NewMove) -> StoreResult<MoveRecord> {
+/// Logs moves `planned` in one transaction: their products locked first, in id order (so two
+/// batches, or a batch and a single move, never wait on each other in a circle), the epoch
+/// checked once per move's epoch, then each move as [`begin_move_in`] books it. Any refusal
+/// logs none of them.
+#[tracing::instrument(skip_all, fields(moves = moves.len()))]
+pub(super) async fn begin_moves(
+    pool: &Pool<Db>,
+    moves: &[NewMove],
+) -> StoreResult<Vec<MoveRecord>> {
+    let mut tx = begin_write(pool).await?;
+    let mut pids = Vec::new();
+    for mv in moves {
+        pids.push(product_id(&mut tx, &mv.product).await?);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        lock_product(&mut tx, pid).await?;
+    }
+    let mut records = Vec::with_capacity(moves.len());
+    for mv in moves {
+        records.push(begin_move_in(&mut tx, mv).await?);
+    }
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// Logs one move `planned` inside the caller's transaction: its product locked, the epoch
+/// checked, a release's units checked against the allocation, a grant's units taken from the
+/// reserve into transit.
+async fn begin_move_in(tx: &mut Conn, mv: &NewMove) -> StoreResult<MoveRecord> {
     let units = i64::try_from(mv.units)
         .ok()
         .filter(|u| *u > 0)
         .ok_or_else(|| StoreError::Conflict(format!("a move of {} units", mv.units)))?;
-    let mut tx = begin_write(pool).await?;
-    let pid = product_id(&mut tx, &mv.product).await?;
-    lock_product(&mut tx, pid).await?;
-    check_epoch(&mut tx, mv.epoch).await?;
-    let sid = server_row(&mut tx, &mv.server).await?.id;
+    let pid = product_id(&mut *tx, &mv.product).await?;
+    lock_product(&mut *tx, pid).await?;
+    check_epoch(&mut *tx, mv.epoch).await?;
+    let sid = server_row(&mut *tx, &mv.server).await?.id;
     match mv.kind {
         MoveKind::Release | MoveKind::Retire => {
             let held: Option<i64> = sqlx::query_scalar(
@@ -37,7 +67,7 @@ pub(super) async fn begin_move(pool: &Pool<Db>, mv: &NewMove) -> StoreResult<Mov
             }
         }
         MoveKind::Grant => {
-            shift_pool(&mut tx, pid, PoolShift::ReserveToTransit, units).await?;
+            shift_pool(&mut *tx, pid, PoolShift::ReserveToTransit, units).await?;
             sqlx::query(
                 "INSERT INTO allocations (server_id, product_id) VALUES ($1, $2) \
                  ON CONFLICT (server_id, product_id) DO NOTHING",
@@ -64,21 +94,49 @@ pub(super) async fn begin_move(pool: &Pool<Db>, mv: &NewMove) -> StoreResult<Mov
     .execute(&mut *tx)
     .await
     .map_err(|e| conflict_on_constraint(e, &format!("move {}", mv.id)))?;
-    let record = move_row(&mut tx, mv.id).await?.to_record()?;
-    tx.commit().await?;
-    Ok(record)
+    move_row(&mut *tx, mv.id).await?.to_record()
 }
 
-#[tracing::instrument(skip_all, fields(move_id = %id, applied_units, generation))]
-pub(super) async fn complete_move(
+/// Books moves `applied` in one transaction, their products locked first in id order; any
+/// refusal books none of them (the caller then books them one by one, so one bad answer
+/// does not hold back the rest).
+#[tracing::instrument(skip_all, fields(moves = landed.len()))]
+pub(super) async fn complete_moves(
     pool: &Pool<Db>,
-    id: Uuid,
-    applied_units: u64,
-    generation: u64,
+    landed: &[LandedMove],
+    epoch: i64,
+) -> StoreResult<Vec<MoveRecord>> {
+    let mut tx = begin_write(pool).await?;
+    let mut pids = Vec::new();
+    for l in landed {
+        pids.push(move_row(&mut tx, l.id).await?.product_id);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        lock_product(&mut tx, pid).await?;
+    }
+    let mut records = Vec::with_capacity(landed.len());
+    for l in landed {
+        records.push(complete_move_in(&mut tx, *l, epoch).await?);
+    }
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// Books one move `applied` inside the caller's transaction: a release's units to the
+/// reserve (a retirement's out of the estate), a grant's from transit to the allocation.
+async fn complete_move_in(
+    tx: &mut Conn,
+    landed: LandedMove,
     epoch: i64,
 ) -> StoreResult<MoveRecord> {
-    let mut tx = begin_write(pool).await?;
-    let (row, record) = match planned_move(&mut tx, id, epoch, MoveState::Applied).await? {
+    let LandedMove {
+        id,
+        applied_units,
+        generation,
+    } = landed;
+    let (row, record) = match planned_move(&mut *tx, id, epoch, MoveState::Applied).await? {
         Prelude::Planned(row, record) => (row, record),
         Prelude::Repeated(record) => return Ok(record),
     };
@@ -108,7 +166,7 @@ pub(super) async fn complete_move(
             // A retirement leaves the estate (what no expired entitlement is owed goes to the
             // reserve, so the books always balance); a release goes to the reserve.
             let retired = if kind == MoveKind::Retire {
-                super::expiry::retire(&mut tx, row.product_id, applied).await?
+                super::expiry::retire(&mut *tx, row.product_id, applied).await?
             } else {
                 0
             };
@@ -147,10 +205,8 @@ pub(super) async fn complete_move(
             .await?;
         }
     }
-    set_move_state(&mut tx, &row.id, MoveState::Applied, Some(applied), None).await?;
-    let record = move_row(&mut tx, id).await?.to_record()?;
-    tx.commit().await?;
-    Ok(record)
+    set_move_state(&mut *tx, &row.id, MoveState::Applied, Some(applied), None).await?;
+    move_row(&mut *tx, id).await?.to_record()
 }
 
 #[tracing::instrument(skip_all, fields(move_id = %id, reason))]

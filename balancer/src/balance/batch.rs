@@ -1,0 +1,190 @@
+//! Moves carried in batches: a run sends each server one request per phase (its releases,
+//! then its grants) instead of one request per move, and books the server's answers in one
+//! transaction. Each move keeps everything a single move has: its own id (so a batch resent
+//! after a lost answer applies nothing twice), its own outcome (applied and booked, refused
+//! and abandoned, or unconfirmed and left planned to be re-sent), and the same fault points.
+//!
+//! A server too old to know batches answers the route `not_found`; its moves then go one by
+//! one, as before batches.
+
+use super::{Engine, MoveFailure, not_booked, refused_by_the_move_log, unconfirmed};
+use crate::balance::agent_client::CallError;
+use crate::store::{LandedMove, MoveRecord, ServerRecord};
+use allot_core::error::ErrorCode;
+use allot_core::wire::agent::{BatchMove, MAX_BATCH_MOVES, MoveBatch, MoveResponse};
+use std::collections::HashMap;
+
+/// What became of one move of a batch.
+pub(super) type MoveResult = Result<MoveRecord, MoveFailure>;
+
+impl Engine {
+    /// Carries `moves` (all to `server`) in batches of at most [`MAX_BATCH_MOVES`], in order;
+    /// returns one result per move. A batch with no answer leaves its moves and every later
+    /// batch's planned (they would wait out the same timeout), to be re-sent by the next run.
+    pub(super) async fn execute_batched(
+        &self,
+        server: &ServerRecord,
+        moves: Vec<MoveRecord>,
+    ) -> Vec<MoveResult> {
+        let mut results = Vec::with_capacity(moves.len());
+        let mut chunks = moves.chunks(MAX_BATCH_MOVES);
+        while let Some(chunk) = chunks.next() {
+            match self.execute_batch(server, chunk).await {
+                Ok(done) => results.extend(done),
+                Err(BatchUnsupported) => {
+                    for mv in chunk.iter().chain(chunks.by_ref().flatten()) {
+                        results.push(self.execute(server, mv).await);
+                    }
+                    return results;
+                }
+            }
+            if results
+                .iter()
+                .any(|r| matches!(r, Err(MoveFailure::Unconfirmed(_))))
+            {
+                for mv in chunks.by_ref().flatten() {
+                    results.push(Err(MoveFailure::Unconfirmed(format!(
+                        "{} {} to {}: not sent; an earlier batch to this server was not confirmed",
+                        mv.kind, mv.id, server.name
+                    ))));
+                }
+            }
+        }
+        results
+    }
+
+    /// Sends one batch and books every outcome.
+    #[tracing::instrument(skip_all, fields(server = %server.name, moves = moves.len()))]
+    async fn execute_batch(
+        &self,
+        server: &ServerRecord,
+        moves: &[MoveRecord],
+    ) -> Result<Vec<MoveResult>, BatchUnsupported> {
+        let batch = MoveBatch {
+            moves: moves
+                .iter()
+                .map(|mv| BatchMove {
+                    kind: mv.kind,
+                    move_id: mv.id,
+                    product: mv.product.clone(),
+                    units: u32::try_from(mv.units).unwrap_or(u32::MAX),
+                })
+                .collect(),
+        };
+        let answer = match self.agents.send_batch(server, &batch).await {
+            Ok(answer) => answer,
+            Err(CallError::Refused { status, code, .. })
+                if status == 404 && code == ErrorCode::NotFound.as_str() =>
+            {
+                return Err(BatchUnsupported);
+            }
+            Err(e) => {
+                return Ok(moves
+                    .iter()
+                    .map(|mv| Err(unconfirmed(mv, server, &e)))
+                    .collect());
+            }
+        };
+        allot_http::fault::point("after_move_sent");
+        let mut outcomes: HashMap<uuid::Uuid, _> = answer
+            .outcomes
+            .into_iter()
+            .map(|o| (o.move_id, o))
+            .collect();
+        let mut results: Vec<Option<MoveResult>> = moves.iter().map(|_| None).collect();
+        let mut landed = Vec::new();
+        for (i, mv) in moves.iter().enumerate() {
+            match outcomes.remove(&mv.id) {
+                Some(o) => match (o.applied, o.refused) {
+                    (Some(applied), _) => landed.push((i, applied)),
+                    (None, Some(r))
+                        if refused_by_the_move_log(status_of(r.code), r.code.as_str()) =>
+                    {
+                        let failure = self
+                            .abandon_refused(server, mv, r.code.as_str(), &r.message)
+                            .await;
+                        results[i] = Some(Err(failure));
+                    }
+                    (None, refused) => {
+                        let why = refused.map_or("no outcome".to_owned(), |r| r.message);
+                        results[i] =
+                            Some(Err(unconfirmed(mv, server, &CallError::Unreachable(why))));
+                    }
+                },
+                None => {
+                    let e = CallError::Unreachable("the batch answer left it out".into());
+                    results[i] = Some(Err(unconfirmed(mv, server, &e)));
+                }
+            }
+        }
+        for (i, booked) in self.book_landed(server, moves, &landed).await {
+            results[i] = Some(booked);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every move has an outcome"))
+            .collect())
+    }
+
+    /// Books the applied moves of a batch in one transaction; if the store refuses any of
+    /// them, books each on its own so one bad answer holds back none of the others.
+    async fn book_landed(
+        &self,
+        server: &ServerRecord,
+        moves: &[MoveRecord],
+        landed: &[(usize, MoveResponse)],
+    ) -> Vec<(usize, MoveResult)> {
+        if landed.is_empty() {
+            return Vec::new();
+        }
+        let all: Vec<LandedMove> = landed
+            .iter()
+            .map(|(i, a)| LandedMove {
+                id: moves[*i].id,
+                applied_units: u64::from(a.units),
+                generation: a.generation,
+            })
+            .collect();
+        let epoch = self.write_epoch();
+        let booked = match self.store.complete_moves(&all, epoch).await {
+            Ok(booked) => booked.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(server = %server.name, error = %e,
+                    "a batch's moves not booked together; booking them one by one");
+                let mut one_by_one = Vec::with_capacity(all.len());
+                for (l, (i, _)) in all.iter().zip(landed) {
+                    one_by_one.push(
+                        self.store
+                            .complete_move(l.id, l.applied_units, l.generation, epoch)
+                            .await
+                            .map_err(|e| not_booked(&moves[*i], server, &e)),
+                    );
+                }
+                one_by_one
+            }
+        };
+        landed
+            .iter()
+            .zip(booked)
+            .map(|((i, _), booked)| {
+                if let Ok(record) = &booked {
+                    self.remember(record);
+                }
+                (*i, booked)
+            })
+            .collect()
+    }
+}
+
+/// The server does not know `POST /v1/allocations/batch` (older than batches).
+struct BatchUnsupported;
+
+/// The HTTP status a single move's refusal would have had, so a batch outcome is judged by
+/// the same rule ([`refused_by_the_move_log`]) as a single move's answer.
+fn status_of(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::UnknownProduct | ErrorCode::NotFound => 404,
+        ErrorCode::Conflict => 409,
+        _ => 500,
+    }
+}
