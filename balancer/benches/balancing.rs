@@ -24,12 +24,17 @@
 //!    console, logged in as `admin`; `GET /` timed (median and p99 of `ALLOT_BENCH_CONSOLE`,
 //!    default 50) and weighed with its stylesheet and script.
 //!
+//! 5. **First distribution, 200 servers × 50 products (9,000 grants).** A fresh estate as in
+//!    2, its first `Engine::run` timed whole, with each server's moves batched (one request
+//!    per phase) and, as the same run's baseline, one request per move; a fresh estate for
+//!    each, `ALLOT_BENCH_DISTRIBUTION_ROUNDS` (default 3) rounds, medians and the ratio.
+//!
 //! All run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
 //! `ALLOT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, dropped at the
 //! end; skipped with a message when unreachable).
 //!
 //! Run: `cargo bench -p allot-balancer --bench balancing`. Env: `ALLOT_BENCH_ONLY` (`instant`,
-//! `run`, `reports` or `console`; default all four), `ALLOT_BENCH_INSTANT` (requests
+//! `run`, `distribution`, `reports` or `console`; default all five), `ALLOT_BENCH_INSTANT` (requests
 //! per backend, default 2000), `ALLOT_BENCH_SERVERS` (200), `ALLOT_BENCH_PRODUCTS` (50),
 //! `ALLOT_BENCH_HOT_CELLS` (starving cells per steady run, default 100),
 //! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
@@ -462,91 +467,140 @@ async fn checkouts(http: &reqwest::Client, cells: Vec<(String, String)>, tries: 
 }
 
 /// The scheduled-run bench on one backend.
+/// The 200 × 50 estate of sections 2 and 5: books with every product (45 of 50 ample, 3 units
+/// per server; the rest scarce, 1 per server, so the planner also water-fills), in-process
+/// metering servers with every product defined and no allocation, a buffer on every cell.
+struct Estate {
+    books: Books,
+    tokens: ServerTokens,
+    products: Vec<String>,
+    fleet: Vec<FleetAgent>,
+    _agents_dir: tempfile::TempDir,
+}
+
+impl Estate {
+    fn build(
+        server_rt: &Runtime,
+        backend: &str,
+        n_servers: usize,
+        n_products: usize,
+    ) -> Option<Self> {
+        let books = server_rt.block_on(Books::open(backend))?;
+        let store = books.store.clone();
+        let tokens = server_rt
+            .block_on(store.token_key())
+            .map(|k| ServerTokens::new(&k))
+            .expect("token key");
+        let products: Vec<String> = (0..n_products).map(|p| format!("p{p:03}")).collect();
+        let setup = Instant::now();
+        server_rt.block_on(async {
+            for (i, p) in products.iter().enumerate() {
+                store
+                    .create_product("bench", &product_def(p))
+                    .await
+                    .expect("product");
+                let per_server = if i % 10 == 9 { 1 } else { 3 };
+                store
+                    .add_entitlement(
+                        "bench",
+                        p,
+                        &AddEntitlement {
+                            units: (n_servers * per_server) as u32,
+                            expires_at: None,
+                            reference: None,
+                        },
+                    )
+                    .await
+                    .expect("entitlement");
+            }
+        });
+        let agents_dir = tempfile::tempdir().expect("temp dir");
+        let mut fleet = Vec::new();
+        for s in 0..n_servers {
+            let name = format!("s{s:03}");
+            let listener = server_rt
+                .block_on(TcpListener::bind("127.0.0.1:0"))
+                .expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("addr"));
+            let token = server_rt.block_on(register(&*store, &tokens, &name, &url));
+            let dir = agents_dir.path().join(&name);
+            std::fs::create_dir_all(&dir).expect("agent dir");
+            let stop = start_agent(server_rt, listener, &dir, &name, token, &products);
+            fleet.push(FleetAgent { name, url, stop });
+        }
+        // A buffer of 2 on every cell (4 on every tenth server), set through the store as
+        // `PUT /v1/servers/{s}/products/{p}` does, a few at a time.
+        server_rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (s, agent) in fleet.iter().enumerate() {
+                for p in &products {
+                    let (store, server, product) = (store.clone(), agent.name.clone(), p.clone());
+                    let buffer_units = if s % 10 == 0 { 4 } else { 2 };
+                    tasks.spawn(async move {
+                        store
+                            .set_allocation_limits(
+                                "bench",
+                                &server,
+                                &product,
+                                &SetAllocation {
+                                    min_units: 0,
+                                    buffer_units,
+                                },
+                            )
+                            .await
+                            .expect("limits")
+                    });
+                    while tasks.len() >= 16 {
+                        tasks.join_next().await;
+                    }
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        println!(
+            "  estate/{backend}: {n_servers} servers x {n_products} products = {} cells; set-up {:.1} s",
+            n_servers * n_products,
+            setup.elapsed().as_secs_f64()
+        );
+        Some(Self {
+            books,
+            tokens,
+            products,
+            fleet,
+            _agents_dir: agents_dir,
+        })
+    }
+
+    /// Whether the books balance, or what is wrong with them.
+    fn books_balance(&self, server_rt: &Runtime) -> String {
+        let books = server_rt.block_on(self.books.store.books()).expect("books");
+        let broken: Vec<String> = books.iter().flat_map(|b| b.errors()).collect();
+        if broken.is_empty() {
+            "yes".to_string()
+        } else {
+            broken.join("; ")
+        }
+    }
+
+    fn stop(self, server_rt: &Runtime) {
+        for agent in self.fleet {
+            let _ = agent.stop.send(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        server_rt.block_on(self.books.close());
+    }
+}
+
 fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let n_servers = env_or("ALLOT_BENCH_SERVERS", 200);
     let n_products = env_or("ALLOT_BENCH_PRODUCTS", 50);
     let hot = env_or("ALLOT_BENCH_HOT_CELLS", 100);
-    let Some(books) = server_rt.block_on(Books::open(backend)) else {
+    println!("run/{backend}:");
+    let Some(estate) = Estate::build(server_rt, backend, n_servers, n_products) else {
         return;
     };
-    let store = books.store.clone();
-    let tokens = server_rt
-        .block_on(store.token_key())
-        .map(|k| ServerTokens::new(&k))
-        .expect("token key");
-    let products: Vec<String> = (0..n_products).map(|p| format!("p{p:03}")).collect();
-    let setup = Instant::now();
-    // Books: every product; 45 of 50 ample (3 units per server), the rest scarce (1 per
-    // server), so the planner also water-fills.
-    server_rt.block_on(async {
-        for (i, p) in products.iter().enumerate() {
-            store
-                .create_product("bench", &product_def(p))
-                .await
-                .expect("product");
-            let per_server = if i % 10 == 9 { 1 } else { 3 };
-            store
-                .add_entitlement(
-                    "bench",
-                    p,
-                    &AddEntitlement {
-                        units: (n_servers * per_server) as u32,
-                        expires_at: None,
-                        reference: None,
-                    },
-                )
-                .await
-                .expect("entitlement");
-        }
-    });
-    let agents_dir = tempfile::tempdir().expect("temp dir");
-    let mut fleet = Vec::new();
-    for s in 0..n_servers {
-        let name = format!("s{s:03}");
-        let listener = server_rt
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let token = server_rt.block_on(register(&*store, &tokens, &name, &url));
-        let dir = agents_dir.path().join(&name);
-        std::fs::create_dir_all(&dir).expect("agent dir");
-        let stop = start_agent(server_rt, listener, &dir, &name, token, &products);
-        fleet.push(FleetAgent { name, url, stop });
-    }
-    // A buffer of 2 on every cell (4 on every tenth server), set through the store as
-    // `PUT /v1/servers/{s}/products/{p}` does, a few at a time.
-    server_rt.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (s, agent) in fleet.iter().enumerate() {
-            for p in &products {
-                let (store, server, product) = (store.clone(), agent.name.clone(), p.clone());
-                let buffer_units = if s % 10 == 0 { 4 } else { 2 };
-                tasks.spawn(async move {
-                    store
-                        .set_allocation_limits(
-                            "bench",
-                            &server,
-                            &product,
-                            &SetAllocation {
-                                min_units: 0,
-                                buffer_units,
-                            },
-                        )
-                        .await
-                        .expect("limits")
-                });
-                while tasks.len() >= 16 {
-                    tasks.join_next().await;
-                }
-            }
-        }
-        while tasks.join_next().await.is_some() {}
-    });
-    println!(
-        "run/{backend}: {n_servers} servers x {n_products} products = {} cells; set-up {:.1} s",
-        n_servers * n_products,
-        setup.elapsed().as_secs_f64()
-    );
+    let store = estate.books.store.clone();
+    let (tokens, products, fleet) = (estate.tokens.clone(), &estate.products, &estate.fleet);
     let engine = Engine::new(store.clone(), tokens, EngineConfig::default());
     let timed_run = |label: &str| {
         let load = load_average();
@@ -610,12 +664,12 @@ fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     // per product).
     let (touch, reread) = server_rt.block_on(async {
         let started = Instant::now();
-        for agent in &fleet {
+        for agent in fleet {
             store.touch_server(&agent.name).await.expect("touch");
         }
         let touch = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        for p in &products {
+        for p in products {
             store.product(p).await.expect("product");
         }
         (touch, started.elapsed().as_secs_f64())
@@ -623,21 +677,58 @@ fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     println!(
         "  alone: {n_servers} x touch_server {touch:.3} s; {n_products} x product() {reread:.3} s"
     );
-    let books_ok = server_rt.block_on(store.books()).expect("books");
-    let broken: Vec<String> = books_ok.iter().flat_map(|b| b.errors()).collect();
-    println!(
-        "  books balance: {}",
-        if broken.is_empty() {
-            "yes".to_string()
-        } else {
-            broken.join("; ")
+    println!("  books balance: {}", estate.books_balance(server_rt));
+    estate.stop(server_rt);
+}
+
+/// Section 5: the first distribution of a new estate (every cell's grant), timed as a whole
+/// `Engine::run`, with each server's moves in one request per phase (batched, the default)
+/// and, as the same run's baseline, one request per move (`batch_moves: false`, the path a
+/// server older than batches gets). Each round builds a fresh estate for each mode, so both
+/// distribute the same 9,000 grants from the same books.
+fn distribution_bench(server_rt: &Runtime, backend: &str) {
+    let n_servers = env_or("ALLOT_BENCH_SERVERS", 200);
+    let n_products = env_or("ALLOT_BENCH_PRODUCTS", 50);
+    let rounds = env_or("ALLOT_BENCH_DISTRIBUTION_ROUNDS", 3);
+    println!("distribution/{backend}: {rounds} rounds");
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (mode, batch_moves) in [(0, false), (1, true)] {
+            let Some(estate) = Estate::build(server_rt, backend, n_servers, n_products) else {
+                return;
+            };
+            let config = EngineConfig {
+                batch_moves,
+                ..EngineConfig::default()
+            };
+            let engine = Engine::new(estate.books.store.clone(), estate.tokens.clone(), config);
+            let load = load_average();
+            let started = Instant::now();
+            let run = server_rt
+                .block_on(engine.run(RunTrigger::Scheduled, None))
+                .expect("run");
+            let elapsed = started.elapsed().as_secs_f64();
+            println!(
+                "  round {round} {:<9} {elapsed:>7.3} s  moves {:>5}  units {:>6}  errors {}  books balance: {}  load {load}",
+                if batch_moves { "batched" } else { "per move" },
+                run.run.moves,
+                run.run.units_moved,
+                run.run.errors.len(),
+                estate.books_balance(server_rt),
+            );
+            times[mode].push(elapsed);
+            estate.stop(server_rt);
         }
-    );
-    for agent in fleet {
-        let _ = agent.stop.send(());
     }
-    std::thread::sleep(Duration::from_millis(500));
-    server_rt.block_on(books.close());
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (per_move, batched) = (median(&mut times[0]), median(&mut times[1]));
+    println!(
+        "  median per move {per_move:.3} s, median batched {batched:.3} s, ratio {:.1}x",
+        per_move / batched
+    );
 }
 
 fn main() {
@@ -673,6 +764,11 @@ fn main() {
     if wanted("run") {
         for backend in backends.split(',') {
             run_bench(&server_rt, &client_rt, backend);
+        }
+    }
+    if wanted("distribution") {
+        for backend in backends.split(',') {
+            distribution_bench(&server_rt, backend);
         }
     }
     if wanted("reports") {

@@ -159,3 +159,75 @@ async fn the_rust_client_checks_out_heartbeats_and_checks_in_on_drop() {
     let admin = Client::new(&a.url).unwrap().with_bearer(Some(TOKEN.into()));
     assert_eq!(admin.status().await.unwrap().products[0].allocation, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_applies_each_move_once_in_order_and_a_bad_batch_changes_nothing() {
+    let a = TestAgent::start().await;
+    a.define("cad", hard_stop(60)).await;
+    a.define("cam", hard_stop(60)).await;
+    let (g1, g2, r1) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let batch = json!({"moves": [
+        {"kind": "grant", "move_id": g1, "product": "cad", "units": 4},
+        {"kind": "grant", "move_id": g2, "product": "cam", "units": 2},
+        {"kind": "release", "move_id": r1, "product": "cad", "units": 1},
+        {"kind": "grant", "move_id": Uuid::new_v4(), "product": "nope", "units": 1},
+    ]});
+    let (s, first) = a.post_auth("/v1/allocations/batch", &batch).await;
+    assert_eq!(s, 200, "{first}");
+    let outcomes = first["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert_eq!(outcomes[0]["applied"]["allocation"], 4);
+    assert_eq!(outcomes[1]["applied"]["allocation"], 2);
+    assert_eq!(
+        outcomes[2]["applied"]["allocation"], 3,
+        "applied after the grant"
+    );
+    assert_eq!(outcomes[3]["refused"]["code"], "unknown_product");
+    assert!(outcomes[3]["applied"].is_null());
+
+    // Resent (a lost answer): the same answers, nothing applied twice.
+    let (s, again) = a.post_auth("/v1/allocations/batch", &batch).await;
+    assert_eq!(s, 200);
+    assert_eq!(again, first);
+    assert_eq!(a.view("cad").await["allocated"], 3);
+    assert_eq!(a.view("cam").await["allocated"], 2);
+    // A single move with a batch's id is the same move, not a new one.
+    let (s, single) = a
+        .post_auth(
+            "/v1/allocations/grant",
+            &json!({"move_id": g1, "product": "cad", "units": 4}),
+        )
+        .await;
+    assert_eq!((s, single["allocation"].as_u64()), (200, Some(4)));
+    assert_eq!(a.view("cad").await["allocated"], 3);
+
+    // Bad batches are refused whole and change nothing: empty, too long, a bad move anywhere.
+    let fresh = |product: &str, units: i64| json!({"kind": "grant", "move_id": Uuid::new_v4(), "product": product, "units": units});
+    let too_long: Vec<_> = (0..501).map(|_| fresh("cad", 1)).collect();
+    for bad in [
+        json!({"moves": []}),
+        json!({"moves": too_long}),
+        json!({"moves": [fresh("cad", 1), fresh("bad name!", 1)]}),
+        json!({"moves": [fresh("cad", 1), fresh("cad", 0)]}),
+        json!({"moves": [fresh("cad", 1), fresh("cad", -1)]}),
+        json!({"moves": [fresh("cad", 1), {"kind": "steal", "move_id": Uuid::new_v4(), "product": "cad", "units": 1}]}),
+    ] {
+        let (s, e) = a.post_auth("/v1/allocations/batch", &bad).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
+    }
+    assert_eq!(a.view("cad").await["allocated"], 3);
+    assert_eq!(a.view("cam").await["allocated"], 2);
+
+    // Durable: the batch's moves survive a restart and still answer as applied.
+    let dir = a.stop().await;
+    let a = TestAgent::start_in(dir, |_| {}).await;
+    assert_eq!(
+        a.post_auth("/v1/allocations/batch", &batch).await,
+        (200, first)
+    );
+    assert_eq!(a.view("cad").await["allocated"], 3);
+}

@@ -276,6 +276,35 @@ async fn estate() -> (Fleet, String) {
     fleet.balance().await;
     let handles = fleet.checkout_n(0, "cad", 1).await;
     assert_eq!(handles.len(), 1);
+    // sim lets its seats linger and be borrowed: one of each shows on the checkouts page.
+    api.put(
+        "/v1/products/sim/policy",
+        json!({"heartbeat_seconds": 60, "staleout_seconds": 3600,
+               "options": {"linger_seconds": 3600, "max_borrow_hours": 8}}),
+    )
+    .await;
+    fleet.limits("paris", "sim", 2, 0).await;
+    fleet.balance().await;
+    let meter = &fleet.meters[0];
+    eventually(
+        "paris lets sim be borrowed",
+        Duration::from_secs(20),
+        || async { meter.product("sim").await["policy"]["options"]["max_borrow_hours"] == 8 },
+    )
+    .await;
+    let (status, borrowed) = Api::new(&meter.url(), None)
+        .send(
+            reqwest::Method::POST,
+            "/v1/borrow",
+            Some(json!({"product": "sim", "user": "ivy", "host": "ivy-laptop", "hours": 8})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{borrowed}");
+    let (status, lingering) = meter.checkout("sim", "lee").await;
+    assert_eq!(status, 200, "{lingering}");
+    meter
+        .checkin(lingering["handle"].as_str().expect("a handle"))
+        .await;
     fleet.balance().await;
     operators(&api).await;
     (fleet, handles[0].clone())
@@ -368,6 +397,18 @@ async fn in_a_real_browser_every_page_shows_the_books_and_a_force_release_is_aud
         }
         browser.screenshot(name).await;
     }
+    // A borrowed and a lingering seat, each with the time it ends.
+    browser.goto(&format!("{console}/checkouts")).await;
+    for (state, user) in [("borrowed", "ivy"), ("lingering", "lee")] {
+        let row = browser
+            .text(&format!("#holders tr[data-state='{state}']"))
+            .await;
+        assert!(row.contains(user), "{state}: {row:?}");
+        let until = browser
+            .text(&format!("#holders tr[data-state='{state}'] .until"))
+            .await;
+        assert!(until.starts_with("20"), "{state} until {until:?}");
+    }
     // The product page's cells are editable: min and buffer of paris.
     browser.goto(&format!("{console}/products/cad")).await;
     let form = browser
@@ -393,7 +434,7 @@ async fn in_a_real_browser_every_page_shows_the_books_and_a_force_release_is_aud
     browser.goto(&format!("{console}/checkouts")).await;
     let row = browser
         .client
-        .find(Locator::Css("#holders tbody tr[data-checkout]"))
+        .find(Locator::Css("#holders tbody tr[data-state='held']"))
         .await
         .expect("a holder row");
     row.find(Locator::Css("input[name='reason']"))

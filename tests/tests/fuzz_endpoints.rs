@@ -1245,6 +1245,16 @@ async fn malformed_input_to_every_agent_endpoint_changes_nothing() {
                 Some(json!({"move_id": "0190a0b0-0000-7000-8000-000000000004", "product": "cad", "units": 1})),
             ),
         ),
+        (
+            "POST /v1/allocations/batch",
+            example(
+                &[],
+                Some(json!({"moves": [
+                    {"kind": "release", "move_id": "0190a0b0-0000-7000-8000-000000000005", "product": "cad", "units": 1},
+                    {"kind": "grant", "move_id": "0190a0b0-0000-7000-8000-000000000006", "product": "cad", "units": 1}
+                ]})),
+            ),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -2,8 +2,8 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, CellAccounting, HistoryBucket, HistoryQuery, NewMove, ScheduleSetting, Store,
-    StoreError, UsageSample,
+    self, AuditQuery, CellAccounting, HistoryBucket, HistoryQuery, LandedMove, NewMove,
+    ScheduleSetting, Store, StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
@@ -33,6 +33,7 @@ on_both_backends!(
     release_returns_only_confirmed_units,
     moves_are_idempotent_and_final,
     moves_that_would_break_the_books_change_nothing,
+    batched_moves_are_logged_and_booked_all_or_none,
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
@@ -600,6 +601,69 @@ async fn moves_that_would_break_the_books_change_nothing(backend: Backend) {
     ));
     assert_eq!(store.books().await.unwrap(), before);
     assert!(store.unfinished_moves().await.unwrap().is_empty());
+}
+
+async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    store
+        .register_server("admin", &server("s2"), "salt", "hash-s2")
+        .await
+        .unwrap();
+    // One bad move (more than the reserve holds) refuses the whole batch: nothing logged.
+    let before = store.books().await.unwrap();
+    let batch = [
+        new_move(MoveKind::Grant, "cad", "s1", 4),
+        new_move(MoveKind::Grant, "cad", "s2", 7),
+    ];
+    assert!(matches!(
+        store.begin_moves(&batch).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.books().await.unwrap(), before);
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+
+    // A good batch: both logged, the reserve in transit.
+    let batch = [
+        new_move(MoveKind::Grant, "cad", "s1", 4),
+        new_move(MoveKind::Grant, "cad", "s2", 5),
+    ];
+    let logged = store.begin_moves(&batch).await.unwrap();
+    assert_eq!(logged.len(), 2);
+    assert!(logged.iter().all(|m| m.state == MoveState::Planned));
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 9, 0));
+    assert_balanced(&*store).await;
+
+    // Booking with one unknown move refuses the whole booking; then the good ones book.
+    let landed = |mv: &NewMove| LandedMove {
+        id: mv.id,
+        applied_units: mv.units,
+        generation: 1,
+    };
+    let with_ghost = [
+        landed(&batch[0]),
+        LandedMove {
+            id: Uuid::new_v4(),
+            applied_units: 1,
+            generation: 1,
+        },
+    ];
+    assert!(store.complete_moves(&with_ghost, 0).await.is_err());
+    assert_eq!(store.unfinished_moves().await.unwrap().len(), 2);
+    let both = [landed(&batch[0]), landed(&batch[1])];
+    let booked = store.complete_moves(&both, 0).await.unwrap();
+    assert!(booked.iter().all(|m| m.state == MoveState::Applied));
+    assert_eq!(
+        booked.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![batch[0].id, batch[1].id],
+        "one record per move, in order"
+    );
+    // Booked again (an answer resent): the same records, nothing counted twice.
+    assert_eq!(store.complete_moves(&both, 0).await.unwrap(), booked);
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 0, 9));
+    assert_balanced(&*store).await;
 }
 
 async fn books_survive_a_reopen(backend: Backend) {

@@ -27,15 +27,23 @@ impl Engine {
         moves: Vec<MoveRecord>,
     ) -> Vec<MoveResult> {
         let mut results = Vec::with_capacity(moves.len());
-        let mut chunks = moves.chunks(MAX_BATCH_MOVES);
+        let mut batched = self.config.batch_moves;
+        let size = if batched { MAX_BATCH_MOVES } else { 1 };
+        let mut chunks = moves.chunks(size);
         while let Some(chunk) = chunks.next() {
-            match self.execute_batch(server, chunk).await {
-                Ok(done) => results.extend(done),
-                Err(BatchUnsupported) => {
-                    for mv in chunk.iter().chain(chunks.by_ref().flatten()) {
-                        results.push(self.execute(server, mv).await);
+            if batched {
+                match self.execute_batch(server, chunk).await {
+                    Ok(done) => results.extend(done),
+                    Err(BatchUnsupported) => {
+                        batched = false;
+                        for mv in chunk {
+                            results.push(self.execute(server, mv).await);
+                        }
                     }
-                    return results;
+                }
+            } else {
+                for mv in chunk {
+                    results.push(self.execute(server, mv).await);
                 }
             }
             if results
@@ -44,7 +52,7 @@ impl Engine {
             {
                 for mv in chunks.by_ref().flatten() {
                     results.push(Err(MoveFailure::Unconfirmed(format!(
-                        "{} {} to {}: not sent; an earlier batch to this server was not confirmed",
+                        "{} {} to {}: not sent; an earlier move to this server was not confirmed",
                         mv.kind, mv.id, server.name
                     ))));
                 }

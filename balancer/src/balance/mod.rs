@@ -116,6 +116,10 @@ pub struct EngineConfig {
     pub hold: Duration,
     /// CA certificates, beside the system's, trusted when calling servers over HTTPS.
     pub trust: allot_http::tls::Trust,
+    /// A run sends each server its moves in one request per phase (`true`, the default), or
+    /// one request per move (`false`: what a server older than batches gets anyway; kept so
+    /// the benchmark measures batching against the path it replaced, in the same run).
+    pub batch_moves: bool,
 }
 
 impl Default for EngineConfig {
@@ -130,6 +134,7 @@ impl Default for EngineConfig {
             donor_read_timeout: Duration::from_millis(200),
             hold: Duration::from_millis(allot_core::planner::DEFAULT_HOLD_MS),
             trust: allot_http::tls::Trust::default(),
+            batch_moves: true,
         }
     }
 }
