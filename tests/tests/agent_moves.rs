@@ -207,7 +207,9 @@ async fn a_batch_applies_each_move_once_in_order_and_a_bad_batch_changes_nothing
     for bad in [
         json!({"moves": []}),
         json!({"moves": too_long}),
-        json!({"moves": [fresh("cad", 1), fresh("bad name!", 1)]}),
+        json!({"moves": [fresh("cad", 1), fresh("a/b", 1)]}),
+        json!({"moves": [fresh("cad", 1), fresh("", 1)]}),
+        json!({"moves": [fresh("cad", 1), fresh("cad", 2_000_000)]}),
         json!({"moves": [fresh("cad", 1), fresh("cad", 0)]}),
         json!({"moves": [fresh("cad", 1), fresh("cad", -1)]}),
         json!({"moves": [fresh("cad", 1), {"kind": "steal", "move_id": Uuid::new_v4(), "product": "cad", "units": 1}]}),
