@@ -22,7 +22,9 @@
 //! 4. **The console's estate page, 200 servers × 50 products.** Every cell with a floor, a
 //!    buffer and a usage sample, an expiring purchase per product; the real service with its
 //!    console, logged in as `admin`; `GET /` timed (median and p99 of `ALLOT_BENCH_CONSOLE`,
-//!    default 50) and weighed with its stylesheet and script.
+//!    default 50) and weighed with its stylesheet and script; then loaded
+//!    `ALLOT_BENCH_PAINTS` times (default 20) in a real headless Chromium, where the browser's
+//!    own timing gives the first contentful paint and the load event's end.
 //!
 //! 5. **First distribution, 200 servers × 50 products (9,000 grants).** A fresh estate as in
 //!    2, its first `Engine::run` timed whole, with each server's moves batched (one request
@@ -937,8 +939,124 @@ fn console_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         js as f64 / 1024.0,
         load_average()
     );
+    let paints = env_or("ALLOT_BENCH_PAINTS", 20);
+    match client_rt.block_on(paint_times(&console, &token, paints)) {
+        Ok((timings, painted_by)) => {
+            let column = |i: usize| series(timings.iter().map(|t| t[i]).collect());
+            let (response, fcp, load) = (column(0), column(1), column(2));
+            println!(
+                "console ({backend}): estate page in headless Chromium over {paints} loads: \
+                 response end p50 {:.1} ms; painted ({painted_by}) p50 {:.1} ms, p99 {:.1} ms; \
+                 load event end p50 {:.1} ms, p99 {:.1} ms",
+                response.p50, fcp.p50, fcp.p99, load.p50, load.p99,
+            );
+        }
+        Err(why) => println!("console ({backend}): paint not measured: {why}"),
+    }
     let _ = stop_balancer.send(());
     server_rt.block_on(books.close());
+}
+
+/// The estate page loaded `loads` times in a real headless Chromium (Debian's `chromium` and
+/// `chromium-driver`, over WebDriver), logged in as `admin`: per load, from the navigation's
+/// start, the response's end, the first contentful paint and the load event's end, in µs
+/// (the browser's own Navigation and Paint Timing).
+async fn paint_times(
+    console: &str,
+    token: &str,
+    loads: usize,
+) -> Result<(Vec<[u64; 3]>, String), String> {
+    let exists = |p: &&&str| std::path::Path::new(p).exists();
+    let driver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .iter()
+        .find(exists)
+        .ok_or("no chromedriver (apt-get install chromium chromium-driver)")?;
+    let chromium = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
+        .iter()
+        .find(exists)
+        .ok_or("no chromium")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let mut child = std::process::Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start chromedriver: {e}"))?;
+    let result = async {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": chromium, "args": ["--headless=new", "--no-sandbox",
+                "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]}),
+        );
+        let mut client = None;
+        for _ in 0..100 {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let client = client.ok_or("no WebDriver session")?;
+        let fail = |e: fantoccini::error::CmdError| e.to_string();
+        client
+            .goto(&format!("{console}/login"))
+            .await
+            .map_err(fail)?;
+        let form = client
+            .form(fantoccini::Locator::Css("form"))
+            .await
+            .map_err(fail)?;
+        form.set_by_name("name", "admin").await.map_err(fail)?;
+        form.set_by_name("password", token).await.map_err(fail)?;
+        form.submit().await.map_err(fail)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut timings = Vec::with_capacity(loads);
+        let mut painted_by = String::new();
+        for round in 0..loads + 2 {
+            client.goto(&format!("{console}/")).await.map_err(fail)?;
+            // Two animation frames after the load: the page has been painted by then. The
+            // browser's first contentful paint is taken when it reports one (headless Chromium
+            // may not); otherwise that painted frame's time stands for it.
+            let measured = client
+                .execute_async(
+                    "const done = arguments[arguments.length - 1];\n\
+                     const nav = performance.getEntriesByType('navigation')[0];\n\
+                     requestAnimationFrame(() => requestAnimationFrame(() => {\n\
+                       const fcp = performance.getEntriesByName('first-contentful-paint')[0];\n\
+                       done([nav.responseEnd, fcp ? fcp.startTime : performance.now(), \
+                             nav.loadEventEnd, location.pathname, fcp ? 'fcp' : 'frame']);\n\
+                     }));",
+                    vec![],
+                )
+                .await
+                .map_err(fail)?;
+            painted_by = measured[4].as_str().unwrap_or("?").to_owned();
+            if measured[3] != "/" {
+                return Err(format!("landed on {} instead of the estate", measured[3]));
+            }
+            let us = |i: usize| (measured[i].as_f64().unwrap_or(-1.0) * 1000.0).max(0.0) as u64;
+            if round >= 2 {
+                timings.push([us(0), us(1), us(2)]);
+            }
+        }
+        let _ = client.close().await;
+        Ok((timings, painted_by))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Section 3: the 30-day per-user usage report over a year of records.

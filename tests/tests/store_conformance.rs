@@ -2,8 +2,8 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, CellAccounting, HistoryBucket, HistoryQuery, LandedMove, NewMove,
-    ScheduleSetting, Store, StoreError, UsageSample,
+    self, AuditQuery, CellAccounting, EstateTotal, HistoryBucket, HistoryQuery, LandedMove,
+    NewMove, ScheduleSetting, Store, StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
@@ -34,6 +34,7 @@ on_both_backends!(
     moves_are_idempotent_and_final,
     moves_that_would_break_the_books_change_nothing,
     batched_moves_are_logged_and_booked_all_or_none,
+    estate_totals_sum_each_cells_newest_sample_per_site,
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
@@ -664,6 +665,47 @@ async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 0, 9));
     assert_balanced(&*store).await;
+}
+
+async fn estate_totals_sum_each_cells_newest_sample_per_site(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    for (name, site) in [("s2", "hq"), ("s3", "lab")] {
+        let mut req = server(name);
+        req.site = site.into();
+        store
+            .register_server("admin", &req, "salt", &format!("hash-{name}"))
+            .await
+            .unwrap();
+    }
+    grant(&*store, "s1", 2).await;
+    grant(&*store, "s2", 3).await;
+    grant(&*store, "s3", 4).await;
+    let at = |server: &str, in_use: u64| UsageSample {
+        server: server.into(),
+        product: "cad".into(),
+        in_use,
+        ..UsageSample::default()
+    };
+    let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    // An older run saw every cell; the newest saw only s1 and s3 (s2 did not answer it), so
+    // s2's in-use is its older sample, and s1's and s3's are the newest.
+    store
+        .record_samples(run, 1_000, &[at("s1", 9), at("s2", 2), at("s3", 9)])
+        .await
+        .unwrap();
+    let newer = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    store
+        .record_samples(newer, 2_000, &[at("s1", 1), at("s3", 4)])
+        .await
+        .unwrap();
+    let totals = store.estate_totals().await.unwrap();
+    let total = |site: &str, allocation: u64, in_use: u64| EstateTotal {
+        product: "cad".into(),
+        site: site.into(),
+        allocation,
+        in_use,
+    };
+    assert_eq!(totals, vec![total("hq", 5, 3), total("lab", 4, 4)]);
 }
 
 async fn books_survive_a_reopen(backend: Backend) {

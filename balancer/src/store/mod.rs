@@ -91,6 +91,19 @@ pub struct ScheduleSetting {
     pub timezone: String,
 }
 
+/// One product's cells at one site, summed: the console's estate page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EstateTotal {
+    /// The product.
+    pub product: String,
+    /// The site.
+    pub site: String,
+    /// Units its servers at the site hold.
+    pub allocation: u64,
+    /// Units in use there, by each cell's newest usage sample (0 for a cell never sampled).
+    pub in_use: u64,
+}
+
 /// A move its server confirmed: the units it applied and its allocation's generation after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LandedMove {
@@ -659,9 +672,9 @@ pub trait Store: Send + Sync + 'static {
         role: Role,
         password_hash: &str,
     ) -> StoreResult<Operator>;
-    /// Every product's cells (by product, then server) with the newest in-use of each, in one
-    /// statement: what the console's estate page reads every few seconds.
-    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>>;
+    /// Every product's allocation and newest in-use summed per site (by product, then site),
+    /// in one statement: what the console's estate page reads every few seconds.
+    async fn estate_totals(&self) -> StoreResult<Vec<EstateTotal>>;
     /// Every operator, by name (without their hashes).
     async fn operators(&self) -> StoreResult<Vec<Operator>>;
     /// An operator and their password hash, for checking a login.

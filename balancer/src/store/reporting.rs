@@ -211,8 +211,8 @@ impl Store for ErrorReporting {
         self.seen(self.inner.operators().await)
     }
 
-    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
-        self.seen(self.inner.all_cells().await)
+    async fn estate_totals(&self) -> StoreResult<Vec<crate::store::EstateTotal>> {
+        self.seen(self.inner.estate_totals().await)
     }
 
     async fn operator_credentials(

@@ -459,8 +459,8 @@ impl Store for SqlStore {
         operators::operators(&self.pool).await
     }
 
-    async fn all_cells(&self) -> StoreResult<Vec<(String, AllocationView)>> {
-        estate::all_cells(&self.pool).await
+    async fn estate_totals(&self) -> StoreResult<Vec<crate::store::EstateTotal>> {
+        estate::estate_totals(&self.pool).await
     }
 
     async fn operator_credentials(

@@ -56,7 +56,7 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
         store.usage_totals(&today),
         store.dated_entitlements(),
         store.servers(),
-        store.all_cells(),
+        store.estate_totals(),
         store.products(),
     )?;
     let denials: BTreeMap<String, (u64, u64)> = totals
@@ -84,13 +84,12 @@ async fn estate_context(console: &Console) -> Result<minijinja::Value, ConsoleEr
         row.servers += 1;
     }
     let mut in_use: BTreeMap<String, u64> = BTreeMap::new();
-    for (product, cell) in cells {
-        let used = cell.in_use.unwrap_or(0);
-        *in_use.entry(product).or_default() += used;
+    for cell in cells {
+        *in_use.entry(cell.product).or_default() += cell.in_use;
         let site = sites.entry(cell.site.clone()).or_default();
         site.site = cell.site;
         site.allocation += cell.allocation;
-        site.in_use += used;
+        site.in_use += cell.in_use;
     }
     let mut products = Vec::new();
     for p in product_list {
