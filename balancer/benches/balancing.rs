@@ -55,6 +55,7 @@ use allot_core::wire::balancer::{
 use clap::Parser;
 use serde_json::json;
 use sqlx::{Connection, Executor, PgConnection};
+use std::os::unix::process::CommandExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -981,6 +982,7 @@ async fn paint_times(
         .port();
     let mut child = std::process::Command::new(driver)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1054,6 +1056,10 @@ async fn paint_times(
         Ok((timings, painted_by))
     }
     .await;
+    // The whole process group: Chromium's processes go with chromedriver.
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
     let _ = child.kill();
     let _ = child.wait();
     result

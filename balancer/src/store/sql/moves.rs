@@ -4,102 +4,176 @@
 use crate::store::LandedMove;
 
 use super::{
-    Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NewMove, Pool, PoolShift, StoreError,
-    StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint, lock_product,
-    move_columns, move_row, now_ms, product_id, server_row, set_move_state, shift_pool,
+    Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
+    StoreError, StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint,
+    lock_product, move_columns, move_row, now_ms, set_move_state, shift_pool,
+    values_placeholders,
 };
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// Logs moves `planned` in one transaction: their products locked first, in id order (so two
-/// batches, or a batch and a single move, never wait on each other in a circle), the epoch
-/// checked once per move's epoch, then each move as [`begin_move_in`] books it. Any refusal
-/// logs none of them.
+/// Rows per multi-row statement of a batch: far below both backends' parameter limits.
+const CHUNK: usize = 500;
+
+/// Logs moves `planned` in one transaction, in a fixed number of statements whatever their
+/// number: names resolved once, their products locked in id order (so two batches, or a batch
+/// and a single move, never wait on each other in a circle), the epoch checked, each release
+/// checked against its allocation, each product's grants taken from the reserve into transit
+/// together, then the moves inserted by multi-row statements. Any refusal logs none of them.
 #[tracing::instrument(skip_all, fields(moves = moves.len()))]
 pub(super) async fn begin_moves(
     pool: &Pool<Db>,
     moves: &[NewMove],
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
-    let mut pids = Vec::new();
+    let ids = NameIds::read(&mut tx).await?;
+    let mut resolved = Vec::with_capacity(moves.len());
     for mv in moves {
-        pids.push(product_id(&mut tx, &mv.product).await?);
+        let units = i64::try_from(mv.units)
+            .ok()
+            .filter(|u| *u > 0)
+            .ok_or_else(|| StoreError::Conflict(format!("a move of {} units", mv.units)))?;
+        let pid = *ids
+            .products
+            .get(&mv.product)
+            .ok_or_else(|| StoreError::UnknownProduct(mv.product.clone()))?;
+        let sid = *ids
+            .servers
+            .get(&mv.server)
+            .ok_or_else(|| StoreError::NotFound(format!("server {:?}", mv.server)))?;
+        resolved.push((mv, pid, sid, units));
     }
-    pids.sort_unstable();
-    pids.dedup();
-    for pid in pids {
-        lock_product(&mut tx, pid).await?;
+    let pids: BTreeSet<i64> = resolved.iter().map(|r| r.1).collect();
+    for pid in &pids {
+        lock_product(&mut tx, *pid).await?;
     }
-    let mut records = Vec::with_capacity(moves.len());
-    for mv in moves {
-        records.push(begin_move_in(&mut tx, mv).await?);
+    let epochs: BTreeSet<i64> = moves.iter().map(|m| m.epoch).collect();
+    for epoch in epochs {
+        check_epoch(&mut tx, epoch).await?;
     }
-    tx.commit().await?;
-    Ok(records)
-}
-
-/// Logs one move `planned` inside the caller's transaction: its product locked, the epoch
-/// checked, a release's units checked against the allocation, a grant's units taken from the
-/// reserve into transit.
-async fn begin_move_in(tx: &mut Conn, mv: &NewMove) -> StoreResult<MoveRecord> {
-    let units = i64::try_from(mv.units)
-        .ok()
-        .filter(|u| *u > 0)
-        .ok_or_else(|| StoreError::Conflict(format!("a move of {} units", mv.units)))?;
-    let pid = product_id(&mut *tx, &mv.product).await?;
-    lock_product(&mut *tx, pid).await?;
-    check_epoch(&mut *tx, mv.epoch).await?;
-    let sid = server_row(&mut *tx, &mv.server).await?.id;
-    match mv.kind {
-        MoveKind::Release | MoveKind::Retire => {
-            let held: Option<i64> = sqlx::query_scalar(
-                "SELECT units FROM allocations WHERE server_id = $1 AND product_id = $2",
-            )
-            .bind(sid)
-            .bind(pid)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.unwrap_or(0) < units {
-                return Err(StoreError::Conflict(format!(
-                    "server {:?} holds {} units of {:?}, cannot release {units}",
-                    mv.server,
-                    held.unwrap_or(0),
-                    mv.product
-                )));
-            }
+    // Releases and retirements: each within what its server holds.
+    let mut held: HashMap<i64, HashMap<i64, i64>> = HashMap::new();
+    for (mv, pid, sid, units) in &resolved {
+        if mv.kind == MoveKind::Grant {
+            continue;
         }
-        MoveKind::Grant => {
-            shift_pool(&mut *tx, pid, PoolShift::ReserveToTransit, units).await?;
-            sqlx::query(
-                "INSERT INTO allocations (server_id, product_id) VALUES ($1, $2) \
-                 ON CONFLICT (server_id, product_id) DO NOTHING",
+        if !held.contains_key(pid) {
+            let cells: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
+                "SELECT server_id, units FROM allocations WHERE product_id = $1",
             )
-            .bind(sid)
-            .bind(pid)
-            .execute(&mut *tx)
-            .await?;
+            .bind(*pid)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            held.insert(*pid, cells);
         }
+        let has = held[pid].get(sid).copied().unwrap_or(0);
+        if has < *units {
+            return Err(StoreError::Conflict(format!(
+                "server {:?} holds {has} units of {:?}, cannot release {units}",
+                mv.server, mv.product
+            )));
+        }
+    }
+    // Grants: each product's from its reserve into transit at once, and their cells made.
+    let mut granted: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut grant_cells = BTreeSet::new();
+    for (mv, pid, sid, units) in &resolved {
+        if mv.kind == MoveKind::Grant {
+            *granted.entry(*pid).or_default() += units;
+            grant_cells.insert((*sid, *pid));
+        }
+    }
+    for (pid, units) in granted {
+        shift_pool(&mut tx, pid, PoolShift::ReserveToTransit, units).await?;
+    }
+    let grant_cells: Vec<(i64, i64)> = grant_cells.into_iter().collect();
+    for chunk in grant_cells.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO allocations (server_id, product_id) VALUES {} \
+             ON CONFLICT (server_id, product_id) DO NOTHING",
+            values_placeholders(chunk.len(), 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (sid, pid) in chunk {
+            query = query.bind(*sid).bind(*pid);
+        }
+        query.execute(&mut *tx).await?;
     }
     let now = now_ms();
-    sqlx::query(
-        "INSERT INTO moves (id, run_id, product_id, server_id, kind, units, state, epoch, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'planned', $7, $8, $8)",
-    )
-    .bind(mv.id.to_string())
-    .bind(mv.run_id)
-    .bind(pid)
-    .bind(sid)
-    .bind(mv.kind.as_str())
-    .bind(units)
-    .bind(mv.epoch)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| conflict_on_constraint(e, &format!("move {}", mv.id)))?;
-    move_row(&mut *tx, mv.id).await?.to_record()
+    for chunk in resolved.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO moves (id, run_id, product_id, server_id, kind, units, state, epoch, \
+             created_at, updated_at) VALUES {}",
+            values_placeholders(chunk.len(), 10)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (mv, pid, sid, units) in chunk {
+            query = query
+                .bind(mv.id.to_string())
+                .bind(mv.run_id)
+                .bind(*pid)
+                .bind(*sid)
+                .bind(mv.kind.as_str())
+                .bind(*units)
+                .bind("planned")
+                .bind(mv.epoch)
+                .bind(now)
+                .bind(now);
+        }
+        query.execute(&mut *tx).await.map_err(|e| {
+            conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id))
+        })?;
+    }
+    let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
+    let rows = move_rows(&mut tx, &ids).await?;
+    tx.commit().await?;
+    ids.iter()
+        .map(|id| {
+            rows.get(&id.to_string())
+                .ok_or_else(|| StoreError::Corrupt(format!("move {id} not logged")))?
+                .to_record()
+        })
+        .collect()
 }
 
-/// Books moves `applied` in one transaction, their products locked first in id order; any
-/// refusal books none of them (the caller then books them one by one, so one bad answer
-/// does not hold back the rest).
+/// The move log's rows of `ids`, by id, read by one statement per [`CHUNK`]; a missing one is
+/// `NotFound`.
+async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String, MoveRow>> {
+    let mut rows = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                move_columns!(),
+                " FROM moves m JOIN products p ON p.id = m.product_id \
+                 JOIN servers s ON s.id = m.server_id WHERE m.id IN ({})"
+            ),
+            params.join(", ")
+        );
+        let mut query = sqlx::query_as::<_, MoveRow>(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            rows.insert(row.id.clone(), row);
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !rows.contains_key(&id.to_string())) {
+        return Err(StoreError::NotFound(format!("move {missing}")));
+    }
+    Ok(rows)
+}
+
+/// Books moves `applied` in one transaction, in a fixed number of statements per product
+/// and per server whatever their number: the moves read, their products locked in id order,
+/// the epoch checked, the moves read again under the locks (a concurrent end may have just
+/// committed), then each product's pool and each server's allocations changed by one
+/// statement each. A move already applied is a repeat and changes nothing. Any refusal books
+/// none of them (the caller then books them one by one, so one bad answer does not hold
+/// back the rest). A batch holding a retirement is booked move by move (retirements also
+/// settle expired entitlements, and they are rare).
 #[tracing::instrument(skip_all, fields(moves = landed.len()))]
 pub(super) async fn complete_moves(
     pool: &Pool<Db>,
@@ -107,21 +181,176 @@ pub(super) async fn complete_moves(
     epoch: i64,
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
-    let mut pids = Vec::new();
+    let ids: Vec<Uuid> = landed.iter().map(|l| l.id).collect();
+    let before = move_rows(&mut tx, &ids).await?;
+    let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
+    for pid in &pids {
+        lock_product(&mut tx, *pid).await?;
+    }
+    check_epoch(&mut tx, epoch).await?;
+    let rows = move_rows(&mut tx, &ids).await?;
+    if rows.values().any(|r| r.kind == MoveKind::Retire.as_str()) {
+        let mut records = Vec::with_capacity(landed.len());
+        for l in landed {
+            records.push(complete_move_in(&mut tx, *l, epoch).await?);
+        }
+        tx.commit().await?;
+        return Ok(records);
+    }
+    // What each planned move changes; repeats change nothing.
+    let mut transit_out: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut reserve_in: BTreeMap<i64, i64> = BTreeMap::new();
+    // Per server, per product: the allocation's change and the generation it reaches.
+    let mut cells: BTreeMap<i64, BTreeMap<i64, (i64, i64)>> = BTreeMap::new();
+    let mut applied_now: BTreeMap<String, i64> = BTreeMap::new();
     for l in landed {
-        pids.push(move_row(&mut tx, l.id).await?.product_id);
+        let row = &rows[&l.id.to_string()];
+        let record = row.to_record()?;
+        let refuse = |why: String| Err(StoreError::Conflict(format!("move {}: {why}", l.id)));
+        match record.state {
+            MoveState::Planned if !applied_now.contains_key(&row.id) => {}
+            MoveState::Planned | MoveState::Applied => continue,
+            MoveState::Abandoned => return refuse("it was abandoned".into()),
+        }
+        let applied = i64::try_from(l.applied_units).unwrap_or(i64::MAX);
+        let generation = i64::try_from(l.generation).unwrap_or(i64::MAX);
+        let cell = cells
+            .entry(row.server_id)
+            .or_default()
+            .entry(row.product_id)
+            .or_insert((0, 0));
+        cell.1 = cell.1.max(generation);
+        match record.kind {
+            MoveKind::Grant => {
+                if applied != row.units {
+                    return refuse(format!("granted {applied} of {} sent", row.units));
+                }
+                *transit_out.entry(row.product_id).or_default() += applied;
+                cell.0 += applied;
+            }
+            kind => {
+                if applied > row.units {
+                    return refuse(format!("{kind}d {applied} of {} asked", row.units));
+                }
+                *reserve_in.entry(row.product_id).or_default() += applied;
+                cell.0 -= applied;
+            }
+        }
+        applied_now.insert(row.id.clone(), applied);
     }
-    pids.sort_unstable();
-    pids.dedup();
-    for pid in pids {
-        lock_product(&mut tx, pid).await?;
+    for (pid, units) in transit_out {
+        let landed = sqlx::query(
+            "UPDATE products SET in_transit = in_transit - $1 \
+             WHERE id = $2 AND in_transit >= $1",
+        )
+        .bind(units)
+        .bind(pid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if landed == 0 {
+            return Err(StoreError::Conflict(format!(
+                "moves of product {pid}: their {units} units are not in transit"
+            )));
+        }
     }
-    let mut records = Vec::with_capacity(landed.len());
-    for l in landed {
-        records.push(complete_move_in(&mut tx, *l, epoch).await?);
+    for (pid, units) in reserve_in {
+        sqlx::query("UPDATE products SET reserve = reserve + $1 WHERE id = $2")
+            .bind(units)
+            .bind(pid)
+            .execute(&mut *tx)
+            .await?;
     }
+    for (sid, by_product) in &cells {
+        let by_product: Vec<(i64, (i64, i64))> =
+            by_product.iter().map(|(p, c)| (*p, *c)).collect();
+        for chunk in by_product.chunks(CHUNK / 2) {
+            apply_to_allocations(&mut tx, *sid, chunk).await?;
+        }
+    }
+    let now = now_ms();
+    let applied_now: Vec<(String, i64)> = applied_now.into_iter().collect();
+    for chunk in applied_now.chunks(CHUNK) {
+        let mut sql = String::from("UPDATE moves SET state = 'applied', applied_units = CASE id");
+        for i in 0..chunk.len() {
+            sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
+        }
+        let n = 2 * chunk.len();
+        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", 2 * i + 1)).collect();
+        sql.push_str(&format!(
+            " END, updated_at = ${} WHERE state = 'planned' AND id IN ({})",
+            n + 1,
+            list.join(", ")
+        ));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, applied) in chunk {
+            query = query.bind(id.as_str()).bind(*applied);
+        }
+        query.bind(now).execute(&mut *tx).await?;
+    }
+    let rows = move_rows(&mut tx, &ids).await?;
     tx.commit().await?;
-    Ok(records)
+    ids.iter()
+        .map(|id| rows[&id.to_string()].to_record())
+        .collect()
+}
+
+/// Changes one server's allocations of several products by one statement: each cell's units
+/// by its delta (a release's never below zero: refused as a conflict) and its generation to at
+/// least the one its server reported.
+async fn apply_to_allocations(
+    tx: &mut Conn,
+    server_id: i64,
+    cells: &[(i64, (i64, i64))],
+) -> StoreResult<()> {
+    let mut sql = String::from("UPDATE allocations SET units = units + CASE product_id");
+    let mut n = 0;
+    let mut param = || {
+        n += 1;
+        format!("${n}")
+    };
+    let mut units_case = String::new();
+    let mut generation_case = String::new();
+    let mut list = Vec::new();
+    for _ in cells {
+        let (p1, d, p2, g, p3) = (param(), param(), param(), param(), param());
+        units_case.push_str(&format!(" WHEN {p1} THEN {d}"));
+        generation_case.push_str(&format!(
+            " WHEN {p2} THEN CASE WHEN generation > {g} THEN generation ELSE {g} END"
+        ));
+        list.push(p3);
+    }
+    sql.push_str(&units_case);
+    sql.push_str(" END, generation = CASE product_id");
+    sql.push_str(&generation_case);
+    let server = param();
+    sql.push_str(&format!(
+        " END WHERE server_id = {server} AND product_id IN ({})",
+        list.join(", ")
+    ));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (pid, (delta, generation)) in cells {
+        query = query
+            .bind(*pid)
+            .bind(*delta)
+            .bind(*pid)
+            .bind(*generation)
+            .bind(*pid);
+    }
+    let changed = query
+        .bind(server_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_constraint(e, &format!("allocations of server {server_id}")))?
+        .rows_affected();
+    if changed != cells.len() as u64 {
+        return Err(StoreError::Conflict(format!(
+            "server {server_id}: {} of {} cells to book exist",
+            changed,
+            cells.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Books one move `applied` inside the caller's transaction: a release's units to the
