@@ -125,12 +125,26 @@ impl NameIds {
 /// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
 /// one statement per chunk instead of one per row (each statement is a round trip).
 fn values_placeholders(rows: usize, columns: usize) -> String {
+    let mut next = 0;
     (0..rows)
-        .map(|row| {
-            let params: Vec<String> = (1..=columns)
-                .map(|c| format!("${}", row * columns + c))
-                .collect();
-            format!("({})", params.join(", "))
+        .map(|_| format!("({})", sequential_params(&mut next, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `count` parameters after the `next` already used, bound in the order they appear: `$n` on
+/// PostgreSQL, anonymous `?` on SQLite. SQLite finds a numbered parameter's name by a linear
+/// scan on every bind (sqlx asks it for each), which makes a statement of thousands of
+/// numbered parameters quadratic; anonymous ones cost nothing to look up.
+fn sequential_params(next: &mut usize, count: usize) -> String {
+    (0..count)
+        .map(|_| {
+            *next += 1;
+            if BACKEND == "sqlite" {
+                "?".to_owned()
+            } else {
+                format!("${next}")
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")

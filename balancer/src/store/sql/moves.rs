@@ -5,8 +5,8 @@ use crate::store::LandedMove;
 
 use super::{
     Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
-    StoreError, StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint,
-    lock_product, move_columns, move_row, now_ms, set_move_state, shift_pool,
+    StoreError, StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint, lock_product,
+    move_columns, move_row, now_ms, sequential_params, set_move_state, shift_pool,
     values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -121,9 +121,10 @@ pub(super) async fn begin_moves(
                 .bind(now)
                 .bind(now);
         }
-        query.execute(&mut *tx).await.map_err(|e| {
-            conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id))
-        })?;
+        query
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id)))?;
     }
     let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
     let rows = move_rows(&mut tx, &ids).await?;
@@ -142,7 +143,7 @@ pub(super) async fn begin_moves(
 async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String, MoveRow>> {
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let params = sequential_params(&mut 0, chunk.len());
         let sql = format!(
             concat!(
                 "SELECT ",
@@ -150,7 +151,7 @@ async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String,
                 " FROM moves m JOIN products p ON p.id = m.product_id \
                  JOIN servers s ON s.id = m.server_id WHERE m.id IN ({})"
             ),
-            params.join(", ")
+            params
         );
         let mut query = sqlx::query_as::<_, MoveRow>(sqlx::AssertSqlSafe(sql));
         for id in chunk {
@@ -262,21 +263,23 @@ pub(super) async fn complete_moves(
             .await?;
     }
     for (sid, by_product) in &cells {
-        let by_product: Vec<(i64, (i64, i64))> =
-            by_product.iter().map(|(p, c)| (*p, *c)).collect();
+        let by_product: Vec<(i64, (i64, i64))> = by_product.iter().map(|(p, c)| (*p, *c)).collect();
         for chunk in by_product.chunks(CHUNK / 2) {
             apply_to_allocations(&mut tx, *sid, chunk).await?;
         }
     }
     let now = now_ms();
     let applied_now: Vec<(String, i64)> = applied_now.into_iter().collect();
-    for chunk in applied_now.chunks(CHUNK) {
+    // Numbered parameters used twice (SQLite looks each up by a linear scan): small chunks.
+    for chunk in applied_now.chunks(CHUNK / 5) {
         let mut sql = String::from("UPDATE moves SET state = 'applied', applied_units = CASE id");
         for i in 0..chunk.len() {
             sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
         }
         let n = 2 * chunk.len();
-        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", 2 * i + 1)).collect();
+        let list: Vec<String> = (0..chunk.len())
+            .map(|i| format!("${}", 2 * i + 1))
+            .collect();
         sql.push_str(&format!(
             " END, updated_at = ${} WHERE state = 'planned' AND id IN ({})",
             n + 1,
