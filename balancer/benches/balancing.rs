@@ -594,6 +594,19 @@ impl Estate {
     }
 }
 
+/// One scheduled `Engine::run`, timed whole: seconds, the run, the load average before it.
+fn scheduled_run(
+    server_rt: &Runtime,
+    engine: &Engine,
+) -> (f64, allot_core::wire::balancer::RunDetail, String) {
+    let load = load_average();
+    let started = Instant::now();
+    let run = server_rt
+        .block_on(engine.run(RunTrigger::Scheduled, None))
+        .expect("run");
+    (started.elapsed().as_secs_f64(), run, load)
+}
+
 fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let n_servers = env_or("ALLOT_BENCH_SERVERS", 200);
     let n_products = env_or("ALLOT_BENCH_PRODUCTS", 50);
@@ -606,12 +619,7 @@ fn run_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let (tokens, products, fleet) = (estate.tokens.clone(), &estate.products, &estate.fleet);
     let engine = Engine::new(store.clone(), tokens, EngineConfig::default());
     let timed_run = |label: &str| {
-        let load = load_average();
-        let started = Instant::now();
-        let run = server_rt
-            .block_on(engine.run(RunTrigger::Scheduled, None))
-            .expect("run");
-        let elapsed = started.elapsed().as_secs_f64();
+        let (elapsed, run, load) = scheduled_run(server_rt, &engine);
         println!(
             "  {label:<26} {elapsed:>7.3} s  moves {:>5}  units {:>6}  queried {}  unreachable {}  errors {}  load {load}",
             run.run.moves,
@@ -705,12 +713,7 @@ fn distribution_bench(server_rt: &Runtime, backend: &str) {
                 ..EngineConfig::default()
             };
             let engine = Engine::new(estate.books.store.clone(), estate.tokens.clone(), config);
-            let load = load_average();
-            let started = Instant::now();
-            let run = server_rt
-                .block_on(engine.run(RunTrigger::Scheduled, None))
-                .expect("run");
-            let elapsed = started.elapsed().as_secs_f64();
+            let (elapsed, run, load) = scheduled_run(server_rt, &engine);
             println!(
                 "  round {round} {:<9} {elapsed:>7.3} s  moves {:>5}  units {:>6}  errors {}  books balance: {}  load {load}",
                 if batch_moves { "batched" } else { "per move" },
