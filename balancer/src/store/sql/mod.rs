@@ -116,6 +116,46 @@ impl NameIds {
         Ok(Self { servers, products })
     }
 
+    /// Only the named servers and products (a batch of moves names a few of them; an instant
+    /// balance's single move one of each), by one statement each per 500 names.
+    async fn read_named(
+        conn: &mut Conn,
+        servers: &std::collections::BTreeSet<&str>,
+        products: &std::collections::BTreeSet<&str>,
+    ) -> StoreResult<Self> {
+        async fn ids(
+            conn: &mut Conn,
+            select: &str,
+            names: &std::collections::BTreeSet<&str>,
+        ) -> StoreResult<std::collections::HashMap<String, i64>> {
+            let names: Vec<&str> = names.iter().copied().collect();
+            let mut found = std::collections::HashMap::with_capacity(names.len());
+            for chunk in names.chunks(500) {
+                let sql = format!("{select} ({})", sequential_params(&mut 0, chunk.len()));
+                let mut query = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
+                for name in chunk {
+                    query = query.bind(*name);
+                }
+                found.extend(query.fetch_all(&mut *conn).await?);
+            }
+            Ok(found)
+        }
+        Ok(Self {
+            servers: ids(
+                conn,
+                "SELECT name, id FROM servers WHERE removed_at IS NULL AND name IN",
+                servers,
+            )
+            .await?,
+            products: ids(
+                conn,
+                "SELECT name, id FROM products WHERE name IN",
+                products,
+            )
+            .await?,
+        })
+    }
+
     /// (server id, product id), when both exist.
     fn cell(&self, server: &str, product: &str) -> Option<(i64, i64)> {
         Some((*self.servers.get(server)?, *self.products.get(product)?))

@@ -25,7 +25,9 @@ pub(super) async fn begin_moves(
     moves: &[NewMove],
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
-    let ids = NameIds::read(&mut tx).await?;
+    let servers: BTreeSet<&str> = moves.iter().map(|m| m.server.as_str()).collect();
+    let products: BTreeSet<&str> = moves.iter().map(|m| m.product.as_str()).collect();
+    let ids = NameIds::read_named(&mut tx, &servers, &products).await?;
     let mut resolved = Vec::with_capacity(moves.len());
     for mv in moves {
         let units = i64::try_from(mv.units)
