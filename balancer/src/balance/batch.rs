@@ -7,7 +7,7 @@
 //! A server too old to know batches answers the route `not_found`; its moves then go one by
 //! one, as before batches.
 
-use super::{Engine, MoveFailure, not_booked, refused_by_the_move_log, unconfirmed};
+use super::{Engine, MoveFailure, not_booked, unconfirmed};
 use crate::balance::agent_client::CallError;
 use crate::store::{LandedMove, MoveRecord, ServerRecord};
 use allot_core::error::ErrorCode;
@@ -105,8 +105,10 @@ impl Engine {
             match outcomes.remove(&mv.id) {
                 Some(o) => match (o.applied, o.refused) {
                     (Some(applied), _) => landed.push((i, applied)),
+                    // Refusals the book made (the move certainly not applied), as a single
+                    // move's `404 unknown_product` or `409 conflict` are.
                     (None, Some(r))
-                        if refused_by_the_move_log(status_of(r.code), r.code.as_str()) =>
+                        if matches!(r.code, ErrorCode::UnknownProduct | ErrorCode::Conflict) =>
                     {
                         let failure = self
                             .abandon_refused(server, mv, r.code.as_str(), &r.message)
@@ -186,13 +188,3 @@ impl Engine {
 
 /// The server does not know `POST /v1/allocations/batch` (older than batches).
 struct BatchUnsupported;
-
-/// The HTTP status a single move's refusal would have had, so a batch outcome is judged by
-/// the same rule ([`refused_by_the_move_log`]) as a single move's answer.
-fn status_of(code: ErrorCode) -> u16 {
-    match code {
-        ErrorCode::UnknownProduct | ErrorCode::NotFound => 404,
-        ErrorCode::Conflict => 409,
-        _ => 500,
-    }
-}
