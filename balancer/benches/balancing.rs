@@ -744,6 +744,13 @@ fn main() {
         println!("balancing bench: run it with `cargo bench -p allot-balancer --bench balancing`");
         return;
     }
+    // `RUST_LOG=allot_balancer=info` shows each run's closing line with its phases' times.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let backends =
         std::env::var("ALLOT_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     let server_rt = tokio::runtime::Builder::new_multi_thread()

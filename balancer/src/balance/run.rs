@@ -52,7 +52,9 @@ impl Engine {
         let run_id = self.store.begin_run(trigger, epoch).await?;
         let tally = crate::metrics::RunTally::start(self.metrics.clone(), trigger);
         let started = std::time::Instant::now();
+        let mut phases = Phases::start();
         let mut errors = self.resume_unfinished().await?;
+        phases.lap("resume");
 
         let Observation {
             servers,
@@ -63,6 +65,7 @@ impl Engine {
         for (name, reason) in &unreachable {
             errors.push(format!("{name} unreachable: {reason}"));
         }
+        phases.lap("observe");
         let answered: Vec<String> = statuses.keys().cloned().collect();
         self.store.touch_servers(&answered).await?;
         let cells = self.store.cells().await?;
@@ -114,6 +117,7 @@ impl Engine {
             memory: &self.memory,
             hold: self.config.hold,
         };
+        phases.lap("record");
         let products: Vec<Product> = self
             .store
             .products()
@@ -144,7 +148,9 @@ impl Engine {
             .iter()
             .any(|p| p.plan.moves.iter().any(|m| m.kind() == MoveKind::Grant));
         let released_first = !releases.is_empty() && grants_follow;
+        phases.lap("plan");
         self.send_batched(releases, &by_name, &mut moved).await;
+        phases.lap("release");
         if released_first {
             allot_http::fault::point("between_release_and_grant");
         }
@@ -155,7 +161,9 @@ impl Engine {
                 Err(e) => not_balanced(&mut errors, &p.name, &e, run_id),
             }
         }
+        phases.lap("log_grants");
         self.send_batched(grants, &by_name, &mut moved).await;
+        phases.lap("grant");
         let (moves, units_moved) = (moved.moves, moved.units);
         errors.extend(moved.errors);
 
@@ -184,6 +192,7 @@ impl Engine {
             moves = outcome.moves,
             units = outcome.units_moved,
             elapsed_ms = started.elapsed().as_millis() as u64,
+            phases = %phases,
             "balance run finished"
         );
         Ok(self.store.run(run_id).await?)
@@ -371,6 +380,39 @@ struct Planned {
     server_names: Vec<String>,
     /// Its logged releases, until the run gathers them into the servers' batches.
     releases: Vec<(String, MoveRecord)>,
+}
+
+/// How long each phase of a run took, for the run's closing log line: where a slow run's
+/// time went, without a profiler.
+struct Phases {
+    lap_started: std::time::Instant,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            lap_started: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the phase `name` now and starts the next.
+    fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((name, now - self.lap_started));
+        self.lap_started = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.laps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={}ms", took.as_millis())?;
+        }
+        Ok(())
+    }
 }
 
 /// Records that a product was not balanced this run; the run goes on with the others.
