@@ -6,6 +6,12 @@
 //!
 //! A server too old to know batches answers the route `not_found`; its moves then go one by
 //! one, as before batches.
+//!
+//! The servers of a run are sent to concurrently, and their answers are booked together: a
+//! [`Booker`] gathers whatever answers have arrived while it was booking the previous group
+//! and books them in one transaction. One booking per server would make every server's
+//! transaction lock the same product rows (every server holds every product), so they would
+//! queue behind each other's commits.
 
 use super::{Engine, MoveFailure, not_booked, unconfirmed};
 use crate::balance::agent_client::CallError;
@@ -13,6 +19,7 @@ use crate::store::{LandedMove, MoveRecord, ServerRecord};
 use allot_core::error::ErrorCode;
 use allot_core::wire::agent::{BatchMove, MAX_BATCH_MOVES, MoveBatch, MoveResponse};
 use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
 
 /// What became of one move of a batch.
 pub(super) type MoveResult = Result<MoveRecord, MoveFailure>;
@@ -25,6 +32,7 @@ impl Engine {
         &self,
         server: &ServerRecord,
         moves: Vec<MoveRecord>,
+        booker: &Booker,
     ) -> Vec<MoveResult> {
         let mut results = Vec::with_capacity(moves.len());
         let mut batched = self.config.batch_moves;
@@ -32,7 +40,7 @@ impl Engine {
         let mut chunks = moves.chunks(size);
         while let Some(chunk) = chunks.next() {
             if batched {
-                match self.execute_batch(server, chunk).await {
+                match self.execute_batch(server, chunk, booker).await {
                     Ok(done) => results.extend(done),
                     Err(BatchUnsupported) => {
                         batched = false;
@@ -67,6 +75,7 @@ impl Engine {
         &self,
         server: &ServerRecord,
         moves: &[MoveRecord],
+        booker: &Booker,
     ) -> Result<Vec<MoveResult>, BatchUnsupported> {
         let batch = MoveBatch {
             moves: moves
@@ -127,7 +136,7 @@ impl Engine {
                 }
             }
         }
-        for (i, booked) in self.book_landed(server, moves, &landed).await {
+        for (i, booked) in booker.book(server, moves, landed).await {
             results[i] = Some(booked);
         }
         Ok(results
@@ -136,25 +145,48 @@ impl Engine {
             .collect())
     }
 
-    /// Books the applied moves of a batch in one transaction; if the store refuses any of
-    /// them, books each on its own so one bad answer holds back none of the others.
-    async fn book_landed(
-        &self,
-        server: &ServerRecord,
-        moves: &[MoveRecord],
-        landed: &[(usize, MoveResponse)],
-    ) -> Vec<(usize, MoveResult)> {
-        if landed.is_empty() {
-            return Vec::new();
+    /// Books the applied moves of several batches in one transaction; if the store refuses
+    /// any of them, books each batch on its own.
+    async fn book_group(&self, group: Vec<Landing>) {
+        if group.len() > 1 {
+            let all: Vec<LandedMove> = group.iter().flat_map(Landing::landed_moves).collect();
+            match self.store.complete_moves(&all, self.write_epoch()).await {
+                Ok(booked) => {
+                    let mut booked = booked.into_iter();
+                    for landing in group {
+                        let results = landing
+                            .landed
+                            .iter()
+                            .zip(booked.by_ref())
+                            .map(|((i, _), record)| {
+                                self.remember(&record);
+                                (*i, Ok(record))
+                            })
+                            .collect();
+                        let _ = landing.reply.send(results);
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, batches = group.len(),
+                    "a group of batches not booked together; booking each batch alone"),
+            }
         }
-        let all: Vec<LandedMove> = landed
-            .iter()
-            .map(|(i, a)| LandedMove {
-                id: moves[*i].id,
-                applied_units: u64::from(a.units),
-                generation: a.generation,
-            })
-            .collect();
+        for landing in group {
+            let results = self.book_landed(&landing).await;
+            let _ = landing.reply.send(results);
+        }
+    }
+
+    /// Books the applied moves of one batch in one transaction; if the store refuses any of
+    /// them, books each on its own so one bad answer holds back none of the others.
+    async fn book_landed(&self, landing: &Landing) -> Vec<(usize, MoveResult)> {
+        let Landing {
+            server,
+            moves,
+            landed,
+            ..
+        } = landing;
+        let all: Vec<LandedMove> = landing.landed_moves().collect();
         let epoch = self.write_epoch();
         let booked = match self.store.complete_moves(&all, epoch).await {
             Ok(booked) => booked.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -188,3 +220,89 @@ impl Engine {
 
 /// The server does not know `POST /v1/allocations/batch` (older than batches).
 struct BatchUnsupported;
+
+/// At most this many moves are booked in one transaction (several batches' worth).
+const MAX_GROUP_MOVES: usize = 4 * MAX_BATCH_MOVES;
+
+/// One batch's applied moves, waiting for the booker.
+struct Landing {
+    server: ServerRecord,
+    moves: Vec<MoveRecord>,
+    /// (index in `moves`, the server's answer) of each applied move.
+    landed: Vec<(usize, MoveResponse)>,
+    reply: oneshot::Sender<Vec<(usize, MoveResult)>>,
+}
+
+impl Landing {
+    fn landed_moves(&self) -> impl Iterator<Item = LandedMove> + '_ {
+        self.landed.iter().map(|(i, a)| LandedMove {
+            id: self.moves[*i].id,
+            applied_units: u64::from(a.units),
+            generation: a.generation,
+        })
+    }
+}
+
+/// Books the answers of a run's concurrent batches: a task that takes every landing queued
+/// while it booked the last group and books them together, so the run's transactions do not
+/// queue on the same product rows. Dropping every handle ends the task.
+#[derive(Clone)]
+pub(super) struct Booker {
+    landings: mpsc::UnboundedSender<Landing>,
+}
+
+impl Booker {
+    /// Starts the booking task of `engine`.
+    pub(super) fn start(engine: &Engine) -> Self {
+        let (landings, mut queue) = mpsc::unbounded_channel::<Landing>();
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            while let Some(first) = queue.recv().await {
+                let mut count = first.landed.len();
+                let mut group = vec![first];
+                while count < MAX_GROUP_MOVES {
+                    let Ok(next) = queue.try_recv() else { break };
+                    count += next.landed.len();
+                    group.push(next);
+                }
+                engine.book_group(group).await;
+            }
+        });
+        Self { landings }
+    }
+
+    /// Books `landed` (moves of one batch to `server`) with whatever else is waiting; one
+    /// result per applied move, by its index in `moves`.
+    async fn book(
+        &self,
+        server: &ServerRecord,
+        moves: &[MoveRecord],
+        landed: Vec<(usize, MoveResponse)>,
+    ) -> Vec<(usize, MoveResult)> {
+        if landed.is_empty() {
+            return Vec::new();
+        }
+        let (reply, booked) = oneshot::channel();
+        let indices: Vec<usize> = landed.iter().map(|(i, _)| *i).collect();
+        let landing = Landing {
+            server: server.clone(),
+            moves: moves.to_vec(),
+            landed,
+            reply,
+        };
+        if self.landings.send(landing).is_ok()
+            && let Ok(results) = booked.await
+        {
+            return results;
+        }
+        // The booking task is gone (the run is being torn down): the moves stay planned and
+        // are re-sent, idempotently, by the next run.
+        indices
+            .into_iter()
+            .map(|i| {
+                let e = CallError::Unreachable("not booked: the run's booker stopped".into());
+                (i, Err(unconfirmed(&moves[i], server, &e)))
+            })
+            .collect()
+    }
+}

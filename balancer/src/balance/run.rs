@@ -9,6 +9,7 @@
 //! so the allocations servers have applied never sum above purchased. A product that fails is
 //! recorded in the run's errors and the run goes on with the next.
 
+use super::batch::Booker;
 use super::explain::explained_cells;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
@@ -341,6 +342,7 @@ impl Engine {
             per_server.entry(server).or_default().push(record);
         }
         let semaphore = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let booker = Booker::start(self);
         let mut tasks = tokio::task::JoinSet::new();
         for (name, moves) in per_server {
             let Some(&server) = by_name.get(name.as_str()) else {
@@ -349,9 +351,10 @@ impl Engine {
             let server = server.clone();
             let engine = self.clone();
             let semaphore = semaphore.clone();
+            let booker = booker.clone();
             tasks.spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
-                engine.execute_batched(&server, moves).await
+                engine.execute_batched(&server, moves, &booker).await
             });
         }
         while let Some(joined) = tasks.join_next().await {
