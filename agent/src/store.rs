@@ -157,7 +157,14 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         pool.close().await;
-        let conn = SqliteConnection::connect_with(&options).await?;
+        // Checkpoints run on the `Checkpointer`'s connection, beside the writer; this
+        // threshold (about 400 MB of WAL) is only a backstop should that task fall behind.
+        let conn = SqliteConnection::connect_with(
+            &options
+                .clone()
+                .pragma("wal_autocheckpoint", BACKSTOP_CHECKPOINT_FRAMES.to_string()),
+        )
+        .await?;
         Ok(Store { conn })
     }
 
@@ -438,6 +445,83 @@ impl Store {
             .await?;
         self.conn.close().await?;
         Ok(())
+    }
+}
+
+/// WAL frames (pages) past which the writer's own connection checkpoints inside a commit, as
+/// SQLite does by default at 1,000: only reached if the [`Checkpointer`] falls behind.
+const BACKSTOP_CHECKPOINT_FRAMES: u32 = 100_000;
+
+/// WAL frames past which the [`Checkpointer`] waits for the writer to let the WAL restart
+/// from its beginning (16 MiB of WAL): a passive checkpoint never blocks the writer, but the
+/// WAL only restarts once it is wholly copied while no transaction is in flight.
+const RESTART_CHECKPOINT_FRAMES: i64 = 4096;
+
+/// Copies the WAL into the main database file on a connection (and so a SQLite thread) of its
+/// own. Why: SQLite's automatic checkpoint runs inside the commit that crosses its threshold,
+/// so every ~1,000 pages one group commit also copied them and fsynced the main file while
+/// every request of its batch waited. Here the commits only append to the WAL and fsync it
+/// (`synchronous=FULL`: a change is durable, and acknowledged, once its WAL frames are synced,
+/// exactly as before); the copy runs beside them. Each pass is `PASSIVE` (never blocks the
+/// writer); when the WAL has grown past [`RESTART_CHECKPOINT_FRAMES`] a `RESTART` pass waits
+/// for the writer's current transaction so the WAL starts over instead of growing.
+pub struct Checkpointer {
+    conn: SqliteConnection,
+}
+
+impl Checkpointer {
+    /// Opens its own connection to `agent.db` (after [`Store::open`] created it).
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("agent.db"))
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        Ok(Checkpointer {
+            conn: SqliteConnection::connect_with(&options).await?,
+        })
+    }
+
+    /// One checkpoint pass; returns the WAL frames still to copy after it.
+    pub async fn pass(&mut self) -> Result<i64, StoreError> {
+        let (_busy, log, copied): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut self.conn)
+                .await?;
+        let (log, copied) = if log > RESTART_CHECKPOINT_FRAMES {
+            let (_busy, log, copied): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                    .fetch_one(&mut self.conn)
+                    .await?;
+            (log, copied)
+        } else {
+            (log, copied)
+        };
+        Ok((log - copied).max(0))
+    }
+
+    /// Runs passes until `stop` is set: back to back while the WAL has frames to copy, every
+    /// 100 ms otherwise. A failed pass is logged and retried (the backstop threshold bounds
+    /// the WAL meanwhile).
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let pause = match self.pass().await {
+                Ok(0) => Duration::from_millis(100),
+                Ok(_) => Duration::from_millis(5),
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            if *stop.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        let _ = self.conn.close().await;
     }
 }
 
