@@ -303,7 +303,7 @@ fn pair_rate(checkouts: f64, checkins: f64) -> f64 {
 pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
     let oha = oha();
     let secs = secs as f64;
-    let pool_target = super::env_or("ALLOT_BENCH_POOL", 100_000) as usize;
+    let pool_target = super::env_or("ALLOT_BENCH_POOL", 200_000) as usize;
     let agent = start_agent(dir);
     let bare = start_bare();
     let pool = dir.join("pool.jsonl");
