@@ -157,12 +157,13 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         pool.close().await;
-        // Checkpoints run on the `Checkpointer`'s connection, beside the writer; this
-        // threshold (about 400 MB of WAL) is only a backstop should that task fall behind.
+        // The `Checkpointer` copies the WAL beside the writer; this connection's own automatic
+        // checkpoint (4,096 pages, not SQLite's 1,000) only copies what is left since its last
+        // pass, so that the WAL then starts over from its beginning.
         let conn = SqliteConnection::connect_with(
             &options
                 .clone()
-                .pragma("wal_autocheckpoint", BACKSTOP_CHECKPOINT_FRAMES.to_string()),
+                .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES.to_string()),
         )
         .await?;
         Ok(Store { conn })
@@ -448,23 +449,20 @@ impl Store {
     }
 }
 
-/// WAL frames (pages) past which the writer's own connection checkpoints inside a commit, as
-/// SQLite does by default at 1,000: only reached if the [`Checkpointer`] falls behind.
-const BACKSTOP_CHECKPOINT_FRAMES: u32 = 100_000;
-
-/// WAL frames past which the [`Checkpointer`] waits for the writer to let the WAL restart
-/// from its beginning (16 MiB of WAL): a passive checkpoint never blocks the writer, but the
-/// WAL only restarts once it is wholly copied while no transaction is in flight.
-const RESTART_CHECKPOINT_FRAMES: i64 = 4096;
+/// WAL frames (pages, 16 MiB) past which the writer's own connection checkpoints after a
+/// commit, as SQLite does by default at 1,000. With the [`Checkpointer`] running, that pass
+/// finds only the frames written since the checkpointer's last pass; once it has copied them
+/// the next transaction restarts the WAL from its beginning (a passive pass from another
+/// connection rarely finds the WAL wholly copied while commits keep coming, so it cannot).
+const WRITER_CHECKPOINT_FRAMES: u32 = 4096;
 
 /// Copies the WAL into the main database file on a connection (and so a SQLite thread) of its
 /// own. Why: SQLite's automatic checkpoint runs inside the commit that crosses its threshold,
-/// so every ~1,000 pages one group commit also copied them and fsynced the main file while
-/// every request of its batch waited. Here the commits only append to the WAL and fsync it
+/// so every ~1,000 pages one group commit also copied them all and fsynced the main file while
+/// every request of its batch waited. Here the commits append to the WAL and fsync it
 /// (`synchronous=FULL`: a change is durable, and acknowledged, once its WAL frames are synced,
-/// exactly as before); the copy runs beside them. Each pass is `PASSIVE` (never blocks the
-/// writer); when the WAL has grown past [`RESTART_CHECKPOINT_FRAMES`] a `RESTART` pass waits
-/// for the writer's current transaction so the WAL starts over instead of growing.
+/// exactly as before) while the copying runs beside them, in `PASSIVE` passes that never block
+/// the writer. See [`WRITER_CHECKPOINT_FRAMES`] for how the WAL still starts over.
 pub struct Checkpointer {
     conn: SqliteConnection,
 }
@@ -482,27 +480,18 @@ impl Checkpointer {
         })
     }
 
-    /// One checkpoint pass; returns the WAL frames still to copy after it.
+    /// One passive checkpoint pass; returns the WAL frames it left to copy.
     pub async fn pass(&mut self) -> Result<i64, StoreError> {
         let (_busy, log, copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_one(&mut self.conn)
                 .await?;
-        let (log, copied) = if log > RESTART_CHECKPOINT_FRAMES {
-            let (_busy, log, copied): (i64, i64, i64) =
-                sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
-                    .fetch_one(&mut self.conn)
-                    .await?;
-            (log, copied)
-        } else {
-            (log, copied)
-        };
         Ok((log - copied).max(0))
     }
 
-    /// Runs passes until `stop` is set: back to back while the WAL has frames to copy, every
-    /// 100 ms otherwise. A failed pass is logged and retried (the backstop threshold bounds
-    /// the WAL meanwhile).
+    /// Runs passes until `stop` is set: every 5 ms while the WAL had frames to copy, every
+    /// 100 ms otherwise. A failed pass is logged and retried (the writer's own checkpoint
+    /// bounds the WAL meanwhile).
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             let pause = match self.pass().await {
