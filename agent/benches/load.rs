@@ -20,7 +20,8 @@
 //!
 //! 7. an honest ceiling with an external load generator (`ALLOT_BENCH_ONLY=oha` runs only
 //!    this): `oha` against the real `allot-agent` binary and a bare handler that parses the same
-//!    JSON, in the same rounds; see `load/oha.rs`. `ALLOT_BENCH_POOL` (default 200,000) live
+//!    JSON, in the same rounds, 64 connections unless `ALLOT_BENCH_CONNECTIONS` says otherwise;
+//!    see `load/oha.rs`. `ALLOT_BENCH_POOL` (default 200,000) live
 //!    checkouts are kept for its checkin runs; `ALLOT_BENCH_PERF=<file>` profiles the agent.
 //!
 //! Run: `cargo bench -p allot-agent --bench load` (env `ALLOT_BENCH_SECONDS`, default 3;
