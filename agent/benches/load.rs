@@ -18,8 +18,17 @@
 //!    against a product with a limit per client user, a host limit and ten group reservations,
 //!    and against a plain product, in alternating rounds: what the options cost a checkout.
 //!
+//! 7. an honest ceiling with an external load generator (`ALLOT_BENCH_ONLY=oha` runs only
+//!    this): `oha` against the real `allot-agent` binary and a bare handler that parses the same
+//!    JSON, in the same rounds, 64 connections unless `ALLOT_BENCH_CONNECTIONS` says otherwise;
+//!    see `load/oha.rs`. `ALLOT_BENCH_POOL` (default 200,000) live
+//!    checkouts are kept for its checkin runs; `ALLOT_BENCH_PERF=<file>` profiles the agent.
+//!
 //! Run: `cargo bench -p allot-agent --bench load` (env `ALLOT_BENCH_SECONDS`, default 3;
 //! `ALLOT_BENCH_CONNECTIONS`, default 128; `ALLOT_BENCH_ROUNDS`, default 3).
+
+#[path = "load/oha.rs"]
+mod oha;
 
 use serde_json::json;
 use std::sync::Arc;
@@ -395,6 +404,11 @@ fn rss_with_live_checkouts(
 }
 
 fn main() {
+    // Run again by section 7 as its bare handler, in a process of its own.
+    if let Ok(listen) = std::env::var("ALLOT_BENCH_BARE_LISTEN") {
+        oha::serve_bare(&listen);
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test --all-targets` does not: then do nothing, so
     // the test suite stays fast.
     if !std::env::args().any(|a| a == "--bench") {
@@ -420,6 +434,11 @@ fn main() {
         .unwrap();
     if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "records") {
         records_flow(&server_rt, &client_rt, dir.path(), conns, secs, rounds);
+        return;
+    }
+    if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "oha") {
+        let conns = env_or("ALLOT_BENCH_CONNECTIONS", 64) as usize;
+        oha::honest_ceiling(dir.path(), conns, secs, rounds);
         return;
     }
     if std::env::var("ALLOT_BENCH_ONLY").is_ok_and(|o| o == "options") {

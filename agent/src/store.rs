@@ -157,7 +157,15 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         pool.close().await;
-        let conn = SqliteConnection::connect_with(&options).await?;
+        // The `Checkpointer` copies the WAL beside the writer; this connection's own automatic
+        // checkpoint (4,096 pages, not SQLite's 1,000) only copies what is left since its last
+        // pass, so that the WAL then starts over from its beginning.
+        let conn = SqliteConnection::connect_with(
+            &options
+                .clone()
+                .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES.to_string()),
+        )
+        .await?;
         Ok(Store { conn })
     }
 
@@ -438,6 +446,71 @@ impl Store {
             .await?;
         self.conn.close().await?;
         Ok(())
+    }
+}
+
+/// WAL frames (pages, 16 MiB) past which the writer's own connection checkpoints after a
+/// commit, as SQLite does by default at 1,000. With the [`Checkpointer`] running, that pass
+/// finds only the frames written since the checkpointer's last pass; once it has copied them
+/// the next transaction restarts the WAL from its beginning (a passive pass from another
+/// connection rarely finds the WAL wholly copied while commits keep coming, so it cannot).
+const WRITER_CHECKPOINT_FRAMES: u32 = 4096;
+
+/// Copies the WAL into the main database file on a connection (and so a SQLite thread) of its
+/// own. Why: SQLite's automatic checkpoint runs inside the commit that crosses its threshold,
+/// so every ~1,000 pages one group commit also copied them all and fsynced the main file while
+/// every request of its batch waited. Here the commits append to the WAL and fsync it
+/// (`synchronous=FULL`: a change is durable, and acknowledged, once its WAL frames are synced,
+/// exactly as before) while the copying runs beside them, in `PASSIVE` passes that never block
+/// the writer. See [`WRITER_CHECKPOINT_FRAMES`] for how the WAL still starts over.
+pub struct Checkpointer {
+    conn: SqliteConnection,
+}
+
+impl Checkpointer {
+    /// Opens its own connection to `agent.db` (after [`Store::open`] created it).
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("agent.db"))
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        Ok(Checkpointer {
+            conn: SqliteConnection::connect_with(&options).await?,
+        })
+    }
+
+    /// One passive checkpoint pass; returns the WAL frames it left to copy.
+    pub async fn pass(&mut self) -> Result<i64, StoreError> {
+        let (_busy, log, copied): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut self.conn)
+                .await?;
+        Ok((log - copied).max(0))
+    }
+
+    /// Runs passes until `stop` is set: every 5 ms while the WAL had frames to copy, every
+    /// 100 ms otherwise. A failed pass is logged and retried (the writer's own checkpoint
+    /// bounds the WAL meanwhile).
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let pause = match self.pass().await {
+                Ok(0) => Duration::from_millis(100),
+                Ok(_) => Duration::from_millis(5),
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            if *stop.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        let _ = self.conn.close().await;
     }
 }
 

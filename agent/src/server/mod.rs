@@ -392,6 +392,11 @@ pub async fn run(
             .map_err(|e| ServeError::Balancer(format!("webhook client: {e}")))?,
     });
     let writer = tokio::spawn(writer::writer_task(store, rx, app.clone()));
+    let checkpointer = tokio::spawn(
+        crate::store::Checkpointer::open(&config.data_dir)
+            .await?
+            .run(app.stopping.subscribe()),
+    );
 
     // Local product definitions (standalone use), logged like any other change.
     let mut acks = Vec::new();
@@ -493,6 +498,7 @@ pub async fn run(
     let _ = timer.await;
     let _ = sync.await;
     let _ = shipper.await;
+    let _ = checkpointer.await;
     let (done_tx, done_rx) = oneshot::channel();
     let _ = app.writer.send(WriterMsg::Close(done_tx));
     let _ = done_rx.await;
