@@ -31,6 +31,12 @@
 //!    per phase) and, as the same run's baseline, one request per move; a fresh estate for
 //!    each, `ALLOT_BENCH_DISTRIBUTION_ROUNDS` (default 3) rounds, medians and the ratio.
 //!
+//! 6. **A large estate** (`ALLOT_BENCH_ONLY=estate`, never by default): 1,000 servers × 100
+//!    products (`ALLOT_BENCH_SERVERS`, `ALLOT_BENCH_PRODUCTS`), the servers in-process, the
+//!    balancer the real `allot-balancer` binary in its own process. Runs asked over HTTP and
+//!    timed whole (the first distribution, quiet and steady runs), instant balances sent back
+//!    to back during each run (their p50/p99), and the balancer's resident memory, now and peak.
+//!
 //! All run on SQLite (a temporary directory) and on PostgreSQL (a fresh database created at
 //! `ALLOT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, dropped at the
 //! end; skipped with a message when unreachable).
@@ -445,6 +451,8 @@ fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
 struct FleetAgent {
     name: String,
     url: String,
+    /// Its token, to act as it towards the balancer (instant balances).
+    token: String,
     stop: oneshot::Sender<()>,
 }
 
@@ -528,8 +536,13 @@ impl Estate {
             let token = server_rt.block_on(register(&*store, &tokens, &name, &url));
             let dir = agents_dir.path().join(&name);
             std::fs::create_dir_all(&dir).expect("agent dir");
-            let stop = start_agent(server_rt, listener, &dir, &name, token, &products);
-            fleet.push(FleetAgent { name, url, stop });
+            let stop = start_agent(server_rt, listener, &dir, &name, token.clone(), &products);
+            fleet.push(FleetAgent {
+                name,
+                url,
+                token,
+                stop,
+            });
         }
         // A buffer of 2 on every cell (4 on every tenth server), set through the store as
         // `PUT /v1/servers/{s}/products/{p}` does, a few at a time.
@@ -794,6 +807,221 @@ fn main() {
             console_bench(&server_rt, &client_rt, backend);
         }
     }
+    // Only when asked: 1,000 servers take minutes to set up.
+    if only.split(',').any(|o| o == "estate") {
+        for backend in backends.split(',') {
+            estate_bench(&server_rt, &client_rt, backend);
+        }
+    }
+}
+
+/// The real `allot-balancer` binary, serving `books` on a free loopback port with its own
+/// process (so its memory is its own): its URL and the child.
+fn spawn_balancer_process(
+    books: &Books,
+    admin_token: &str,
+    log: &std::path::Path,
+) -> (String, std::process::Child) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_allot-balancer"));
+    command
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(books.dir.path())
+        .args(["--admin-token", admin_token, "--console-listen", "off"])
+        .env("RUST_LOG", "allot_balancer=info,warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("balancer log"));
+    if let Some(pg) = &books.pg {
+        command.args(["--database-url", &pg.url]);
+    }
+    let child = command.spawn().expect("start allot-balancer");
+    (format!("http://127.0.0.1:{port}"), child)
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Section 6 (`ALLOT_BENCH_ONLY=estate`): a large estate — `ALLOT_BENCH_SERVERS` metering
+/// servers (here 1,000) × `ALLOT_BENCH_PRODUCTS` products (100), the servers in this process,
+/// the balancer the real binary in its own process. Runs are asked of it over HTTP
+/// (`POST /v1/balance`, as the scheduler's runs but timed by the caller) while one client,
+/// acting as the metering servers in turn, sends instant balances back to back: their
+/// latency during runs is what a server that ran dry waits while a large run is under way.
+/// The balancer's resident memory (now and peak) is read from `/proc`.
+fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
+    let n_servers = env_or("ALLOT_BENCH_SERVERS", 1000);
+    let n_products = env_or("ALLOT_BENCH_PRODUCTS", 100);
+    let hot = env_or("ALLOT_BENCH_HOT_CELLS", 100);
+    println!("estate/{backend}:");
+    let Some(estate) = Estate::build(server_rt, backend, n_servers, n_products) else {
+        return;
+    };
+    let store = estate.books.store.clone();
+    server_rt.block_on(async {
+        // Runs only when asked, so each is timed whole.
+        store
+            .set_schedule(
+                "bench",
+                &ScheduleSetting {
+                    cron: "0 0 1 1 *".into(),
+                    timezone: "UTC".into(),
+                },
+            )
+            .await
+            .expect("schedule");
+    });
+    let admin = auth::generate_token();
+    let log = estate.books.dir.path().join("balancer.log");
+    let (url, mut child) = spawn_balancer_process(&estate.books, &admin, &log);
+    let pid = child.id();
+    let http = http_client();
+    client_rt.block_on(async {
+        for _ in 0..600 {
+            let leads = http
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .ok()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if leads {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("allot-balancer did not start; see {}", log.display());
+    });
+    let idle = rss_mib(pid);
+    println!(
+        "  balancer pid {pid} up; RSS idle {:.1} MiB; its log {}",
+        idle.0,
+        log.display()
+    );
+    // One timed run over HTTP with instant balances sent back to back while it lasts.
+    let timed_run = |label: &str, instants: &mut Vec<u64>| {
+        let load = load_average();
+        let (elapsed, moves, sent) = client_rt.block_on(async {
+            let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let requester = {
+                let (http, url, running) = (http.clone(), url.clone(), running.clone());
+                let agents: Vec<(String, String)> = estate
+                    .fleet
+                    .iter()
+                    .map(|a| (a.name.clone(), a.token.clone()))
+                    .collect();
+                let products = estate.products.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut k = 0usize;
+                    while running.load(std::sync::atomic::Ordering::Relaxed) {
+                        // An ample product (every tenth is scarce), a server in turn.
+                        let index = k % products.len();
+                        let product = &products[if index % 10 == 9 { index - 1 } else { index }];
+                        let (_, token) = &agents[(k * 7) % agents.len()];
+                        k += 1;
+                        let started = Instant::now();
+                        let answer = http
+                            .post(format!("{url}/v1/instant-balance"))
+                            .bearer_auth(token)
+                            .json(&json!({"request_id": uuid::Uuid::new_v4(),
+                                "product": product, "units": 1}))
+                            .send()
+                            .await
+                            .expect("instant balance");
+                        let ok = answer.status().is_success();
+                        let _ = answer.bytes().await;
+                        assert!(ok, "instant balance refused");
+                        latencies.push(started.elapsed().as_micros() as u64);
+                    }
+                    latencies
+                })
+            };
+            let started = Instant::now();
+            let run: serde_json::Value = http
+                .post(format!("{url}/v1/balance"))
+                .bearer_auth(&admin)
+                .json(&json!({}))
+                .timeout(Duration::from_secs(3600))
+                .send()
+                .await
+                .expect("balance")
+                .error_for_status()
+                .expect("balance status")
+                .json()
+                .await
+                .expect("run");
+            let elapsed = started.elapsed().as_secs_f64();
+            running.store(false, std::sync::atomic::Ordering::Relaxed);
+            let latencies = requester.await.expect("instant requester");
+            let sent = latencies.len();
+            instants.extend(latencies);
+            (elapsed, run["run"]["moves"].as_u64().unwrap_or(0), sent)
+        });
+        println!(
+            "  {label:<26} {elapsed:>8.3} s  moves {moves:>6}  instant balances during it {sent:>5}  load {load}"
+        );
+        elapsed
+    };
+    let mut instants = Vec::new();
+    let first = timed_run("first run (distribution)", &mut instants);
+    let mut quiet = Vec::new();
+    for _ in 0..3 {
+        quiet.push(timed_run("quiet run (no change)", &mut instants));
+    }
+    let mut steady = Vec::new();
+    for round in 0..3 {
+        let cells: Vec<(String, String)> = (0..hot)
+            .map(|i| {
+                let k = round * hot + i;
+                let agent = &estate.fleet[(k * 7) % n_servers];
+                (
+                    agent.url.clone(),
+                    estate.products[(k * 13) % n_products].clone(),
+                )
+            })
+            .collect();
+        client_rt.block_on(checkouts(&http, cells, 4));
+        steady.push(timed_run(
+            &format!("steady run ({hot} hot cells)"),
+            &mut instants,
+        ));
+    }
+    let (rss, peak) = rss_mib(pid);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let instant = series(instants);
+    println!(
+        "  first {first:.2} s; median quiet {:.2} s, median steady {:.2} s",
+        median(quiet),
+        median(steady)
+    );
+    println!(
+        "  instant balance during runs: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        instant.p50, instant.p99, instant.max
+    );
+    println!("  balancer RSS now {rss:.1} MiB, peak {peak:.1} MiB");
+    let _ = child.kill();
+    let _ = child.wait();
+    println!("  books balance: {}", estate.books_balance(server_rt));
+    estate.stop(server_rt);
 }
 
 /// Section 4: the operator console's estate page over 200 servers × 50 products (every cell
