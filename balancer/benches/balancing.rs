@@ -843,6 +843,28 @@ fn spawn_balancer_process(
     (format!("http://127.0.0.1:{port}"), child)
 }
 
+/// The newest manual run once it has ended (polled every 100 ms), as `{"run": summary}`.
+async fn wait_for_manual_run(http: &reqwest::Client, url: &str, admin: &str) -> serde_json::Value {
+    loop {
+        let runs: serde_json::Value = http
+            .get(format!("{url}/v1/runs?trigger=manual&limit=1"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .expect("runs")
+            .error_for_status()
+            .expect("runs status")
+            .json()
+            .await
+            .expect("runs body");
+        let newest = runs["items"].get(0).cloned().unwrap_or_default();
+        if newest["status"].as_str().is_some_and(|s| s != "running") {
+            return json!({ "run": newest });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -953,19 +975,24 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                 })
             };
             let started = Instant::now();
-            let run: serde_json::Value = http
+            let answer = http
                 .post(format!("{url}/v1/balance"))
                 .bearer_auth(&admin)
                 .json(&json!({}))
-                .timeout(Duration::from_secs(3600))
                 .send()
                 .await
-                .expect("balance")
-                .error_for_status()
-                .expect("balance status")
-                .json()
-                .await
-                .expect("run");
+                .expect("balance");
+            let run: serde_json::Value = if answer.status().as_u16() == 503 {
+                // Longer than the request timeout: the run goes on; wait for its end.
+                wait_for_manual_run(&http, &url, &admin).await
+            } else {
+                answer
+                    .error_for_status()
+                    .expect("balance status")
+                    .json()
+                    .await
+                    .expect("run")
+            };
             let elapsed = started.elapsed().as_secs_f64();
             running.store(false, std::sync::atomic::Ordering::Relaxed);
             let latencies = requester.await.expect("instant requester");

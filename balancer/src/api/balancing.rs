@@ -34,12 +34,14 @@ impl From<BalanceError> for ApiError {
     }
 }
 
-/// Runs a manual balance now.
+/// Runs a manual balance now and answers with it once it ends. A run longer than the request
+/// timeout (30 s: a large estate's first distribution) is answered `503` and goes on to its end.
 #[utoipa::path(post, path = "/v1/balance", tag = "balancing", security(("adminToken" = [])),
     request_body = BalanceRequest,
     responses(
         (status = 200, description = "The run and its moves", body = RunDetail),
-        (status = 404, description = "`unknown_product`", body = ErrorBody)))]
+        (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the run outlasted the request timeout; it goes on to its end (see `GET /v1/runs`)", body = ErrorBody)))]
 pub(super) async fn balance(
     State(state): State<AppState>,
     _: Admin,
@@ -48,12 +50,21 @@ pub(super) async fn balance(
     if let Some(product) = &req.product {
         validate::path_name("product", product)?;
     }
-    Ok(Json(
-        state
-            .engine
-            .run(RunTrigger::Manual, req.product.as_deref())
-            .await?,
-    ))
+    // The run is its own task: a run longer than the request timeout, or whose caller goes
+    // away, still runs to its end (it is then in `GET /v1/runs`), never cut between phases.
+    let engine = state.engine.clone();
+    let run =
+        tokio::spawn(async move { engine.run(RunTrigger::Manual, req.product.as_deref()).await });
+    match run.await {
+        Ok(detail) => Ok(Json(detail?)),
+        Err(e) => {
+            tracing::error!(error = %e, "the manual run's task failed");
+            Err(ApiError::new(
+                ErrorCode::Internal,
+                "the run failed; see the log",
+            ))
+        }
+    }
 }
 
 /// Filters and paging of `GET /v1/runs`.
