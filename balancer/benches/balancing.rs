@@ -337,16 +337,7 @@ fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             .await
             .expect("entitlement");
         // No scheduled run may interleave with the measured requests.
-        store
-            .set_schedule(
-                "bench",
-                &ScheduleSetting {
-                    cron: "0 0 1 1 *".into(),
-                    timezone: "UTC".into(),
-                },
-            )
-            .await
-            .expect("schedule");
+        no_scheduled_runs(&*store).await;
         register(&*store, &tokens, "site-a", &agent_url).await
     });
     let stop_agent = start_agent(
@@ -843,6 +834,21 @@ fn spawn_balancer_process(
     (format!("http://127.0.0.1:{port}"), child)
 }
 
+/// Sets a schedule that never fires during a bench (once a year), so only the bench's own
+/// runs and requests touch the books.
+async fn no_scheduled_runs(store: &dyn Store) {
+    store
+        .set_schedule(
+            "bench",
+            &ScheduleSetting {
+                cron: "0 0 1 1 *".into(),
+                timezone: "UTC".into(),
+            },
+        )
+        .await
+        .expect("schedule");
+}
+
 /// The newest manual run once it has ended (polled every 100 ms), as `{"run": summary}`.
 async fn wait_for_manual_run(http: &reqwest::Client, url: &str, admin: &str) -> serde_json::Value {
     loop {
@@ -897,16 +903,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let store = estate.books.store.clone();
     server_rt.block_on(async {
         // Runs only when asked, so each is timed whole.
-        store
-            .set_schedule(
-                "bench",
-                &ScheduleSetting {
-                    cron: "0 0 1 1 *".into(),
-                    timezone: "UTC".into(),
-                },
-            )
-            .await
-            .expect("schedule");
+        no_scheduled_runs(&*store).await;
     });
     let admin = auth::generate_token();
     let log = estate.books.dir.path().join("balancer.log");

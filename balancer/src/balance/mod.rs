@@ -42,7 +42,7 @@ use allot_core::planner::PlannerConfig;
 use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
 use allot_core::wire::balancer::{DoctorCell, DoctorProduct, DoctorReport, MoveView};
 use chrono::Utc;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
@@ -642,25 +642,31 @@ fn reconcile(
     in_flight: &[MoveRecord],
     statuses: &StatusMap,
 ) -> Vec<String> {
+    // Keyed lookups: an estate has 100,000 cells and more, so a scan per cell is quadratic.
+    let in_flight: HashSet<(&str, &str)> = in_flight
+        .iter()
+        .map(|m| (m.server.as_str(), m.product.as_str()))
+        .collect();
+    let before: HashMap<(&str, &str), (u64, u64)> = before
+        .iter()
+        .map(|b| {
+            (
+                (b.server.as_str(), b.product.as_str()),
+                (b.units, b.generation),
+            )
+        })
+        .collect();
     let mut found = Vec::new();
     for cell in after {
         let Some(status) = statuses.get(&cell.server) else {
             continue;
         };
+        let key = (cell.server.as_str(), cell.product.as_str());
         // A move in flight may be applied at the server and not yet booked: not a discrepancy.
-        if in_flight
-            .iter()
-            .any(|m| m.server == cell.server && m.product == cell.product)
-        {
+        if in_flight.contains(&key) {
             continue;
         }
-        let steady = before.iter().any(|b| {
-            b.server == cell.server
-                && b.product == cell.product
-                && b.units == cell.units
-                && b.generation == cell.generation
-        });
-        if !steady {
+        if before.get(&key) != Some(&(cell.units, cell.generation)) {
             continue;
         }
         let seen = status.products.iter().find(|p| p.product == cell.product);
