@@ -176,6 +176,10 @@ async fn unknown_product_is_reported_by_name(backend: Backend) {
         Err(StoreError::UnknownProduct(_))
     ));
     assert!(matches!(
+        store.product_books("nope").await,
+        Err(StoreError::UnknownProduct(_))
+    ));
+    assert!(matches!(
         store.entitlements("nope").await,
         Err(StoreError::UnknownProduct(_))
     ));
@@ -228,6 +232,8 @@ async fn entitlement_removal_needs_free_units(backend: Backend) {
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.purchased, p.reserve, p.allocated), (14, 2, 12));
+    // The books alone, as runs and instant balances reread them, are the same books.
+    assert_eq!(store.product_books("cad").await.unwrap(), p);
     assert_eq!(store.entitlements("cad").await.unwrap().len(), 2);
     // Release 2 units: the reserve covers it now.
     let mv = new_move(MoveKind::Release, "cad", "s1", 2);

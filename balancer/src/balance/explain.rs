@@ -15,7 +15,7 @@ impl Engine {
         product: &str,
         server: Option<&str>,
     ) -> Result<Explanation, BalanceError> {
-        let books = self.store.product(product).await?.product;
+        let books = self.store.product_books(product).await?;
         let Observation {
             servers,
             statuses,

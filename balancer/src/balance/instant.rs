@@ -213,7 +213,7 @@ impl Engine {
         if reclaimed > 0 {
             let second = {
                 let _serialised = lock.lock().await;
-                let reserve = self.store.product(&req.product).await?.product.reserve;
+                let reserve = self.store.product_books(&req.product).await?.reserve;
                 let units = reclaimed.min(reserve);
                 if units > 0 {
                     Some(
@@ -242,7 +242,7 @@ impl Engine {
         let unserved = urgent.saturating_sub(granted);
         let mut unserved_false = 0;
         if unserved > 0 {
-            let reserve_now = self.store.product(&req.product).await?.product.reserve;
+            let reserve_now = self.store.product_books(&req.product).await?.reserve;
             let free_elsewhere: u64 = snapshot
                 .iter()
                 .filter(|c| c.server != asker)
@@ -361,7 +361,7 @@ impl Drop for Earmark<'_> {
 impl Engine {
     /// The product's reserve less the units earmarked for instant balances under way.
     pub(super) async fn available_reserve(&self, product: &str) -> Result<u64, BalanceError> {
-        let reserve = self.store.product(product).await?.product.reserve;
+        let reserve = self.store.product_books(product).await?.reserve;
         let earmarked = self
             .memory
             .lock()

@@ -212,7 +212,7 @@ impl Engine {
         let lock = self.product_lock(name);
         let (planned, decisions) = {
             let _serialised = lock.lock().await;
-            let product = self.store.product(name).await?.product;
+            let product = self.store.product_books(name).await?;
             let cells = self.store.product_cells(name).await?;
             let Some(BuiltSnapshot {
                 snapshot,

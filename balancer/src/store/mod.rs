@@ -566,6 +566,9 @@ pub trait Store: Send + Sync + 'static {
     async fn products(&self) -> StoreResult<Vec<Product>>;
     /// One product with its per-server split.
     async fn product(&self, name: &str) -> StoreResult<ProductDetail>;
+    /// One product's books without its per-server split: what runs and instant balances
+    /// reread under the product's lock (a large estate's split is thousands of rows).
+    async fn product_books(&self, name: &str) -> StoreResult<Product>;
     /// Replaces a product's policy (audited with the policy before and after); metering
     /// servers adopt it at their next sync.
     async fn set_policy(

@@ -73,6 +73,10 @@ impl Store for ErrorReporting {
         self.seen(self.inner.product(name).await)
     }
 
+    async fn product_books(&self, name: &str) -> StoreResult<Product> {
+        self.seen(self.inner.product_books(name).await)
+    }
+
     async fn set_policy(
         &self,
         actor: &str,

@@ -119,6 +119,14 @@ pub(super) async fn product(pool: &Pool<Db>, name: &str) -> StoreResult<ProductD
     Ok(ProductDetail { product, servers })
 }
 
+pub(super) async fn product_books(pool: &Pool<Db>, name: &str) -> StoreResult<Product> {
+    let mut conn = begin_read(pool).await?;
+    let id = product_id(&mut conn, name).await?;
+    let product = product_by_id(&mut conn, id).await?;
+    conn.commit().await?;
+    Ok(product)
+}
+
 #[tracing::instrument(skip_all, fields(product, units = req.units))]
 pub(super) async fn add_entitlement(
     pool: &Pool<Db>,

@@ -387,6 +387,10 @@ impl Store for SqlStore {
         books::product(&self.pool, name).await
     }
 
+    async fn product_books(&self, name: &str) -> StoreResult<Product> {
+        books::product_books(&self.pool, name).await
+    }
+
     async fn set_policy(
         &self,
         actor: &str,
