@@ -14,6 +14,7 @@
 //! - `advisor` — schedule and buffer recommendations from the history.
 //! - `expiry` — which servers retire how many units of an expired entitlement.
 //! - `usage` — concurrency over a window from usage records, and the renewal suggestion.
+//! - `shard` — which shard a product belongs to, and the fence a shard leader writes with.
 //!
 //! Everything here is deterministic and free of I/O: the vocabulary of DESIGN.md as types
 //! ([`domain`]), the JSON shapes of the HTTP APIs ([`wire`]), the stable error codes
@@ -32,6 +33,7 @@ pub mod instant;
 #[cfg(feature = "openapi")]
 pub mod openapi;
 pub mod planner;
+pub mod shard;
 pub mod trigger;
 pub mod usage;
 pub mod validate;

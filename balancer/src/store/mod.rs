@@ -24,6 +24,7 @@ pub mod sqlite;
 pub use reporting::{DatabaseErrorHook, ErrorReporting};
 
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+pub use allot_core::shard::Fence;
 use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
@@ -102,6 +103,19 @@ pub struct EstateTotal {
     pub allocation: u64,
     /// Units in use there, by each cell's newest usage sample (0 for a cell never sampled).
     pub in_use: u64,
+}
+
+/// One shard's leadership as the books record it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLeader {
+    /// The shard, `0..count`.
+    pub shard: u32,
+    /// Its current epoch: only writes carrying it touch the shard's products.
+    pub epoch: i64,
+    /// Where its leader is reached; empty when it has had none since the count was set.
+    pub url: String,
+    /// When its leader took it.
+    pub taken_at: Option<DateTime<Utc>>,
 }
 
 /// A move its server confirmed: the units it applied and its allocation's generation after.
@@ -706,29 +720,31 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         applied_units: u64,
         generation: u64,
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<MoveRecord> {
         let landed = LandedMove {
             id,
             applied_units,
             generation,
         };
-        let mut booked = self.complete_moves(&[landed], epoch).await?;
+        let mut booked = self.complete_moves(&[landed], fence).await?;
         booked
             .pop()
             .ok_or_else(|| StoreError::Corrupt("a booked move vanished".into()))
     }
     /// Books several confirmed moves as [`Store::complete_move`] does, in one transaction: all
     /// or, on any refusal, none (the caller may then book them one by one). A run books each
-    /// server's batch answer this way.
+    /// server's batch answer this way. Every write of a move's end is fenced: refused unless
+    /// `fence` leads the move's product's shard at its current epoch.
     async fn complete_moves(
         &self,
         landed: &[LandedMove],
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<Vec<MoveRecord>>;
     /// Gives a planned move up: a grant's in-transit units return to the reserve. Only call it
     /// when the server is known not to have applied the move.
-    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord>;
+    async fn abandon_move(&self, id: Uuid, reason: &str, fence: &Fence)
+    -> StoreResult<MoveRecord>;
     /// Moves logged but neither applied nor abandoned, oldest first, to resume.
     async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>>;
 
@@ -742,15 +758,25 @@ pub trait Store: Send + Sync + 'static {
     async fn server_records(&self) -> StoreResult<Vec<ServerRecord>>;
     /// Notes that the server was heard from now (its lease restarts).
     async fn touch_server(&self, name: &str) -> StoreResult<()>;
-    /// Declares a silent server lost: in one transaction its allocations return to the reserve,
-    /// its planned moves are abandoned, and its state becomes `lost`. Returns (product, units)
-    /// reclaimed.
-    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>>;
-    /// Makes the caller the leader: bumps the leader epoch (fencing every older writer) and
-    /// records where the new leader is reached. Returns the new epoch.
-    async fn take_leadership(&self, url: &str) -> StoreResult<i64>;
-    /// The current leader epoch and the leader's URL.
-    async fn leader(&self) -> StoreResult<(i64, String)>;
+    /// Declares a silent server lost: in one transaction its allocations of the products whose
+    /// shards `fence` leads return to the reserve, its planned moves of those products are
+    /// abandoned, and its state becomes `lost` (other shards' leaders reclaim theirs). Returns
+    /// (product, units) reclaimed.
+    async fn reclaim_lost_server(
+        &self,
+        name: &str,
+        fence: &Fence,
+    ) -> StoreResult<Vec<(String, u64)>>;
+    /// Makes the caller the leader of `shard`: bumps the shard's epoch to a new one (fencing
+    /// every older writer of its products) and records where the new leader is reached.
+    /// Returns the new epoch; not found when the estate has no such shard.
+    async fn take_shard(&self, shard: u32, url: &str) -> StoreResult<i64>;
+    /// Every shard with its current epoch and leader, by shard; their number is the estate's
+    /// shard count.
+    async fn shard_leaders(&self) -> StoreResult<Vec<ShardLeader>>;
+    /// Sets the number of shards, audited: every shard gets a new epoch and no leader, so every
+    /// balancer's fence is stale and each takes its shards anew under the new count.
+    async fn set_shard_count(&self, actor: &str, count: u32) -> StoreResult<()>;
     /// Makes a lost server active again; returns whether it had been lost.
     async fn revive_server(&self, name: &str) -> StoreResult<bool>;
     /// Notes that a server showed it adopted the books' allocations after a reset.
@@ -763,8 +789,8 @@ pub trait Store: Send + Sync + 'static {
     /// Notes that these servers were heard from now, in one transaction.
     async fn touch_servers(&self, names: &[String]) -> StoreResult<()>;
 
-    /// Opens a run record.
-    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64>;
+    /// Opens a run record, with the newest epoch of the `fence` it runs under.
+    async fn begin_run(&self, trigger: RunTrigger, fence: &Fence) -> StoreResult<i64>;
     /// Closes a run record.
     async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()>;
     /// Records the usage samples of a run, taken at `at_ms`.
@@ -784,9 +810,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Takes expired entitlements out of `purchased` as far as the reserve allows (see
     /// `balance::expiry`); returns, per product, the units still to retire from servers, net
-    /// of retire moves already under way.
-    async fn expire_from_reserve(&self, now_ms: i64, epoch: i64)
-    -> StoreResult<Vec<(String, u64)>>;
+    /// of retire moves already under way. Only the products whose shards `fence` leads.
+    async fn expire_from_reserve(
+        &self,
+        now_ms: i64,
+        fence: &Fence,
+    ) -> StoreResult<Vec<(String, u64)>>;
     /// Stores a metering server's batch of usage and denial records, once per record id;
     /// returns the acknowledgement and the records dropped for naming an unknown product.
     async fn store_records(

@@ -44,8 +44,8 @@ async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::E
 }
 
 /// Row lock on the product, taken first by every transaction that changes its pool.
-const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1 FOR UPDATE";
+const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1 FOR UPDATE";
 
-/// The leader epoch under a share lock: a takeover's update waits for this transaction, and
-/// every transaction after the takeover sees the new epoch and is fenced.
-const LOCK_EPOCH: &str = "SELECT value FROM settings WHERE key = 'leader.epoch' FOR SHARE";
+/// The shards' epochs under a share lock: a takeover's update (or a new shard count) waits for
+/// this transaction, and every transaction after it sees the new epoch and is fenced.
+const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard FOR SHARE";

@@ -241,13 +241,18 @@ impl Store for ErrorReporting {
     async fn complete_moves(
         &self,
         landed: &[crate::store::LandedMove],
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<Vec<MoveRecord>> {
-        self.seen(self.inner.complete_moves(landed, epoch).await)
+        self.seen(self.inner.complete_moves(landed, fence).await)
     }
 
-    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {
-        self.seen(self.inner.abandon_move(id, reason, epoch).await)
+    async fn abandon_move(
+        &self,
+        id: Uuid,
+        reason: &str,
+        fence: &Fence,
+    ) -> StoreResult<MoveRecord> {
+        self.seen(self.inner.abandon_move(id, reason, fence).await)
     }
 
     async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>> {
@@ -270,16 +275,24 @@ impl Store for ErrorReporting {
         self.seen(self.inner.touch_server(name).await)
     }
 
-    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>> {
-        self.seen(self.inner.reclaim_lost_server(name, epoch).await)
+    async fn reclaim_lost_server(
+        &self,
+        name: &str,
+        fence: &Fence,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        self.seen(self.inner.reclaim_lost_server(name, fence).await)
     }
 
-    async fn take_leadership(&self, url: &str) -> StoreResult<i64> {
-        self.seen(self.inner.take_leadership(url).await)
+    async fn take_shard(&self, shard: u32, url: &str) -> StoreResult<i64> {
+        self.seen(self.inner.take_shard(shard, url).await)
     }
 
-    async fn leader(&self) -> StoreResult<(i64, String)> {
-        self.seen(self.inner.leader().await)
+    async fn shard_leaders(&self) -> StoreResult<Vec<ShardLeader>> {
+        self.seen(self.inner.shard_leaders().await)
+    }
+
+    async fn set_shard_count(&self, actor: &str, count: u32) -> StoreResult<()> {
+        self.seen(self.inner.set_shard_count(actor, count).await)
     }
 
     async fn revive_server(&self, name: &str) -> StoreResult<bool> {
@@ -302,8 +315,8 @@ impl Store for ErrorReporting {
         self.seen(self.inner.touch_servers(names).await)
     }
 
-    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64> {
-        self.seen(self.inner.begin_run(trigger, epoch).await)
+    async fn begin_run(&self, trigger: RunTrigger, fence: &Fence) -> StoreResult<i64> {
+        self.seen(self.inner.begin_run(trigger, fence).await)
     }
 
     async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()> {
@@ -331,9 +344,9 @@ impl Store for ErrorReporting {
     async fn expire_from_reserve(
         &self,
         now_ms: i64,
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<Vec<(String, u64)>> {
-        self.seen(self.inner.expire_from_reserve(now_ms, epoch).await)
+        self.seen(self.inner.expire_from_reserve(now_ms, fence).await)
     }
 
     async fn store_records(

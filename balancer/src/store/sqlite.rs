@@ -50,7 +50,7 @@ async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::E
 }
 
 /// `BEGIN IMMEDIATE` already holds the database's write lock: reading the row is enough.
-const LOCK_PRODUCT: &str = "SELECT id FROM products WHERE id = $1";
+const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1";
 
-/// The leader epoch; `BEGIN IMMEDIATE` already serialises it with a takeover.
-const LOCK_EPOCH: &str = "SELECT value FROM settings WHERE key = 'leader.epoch'";
+/// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
+const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";

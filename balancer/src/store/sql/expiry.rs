@@ -3,7 +3,7 @@
 //! allocated` and `purchased = Σ live entitlements − Σ retired` at each commit.
 
 use super::{
-    Conn, Db, Pool, StoreResult, begin_write, check_epoch, lock_product, now_ms, write_audit,
+    Conn, Db, Fence, Pool, StoreResult, begin_write, check_fence, lock_product, now_ms, write_audit,
 };
 
 /// Who retires an expired entitlement, in the audit log.
@@ -78,7 +78,7 @@ pub(super) async fn retire(conn: &mut Conn, product_id: i64, units: i64) -> Stor
 pub(super) async fn expire_from_reserve(
     pool: &Pool<Db>,
     now_ms: i64,
-    epoch: i64,
+    fence: &Fence,
 ) -> StoreResult<Vec<(String, u64)>> {
     let products: Vec<(i64, String)> = sqlx::query_as(
         "SELECT DISTINCT p.id, p.name FROM entitlements e JOIN products p ON p.id = e.product_id \
@@ -89,10 +89,11 @@ pub(super) async fn expire_from_reserve(
     .fetch_all(pool)
     .await?;
     let mut outstanding = Vec::new();
-    for (pid, name) in products {
+    // Only the products of the shards this leader leads: other shards' leaders expire theirs.
+    for (pid, name) in products.into_iter().filter(|(_, name)| fence.leads(name)) {
         let mut tx = begin_write(pool).await?;
         lock_product(&mut tx, pid).await?;
-        check_epoch(&mut tx, epoch).await?;
+        check_fence(&mut tx, fence, std::slice::from_ref(&name)).await?;
         let (owed, planned, reserve): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
              CAST(COALESCE((SELECT SUM(units - retired) FROM entitlements WHERE product_id = $1 \

@@ -2,9 +2,9 @@
 //! per-(server, product) floors and buffers, leases (touch) and the reclaim of a lost server.
 
 use super::{
-    AllocationView, Db, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server, ServerRecord,
+    AllocationView, Db, Fence, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server, ServerRecord,
     ServerRow, ServerState, SetAllocation, StoreError, StoreResult, Uuid, begin_write, cell,
-    check_epoch, conflict_on_constraint, count, json, lock_product, move_row, now_ms, product_id,
+    check_fence, conflict_on_constraint, count, json, lock_product, move_row, now_ms, product_id,
     server_columns, server_row, set_move_state, shift_pool, write_audit,
 };
 
@@ -255,7 +255,7 @@ pub(super) async fn touch_server(pool: &Pool<Db>, name: &str) -> StoreResult<()>
 pub(super) async fn reclaim_lost_server(
     pool: &Pool<Db>,
     name: &str,
-    epoch: i64,
+    fence: &Fence,
 ) -> StoreResult<Vec<(String, u64)>> {
     let mut tx = begin_write(pool).await?;
     let server = server_row(&mut tx, name).await?;
@@ -267,6 +267,11 @@ pub(super) async fn reclaim_lost_server(
     .bind(server.id)
     .fetch_all(&mut *tx)
     .await?;
+    // Only the products of the shards this leader leads: other shards' leaders reclaim theirs.
+    let held: Vec<(i64, String, i64)> = held
+        .into_iter()
+        .filter(|(_, product, _)| fence.leads(product))
+        .collect();
     let planned: Vec<String> = sqlx::query_scalar(
         "SELECT id FROM moves WHERE server_id = $1 AND state = 'planned' ORDER BY id",
     )
@@ -274,17 +279,23 @@ pub(super) async fn reclaim_lost_server(
     .fetch_all(&mut *tx)
     .await?;
     let mut product_ids: Vec<i64> = held.iter().map(|(pid, _, _)| *pid).collect();
-    for id in &planned {
-        let id = Uuid::parse_str(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        product_ids.push(move_row(&mut tx, id).await?.product_id);
+    let mut mine = Vec::with_capacity(planned.len());
+    for id in planned {
+        let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let row = move_row(&mut tx, uuid).await?;
+        if fence.leads(&row.product) {
+            product_ids.push(row.product_id);
+            mine.push(id);
+        }
     }
     product_ids.sort_unstable();
     product_ids.dedup();
+    let mut products = Vec::with_capacity(product_ids.len());
     for pid in &product_ids {
-        lock_product(&mut tx, *pid).await?;
+        products.push(lock_product(&mut tx, *pid).await?);
     }
-    check_epoch(&mut tx, epoch).await?;
-    for id in planned {
+    check_fence(&mut tx, fence, &products).await?;
+    for id in mine {
         let uuid = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let row = move_row(&mut tx, uuid).await?;
         if row.kind == MoveKind::Grant.as_str() {

@@ -25,7 +25,7 @@ mod runs;
 mod settings;
 
 use super::{
-    BACKEND, Db, LOCK_EPOCH, LOCK_PRODUCT, MIGRATOR, begin_read, begin_write, connect_pool,
+    BACKEND, Db, LOCK_PRODUCT, LOCK_SHARDS, MIGRATOR, begin_read, begin_write, connect_pool,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -35,10 +35,11 @@ use crate::store::rows::{
 use crate::store::{
     AuditQuery, BooksCheck, CellAccounting, CellRecord, HistoryBucket, HistoryQuery, InstantRecord,
     MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError,
-    StoreResult, UsageSample,
+    ShardLeader, StoreResult, UsageSample,
 };
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+use allot_core::shard::Fence;
 use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, ExplainedCell, Product,
@@ -227,24 +228,44 @@ async fn product_id(conn: &mut Conn, name: &str) -> StoreResult<i64> {
 
 /// Takes the product's row lock before any other row of the transaction, so every writer
 /// locks in the same order (product, then allocations) and concurrent moves cannot deadlock.
-async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<()> {
-    sqlx::query(LOCK_PRODUCT)
+/// Returns the product's name, which decides its shard.
+async fn lock_product(conn: &mut Conn, product_id: i64) -> StoreResult<String> {
+    Ok(sqlx::query_scalar(LOCK_PRODUCT)
         .bind(product_id)
-        .execute(conn)
-        .await?;
+        .fetch_one(conn)
+        .await?)
+}
+
+/// The current epoch of every shard, indexed by shard, read under a share lock so a takeover
+/// (which bumps one) or a new shard count waits for the transaction to finish.
+async fn shard_epochs(conn: &mut Conn) -> StoreResult<Vec<i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(LOCK_SHARDS).fetch_all(conn).await?;
+    if rows.is_empty() || rows.iter().enumerate().any(|(i, (s, _))| *s as usize != i) {
+        return Err(StoreError::Corrupt(format!(
+            "leader_shards must number its shards 0..n: {rows:?}"
+        )));
+    }
+    Ok(rows.into_iter().map(|(_, epoch)| epoch).collect())
+}
+
+/// Refuses a write to `product` by a writer whose epoch is not the current one of the product's
+/// shard (fencing).
+fn check_epoch_of(shards: &[i64], product: &str, epoch: i64) -> StoreResult<()> {
+    let count = u32::try_from(shards.len()).unwrap_or(u32::MAX);
+    let current = shards[allot_core::shard::shard_of(product, count) as usize];
+    if epoch != current {
+        return Err(StoreError::Fenced { epoch, current });
+    }
     Ok(())
 }
 
-/// Refuses the write of a leader whose epoch is not the current one (fencing). Reads the epoch
-/// under a share lock, so a takeover (which bumps it) waits for this transaction to finish.
-async fn check_epoch(conn: &mut Conn, epoch: i64) -> StoreResult<()> {
-    let current: i64 = sqlx::query_scalar::<_, String>(LOCK_EPOCH)
-        .fetch_one(conn)
-        .await?
-        .parse()
-        .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
-    if epoch != current {
-        return Err(StoreError::Fenced { epoch, current });
+/// Refuses the write unless `fence` leads the shard of every product in `products` at its
+/// current epoch: a deposed leader, or one that still believes in an older shard count,
+/// changes nothing.
+async fn check_fence(conn: &mut Conn, fence: &Fence, products: &[String]) -> StoreResult<()> {
+    let shards = shard_epochs(conn).await?;
+    for product in products {
+        check_epoch_of(&shards, product, fence.epoch_for(product).unwrap_or(-1))?;
     }
     Ok(())
 }
@@ -543,13 +564,18 @@ impl Store for SqlStore {
     async fn complete_moves(
         &self,
         landed: &[crate::store::LandedMove],
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<Vec<MoveRecord>> {
-        moves::complete_moves(&self.pool, landed, epoch).await
+        moves::complete_moves(&self.pool, landed, fence).await
     }
 
-    async fn abandon_move(&self, id: Uuid, reason: &str, epoch: i64) -> StoreResult<MoveRecord> {
-        moves::abandon_move(&self.pool, id, reason, epoch).await
+    async fn abandon_move(
+        &self,
+        id: Uuid,
+        reason: &str,
+        fence: &Fence,
+    ) -> StoreResult<MoveRecord> {
+        moves::abandon_move(&self.pool, id, reason, fence).await
     }
 
     async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>> {
@@ -572,8 +598,12 @@ impl Store for SqlStore {
         fleet::touch_server(&self.pool, name).await
     }
 
-    async fn reclaim_lost_server(&self, name: &str, epoch: i64) -> StoreResult<Vec<(String, u64)>> {
-        fleet::reclaim_lost_server(&self.pool, name, epoch).await
+    async fn reclaim_lost_server(
+        &self,
+        name: &str,
+        fence: &Fence,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        fleet::reclaim_lost_server(&self.pool, name, fence).await
     }
 
     async fn revive_server(&self, name: &str) -> StoreResult<bool> {
@@ -596,8 +626,8 @@ impl Store for SqlStore {
         books::cells(&self.pool).await
     }
 
-    async fn begin_run(&self, trigger: RunTrigger, epoch: i64) -> StoreResult<i64> {
-        runs::begin_run(&self.pool, trigger, epoch).await
+    async fn begin_run(&self, trigger: RunTrigger, fence: &Fence) -> StoreResult<i64> {
+        runs::begin_run(&self.pool, trigger, fence.newest_epoch()).await
     }
 
     async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()> {
@@ -625,9 +655,9 @@ impl Store for SqlStore {
     async fn expire_from_reserve(
         &self,
         now_ms: i64,
-        epoch: i64,
+        fence: &Fence,
     ) -> StoreResult<Vec<(String, u64)>> {
-        expiry::expire_from_reserve(&self.pool, now_ms, epoch).await
+        expiry::expire_from_reserve(&self.pool, now_ms, fence).await
     }
 
     async fn store_records(
@@ -722,11 +752,15 @@ impl Store for SqlStore {
         settings::set_setting(&self.pool, actor, key, value).await
     }
 
-    async fn take_leadership(&self, url: &str) -> StoreResult<i64> {
-        settings::take_leadership(&self.pool, url).await
+    async fn take_shard(&self, shard: u32, url: &str) -> StoreResult<i64> {
+        settings::take_shard(&self.pool, shard, url).await
     }
 
-    async fn leader(&self) -> StoreResult<(i64, String)> {
-        settings::leader(&self.pool).await
+    async fn shard_leaders(&self) -> StoreResult<Vec<ShardLeader>> {
+        settings::shard_leaders(&self.pool).await
+    }
+
+    async fn set_shard_count(&self, actor: &str, count: u32) -> StoreResult<()> {
+        settings::set_shard_count(&self.pool, actor, count).await
     }
 }

@@ -5,7 +5,8 @@ use crate::store::LandedMove;
 
 use super::{
     Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
-    StoreError, StoreResult, Uuid, begin_write, check_epoch, conflict_on_constraint, lock_product,
+    Fence, StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
+    conflict_on_constraint, lock_product, shard_epochs,
     move_columns, move_row, now_ms, sequential_params, set_move_state, shift_pool,
     values_placeholders,
 };
@@ -48,9 +49,10 @@ pub(super) async fn begin_moves(
     for pid in &pids {
         lock_product(&mut tx, *pid).await?;
     }
-    let epochs: BTreeSet<i64> = moves.iter().map(|m| m.epoch).collect();
-    for epoch in epochs {
-        check_epoch(&mut tx, epoch).await?;
+    // Each move carries the epoch of its product's shard.
+    let shards = shard_epochs(&mut tx).await?;
+    for mv in moves {
+        check_epoch_of(&shards, &mv.product, mv.epoch)?;
     }
     // Releases and retirements: each within what its server holds.
     let mut held: HashMap<i64, HashMap<i64, i64>> = HashMap::new();
@@ -181,21 +183,22 @@ async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String,
 pub(super) async fn complete_moves(
     pool: &Pool<Db>,
     landed: &[LandedMove],
-    epoch: i64,
+    fence: &Fence,
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
     let ids: Vec<Uuid> = landed.iter().map(|l| l.id).collect();
     let before = move_rows(&mut tx, &ids).await?;
     let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
+    let mut products = Vec::with_capacity(pids.len());
     for pid in &pids {
-        lock_product(&mut tx, *pid).await?;
+        products.push(lock_product(&mut tx, *pid).await?);
     }
-    check_epoch(&mut tx, epoch).await?;
+    check_fence(&mut tx, fence, &products).await?;
     let rows = move_rows(&mut tx, &ids).await?;
     if rows.values().any(|r| r.kind == MoveKind::Retire.as_str()) {
         let mut records = Vec::with_capacity(landed.len());
         for l in landed {
-            records.push(complete_move_in(&mut tx, *l, epoch).await?);
+            records.push(complete_move_in(&mut tx, *l, fence).await?);
         }
         tx.commit().await?;
         return Ok(records);
@@ -363,14 +366,14 @@ async fn apply_to_allocations(
 async fn complete_move_in(
     tx: &mut Conn,
     landed: LandedMove,
-    epoch: i64,
+    fence: &Fence,
 ) -> StoreResult<MoveRecord> {
     let LandedMove {
         id,
         applied_units,
         generation,
     } = landed;
-    let (row, record) = match planned_move(&mut *tx, id, epoch, MoveState::Applied).await? {
+    let (row, record) = match planned_move(&mut *tx, id, fence, MoveState::Applied).await? {
         Prelude::Planned(row, record) => (row, record),
         Prelude::Repeated(record) => return Ok(record),
     };
@@ -448,10 +451,10 @@ pub(super) async fn abandon_move(
     pool: &Pool<Db>,
     id: Uuid,
     reason: &str,
-    epoch: i64,
+    fence: &Fence,
 ) -> StoreResult<MoveRecord> {
     let mut tx = begin_write(pool).await?;
-    let (row, record) = match planned_move(&mut tx, id, epoch, MoveState::Abandoned).await? {
+    let (row, record) = match planned_move(&mut tx, id, fence, MoveState::Abandoned).await? {
         Prelude::Planned(row, record) => (row, record),
         Prelude::Repeated(record) => return Ok(record),
     };
@@ -500,12 +503,12 @@ enum Prelude {
 async fn planned_move(
     conn: &mut Conn,
     id: Uuid,
-    epoch: i64,
+    fence: &Fence,
     ending: MoveState,
 ) -> StoreResult<Prelude> {
     let row = move_row(conn, id).await?;
-    lock_product(conn, row.product_id).await?;
-    check_epoch(conn, epoch).await?;
+    let product = lock_product(conn, row.product_id).await?;
+    check_fence(conn, fence, &[product]).await?;
     let row = move_row(conn, id).await?;
     let record = row.to_record()?;
     match record.state {

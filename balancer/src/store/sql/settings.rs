@@ -1,10 +1,11 @@
-//! Settings: the schedule, named settings, the token key, the leader epoch and URL, and
-//! the audit log.
+//! Settings: the schedule, named settings, the token key, the shards' leaders and epochs,
+//! and the audit log.
 
 use super::{
-    AuditEntry, AuditQuery, AuditRow, Db, Pool, ScheduleSetting, StoreError, StoreResult,
-    begin_write, json, write_audit,
+    AuditEntry, AuditQuery, AuditRow, Conn, Db, Pool, ScheduleSetting, ShardLeader, StoreError,
+    StoreResult, begin_write, json, now_ms, write_audit,
 };
+use allot_core::shard::MAX_SHARDS;
 
 pub(super) async fn schedule(pool: &Pool<Db>) -> StoreResult<ScheduleSetting> {
     let rows: Vec<(String, String)> = sqlx::query_as(
@@ -147,46 +148,96 @@ pub(super) async fn set_setting(
     Ok(())
 }
 
-pub(super) async fn take_leadership(pool: &Pool<Db>, url: &str) -> StoreResult<i64> {
-    let mut tx = begin_write(pool).await?;
-    let epoch: i64 = sqlx::query_scalar::<_, String>(
+/// Draws the next epoch from the one counter every shard's epochs come from.
+async fn next_epoch(conn: &mut Conn) -> StoreResult<i64> {
+    sqlx::query_scalar::<_, String>(
         "UPDATE settings SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) \
          WHERE key = 'leader.epoch' RETURNING value",
     )
-    .fetch_one(&mut *tx)
+    .fetch_one(conn)
     .await?
     .parse()
-    .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
-    sqlx::query(
-        "INSERT INTO settings (key, value) VALUES ('leader.url', $1) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))
+}
+
+pub(super) async fn take_shard(pool: &Pool<Db>, shard: u32, url: &str) -> StoreResult<i64> {
+    let mut tx = begin_write(pool).await?;
+    let epoch = next_epoch(&mut tx).await?;
+    let taken = sqlx::query(
+        "UPDATE leader_shards SET epoch = $1, leader_url = $2, taken_at = $3 WHERE shard = $4",
     )
+    .bind(epoch)
     .bind(url)
+    .bind(now_ms())
+    .bind(i64::from(shard))
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if taken == 0 {
+        return Err(StoreError::NotFound(format!("shard {shard}")));
+    }
     write_audit(
         &mut tx,
         "balancer",
         "leader.take",
         url,
         None,
-        Some(serde_json::json!({ "epoch": epoch, "url": url }).to_string()),
+        Some(serde_json::json!({ "shard": shard, "epoch": epoch, "url": url }).to_string()),
     )
     .await?;
     tx.commit().await?;
     Ok(epoch)
 }
 
-pub(super) async fn leader(pool: &Pool<Db>) -> StoreResult<(i64, String)> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT key, value FROM settings WHERE key IN ('leader.epoch', 'leader.url')",
+pub(super) async fn shard_leaders(pool: &Pool<Db>) -> StoreResult<Vec<ShardLeader>> {
+    let rows: Vec<(i32, i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT shard, epoch, leader_url, taken_at FROM leader_shards ORDER BY shard",
     )
     .fetch_all(pool)
     .await?;
-    let get = |key: &str| rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let epoch = get("leader.epoch")
-        .unwrap_or_default()
-        .parse()
-        .map_err(|e| StoreError::Corrupt(format!("leader.epoch: {e}")))?;
-    Ok((epoch, get("leader.url").unwrap_or_default()))
+    Ok(rows
+        .into_iter()
+        .map(|(shard, epoch, url, taken_at)| ShardLeader {
+            shard: u32::try_from(shard).unwrap_or_default(),
+            epoch,
+            url,
+            taken_at: taken_at.and_then(chrono::DateTime::from_timestamp_millis),
+        })
+        .collect())
+}
+
+pub(super) async fn set_shard_count(pool: &Pool<Db>, actor: &str, count: u32) -> StoreResult<()> {
+    if !(1..=MAX_SHARDS).contains(&count) {
+        return Err(StoreError::Conflict(format!(
+            "the shard count must be 1 to {MAX_SHARDS}, not {count}"
+        )));
+    }
+    let mut tx = begin_write(pool).await?;
+    let before: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leader_shards")
+        .fetch_one(&mut *tx)
+        .await?;
+    // Deleting waits for every write holding a shard's row under its share lock; the writes
+    // after this commit find new epochs that no balancer holds, and are fenced.
+    sqlx::query("DELETE FROM leader_shards")
+        .execute(&mut *tx)
+        .await?;
+    for shard in 0..count {
+        let epoch = next_epoch(&mut tx).await?;
+        sqlx::query("INSERT INTO leader_shards (shard, epoch, leader_url) VALUES ($1, $2, '')")
+            .bind(i64::from(shard))
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
+    }
+    write_audit(
+        &mut tx,
+        actor,
+        "shards.set",
+        "shards",
+        Some(serde_json::json!({ "count": before }).to_string()),
+        Some(serde_json::json!({ "count": count }).to_string()),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
