@@ -1115,9 +1115,12 @@ fn console_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                 });
             }
         }
-        let epoch = store.take_leadership("http://bench").await.expect("lead");
+        let epoch = store.take_shard(0, "http://bench").await.expect("lead");
         let run = store
-            .begin_run(RunTrigger::Manual, epoch)
+            .begin_run(
+                RunTrigger::Manual,
+                &allot_core::shard::Fence::new(1, [(0, epoch)].into()),
+            )
             .await
             .expect("run");
         store

@@ -60,6 +60,16 @@ pub struct ServeArgs {
     /// `http://<listen>`, `https://` with TLS).
     #[arg(long, env = "ALLOT_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// The shards this balancer competes for at once, e.g. `0,2` (default: every shard). Any
+    /// other shard it takes over only after that shard has been without a leader for
+    /// `--shard-grace-seconds`. Set the count with `allot-balancer shards --count N`.
+    #[arg(long, env = "ALLOT_LEAD_SHARDS", value_delimiter = ',',
+        value_parser = clap::value_parser!(u32).range(0..i64::from(allot_core::shard::MAX_SHARDS)))]
+    pub lead_shards: Vec<u32>,
+    /// How long a shard this balancer does not prefer must be without a leader before it takes
+    /// the shard over.
+    #[arg(long, env = "ALLOT_SHARD_GRACE_SECONDS", default_value_t = 30)]
+    pub shard_grace_seconds: u64,
     /// A metering server unheard of for this long is declared lost and its units reclaimed.
     #[arg(long, env = "ALLOT_LEASE_SECONDS", default_value_t = 24 * 3600)]
     pub lease_seconds: u64,

@@ -109,6 +109,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         admin_token: Some(admin_token.clone()),
         advertise_url: None,
+        lead_shards: Vec::new(),
+        shard_grace_seconds: 30,
         lease_seconds: 24 * 3600,
         lease_margin_seconds: 300,
         call_timeout_ms: 2000,

@@ -9,7 +9,10 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     allot_http::tls::install_crypto_provider();
     let cli = Cli::parse();
-    let service = matches!(cli.command, Command::Serve(_) | Command::Migrate(_));
+    let service = matches!(
+        cli.command,
+        Command::Serve(_) | Command::Migrate(_) | Command::Shards(_)
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -42,6 +45,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(backend = store.backend(), "migrations applied");
             store.close().await;
             Ok(())
+        }
+        Command::Shards(args) => {
+            init_logging(cli.log_format);
+            args.run().await
         }
         Command::Product(cmd) => cmd.run().await,
         Command::Entitlement(cmd) => cmd.run().await,

@@ -11,11 +11,12 @@ use crate::auth::{self, AdminTokenSource};
 use crate::balance::{Engine, scheduler};
 use crate::config::{ServeArgs, StoreArgs};
 use crate::metrics::Metrics;
-use crate::store::{self, StoreError};
+use crate::store::{self, Fence, StoreError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
@@ -198,26 +199,30 @@ pub async fn run_with_metrics(
         let scheme = if tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{local}")
     });
-    let (won, mut wins) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let (won, mut wins) = tokio::sync::mpsc::unbounded_channel::<Fence>();
     let leadership = match &args.store.database_url {
         Some(url) if store.backend() == "postgres" => {
             tracing::info!(%advertise, "competing for leadership (PostgreSQL advisory lock)");
+            let candidacy = crate::leader::Candidacy {
+                url: advertise,
+                preferred: Some(args.lead_shards.iter().copied().collect())
+                    .filter(|p: &std::collections::BTreeSet<u32>| !p.is_empty()),
+                grace: Duration::from_secs(args.shard_grace_seconds),
+            };
             crate::leader::compete(
                 store.clone(),
                 url.clone(),
-                advertise,
+                candidacy,
                 stop_scheduler.subscribe(),
-                move |epoch| {
-                    let _ = won.send(epoch);
+                move |fence| {
+                    let _ = won.send(fence);
                 },
             )
             .await
         }
         _ => {
             let leadership = crate::leader::lead_alone(&*store, &advertise).await?;
-            if let Some(epoch) = *leadership.borrow() {
-                let _ = won.send(epoch);
-            }
+            let _ = won.send(leadership.borrow().clone());
             leadership
         }
     };
@@ -231,17 +236,20 @@ pub async fn run_with_metrics(
     // Each time leadership is won, unfinished moves are resumed before anything is planned.
     let resumer = engine.clone();
     tokio::spawn(async move {
-        while let Some(epoch) = wins.recv().await {
+        while let Some(fence) = wins.recv().await {
+            let epochs = fence.epochs();
             match resumer.resume_unfinished().await {
                 Ok(errors) if errors.is_empty() => {
-                    tracing::info!(epoch, "unfinished moves resumed")
+                    tracing::info!(?epochs, "unfinished moves resumed")
                 }
                 Ok(errors) => tracing::warn!(
-                    epoch,
+                    ?epochs,
                     ?errors,
                     "unfinished moves could not all be resumed; the next run retries"
                 ),
-                Err(e) => tracing::error!(epoch, error = %e, "could not resume unfinished moves"),
+                Err(e) => {
+                    tracing::error!(?epochs, error = %e, "could not resume unfinished moves")
+                }
             }
         }
     });

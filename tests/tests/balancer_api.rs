@@ -558,7 +558,10 @@ async fn seed_morning_peaks(backend: &Backend) {
             11..=17 => (10, 10, 0),
             _ => (1, 1, 0),
         };
-        let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+        let run = store
+            .begin_run(RunTrigger::Scheduled, &allot_core::shard::Fence::alone())
+            .await
+            .unwrap();
         let sample = UsageSample {
             server: "paris".into(),
             product: "cad".into(),

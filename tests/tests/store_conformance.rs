@@ -2,10 +2,11 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, CellAccounting, EstateTotal, HistoryBucket, HistoryQuery, LandedMove,
+    self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery, LandedMove,
     NewMove, ScheduleSetting, Store, StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
+use allot_core::shard::shard_of;
 use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
 use allot_tests::{Backend, on_both_backends};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ on_both_backends!(
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
     a_deposed_leader_is_fenced,
+    each_shard_fences_its_own_products,
 );
 
 fn product(name: &str) -> CreateProduct {
@@ -105,7 +107,10 @@ async fn stocked(backend: &Backend, purchased: u32) -> Arc<dyn Store> {
 async fn grant(store: &dyn Store, server: &str, units: u64) {
     let mv = new_move(MoveKind::Grant, "cad", server, units);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, units, 1, 0).await.unwrap();
+    store
+        .complete_move(mv.id, units, 1, &Fence::alone())
+        .await
+        .unwrap();
 }
 
 async fn products_are_created_listed_and_shown(backend: Backend) {
@@ -238,7 +243,10 @@ async fn entitlement_removal_needs_free_units(backend: Backend) {
     // Release 2 units: the reserve covers it now.
     let mv = new_move(MoveKind::Release, "cad", "s1", 2);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, 2, 2, 0).await.unwrap();
+    store
+        .complete_move(mv.id, 2, 2, &Fence::alone())
+        .await
+        .unwrap();
     let removed = store
         .remove_entitlement("admin", "cad", extra.id)
         .await
@@ -270,7 +278,10 @@ async fn servers_register_drain_and_remove(backend: Backend) {
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let mv = new_move(MoveKind::Release, "cad", "s1", 3);
     store.begin_move(&mv).await.unwrap();
-    store.complete_move(mv.id, 3, 2, 0).await.unwrap();
+    store
+        .complete_move(mv.id, 3, 2, &Fence::alone())
+        .await
+        .unwrap();
     store.remove_server("admin", "s1").await.unwrap();
     assert!(store.servers().await.unwrap().is_empty());
     assert!(
@@ -504,7 +515,10 @@ async fn grant_travels_through_transit(backend: Backend) {
     assert_eq!((p.reserve, p.in_transit, p.allocated), (6, 4, 0));
     assert_eq!(store.unfinished_moves().await.unwrap(), vec![planned]);
     assert_balanced(&*store).await;
-    let applied = store.complete_move(mv.id, 4, 7, 0).await.unwrap();
+    let applied = store
+        .complete_move(mv.id, 4, 7, &Fence::alone())
+        .await
+        .unwrap();
     assert_eq!(applied.state, MoveState::Applied);
     let detail = store.product("cad").await.unwrap();
     assert_eq!((detail.product.reserve, detail.product.in_transit), (6, 0));
@@ -515,7 +529,7 @@ async fn grant_travels_through_transit(backend: Backend) {
     let mv = new_move(MoveKind::Grant, "cad", "s1", 5);
     store.begin_move(&mv).await.unwrap();
     let abandoned = store
-        .abandon_move(mv.id, "server never saw it", 0)
+        .abandon_move(mv.id, "server never saw it", &Fence::alone())
         .await
         .unwrap();
     assert_eq!(abandoned.state, MoveState::Abandoned);
@@ -533,7 +547,10 @@ async fn release_returns_only_confirmed_units(backend: Backend) {
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.allocated), (2, 8));
     // The server had only 3 free units.
-    let done = store.complete_move(mv.id, 3, 9, 0).await.unwrap();
+    let done = store
+        .complete_move(mv.id, 3, 9, &Fence::alone())
+        .await
+        .unwrap();
     assert_eq!(done.applied_units, Some(3));
     let detail = store.product("cad").await.unwrap();
     assert_eq!(
@@ -544,7 +561,7 @@ async fn release_returns_only_confirmed_units(backend: Backend) {
     let mv = new_move(MoveKind::Release, "cad", "s1", 1);
     store.begin_move(&mv).await.unwrap();
     assert!(matches!(
-        store.complete_move(mv.id, 2, 10, 0).await,
+        store.complete_move(mv.id, 2, 10, &Fence::alone()).await,
         Err(StoreError::Conflict(_))
     ));
     assert_balanced(&*store).await;
@@ -554,12 +571,18 @@ async fn moves_are_idempotent_and_final(backend: Backend) {
     let store = stocked(&backend, 10).await;
     let mv = new_move(MoveKind::Grant, "cad", "s1", 4);
     store.begin_move(&mv).await.unwrap();
-    let first = store.complete_move(mv.id, 4, 1, 0).await.unwrap();
-    let second = store.complete_move(mv.id, 4, 1, 0).await.unwrap();
+    let first = store
+        .complete_move(mv.id, 4, 1, &Fence::alone())
+        .await
+        .unwrap();
+    let second = store
+        .complete_move(mv.id, 4, 1, &Fence::alone())
+        .await
+        .unwrap();
     assert_eq!(first, second);
     assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 4);
     assert!(matches!(
-        store.abandon_move(mv.id, "late", 0).await,
+        store.abandon_move(mv.id, "late", &Fence::alone()).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
@@ -568,14 +591,22 @@ async fn moves_are_idempotent_and_final(backend: Backend) {
     ));
     let dropped = new_move(MoveKind::Grant, "cad", "s1", 1);
     store.begin_move(&dropped).await.unwrap();
-    store.abandon_move(dropped.id, "x", 0).await.unwrap();
-    store.abandon_move(dropped.id, "x", 0).await.unwrap();
+    store
+        .abandon_move(dropped.id, "x", &Fence::alone())
+        .await
+        .unwrap();
+    store
+        .abandon_move(dropped.id, "x", &Fence::alone())
+        .await
+        .unwrap();
     assert!(matches!(
-        store.complete_move(dropped.id, 1, 2, 0).await,
+        store.complete_move(dropped.id, 1, 2, &Fence::alone()).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        store.complete_move(Uuid::new_v4(), 1, 1, 0).await,
+        store
+            .complete_move(Uuid::new_v4(), 1, 1, &Fence::alone())
+            .await,
         Err(StoreError::NotFound(_))
     ));
     let p = store.product("cad").await.unwrap().product;
@@ -655,10 +686,15 @@ async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
             generation: 1,
         },
     ];
-    assert!(store.complete_moves(&with_ghost, 0).await.is_err());
+    assert!(
+        store
+            .complete_moves(&with_ghost, &Fence::alone())
+            .await
+            .is_err()
+    );
     assert_eq!(store.unfinished_moves().await.unwrap().len(), 2);
     let both = [landed(&batch[0]), landed(&batch[1])];
-    let booked = store.complete_moves(&both, 0).await.unwrap();
+    let booked = store.complete_moves(&both, &Fence::alone()).await.unwrap();
     assert!(booked.iter().all(|m| m.state == MoveState::Applied));
     assert_eq!(
         booked.iter().map(|m| m.id).collect::<Vec<_>>(),
@@ -666,7 +702,10 @@ async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
         "one record per move, in order"
     );
     // Booked again (an answer resent): the same records, nothing counted twice.
-    assert_eq!(store.complete_moves(&both, 0).await.unwrap(), booked);
+    assert_eq!(
+        store.complete_moves(&both, &Fence::alone()).await.unwrap(),
+        booked
+    );
     assert!(store.unfinished_moves().await.unwrap().is_empty());
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 0, 9));
@@ -692,14 +731,20 @@ async fn estate_totals_sum_each_cells_newest_sample_per_site(backend: Backend) {
         in_use,
         ..UsageSample::default()
     };
-    let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let run = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     // An older run saw every cell; the newest saw only s1 and s3 (s2 did not answer it), so
     // s2's in-use is its older sample, and s1's and s3's are the newest.
     store
         .record_samples(run, 1_000, &[at("s1", 9), at("s2", 2), at("s3", 9)])
         .await
         .unwrap();
-    let newer = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let newer = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     store
         .record_samples(newer, 2_000, &[at("s1", 1), at("s3", 4)])
         .await
@@ -724,7 +769,10 @@ async fn books_survive_a_reopen(backend: Backend) {
     let store = open(&backend).await;
     assert_eq!(store.books().await.unwrap(), books);
     assert_eq!(store.unfinished_moves().await.unwrap()[0].id, planned.id);
-    store.complete_move(planned.id, 2, 2, 0).await.unwrap();
+    store
+        .complete_move(planned.id, 2, 2, &Fence::alone())
+        .await
+        .unwrap();
     assert_eq!(store.product("cad").await.unwrap().servers[0].allocation, 5);
     assert_balanced(&*store).await;
 }
@@ -777,10 +825,14 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
                     2 | 3 => {
                         let mv = new_move(MoveKind::Grant, product, server, units);
                         match store.begin_move(&mv).await {
-                            Ok(_) if next(4) == 0 => {
-                                store.abandon_move(mv.id, "test", 0).await.map(drop)
-                            }
-                            Ok(_) => store.complete_move(mv.id, units, 1, 0).await.map(drop),
+                            Ok(_) if next(4) == 0 => store
+                                .abandon_move(mv.id, "test", &Fence::alone())
+                                .await
+                                .map(drop),
+                            Ok(_) => store
+                                .complete_move(mv.id, units, 1, &Fence::alone())
+                                .await
+                                .map(drop),
                             Err(e) => Err(e),
                         }
                     }
@@ -790,10 +842,14 @@ async fn concurrent_mutations_keep_conservation(backend: Backend) {
                             // A racing release may have taken the units first: the store
                             // refuses the second one, which is then given up.
                             Ok(_) => {
-                                match store.complete_move(mv.id, next(units + 1), 1, 0).await {
-                                    Err(StoreError::Conflict(_)) => {
-                                        store.abandon_move(mv.id, "raced", 0).await.map(drop)
-                                    }
+                                match store
+                                    .complete_move(mv.id, next(units + 1), 1, &Fence::alone())
+                                    .await
+                                {
+                                    Err(StoreError::Conflict(_)) => store
+                                        .abandon_move(mv.id, "raced", &Fence::alone())
+                                        .await
+                                        .map(drop),
                                     other => other.map(drop),
                                 }
                             }
@@ -875,7 +931,10 @@ async fn buckets(store: &dyn Store, from: i64, to: i64, raw_from: i64) -> Vec<Hi
 
 async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
     let store = stocked(&backend, 10).await;
-    let run = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let run = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     let h = 1_000 * HOUR;
     store
         .record_samples(run, h + 600_000, &[sample(3, 7, 2)])
@@ -888,12 +947,18 @@ async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
             .await
             .is_err()
     );
-    let run2 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let run2 = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     store
         .record_samples(run2, h + 1_800_000, &[sample(5, 4, 1)])
         .await
         .unwrap();
-    let run3 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let run3 = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     store
         .record_samples(run3, h + HOUR + 300_000, &[sample(1, 2, 0)])
         .await
@@ -948,7 +1013,10 @@ async fn history_rolls_up_without_losing_the_peak(backend: Backend) {
     );
     assert_eq!(rolled[1].peak_in_use, 2);
     // A raw sample of an hour not yet rolled up is never pruned.
-    let run4 = store.begin_run(RunTrigger::Scheduled, 0).await.unwrap();
+    let run4 = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
     store
         .record_samples(run4, h + 3 * HOUR, &[sample(9, 9, 0)])
         .await
@@ -975,15 +1043,18 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
     let old = new_move(MoveKind::Grant, "cad", "s1", 2);
     store.begin_move(&old).await.unwrap();
     // A new leader takes over: every write of epoch 0 is refused from now on.
-    let epoch = store
-        .take_leadership("http://new-leader:7400")
-        .await
-        .unwrap();
+    let epoch = store.take_shard(0, "http://new-leader:7400").await.unwrap();
     assert_eq!(epoch, 1);
+    let leaders = store.shard_leaders().await.unwrap();
+    assert_eq!(leaders.len(), 1, "one shard until told otherwise");
     assert_eq!(
-        store.leader().await.unwrap(),
-        (1, "http://new-leader:7400".into())
+        (leaders[0].epoch, leaders[0].url.as_str()),
+        (1, "http://new-leader:7400")
     );
+    assert!(matches!(
+        store.take_shard(1, "http://nowhere").await,
+        Err(StoreError::NotFound(_))
+    ));
     let before = store.books().await.unwrap();
     let stale = new_move(MoveKind::Grant, "cad", "s1", 1);
     assert!(matches!(
@@ -994,15 +1065,15 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
         })
     ));
     assert!(matches!(
-        store.complete_move(old.id, 2, 1, 0).await,
+        store.complete_move(old.id, 2, 1, &Fence::alone()).await,
         Err(StoreError::Fenced { .. })
     ));
     assert!(matches!(
-        store.abandon_move(old.id, "x", 0).await,
+        store.abandon_move(old.id, "x", &Fence::alone()).await,
         Err(StoreError::Fenced { .. })
     ));
     assert!(matches!(
-        store.reclaim_lost_server("s1", 0).await,
+        store.reclaim_lost_server("s1", &Fence::alone()).await,
         Err(StoreError::Fenced { .. })
     ));
     assert_eq!(
@@ -1011,7 +1082,95 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
         "fenced writes change nothing"
     );
     // The new leader resumes the old leader's move.
-    store.complete_move(old.id, 2, 1, epoch).await.unwrap();
+    let fence = Fence::new(1, [(0, epoch)].into());
+    store.complete_move(old.id, 2, 1, &fence).await.unwrap();
+    assert_balanced(&*store).await;
+}
+
+/// With the products sharded, each shard's leader writes its own products only, reclaims only
+/// their units from a lost server, and a new shard count fences every leader.
+async fn each_shard_fences_its_own_products(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    store.set_shard_count("admin", 2).await.unwrap();
+    let leaders = store.shard_leaders().await.unwrap();
+    assert_eq!(leaders.len(), 2);
+    assert!(leaders.iter().all(|l| l.url.is_empty()), "{leaders:?}");
+    let mine = shard_of("cad", 2);
+    let other = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|p| shard_of(p, 2) != mine)
+        .unwrap();
+    store
+        .create_product("admin", &product(&other))
+        .await
+        .unwrap();
+    store
+        .add_entitlement("admin", &other, &entitlement(10))
+        .await
+        .unwrap();
+    // The writer of before the count changed is fenced.
+    assert!(matches!(
+        store
+            .begin_move(&new_move(MoveKind::Grant, "cad", "s1", 1))
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let a = store.take_shard(mine, "http://a").await.unwrap();
+    let b = store.take_shard(1 - mine, "http://b").await.unwrap();
+    assert_ne!(a, b, "an epoch names one leadership of one shard");
+    let fence_a = Fence::new(2, [(mine, a)].into());
+    let fence_b = Fence::new(2, [(1 - mine, b)].into());
+    let with = |epoch, product: &str, units| NewMove {
+        epoch,
+        ..new_move(MoveKind::Grant, product, "s1", units)
+    };
+    // Each leader logs and books its own product's moves, and only those.
+    let cad = with(a, "cad", 2);
+    store.begin_move(&cad).await.unwrap();
+    store.complete_move(cad.id, 2, 1, &fence_a).await.unwrap();
+    assert!(matches!(
+        store.begin_move(&with(a, &other, 1)).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let theirs = with(b, &other, 1);
+    store.begin_move(&theirs).await.unwrap();
+    assert!(matches!(
+        store.complete_move(theirs.id, 1, 1, &fence_a).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    store
+        .complete_move(theirs.id, 1, 1, &fence_b)
+        .await
+        .unwrap();
+    // A lost server: each leader reclaims its own shard's units, once.
+    assert_eq!(
+        store.reclaim_lost_server("s1", &fence_a).await.unwrap(),
+        vec![("cad".to_owned(), 2)]
+    );
+    assert_eq!(
+        store.reclaim_lost_server("s1", &fence_a).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store.reclaim_lost_server("s1", &fence_b).await.unwrap(),
+        vec![(other.clone(), 1)]
+    );
+    // A new count fences both leaders: a move planned before it cannot be ended with them.
+    let planned = with(b, &other, 1);
+    store.begin_move(&planned).await.unwrap();
+    store.set_shard_count("admin", 3).await.unwrap();
+    for fence in [&fence_a, &fence_b] {
+        assert!(matches!(
+            store.abandon_move(planned.id, "x", fence).await,
+            Err(StoreError::Fenced { .. })
+        ));
+    }
+    let shard = shard_of(&other, 3);
+    let epoch = store.take_shard(shard, "http://c").await.unwrap();
+    store
+        .abandon_move(planned.id, "x", &Fence::new(3, [(shard, epoch)].into()))
+        .await
+        .unwrap();
     assert_balanced(&*store).await;
 }
 

@@ -449,6 +449,7 @@ fn response_types_ignore_unknown_fields() {
         status: "ok".into(),
         leader: true,
         version: "9.9.9".into(),
+        shards: vec![0],
     });
     tolerates(&ErrorBody::new(allot_core::ErrorCode::Conflict, "no"));
     tolerates(&product);

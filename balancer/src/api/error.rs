@@ -20,6 +20,8 @@ pub struct ApiError {
     message: String,
     /// Overrides the code's usual status where HTTP has a more precise one (413, 405).
     status: Option<StatusCode>,
+    /// With `not_leader`: where the leader of what was asked is reached.
+    leader_url: Option<String>,
 }
 
 impl ApiError {
@@ -29,7 +31,14 @@ impl ApiError {
             code,
             message: message.into(),
             status: None,
+            leader_url: None,
         }
+    }
+
+    /// The same error naming where the leader is reached (an empty URL names none).
+    pub fn with_leader_url(mut self, url: Option<String>) -> Self {
+        self.leader_url = url.filter(|u| !u.is_empty());
+        self
     }
 
     /// A `bad_request`.
@@ -59,7 +68,9 @@ impl IntoResponse for ApiError {
             StatusCode::from_u16(self.code.http_status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         });
-        (status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let mut body = ErrorBody::new(self.code, self.message);
+        body.error.leader_url = self.leader_url;
+        (status, Json(body)).into_response()
     }
 }
 

@@ -5,6 +5,7 @@
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::auth;
+use crate::balance::BalanceError;
 use crate::store::ServerRecord;
 use allot_core::ErrorCode;
 use allot_core::error::ErrorBody;
@@ -135,5 +136,11 @@ pub(super) async fn instant_balance(
         )));
     }
     state.store.product(&req.product).await?;
-    Ok(Json(state.engine.instant(&server, &req).await?))
+    match state.engine.instant(&server, &req).await {
+        Ok(answer) => Ok(Json(answer)),
+        // Another balancer leads the product's shard: the server is sent there.
+        Err(BalanceError::NotLeader) => Err(ApiError::from(BalanceError::NotLeader)
+            .with_leader_url(super::leader_url(&state, Some(&req.product)).await)),
+        Err(e) => Err(e.into()),
+    }
 }

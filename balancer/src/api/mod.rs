@@ -51,7 +51,7 @@ pub struct AppState {
     /// How long history is kept (decides where history queries read).
     pub retention: crate::history::Retention,
     /// The leader epoch while this balancer leads; `None` while it follows.
-    pub leadership: tokio::sync::watch::Receiver<Option<i64>>,
+    pub leadership: tokio::sync::watch::Receiver<allot_core::shard::Fence>,
     /// How long a rotated-out server token keeps working when the rotation names no grace.
     pub token_grace: Duration,
     /// This balancer's metrics, exported on `/metrics` (the engine counts into the same).
@@ -350,26 +350,39 @@ async fn require_leader(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    if reads || state.leadership.borrow().is_some() {
+    if reads || state.leadership.borrow().leads_any() {
         return next.run(request).await;
     }
-    let leader_url = state.store.leader().await.map(|(_, url)| url).ok();
-    let mut body = allot_core::error::ErrorBody::new(
+    ApiError::new(
         ErrorCode::NotLeader,
         "this balancer follows; send changes to the leader",
-    );
-    body.error.leader_url = leader_url.filter(|u| !u.is_empty());
-    (axum::http::StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
+    )
+    .with_leader_url(leader_url(&state, None).await)
+    .into_response()
+}
+
+/// Where the leader of `product`'s shard is reached — with no product, the leader of the first
+/// shard that has one — when the books know it.
+pub(crate) async fn leader_url(state: &AppState, product: Option<&str>) -> Option<String> {
+    let shards = state.store.shard_leaders().await.ok()?;
+    let count = u32::try_from(shards.len()).ok()?;
+    let shard = match product {
+        Some(product) => shards.get(allot_core::shard::shard_of(product, count) as usize),
+        None => shards.iter().find(|l| !l.url.is_empty()),
+    };
+    shard.map(|l| l.url.clone()).filter(|u| !u.is_empty())
 }
 
 /// Liveness and leadership.
 #[utoipa::path(get, path = "/healthz", tag = "meta",
     responses((status = 200, description = "The process serves requests", body = Health)))]
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    let fence = state.leadership.borrow().clone();
     Json(Health {
         status: "ok".into(),
-        leader: state.leadership.borrow().is_some(),
+        leader: fence.leads_any(),
         version: env!("CARGO_PKG_VERSION").into(),
+        shards: fence.epochs().keys().copied().collect(),
     })
 }
 
@@ -378,7 +391,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     (status = 200, description = "The metrics", body = String, content_type = "text/plain"),
     (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
-    let leading = state.leadership.borrow().is_some();
+    let leading = state.leadership.borrow().leads_any();
     Ok(crate::metrics::render(&state.metrics, &*state.store, leading).await?)
 }
 

@@ -150,7 +150,7 @@ impl Engine {
     async fn book_group(&self, group: Vec<Landing>) {
         if group.len() > 1 {
             let all: Vec<LandedMove> = group.iter().flat_map(Landing::landed_moves).collect();
-            match self.store.complete_moves(&all, self.write_epoch()).await {
+            match self.store.complete_moves(&all, &self.write_fence()).await {
                 Ok(booked) => {
                     let mut booked = booked.into_iter();
                     for landing in group {
@@ -187,8 +187,8 @@ impl Engine {
             ..
         } = landing;
         let all: Vec<LandedMove> = landing.landed_moves().collect();
-        let epoch = self.write_epoch();
-        let booked = match self.store.complete_moves(&all, epoch).await {
+        let fence = self.write_fence();
+        let booked = match self.store.complete_moves(&all, &fence).await {
             Ok(booked) => booked.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(server = %server.name, error = %e,
@@ -197,7 +197,7 @@ impl Engine {
                 for (l, (i, _)) in all.iter().zip(landed) {
                     one_by_one.push(
                         self.store
-                            .complete_move(l.id, l.applied_units, l.generation, epoch)
+                            .complete_move(l.id, l.applied_units, l.generation, &fence)
                             .await
                             .map_err(|e| not_booked(&moves[*i], server, &e)),
                     );

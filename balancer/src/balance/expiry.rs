@@ -30,15 +30,15 @@ impl Engine {
 
     /// [`Engine::expire_entitlements`] for a caller already holding the run lock.
     pub(super) async fn expire_locked(&self) -> Result<u64, BalanceError> {
-        let epoch = self.epoch()?;
+        let fence = self.fence()?;
         let owed = self
             .store
-            .expire_from_reserve(Utc::now().timestamp_millis(), epoch)
+            .expire_from_reserve(Utc::now().timestamp_millis(), &fence)
             .await?;
         if owed.is_empty() {
             return Ok(0);
         }
-        let run_id = self.store.begin_run(RunTrigger::Reclaim, epoch).await?;
+        let run_id = self.store.begin_run(RunTrigger::Reclaim, &fence).await?;
         // Only the servers holding an owed product are asked what they have in use.
         let holding: BTreeSet<String> = self
             .store
@@ -90,7 +90,7 @@ impl Engine {
                             server: cell.server.clone(),
                             kind: MoveKind::Retire,
                             units: take,
-                            epoch,
+                            epoch: fence.epoch_for(&product).unwrap_or(-1),
                         })
                         .await
                     {

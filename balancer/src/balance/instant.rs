@@ -77,8 +77,11 @@ impl Engine {
         let wanted = u64::from(req.units);
         let urgent = u64::from(req.urgent());
         let tally = crate::metrics::InstantTally::start(self.metrics.clone());
-        let epoch = self.epoch()?;
-        let run_id = self.store.begin_run(RunTrigger::Instant, epoch).await?;
+        let epoch = self.epoch_for(&req.product)?;
+        let run_id = self
+            .store
+            .begin_run(RunTrigger::Instant, &self.write_fence())
+            .await?;
         let mut errors = Vec::new();
 
         // Plan and log under the lock.

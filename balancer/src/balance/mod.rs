@@ -33,7 +33,7 @@ pub use holders::{HoldersError, HoldersQuery};
 use crate::auth::ServerTokens;
 use crate::metrics::Metrics;
 use crate::store::{
-    CellRecord, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
+    CellRecord, Fence, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
 };
 use allot_core::ErrorCode;
 use allot_core::demand::SignalConfig;
@@ -173,8 +173,8 @@ pub struct Engine {
     product_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// One scheduled/manual/reclaim run at a time.
     run_lock: Arc<tokio::sync::Mutex<()>>,
-    /// The leader epoch while this balancer leads; `None` while it follows.
-    leadership: watch::Receiver<Option<i64>>,
+    /// The shards this balancer leads, with their epochs; none while it follows.
+    leadership: watch::Receiver<Fence>,
     /// What the last run saw of each cell, and when cells were last granted units.
     memory: Arc<Mutex<snapshot::Memory>>,
     /// Where runs, moves and instant balances are counted: this balancer's own metrics.
@@ -197,23 +197,23 @@ struct Observation {
 }
 
 impl Engine {
-    /// The only writer of a store that never saw a takeover (epoch 0), counting into metrics
-    /// of its own: embedded uses, benchmarks and tests. A service uses
+    /// The only writer of an unsharded store that never saw a takeover (epoch 0), counting
+    /// into metrics of its own: embedded uses, benchmarks and tests. A service uses
     /// [`Engine::with_leadership`].
     pub fn new(store: Arc<dyn Store>, tokens: ServerTokens, config: EngineConfig) -> Self {
-        let (leading, leadership) = watch::channel(Some(0));
+        let (leading, leadership) = watch::channel(Fence::alone());
         // The engine keeps a receiver; a closed channel keeps its last value.
         drop(leading);
         Self::with_leadership(store, tokens, config, leadership, Arc::default())
     }
 
-    /// An engine that balances only while `leadership` holds an epoch, and writes with it;
-    /// it counts what it does in `metrics`.
+    /// An engine that balances the products of the shards `leadership` leads, and writes with
+    /// their epochs; it counts what it does in `metrics`.
     pub fn with_leadership(
         store: Arc<dyn Store>,
         tokens: ServerTokens,
         config: EngineConfig,
-        leadership: watch::Receiver<Option<i64>>,
+        leadership: watch::Receiver<Fence>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -228,15 +228,26 @@ impl Engine {
         }
     }
 
-    /// The epoch this balancer leads with, or [`BalanceError::NotLeader`].
-    pub fn epoch(&self) -> Result<i64, BalanceError> {
-        (*self.leadership.borrow()).ok_or(BalanceError::NotLeader)
+    /// The shards this balancer leads, or [`BalanceError::NotLeader`] when it leads none.
+    pub fn fence(&self) -> Result<Fence, BalanceError> {
+        Some(self.write_fence())
+            .filter(Fence::leads_any)
+            .ok_or(BalanceError::NotLeader)
     }
 
-    /// The epoch to write with; a follower writes with an impossible epoch so the store fences
+    /// The epoch to write `product` with, or [`BalanceError::NotLeader`] when another balancer
+    /// leads its shard.
+    pub fn epoch_for(&self, product: &str) -> Result<i64, BalanceError> {
+        self.leadership
+            .borrow()
+            .epoch_for(product)
+            .ok_or(BalanceError::NotLeader)
+    }
+
+    /// The fence to write with, as it stands; a follower's leads nothing, so the store fences
     /// whatever it attempts.
-    fn write_epoch(&self) -> i64 {
-        self.epoch().unwrap_or(-1)
+    fn write_fence(&self) -> Fence {
+        self.leadership.borrow().clone()
     }
 
     /// The metrics the engine counts into.
@@ -279,7 +290,7 @@ impl Engine {
                         mv.id,
                         u64::from(answer.units),
                         answer.generation,
-                        self.write_epoch(),
+                        &self.write_fence(),
                     )
                     .await
                     .map_err(|e| not_booked(mv, server, &e))?;
@@ -341,7 +352,7 @@ impl Engine {
         let reason = format!("{code}: {message}");
         if let Err(e) = self
             .store
-            .abandon_move(mv.id, &reason, self.write_epoch())
+            .abandon_move(mv.id, &reason, &self.write_fence())
             .await
         {
             return MoveFailure::NotBooked(e.to_string());
@@ -366,7 +377,12 @@ impl Engine {
         let servers = self.servers_by_name().await?;
         let mut errors = Vec::new();
         let mut queues: BTreeMap<String, Vec<MoveRecord>> = BTreeMap::new();
+        let fence = self.write_fence();
+        // Other shards' moves are their leaders' to resume.
         for mv in self.store.unfinished_moves().await? {
+            if !fence.leads(&mv.product) {
+                continue;
+            }
             if servers.contains_key(&mv.server) {
                 queues.entry(mv.server.clone()).or_default().push(mv);
             } else {
@@ -403,7 +419,7 @@ impl Engine {
         let mut errors = Vec::new();
         let mut moves = queue.into_iter();
         while let Some(mv) = moves.next() {
-            if self.epoch().is_err() {
+            if !self.write_fence().leads(&mv.product) {
                 errors.push(format!(
                     "{} unfinished moves to {} not re-sent: this balancer no longer leads",
                     moves.len() + 1,
@@ -497,33 +513,39 @@ impl Engine {
     /// Declares lost every server unheard of for longer than the lease and returns its units
     /// to the reserve, recorded as a `reclaim` run. Returns the servers reclaimed.
     pub async fn reclaim_lost(&self) -> Result<Vec<String>, BalanceError> {
+        let fence = self.fence()?;
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or(chrono::Duration::MAX);
         let now = Utc::now();
+        // A server another shard's leader declared lost may still hold this leader's products:
+        // while the estate is sharded, lost servers are reclaimed again (a no-op once empty).
         let silent: Vec<ServerRecord> = self
             .store
             .server_records()
             .await?
             .into_iter()
-            .filter(|s| s.state != ServerState::Lost)
+            .filter(|s| s.state != ServerState::Lost || !fence.leads_all())
             .filter(|s| now - s.last_seen_at.unwrap_or(s.created_at) > lease)
             .collect();
         if silent.is_empty() {
             return Ok(Vec::new());
         }
-        let run_id = self
-            .store
-            .begin_run(RunTrigger::Reclaim, self.epoch()?)
-            .await?;
+        let mut reclaims = Vec::new();
+        for server in silent {
+            let reclaimed = self.store.reclaim_lost_server(&server.name, &fence).await?;
+            if server.state != ServerState::Lost || !reclaimed.is_empty() {
+                reclaims.push((server, reclaimed));
+            }
+        }
+        if reclaims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let run_id = self.store.begin_run(RunTrigger::Reclaim, &fence).await?;
         let mut outcome = RunOutcome {
             status: "ok".into(),
             ..RunOutcome::default()
         };
         let mut names = Vec::new();
-        for server in silent {
-            let reclaimed = self
-                .store
-                .reclaim_lost_server(&server.name, self.epoch()?)
-                .await?;
+        for (server, reclaimed) in reclaims {
             let units: u64 = reclaimed.iter().map(|(_, u)| u).sum();
             tracing::warn!(server = %server.name, units, ?reclaimed, run_id, "server lost; its units returned to the reserve");
             outcome.units_moved += units;

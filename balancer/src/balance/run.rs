@@ -40,9 +40,12 @@ impl Engine {
         only: Option<&str>,
     ) -> Result<RunDetail, BalanceError> {
         let _one_run_at_a_time = self.run_lock.lock().await;
-        let epoch = self.epoch()?;
+        let fence = self.fence()?;
         if let Some(name) = only {
             self.store.product(name).await?;
+            if !fence.leads(name) {
+                return Err(BalanceError::NotLeader);
+            }
         }
         self.reclaim_lost().await?;
         // Expired entitlements leave `purchased` before anything is planned; a failure is
@@ -50,7 +53,7 @@ impl Engine {
         if let Err(e) = self.expire_locked().await {
             tracing::warn!(error = %e, "expiry enforcement failed before the run; retrying later");
         }
-        let run_id = self.store.begin_run(trigger, epoch).await?;
+        let run_id = self.store.begin_run(trigger, &fence).await?;
         let tally = crate::metrics::RunTally::start(self.metrics.clone(), trigger);
         let started = std::time::Instant::now();
         let mut phases = Phases::start();
@@ -125,6 +128,8 @@ impl Engine {
             .await?
             .into_iter()
             .filter(|p| only.is_none_or(|o| o == p.name))
+            // Other shards' products are their leaders' to balance.
+            .filter(|p| fence.leads(&p.name))
             .collect();
         let by_name: BTreeMap<&str, &ServerRecord> =
             servers.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -136,6 +141,7 @@ impl Engine {
         let mut planned = Vec::new();
         let mut releases = Vec::new();
         for product in &products {
+            let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
             match self.plan_product(run_id, epoch, &product.name, &view).await {
                 Ok(Some(mut p)) => {
                     releases.append(&mut p.releases);
@@ -157,6 +163,7 @@ impl Engine {
         }
         let mut grants = Vec::new();
         for p in &planned {
+            let epoch = fence.epoch_for(&p.name).unwrap_or(-1);
             match self.log_grants(run_id, epoch, p).await {
                 Ok(mut logged) => grants.append(&mut logged),
                 Err(e) => not_balanced(&mut errors, &p.name, &e, run_id),

@@ -37,6 +37,34 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `allot-balancer shards`.
+#[derive(Debug, Args)]
+pub struct ShardsArgs {
+    /// The database to read or change.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Shard the products this many ways (1 to 64); every shard gets a new epoch and no leader.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(allot_core::shard::MAX_SHARDS)))]
+    pub count: Option<u32>,
+    /// Who the audit log names for a new count.
+    #[arg(long, default_value = "cli")]
+    pub actor: String,
+}
+
+impl ShardsArgs {
+    /// Sets the count when asked, then prints every shard and its leader.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let store = crate::service::open_store(&self.store).await?;
+        if let Some(count) = self.count {
+            store.set_shard_count(&self.actor, count).await?;
+        }
+        let shards = store.shard_leaders().await?;
+        store.close().await;
+        println!("{}", render::table(&shards));
+        Ok(())
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -44,6 +72,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(StoreArgs),
+    /// Shards: each shard's leader, or `--count N` to shard the products N ways (straight on
+    /// the database, like `migrate`; every balancer then competes for the shards anew).
+    Shards(ShardsArgs),
     /// Products: add, list, show.
     #[command(subcommand)]
     Product(ProductCommand),

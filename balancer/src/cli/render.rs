@@ -3,6 +3,7 @@
 //! better as lines than as a table (a schedule, the advisor's advice). `--json` bypasses all of
 //! it ([`output`]).
 
+use crate::store::ShardLeader;
 use allot_core::wire::balancer::{
     AllocationView, AuditEntry, DoctorCell, Entitlement, ExplainedCell, HistoryPoint,
     HistorySeries, MoveView, Product, RunDecision, RunDetail, RunSummary, Schedule, Server,
@@ -30,6 +31,20 @@ pub(super) fn table<'a, R: Row + 'a>(rows: impl IntoIterator<Item = &'a R>) -> T
         table.add_row(row.cells());
     }
     table
+}
+
+impl Row for ShardLeader {
+    const HEADER: &'static [&'static str] = &["shard", "epoch", "leader", "since"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.shard.to_string(),
+            self.epoch.to_string(),
+            Some(self.url.clone())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "-".into()),
+            opt(&self.taken_at),
+        ]
+    }
 }
 
 /// An optional value, or `-`.

@@ -743,8 +743,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<MoveRecord>>;
     /// Gives a planned move up: a grant's in-transit units return to the reserve. Only call it
     /// when the server is known not to have applied the move.
-    async fn abandon_move(&self, id: Uuid, reason: &str, fence: &Fence)
-    -> StoreResult<MoveRecord>;
+    async fn abandon_move(&self, id: Uuid, reason: &str, fence: &Fence) -> StoreResult<MoveRecord>;
     /// Moves logged but neither applied nor abandoned, oldest first, to resume.
     async fn unfinished_moves(&self) -> StoreResult<Vec<MoveRecord>>;
 

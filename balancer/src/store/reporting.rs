@@ -7,11 +7,12 @@
 
 use super::{
     AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
-    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError, StoreResult,
-    UsageSample,
+    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store, StoreError,
+    StoreResult, UsageSample,
 };
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::RunTrigger;
+use allot_core::shard::Fence;
 use allot_core::usage::Interval;
 use allot_core::wire::balancer::{
     AddEntitlement, AllocationView, AuditEntry, CreateProduct, Entitlement, Product, ProductDetail,
@@ -246,12 +247,7 @@ impl Store for ErrorReporting {
         self.seen(self.inner.complete_moves(landed, fence).await)
     }
 
-    async fn abandon_move(
-        &self,
-        id: Uuid,
-        reason: &str,
-        fence: &Fence,
-    ) -> StoreResult<MoveRecord> {
+    async fn abandon_move(&self, id: Uuid, reason: &str, fence: &Fence) -> StoreResult<MoveRecord> {
         self.seen(self.inner.abandon_move(id, reason, fence).await)
     }
 

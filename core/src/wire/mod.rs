@@ -34,4 +34,8 @@ pub struct Health {
     pub leader: bool,
     /// The crate version of the process.
     pub version: String,
+    /// The shards whose products this balancer balances; empty on followers and metering
+    /// servers.
+    #[serde(default)]
+    pub shards: Vec<u32>,
 }

@@ -17,6 +17,7 @@ pub(super) async fn health_handler() -> Json<Health> {
         status: "ok".to_owned(),
         leader: false,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        shards: Vec::new(),
     })
 }
 

@@ -128,7 +128,7 @@ impl Console {
             role => visitor.session.role.as_str(),
             csrf => &visitor.session.csrf,
             can_change => visitor.session.is_admin(),
-            leading => self.app.leadership.borrow().is_some(),
+            leading => self.app.leadership.borrow().leads_any(),
             flash => flash,
         };
         let html = self.render(name, minijinja::context! { ..common, ..context })?;
@@ -149,7 +149,7 @@ impl Console {
                 visitor.session.operator
             )));
         }
-        if self.app.leadership.borrow().is_none() {
+        if !self.app.leadership.borrow().leads_any() {
             return Err(ConsoleError::Api(super::ApiError::new(
                 allot_core::ErrorCode::NotLeader,
                 "this balancer follows: make changes on the leader's console",

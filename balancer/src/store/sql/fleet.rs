@@ -2,10 +2,10 @@
 //! per-(server, product) floors and buffers, leases (touch) and the reclaim of a lost server.
 
 use super::{
-    AllocationView, Db, Fence, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server, ServerRecord,
-    ServerRow, ServerState, SetAllocation, StoreError, StoreResult, Uuid, begin_write, cell,
-    check_fence, conflict_on_constraint, count, json, lock_product, move_row, now_ms, product_id,
-    server_columns, server_row, set_move_state, shift_pool, write_audit,
+    AllocationView, Db, Fence, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server,
+    ServerRecord, ServerRow, ServerState, SetAllocation, StoreError, StoreResult, Uuid,
+    begin_write, cell, check_fence, conflict_on_constraint, count, json, lock_product, move_row,
+    now_ms, product_id, server_columns, server_row, set_move_state, shift_pool, write_audit,
 };
 
 #[tracing::instrument(skip_all, fields(server = %req.name))]
@@ -287,6 +287,10 @@ pub(super) async fn reclaim_lost_server(
             product_ids.push(row.product_id);
             mine.push(id);
         }
+    }
+    // Already lost, and nothing of this leader's shards left on it: nothing to write.
+    if before.state == ServerState::Lost && mine.is_empty() && held.iter().all(|h| h.2 == 0) {
+        return Ok(Vec::new());
     }
     product_ids.sort_unstable();
     product_ids.dedup();

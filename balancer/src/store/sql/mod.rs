@@ -34,8 +34,8 @@ use crate::store::rows::{
 };
 use crate::store::{
     AuditQuery, BooksCheck, CellAccounting, CellRecord, HistoryBucket, HistoryQuery, InstantRecord,
-    MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, Store, StoreError,
-    ShardLeader, StoreResult, UsageSample,
+    MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store,
+    StoreError, StoreResult, UsageSample,
 };
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
@@ -569,12 +569,7 @@ impl Store for SqlStore {
         moves::complete_moves(&self.pool, landed, fence).await
     }
 
-    async fn abandon_move(
-        &self,
-        id: Uuid,
-        reason: &str,
-        fence: &Fence,
-    ) -> StoreResult<MoveRecord> {
+    async fn abandon_move(&self, id: Uuid, reason: &str, fence: &Fence) -> StoreResult<MoveRecord> {
         moves::abandon_move(&self.pool, id, reason, fence).await
     }
 

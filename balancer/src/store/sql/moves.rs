@@ -4,11 +4,10 @@
 use crate::store::LandedMove;
 
 use super::{
-    Conn, Db, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
-    Fence, StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
-    conflict_on_constraint, lock_product, shard_epochs,
-    move_columns, move_row, now_ms, sequential_params, set_move_state, shift_pool,
-    values_placeholders,
+    Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
+    StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
+    conflict_on_constraint, lock_product, move_columns, move_row, now_ms, sequential_params,
+    set_move_state, shard_epochs, shift_pool, values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
