@@ -24,7 +24,7 @@
 //! - `config`: the `serve`/`migrate` flags; a leaf (it uses only `paths`).
 //! - `demo`: `allot-balancer demo`, a whole estate on one laptop.
 //! - `history`: history queries, hourly roll-ups and retention.
-//! - `leader`: leadership (PostgreSQL advisory lock) and epochs.
+//! - `leader`: leadership per shard (PostgreSQL advisory locks) and epochs.
 //! - `metrics`: Prometheus metrics, one [`metrics::Metrics`] per balancer.
 //! - `paths`: default file locations (the data directory).
 //! - `schedule`: cron expressions and time zones.

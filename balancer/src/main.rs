@@ -48,7 +48,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Shards(args) => {
             init_logging(cli.log_format);
-            args.run().await
+            let store = service::open_store(&args.store).await?;
+            args.run(store).await
         }
         Command::Product(cmd) => cmd.run().await,
         Command::Entitlement(cmd) => cmd.run().await,

@@ -95,6 +95,8 @@ pub struct Metrics {
     cells_omitted: IntGauge,
     servers: IntGaugeVec,
     leader: IntGauge,
+    shards_led: IntGauge,
+    shards: IntGauge,
     state: Mutex<ScrapeState>,
 }
 
@@ -301,7 +303,23 @@ impl Metrics {
                 &r,
                 IntGauge::new(
                     "allot_leader",
-                    "1 while this balancer leads (runs balances), 0 while it follows.",
+                    "1 while this balancer leads at least one shard (runs balances), 0 while it follows.",
+                )
+                .expect("valid gauge"),
+            ),
+            shards_led: register(
+                &r,
+                IntGauge::new(
+                    "allot_shards_led",
+                    "Shards whose products this balancer balances.",
+                )
+                .expect("valid gauge"),
+            ),
+            shards: register(
+                &r,
+                IntGauge::new(
+                    "allot_shards",
+                    "Shards the estate's products are hashed into (the books' count).",
                 )
                 .expect("valid gauge"),
             ),
@@ -464,18 +482,19 @@ impl Drop for InstantTally {
 }
 
 /// Renders every metric of `metrics` in Prometheus's text
-/// format, reading the books' gauges from `store`; `leading` says whether this balancer holds
-/// the leadership now.
+/// format, reading the books' gauges from `store`; `fence` says which shards this balancer
+/// leads now.
 pub async fn render(
     metrics: &Metrics,
     store: &dyn Store,
-    leading: bool,
+    fence: &crate::store::Fence,
 ) -> Result<String, crate::store::StoreError> {
     let m = metrics;
     let products = store.products().await?;
     let mut cells = store.cells().await?;
     let servers = store.server_records().await?;
     let entitlements = store.dated_entitlements().await?;
+    let shard_count = store.shard_leaders().await?.len();
     let now = Utc::now().timestamp_millis();
     let read_from = {
         let state = m.state.lock().expect("metrics state");
@@ -589,7 +608,10 @@ pub async fn render(
         }
     }
     drop(state);
-    m.leader.set(i64::from(leading));
+    m.leader.set(i64::from(fence.leads_any()));
+    m.shards_led
+        .set(i64::try_from(fence.epochs().len()).unwrap_or(i64::MAX));
+    m.shards.set(i64::try_from(shard_count).unwrap_or(i64::MAX));
     let mut out = Vec::new();
     let mut families = m.registry.gather();
     families.sort_by(|a, b| a.name().cmp(b.name()));

@@ -2,9 +2,11 @@
 //! the other answers changes with `not_leader` and the leader's URL, and takes over within a
 //! bounded time when the leader is killed, with nothing done before the failover lost.
 
+use allot_core::shard::shard_of;
 use allot_tests::Backend;
 use allot_tests::balancer::{ADMIN_TOKEN, Api, Balancer};
 use allot_tests::fleet::Fleet;
+use allot_tests::process::binary;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -100,4 +102,154 @@ async fn a_follower_takes_over_when_the_leader_dies_and_nothing_is_lost() {
         .filter(|e| e["action"] == "leader.take")
         .count();
     assert_eq!(takes, 2, "two leaderships, two epochs");
+}
+
+/// Sharding: two balancers on one PostgreSQL, each leading one of two shards. Each balances
+/// only its own shard's products and sends instant balances for the other's to its leader
+/// (`421` with the URL); when one is killed, the other takes its shard over after the grace
+/// period, with nothing of the dead one's books lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_shard_fails_over_on_its_own_and_nothing_is_lost() {
+    let Some(backend) = Backend::postgres("shards").await else {
+        return;
+    };
+    // The estate is sharded two ways with the admin CLI, straight on the database.
+    let database_url = backend.database_url.clone().unwrap();
+    let sharded = std::process::Command::new(binary("allot-balancer"))
+        .args(["shards", "--count", "2", "--database-url", &database_url])
+        .args(["--data-dir", &backend.data_dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&sharded.stdout);
+    assert!(sharded.status.success(), "{sharded:?}");
+    assert!(
+        listing.contains("shard") && listing.contains('1'),
+        "{listing}"
+    );
+
+    // The second balancer starts first: each is within the other's grace period.
+    let grace = ["--shard-grace-seconds", "6"];
+    let second = Balancer::start_with(
+        &backend,
+        &[&["--lead-shards", "1"][..], &grace].concat(),
+        &[],
+    )
+    .await;
+    let mut fleet = Fleet::start(
+        backend,
+        &[&["--lead-shards", "0"][..], &grace].concat(),
+        &[],
+    )
+    .await;
+    let first = fleet.api();
+    let other = second.api();
+    wait_for_shards(&first, &[0], Duration::from_secs(10)).await;
+    wait_for_shards(&other, &[1], Duration::from_secs(10)).await;
+
+    let named = |shard: u32| {
+        (0..)
+            .map(|i| format!("tool{i}"))
+            .find(|p| shard_of(p, 2) == shard)
+            .unwrap()
+    };
+    let (mine, theirs) = (named(0), named(1));
+    fleet.balancer_urls = vec![fleet.balancer.url().to_owned(), second.url().to_owned()];
+    fleet.product(&mine, 10).await;
+    fleet.product(&theirs, 10).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced(&mine).await;
+    fleet.wait_synced(&theirs).await;
+    fleet.limits("paris", &mine, 0, 3).await;
+    fleet.limits("paris", &theirs, 0, 3).await;
+
+    // Each leader balances its own shard's products only.
+    fleet.balance().await;
+    assert_eq!(fleet.allocation("paris", &mine).await, 3);
+    assert_eq!(fleet.allocation("paris", &theirs).await, 0);
+    let run = other.post("/v1/balance", json!({})).await;
+    assert_ne!(run["status"], "failed", "{run:#}");
+    assert_eq!(fleet.allocation("paris", &theirs).await, 3);
+
+    // An instant balance for the other shard's product is sent to that shard's leader.
+    let as_server = Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
+    let ask =
+        |product: &str| json!({"request_id": uuid::Uuid::new_v4(), "product": product, "units": 1});
+    let (status, body) = as_server
+        .send(
+            reqwest::Method::POST,
+            "/v1/instant-balance",
+            Some(ask(&theirs)),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 421, "{body}");
+    assert_eq!(body["error"]["code"], "not_leader");
+    assert_eq!(body["error"]["leader_url"], second.url());
+
+    // The second balancer dies; the first takes its shard over after the grace period, and
+    // keeps its own meanwhile.
+    let mut second = second;
+    second.kill9();
+    let died = Instant::now();
+    wait_for_shards(&first, &[0, 1], Duration::from_secs(20)).await;
+    let takeover = died.elapsed();
+    eprintln!("shard 1 taken over after {} ms", takeover.as_millis());
+    assert!(
+        takeover >= Duration::from_secs(5),
+        "before the grace period: {takeover:?}"
+    );
+
+    // Nothing of the dead leader's books is lost, and the survivor serves both shards.
+    assert_eq!(fleet.allocation("paris", &theirs).await, 3);
+    let (status, body) = as_server
+        .send(
+            reqwest::Method::POST,
+            "/v1/instant-balance",
+            Some(ask(&theirs)),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let mut served = Vec::new();
+    for i in 0..5 {
+        served.push(
+            fleet.meters[0]
+                .checkout(&theirs, &format!("bob{i}"))
+                .await
+                .0,
+        );
+        served.push(fleet.meters[0].checkout(&mine, &format!("ann{i}")).await.0);
+    }
+    assert!(served.iter().all(|s| *s == 200), "checkouts: {served:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = first.get("/v1/doctor").await;
+        if report["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "doctor never agreed: {report:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let audit = first.get("/v1/audit?limit=200").await;
+    let takes: Vec<_> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "leader.take")
+        .collect();
+    assert_eq!(takes.len(), 3, "shard 0 once, shard 1 twice: {takes:#?}");
+}
+
+/// Waits until `api` leads exactly `shards`.
+async fn wait_for_shards(api: &Api, shards: &[u32], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let health = api.get("/healthz").await;
+        if health["shards"] == json!(shards) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never led shards {shards:?}: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

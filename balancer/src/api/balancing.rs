@@ -41,6 +41,7 @@ impl From<BalanceError> for ApiError {
     responses(
         (status = 200, description = "The run and its moves", body = RunDetail),
         (status = 404, description = "`unknown_product`", body = ErrorBody),
+        (status = 421, description = "`not_leader`: another balancer leads the product's shard; `error.leader_url` names it", body = ErrorBody),
         (status = 503, description = "`unavailable`: the run outlasted the request timeout; it goes on to its end (see `GET /v1/runs`)", body = ErrorBody)))]
 pub(super) async fn balance(
     State(state): State<AppState>,
@@ -53,10 +54,14 @@ pub(super) async fn balance(
     // The run is its own task: a run longer than the request timeout, or whose caller goes
     // away, still runs to its end (it is then in `GET /v1/runs`), never cut between phases.
     let engine = state.engine.clone();
-    let run =
-        tokio::spawn(async move { engine.run(RunTrigger::Manual, req.product.as_deref()).await });
+    let product = req.product.clone();
+    let run = tokio::spawn(async move { engine.run(RunTrigger::Manual, product.as_deref()).await });
     match run.await {
-        Ok(detail) => Ok(Json(detail?)),
+        Ok(Ok(detail)) => Ok(Json(detail)),
+        // A product of a shard led elsewhere: the caller is sent to that shard's leader.
+        Ok(Err(BalanceError::NotLeader)) => Err(ApiError::from(BalanceError::NotLeader)
+            .with_leader_url(super::leader_url(&state, req.product.as_deref()).await)),
+        Ok(Err(e)) => Err(e.into()),
         Err(e) => {
             tracing::error!(error = %e, "the manual run's task failed");
             Err(ApiError::new(

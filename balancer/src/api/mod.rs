@@ -391,8 +391,8 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     (status = 200, description = "The metrics", body = String, content_type = "text/plain"),
     (status = 503, description = "`unavailable`: the store failed", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
-    let leading = state.leadership.borrow().leads_any();
-    Ok(crate::metrics::render(&state.metrics, &*state.store, leading).await?)
+    let fence = state.leadership.borrow().clone();
+    Ok(crate::metrics::render(&state.metrics, &*state.store, &fence).await?)
 }
 
 /// This document (OpenAPI 3.1).

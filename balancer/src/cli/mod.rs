@@ -52,9 +52,9 @@ pub struct ShardsArgs {
 }
 
 impl ShardsArgs {
-    /// Sets the count when asked, then prints every shard and its leader.
-    pub async fn run(self) -> anyhow::Result<()> {
-        let store = crate::service::open_store(&self.store).await?;
+    /// Sets the count when asked, then prints every shard and its leader, on the `store` the
+    /// binary opened from [`ShardsArgs::store`].
+    pub async fn run(self, store: std::sync::Arc<dyn crate::store::Store>) -> anyhow::Result<()> {
         if let Some(count) = self.count {
             store.set_shard_count(&self.actor, count).await?;
         }
