@@ -83,10 +83,16 @@ impl Balancer {
     /// starts it again on the same port and books, without the crash point.
     pub async fn restart_after_exit(&mut self, limit: Duration) {
         assert!(
-            self.process.wait_exit(limit),
+            self.wait_exit(limit),
             "the balancer did not stop at its crash point"
         );
         self.process = Self::spawn(&self.args, self.port, &[]).await;
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself, e.g. at a crash point, and
+    /// leaves it dead; true when it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        self.process.wait_exit(limit)
     }
 
     /// SIGKILL, leaving it dead.

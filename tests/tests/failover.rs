@@ -105,9 +105,9 @@ async fn a_follower_takes_over_when_the_leader_dies_and_nothing_is_lost() {
 }
 
 /// Sharding: two balancers on one PostgreSQL, each leading one of two shards. Each balances
-/// only its own shard's products and sends instant balances for the other's to its leader
-/// (`421` with the URL); when one is killed, the other takes its shard over after the grace
-/// period, with nothing of the dead one's books lost.
+/// only its own shard's products and sends requests for the other's to its leader (`421` with
+/// the URL). When one crashes between a server applying its grant and booking it, the other
+/// takes its shard over after the grace period and finishes the move: nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_shard_fails_over_on_its_own_and_nothing_is_lost() {
     let Some(backend) = Backend::postgres("shards").await else {
@@ -129,10 +129,10 @@ async fn each_shard_fails_over_on_its_own_and_nothing_is_lost() {
 
     // The second balancer starts first: each is within the other's grace period.
     let grace = ["--shard-grace-seconds", "6"];
-    let second = Balancer::start_with(
+    let mut second = Balancer::start_with(
         &backend,
         &[&["--lead-shards", "1"][..], &grace].concat(),
-        &[],
+        &[("ALLOT_FAULT_CRASH_AT", "after_move_sent")],
     )
     .await;
     let mut fleet = Fleet::start(
@@ -162,51 +162,65 @@ async fn each_shard_fails_over_on_its_own_and_nothing_is_lost() {
     fleet.limits("paris", &mine, 0, 3).await;
     fleet.limits("paris", &theirs, 0, 3).await;
 
-    // Each leader balances its own shard's products only.
+    // Each leader balances its own shard's products only, and sends the caller to the leader
+    // of the other's.
     fleet.balance().await;
     assert_eq!(fleet.allocation("paris", &mine).await, 3);
     assert_eq!(fleet.allocation("paris", &theirs).await, 0);
-    let run = other.post("/v1/balance", json!({})).await;
-    assert_ne!(run["status"], "failed", "{run:#}");
-    assert_eq!(fleet.allocation("paris", &theirs).await, 3);
-
-    // An instant balance for the other shard's product is sent to that shard's leader.
     let as_server = Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
-    let ask =
-        |product: &str| json!({"request_id": uuid::Uuid::new_v4(), "product": product, "units": 1});
-    let (status, body) = as_server
-        .send(
-            reqwest::Method::POST,
-            "/v1/instant-balance",
-            Some(ask(&theirs)),
-        )
-        .await;
+    let instant = async |product: &str| {
+        let ask = json!({"request_id": uuid::Uuid::new_v4(), "product": product, "units": 1});
+        as_server
+            .send(reqwest::Method::POST, "/v1/instant-balance", Some(ask))
+            .await
+    };
+    let (status, body) = instant(&theirs).await;
     assert_eq!(status.as_u16(), 421, "{body}");
     assert_eq!(body["error"]["code"], "not_leader");
     assert_eq!(body["error"]["leader_url"], second.url());
+    let (status, body) = first
+        .send(
+            reqwest::Method::POST,
+            "/v1/balance",
+            Some(json!({"product": theirs})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 421, "{body}");
+    assert_eq!(body["error"]["leader_url"], second.url());
 
-    // The second balancer dies; the first takes its shard over after the grace period, and
-    // keeps its own meanwhile.
-    let mut second = second;
-    second.kill9();
+    // The second balancer's run grants to paris; paris applies it and the balancer dies before
+    // booking it. The first takes the shard over after the grace period, not before, keeps its
+    // own meanwhile, and finishes the move from the move log.
+    let crashed = reqwest::Client::new()
+        .post(format!("{}/v1/balance", second.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await;
+    assert!(
+        crashed.is_err() || !crashed.unwrap().status().is_success(),
+        "the run should have died with its balancer"
+    );
+    assert!(second.wait_exit(Duration::from_secs(10)), "no crash");
     let died = Instant::now();
     wait_for_shards(&first, &[0, 1], Duration::from_secs(20)).await;
     let takeover = died.elapsed();
     eprintln!("shard 1 taken over after {} ms", takeover.as_millis());
     assert!(
-        takeover >= Duration::from_secs(5),
+        takeover >= Duration::from_secs(4),
         "before the grace period: {takeover:?}"
     );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.allocation("paris", &theirs).await != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the crashed run's grant was not finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Nothing of the dead leader's books is lost, and the survivor serves both shards.
-    assert_eq!(fleet.allocation("paris", &theirs).await, 3);
-    let (status, body) = as_server
-        .send(
-            reqwest::Method::POST,
-            "/v1/instant-balance",
-            Some(ask(&theirs)),
-        )
-        .await;
+    let (status, body) = instant(&theirs).await;
     assert_eq!(status.as_u16(), 200, "{body}");
     let mut served = Vec::new();
     for i in 0..5 {
