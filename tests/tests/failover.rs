@@ -233,15 +233,7 @@ async fn each_shard_fails_over_on_its_own_and_nothing_is_lost() {
         served.push(fleet.meters[0].checkout(&mine, &format!("ann{i}")).await.0);
     }
     assert!(served.iter().all(|s| *s == 200), "checkouts: {served:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let report = first.get("/v1/doctor").await;
-        if report["ok"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "doctor never agreed: {report:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    fleet.assert_doctor_ok().await;
     let audit = first.get("/v1/audit?limit=200").await;
     let takes: Vec<_> = audit["items"]
         .as_array()
