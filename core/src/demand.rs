@@ -224,6 +224,15 @@ mod tests {
             )
         }
 
+        /// Samples most of which saw nothing in use, as most cells' do.
+        fn mostly_idle() -> impl Strategy<Value = Vec<PeakSample>> {
+            proptest::collection::vec(
+                (0..8 * DAY, prop_oneof![3 => Just(0u64), 1 => 1u64..1_000])
+                    .prop_map(|(ago, peak)| at(ago, peak)),
+                0..40,
+            )
+        }
+
         proptest! {
             #[test]
             fn order_does_not_matter(mut s in samples()) {
@@ -246,6 +255,20 @@ mod tests {
                 prop_assert!(after.level >= before.level);
                 prop_assert!(after.window_peak >= before.window_peak);
                 prop_assert!(after.forecast >= before.forecast);
+            }
+
+            #[test]
+            fn idle_samples_weigh_nothing_but_the_oldest(s in mostly_idle()) {
+                // What the store reads (`Store::peak_samples`): samples with a positive peak,
+                // and the oldest of the recent past as peak 0. The signals are the same.
+                let c = SignalConfig::default();
+                let [recent, ..] = c.ranges(NOW);
+                let in_recent = |x: &&PeakSample| x.at >= recent.0 && x.at <= recent.1;
+                let mut read: Vec<PeakSample> = s.iter().filter(|x| x.peak > 0).copied().collect();
+                if let Some(oldest) = s.iter().filter(in_recent).map(|x| x.at).min() {
+                    read.push(PeakSample { at: oldest, peak: 0 });
+                }
+                prop_assert_eq!(signals(&read, NOW, &c), signals(&s, NOW, &c));
             }
 
             #[test]

@@ -88,10 +88,12 @@ pub(super) fn explained_cells(
     plan.cells
         .iter()
         .map(|cp| {
+            // Built snapshots number their cells by position; any other is searched.
             let c = snapshot
                 .cells
-                .iter()
-                .find(|c| c.server == cp.server)
+                .get(cp.server as usize)
+                .filter(|c| c.server == cp.server)
+                .or_else(|| snapshot.cells.iter().find(|c| c.server == cp.server))
                 .expect("the plan's cells are the snapshot's");
             let s = c.demand.signals;
             ExplainedCell {

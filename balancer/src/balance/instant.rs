@@ -9,7 +9,7 @@
 
 use super::snapshot::instant_cells;
 use super::{BalanceError, Engine, adopted};
-use crate::store::{CellRecord, InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
+use crate::store::{InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
@@ -31,16 +31,10 @@ impl Engine {
             allocation,
             free_elsewhere: None,
         };
-        let allocation_of = |cells: &[CellRecord]| {
-            cells
-                .iter()
-                .find(|c| c.server == server.name && c.product == req.product)
-                .map_or(0, |c| c.units)
-        };
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
-                allocation_of(&self.store.product_cells(&req.product).await?),
+                self.allocation_of(&server.name, &req.product).await?,
             ));
         }
         let lock = self.product_lock(&req.product);
@@ -48,14 +42,14 @@ impl Engine {
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
-                allocation_of(&self.store.product_cells(&req.product).await?),
+                self.allocation_of(&server.name, &req.product).await?,
             ));
         }
         if server.state == ServerState::Draining {
             tracing::info!("server is draining; nothing granted");
             return Ok(answer(
                 0,
-                allocation_of(&self.store.product_cells(&req.product).await?),
+                self.allocation_of(&server.name, &req.product).await?,
             ));
         }
         if server.needs_reset {
@@ -70,7 +64,7 @@ impl Engine {
                 tracing::warn!("server has not adopted the books after its reset; nothing granted");
                 return Ok(answer(
                     0,
-                    allocation_of(&self.store.product_cells(&req.product).await?),
+                    self.allocation_of(&server.name, &req.product).await?,
                 ));
             }
         }
@@ -86,10 +80,10 @@ impl Engine {
 
         // Plan and log under the lock.
         let reserve = self.available_reserve(&req.product).await?;
-        let cells = self.store.product_cells(&req.product).await?;
         // The reserve cannot cover the clients waiting: what the last run saw of the donors
         // may be a quarter of an hour old, so read the statuses of those holding units now.
         let fresh = if reserve < urgent {
+            let cells = self.store.product_cells(&req.product).await?;
             let all = self.servers_by_name().await?;
             let donors: Vec<ServerRecord> = cells
                 .iter()
@@ -123,6 +117,16 @@ impl Engine {
             s.state != ServerState::Lost && !s.needs_reset && !unconfirmed.contains(name)
         });
         servers.insert(server.name.clone(), server.clone());
+        let unseen = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .unseen_any(&req.product, &cells);
+        let last_peaks = if unseen {
+            self.store.last_peaks(&req.product).await?
+        } else {
+            Default::default()
+        };
         let (snapshot, names) = {
             let memory = self.memory.lock().expect("engine memory");
             instant_cells(
@@ -130,6 +134,7 @@ impl Engine {
                 &cells,
                 &servers,
                 &memory,
+                &last_peaks,
                 self.config.hold,
                 &fresh,
             )
@@ -323,7 +328,7 @@ impl Engine {
             free_elsewhere: (unserved > 0).then_some(unserved_false > 0),
             ..answer(
                 granted,
-                allocation_of(&self.store.product_cells(&req.product).await?),
+                self.allocation_of(&server.name, &req.product).await?,
             )
         })
     }
@@ -362,6 +367,15 @@ impl Drop for Earmark<'_> {
 }
 
 impl Engine {
+    /// What the books say `server` holds of `product`: the allocation an answer reports.
+    async fn allocation_of(&self, server: &str, product: &str) -> Result<u64, BalanceError> {
+        Ok(self
+            .store
+            .cell(server, product)
+            .await?
+            .map_or(0, |c| c.units))
+    }
+
     /// The product's reserve less the units earmarked for instant balances under way.
     pub(super) async fn available_reserve(&self, product: &str) -> Result<u64, BalanceError> {
         let reserve = self.store.product_books(product).await?.reserve;

@@ -15,7 +15,7 @@ use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
 use crate::store::{MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger};
-use allot_core::planner::{self, Decision, Move, ProductPlan};
+use allot_core::planner::{self, Move, ProductPlan};
 use allot_core::wire::balancer::{Product, RunDecision, RunDetail};
 use chrono::Utc;
 use std::collections::BTreeMap;
@@ -140,16 +140,27 @@ impl Engine {
         // fund across the whole run, and a server gets two requests, not one per move.
         let mut planned = Vec::new();
         let mut releases = Vec::new();
+        let mut decisions = Vec::new();
         for product in &products {
             let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
             match self.plan_product(run_id, epoch, &product.name, &view).await {
-                Ok(Some(mut p)) => {
+                Ok(Some((mut p, mut why))) => {
                     releases.append(&mut p.releases);
+                    decisions.append(&mut why);
                     planned.push(p);
                 }
                 Ok(None) => {}
                 Err(e) => not_balanced(&mut errors, &product.name, &e, run_id),
             }
+        }
+        // Why the run did what it did, kept with the run in one write; its loss loses no
+        // unit, only the explanation, so a failure to record it is logged, not fatal.
+        if let Err(e) = self
+            .store
+            .record_decisions(run_id, Utc::now().timestamp_millis(), &decisions)
+            .await
+        {
+            tracing::warn!(run_id, error = %e, "run decisions not recorded");
         }
         let grants_follow = planned
             .iter()
@@ -207,15 +218,16 @@ impl Engine {
     }
 
     /// Plans one product under its lock (the books reread: instant balances may have moved
-    /// them since the run began), logs its releases in one transaction and records why the
-    /// run decided what it did. `None`: nothing to plan (no server holds or wants it).
+    /// them since the run began) and logs its releases in one transaction; returns it with
+    /// the decisions worth recording (those that changed). `None`: nothing to plan (no server
+    /// holds or wants it).
     async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
         name: &str,
         view: &RunView<'_>,
-    ) -> Result<Option<Planned>, BalanceError> {
+    ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let lock = self.product_lock(name);
         let (planned, decisions) = {
             let _serialised = lock.lock().await;
@@ -241,14 +253,18 @@ impl Engine {
                     None,
                 )
                 .await?;
-            let decisions: Vec<RunDecision> = explained_cells(&snapshot, &plan, &server_names)
-                .into_iter()
-                .filter(|c| c.decision != Decision::Steady.as_str())
-                .map(|cell| RunDecision {
-                    product: name.to_owned(),
-                    cell,
-                })
-                .collect();
+            let explained = explained_cells(&snapshot, &plan, &server_names);
+            let decisions: Vec<RunDecision> = {
+                let mut memory = self.memory.lock().expect("engine memory");
+                explained
+                    .into_iter()
+                    .filter(|cell| memory.decided(name, cell))
+                    .map(|cell| RunDecision {
+                        product: name.to_owned(),
+                        cell,
+                    })
+                    .collect()
+            };
             let planned = Planned {
                 name: name.to_owned(),
                 plan,
@@ -257,16 +273,7 @@ impl Engine {
             };
             (planned, decisions)
         };
-        // Why the run did what it did, kept with the run; its loss loses no unit, only the
-        // explanation, so a failure to record it is logged, not fatal.
-        if let Err(e) = self
-            .store
-            .record_decisions(run_id, Utc::now().timestamp_millis(), &decisions)
-            .await
-        {
-            tracing::warn!(product = name, run_id, error = %e, "run decisions not recorded");
-        }
-        Ok(Some(planned))
+        Ok(Some((planned, decisions)))
     }
 
     /// Logs a planned product's grants under its lock, capped at the reserve as it stands

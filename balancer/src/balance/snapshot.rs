@@ -6,8 +6,8 @@ use super::StatusMap;
 use crate::store::{CellAccounting, CellRecord, ServerRecord, Store, StoreError};
 use allot_core::demand::{PeakSample, SignalConfig, Signals, signals};
 use allot_core::domain::ServerState;
-use allot_core::planner::{CellSnapshot, Demand, ProductSnapshot};
-use allot_core::wire::balancer::Product;
+use allot_core::planner::{CellSnapshot, Decision, Demand, ProductSnapshot};
+use allot_core::wire::balancer::{ExplainedCell, Product};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ pub(super) struct Memory {
     /// Per product, units being released for an instant balance's waiting clients: they reach
     /// the reserve before the grant that carries them on, and no other request may take them.
     earmarked: HashMap<String, u64>,
+    /// Per cell, the rule, target and allocation of its last decision, so a run records only
+    /// the decisions that changed.
+    decided: HashMap<CellKey, (String, u64, u64)>,
 }
 
 /// A unit released and granted back to the same server within this long is ping-pong.
@@ -128,6 +131,33 @@ impl Memory {
         self.granted_at
             .get(&(server.to_owned(), product.to_owned()))
             .is_some_and(|at| at.elapsed() < hold)
+    }
+
+    /// Whether some cell of `product` in `cells` was never seen by a run of this balancer
+    /// (after a restart): an instant balance then reads the newest samples' peaks for them.
+    pub(super) fn unseen_any(&self, product: &str, cells: &[CellRecord]) -> bool {
+        cells.iter().any(|c| {
+            c.product == product
+                && !self
+                    .seen
+                    .contains_key(&(c.server.clone(), c.product.clone()))
+        })
+    }
+
+    /// Notes a cell's decision in a run and says whether the run records it: when the cell's
+    /// rule, target or allocation changed since the decision this balancer last noted for it
+    /// (a first decision counts when it is not `steady`). A cell kept in excess for a day is
+    /// recorded when it got there and when it left, not once a run: on a 100,000-cell estate
+    /// a run would otherwise write 100,000 rows of unchanged reasons.
+    pub(super) fn decided(&mut self, product: &str, cell: &ExplainedCell) -> bool {
+        let now = (cell.decision.clone(), cell.target, cell.allocation);
+        match self
+            .decided
+            .insert((cell.server.clone(), product.to_owned()), now.clone())
+        {
+            Some(before) => before != now,
+            None => cell.decision != Decision::Steady.as_str(),
+        }
     }
 
     /// Notes what a run planned one cell with.
@@ -265,12 +295,15 @@ pub(super) fn build_snapshot(
 /// the product on a server in `servers` (the caller leaves out the lost, the reset and those
 /// with unconfirmed moves), with the demand the last run saw — its in-use and waiting replaced
 /// by `fresh` statuses where the caller read them — and the allocation the books hold now.
-/// Returns the cells and the names behind their ids.
+/// A cell no run of this balancer has seen stands in its newest sample's peak from
+/// `last_peaks` (read only when [`Memory::unseen_any`] says one is needed). Returns the cells
+/// and the names behind their ids.
 pub(super) fn instant_cells(
     product: &str,
     cells: &[CellRecord],
     servers: &BTreeMap<String, ServerRecord>,
     memory: &Memory,
+    last_peaks: &HashMap<String, u64>,
     hold: Duration,
     fresh: &StatusMap,
 ) -> (Vec<CellSnapshot>, Vec<String>) {
@@ -286,7 +319,10 @@ pub(super) fn instant_cells(
             .copied()
             // Never seen since this balancer started: the newest sample's peak stands in
             // for what is in use, so a donor is never assumed idle without evidence.
-            .unwrap_or_else(|| (Demand::default(), c.last_peak.unwrap_or(c.units)));
+            .unwrap_or_else(|| {
+                let peak = last_peaks.get(&c.server).copied();
+                (Demand::default(), peak.unwrap_or(c.units))
+            });
         if let Some(now) = super::reported(fresh, &c.server, product) {
             in_use = u64::from(now.needed());
             demand.waiting = u64::from(now.waiting);
@@ -305,4 +341,51 @@ pub(super) fn instant_cells(
         });
     }
     (out, names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(server: &str, decision: Decision, target: u64, allocation: u64) -> ExplainedCell {
+        ExplainedCell {
+            server: server.into(),
+            allocation,
+            in_use: 0,
+            waiting: 0,
+            min_units: 0,
+            buffer_units: 0,
+            peak_in_use: 0,
+            denials: 0,
+            level: 0,
+            forecast: 0,
+            window_peak: None,
+            held: false,
+            need: 0,
+            want: 0,
+            fair_share: 0,
+            target,
+            decision: decision.as_str().into(),
+        }
+    }
+
+    #[test]
+    fn a_decision_is_recorded_when_it_changes_not_every_run() {
+        let mut memory = Memory::default();
+        // First sight: a non-steady decision is recorded, a steady one is not.
+        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 2, 5)));
+        assert!(!memory.decided("cad", &cell("tokyo", Decision::Steady, 3, 3)));
+        // The same decision run after run: recorded once.
+        assert!(!memory.decided("cad", &cell("paris", Decision::KeptExcess, 2, 5)));
+        // Another product's cell of the same server is its own.
+        assert!(memory.decided("cae", &cell("paris", Decision::KeptExcess, 2, 5)));
+        // The rule, the target or the allocation changing is recorded, and so is the return
+        // to steady that ends an episode.
+        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 3, 5)));
+        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 3, 4)));
+        assert!(memory.decided("cad", &cell("paris", Decision::ReleaseIdle, 3, 4)));
+        assert!(memory.decided("cad", &cell("paris", Decision::Steady, 3, 3)));
+        assert!(!memory.decided("cad", &cell("paris", Decision::Steady, 3, 3)));
+        assert!(memory.decided("cad", &cell("tokyo", Decision::GrantNeeded, 5, 3)));
+    }
 }

@@ -34,6 +34,7 @@ use allot_core::wire::records::{GroupBy, RecordAck, RecordBatch};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -328,7 +329,7 @@ impl From<ServerRecord> for Server {
     }
 }
 
-/// One (server, product) cell of the books, with the last usage sample the planner uses.
+/// One (server, product) cell of the books.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellRecord {
     /// The server.
@@ -343,8 +344,6 @@ pub struct CellRecord {
     pub buffer_units: u64,
     /// Last booked generation.
     pub generation: u64,
-    /// Peak in use of the newest usage sample, as a smoothed-demand signal.
-    pub last_peak: Option<u64>,
 }
 
 /// A usage sample of one (server, product) at one run.
@@ -785,6 +784,14 @@ pub trait Store: Send + Sync + 'static {
     /// The cells of one product (a run rereads them per product: instant balances may have
     /// moved units since the run began).
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>>;
+    /// One cell, if the server holds the product in the books: what an instant balance
+    /// answers the asker holds, without reading the product's thousand other cells.
+    async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>>;
+    /// Per server, the peak in use of the newest usage sample of `product`: what an instant
+    /// balance assumes in use at a donor no run of this balancer has seen yet (after a
+    /// restart), so a donor is never judged idle without evidence. Kept out of the cell reads,
+    /// which runs make for every cell and which would pay an index probe per cell for it.
+    async fn last_peaks(&self, product: &str) -> StoreResult<HashMap<String, u64>>;
     /// Notes that these servers were heard from now, in one transaction.
     async fn touch_servers(&self, names: &[String]) -> StoreResult<()>;
 
@@ -858,9 +865,12 @@ pub trait Store: Send + Sync + 'static {
         from_ms: i64,
         to_ms: i64,
     ) -> StoreResult<Vec<(i64, UsageSample)>>;
-    /// The peak in use of every usage sample taken in any of the inclusive ranges
-    /// `[from_ms, to_ms]`: (server, product, time, peak) — what the demand signals of
-    /// `allot_core::demand` read.
+    /// The usage samples the demand signals of `allot_core::demand` weigh, as (server,
+    /// product, time, peak): every sample with a positive peak taken in any of the inclusive
+    /// ranges `[from_ms, to_ms]`, and each cell's oldest sample in the first (the recent
+    /// past, which dates how far back its history reaches). A sample of peak 0 moves no
+    /// signal, and a run every minute over 100,000 cells writes 100,000 of them: reading them
+    /// all grew each run by every run before it.
     async fn peak_samples(
         &self,
         ranges: &[(i64, i64)],

@@ -21,6 +21,7 @@ use allot_core::wire::balancer::{
 use allot_core::wire::records::{RecordAck, RecordBatch};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -305,6 +306,14 @@ impl Store for ErrorReporting {
 
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
         self.seen(self.inner.product_cells(product).await)
+    }
+
+    async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>> {
+        self.seen(self.inner.cell(server, product).await)
+    }
+
+    async fn last_peaks(&self, product: &str) -> StoreResult<HashMap<String, u64>> {
+        self.seen(self.inner.last_peaks(product).await)
     }
 
     async fn touch_servers(&self, names: &[String]) -> StoreResult<()> {

@@ -297,9 +297,7 @@ impl MoveRow {
 macro_rules! cell_record_columns {
     () => {
         "s.name AS server, p.name AS product, a.units, a.min_units, a.buffer_units, \
-         a.generation, (SELECT u.peak_in_use FROM usage_samples u \
-         WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
-         ORDER BY u.at DESC LIMIT 1) AS last_peak"
+         a.generation"
     };
 }
 pub(super) use cell_record_columns;
@@ -312,7 +310,6 @@ pub(super) struct CellRecordRow {
     pub min_units: i64,
     pub buffer_units: i64,
     pub generation: i64,
-    pub last_peak: Option<i64>,
 }
 
 impl From<CellRecordRow> for CellRecord {
@@ -324,7 +321,6 @@ impl From<CellRecordRow> for CellRecord {
             min_units: count(row.min_units),
             buffer_units: count(row.buffer_units),
             generation: count(row.generation),
-            last_peak: row.last_peak.map(count),
         }
     }
 }

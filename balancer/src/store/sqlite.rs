@@ -54,3 +54,31 @@ const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1";
 
 /// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";
+
+/// A run's usage samples in multi-row `INSERT`s of 500 rows (8,000 parameters, within
+/// SQLite's 32,766), all in the caller's transaction.
+async fn insert_samples(
+    conn: &mut sqlx::SqliteConnection,
+    run_id: i64,
+    at_ms: i64,
+    rows: &[sql::SampleRow],
+) -> Result<(), sqlx::Error> {
+    const CHUNK: usize = 500;
+    let columns = sql::SAMPLE_COLUMNS;
+    for chunk in rows.chunks(CHUNK) {
+        let statement = format!(
+            "INSERT INTO usage_samples (run_id, at, {}) VALUES {}",
+            columns.join(", "),
+            sql::values_placeholders(chunk.len(), columns.len() + 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement));
+        for row in chunk {
+            query = query.bind(run_id).bind(at_ms);
+            for value in row {
+                query = query.bind(*value);
+            }
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}

@@ -4,9 +4,11 @@
 use super::{
     AddEntitlement, BooksCheck, CellRecord, CellRecordRow, CellRow, CreateProduct, Db, Entitlement,
     EntitlementRow, Pool, Product, ProductDetail, ProductRow, StoreError, StoreResult, begin_read,
-    begin_write, cell_columns, cell_record_columns, conflict_on_constraint, entitlement_columns,
-    json, lock_product, now_ms, product_by_id, product_columns, product_id, write_audit,
+    begin_write, cell_columns, cell_record_columns, conflict_on_constraint, count,
+    entitlement_columns, json, lock_product, now_ms, product_by_id, product_columns, product_id,
+    write_audit,
 };
+use std::collections::HashMap;
 
 #[tracing::instrument(skip_all, fields(product = %def.name))]
 pub(super) async fn create_product(
@@ -303,6 +305,46 @@ pub(super) async fn product_cells(pool: &Pool<Db>, product: &str) -> StoreResult
     .into_iter()
     .map(CellRecord::from)
     .collect())
+}
+
+pub(super) async fn cell(
+    pool: &Pool<Db>,
+    server: &str,
+    product: &str,
+) -> StoreResult<Option<CellRecord>> {
+    Ok(sqlx::query_as::<_, CellRecordRow>(concat!(
+        "SELECT ",
+        cell_record_columns!(),
+        " FROM allocations a JOIN servers s ON s.id = a.server_id \
+          JOIN products p ON p.id = a.product_id \
+          WHERE s.removed_at IS NULL AND s.name = $1 AND p.name = $2"
+    ))
+    .bind(server)
+    .bind(product)
+    .fetch_optional(pool)
+    .await?
+    .map(CellRecord::from))
+}
+
+pub(super) async fn last_peaks(
+    pool: &Pool<Db>,
+    product: &str,
+) -> StoreResult<HashMap<String, u64>> {
+    let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT s.name, (SELECT u.peak_in_use FROM usage_samples u \
+         WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
+         ORDER BY u.at DESC LIMIT 1) \
+         FROM allocations a JOIN servers s ON s.id = a.server_id \
+         JOIN products p ON p.id = a.product_id \
+         WHERE s.removed_at IS NULL AND p.name = $1",
+    )
+    .bind(product)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(server, peak)| Some((server, count(peak?))))
+        .collect())
 }
 
 pub(super) async fn cells(pool: &Pool<Db>) -> StoreResult<Vec<CellRecord>> {

@@ -2,8 +2,8 @@
 //! reads the demand signals, the metrics and the advisor make of them.
 
 use super::{
-    CellAccounting, Db, HistoryBucket, HistoryQuery, NameIds, Pool, StoreError, StoreResult,
-    UsageSample, begin_write, count, values_placeholders,
+    CellAccounting, Db, HistoryBucket, HistoryQuery, NameIds, Pool, SampleRow, StoreError,
+    StoreResult, UsageSample, begin_write, count, insert_samples,
 };
 
 /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
@@ -17,56 +17,37 @@ pub(super) async fn record_samples(
     at_ms: i64,
     samples: &[UsageSample],
 ) -> StoreResult<()> {
-    /// Columns bound per row.
-    const COLUMNS: usize = 18;
-    /// Rows per statement: 9,000 parameters, far below both backends' limits (SQLite
-    /// 32,766, PostgreSQL 65,535).
-    const CHUNK: usize = 500;
     let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     if samples.is_empty() {
         return Ok(());
     }
     let mut tx = begin_write(pool).await?;
     let ids = NameIds::read(&mut tx).await?;
-    let rows: Vec<(i64, i64, &UsageSample)> = samples
+    let rows: Vec<SampleRow> = samples
         .iter()
         .filter_map(|s| {
             let (server, product) = ids.cell(&s.server, &s.product)?;
-            Some((server, product, s))
+            Some([
+                server,
+                product,
+                wide(s.allocation),
+                wide(s.in_use),
+                wide(s.peak_in_use),
+                wide(s.checkouts),
+                wide(s.denials),
+                wide(s.overdrafts),
+                wide(s.staleouts),
+                wide(s.waiting),
+                wide(s.instant_requests),
+                wide(s.accounting.units_granted),
+                wide(s.accounting.units_released),
+                wide(s.accounting.ping_pong_units),
+                wide(s.accounting.unserved_true),
+                wide(s.accounting.unserved_false),
+            ])
         })
         .collect();
-    for chunk in rows.chunks(CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO usage_samples (run_id, server_id, product_id, at, allocation, \
-             in_use, peak_in_use, checkouts, denials, overdrafts, staleouts, waiting, \
-             instant_requests, units_granted, units_released, ping_pong_units, \
-             unserved_true, unserved_false) VALUES ",
-        );
-        sql.push_str(&values_placeholders(chunk.len(), COLUMNS));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (server_id, product_id, s) in chunk {
-            query = query
-                .bind(run_id)
-                .bind(*server_id)
-                .bind(*product_id)
-                .bind(at_ms)
-                .bind(wide(s.allocation))
-                .bind(wide(s.in_use))
-                .bind(wide(s.peak_in_use))
-                .bind(wide(s.checkouts))
-                .bind(wide(s.denials))
-                .bind(wide(s.overdrafts))
-                .bind(wide(s.staleouts))
-                .bind(wide(s.waiting))
-                .bind(wide(s.instant_requests))
-                .bind(wide(s.accounting.units_granted))
-                .bind(wide(s.accounting.units_released))
-                .bind(wide(s.accounting.ping_pong_units))
-                .bind(wide(s.accounting.unserved_true))
-                .bind(wide(s.accounting.unserved_false));
-        }
-        query.execute(&mut *tx).await?;
-    }
+    insert_samples(&mut tx, run_id, at_ms, &rows).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -295,7 +276,7 @@ pub(super) async fn peak_samples(
         let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
             "SELECT s.name, p.name, u.at, u.peak_in_use FROM usage_samples u \
              JOIN servers s ON s.id = u.server_id JOIN products p ON p.id = u.product_id \
-             WHERE u.at >= $1 AND u.at <= $2",
+             WHERE u.at >= $1 AND u.at <= $2 AND u.peak_in_use > 0",
         )
         .bind(from)
         .bind(to)
@@ -304,6 +285,24 @@ pub(super) async fn peak_samples(
         out.extend(
             rows.into_iter()
                 .map(|(server, product, at, peak)| (server, product, at, count(peak))),
+        );
+    }
+    // Each cell's oldest sample of the recent past, as peak 0: if its peak was positive, it
+    // is among the rows above already.
+    if let Some(&(from, to)) = ranges.first() {
+        let oldest: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT s.name, p.name, o.at FROM (SELECT server_id, product_id, MIN(at) AS at \
+             FROM usage_samples WHERE at >= $1 AND at <= $2 GROUP BY server_id, product_id) o \
+             JOIN servers s ON s.id = o.server_id JOIN products p ON p.id = o.product_id",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+        out.extend(
+            oldest
+                .into_iter()
+                .map(|(server, product, at)| (server, product, at, 0)),
         );
     }
     Ok(out)

@@ -26,6 +26,7 @@ mod settings;
 
 use super::{
     BACKEND, Db, LOCK_PRODUCT, LOCK_SHARDS, MIGRATOR, begin_read, begin_write, connect_pool,
+    insert_samples,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -49,6 +50,7 @@ use allot_core::wire::records::{RecordAck, RecordBatch};
 use async_trait::async_trait;
 use serde::Serialize;
 use sqlx::{Database, Pool};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 type Conn = <Db as Database>::Connection;
@@ -163,9 +165,33 @@ impl NameIds {
     }
 }
 
+/// The columns of `usage_samples` a [`SampleRow`] holds, in its order (after `run_id` and
+/// `at`, which a run's samples share).
+pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
+    "server_id",
+    "product_id",
+    "allocation",
+    "in_use",
+    "peak_in_use",
+    "checkouts",
+    "denials",
+    "overdrafts",
+    "staleouts",
+    "waiting",
+    "instant_requests",
+    "units_granted",
+    "units_released",
+    "ping_pong_units",
+    "unserved_true",
+    "unserved_false",
+];
+
+/// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
+pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
+
 /// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
 /// one statement per chunk instead of one per row (each statement is a round trip).
-fn values_placeholders(rows: usize, columns: usize) -> String {
+pub(super) fn values_placeholders(rows: usize, columns: usize) -> String {
     let mut next = 0;
     (0..rows)
         .map(|_| format!("({})", sequential_params(&mut next, columns)))
@@ -607,6 +633,14 @@ impl Store for SqlStore {
 
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
         books::product_cells(&self.pool, product).await
+    }
+
+    async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>> {
+        books::cell(&self.pool, server, product).await
+    }
+
+    async fn last_peaks(&self, product: &str) -> StoreResult<HashMap<String, u64>> {
+        books::last_peaks(&self.pool, product).await
     }
 
     async fn touch_servers(&self, names: &[String]) -> StoreResult<()> {
