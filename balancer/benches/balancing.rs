@@ -84,6 +84,9 @@ fn load_average() -> String {
 
 /// `p` in 0..=1 of sorted µs, in ms.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i] as f64 / 1000.0
 }
@@ -934,7 +937,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     // One timed run over HTTP with instant balances sent back to back while it lasts.
     let timed_run = |label: &str, instants: &mut Vec<u64>| {
         let load = load_average();
-        let (elapsed, moves, sent) = client_rt.block_on(async {
+        let (elapsed, moves, sent, this_run) = client_rt.block_on(async {
             let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
             let requester = {
                 let (http, url, running) = (http.clone(), url.clone(), running.clone());
@@ -1004,12 +1007,20 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             if !refused.is_empty() {
                 println!("    {} of {sent} instant balances refused", refused.len());
             }
+            let this_run = series(latencies.iter().chain(&refused).copied().collect());
             instants.extend(latencies);
             instants.extend(refused);
-            (elapsed, run["run"]["moves"].as_u64().unwrap_or(0), sent)
+            (
+                elapsed,
+                run["run"]["moves"].as_u64().unwrap_or(0),
+                sent,
+                this_run,
+            )
         });
         println!(
-            "  {label:<26} {elapsed:>8.3} s  moves {moves:>6}  instant balances during it {sent:>5}  load {load}"
+            "  {label:<26} {elapsed:>8.3} s  moves {moves:>6}  instant balances during it {sent:>5} \
+             (p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms)  load {load}",
+            this_run.p50, this_run.p99, this_run.max
         );
         elapsed
     };

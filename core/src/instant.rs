@@ -40,6 +40,16 @@ pub struct InstantAsk {
     pub topup: u64,
 }
 
+impl InstantAsk {
+    /// Whether the plan depends on the other servers' cells: only when `reserve` cannot cover
+    /// the urgent units (rule 2). Otherwise the reserve serves the request alone, whatever the
+    /// cells, so a shell need not read them: under a large estate's run, a request the reserve
+    /// covers is answered without reading the product's thousand cells.
+    pub fn needs_donors(&self, reserve: u64) -> bool {
+        self.urgent > reserve
+    }
+}
+
 /// What to do for one instant-balance request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstantPlan {
@@ -279,6 +289,22 @@ mod tests {
                     // Never a unit in use (as last seen) or below min.
                     let keep = d.min_units.max(d.in_use);
                     prop_assert!(d.allocation >= keep + units, "{d:?} gives {units}");
+                }
+            }
+
+            #[test]
+            fn the_cells_matter_only_when_donors_are_needed(
+                cells in cells(), reserve in 0u64..10, urgent in 0u64..30, topup in 0u64..10,
+            ) {
+                let c = PlannerConfig::default();
+                let ask = InstantAsk { asker: 0, urgent, topup };
+                let p = plan_instant(reserve, &cells, &ask, &c);
+                if ask.needs_donors(reserve) {
+                    // The reserve is spent whole before any donor is asked.
+                    prop_assert_eq!(p.from_reserve, reserve);
+                } else {
+                    prop_assert_eq!(&p, &plan_instant(reserve, &[], &ask, &c));
+                    prop_assert!(p.releases.is_empty());
                 }
             }
 

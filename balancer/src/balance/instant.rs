@@ -78,11 +78,18 @@ impl Engine {
             .await?;
         let mut errors = Vec::new();
 
-        // Plan and log under the lock.
-        let reserve = self.available_reserve(&req.product).await?;
-        // The reserve cannot cover the clients waiting: what the last run saw of the donors
-        // may be a quarter of an hour old, so read the statuses of those holding units now.
-        let fresh = if reserve < urgent {
+        // Plan and log under the lock. The other servers' cells matter only when the reserve
+        // cannot cover the clients waiting (`InstantAsk::needs_donors`): most requests are
+        // served from the reserve alone and read nothing else.
+        let mut ask = InstantAsk {
+            asker: u32::MAX,
+            urgent,
+            topup: wanted - urgent,
+        };
+        let mut reserve = self.available_reserve(&req.product).await?;
+        let (snapshot, names, servers) = if ask.needs_donors(reserve) {
+            // What the last run saw of the donors may be a quarter of an hour old, so read the
+            // statuses of those holding units now, outside the lock.
             let cells = self.store.product_cells(&req.product).await?;
             let all = self.servers_by_name().await?;
             let donors: Vec<ServerRecord> = cells
@@ -93,66 +100,21 @@ impl Engine {
                 .cloned()
                 .collect();
             drop(serialised);
-            let statuses = self.donor_statuses(donors).await;
+            let fresh = self.donor_statuses(donors).await;
             serialised = lock.lock().await;
-            statuses
+            reserve = self.available_reserve(&req.product).await?;
+            let (snapshot, names, servers) =
+                self.instant_donors(server, &req.product, &fresh).await?;
+            ask.asker = names
+                .iter()
+                .position(|n| *n == server.name)
+                .map_or(u32::MAX, |i| i as u32);
+            (snapshot, names, servers)
         } else {
             Default::default()
         };
-        let reserve = self.available_reserve(&req.product).await?;
-        let cells = self.store.product_cells(&req.product).await?;
-        // A server with a move of this product still unconfirmed is in an unknown state (most
-        // likely unreachable): asking it again would only log another release that cannot be
-        // confirmed either, and spend the hold bound waiting on it.
-        let unconfirmed: Vec<String> = self
-            .store
-            .unfinished_moves()
-            .await?
-            .into_iter()
-            .filter(|m| m.product == req.product)
-            .map(|m| m.server)
-            .collect();
-        let mut servers = self.servers_by_name().await?;
-        servers.retain(|name, s| {
-            s.state != ServerState::Lost && !s.needs_reset && !unconfirmed.contains(name)
-        });
-        servers.insert(server.name.clone(), server.clone());
-        let unseen = self
-            .memory
-            .lock()
-            .expect("engine memory")
-            .unseen_any(&req.product, &cells);
-        let last_peaks = if unseen {
-            self.store.last_peaks(&req.product).await?
-        } else {
-            Default::default()
-        };
-        let (snapshot, names) = {
-            let memory = self.memory.lock().expect("engine memory");
-            instant_cells(
-                &req.product,
-                &cells,
-                &servers,
-                &memory,
-                &last_peaks,
-                self.config.hold,
-                &fresh,
-            )
-        };
-        let asker = names
-            .iter()
-            .position(|n| *n == server.name)
-            .map_or(u32::MAX, |i| i as u32);
-        let plan = plan_instant(
-            reserve,
-            &snapshot,
-            &InstantAsk {
-                asker,
-                urgent,
-                topup: wanted - urgent,
-            },
-            &self.config.planner,
-        );
+        let asker = ask.asker;
+        let plan = plan_instant(reserve, &snapshot, &ask, &self.config.planner);
         let log = |target: &str, kind: MoveKind, units: u64| NewMove {
             id: Uuid::now_v7(),
             run_id: Some(run_id),
@@ -247,6 +209,8 @@ impl Engine {
         // Accounting: urgent units left unserved are true shortfalls when nothing was free
         // anywhere the balancer could see, false ones when units were and the plan left them
         // (the reserve after the grants, or free units above a donor's need it did not ask for).
+        // A request the reserve covered read no cells: only the reserve counts as free then (it
+        // is unserved only if its grant failed, and an abandoned grant's units are back there).
         let unserved = urgent.saturating_sub(granted);
         let mut unserved_false = 0;
         if unserved > 0 {
@@ -334,6 +298,14 @@ impl Engine {
     }
 }
 
+/// What [`Engine::instant_donors`] reads: the cells as snapshots, their servers' names by
+/// compact id, and the servers by name.
+type InstantDonors = (
+    Vec<allot_core::planner::CellSnapshot>,
+    Vec<String>,
+    std::collections::BTreeMap<String, ServerRecord>,
+);
+
 /// Units being reclaimed for one request's waiting clients, earmarked from logging the
 /// releases until the grant that carries them on is logged (or the request gives up), so no
 /// other request or run takes them from the reserve in between.
@@ -367,6 +339,57 @@ impl Drop for Earmark<'_> {
 }
 
 impl Engine {
+    /// The donors an instant balance may reclaim from, read under the product's lock: the
+    /// product's cells as planner snapshots (with `fresh` statuses where read), the names
+    /// behind their ids, and the servers by name.
+    async fn instant_donors(
+        &self,
+        asker: &ServerRecord,
+        product: &str,
+        fresh: &super::StatusMap,
+    ) -> Result<InstantDonors, BalanceError> {
+        let cells = self.store.product_cells(product).await?;
+        // A server with a move of this product still unconfirmed is in an unknown state (most
+        // likely unreachable): asking it again would only log another release that cannot be
+        // confirmed either, and spend the hold bound waiting on it.
+        let unconfirmed: Vec<String> = self
+            .store
+            .unfinished_moves()
+            .await?
+            .into_iter()
+            .filter(|m| m.product == product)
+            .map(|m| m.server)
+            .collect();
+        let mut servers = self.servers_by_name().await?;
+        servers.retain(|name, s| {
+            s.state != ServerState::Lost && !s.needs_reset && !unconfirmed.contains(name)
+        });
+        servers.insert(asker.name.clone(), asker.clone());
+        let unseen = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .unseen_any(product, &cells);
+        let last_peaks = if unseen {
+            self.store.last_peaks(product).await?
+        } else {
+            Default::default()
+        };
+        let (snapshot, names) = {
+            let memory = self.memory.lock().expect("engine memory");
+            instant_cells(
+                product,
+                &cells,
+                &servers,
+                &memory,
+                &last_peaks,
+                self.config.hold,
+                fresh,
+            )
+        };
+        Ok((snapshot, names, servers))
+    }
+
     /// What the books say `server` holds of `product`: the allocation an answer reports.
     async fn allocation_of(&self, server: &str, product: &str) -> Result<u64, BalanceError> {
         Ok(self

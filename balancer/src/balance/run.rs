@@ -18,10 +18,16 @@ use allot_core::domain::{MoveKind, RunTrigger};
 use allot_core::planner::{self, Move, ProductPlan};
 use allot_core::wire::balancer::{Product, RunDecision, RunDetail};
 use chrono::Utc;
+use futures_util::{StreamExt, stream};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
+
+/// Products a run plans (and logs grants for) at once: enough to overlap one product's store
+/// round trips with another's planning on a small machine, few enough that an estate of
+/// hundreds of products holds only a handful of product locks, and pool connections, at a time.
+const PRODUCTS_AT_ONCE: usize = 4;
 
 /// What one product's part of a run moved.
 #[derive(Debug, Default)]
@@ -99,6 +105,7 @@ impl Engine {
             m.ping_pong_units.with_label_values(&[product]);
         }
         self.store.record_samples(run_id, now_ms, &samples).await?;
+        phases.lap("samples");
         let in_flight = self.store.unfinished_moves().await?;
         let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
         self.metrics
@@ -108,6 +115,7 @@ impl Engine {
             tracing::warn!(discrepancy = %d, run_id, "reconciliation");
         }
         errors.extend(discrepancies);
+        phases.lap("reconcile");
 
         let signals = read_signals(&*self.store, now_ms, &self.config.signals).await?;
         self.memory
@@ -121,7 +129,7 @@ impl Engine {
             memory: &self.memory,
             hold: self.config.hold,
         };
-        phases.lap("record");
+        phases.lap("signals");
         let products: Vec<Product> = self
             .store
             .products()
@@ -141,9 +149,23 @@ impl Engine {
         let mut planned = Vec::new();
         let mut releases = Vec::new();
         let mut decisions = Vec::new();
-        for product in &products {
-            let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
-            match self.plan_product(run_id, epoch, &product.name, &view).await {
+        // A few products at once, so one product's store round trips overlap another's
+        // planning; in the products' order, so the run's moves are the same either way.
+        // (By index: a stream of closures over borrowed items trips the compiler's `Send`
+        // inference for the spawned run, rust-lang/rust#102211.)
+        let mut plans = stream::iter(0..products.len())
+            .map(|i| {
+                let product = &products[i];
+                let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
+                let view = &view;
+                async move {
+                    let planned = self.plan_product(run_id, epoch, &product.name, view).await;
+                    (product, planned)
+                }
+            })
+            .buffered(PRODUCTS_AT_ONCE);
+        while let Some((product, result)) = plans.next().await {
+            match result {
                 Ok(Some((mut p, mut why))) => {
                     releases.append(&mut p.releases);
                     decisions.append(&mut why);
@@ -153,6 +175,7 @@ impl Engine {
                 Err(e) => not_balanced(&mut errors, &product.name, &e, run_id),
             }
         }
+        drop(plans);
         // Why the run did what it did, kept with the run in one write; its loss loses no
         // unit, only the explanation, so a failure to record it is logged, not fatal.
         if let Err(e) = self
@@ -173,13 +196,20 @@ impl Engine {
             allot_http::fault::point("between_release_and_grant");
         }
         let mut grants = Vec::new();
-        for p in &planned {
-            let epoch = fence.epoch_for(&p.name).unwrap_or(-1);
-            match self.log_grants(run_id, epoch, p).await {
+        let mut logging = stream::iter(0..planned.len())
+            .map(|i| {
+                let p = &planned[i];
+                let epoch = fence.epoch_for(&p.name).unwrap_or(-1);
+                async move { (p, self.log_grants(run_id, epoch, p).await) }
+            })
+            .buffered(PRODUCTS_AT_ONCE);
+        while let Some((p, result)) = logging.next().await {
+            match result {
                 Ok(mut logged) => grants.append(&mut logged),
                 Err(e) => not_balanced(&mut errors, &p.name, &e, run_id),
             }
         }
+        drop(logging);
         phases.lap("log_grants");
         self.send_batched(grants, &by_name, &mut moved).await;
         phases.lap("grant");
@@ -229,49 +259,46 @@ impl Engine {
         view: &RunView<'_>,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let lock = self.product_lock(name);
-        let (planned, decisions) = {
-            let _serialised = lock.lock().await;
-            let product = self.store.product_books(name).await?;
-            let cells = self.store.product_cells(name).await?;
-            let Some(BuiltSnapshot {
-                snapshot,
-                server_names,
-            }) = build_snapshot(&product, &cells, view)
-            else {
-                return Ok(None);
-            };
-            let plan = planner::plan_product(&snapshot, &self.config.planner)
-                .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
-            let releases = self
-                .log_moves(
-                    run_id,
-                    epoch,
-                    name,
-                    &plan,
-                    &server_names,
-                    MoveKind::Release,
-                    None,
-                )
-                .await?;
-            let explained = explained_cells(&snapshot, &plan, &server_names);
-            let decisions: Vec<RunDecision> = {
-                let mut memory = self.memory.lock().expect("engine memory");
-                explained
-                    .into_iter()
-                    .filter(|cell| memory.decided(name, cell))
-                    .map(|cell| RunDecision {
-                        product: name.to_owned(),
-                        cell,
-                    })
-                    .collect()
-            };
-            let planned = Planned {
-                name: name.to_owned(),
-                plan,
-                server_names,
-                releases,
-            };
-            (planned, decisions)
+        let _serialised = lock.lock().await;
+        let product = self.store.product_books(name).await?;
+        let cells = self.store.product_cells(name).await?;
+        let Some(BuiltSnapshot {
+            snapshot,
+            server_names,
+        }) = build_snapshot(&product, &cells, view)
+        else {
+            return Ok(None);
+        };
+        let plan = planner::plan_product(&snapshot, &self.config.planner)
+            .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+        let releases = self
+            .log_moves(
+                run_id,
+                epoch,
+                name,
+                &plan,
+                &server_names,
+                MoveKind::Release,
+                None,
+            )
+            .await?;
+        let explained = explained_cells(&snapshot, &plan, &server_names);
+        let decisions: Vec<RunDecision> = {
+            let mut memory = self.memory.lock().expect("engine memory");
+            explained
+                .into_iter()
+                .filter(|cell| memory.decided(name, cell))
+                .map(|cell| RunDecision {
+                    product: name.to_owned(),
+                    cell,
+                })
+                .collect()
+        };
+        let planned = Planned {
+            name: name.to_owned(),
+            plan,
+            server_names,
+            releases,
         };
         Ok(Some((planned, decisions)))
     }

@@ -43,8 +43,11 @@ async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::E
         .await
 }
 
-/// Row lock on the product, taken first by every transaction that changes its pool.
-const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1 FOR UPDATE";
+/// Row lock on the product, taken first by every transaction that changes its pool. `NO KEY`:
+/// writers of the pool still wait for each other, but not for the share locks that inserts of
+/// rows naming the product (moves, decisions) hold until they commit, which a plain `FOR
+/// UPDATE` would wait for, so an instant balance would wait for a run's large inserts.
+const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1 FOR NO KEY UPDATE";
 
 /// The shards' epochs under a share lock: a takeover's update (or a new shard count) waits for
 /// this transaction, and every transaction after it sees the new epoch and is fenced.

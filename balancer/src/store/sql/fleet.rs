@@ -2,10 +2,11 @@
 //! per-(server, product) floors and buffers, leases (touch) and the reclaim of a lost server.
 
 use super::{
-    AllocationView, Db, Fence, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server,
+    AllocationView, CHUNK, Db, Fence, MoveKind, MoveState, Pool, PoolShift, RegisterServer, Server,
     ServerRecord, ServerRow, ServerState, SetAllocation, StoreError, StoreResult, Uuid,
     begin_write, cell, check_fence, conflict_on_constraint, count, json, lock_product, move_row,
-    now_ms, product_id, server_columns, server_row, set_move_state, shift_pool, write_audit,
+    now_ms, product_id, sequential_params, server_columns, server_row, set_move_state, shift_pool,
+    write_audit,
 };
 
 #[tracing::instrument(skip_all, fields(server = %req.name))]
@@ -384,12 +385,19 @@ pub(super) async fn touch_servers(pool: &Pool<Db>, names: &[String]) -> StoreRes
     }
     let now = now_ms();
     let mut tx = begin_write(pool).await?;
-    for name in names {
-        sqlx::query("UPDATE servers SET last_seen_at = $1 WHERE name = $2 AND removed_at IS NULL")
-            .bind(now)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+    // A few statements for the whole estate, not one round trip per server.
+    for chunk in names.chunks(CHUNK) {
+        let mut next = 0;
+        let now_param = sequential_params(&mut next, 1);
+        let sql = format!(
+            "UPDATE servers SET last_seen_at = {now_param} WHERE removed_at IS NULL AND name IN ({})",
+            sequential_params(&mut next, chunk.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for name in chunk {
+            query = query.bind(name);
+        }
+        query.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())

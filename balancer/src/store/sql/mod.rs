@@ -189,6 +189,9 @@ pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
 /// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
 pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
 
+/// Rows per multi-row statement: far below both backends' parameter limits.
+const CHUNK: usize = 500;
+
 /// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
 /// one statement per chunk instead of one per row (each statement is a round trip).
 pub(super) fn values_placeholders(rows: usize, columns: usize) -> String {

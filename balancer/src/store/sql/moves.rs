@@ -4,15 +4,12 @@
 use crate::store::LandedMove;
 
 use super::{
-    Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool, PoolShift,
-    StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
+    CHUNK, Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool,
+    PoolShift, StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
     conflict_on_constraint, lock_product, move_columns, move_row, now_ms, sequential_params,
     set_move_state, shard_epochs, shift_pool, values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-/// Rows per multi-row statement of a batch: far below both backends' parameter limits.
-const CHUNK: usize = 500;
 
 /// Logs moves `planned` in one transaction, in a fixed number of statements whatever their
 /// number: names resolved once, their products locked in id order (so two batches, or a batch

@@ -1,9 +1,9 @@
 //! Balance runs and the answered instant-balance requests (idempotence by request id).
 
 use super::{
-    Db, ExplainedCell, InstantRecord, MoveRow, NameIds, Pool, RunDecision, RunDetail, RunOutcome,
-    RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid, begin_write, count,
-    json, move_columns, now_ms, run_columns, values_placeholders,
+    CHUNK, Db, ExplainedCell, InstantRecord, MoveRow, NameIds, Pool, RunDecision, RunDetail,
+    RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid,
+    begin_write, count, json, move_columns, now_ms, run_columns, values_placeholders,
 };
 
 pub(super) async fn begin_run(
@@ -171,8 +171,6 @@ pub(super) async fn record_decisions(
 ) -> StoreResult<()> {
     /// Columns bound per row.
     const COLUMNS: usize = 20;
-    /// Rows per statement: 10,000 parameters, within both backends' limits.
-    const CHUNK: usize = 500;
     let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     if decisions.is_empty() {
         return Ok(());
