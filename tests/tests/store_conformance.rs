@@ -36,6 +36,7 @@ on_both_backends!(
     moves_that_would_break_the_books_change_nothing,
     batched_moves_are_logged_and_booked_all_or_none,
     estate_totals_sum_each_cells_newest_sample_per_site,
+    demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
@@ -757,6 +758,55 @@ async fn estate_totals_sum_each_cells_newest_sample_per_site(backend: Backend) {
         in_use,
     };
     assert_eq!(totals, vec![total("hq", 5, 3), total("lab", 4, 4)]);
+}
+
+async fn demand_signals_read_positive_peaks_and_each_cells_oldest_sample(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    store
+        .register_server("admin", &server("s2"), "salt", "hash-s2")
+        .await
+        .unwrap();
+    grant(&*store, "s1", 2).await;
+    grant(&*store, "s2", 3).await;
+    let at = |server: &str, peak: u64| UsageSample {
+        server: server.into(),
+        product: "cad".into(),
+        peak_in_use: peak,
+        ..UsageSample::default()
+    };
+    // Four runs: s1 idle until the last, s2 busy in the second; the first is before the
+    // recent past.
+    for (time, samples) in [
+        (1_000, vec![at("s1", 5), at("s2", 0)]),
+        (2_000, vec![at("s1", 0), at("s2", 3)]),
+        (3_000, vec![at("s1", 0), at("s2", 0)]),
+        (4_000, vec![at("s1", 2)]),
+    ] {
+        let run = store
+            .begin_run(RunTrigger::Scheduled, &Fence::alone())
+            .await
+            .unwrap();
+        store.record_samples(run, time, &samples).await.unwrap();
+    }
+    let mut read = store
+        .peak_samples(&[(1_500, 4_000), (500, 1_000)])
+        .await
+        .unwrap();
+    read.sort();
+    let row = |server: &str, at: i64, peak: u64| (server.to_owned(), "cad".to_owned(), at, peak);
+    assert_eq!(
+        read,
+        vec![
+            // The second range's positive peak, then the recent past: s1's oldest sample
+            // there (idle, so peak 0) and its positive one; s2's positive one, which is also
+            // its oldest (listed once as the peak, once as the oldest).
+            row("s1", 1_000, 5),
+            row("s1", 2_000, 0),
+            row("s1", 4_000, 2),
+            row("s2", 2_000, 0),
+            row("s2", 2_000, 3),
+        ]
+    );
 }
 
 async fn books_survive_a_reopen(backend: Backend) {

@@ -867,8 +867,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<(i64, UsageSample)>>;
     /// The usage samples the demand signals of `allot_core::demand` weigh, as (server,
     /// product, time, peak): every sample with a positive peak taken in any of the inclusive
-    /// ranges `[from_ms, to_ms]`, and each cell's oldest sample in the first (the recent
-    /// past, which dates how far back its history reaches). A sample of peak 0 moves no
+    /// ranges `[from_ms, to_ms]`, and, for each cell in the books, its oldest sample in the
+    /// first (the recent past, which dates how far back its history reaches), read per cell so
+    /// that its cost does not grow with the history the range holds. A sample of peak 0 moves no
     /// signal, and a run every minute over 100,000 cells writes 100,000 of them: reading them
     /// all grew each run by every run before it.
     async fn peak_samples(

@@ -288,12 +288,16 @@ pub(super) async fn peak_samples(
         );
     }
     // Each cell's oldest sample of the recent past, as peak 0: if its peak was positive, it
-    // is among the rows above already.
+    // is among the rows above already. One descent of `usage_samples_cell` per cell, so its
+    // cost follows the number of cells, not the history the window holds (a GROUP BY over
+    // the window read every sample of every run in it, and grew with each run).
     if let Some(&(from, to)) = ranges.first() {
-        let oldest: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT s.name, p.name, o.at FROM (SELECT server_id, product_id, MIN(at) AS at \
-             FROM usage_samples WHERE at >= $1 AND at <= $2 GROUP BY server_id, product_id) o \
-             JOIN servers s ON s.id = o.server_id JOIN products p ON p.id = o.product_id",
+        let oldest: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT s.name, p.name, (SELECT MIN(u.at) FROM usage_samples u \
+             WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
+             AND u.at >= $1 AND u.at <= $2) \
+             FROM allocations a JOIN servers s ON s.id = a.server_id \
+             JOIN products p ON p.id = a.product_id",
         )
         .bind(from)
         .bind(to)
@@ -302,7 +306,7 @@ pub(super) async fn peak_samples(
         out.extend(
             oldest
                 .into_iter()
-                .map(|(server, product, at)| (server, product, at, 0)),
+                .filter_map(|(server, product, at)| Some((server, product, at?, 0))),
         );
     }
     Ok(out)
