@@ -6,6 +6,11 @@ use allot_balancer::config::LogFormat;
 use allot_balancer::service;
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: a run over a large estate allocates and frees on every
+/// runtime thread, and glibc's per-thread arenas keep much of what was freed resident.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     allot_http::tls::install_crypto_provider();
     let cli = Cli::parse();

@@ -384,9 +384,10 @@ pub struct RunDetail {
     pub run: RunSummary,
     /// The moves the run logged.
     pub move_log: Vec<MoveView>,
-    /// Why: per product, every server the planner did not leave steady, with the signals it
-    /// read and the rule that decided the move or the non-move (scheduled and manual runs;
-    /// kept as long as the raw usage samples).
+    /// Why: per product, every server whose decision (rule, target or allocation) changed
+    /// since the balancer last recorded one for it, other than a first `steady`, with the
+    /// signals it read and the rule that decided the move or the non-move (scheduled and
+    /// manual runs; kept as long as the raw usage samples).
     #[serde(default)]
     pub decisions: Vec<RunDecision>,
 }
