@@ -14,6 +14,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// mimalloc rather than glibc's malloc: every request allocates and frees on whichever runtime
+/// thread serves it, and glibc's malloc and free were an eighth of the agent's CPU samples
+/// under load (BENCHMARKS.md, "Where a checkout's time goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// allot's metering server and its client commands.
 #[derive(Debug, Parser)]
 #[command(name = "allot-agent", version, about)]

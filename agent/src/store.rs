@@ -18,6 +18,7 @@ use allot_core::wire::agent::{MoveResponse, UsageCounters};
 use allot_core::wire::records::{DenialRecord, RecordBatch, UsageRecord};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Row};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,10 +117,19 @@ pub struct LeaseRecord {
     pub synced_at: Millis,
 }
 
-/// The open SQLite file.
+/// The open SQLite file, and the row number of each live checkout in it.
+///
+/// Why the row numbers: a handle is a random secret, so an index on handles put every
+/// checkout's insert and every checkin's delete on a random page of it (about one page written
+/// per row of a group commit). The table is keyed by a row number this store assigns instead:
+/// inserts append to its last page and a checkin deletes by the number kept here. After a
+/// failed write the map may be ahead of the file; the server then refuses further changes
+/// and a restart rebuilds it from the file.
 #[derive(Debug)]
 pub struct Store {
     conn: SqliteConnection,
+    rows: HashMap<Handle, i64>,
+    next_row: i64,
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -166,7 +176,11 @@ impl Store {
                 .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES.to_string()),
         )
         .await?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            rows: HashMap::new(),
+            next_row: 1,
+        })
     }
 
     /// Rebuilds the in-memory book from the log. Live checkouts restart their staleout clock at
@@ -201,13 +215,16 @@ impl Store {
             );
         }
         let rows = sqlx::query(
-            "SELECT handle, product, user, host, groups, seat, units, overdraft, created_ms, \
-             borrowed_until_ms FROM checkouts ORDER BY rowid",
+            "SELECT row, handle, product, user, host, groups, seat, units, overdraft, \
+             created_ms, borrowed_until_ms FROM checkouts ORDER BY row",
         )
         .fetch_all(&mut self.conn)
         .await?;
+        self.rows.clear();
+        self.rows.reserve(rows.len());
         for row in rows {
             let handle: String = row.try_get("handle")?;
+            let number: i64 = row.try_get("row")?;
             let record = CheckoutRecord {
                 handle: handle
                     .parse()
@@ -226,6 +243,8 @@ impl Store {
                     .map(|ms| u64_of(ms, "borrowed_until_ms"))
                     .transpose()?,
             };
+            self.rows.insert(record.handle, number);
+            self.next_row = self.next_row.max(number + 1);
             book.restore_checkout(&record, now);
         }
         // Revocations: the old are forgotten (the holder would have staled out since), the rest
@@ -308,29 +327,30 @@ impl Store {
         totals: &[(String, UsageCounters)],
     ) -> Result<(), StoreError> {
         let mut tx = self.conn.begin().await?;
-        // Checkouts and checkins go out as multi-row statements: the SQLite driver runs on its
-        // own thread, so one statement per row would cost a thread round trip per row.
-        let mut inserts: Vec<&CheckoutRecord> = Vec::new();
-        let mut deletes: Vec<Handle> = Vec::new();
+        let mut pending = Pending::default();
         for m in batch {
             match m {
-                Mutation::Checkout(r) => inserts.push(r),
+                Mutation::Checkout(r) => {
+                    let row = self.next_row;
+                    self.next_row += 1;
+                    self.rows.insert(r.handle, row);
+                    pending.checkouts.push((row, r));
+                }
                 Mutation::Checkin { handle, usage, .. } => {
-                    deletes.push(*handle);
+                    pending.ended.extend(self.rows.remove(handle));
                     if let Some(usage) = usage {
-                        outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
+                        pending.record(usage.id, "usage", usage.ended_at, usage)?;
                     }
                 }
                 Mutation::Denial(denial) => {
-                    outbox(&mut tx, denial.id, "denial", denial.at, denial).await?;
+                    pending.record(denial.id, "denial", denial.at, denial)?;
                 }
                 Mutation::Shipped(ids) => {
-                    for id in ids {
-                        sqlx::query("DELETE FROM outbox WHERE id = ?")
-                            .bind(id.to_string())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                    // Records are shipped only once committed, so none is pending here.
+                    sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
+                        .bind(json(ids)?)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 Mutation::Product {
                     name,
@@ -338,7 +358,7 @@ impl Store {
                     allocation,
                     generation,
                 } => {
-                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+                    pending.flush(&mut tx).await?;
                     let policy = serde_json::to_string(policy)
                         .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
                     sqlx::query(
@@ -355,7 +375,7 @@ impl Store {
                     .await?;
                 }
                 Mutation::Move { applied, at } => {
-                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+                    pending.flush(&mut tx).await?;
                     let r = &applied.response;
                     sqlx::query(
                         "INSERT INTO moves (move_id, kind, product, requested, units, \
@@ -381,15 +401,10 @@ impl Store {
                     .await?;
                 }
                 Mutation::Revoke(r, usage) => {
-                    // The checkout may have been inserted earlier in this batch.
-                    flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+                    pending.ended.extend(self.rows.remove(&r.handle));
                     if let Some(usage) = usage {
-                        outbox(&mut tx, usage.id, "usage", usage.ended_at, usage).await?;
+                        pending.record(usage.id, "usage", usage.ended_at, usage)?;
                     }
-                    sqlx::query("DELETE FROM checkouts WHERE handle = ?")
-                        .bind(r.handle.to_string())
-                        .execute(&mut *tx)
-                        .await?;
                     sqlx::query(
                         "INSERT INTO revocations (handle, product, revoked_ms, reason) \
                          VALUES (?, ?, ?, ?) ON CONFLICT (handle) DO NOTHING",
@@ -418,7 +433,7 @@ impl Store {
                 }
             }
         }
-        flush_checkouts(&mut tx, &mut inserts, &mut deletes).await?;
+        pending.flush(&mut tx).await?;
         for (name, t) in totals {
             sqlx::query(
                 "UPDATE products SET peak_in_use = ?, checkouts = ?, denials = ?, \
@@ -514,29 +529,6 @@ impl Checkpointer {
     }
 }
 
-/// Puts a record in the outbox, in the transaction of what it records.
-async fn outbox<T: serde::Serialize>(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    id: Uuid,
-    kind: &str,
-    at: chrono::DateTime<chrono::Utc>,
-    record: &T,
-) -> Result<(), StoreError> {
-    let body = serde_json::to_string(record)
-        .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
-    sqlx::query(
-        "INSERT INTO outbox (id, kind, body, created_ms) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id.to_string())
-    .bind(kind)
-    .bind(body)
-    .bind(at.timestamp_millis())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// A reader of the outbox on a connection of its own (WAL lets it read beside the writer):
 /// the shipper takes the oldest records from it and, once the balancer has stored them, asks
 /// the writer to delete them.
@@ -590,72 +582,100 @@ impl OutboxReader {
     }
 }
 
-/// Row counts of the multi-row statements: few distinct texts, so prepared statements are
-/// reused from the driver's cache.
-const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
-
-fn chunk_size(left: usize) -> usize {
-    CHUNKS.into_iter().find(|c| *c <= left).unwrap_or(1)
+/// The rows of a batch that go out as one statement per kind, each bound as one JSON array
+/// and unpacked by `json_each`: the SQLite driver runs on its own thread, so every statement
+/// costs a round trip to it, and a group commit of a few dozen checkins would otherwise make a
+/// few dozen outbox inserts.
+#[derive(Default)]
+struct Pending<'a> {
+    /// Checkouts to insert, with their row numbers.
+    checkouts: Vec<(i64, &'a CheckoutRecord)>,
+    /// Row numbers of ended checkouts to delete.
+    ended: Vec<i64>,
+    /// Outbox records: id, kind, body, created (Unix ms).
+    records: Vec<(String, &'static str, String, i64)>,
 }
 
-/// Writes pending checkout inserts, then pending deletes (a checkin always follows its
-/// checkout, so inserts go first), in multi-row statements.
-async fn flush_checkouts(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    inserts: &mut Vec<&CheckoutRecord>,
-    deletes: &mut Vec<Handle>,
-) -> Result<(), StoreError> {
-    let mut rest: &[&CheckoutRecord] = inserts;
-    while !rest.is_empty() {
-        let n = chunk_size(rest.len());
-        let (chunk, tail) = rest.split_at(n);
-        let mut sql = String::from(
-            "INSERT INTO checkouts (handle, product, user, host, groups, seat, units, \
-             overdraft, created_ms, borrowed_until_ms) VALUES ",
-        );
-        for i in 0..n {
-            sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            });
-        }
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(r.handle.to_string())
-                .bind(r.product.as_str())
-                .bind(r.user.as_str())
-                .bind(r.host.as_str())
-                .bind(serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()))
-                .bind(r.seat.as_deref())
-                .bind(i64::from(r.units))
-                .bind(i64::from(r.overdraft))
-                .bind(i64_of(r.created_at))
-                .bind(r.borrowed_until.map(i64_of));
-        }
-        q.execute(&mut **tx).await?;
-        rest = tail;
+impl Pending<'_> {
+    /// Adds a record to the outbox, in the transaction of what it records.
+    fn record<T: serde::Serialize>(
+        &mut self,
+        id: Uuid,
+        kind: &'static str,
+        at: chrono::DateTime<chrono::Utc>,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(record)
+            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+        self.records
+            .push((id.to_string(), kind, body, at.timestamp_millis()));
+        Ok(())
     }
-    inserts.clear();
-    let mut rest: &[Handle] = deletes;
-    while !rest.is_empty() {
-        let n = chunk_size(rest.len());
-        let (chunk, tail) = rest.split_at(n);
-        let mut sql = String::from("DELETE FROM checkouts WHERE handle IN (");
-        for i in 0..n {
-            sql.push_str(if i == 0 { "?" } else { ", ?" });
+
+    /// Writes what is pending: inserts before deletes, since a checkin always follows its
+    /// checkout and both may be in this batch.
+    async fn flush(
+        &mut self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    ) -> Result<(), StoreError> {
+        if !self.checkouts.is_empty() {
+            let rows: Vec<_> = self
+                .checkouts
+                .iter()
+                .map(|(row, r)| {
+                    (
+                        row,
+                        r.handle.to_string(),
+                        r.product.as_str(),
+                        r.user.as_str(),
+                        r.host.as_str(),
+                        serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()),
+                        r.seat.as_deref(),
+                        r.units,
+                        i64::from(r.overdraft),
+                        i64_of(r.created_at),
+                        r.borrowed_until.map(i64_of),
+                    )
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO checkouts (row, handle, product, user, host, groups, seat, units, \
+                 overdraft, created_ms, borrowed_until_ms) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+                 value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+                 FROM json_each(?)",
+            )
+            .bind(json(&rows)?)
+            .execute(&mut **tx)
+            .await?;
+            self.checkouts.clear();
         }
-        sql.push(')');
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for h in chunk {
-            q = q.bind(h.to_string());
+        if !self.ended.is_empty() {
+            sqlx::query("DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))")
+                .bind(json(&self.ended)?)
+                .execute(&mut **tx)
+                .await?;
+            self.ended.clear();
         }
-        q.execute(&mut **tx).await?;
-        rest = tail;
+        if !self.records.is_empty() {
+            // `WHERE true` lets SQLite parse the upsert after a SELECT.
+            sqlx::query(
+                "INSERT INTO outbox (id, kind, body, created_ms) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 \
+                 FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(json(&self.records)?)
+            .execute(&mut **tx)
+            .await?;
+            self.records.clear();
+        }
+        Ok(())
     }
-    deletes.clear();
-    Ok(())
+}
+
+/// One JSON array to bind for `json_each`.
+fn json<T: serde::Serialize + ?Sized>(rows: &T) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(format!("batch rows: {e}")))
 }
 
 /// The products a batch touched, so only their totals are written.
@@ -664,4 +684,84 @@ pub fn touched(batch: &[Mutation]) -> Vec<&str> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkout(handle: u128) -> Mutation {
+        Mutation::Checkout(CheckoutRecord {
+            handle: Handle(handle),
+            product: "cad".to_owned(),
+            user: format!("user-{handle}"),
+            host: "host".to_owned(),
+            groups: vec!["eng".to_owned()],
+            seat: None,
+            units: 1,
+            overdraft: false,
+            created_at: 1_000,
+            borrowed_until: None,
+        })
+    }
+
+    fn checkin(handle: u128) -> Mutation {
+        Mutation::Checkin {
+            handle: Handle(handle),
+            product: Arc::from("cad"),
+            usage: None,
+        }
+    }
+
+    /// Opens the store in `dir` and loads it: the live handles, sorted.
+    async fn reopen(dir: &Path) -> (Store, Vec<u128>) {
+        let mut store = Store::open(dir).await.unwrap();
+        let mut book = Book::new(allot_core::checkout::Limits::default());
+        store.load(&mut book, 2_000).await.unwrap();
+        let mut live: Vec<u128> = store.rows.keys().map(|h| h.0).collect();
+        live.sort_unstable();
+        assert_eq!(book.live_checkouts(), live.len(), "book and rows agree");
+        (store, live)
+    }
+
+    /// Row numbers survive a restart: a checkin after it deletes the right row, and a checkout
+    /// after it takes a fresh number (a reused one would fail the primary key).
+    #[tokio::test]
+    async fn checkins_find_their_rows_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).await.unwrap();
+        let product = Mutation::Product {
+            name: "cad".to_owned(),
+            policy: Policy::default(),
+            allocation: 10,
+            generation: 1,
+        };
+        // A checkout and its checkin in one batch, and one checkin of an earlier batch.
+        let first = [product, checkout(1), checkout(2), checkout(3)];
+        store.write_batch(&first, &[]).await.unwrap();
+        store
+            .write_batch(&[checkout(4), checkin(4), checkin(2)], &[])
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+
+        let (mut store, live) = reopen(dir.path()).await;
+        assert_eq!(live, [1, 3]);
+        store
+            .write_batch(&[checkin(1), checkout(5), checkout(6)], &[])
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+
+        let (store, live) = reopen(dir.path()).await;
+        assert_eq!(live, [3, 5, 6]);
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT row, user FROM checkouts ORDER BY row")
+                .fetch_all(&mut { store }.conn)
+                .await
+                .unwrap();
+        let users: Vec<&str> = rows.iter().map(|(_, u)| u.as_str()).collect();
+        assert_eq!(users, ["user-3", "user-5", "user-6"]);
+        assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "rows ascend");
+    }
 }

@@ -20,8 +20,12 @@
 //! (`-q` at half of 80 % of the agent's pair rate each, `--latency-correction`, so latency counts
 //! from the intended send time): checkouts and checkins of pool handles in a 1:1 mix.
 //!
+//! `ALLOT_BENCH_AGENT_BIN=<path>` runs that `allot-agent` binary instead of this build's (for an
+//! A/B against a baseline build, run alternately).
+//!
 //! `ALLOT_BENCH_PERF=<file>` adds one mixed closed-loop run with `perf record` attached to the
-//! agent process (`perf report -i <file> --no-children` reads it).
+//! agent process (`perf report -i <file> --no-children` reads it) and, when inferno's tools are
+//! on PATH, draws its flame graph in `<file>.svg`.
 
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -103,6 +107,85 @@ fn oha() -> PathBuf {
     installed
 }
 
+/// Draws `<file>.svg` from a perf recording with inferno (`cargo install inferno --locked`),
+/// when its tools are on PATH: the flame graph of where the agent's time went. Generic
+/// parameters are shortened to `<…>` so the frames stay readable (and the file small).
+fn flame_graph(file: &str) {
+    let folded = Command::new("sh")
+        .args([
+            "-c",
+            &format!("perf script -i '{file}' 2>/dev/null | inferno-collapse-perf"),
+        ])
+        .output();
+    let folded = match folded {
+        Ok(out) if out.status.success() && !out.stdout.is_empty() => out.stdout,
+        _ => {
+            eprintln!("no flame graph: inferno not on PATH (cargo install inferno --locked)");
+            return;
+        }
+    };
+    let short: String = String::from_utf8_lossy(&folded)
+        .lines()
+        .map(|line| shorten_generics(line) + "\n")
+        .collect();
+    let svg = format!("{file}.svg");
+    let mut draw = Command::new("inferno-flamegraph")
+        .args(["--minwidth", "0.3", "--title"])
+        .arg("allot-agent: checkouts and checkins, closed loop")
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&svg).unwrap())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    draw.stdin
+        .take()
+        .unwrap()
+        .write_all(short.as_bytes())
+        .unwrap();
+    assert!(draw.wait().unwrap().success(), "inferno-flamegraph failed");
+    eprintln!("flame graph in {svg}");
+}
+
+/// Keeps one level of generic parameters and drops the deeper ones
+/// (`Dispatcher<D,Bs,I,T>` stays, `poll<axum::serve::X<Y<Z>>>` becomes
+/// `poll<axum::serve::X<…>>`), so Rust's long monomorphised names fit in a frame.
+fn shorten_generics(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut depth = 0usize;
+    let mut previous = ' ';
+    for c in line.chars() {
+        match c {
+            '<' => {
+                depth += 1;
+                match depth {
+                    1 => out.push('<'),
+                    2 => out.push_str("<…"),
+                    _ => {}
+                }
+            }
+            // `->` in a function type is not a closing bracket.
+            '>' if depth > 0 && previous != '-' => {
+                if depth <= 2 {
+                    out.push('>');
+                }
+                depth -= 1;
+            }
+            // A frame boundary closes whatever a frame left open.
+            ';' => {
+                for _ in 0..depth.min(2) {
+                    out.push('>');
+                }
+                depth = 0;
+                out.push(';');
+            }
+            _ if depth <= 1 => out.push(c),
+            _ => {}
+        }
+        previous = c;
+    }
+    out
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -148,7 +231,12 @@ fn start_agent(dir: &Path) -> Server {
     )
     .unwrap();
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_allot-agent"))
+    // `ALLOT_BENCH_AGENT_BIN` runs another build of the agent (an A/B against a baseline).
+    let agent = std::env::var_os("ALLOT_BENCH_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_allot-agent")),
+        PathBuf::from,
+    );
+    let child = Command::new(agent)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(dir.join("agent-data"))
@@ -457,6 +545,7 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
             "profiled run: {:.0} checkouts/s + {:.0} checkins/s; perf data in {file}",
             a.ok_per_s, b.ok_per_s
         );
+        flame_graph(&file);
     }
     drop(agent);
     drop(bare);
