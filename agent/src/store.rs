@@ -94,6 +94,14 @@ pub enum Mutation {
 }
 
 impl Mutation {
+    /// A client's checkout, checkin or denial: the rows [`Pending`] gathers.
+    fn is_client_row(&self) -> bool {
+        matches!(
+            self,
+            Mutation::Checkout(_) | Mutation::Checkin { .. } | Mutation::Denial(_)
+        )
+    }
+
     fn product(&self) -> Option<&str> {
         match self {
             Mutation::Product { name, .. } => Some(name),
@@ -326,25 +334,31 @@ impl Store {
         batch: &[Mutation],
         totals: &[(String, UsageCounters)],
     ) -> Result<(), StoreError> {
-        let mut tx = self.conn.begin().await?;
         let mut pending = Pending::default();
+        if batch.iter().all(Mutation::is_client_row) {
+            // The common batch (checkouts, checkins, denials): one round trip in all.
+            for m in batch {
+                pending.gather(m, &mut self.rows, &mut self.next_row)?;
+            }
+            let args = pending.json_args(totals)?;
+            let mut query = sqlx::query(&**ROWS_IN_ONE_TRANSACTION);
+            for arg in args {
+                query = query.bind(arg);
+            }
+            if let Err(e) = query.execute(&mut self.conn).await {
+                // A statement failed inside the transaction it began: end it.
+                let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+                return Err(e.into());
+            }
+            return Ok(());
+        }
+        let mut tx = self.conn.begin().await?;
         for m in batch {
+            if pending.gather(m, &mut self.rows, &mut self.next_row)? {
+                continue;
+            }
             match m {
-                Mutation::Checkout(r) => {
-                    let row = self.next_row;
-                    self.next_row += 1;
-                    self.rows.insert(r.handle, row);
-                    pending.checkouts.push((row, r));
-                }
-                Mutation::Checkin { handle, usage, .. } => {
-                    pending.ended.extend(self.rows.remove(handle));
-                    if let Some(usage) = usage {
-                        pending.record(usage.id, "usage", usage.ended_at, usage)?;
-                    }
-                }
-                Mutation::Denial(denial) => {
-                    pending.record(denial.id, "denial", denial.at, denial)?;
-                }
+                Mutation::Checkout(_) | Mutation::Checkin { .. } | Mutation::Denial(_) => {}
                 Mutation::Shipped(ids) => {
                     // Records are shipped only once committed, so none is pending here.
                     sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
@@ -434,20 +448,11 @@ impl Store {
             }
         }
         pending.flush(&mut tx).await?;
-        for (name, t) in totals {
-            sqlx::query(
-                "UPDATE products SET peak_in_use = ?, checkouts = ?, denials = ?, \
-                 overdrafts = ?, staleouts = ?, instant_requests = ? WHERE name = ?",
-            )
-            .bind(i64::from(t.peak_in_use))
-            .bind(i64_of(t.checkouts))
-            .bind(i64_of(t.denials))
-            .bind(i64_of(t.overdrafts))
-            .bind(i64_of(t.staleouts))
-            .bind(i64_of(t.instant_requests))
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await?;
+        if !totals.is_empty() {
+            sqlx::query(UPDATE_TOTALS)
+                .bind(totals_json(totals)?)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -596,7 +601,36 @@ struct Pending<'a> {
     records: Vec<(String, &'static str, String, i64)>,
 }
 
-impl Pending<'_> {
+impl<'a> Pending<'a> {
+    /// Takes a client's checkout, checkin or denial (giving a checkout its row number and
+    /// taking an ended one's); `false` for every other mutation, which is left to the caller.
+    fn gather(
+        &mut self,
+        m: &'a Mutation,
+        rows: &mut HashMap<Handle, i64>,
+        next_row: &mut i64,
+    ) -> Result<bool, StoreError> {
+        match m {
+            Mutation::Checkout(r) => {
+                let row = *next_row;
+                *next_row += 1;
+                rows.insert(r.handle, row);
+                self.checkouts.push((row, r));
+            }
+            Mutation::Checkin { handle, usage, .. } => {
+                self.ended.extend(rows.remove(handle));
+                if let Some(usage) = usage {
+                    self.record(usage.id, "usage", usage.ended_at, usage)?;
+                }
+            }
+            Mutation::Denial(denial) => {
+                self.record(denial.id, "denial", denial.at, denial)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
     /// Adds a record to the outbox, in the transaction of what it records.
     fn record<T: serde::Serialize>(
         &mut self,
@@ -612,6 +646,40 @@ impl Pending<'_> {
         Ok(())
     }
 
+    /// The checkouts to insert as a JSON array of rows.
+    fn checkouts_json(&self) -> Result<String, StoreError> {
+        let rows: Vec<_> = self
+            .checkouts
+            .iter()
+            .map(|(row, r)| {
+                (
+                    row,
+                    r.handle.to_string(),
+                    r.product.as_str(),
+                    r.user.as_str(),
+                    r.host.as_str(),
+                    serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()),
+                    r.seat.as_deref(),
+                    r.units,
+                    i64::from(r.overdraft),
+                    i64_of(r.created_at),
+                    r.borrowed_until.map(i64_of),
+                )
+            })
+            .collect();
+        json(&rows)
+    }
+
+    /// The arguments of [`ROWS_IN_ONE_TRANSACTION`], in its order.
+    fn json_args(&self, totals: &[(String, UsageCounters)]) -> Result<[String; 4], StoreError> {
+        Ok([
+            self.checkouts_json()?,
+            json(&self.ended)?,
+            json(&self.records)?,
+            totals_json(totals)?,
+        ])
+    }
+
     /// Writes what is pending: inserts before deletes, since a checkin always follows its
     /// checkout and both may be in this batch.
     async fn flush(
@@ -619,58 +687,75 @@ impl Pending<'_> {
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     ) -> Result<(), StoreError> {
         if !self.checkouts.is_empty() {
-            let rows: Vec<_> = self
-                .checkouts
-                .iter()
-                .map(|(row, r)| {
-                    (
-                        row,
-                        r.handle.to_string(),
-                        r.product.as_str(),
-                        r.user.as_str(),
-                        r.host.as_str(),
-                        serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()),
-                        r.seat.as_deref(),
-                        r.units,
-                        i64::from(r.overdraft),
-                        i64_of(r.created_at),
-                        r.borrowed_until.map(i64_of),
-                    )
-                })
-                .collect();
-            sqlx::query(
-                "INSERT INTO checkouts (row, handle, product, user, host, groups, seat, units, \
-                 overdraft, created_ms, borrowed_until_ms) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-                 value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-                 FROM json_each(?)",
-            )
-            .bind(json(&rows)?)
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(INSERT_CHECKOUTS)
+                .bind(self.checkouts_json()?)
+                .execute(&mut **tx)
+                .await?;
             self.checkouts.clear();
         }
         if !self.ended.is_empty() {
-            sqlx::query("DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))")
+            sqlx::query(DELETE_ENDED)
                 .bind(json(&self.ended)?)
                 .execute(&mut **tx)
                 .await?;
             self.ended.clear();
         }
         if !self.records.is_empty() {
-            // `WHERE true` lets SQLite parse the upsert after a SELECT.
-            sqlx::query(
-                "INSERT INTO outbox (id, kind, body, created_ms) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 \
-                 FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(json(&self.records)?)
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(INSERT_RECORDS)
+                .bind(json(&self.records)?)
+                .execute(&mut **tx)
+                .await?;
             self.records.clear();
         }
         Ok(())
     }
+}
+
+/// Inserts the checkouts of a JSON array of rows (see [`Pending::checkouts_json`]).
+const INSERT_CHECKOUTS: &str = "INSERT INTO checkouts (row, handle, product, user, host, \
+     groups, seat, units, overdraft, created_ms, borrowed_until_ms) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+     value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(?)";
+
+/// Deletes the checkouts of a JSON array of row numbers.
+const DELETE_ENDED: &str = "DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))";
+
+/// Puts a JSON array of records in the outbox (`WHERE true` lets SQLite parse the upsert
+/// after a SELECT).
+const INSERT_RECORDS: &str = "INSERT INTO outbox (id, kind, body, created_ms) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?) WHERE true \
+     ON CONFLICT (id) DO NOTHING";
+
+/// Sets the totals of a JSON array of products (see [`totals_json`]).
+const UPDATE_TOTALS: &str = "UPDATE products SET peak_in_use = t.value ->> 1, \
+     checkouts = t.value ->> 2, denials = t.value ->> 3, overdrafts = t.value ->> 4, \
+     staleouts = t.value ->> 5, instant_requests = t.value ->> 6 \
+     FROM json_each(?) AS t WHERE products.name = t.value ->> 0";
+
+/// The common group commit as one multi-statement query, so it costs one round trip to
+/// SQLite's thread rather than six: begin, the checkouts, the ended checkouts, the records,
+/// the totals, commit (an empty array writes nothing).
+static ROWS_IN_ONE_TRANSACTION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("BEGIN; {INSERT_CHECKOUTS}; {DELETE_ENDED}; {INSERT_RECORDS}; {UPDATE_TOTALS}; COMMIT")
+});
+
+/// The products' totals as a JSON array of rows: name, then the counters.
+fn totals_json(totals: &[(String, UsageCounters)]) -> Result<String, StoreError> {
+    let rows: Vec<_> = totals
+        .iter()
+        .map(|(name, t)| {
+            (
+                name,
+                t.peak_in_use,
+                i64_of(t.checkouts),
+                i64_of(t.denials),
+                i64_of(t.overdrafts),
+                i64_of(t.staleouts),
+                i64_of(t.instant_requests),
+            )
+        })
+        .collect();
+    json(&rows)
 }
 
 /// One JSON array to bind for `json_each`.
@@ -739,8 +824,17 @@ mod tests {
         // A checkout and its checkin in one batch, and one checkin of an earlier batch.
         let first = [product, checkout(1), checkout(2), checkout(3)];
         store.write_batch(&first, &[]).await.unwrap();
+        // The common batch (client rows only) goes out in one query, with the totals.
+        let totals = UsageCounters {
+            peak_in_use: 3,
+            checkouts: 4,
+            ..UsageCounters::default()
+        };
         store
-            .write_batch(&[checkout(4), checkin(4), checkin(2)], &[])
+            .write_batch(
+                &[checkout(4), checkin(4), checkin(2)],
+                &[("cad".to_owned(), totals)],
+            )
             .await
             .unwrap();
         store.close().await.unwrap();
@@ -753,13 +847,19 @@ mod tests {
             .unwrap();
         store.close().await.unwrap();
 
-        let (store, live) = reopen(dir.path()).await;
+        let (mut store, live) = reopen(dir.path()).await;
         assert_eq!(live, [3, 5, 6]);
         let rows: Vec<(i64, String)> =
             sqlx::query_as("SELECT row, user FROM checkouts ORDER BY row")
-                .fetch_all(&mut { store }.conn)
+                .fetch_all(&mut store.conn)
                 .await
                 .unwrap();
+        let kept: (i64, i64) =
+            sqlx::query_as("SELECT peak_in_use, checkouts FROM products WHERE name = 'cad'")
+                .fetch_one(&mut store.conn)
+                .await
+                .unwrap();
+        assert_eq!(kept, (3, 4), "the totals of the one-query batch");
         let users: Vec<&str> = rows.iter().map(|(_, u)| u.as_str()).collect();
         assert_eq!(users, ["user-3", "user-5", "user-6"]);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "rows ascend");
