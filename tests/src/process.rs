@@ -40,8 +40,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port. Another process could take it before ours binds; tests accept that.
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768–60999 by default), from which
+/// the kernel takes the local port of every outgoing connection. A port found free by binding
+/// port 0 lies in that range, and a parallel test's connection to PostgreSQL or to an agent can
+/// take it before the child process binds it (a start-up that then never becomes healthy).
+const FREE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback port, chosen at random in [`FREE_PORTS`]. Another test could still pick the
+/// same port before our child binds it, but only within that short window and one chance in
+/// twelve thousand.
 pub fn free_port() -> u16 {
+    let span = u128::from(FREE_PORTS.end - FREE_PORTS.start);
+    for _ in 0..1_000 {
+        let offset = u16::try_from(uuid::Uuid::new_v4().as_u128() % span).expect("below the span");
+        let port = FREE_PORTS.start + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -81,18 +97,26 @@ impl Running {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let running = Self { child, url };
+        let mut running = Self { child, url };
         running.wait_healthy(client, Duration::from_secs(30)).await;
         running
     }
 
-    async fn wait_healthy(&self, client: &reqwest::Client, limit: Duration) {
+    /// Polls `/healthz` until it answers; fails at once, with the exit status, if the process
+    /// has ended (e.g. its port was taken), rather than waiting out `limit`.
+    async fn wait_healthy(&mut self, client: &reqwest::Client, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await
                 && r.status().is_success()
             {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the process for {} exited before it became healthy: {status}",
+                    self.url
+                );
             }
             assert!(
                 Instant::now() < deadline,
