@@ -2,8 +2,9 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery, LandedMove,
-    NewMove, ScheduleSetting, Store, StoreError, UsageSample,
+    self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery,
+    InstantRecord, LandedMove, NewMove, RunOutcome, RunsQuery, ScheduleSetting, Store, StoreError,
+    UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::shard_of;
@@ -35,6 +36,7 @@ on_both_backends!(
     moves_are_idempotent_and_final,
     moves_that_would_break_the_books_change_nothing,
     batched_moves_are_logged_and_booked_all_or_none,
+    an_instant_runs_record_and_grant_commit_together,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
     books_survive_a_reopen,
@@ -640,6 +642,105 @@ async fn moves_that_would_break_the_books_change_nothing(backend: Backend) {
     ));
     assert_eq!(store.books().await.unwrap(), before);
     assert!(store.unfinished_moves().await.unwrap().is_empty());
+}
+
+/// An instant balance's run opens with its grant from the reserve in one transaction (a
+/// refused grant leaves no run behind), and closes with the answered request in another.
+async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let instant_runs = || async {
+        store
+            .runs(&RunsQuery {
+                limit: 10,
+                before_id: None,
+                trigger: Some(RunTrigger::Instant),
+                since_ms: None,
+            })
+            .await
+            .unwrap()
+    };
+    let before = store.books().await.unwrap();
+    assert!(matches!(
+        store
+            .begin_run_with_moves(
+                RunTrigger::Instant,
+                &Fence::alone(),
+                &[new_move(MoveKind::Grant, "cad", "s1", 11)],
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(instant_runs().await.is_empty());
+    assert_eq!(store.books().await.unwrap(), before);
+
+    let grant = new_move(MoveKind::Grant, "cad", "s1", 4);
+    let (run_id, logged) = store
+        .begin_run_with_moves(
+            RunTrigger::Instant,
+            &Fence::alone(),
+            std::slice::from_ref(&grant),
+        )
+        .await
+        .unwrap();
+    assert_eq!(logged.len(), 1);
+    assert_eq!((logged[0].id, logged[0].run_id), (grant.id, Some(run_id)));
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit), (6, 4));
+    let opened = instant_runs().await;
+    assert_eq!((opened.len(), opened[0].id), (1, run_id));
+    assert_eq!(opened[0].status, "running");
+    assert_balanced(&*store).await;
+
+    store
+        .complete_move(grant.id, 4, 1, &Fence::alone())
+        .await
+        .unwrap();
+    let request = Uuid::new_v4();
+    let answered = InstantRecord {
+        server: "s1".into(),
+        product: "cad".into(),
+        units: 4,
+        granted: 4,
+    };
+    let outcome = RunOutcome {
+        status: "ok".into(),
+        moves: 1,
+        units_moved: 4,
+        ..RunOutcome::default()
+    };
+    store
+        .finish_instant_run(run_id, &outcome, Some((request, &answered)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.instant_request(request).await.unwrap(),
+        Some(answered)
+    );
+    let closed = &instant_runs().await[0];
+    assert_eq!(
+        (closed.status.as_str(), closed.moves, closed.units_moved),
+        ("ok", 1, 4)
+    );
+    assert!(closed.finished_at.is_some());
+
+    // An unsettled outcome closes the run alone (a retry of its request is served anew).
+    let (unsettled, none) = store
+        .begin_run_with_moves(RunTrigger::Instant, &Fence::alone(), &[])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    store
+        .finish_instant_run(
+            unsettled,
+            &RunOutcome {
+                status: "partial".into(),
+                ..outcome
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(instant_runs().await[0].status, "partial");
 }
 
 async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {

@@ -377,6 +377,31 @@ fn write_pool(agent_dir: &Path, file: &Path) -> usize {
     handles.len()
 }
 
+/// The disk's floor under every durable answer: `n` appends of 8 KiB (a group commit's few WAL
+/// pages) to a file beside `agent.db`, each followed by `fdatasync`, as SQLite's
+/// `synchronous=FULL` commit does; returns the syncs' p50, p99 and max in ms. A request that
+/// arrives while a group commit syncs waits for that sync and then its own, so an open-loop
+/// p99 cannot go below about twice this p99.
+fn fdatasync_floor(dir: &Path, n: usize) -> (f64, f64, f64) {
+    use std::io::Write;
+    let path = dir.join("fdatasync-floor");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let page = vec![0x5au8; 8192];
+    let mut ms: Vec<f64> = (0..n)
+        .map(|_| {
+            file.write_all(&page).unwrap();
+            let start = std::time::Instant::now();
+            file.sync_data().unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), ms[ms.len() - 1])
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -410,6 +435,12 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
     run_oha(&oha, &ci(&bare), &Body::Lines(&pool), conns, 1.0);
     eprintln!(
         "oha {OHA_VERSION}-pinned: {conns} connections, {secs} s runs, pool of {live} live checkouts"
+    );
+
+    let floor = fdatasync_floor(dir, 2_000);
+    eprintln!(
+        "the disk's fdatasync of an 8 KiB append, idle: p50 {:.2} p99 {:.2} max {:.2} ms",
+        floor.0, floor.1, floor.2
     );
 
     let mut rows: Vec<[Run; 4]> = Vec::new();
@@ -599,5 +630,9 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
         omed(1, |r| r.p50_ms),
         omed(1, |r| r.p99_ms),
         omed(1, |r| r.p999_ms)
+    );
+    println!(
+        "| the disk's floor: `fdatasync` of an 8 KiB append, idle, p50 / p99 / max (2,000 syncs) | | {:.2} / {:.2} / {:.2} ms | |",
+        floor.0, floor.1, floor.2
     );
 }

@@ -31,12 +31,8 @@ impl Engine {
             allocation,
             free_elsewhere: None,
         };
-        if let Some(done) = self.store.instant_request(req.request_id).await? {
-            return Ok(answer(
-                done.granted,
-                self.allocation_of(&server.name, &req.product).await?,
-            ));
-        }
+        // A retry of a request already answered grants nothing more. Read once, under the
+        // lock (a read before it too would cost every request a round trip for a rare retry).
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         if let Some(done) = self.store.instant_request(req.request_id).await? {
@@ -72,10 +68,6 @@ impl Engine {
         let urgent = u64::from(req.urgent());
         let tally = crate::metrics::InstantTally::start(self.metrics.clone());
         let epoch = self.epoch_for(&req.product)?;
-        let run_id = self
-            .store
-            .begin_run(RunTrigger::Instant, &self.write_fence())
-            .await?;
         let mut errors = Vec::new();
 
         // Plan and log under the lock. The other servers' cells matter only when the reserve
@@ -115,23 +107,28 @@ impl Engine {
         };
         let asker = ask.asker;
         let plan = plan_instant(reserve, &snapshot, &ask, &self.config.planner);
-        let log = |target: &str, kind: MoveKind, units: u64| NewMove {
+        let log = |run_id: Option<i64>, target: &str, kind: MoveKind, units: u64| NewMove {
             id: Uuid::now_v7(),
-            run_id: Some(run_id),
+            run_id,
             product: req.product.clone(),
             server: target.to_owned(),
             kind,
             units,
             epoch,
         };
-        let mut first_grant: Option<MoveRecord> = None;
-        if plan.from_reserve > 0 {
-            first_grant = Some(
-                self.store
-                    .begin_move(&log(&server.name, MoveKind::Grant, plan.from_reserve))
-                    .await?,
-            );
-        }
+        // The run's record and the grant from the reserve in one commit.
+        let from_reserve = (plan.from_reserve > 0)
+            .then(|| log(None, &server.name, MoveKind::Grant, plan.from_reserve));
+        let (run_id, mut logged) = self
+            .store
+            .begin_run_with_moves(
+                RunTrigger::Instant,
+                &self.write_fence(),
+                from_reserve.as_slice(),
+            )
+            .await?;
+        let first_grant: Option<MoveRecord> = logged.pop();
+        let log = |target: &str, kind: MoveKind, units: u64| log(Some(run_id), target, kind, units);
         let mut releases: Vec<(ServerRecord, MoveRecord)> = Vec::new();
         for &(donor, units) in &plan.releases {
             let name = &names[donor as usize];
@@ -247,19 +244,13 @@ impl Engine {
         }
         // Only a settled outcome is remembered: a grant still in flight is finished by the next
         // run, and a retry of this request may then find the units already there.
-        if errors.is_empty() {
-            self.store
-                .record_instant_request(
-                    req.request_id,
-                    &InstantRecord {
-                        server: server.name.clone(),
-                        product: req.product.clone(),
-                        units: wanted,
-                        granted,
-                    },
-                )
-                .await?;
-        }
+        let settled = errors.is_empty();
+        let answered = InstantRecord {
+            server: server.name.clone(),
+            product: req.product.clone(),
+            units: wanted,
+            granted,
+        };
         let ping_pong = {
             let mut memory = self.memory.lock().expect("engine memory");
             memory.unserved(
@@ -271,10 +262,10 @@ impl Engine {
             memory.take_ping_pong(run_id)
         };
         self.store
-            .finish_run(
+            .finish_instant_run(
                 run_id,
                 &RunOutcome {
-                    status: if errors.is_empty() { "ok" } else { "partial" }.into(),
+                    status: if settled { "ok" } else { "partial" }.into(),
                     servers_queried: 0,
                     servers_unreachable: 0,
                     moves,
@@ -284,6 +275,7 @@ impl Engine {
                     ping_pong_units: ping_pong,
                     errors,
                 },
+                settled.then_some((req.request_id, &answered)),
             )
             .await?;
         tally.finish(wanted, granted);

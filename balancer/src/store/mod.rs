@@ -799,6 +799,24 @@ pub trait Store: Send + Sync + 'static {
     async fn begin_run(&self, trigger: RunTrigger, fence: &Fence) -> StoreResult<i64>;
     /// Closes a run record.
     async fn finish_run(&self, run_id: i64, outcome: &RunOutcome) -> StoreResult<()>;
+    /// Opens a run record and logs its first moves as [`Store::begin_moves`] does, in one
+    /// transaction; each move's `run_id` becomes the new run's. An instant balance's grant
+    /// from the reserve takes one commit this way, not two, before it is sent.
+    async fn begin_run_with_moves(
+        &self,
+        trigger: RunTrigger,
+        fence: &Fence,
+        moves: &[NewMove],
+    ) -> StoreResult<(i64, Vec<MoveRecord>)>;
+    /// Closes an instant balance's run record and, when `answered` (its outcome is settled),
+    /// records the request as answered, in one transaction: a retry of the request then
+    /// finds it, and the run is never left open behind an answered request.
+    async fn finish_instant_run(
+        &self,
+        run_id: i64,
+        outcome: &RunOutcome,
+        answered: Option<(Uuid, &InstantRecord)>,
+    ) -> StoreResult<()>;
     /// Records the usage samples of a run, taken at `at_ms`.
     async fn record_samples(
         &self,
@@ -889,12 +907,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// The outcome of an instant-balance request already answered, if any.
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;
-    /// Records an answered instant-balance request.
-    async fn record_instant_request(
-        &self,
-        request_id: Uuid,
-        record: &InstantRecord,
-    ) -> StoreResult<()>;
 }
 
 /// Opens the store named by `database_url` (`postgres://…`), or the SQLite file

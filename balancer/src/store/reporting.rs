@@ -328,6 +328,28 @@ impl Store for ErrorReporting {
         self.seen(self.inner.finish_run(run_id, outcome).await)
     }
 
+    async fn begin_run_with_moves(
+        &self,
+        trigger: RunTrigger,
+        fence: &Fence,
+        moves: &[NewMove],
+    ) -> StoreResult<(i64, Vec<MoveRecord>)> {
+        self.seen(self.inner.begin_run_with_moves(trigger, fence, moves).await)
+    }
+
+    async fn finish_instant_run(
+        &self,
+        run_id: i64,
+        outcome: &RunOutcome,
+        answered: Option<(Uuid, &InstantRecord)>,
+    ) -> StoreResult<()> {
+        self.seen(
+            self.inner
+                .finish_instant_run(run_id, outcome, answered)
+                .await,
+        )
+    }
+
     async fn record_samples(
         &self,
         run_id: i64,
@@ -444,13 +466,5 @@ impl Store for ErrorReporting {
 
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
         self.seen(self.inner.instant_request(request_id).await)
-    }
-
-    async fn record_instant_request(
-        &self,
-        request_id: Uuid,
-        record: &InstantRecord,
-    ) -> StoreResult<()> {
-        self.seen(self.inner.record_instant_request(request_id, record).await)
     }
 }

@@ -666,6 +666,24 @@ impl Store for SqlStore {
         runs::finish_run(&self.pool, run_id, outcome).await
     }
 
+    async fn begin_run_with_moves(
+        &self,
+        trigger: RunTrigger,
+        fence: &Fence,
+        moves: &[NewMove],
+    ) -> StoreResult<(i64, Vec<MoveRecord>)> {
+        runs::begin_run_with_moves(&self.pool, trigger, fence.newest_epoch(), moves).await
+    }
+
+    async fn finish_instant_run(
+        &self,
+        run_id: i64,
+        outcome: &RunOutcome,
+        answered: Option<(Uuid, &InstantRecord)>,
+    ) -> StoreResult<()> {
+        runs::finish_instant_run(&self.pool, run_id, outcome, answered).await
+    }
+
     async fn record_samples(
         &self,
         run_id: i64,
@@ -727,14 +745,6 @@ impl Store for SqlStore {
 
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
         runs::instant_request(&self.pool, request_id).await
-    }
-
-    async fn record_instant_request(
-        &self,
-        request_id: Uuid,
-        record: &InstantRecord,
-    ) -> StoreResult<()> {
-        runs::record_instant_request(&self.pool, request_id, record).await
     }
 
     async fn history(&self, q: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {

@@ -22,9 +22,20 @@ pub(super) async fn begin_moves(
     moves: &[NewMove],
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
+    let records = begin_moves_in(&mut tx, moves).await?;
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// [`begin_moves`] inside the caller's write transaction, which commits them (or, on a
+/// refusal, drops them with whatever else it wrote).
+pub(super) async fn begin_moves_in(
+    tx: &mut Conn,
+    moves: &[NewMove],
+) -> StoreResult<Vec<MoveRecord>> {
     let servers: BTreeSet<&str> = moves.iter().map(|m| m.server.as_str()).collect();
     let products: BTreeSet<&str> = moves.iter().map(|m| m.product.as_str()).collect();
-    let ids = NameIds::read_named(&mut tx, &servers, &products).await?;
+    let ids = NameIds::read_named(tx, &servers, &products).await?;
     let mut resolved = Vec::with_capacity(moves.len());
     for mv in moves {
         let units = i64::try_from(mv.units)
@@ -43,10 +54,10 @@ pub(super) async fn begin_moves(
     }
     let pids: BTreeSet<i64> = resolved.iter().map(|r| r.1).collect();
     for pid in &pids {
-        lock_product(&mut tx, *pid).await?;
+        lock_product(tx, *pid).await?;
     }
     // Each move carries the epoch of its product's shard.
-    let shards = shard_epochs(&mut tx).await?;
+    let shards = shard_epochs(tx).await?;
     for mv in moves {
         check_epoch_of(&shards, &mv.product, mv.epoch)?;
     }
@@ -85,7 +96,7 @@ pub(super) async fn begin_moves(
         }
     }
     for (pid, units) in granted {
-        shift_pool(&mut tx, pid, PoolShift::ReserveToTransit, units).await?;
+        shift_pool(tx, pid, PoolShift::ReserveToTransit, units).await?;
     }
     let grant_cells: Vec<(i64, i64)> = grant_cells.into_iter().collect();
     for chunk in grant_cells.chunks(CHUNK) {
@@ -127,8 +138,7 @@ pub(super) async fn begin_moves(
             .map_err(|e| conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id)))?;
     }
     let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
-    let rows = move_rows(&mut tx, &ids).await?;
-    tx.commit().await?;
+    let rows = move_rows(tx, &ids).await?;
     ids.iter()
         .map(|id| {
             rows.get(&id.to_string())

@@ -1,13 +1,14 @@
 //! Balance runs and the answered instant-balance requests (idempotence by request id).
 
 use super::{
-    CHUNK, Db, ExplainedCell, InstantRecord, MoveRow, NameIds, Pool, RunDecision, RunDetail,
-    RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid,
-    begin_write, count, json, move_columns, now_ms, run_columns, values_placeholders,
+    CHUNK, Db, ExplainedCell, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove, Pool,
+    RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError,
+    StoreResult, Uuid, begin_write, count, json, move_columns, now_ms, run_columns,
+    values_placeholders,
 };
 
-pub(super) async fn begin_run(
-    pool: &Pool<Db>,
+pub(super) async fn begin_run<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
     trigger: RunTrigger,
     epoch: i64,
 ) -> StoreResult<i64> {
@@ -18,12 +19,37 @@ pub(super) async fn begin_run(
     .bind(trigger.as_str())
     .bind(epoch)
     .bind(now_ms())
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?)
 }
 
-pub(super) async fn finish_run(
+/// Opens a run and logs its first moves, which become the run's, in one transaction.
+pub(super) async fn begin_run_with_moves(
     pool: &Pool<Db>,
+    trigger: RunTrigger,
+    epoch: i64,
+    moves: &[NewMove],
+) -> StoreResult<(i64, Vec<MoveRecord>)> {
+    let mut tx = begin_write(pool).await?;
+    let run_id = begin_run(&mut *tx, trigger, epoch).await?;
+    let moves: Vec<NewMove> = moves
+        .iter()
+        .map(|mv| NewMove {
+            run_id: Some(run_id),
+            ..mv.clone()
+        })
+        .collect();
+    let records = if moves.is_empty() {
+        Vec::new()
+    } else {
+        super::moves::begin_moves_in(&mut tx, &moves).await?
+    };
+    tx.commit().await?;
+    Ok((run_id, records))
+}
+
+pub(super) async fn finish_run<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
     run_id: i64,
     outcome: &RunOutcome,
 ) -> StoreResult<()> {
@@ -44,8 +70,25 @@ pub(super) async fn finish_run(
     .bind(wide(outcome.unserved_false))
     .bind(wide(outcome.ping_pong_units))
     .bind(run_id)
-    .execute(pool)
+    .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Closes an instant balance's run and, when its outcome is settled, records the answered
+/// request, in one transaction.
+pub(super) async fn finish_instant_run(
+    pool: &Pool<Db>,
+    run_id: i64,
+    outcome: &RunOutcome,
+    answered: Option<(Uuid, &InstantRecord)>,
+) -> StoreResult<()> {
+    let mut tx = begin_write(pool).await?;
+    finish_run(&mut *tx, run_id, outcome).await?;
+    if let Some((request_id, record)) = answered {
+        record_instant_request(&mut *tx, request_id, record).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -242,8 +285,8 @@ pub(super) async fn instant_request(
     }))
 }
 
-pub(super) async fn record_instant_request(
-    pool: &Pool<Db>,
+async fn record_instant_request<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
     request_id: Uuid,
     record: &InstantRecord,
 ) -> StoreResult<()> {
@@ -260,7 +303,7 @@ pub(super) async fn record_instant_request(
     .bind(now_ms())
     .bind(&record.server)
     .bind(&record.product)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
