@@ -1063,11 +1063,77 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         "  instant balance during runs: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
         instant.p50, instant.p99, instant.max
     );
+    println!("  {}", instant_phases(&log));
     println!("  balancer RSS now {rss:.1} MiB, peak {peak:.1} MiB");
     let _ = child.kill();
     let _ = child.wait();
     println!("  books balance: {}", estate.books_balance(server_rt));
     estate.stop(server_rt);
+}
+
+/// Where the instant balances' time went, from the balancer's own closing line of each
+/// (`instant balance answered … phases=lock=…ms plan_and_log=…ms …`): each phase's p50 and p99.
+fn instant_phases(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut phases: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut answers = 0;
+    for line in text
+        .lines()
+        .filter(|l| l.contains("instant balance answered"))
+    {
+        answers += 1;
+        let line = without_colours(line);
+        // Past the `phases=` field, each word is `name=<ms>ms`.
+        let Some((_, laps)) = line.split_once("phases=") else {
+            continue;
+        };
+        for lap in laps.split_whitespace() {
+            let Some((name, ms)) = lap.split_once('=') else {
+                break;
+            };
+            let Some(Ok(ms)) = ms.strip_suffix("ms").map(str::parse::<f64>) else {
+                break;
+            };
+            let us = (ms * 1000.0) as u64;
+            match phases.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(us),
+                None => phases.push((name.to_owned(), vec![us])),
+            }
+        }
+    }
+    let shown: Vec<String> = phases
+        .into_iter()
+        .map(|(name, mut v)| {
+            v.sort_unstable();
+            format!(
+                "{name} {:.1} / {:.1}",
+                percentile(&v, 0.5),
+                percentile(&v, 0.99)
+            )
+        })
+        .collect();
+    format!(
+        "instant balance phases, p50 / p99 ms ({answers} answers in the balancer's log): {}",
+        shown.join(", ")
+    )
+}
+
+/// `line` without its ANSI colour sequences (`ESC [ … m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Section 4: the operator console's estate page over 200 servers × 50 products (every cell

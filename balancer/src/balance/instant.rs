@@ -7,6 +7,7 @@
 //! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
 //! same request id twice grants once.
 
+use super::phases::Phases;
 use super::snapshot::instant_cells;
 use super::{BalanceError, Engine, adopted};
 use crate::store::{InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
@@ -33,8 +34,10 @@ impl Engine {
         };
         // A retry of a request already answered grants nothing more. Read once, under the
         // lock (a read before it too would cost every request a round trip for a rare retry).
+        let mut phases = Phases::start();
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
+        phases.lap("lock");
         if let Some(done) = self.store.instant_request(req.request_id).await? {
             return Ok(answer(
                 done.granted,
@@ -128,6 +131,7 @@ impl Engine {
             )
             .await?;
         let first_grant: Option<MoveRecord> = logged.pop();
+        phases.lap("plan_and_log");
         let log = |target: &str, kind: MoveKind, units: u64| log(Some(run_id), target, kind, units);
         let mut releases: Vec<(ServerRecord, MoveRecord)> = Vec::new();
         for &(donor, units) in &plan.releases {
@@ -156,6 +160,7 @@ impl Engine {
         };
         let releasing = execute_all(self, &releases);
         let (first, released) = tokio::join!(grant_now, releasing);
+        phases.lap("send_and_book");
         if let Some(result) = first {
             match result {
                 Ok(done) => {
@@ -278,14 +283,14 @@ impl Engine {
                 settled.then_some((req.request_id, &answered)),
             )
             .await?;
+        phases.lap("finish");
+        let allocation = self.allocation_of(&server.name, &req.product).await?;
+        phases.lap("answer");
         tally.finish(wanted, granted);
-        tracing::info!(granted, reclaimed, run_id, "instant balance answered");
+        tracing::info!(granted, reclaimed, run_id, phases = %phases, "instant balance answered");
         Ok(InstantBalanceResponse {
             free_elsewhere: (unserved > 0).then_some(unserved_false > 0),
-            ..answer(
-                granted,
-                self.allocation_of(&server.name, &req.product).await?,
-            )
+            ..answer(granted, allocation)
         })
     }
 }

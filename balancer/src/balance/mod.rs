@@ -23,6 +23,7 @@ pub mod expiry;
 mod explain;
 mod holders;
 mod instant;
+mod phases;
 mod run;
 pub mod scheduler;
 mod snapshot;

@@ -11,6 +11,7 @@
 
 use super::batch::Booker;
 use super::explain::explained_cells;
+use super::phases::Phases;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
 use crate::store::{MoveRecord, NewMove, RunOutcome, ServerRecord};
@@ -424,39 +425,6 @@ struct Planned {
     server_names: Vec<String>,
     /// Its logged releases, until the run gathers them into the servers' batches.
     releases: Vec<(String, MoveRecord)>,
-}
-
-/// How long each phase of a run took, for the run's closing log line: where a slow run's
-/// time went, without a profiler.
-struct Phases {
-    lap_started: std::time::Instant,
-    laps: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl Phases {
-    fn start() -> Self {
-        Self {
-            lap_started: std::time::Instant::now(),
-            laps: Vec::new(),
-        }
-    }
-
-    /// Ends the phase `name` now and starts the next.
-    fn lap(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.laps.push((name, now - self.lap_started));
-        self.lap_started = now;
-    }
-}
-
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (name, took)) in self.laps.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{name}={}ms", took.as_millis())?;
-        }
-        Ok(())
-    }
 }
 
 /// Records that a product was not balanced this run; the run goes on with the others.
