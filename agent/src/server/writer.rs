@@ -20,6 +20,10 @@ pub(super) enum WriterMsg {
     Close(oneshot::Sender<()>),
 }
 
+/// Group commits after which the writer, finding no request waiting, checkpoints the WAL
+/// itself (see [`Store::checkpoint_while_idle`]).
+const IDLE_CHECKPOINT_EVERY: u32 = 64;
+
 /// Awaits a writer acknowledgement.
 pub(super) async fn durable(rx: oneshot::Receiver<bool>) -> Result<(), ApiError> {
     match rx.await {
@@ -40,6 +44,7 @@ pub(super) async fn writer_task(
     let mut msgs = Vec::with_capacity(1024);
     let mut batch: Vec<Mutation> = Vec::with_capacity(1024);
     let mut acks: Vec<oneshot::Sender<bool>> = Vec::with_capacity(1024);
+    let mut commits_since_checkpoint = 0u32;
     loop {
         if rx.recv_many(&mut msgs, 4096).await == 0 {
             return;
@@ -86,6 +91,13 @@ pub(super) async fn writer_task(
         batch.clear();
         for a in acks.drain(..) {
             let _ = a.send(ok);
+        }
+        commits_since_checkpoint += 1;
+        if commits_since_checkpoint >= IDLE_CHECKPOINT_EVERY && rx.is_empty() && close.is_none() {
+            commits_since_checkpoint = 0;
+            if let Err(e) = store.checkpoint_while_idle().await {
+                tracing::warn!(error = %e, "WAL checkpoint between group commits failed");
+            }
         }
         if let Some(done) = close {
             if let Err(e) = store.close().await {
