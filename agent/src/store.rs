@@ -803,6 +803,16 @@ mod tests {
         })
     }
 
+    /// The product `cad` defined with `allocation` units.
+    fn product(allocation: u32) -> Mutation {
+        Mutation::Product {
+            name: "cad".to_owned(),
+            policy: Policy::default(),
+            allocation,
+            generation: 1,
+        }
+    }
+
     fn checkin(handle: u128) -> Mutation {
         Mutation::Checkin {
             handle: Handle(handle),
@@ -828,14 +838,8 @@ mod tests {
     async fn checkins_find_their_rows_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).await.unwrap();
-        let product = Mutation::Product {
-            name: "cad".to_owned(),
-            policy: Policy::default(),
-            allocation: 10,
-            generation: 1,
-        };
         // A checkout and its checkin in one batch, and one checkin of an earlier batch.
-        let first = [product, checkout(1), checkout(2), checkout(3)];
+        let first = [product(10), checkout(1), checkout(2), checkout(3)];
         store.write_batch(&first, &[]).await.unwrap();
         // The common batch (client rows only) goes out in one query, with the totals.
         let totals = UsageCounters {
@@ -884,13 +888,7 @@ mod tests {
     async fn an_idle_checkpoint_lets_the_wal_start_over() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).await.unwrap();
-        let product = Mutation::Product {
-            name: "cad".to_owned(),
-            policy: Policy::default(),
-            allocation: 1_000,
-            generation: 1,
-        };
-        store.write_batch(&[product], &[]).await.unwrap();
+        store.write_batch(&[product(1_000)], &[]).await.unwrap();
         for handle in 1..=100 {
             store.write_batch(&[checkout(handle)], &[]).await.unwrap();
         }
