@@ -45,7 +45,8 @@
 //! `run`, `distribution`, `reports` or `console`; default all five), `ALLOT_BENCH_INSTANT` (requests
 //! per backend, default 2000), `ALLOT_BENCH_SERVERS` (200), `ALLOT_BENCH_PRODUCTS` (50),
 //! `ALLOT_BENCH_HOT_CELLS` (starving cells per steady run, default 100),
-//! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
+//! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_BALANCER_BIN` (the estate's balancer
+//! binary, for an A/B of two builds in one session), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
 //! only: `synchronous_commit = off` on the bench database, to show what commit fsyncs cost;
 //! not durable, never a reported target figure).
 
@@ -820,7 +821,10 @@ fn spawn_balancer_process(
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_allot-balancer"));
+    // Another build of the balancer, for an A/B in one session; by default this tree's.
+    let binary = std::env::var("ALLOT_BENCH_BALANCER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_allot-balancer").to_owned());
+    let mut command = std::process::Command::new(binary);
     command
         .arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -1012,7 +1016,12 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             instants.extend(refused);
             (
                 elapsed,
-                run["run"]["moves"].as_u64().unwrap_or(0),
+                // `POST /v1/balance` answers the run's detail (its record flattened);
+                // `wait_for_manual_run` the record under `run`.
+                run["moves"]
+                    .as_u64()
+                    .or(run["run"]["moves"].as_u64())
+                    .unwrap_or(0),
                 sent,
                 this_run,
             )

@@ -36,6 +36,7 @@ on_both_backends!(
     moves_are_idempotent_and_final,
     moves_that_would_break_the_books_change_nothing,
     batched_moves_are_logged_and_booked_all_or_none,
+    a_booking_across_products_books_each_pool,
     an_instant_runs_record_and_grant_commit_together,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
@@ -811,6 +812,69 @@ async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
     assert!(store.unfinished_moves().await.unwrap().is_empty());
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 0, 9));
+    assert_balanced(&*store).await;
+}
+
+/// A run's booking group spans products, grants and releases: each product's pool is booked
+/// with its own moves (one statement for all of them), and `reserve` reads what the books say.
+async fn a_booking_across_products_books_each_pool(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    store
+        .create_product("admin", &product("cae"))
+        .await
+        .unwrap();
+    store
+        .add_entitlement("admin", "cae", &entitlement(6))
+        .await
+        .unwrap();
+    grant(&*store, "s1", 5).await;
+    assert_eq!(store.reserve("cad").await.unwrap(), 5);
+    assert!(matches!(
+        store.reserve("nope").await,
+        Err(StoreError::UnknownProduct(_))
+    ));
+    let batch = [
+        new_move(MoveKind::Release, "cad", "s1", 3),
+        new_move(MoveKind::Grant, "cad", "s1", 1),
+        new_move(MoveKind::Grant, "cae", "s1", 4),
+    ];
+    store.begin_moves(&batch).await.unwrap();
+    assert_eq!(store.reserve("cad").await.unwrap(), 4);
+    assert_eq!(store.reserve("cae").await.unwrap(), 2);
+    // The release gives back 2 of the 3 asked (a client held one); the grants land whole.
+    let landed = [(&batch[0], 2), (&batch[1], 1), (&batch[2], 4)].map(|(mv, units)| LandedMove {
+        id: mv.id,
+        applied_units: units,
+        generation: 3,
+    });
+    let booked = store
+        .complete_moves(&landed, &Fence::alone())
+        .await
+        .unwrap();
+    assert_eq!(
+        booked.iter().map(|m| m.applied_units).collect::<Vec<_>>(),
+        vec![Some(2), Some(1), Some(4)]
+    );
+    let cad = store.product("cad").await.unwrap();
+    assert_eq!(
+        (
+            cad.product.reserve,
+            cad.product.in_transit,
+            cad.product.allocated
+        ),
+        (6, 0, 4)
+    );
+    let cae = store.product("cae").await.unwrap();
+    assert_eq!(
+        (
+            cae.product.reserve,
+            cae.product.in_transit,
+            cae.product.allocated
+        ),
+        (2, 0, 4)
+    );
+    assert_eq!(store.reserve("cad").await.unwrap(), cad.product.reserve);
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
     assert_balanced(&*store).await;
 }
 

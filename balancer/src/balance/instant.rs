@@ -38,7 +38,9 @@ impl Engine {
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         phases.lap("lock");
-        if let Some(done) = self.store.instant_request(req.request_id).await? {
+        let seen = self.store.instant_request(req.request_id).await?;
+        phases.lap("request");
+        if let Some(done) = seen {
             return Ok(answer(
                 done.granted,
                 self.allocation_of(&server.name, &req.product).await?,
@@ -82,6 +84,7 @@ impl Engine {
             topup: wanted - urgent,
         };
         let mut reserve = self.available_reserve(&req.product).await?;
+        phases.lap("reserve");
         let (snapshot, names, servers) = if ask.needs_donors(reserve) {
             // What the last run saw of the donors may be a quarter of an hour old, so read the
             // statuses of those holding units now, outside the lock.
@@ -185,7 +188,7 @@ impl Engine {
         if reclaimed > 0 {
             let second = {
                 let _serialised = lock.lock().await;
-                let reserve = self.store.product_books(&req.product).await?.reserve;
+                let reserve = self.store.reserve(&req.product).await?;
                 let units = reclaimed.min(reserve);
                 if units > 0 {
                     Some(
@@ -216,7 +219,7 @@ impl Engine {
         let unserved = urgent.saturating_sub(granted);
         let mut unserved_false = 0;
         if unserved > 0 {
-            let reserve_now = self.store.product_books(&req.product).await?.reserve;
+            let reserve_now = self.store.reserve(&req.product).await?;
             let free_elsewhere: u64 = snapshot
                 .iter()
                 .filter(|c| c.server != asker)
@@ -398,7 +401,7 @@ impl Engine {
 
     /// The product's reserve less the units earmarked for instant balances under way.
     pub(super) async fn available_reserve(&self, product: &str) -> Result<u64, BalanceError> {
-        let reserve = self.store.product_books(product).await?.reserve;
+        let reserve = self.store.reserve(product).await?;
         let earmarked = self
             .memory
             .lock()

@@ -582,6 +582,10 @@ pub trait Store: Send + Sync + 'static {
     /// One product's books without its per-server split: what runs and instant balances
     /// reread under the product's lock (a large estate's split is thousands of rows).
     async fn product_books(&self, name: &str) -> StoreResult<Product>;
+    /// A product's reserve alone, by one statement: what an instant balance reads on every
+    /// request (the books' other figures sum every server's cell, a thousand rows in a
+    /// large estate).
+    async fn reserve(&self, product: &str) -> StoreResult<u64>;
     /// Replaces a product's policy (audited with the policy before and after); metering
     /// servers adopt it at their next sync.
     async fn set_policy(

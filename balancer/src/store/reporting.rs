@@ -79,6 +79,10 @@ impl Store for ErrorReporting {
         self.seen(self.inner.product_books(name).await)
     }
 
+    async fn reserve(&self, product: &str) -> StoreResult<u64> {
+        self.seen(self.inner.reserve(product).await)
+    }
+
     async fn set_policy(
         &self,
         actor: &str,

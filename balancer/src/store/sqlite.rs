@@ -52,6 +52,39 @@ async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::E
 /// `BEGIN IMMEDIATE` already holds the database's write lock: reading the row is enough.
 const LOCK_PRODUCT: &str = "SELECT name FROM products WHERE id = $1";
 
+/// `BEGIN IMMEDIATE` already holds the database's write lock: several products need nothing more.
+const LOCK_PRODUCTS_SUFFIX: &str = "";
+
+/// Marks moves `applied` (id, units applied) in statements of 500 moves, each a `CASE` of
+/// anonymous parameters (none used twice: SQLite looks a numbered one up by a linear scan).
+/// The caller read them `planned` under the write lock, as on PostgreSQL.
+async fn mark_applied(
+    conn: &mut sqlx::SqliteConnection,
+    applied: &[(&String, &i64)],
+    now_ms: i64,
+) -> Result<u64, sqlx::Error> {
+    const CHUNK: usize = 500;
+    let mut changed = 0;
+    for chunk in applied.chunks(CHUNK) {
+        let arms = " WHEN ? THEN ?".repeat(chunk.len());
+        let list = vec!["?"; chunk.len()].join(", ");
+        let statement = format!(
+            "UPDATE moves SET state = 'applied', applied_units = CASE id{arms} END, \
+             updated_at = ? WHERE id IN ({list})"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement));
+        for (id, units) in chunk {
+            query = query.bind(id.as_str()).bind(**units);
+        }
+        query = query.bind(now_ms);
+        for (id, _) in chunk {
+            query = query.bind(id.as_str());
+        }
+        changed += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(changed)
+}
+
 /// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";
 

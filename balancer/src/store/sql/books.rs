@@ -129,6 +129,16 @@ pub(super) async fn product_books(pool: &Pool<Db>, name: &str) -> StoreResult<Pr
     Ok(product)
 }
 
+/// [`crate::store::Store::reserve`]: one row, no sum over the cells.
+pub(super) async fn reserve(pool: &Pool<Db>, product: &str) -> StoreResult<u64> {
+    sqlx::query_scalar::<_, i64>("SELECT reserve FROM products WHERE name = $1")
+        .bind(product)
+        .fetch_optional(pool)
+        .await?
+        .map(count)
+        .ok_or_else(|| StoreError::UnknownProduct(product.to_owned()))
+}
+
 #[tracing::instrument(skip_all, fields(product, units = req.units))]
 pub(super) async fn add_entitlement(
     pool: &Pool<Db>,

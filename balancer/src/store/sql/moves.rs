@@ -6,8 +6,9 @@ use crate::store::LandedMove;
 use super::{
     CHUNK, Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool,
     PoolShift, StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
-    conflict_on_constraint, lock_product, move_columns, move_row, now_ms, sequential_params,
-    set_move_state, shard_epochs, shift_pool, values_placeholders,
+    conflict_on_constraint, count, lock_product, lock_products, mark_applied, move_columns,
+    move_row, now_ms, sequential_params, set_move_state, shard_epochs, shift_pool,
+    values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -53,9 +54,7 @@ pub(super) async fn begin_moves_in(
         resolved.push((mv, pid, sid, units));
     }
     let pids: BTreeSet<i64> = resolved.iter().map(|r| r.1).collect();
-    for pid in &pids {
-        lock_product(tx, *pid).await?;
-    }
+    lock_products(tx, &pids).await?;
     // Each move carries the epoch of its product's shard.
     let shards = shard_epochs(tx).await?;
     for mv in moves {
@@ -137,22 +136,32 @@ pub(super) async fn begin_moves_in(
             .await
             .map_err(|e| conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id)))?;
     }
-    let ids: Vec<Uuid> = moves.iter().map(|m| m.id).collect();
-    let rows = move_rows(tx, &ids).await?;
-    ids.iter()
-        .map(|id| {
-            rows.get(&id.to_string())
-                .ok_or_else(|| StoreError::Corrupt(format!("move {id} not logged")))?
-                .to_record()
+    // The records are what was just inserted: no read back (a round trip under the locks).
+    Ok(moves
+        .iter()
+        .map(|mv| MoveRecord {
+            id: mv.id,
+            run_id: mv.run_id,
+            product: mv.product.clone(),
+            server: mv.server.clone(),
+            kind: mv.kind,
+            units: mv.units,
+            state: MoveState::Planned,
+            applied_units: None,
+            epoch: mv.epoch,
         })
-        .collect()
+        .collect())
 }
 
-/// The move log's rows of `ids`, by id, read by one statement per [`CHUNK`]; a missing one is
-/// `NotFound`.
+/// Moves read by one statement: a run's booking group (four batches of 500) in one round trip,
+/// within both backends' parameter limits (the parameters are sequential, none used twice).
+const MOVES_PER_READ: usize = 2_000;
+
+/// The move log's rows of `ids`, by id, read by one statement per [`MOVES_PER_READ`]; a
+/// missing one is `NotFound`.
 async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String, MoveRow>> {
     let mut rows = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
+    for chunk in ids.chunks(MOVES_PER_READ) {
         let params = sequential_params(&mut 0, chunk.len());
         let sql = format!(
             concat!(
@@ -177,11 +186,12 @@ async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String,
     Ok(rows)
 }
 
-/// Books moves `applied` in one transaction, in a fixed number of statements per product
-/// and per server whatever their number: the moves read, their products locked in id order,
-/// the epoch checked, the moves read again under the locks (a concurrent end may have just
-/// committed), then each product's pool and each server's allocations changed by one
-/// statement each. A move already applied is a repeat and changes nothing. Any refusal books
+/// Books moves `applied` in one transaction, in a fixed number of statements per server
+/// whatever the number of moves and products (a run's group touches every product, and holds
+/// their locks until it commits, so an instant balance may wait on it): the moves read, their
+/// products locked in id order by one statement, the epoch checked, the moves read again under
+/// the locks (a concurrent end may have just committed), then the products' pools changed by
+/// one statement, each server's allocations by one, and the moves marked by one. A move already applied is a repeat and changes nothing. Any refusal books
 /// none of them (the caller then books them one by one, so one bad answer does not hold
 /// back the rest). A batch holding a retirement is booked move by move (retirements also
 /// settle expired entitlements, and they are rare).
@@ -195,10 +205,9 @@ pub(super) async fn complete_moves(
     let ids: Vec<Uuid> = landed.iter().map(|l| l.id).collect();
     let before = move_rows(&mut tx, &ids).await?;
     let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
-    let mut products = Vec::with_capacity(pids.len());
-    for pid in &pids {
-        products.push(lock_product(&mut tx, *pid).await?);
-    }
+    lock_products(&mut tx, &pids).await?;
+    let products: BTreeSet<String> = before.values().map(|r| r.product.clone()).collect();
+    let products: Vec<String> = products.into_iter().collect();
     check_fence(&mut tx, fence, &products).await?;
     let rows = move_rows(&mut tx, &ids).await?;
     if rows.values().any(|r| r.kind == MoveKind::Retire.as_str()) {
@@ -250,29 +259,7 @@ pub(super) async fn complete_moves(
         }
         applied_now.insert(row.id.clone(), applied);
     }
-    for (pid, units) in transit_out {
-        let landed = sqlx::query(
-            "UPDATE products SET in_transit = in_transit - $1 \
-             WHERE id = $2 AND in_transit >= $1",
-        )
-        .bind(units)
-        .bind(pid)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if landed == 0 {
-            return Err(StoreError::Conflict(format!(
-                "moves of product {pid}: their {units} units are not in transit"
-            )));
-        }
-    }
-    for (pid, units) in reserve_in {
-        sqlx::query("UPDATE products SET reserve = reserve + $1 WHERE id = $2")
-            .bind(units)
-            .bind(pid)
-            .execute(&mut *tx)
-            .await?;
-    }
+    shift_landed(&mut tx, &transit_out, &reserve_in).await?;
     for (sid, by_product) in &cells {
         let by_product: Vec<(i64, (i64, i64))> = by_product.iter().map(|(p, c)| (*p, *c)).collect();
         for chunk in by_product.chunks(CHUNK / 2) {
@@ -280,33 +267,93 @@ pub(super) async fn complete_moves(
         }
     }
     let now = now_ms();
-    let applied_now: Vec<(String, i64)> = applied_now.into_iter().collect();
-    // Numbered parameters used twice (SQLite looks each up by a linear scan): small chunks.
-    for chunk in applied_now.chunks(CHUNK / 5) {
-        let mut sql = String::from("UPDATE moves SET state = 'applied', applied_units = CASE id");
-        for i in 0..chunk.len() {
-            sql.push_str(&format!(" WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2));
-        }
-        let n = 2 * chunk.len();
-        let list: Vec<String> = (0..chunk.len())
-            .map(|i| format!("${}", 2 * i + 1))
-            .collect();
-        sql.push_str(&format!(
-            " END, updated_at = ${} WHERE state = 'planned' AND id IN ({})",
-            n + 1,
-            list.join(", ")
-        ));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (id, applied) in chunk {
-            query = query.bind(id.as_str()).bind(*applied);
-        }
-        query.bind(now).execute(&mut *tx).await?;
+    let applied: Vec<(&String, &i64)> = applied_now.iter().collect();
+    let marked = mark_applied(&mut tx, &applied, now).await?;
+    if marked != applied.len() as u64 {
+        // The moves were read planned under the products' locks, which every end of a move
+        // takes: another writer cannot have ended one since.
+        return Err(StoreError::Conflict(format!(
+            "{marked} of {} moves marked applied",
+            applied.len()
+        )));
     }
-    let rows = move_rows(&mut tx, &ids).await?;
     tx.commit().await?;
+    // The records as booked: the rows read under the locks, with what this booking applied
+    // (no read back, a round trip per chunk under the locks).
     ids.iter()
-        .map(|id| rows[&id.to_string()].to_record())
+        .map(|id| {
+            let row = &rows[&id.to_string()];
+            let mut record = row.to_record()?;
+            if let Some(applied) = applied_now.get(&row.id) {
+                record.state = MoveState::Applied;
+                record.applied_units = Some(count(*applied));
+            }
+            Ok(record)
+        })
         .collect()
+}
+
+/// Books landed moves' units in their products' pools by one statement per chunk of products,
+/// not two per product: each grant's units leave transit (refused as a conflict unless they
+/// are all there), each release's join the reserve.
+async fn shift_landed(
+    tx: &mut Conn,
+    transit_out: &BTreeMap<i64, i64>,
+    reserve_in: &BTreeMap<i64, i64>,
+) -> StoreResult<()> {
+    let pids: Vec<i64> = transit_out
+        .keys()
+        .chain(reserve_in.keys())
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let out = |pid: &i64| transit_out.get(pid).copied().unwrap_or(0);
+    let back = |pid: &i64| reserve_in.get(pid).copied().unwrap_or(0);
+    // Seven parameters per product, none used twice (SQLite's are anonymous).
+    for chunk in pids.chunks(CHUNK / 7) {
+        let mut next = 0;
+        let leaving = case_by_id(&mut next, chunk.len());
+        let joining = case_by_id(&mut next, chunk.len());
+        let list = sequential_params(&mut next, chunk.len());
+        let needed = case_by_id(&mut next, chunk.len());
+        let sql = format!(
+            "UPDATE products SET in_transit = in_transit - {leaving}, reserve = reserve + {joining} \
+             WHERE id IN ({list}) AND in_transit >= {needed}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for pid in chunk {
+            query = query.bind(*pid).bind(out(pid));
+        }
+        for pid in chunk {
+            query = query.bind(*pid).bind(back(pid));
+        }
+        for pid in chunk {
+            query = query.bind(*pid);
+        }
+        for pid in chunk {
+            query = query.bind(*pid).bind(out(pid));
+        }
+        let shifted = query.execute(&mut *tx).await?.rows_affected();
+        if shifted != chunk.len() as u64 {
+            return Err(StoreError::Conflict(format!(
+                "moves of products {chunk:?}: their units are not all in transit"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `CASE id WHEN ? THEN ? … END` of `arms` arms, its parameters after the `next` already used
+/// (bound as id, value per arm).
+fn case_by_id(next: &mut usize, arms: usize) -> String {
+    let arms: String = (0..arms)
+        .map(|_| {
+            let id = sequential_params(next, 1);
+            format!(" WHEN {id} THEN {}", sequential_params(next, 1))
+        })
+        .collect();
+    format!("CASE id{arms} END")
 }
 
 /// Changes one server's allocations of several products by one statement: each cell's units
