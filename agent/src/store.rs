@@ -2,8 +2,9 @@
 //!
 //! In-memory state (an `allot_core::checkout::Book`) is authoritative for reads and decisions;
 //! this store is the log that makes it survive kill -9. At start [`Store::load`] rebuilds the
-//! book; afterwards one writer task applies batches of [`Mutation`]s, each batch in one
-//! transaction (group commit), and only then acknowledges them.
+//! book; afterwards the writer's thread, through [`StoreWriter`], applies batches of
+//! [`Mutation`]s, each batch in one transaction (group commit), and only then acknowledges
+//! them.
 //!
 //! Durability: `journal_mode=WAL` with `synchronous=FULL`, so every commit fsyncs the WAL before
 //! it returns. That survives a power loss, not only a process crash (WAL with `NORMAL` would
@@ -41,6 +42,9 @@ pub enum StoreError {
     /// SQLite refused an operation.
     #[error("sqlite: {0}")]
     Sql(#[from] sqlx::Error),
+    /// SQLite refused an operation on the writer's connection.
+    #[error("sqlite: {0}")]
+    Write(#[from] rusqlite::Error),
     /// A migration failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -94,14 +98,6 @@ pub enum Mutation {
 }
 
 impl Mutation {
-    /// A client's checkout, checkin or denial: the rows [`Pending`] gathers.
-    fn is_client_row(&self) -> bool {
-        matches!(
-            self,
-            Mutation::Checkout(_) | Mutation::Checkin { .. } | Mutation::Denial(_)
-        )
-    }
-
     fn product(&self) -> Option<&str> {
         match self {
             Mutation::Product { name, .. } => Some(name),
@@ -136,8 +132,11 @@ pub struct LeaseRecord {
 #[derive(Debug)]
 pub struct Store {
     conn: SqliteConnection,
+    /// `agent.db`, for the writer's connection.
+    path: PathBuf,
     rows: HashMap<Handle, i64>,
     next_row: i64,
+    sweep: Sweep,
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -175,19 +174,13 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         pool.close().await;
-        // The `Checkpointer` copies the WAL beside the writer; this connection's own automatic
-        // checkpoint (4,096 pages, not SQLite's 1,000) only copies what is left since its last
-        // pass, so that the WAL then starts over from its beginning.
-        let conn = SqliteConnection::connect_with(
-            &options
-                .clone()
-                .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES.to_string()),
-        )
-        .await?;
+        let conn = SqliteConnection::connect_with(&options).await?;
         Ok(Store {
             conn,
+            path: data_dir.join("agent.db"),
             rows: HashMap::new(),
             next_row: 1,
+            sweep: Sweep::default(),
         })
     }
 
@@ -222,6 +215,15 @@ impl Store {
                 totals,
             );
         }
+        // Rows marked ended (migration 0008) are not live; those still in `checkouts` wait
+        // for the sweep.
+        let marks: Vec<(i64, i64)> = sqlx::query_as("SELECT seq, row FROM ended")
+            .fetch_all(&mut self.conn)
+            .await?;
+        let ended: std::collections::HashSet<i64> = marks.iter().map(|&(_, row)| row).collect();
+        self.sweep = Sweep::restored(marks.iter().map(|&(seq, _)| seq).max());
+        // A new checkout must never get the number of a marked row: the mark would end it.
+        self.next_row = marks.iter().map(|&(_, row)| row + 1).fold(1, i64::max);
         let rows = sqlx::query(
             "SELECT row, handle, product, user, host, groups, seat, units, overdraft, \
              created_ms, borrowed_until_ms FROM checkouts ORDER BY row",
@@ -231,8 +233,13 @@ impl Store {
         self.rows.clear();
         self.rows.reserve(rows.len());
         for row in rows {
-            let handle: String = row.try_get("handle")?;
             let number: i64 = row.try_get("row")?;
+            self.next_row = self.next_row.max(number + 1);
+            if ended.contains(&number) {
+                self.sweep.unswept(number);
+                continue;
+            }
+            let handle: String = row.try_get("handle")?;
             let record = CheckoutRecord {
                 handle: handle
                     .parse()
@@ -252,7 +259,6 @@ impl Store {
                     .transpose()?,
             };
             self.rows.insert(record.handle, number);
-            self.next_row = self.next_row.max(number + 1);
             book.restore_checkout(&record, now);
         }
         // Revocations: the old are forgotten (the holder would have staled out since), the rest
@@ -326,45 +332,91 @@ impl Store {
         }))
     }
 
+    /// Hands the store to the group-commit writer: closes this connection and opens the
+    /// writer's own, a synchronous one (see [`StoreWriter`]), with the live checkouts' row
+    /// numbers [`Store::load`] read.
+    pub async fn into_writer(self) -> Result<StoreWriter, StoreError> {
+        let Store {
+            conn,
+            path,
+            rows,
+            next_row,
+            sweep,
+        } = self;
+        conn.close().await?;
+        let conn = tokio::task::spawn_blocking(move || StoreWriter::connect(&path))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("opening the writer's connection: {e}")))??;
+        Ok(StoreWriter {
+            conn,
+            rows,
+            next_row,
+            sweep,
+        })
+    }
+}
+
+/// The store's write side: one SQLite connection the group-commit writer's own thread calls
+/// synchronously. Why not sqlx here as everywhere else: sqlx's SQLite driver runs each
+/// connection on a thread of its own, so every group commit was a hand-off from the writer to
+/// that thread and back, and a batch's every statement another; each hand-off is a thread
+/// wake-up inside the serial commit cycle every request waits on (docs/BENCHMARKS.md).
+#[derive(Debug)]
+pub struct StoreWriter {
+    conn: rusqlite::Connection,
+    rows: HashMap<Handle, i64>,
+    next_row: i64,
+    sweep: Sweep,
+}
+
+impl StoreWriter {
+    /// Opens the writer's connection to `agent.db` at `path` (created and migrated by
+    /// [`Store::open`]): WAL, `synchronous=FULL`, and the writer's own checkpoint threshold.
+    fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The `Checkpointer` copies the WAL beside the writer; this connection's own automatic
+        // checkpoint only copies what is left since its last pass, so that the WAL then starts
+        // over from its beginning.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_FRAMES)?;
+        Ok(conn)
+    }
+
     /// Writes one batch in one transaction, then the totals of the products it touched.
     /// Returns only once the commit is durable.
     #[tracing::instrument(skip_all, fields(mutations = batch.len()))]
-    pub async fn write_batch(
+    pub fn write_batch(
         &mut self,
         batch: &[Mutation],
         totals: &[(String, UsageCounters)],
     ) -> Result<(), StoreError> {
+        let StoreWriter {
+            conn,
+            rows,
+            next_row,
+            sweep,
+        } = self;
+        // Dropped without a commit (an error below), the transaction rolls back.
+        let tx = conn.transaction()?;
         let mut pending = Pending::default();
-        if batch.iter().all(Mutation::is_client_row) {
-            // The common batch (checkouts, checkins, denials): one round trip in all.
-            for m in batch {
-                pending.gather(m, &mut self.rows, &mut self.next_row)?;
-            }
-            let args = pending.json_args(totals)?;
-            let mut query = sqlx::query(&**ROWS_IN_ONE_TRANSACTION);
-            for arg in args {
-                query = query.bind(arg);
-            }
-            if let Err(e) = query.execute(&mut self.conn).await {
-                // A statement failed inside the transaction it began: end it.
-                let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
-                return Err(e.into());
-            }
-            return Ok(());
-        }
-        let mut tx = self.conn.begin().await?;
         for m in batch {
-            if pending.gather(m, &mut self.rows, &mut self.next_row)? {
+            if pending.gather(m, rows, next_row)? {
                 continue;
             }
             match m {
                 Mutation::Checkout(_) | Mutation::Checkin { .. } | Mutation::Denial(_) => {}
                 Mutation::Shipped(ids) => {
                     // Records are shipped only once committed, so none is pending here.
-                    sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
-                        .bind(json(ids)?)
-                        .execute(&mut *tx)
-                        .await?;
+                    tx.prepare_cached(
+                        "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
+                    )?
+                    .execute([json(ids)?])?;
                 }
                 Mutation::Product {
                     name,
@@ -372,89 +424,92 @@ impl Store {
                     allocation,
                     generation,
                 } => {
-                    pending.flush(&mut tx).await?;
+                    pending.flush(&tx, sweep)?;
                     let policy = serde_json::to_string(policy)
                         .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
-                    sqlx::query(
+                    tx.prepare_cached(
                         "INSERT INTO products (name, policy, allocation, generation) \
                          VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET \
                          policy = excluded.policy, allocation = excluded.allocation, \
                          generation = excluded.generation",
-                    )
-                    .bind(name.as_str())
-                    .bind(policy)
-                    .bind(i64::from(*allocation))
-                    .bind(i64_of(*generation))
-                    .execute(&mut *tx)
-                    .await?;
+                    )?
+                    .execute(rusqlite::params![
+                        name,
+                        policy,
+                        allocation,
+                        i64_of(*generation)
+                    ])?;
                 }
                 Mutation::Move { applied, at } => {
-                    pending.flush(&mut tx).await?;
+                    pending.flush(&tx, sweep)?;
                     let r = &applied.response;
-                    sqlx::query(
+                    tx.prepare_cached(
                         "INSERT INTO moves (move_id, kind, product, requested, units, \
                          allocation, generation, applied_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(r.move_id.to_string())
-                    .bind(applied.kind.as_str())
-                    .bind(applied.product.as_str())
-                    .bind(i64::from(applied.requested))
-                    .bind(i64::from(r.units))
-                    .bind(i64::from(r.allocation))
-                    .bind(i64_of(r.generation))
-                    .bind(i64_of(*at))
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
+                    )?
+                    .execute(rusqlite::params![
+                        r.move_id.to_string(),
+                        applied.kind.as_str(),
+                        applied.product,
+                        applied.requested,
+                        r.units,
+                        r.allocation,
+                        i64_of(r.generation),
+                        i64_of(*at),
+                    ])?;
+                    tx.prepare_cached(
                         "UPDATE products SET allocation = ?, generation = ? WHERE name = ?",
-                    )
-                    .bind(i64::from(r.allocation))
-                    .bind(i64_of(r.generation))
-                    .bind(applied.product.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                    )?
+                    .execute(rusqlite::params![
+                        r.allocation,
+                        i64_of(r.generation),
+                        applied.product
+                    ])?;
                 }
                 Mutation::Revoke(r, usage) => {
-                    pending.ended.extend(self.rows.remove(&r.handle));
+                    pending.ended.extend(rows.remove(&r.handle));
                     if let Some(usage) = usage {
                         pending.record(usage.id, "usage", usage.ended_at, usage)?;
                     }
-                    sqlx::query(
+                    tx.prepare_cached(
                         "INSERT INTO revocations (handle, product, revoked_ms, reason) \
                          VALUES (?, ?, ?, ?) ON CONFLICT (handle) DO NOTHING",
-                    )
-                    .bind(r.handle.to_string())
-                    .bind(r.product.as_str())
-                    .bind(i64_of(r.at))
-                    .bind(r.reason.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                    )?
+                    .execute(rusqlite::params![
+                        r.handle.to_string(),
+                        r.product,
+                        i64_of(r.at),
+                        r.reason
+                    ])?;
                 }
                 Mutation::Lease(lease) => {
                     for (key, value) in [
                         ("lease_until_ms", lease.until),
                         ("last_sync_ms", lease.synced_at),
                     ] {
-                        sqlx::query(
+                        tx.prepare_cached(
                             "INSERT INTO settings (key, value) VALUES (?, ?) \
                              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        )
-                        .bind(key)
-                        .bind(i64_of(value))
-                        .execute(&mut *tx)
-                        .await?;
+                        )?
+                        .execute(rusqlite::params![key, i64_of(value)])?;
                     }
                 }
             }
         }
-        pending.flush(&mut tx).await?;
-        if !totals.is_empty() {
-            sqlx::query(UPDATE_TOTALS)
-                .bind(totals_json(totals)?)
-                .execute(&mut *tx)
-                .await?;
+        pending.flush(&tx, sweep)?;
+        if let Some(step) = sweep.step(rows.len(), pending.marked) {
+            tx.prepare_cached(SWEEP_ROWS)?
+                .execute([json(&step.rows)?])?;
+            if let Some(seq) = step.marks_through {
+                tx.prepare_cached("DELETE FROM ended WHERE seq <= ?")?
+                    .execute([seq])?;
+            }
         }
-        tx.commit().await?;
+        if !totals.is_empty() {
+            tx.prepare_cached(UPDATE_TOTALS)?
+                .execute([totals_json(totals)?])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -462,21 +517,19 @@ impl Store {
     /// waits: it copies what the [`Checkpointer`] has not yet, and once the WAL is wholly
     /// copied the next transaction starts it over from its beginning.
     /// Returns the WAL's frames when it ran.
-    pub async fn checkpoint_while_idle(&mut self) -> Result<i64, StoreError> {
-        let (_busy, log, _copied): (i64, i64, i64) =
-            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&mut self.conn)
-                .await?;
+    pub fn checkpoint_while_idle(&mut self) -> Result<i64, StoreError> {
+        let log = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))?;
         Ok(log)
     }
 
     /// Checkpoints the WAL into the main file and closes the connection cleanly.
     #[tracing::instrument(skip_all)]
-    pub async fn close(mut self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&mut self.conn)
-            .await?;
-        self.conn.close().await?;
+    pub fn close(self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn.close().map_err(|(_, e)| e)?;
         Ok(())
     }
 }
@@ -600,16 +653,102 @@ impl OutboxReader {
     }
 }
 
+/// Ended checkouts whose rows are still in `checkouts` (migration 0008), and when to delete
+/// them. Why: checkouts end in no particular order, so deleting each at its checkin wrote a
+/// page of its own per checkin; deleting them later, in row order, many at a time, writes each
+/// page once for all the ended rows on it.
+///
+/// Rows are swept by generations: once enough rows are marked (a quarter of the live ones, at
+/// least [`SWEEP_AT_LEAST`]), those rows become the generation under way, and every group
+/// commit deletes the lowest of them, twice as many as it marked itself (plus
+/// [`SWEEP_BASE`]), so a generation ends well before the next is due. Its last commit also
+/// deletes its marks, all those up to the last one assigned when it began. A crash between
+/// steps leaves a valid file: a marked row is not live whether it is still there or not.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// Rows marked since the generation under way began.
+    next: Vec<i64>,
+    /// The generation under way: its rows not yet deleted, lowest first.
+    current: std::collections::VecDeque<i64>,
+    /// The last mark the generation under way covers.
+    through: Option<i64>,
+    /// The last mark's sequence number.
+    last_seq: i64,
+}
+
+/// The fewest marked rows that start a generation.
+const SWEEP_AT_LEAST: usize = 1_024;
+
+/// Rows a group commit deletes beyond twice those it marked, so a generation also ends under
+/// checkouts alone.
+const SWEEP_BASE: usize = 64;
+
+/// One group commit's share of a generation.
+#[derive(Debug, PartialEq, Eq)]
+struct SweepStep {
+    /// Rows to delete from `checkouts`.
+    rows: Vec<i64>,
+    /// The generation ends with this step: delete the marks up to this one.
+    marks_through: Option<i64>,
+}
+
+impl Sweep {
+    /// The state at start, `last_seq` the highest mark in the file.
+    fn restored(last_seq: Option<i64>) -> Self {
+        Sweep {
+            last_seq: last_seq.unwrap_or(0),
+            ..Sweep::default()
+        }
+    }
+
+    /// A marked row found still in `checkouts` at start.
+    fn unswept(&mut self, row: i64) {
+        self.next.push(row);
+    }
+
+    /// Marks `row` ended; returns the mark's sequence number.
+    fn mark(&mut self, row: i64) -> i64 {
+        self.last_seq += 1;
+        self.next.push(row);
+        self.last_seq
+    }
+
+    /// What a group commit that marked `marked` rows deletes, with `live` checkouts left.
+    fn step(&mut self, live: usize, marked: usize) -> Option<SweepStep> {
+        if self.through.is_none() {
+            if self.next.len() < SWEEP_AT_LEAST.max(live / 4) {
+                return None;
+            }
+            let mut rows = std::mem::take(&mut self.next);
+            rows.sort_unstable();
+            self.current = rows.into();
+            self.through = Some(self.last_seq);
+        }
+        let take = (2 * marked + SWEEP_BASE).min(self.current.len());
+        let rows: Vec<i64> = self.current.drain(..take).collect();
+        let marks_through = if self.current.is_empty() {
+            self.through.take()
+        } else {
+            None
+        };
+        Some(SweepStep {
+            rows,
+            marks_through,
+        })
+    }
+}
+
 /// The rows of a batch that go out as one statement per kind, each bound as one JSON array
-/// and unpacked by `json_each`: the SQLite driver runs on its own thread, so every statement
-/// costs a round trip to it, and a group commit of a few dozen checkins would otherwise make a
-/// few dozen outbox inserts.
+/// and unpacked by `json_each`, so a group commit of a few dozen checkins makes one outbox
+/// insert, not a few dozen statements.
 #[derive(Default)]
 struct Pending<'a> {
     /// Checkouts to insert, with their row numbers.
     checkouts: Vec<(i64, &'a CheckoutRecord)>,
-    /// Row numbers of ended checkouts to delete.
+    /// Row numbers of ended checkouts to mark.
     ended: Vec<i64>,
+    /// Rows this batch marked ended, so far.
+    marked: usize,
     /// Outbox records: id, kind, body, created (Unix ms).
     records: Vec<(String, &'static str, String, i64)>,
 }
@@ -683,41 +822,30 @@ impl<'a> Pending<'a> {
         json(&rows)
     }
 
-    /// The arguments of [`ROWS_IN_ONE_TRANSACTION`], in its order.
-    fn json_args(&self, totals: &[(String, UsageCounters)]) -> Result<[String; 4], StoreError> {
-        Ok([
-            self.checkouts_json()?,
-            json(&self.ended)?,
-            json(&self.records)?,
-            totals_json(totals)?,
-        ])
-    }
-
-    /// Writes what is pending: inserts before deletes, since a checkin always follows its
-    /// checkout and both may be in this batch.
-    async fn flush(
+    /// Writes what is pending: checkouts, the marks of ended ones, records.
+    fn flush(
         &mut self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        tx: &rusqlite::Transaction<'_>,
+        sweep: &mut Sweep,
     ) -> Result<(), StoreError> {
         if !self.checkouts.is_empty() {
-            sqlx::query(INSERT_CHECKOUTS)
-                .bind(self.checkouts_json()?)
-                .execute(&mut **tx)
-                .await?;
+            tx.prepare_cached(INSERT_CHECKOUTS)?
+                .execute([self.checkouts_json()?])?;
             self.checkouts.clear();
         }
         if !self.ended.is_empty() {
-            sqlx::query(DELETE_ENDED)
-                .bind(json(&self.ended)?)
-                .execute(&mut **tx)
-                .await?;
+            let marks: Vec<(i64, i64)> = self
+                .ended
+                .iter()
+                .map(|&row| (sweep.mark(row), row))
+                .collect();
+            tx.prepare_cached(MARK_ENDED)?.execute([json(&marks)?])?;
+            self.marked += self.ended.len();
             self.ended.clear();
         }
         if !self.records.is_empty() {
-            sqlx::query(INSERT_RECORDS)
-                .bind(json(&self.records)?)
-                .execute(&mut **tx)
-                .await?;
+            tx.prepare_cached(INSERT_RECORDS)?
+                .execute([json(&self.records)?])?;
             self.records.clear();
         }
         Ok(())
@@ -730,8 +858,12 @@ const INSERT_CHECKOUTS: &str = "INSERT INTO checkouts (row, handle, product, use
      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
      value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(?)";
 
-/// Deletes the checkouts of a JSON array of row numbers.
-const DELETE_ENDED: &str = "DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))";
+/// Marks ended the checkouts of a JSON array of `[seq, row]` (migration 0008).
+const MARK_ENDED: &str =
+    "INSERT INTO ended (seq, row) SELECT value ->> 0, value ->> 1 FROM json_each(?)";
+
+/// Deletes the checkouts of a JSON array of row numbers (ended ones, swept).
+const SWEEP_ROWS: &str = "DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))";
 
 /// Puts a JSON array of records in the outbox (`WHERE true` lets SQLite parse the upsert
 /// after a SELECT).
@@ -744,13 +876,6 @@ const UPDATE_TOTALS: &str = "UPDATE products SET peak_in_use = t.value ->> 1, \
      checkouts = t.value ->> 2, denials = t.value ->> 3, overdrafts = t.value ->> 4, \
      staleouts = t.value ->> 5, instant_requests = t.value ->> 6 \
      FROM json_each(?) AS t WHERE products.name = t.value ->> 0";
-
-/// The common group commit as one multi-statement query, so it costs one round trip to
-/// SQLite's thread rather than six: begin, the checkouts, the ended checkouts, the records,
-/// the totals, commit (an empty array writes nothing).
-static ROWS_IN_ONE_TRANSACTION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("BEGIN; {INSERT_CHECKOUTS}; {DELETE_ENDED}; {INSERT_RECORDS}; {UPDATE_TOTALS}; COMMIT")
-});
 
 /// The products' totals as a JSON array of rows: name, then the counters.
 fn totals_json(totals: &[(String, UsageCounters)]) -> Result<String, StoreError> {
@@ -832,16 +957,21 @@ mod tests {
         (store, live)
     }
 
+    /// Opens the store in `dir`, loads it and hands it to a writer.
+    async fn writer(dir: &Path) -> StoreWriter {
+        reopen(dir).await.0.into_writer().await.unwrap()
+    }
+
     /// Row numbers survive a restart: a checkin after it deletes the right row, and a checkout
     /// after it takes a fresh number (a reused one would fail the primary key).
     #[tokio::test]
     async fn checkins_find_their_rows_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut store = writer(dir.path()).await;
         // A checkout and its checkin in one batch, and one checkin of an earlier batch.
         let first = [product(10), checkout(1), checkout(2), checkout(3)];
-        store.write_batch(&first, &[]).await.unwrap();
-        // The common batch (client rows only) goes out in one query, with the totals.
+        store.write_batch(&first, &[]).unwrap();
+        // The common batch (client rows only), with the totals.
         let totals = UsageCounters {
             peak_in_use: 3,
             checkouts: 4,
@@ -852,34 +982,151 @@ mod tests {
                 &[checkout(4), checkin(4), checkin(2)],
                 &[("cad".to_owned(), totals)],
             )
-            .await
             .unwrap();
-        store.close().await.unwrap();
+        store.close().unwrap();
 
-        let (mut store, live) = reopen(dir.path()).await;
+        let (store, live) = reopen(dir.path()).await;
         assert_eq!(live, [1, 3]);
+        let mut store = store.into_writer().await.unwrap();
         store
             .write_batch(&[checkin(1), checkout(5), checkout(6)], &[])
-            .await
             .unwrap();
-        store.close().await.unwrap();
+        store.close().unwrap();
 
         let (mut store, live) = reopen(dir.path()).await;
         assert_eq!(live, [3, 5, 6]);
-        let rows: Vec<(i64, String)> =
-            sqlx::query_as("SELECT row, user FROM checkouts ORDER BY row")
-                .fetch_all(&mut store.conn)
-                .await
-                .unwrap();
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT row, user FROM checkouts WHERE row NOT IN (SELECT row FROM ended) \
+                 ORDER BY row",
+        )
+        .fetch_all(&mut store.conn)
+        .await
+        .unwrap();
         let kept: (i64, i64) =
             sqlx::query_as("SELECT peak_in_use, checkouts FROM products WHERE name = 'cad'")
                 .fetch_one(&mut store.conn)
                 .await
                 .unwrap();
-        assert_eq!(kept, (3, 4), "the totals of the one-query batch");
+        assert_eq!(kept, (3, 4), "the totals of the batch");
         let users: Vec<&str> = rows.iter().map(|(_, u)| u.as_str()).collect();
         assert_eq!(users, ["user-3", "user-5", "user-6"]);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "rows ascend");
+    }
+
+    /// A generation sweeps the rows marked before it began, lowest first, twice as many a
+    /// commit as it marked (plus the base), and its last step names the marks it covers.
+    #[test]
+    fn a_sweep_deletes_each_marked_row_once_and_then_its_marks() {
+        let mut sweep = Sweep::restored(Some(10));
+        for row in (1..=SWEEP_AT_LEAST as i64).rev() {
+            sweep.mark(row);
+        }
+        // A quarter of 8,000 live rows is more than were marked: no generation yet.
+        assert_eq!(sweep.step(8_000, 0), None);
+        let first = sweep.step(100, 3).unwrap();
+        assert_eq!(first.rows, (1..=70).collect::<Vec<i64>>(), "lowest first");
+        assert_eq!(first.marks_through, None);
+        // Marks made now belong to the next generation.
+        let late = sweep.mark(5_000);
+        let mut deleted = first.rows;
+        let through = loop {
+            let step = sweep.step(100, 10).unwrap();
+            deleted.extend(step.rows);
+            if let Some(through) = step.marks_through {
+                break through;
+            }
+        };
+        assert_eq!(deleted, (1..=SWEEP_AT_LEAST as i64).collect::<Vec<i64>>());
+        assert_eq!(
+            through,
+            10 + SWEEP_AT_LEAST as i64,
+            "every mark made before it"
+        );
+        assert!(
+            late > through,
+            "the late mark waits for the next generation"
+        );
+        assert_eq!(sweep.step(100, 0), None, "one mark does not start one");
+    }
+
+    /// Checkins mark rows and the sweep deletes them: across restarts the live checkouts are
+    /// exactly those never checked in, and the table and its marks do not keep the ended.
+    #[tokio::test]
+    async fn ended_checkouts_stay_ended_and_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = writer(dir.path()).await;
+        store.write_batch(&[product(100_000)], &[]).unwrap();
+        let mut live: Vec<u128> = Vec::new();
+        let mut next = 1u128;
+        for round in 0..6 {
+            // 1,000 checkouts, then every other live one checked in.
+            for _ in 0..20 {
+                let batch: Vec<Mutation> = (0..50).map(|i| checkout(next + i)).collect();
+                store.write_batch(&batch, &[]).unwrap();
+                live.extend((0..50).map(|i| next + i));
+                next += 50;
+            }
+            let (ending, kept): (Vec<u128>, Vec<u128>) =
+                live.iter().partition(|h| (*h * 7_919) % 2 == round % 2);
+            for batch in ending.chunks(40) {
+                let batch: Vec<Mutation> = batch.iter().map(|&h| checkin(h)).collect();
+                store.write_batch(&batch, &[]).unwrap();
+            }
+            live = kept;
+            if round % 2 == 1 {
+                store.close().unwrap();
+                let (reopened, found) = reopen(dir.path()).await;
+                let mut expected = live.clone();
+                expected.sort_unstable();
+                assert_eq!(found, expected, "round {round}: the live checkouts");
+                store = reopened.into_writer().await.unwrap();
+            }
+        }
+        store.close().unwrap();
+        let (mut reopened, found) = reopen(dir.path()).await;
+        live.sort_unstable();
+        assert_eq!(found, live);
+        let (rows, marks): (i64, i64) =
+            sqlx::query_as("SELECT (SELECT COUNT(*) FROM checkouts), (SELECT COUNT(*) FROM ended)")
+                .fetch_one(&mut reopened.conn)
+                .await
+                .unwrap();
+        let ended = 6_000 - live.len() as i64;
+        assert!(
+            rows - (live.len() as i64) < ended / 2 && marks < ended / 2,
+            "most of the {ended} ended rows and their marks were swept: {rows} rows for {} live, {marks} marks",
+            live.len()
+        );
+    }
+
+    /// A failed batch leaves nothing of itself: its transaction rolls back, so what the file
+    /// holds is the batches before it.
+    #[tokio::test]
+    async fn a_failed_batch_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = writer(dir.path()).await;
+        store.write_batch(&[product(10), checkout(1)], &[]).unwrap();
+        // The second grant of one move id fails its primary key after the batch's checkout
+        // and first grant were written.
+        let grant = Mutation::Move {
+            applied: AppliedMove {
+                kind: MoveKind::Grant,
+                product: "cad".to_owned(),
+                requested: 1,
+                response: MoveResponse {
+                    move_id: Uuid::nil(),
+                    units: 1,
+                    allocation: 11,
+                    generation: 2,
+                },
+            },
+            at: 1_500,
+        };
+        let failed = store.write_batch(&[checkout(2), grant.clone(), grant], &[]);
+        assert!(matches!(failed, Err(StoreError::Write(_))), "{failed:?}");
+        store.close().unwrap();
+        let (_, live) = reopen(dir.path()).await;
+        assert_eq!(live, [1], "the failed batch left nothing");
     }
 
     /// The writer's checkpoint between group commits lets the WAL start over: what follows it
@@ -887,20 +1134,20 @@ mod tests {
     #[tokio::test]
     async fn an_idle_checkpoint_lets_the_wal_start_over() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
-        store.write_batch(&[product(1_000)], &[]).await.unwrap();
+        let mut store = writer(dir.path()).await;
+        store.write_batch(&[product(1_000)], &[]).unwrap();
         for handle in 1..=100 {
-            store.write_batch(&[checkout(handle)], &[]).await.unwrap();
+            store.write_batch(&[checkout(handle)], &[]).unwrap();
         }
-        let grown = store.checkpoint_while_idle().await.unwrap();
+        let grown = store.checkpoint_while_idle().unwrap();
         assert!(grown >= 100, "a commit appends at least a frame: {grown}");
-        store.write_batch(&[checkin(1)], &[]).await.unwrap();
-        let after = store.checkpoint_while_idle().await.unwrap();
+        store.write_batch(&[checkin(1)], &[]).unwrap();
+        let after = store.checkpoint_while_idle().unwrap();
         assert!(
             after < 10,
             "the WAL started over: {after} frames after {grown}"
         );
-        store.close().await.unwrap();
+        store.close().unwrap();
         let (_, live) = reopen(dir.path()).await;
         assert_eq!(live, (2..=100).collect::<Vec<u128>>());
     }

@@ -23,7 +23,8 @@
 //! `/proc`), which says whether the cores or something serial in the server bound it.
 //!
 //! `ALLOT_BENCH_AGENT_BIN=<path>` runs that `allot-agent` binary instead of this build's (for an
-//! A/B against a baseline build, run alternately).
+//! A/B against a baseline build, run alternately); `ALLOT_BENCH_OPEN_RATE=<requests/s>` runs the
+//! open loop at that one rate, so that two builds compare at the same load.
 //!
 //! `ALLOT_BENCH_PERF=<file>` adds one mixed closed-loop run with `perf record` attached to the
 //! agent process (`perf report -i <file> --no-children` reads it) and, when inferno's tools are
@@ -368,7 +369,7 @@ fn write_pool(agent_dir: &Path, file: &Path) -> usize {
             .connect()
             .await
             .unwrap();
-        sqlx::query_scalar("SELECT handle FROM checkouts")
+        sqlx::query_scalar("SELECT handle FROM checkouts WHERE row NOT IN (SELECT row FROM ended)")
             .fetch_all(&mut conn)
             .await
             .unwrap()
@@ -572,8 +573,18 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
     // Open loop: checkouts and checkins at once, 1:1, at a share of the agent's pair rate:
     // 80 % (the target) and 50 % (where the tail stands with room to spare).
     let mut open_rows: Vec<(f64, Vec<[Run; 2]>, Vec<Cores>)> = Vec::new();
-    for load in OPEN_LOOP_LOADS {
-        let target = agent_pairs * load;
+    // `ALLOT_BENCH_OPEN_RATE=<requests/s>` runs the open loop at that one rate instead, so two
+    // builds of the agent (`ALLOT_BENCH_AGENT_BIN`) compare at the same load, not each at a
+    // share of its own peak.
+    let targets: Vec<f64> = match std::env::var("ALLOT_BENCH_OPEN_RATE") {
+        Ok(rate) => vec![
+            rate.parse()
+                .expect("ALLOT_BENCH_OPEN_RATE: requests per second"),
+        ],
+        Err(_) => OPEN_LOOP_LOADS.iter().map(|l| agent_pairs * l).collect(),
+    };
+    for target in targets {
+        let load = target / agent_pairs;
         let mut open: Vec<[Run; 2]> = Vec::new();
         let mut open_cores: Vec<Cores> = Vec::new();
         for round in 0..rounds {

@@ -391,7 +391,7 @@ pub async fn run(
             .build()
             .map_err(|e| ServeError::Balancer(format!("webhook client: {e}")))?,
     });
-    let writer = tokio::spawn(writer::writer_task(store, rx, app.clone()));
+    let writer = writer::spawn(store.into_writer().await?, rx, app.clone())?;
     let checkpointer = tokio::spawn(
         crate::store::Checkpointer::open(&config.data_dir)
             .await?
@@ -502,7 +502,8 @@ pub async fn run(
     let (done_tx, done_rx) = oneshot::channel();
     let _ = app.writer.send(WriterMsg::Close(done_tx));
     let _ = done_rx.await;
-    let _ = writer.await;
+    // It has closed the store and is returning.
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     tracing::info!("metering server stopped; store closed");
     served?;
     Ok(())

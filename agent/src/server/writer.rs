@@ -1,14 +1,18 @@
-//! The group-commit writer: one task owns the SQLite [`Store`]; handlers send it their
+//! The group-commit writer: one thread owns the SQLite [`StoreWriter`]; handlers send it their
 //! mutations (in decision order, under the book's lock) and await its acknowledgement, so no
 //! answer ever precedes its durability while one transaction serves every pending request.
+//!
+//! A thread, not a task: it calls SQLite synchronously, so a group commit costs one wake-up
+//! (of this thread, by the first request) and the acknowledgements, with no hand-off to a
+//! driver's thread and back inside the commit cycle every request waits on.
 
 use super::App;
 use crate::error::ApiError;
-use crate::store::{self, Mutation, Store};
+use crate::store::{self, Mutation, StoreWriter};
 use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, oneshot};
 
-/// What the writer task receives. `Write` is by far the most common message, so it is not
+/// What the writer receives. `Write` is by far the most common message, so it is not
 /// boxed to keep the other variants small.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum WriterMsg {
@@ -21,7 +25,7 @@ pub(super) enum WriterMsg {
 }
 
 /// Group commits after which the writer, finding no request waiting, checkpoints the WAL
-/// itself (see [`Store::checkpoint_while_idle`]).
+/// itself (see [`StoreWriter::checkpoint_while_idle`]).
 const IDLE_CHECKPOINT_EVERY: u32 = 64;
 
 /// Awaits a writer acknowledgement.
@@ -33,21 +37,39 @@ pub(super) async fn durable(rx: oneshot::Receiver<bool>) -> Result<(), ApiError>
     }
 }
 
+/// The most messages one group commit takes.
+const MAX_BATCH: usize = 4096;
+
+/// Starts the group-commit writer on a thread of its own; it ends once every sender is gone
+/// or after a [`WriterMsg::Close`].
+pub(super) fn spawn(
+    store: StoreWriter,
+    rx: mpsc::UnboundedReceiver<WriterMsg>,
+    app: App,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("allot-writer".to_owned())
+        .spawn(move || writer_loop(store, rx, app))
+}
+
 /// The group-commit writer: takes every pending mutation, commits them in one transaction,
 /// then acknowledges each. On a failed commit it poisons the server (memory is ahead of the
 /// log) and answers every waiter with failure.
-pub(super) async fn writer_task(
-    mut store: Store,
-    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
-    app: App,
-) {
+fn writer_loop(mut store: StoreWriter, mut rx: mpsc::UnboundedReceiver<WriterMsg>, app: App) {
     let mut msgs = Vec::with_capacity(1024);
     let mut batch: Vec<Mutation> = Vec::with_capacity(1024);
     let mut acks: Vec<oneshot::Sender<bool>> = Vec::with_capacity(1024);
     let mut commits_since_checkpoint = 0u32;
     loop {
-        if rx.recv_many(&mut msgs, 4096).await == 0 {
+        let Some(first) = rx.blocking_recv() else {
             return;
+        };
+        msgs.push(first);
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
         }
         let mut close = None;
         for m in msgs.drain(..) {
@@ -79,7 +101,7 @@ pub(super) async fn writer_task(
         } else if batch.is_empty() && totals.is_empty() {
             true
         } else {
-            match store.write_batch(&batch, &totals).await {
+            match store.write_batch(&batch, &totals) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(error = %e, mutations = batch.len(), "store write failed; refusing further changes");
@@ -95,12 +117,12 @@ pub(super) async fn writer_task(
         commits_since_checkpoint += 1;
         if commits_since_checkpoint >= IDLE_CHECKPOINT_EVERY && rx.is_empty() && close.is_none() {
             commits_since_checkpoint = 0;
-            if let Err(e) = store.checkpoint_while_idle().await {
+            if let Err(e) = store.checkpoint_while_idle() {
                 tracing::warn!(error = %e, "WAL checkpoint between group commits failed");
             }
         }
         if let Some(done) = close {
-            if let Err(e) = store.close().await {
+            if let Err(e) = store.close() {
                 tracing::error!(error = %e, "closing the store failed");
             }
             let _ = done.send(());
