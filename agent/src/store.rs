@@ -221,7 +221,8 @@ impl Store {
             .fetch_all(&mut self.conn)
             .await?;
         let ended: std::collections::HashSet<i64> = marks.iter().map(|&(_, row)| row).collect();
-        self.sweep = Sweep::restored(marks.iter().map(|&(seq, _)| seq).max());
+        let seqs = marks.iter().map(|&(seq, _)| seq);
+        self.sweep = Sweep::restored(seqs.clone().min().zip(seqs.max()));
         // A new checkout must never get the number of a marked row: the mark would end it.
         self.next_row = marks.iter().map(|&(_, row)| row + 1).fold(1, i64::max);
         let rows = sqlx::query(
@@ -404,19 +405,32 @@ impl StoreWriter {
         } = self;
         // Dropped without a commit (an error below), the transaction rolls back.
         let tx = conn.transaction()?;
-        let mut pending = Pending::default();
+        let mut marked = 0;
         for m in batch {
-            if pending.gather(m, rows, next_row)? {
-                continue;
-            }
             match m {
-                Mutation::Checkout(_) | Mutation::Checkin { .. } | Mutation::Denial(_) => {}
+                Mutation::Checkout(r) => {
+                    let row = *next_row;
+                    *next_row += 1;
+                    rows.insert(r.handle, row);
+                    insert_checkout(&tx, row, r)?;
+                }
+                Mutation::Checkin { handle, usage, .. } => {
+                    if let Some(row) = rows.remove(handle) {
+                        mark_ended(&tx, sweep, row)?;
+                        marked += 1;
+                    }
+                    if let Some(usage) = usage {
+                        put_record(&tx, usage.id, "usage", usage.ended_at, usage)?;
+                    }
+                }
+                Mutation::Denial(denial) => {
+                    put_record(&tx, denial.id, "denial", denial.at, denial)?;
+                }
                 Mutation::Shipped(ids) => {
-                    // Records are shipped only once committed, so none is pending here.
-                    tx.prepare_cached(
-                        "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
-                    )?
-                    .execute([json(ids)?])?;
+                    let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?")?;
+                    for id in ids {
+                        delete.execute([id.to_string()])?;
+                    }
                 }
                 Mutation::Product {
                     name,
@@ -424,7 +438,6 @@ impl StoreWriter {
                     allocation,
                     generation,
                 } => {
-                    pending.flush(&tx, sweep)?;
                     let policy = serde_json::to_string(policy)
                         .map_err(|e| StoreError::Corrupt(format!("policy of {name}: {e}")))?;
                     tx.prepare_cached(
@@ -441,7 +454,6 @@ impl StoreWriter {
                     ])?;
                 }
                 Mutation::Move { applied, at } => {
-                    pending.flush(&tx, sweep)?;
                     let r = &applied.response;
                     tx.prepare_cached(
                         "INSERT INTO moves (move_id, kind, product, requested, units, \
@@ -467,9 +479,12 @@ impl StoreWriter {
                     ])?;
                 }
                 Mutation::Revoke(r, usage) => {
-                    pending.ended.extend(rows.remove(&r.handle));
+                    if let Some(row) = rows.remove(&r.handle) {
+                        mark_ended(&tx, sweep, row)?;
+                        marked += 1;
+                    }
                     if let Some(usage) = usage {
-                        pending.record(usage.id, "usage", usage.ended_at, usage)?;
+                        put_record(&tx, usage.id, "usage", usage.ended_at, usage)?;
                     }
                     tx.prepare_cached(
                         "INSERT INTO revocations (handle, product, revoked_ms, reason) \
@@ -483,31 +498,42 @@ impl StoreWriter {
                     ])?;
                 }
                 Mutation::Lease(lease) => {
-                    for (key, value) in [
-                        ("lease_until_ms", lease.until),
-                        ("last_sync_ms", lease.synced_at),
-                    ] {
-                        tx.prepare_cached(
-                            "INSERT INTO settings (key, value) VALUES (?, ?) \
-                             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        )?
-                        .execute(rusqlite::params![key, i64_of(value)])?;
-                    }
+                    let mut set = tx.prepare_cached(
+                        "INSERT INTO settings (key, value) VALUES (?, ?) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )?;
+                    set.execute(rusqlite::params!["lease_until_ms", i64_of(lease.until)])?;
+                    set.execute(rusqlite::params!["last_sync_ms", i64_of(lease.synced_at)])?;
                 }
             }
         }
-        pending.flush(&tx, sweep)?;
-        if let Some(step) = sweep.step(rows.len(), pending.marked) {
-            tx.prepare_cached(SWEEP_ROWS)?
-                .execute([json(&step.rows)?])?;
-            if let Some(seq) = step.marks_through {
-                tx.prepare_cached("DELETE FROM ended WHERE seq <= ?")?
-                    .execute([seq])?;
+        let step = sweep.step(rows.len(), marked);
+        if !step.rows.is_empty() {
+            let mut delete = tx.prepare_cached("DELETE FROM checkouts WHERE row = ?")?;
+            for row in &step.rows {
+                delete.execute([row])?;
             }
         }
+        if let Some((after, through)) = step.marks {
+            tx.prepare_cached("DELETE FROM ended WHERE seq > ? AND seq <= ?")?
+                .execute([after, through])?;
+        }
         if !totals.is_empty() {
-            tx.prepare_cached(UPDATE_TOTALS)?
-                .execute([totals_json(totals)?])?;
+            let mut update = tx.prepare_cached(
+                "UPDATE products SET peak_in_use = ?, checkouts = ?, denials = ?, \
+                 overdrafts = ?, staleouts = ?, instant_requests = ? WHERE name = ?",
+            )?;
+            for (name, t) in totals {
+                update.execute(rusqlite::params![
+                    t.peak_in_use,
+                    i64_of(t.checkouts),
+                    i64_of(t.denials),
+                    i64_of(t.overdrafts),
+                    i64_of(t.staleouts),
+                    i64_of(t.instant_requests),
+                    name
+                ])?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -653,17 +679,80 @@ impl OutboxReader {
     }
 }
 
+/// Inserts a live checkout at its row number.
+fn insert_checkout(
+    tx: &rusqlite::Transaction<'_>,
+    row: i64,
+    r: &CheckoutRecord,
+) -> Result<(), StoreError> {
+    let groups = serde_json::to_string(&r.groups)
+        .map_err(|e| StoreError::Corrupt(format!("groups of {}: {e}", r.handle)))?;
+    tx.prepare_cached(
+        "INSERT INTO checkouts (row, handle, product, user, host, groups, seat, units, \
+         overdraft, created_ms, borrowed_until_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(rusqlite::params![
+        row,
+        r.handle.to_string(),
+        r.product,
+        r.user,
+        r.host,
+        groups,
+        r.seat,
+        r.units,
+        r.overdraft,
+        i64_of(r.created_at),
+        r.borrowed_until.map(i64_of),
+    ])?;
+    Ok(())
+}
+
+/// Marks a checkout's row ended (migration 0008); the sweep deletes the row later.
+fn mark_ended(
+    tx: &rusqlite::Transaction<'_>,
+    sweep: &mut Sweep,
+    row: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO ended (seq, row) VALUES (?, ?)")?
+        .execute([sweep.mark(row), row])?;
+    Ok(())
+}
+
+/// Puts a usage or denial record in the outbox, in the transaction of what it records.
+fn put_record<T: serde::Serialize>(
+    tx: &rusqlite::Transaction<'_>,
+    id: Uuid,
+    kind: &'static str,
+    at: chrono::DateTime<chrono::Utc>,
+    record: &T,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_string(record)
+        .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+    tx.prepare_cached(
+        "INSERT INTO outbox (id, kind, body, created_ms) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(rusqlite::params![
+        id.to_string(),
+        kind,
+        body,
+        at.timestamp_millis()
+    ])?;
+    Ok(())
+}
+
 /// Ended checkouts whose rows are still in `checkouts` (migration 0008), and when to delete
-/// them. Why: checkouts end in no particular order, so deleting each at its checkin wrote a
-/// page of its own per checkin; deleting them later, in row order, many at a time, writes each
-/// page once for all the ended rows on it.
+/// them and their marks. Why: checkouts end in no particular order, so deleting each at its
+/// checkin wrote a page of its own per checkin; deleting them later, in row order, many at a
+/// time, writes each page once for all the ended rows on it.
 ///
 /// Rows are swept by generations: once enough rows are marked (a quarter of the live ones, at
 /// least [`SWEEP_AT_LEAST`]), those rows become the generation under way, and every group
 /// commit deletes the lowest of them, twice as many as it marked itself (plus
-/// [`SWEEP_BASE`]), so a generation ends well before the next is due. Its last commit also
-/// deletes its marks, all those up to the last one assigned when it began. A crash between
-/// steps leaves a valid file: a marked row is not live whether it is still there or not.
+/// [`SWEEP_BASE`]), so a generation ends well before the next is due. Once a generation is
+/// swept, its marks (all those assigned before it began) are deleted, [`MARKS_AT_ONCE`] a
+/// commit. A crash between steps leaves a valid file: a marked row is not live whether it is
+/// still there or not, and a mark whose row is gone is only deleted later.
 #[derive(Debug, Default)]
 struct Sweep {
     /// Rows marked since the generation under way began.
@@ -672,6 +761,10 @@ struct Sweep {
     current: std::collections::VecDeque<i64>,
     /// The last mark the generation under way covers.
     through: Option<i64>,
+    /// Every mark up to this one is deleted.
+    marks_deleted: i64,
+    /// Every mark up to this one may be deleted: its row is gone.
+    marks_done: i64,
     /// The last mark's sequence number.
     last_seq: i64,
 }
@@ -683,20 +776,27 @@ const SWEEP_AT_LEAST: usize = 1_024;
 /// checkouts alone.
 const SWEEP_BASE: usize = 64;
 
-/// One group commit's share of a generation.
-#[derive(Debug, PartialEq, Eq)]
+/// The most marks a group commit deletes (deleting a generation's marks at once held one
+/// commit for milliseconds).
+const MARKS_AT_ONCE: i64 = 2_048;
+
+/// What one group commit deletes.
+#[derive(Debug, Default, PartialEq, Eq)]
 struct SweepStep {
-    /// Rows to delete from `checkouts`.
+    /// Rows to delete from `checkouts`, lowest first.
     rows: Vec<i64>,
-    /// The generation ends with this step: delete the marks up to this one.
-    marks_through: Option<i64>,
+    /// Marks to delete: those after the first number, up to the second.
+    marks: Option<(i64, i64)>,
 }
 
 impl Sweep {
-    /// The state at start, `last_seq` the highest mark in the file.
-    fn restored(last_seq: Option<i64>) -> Self {
+    /// The state at start, from the lowest and highest marks in the file.
+    fn restored(marks: Option<(i64, i64)>) -> Self {
+        let (first, last) = marks.unwrap_or((1, 0));
         Sweep {
-            last_seq: last_seq.unwrap_or(0),
+            marks_deleted: first - 1,
+            marks_done: first - 1,
+            last_seq: last,
             ..Sweep::default()
         }
     }
@@ -714,191 +814,29 @@ impl Sweep {
     }
 
     /// What a group commit that marked `marked` rows deletes, with `live` checkouts left.
-    fn step(&mut self, live: usize, marked: usize) -> Option<SweepStep> {
-        if self.through.is_none() {
-            if self.next.len() < SWEEP_AT_LEAST.max(live / 4) {
-                return None;
-            }
+    fn step(&mut self, live: usize, marked: usize) -> SweepStep {
+        let mut step = SweepStep::default();
+        if self.through.is_none() && self.next.len() >= SWEEP_AT_LEAST.max(live / 4) {
             let mut rows = std::mem::take(&mut self.next);
             rows.sort_unstable();
             self.current = rows.into();
             self.through = Some(self.last_seq);
         }
-        let take = (2 * marked + SWEEP_BASE).min(self.current.len());
-        let rows: Vec<i64> = self.current.drain(..take).collect();
-        let marks_through = if self.current.is_empty() {
-            self.through.take()
-        } else {
-            None
-        };
-        Some(SweepStep {
-            rows,
-            marks_through,
-        })
-    }
-}
-
-/// The rows of a batch that go out as one statement per kind, each bound as one JSON array
-/// and unpacked by `json_each`, so a group commit of a few dozen checkins makes one outbox
-/// insert, not a few dozen statements.
-#[derive(Default)]
-struct Pending<'a> {
-    /// Checkouts to insert, with their row numbers.
-    checkouts: Vec<(i64, &'a CheckoutRecord)>,
-    /// Row numbers of ended checkouts to mark.
-    ended: Vec<i64>,
-    /// Rows this batch marked ended, so far.
-    marked: usize,
-    /// Outbox records: id, kind, body, created (Unix ms).
-    records: Vec<(String, &'static str, String, i64)>,
-}
-
-impl<'a> Pending<'a> {
-    /// Takes a client's checkout, checkin or denial (giving a checkout its row number and
-    /// taking an ended one's); `false` for every other mutation, which is left to the caller.
-    fn gather(
-        &mut self,
-        m: &'a Mutation,
-        rows: &mut HashMap<Handle, i64>,
-        next_row: &mut i64,
-    ) -> Result<bool, StoreError> {
-        match m {
-            Mutation::Checkout(r) => {
-                let row = *next_row;
-                *next_row += 1;
-                rows.insert(r.handle, row);
-                self.checkouts.push((row, r));
+        if let Some(through) = self.through {
+            let take = (2 * marked + SWEEP_BASE).min(self.current.len());
+            step.rows = self.current.drain(..take).collect();
+            if self.current.is_empty() {
+                self.marks_done = through;
+                self.through = None;
             }
-            Mutation::Checkin { handle, usage, .. } => {
-                self.ended.extend(rows.remove(handle));
-                if let Some(usage) = usage {
-                    self.record(usage.id, "usage", usage.ended_at, usage)?;
-                }
-            }
-            Mutation::Denial(denial) => {
-                self.record(denial.id, "denial", denial.at, denial)?;
-            }
-            _ => return Ok(false),
         }
-        Ok(true)
-    }
-
-    /// Adds a record to the outbox, in the transaction of what it records.
-    fn record<T: serde::Serialize>(
-        &mut self,
-        id: Uuid,
-        kind: &'static str,
-        at: chrono::DateTime<chrono::Utc>,
-        record: &T,
-    ) -> Result<(), StoreError> {
-        let body = serde_json::to_string(record)
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
-        self.records
-            .push((id.to_string(), kind, body, at.timestamp_millis()));
-        Ok(())
-    }
-
-    /// The checkouts to insert as a JSON array of rows.
-    fn checkouts_json(&self) -> Result<String, StoreError> {
-        let rows: Vec<_> = self
-            .checkouts
-            .iter()
-            .map(|(row, r)| {
-                (
-                    row,
-                    r.handle.to_string(),
-                    r.product.as_str(),
-                    r.user.as_str(),
-                    r.host.as_str(),
-                    serde_json::to_string(&r.groups).unwrap_or_else(|_| "[]".to_owned()),
-                    r.seat.as_deref(),
-                    r.units,
-                    i64::from(r.overdraft),
-                    i64_of(r.created_at),
-                    r.borrowed_until.map(i64_of),
-                )
-            })
-            .collect();
-        json(&rows)
-    }
-
-    /// Writes what is pending: checkouts, the marks of ended ones, records.
-    fn flush(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        sweep: &mut Sweep,
-    ) -> Result<(), StoreError> {
-        if !self.checkouts.is_empty() {
-            tx.prepare_cached(INSERT_CHECKOUTS)?
-                .execute([self.checkouts_json()?])?;
-            self.checkouts.clear();
+        if self.marks_deleted < self.marks_done {
+            let upto = self.marks_done.min(self.marks_deleted + MARKS_AT_ONCE);
+            step.marks = Some((self.marks_deleted, upto));
+            self.marks_deleted = upto;
         }
-        if !self.ended.is_empty() {
-            let marks: Vec<(i64, i64)> = self
-                .ended
-                .iter()
-                .map(|&row| (sweep.mark(row), row))
-                .collect();
-            tx.prepare_cached(MARK_ENDED)?.execute([json(&marks)?])?;
-            self.marked += self.ended.len();
-            self.ended.clear();
-        }
-        if !self.records.is_empty() {
-            tx.prepare_cached(INSERT_RECORDS)?
-                .execute([json(&self.records)?])?;
-            self.records.clear();
-        }
-        Ok(())
+        step
     }
-}
-
-/// Inserts the checkouts of a JSON array of rows (see [`Pending::checkouts_json`]).
-const INSERT_CHECKOUTS: &str = "INSERT INTO checkouts (row, handle, product, user, host, \
-     groups, seat, units, overdraft, created_ms, borrowed_until_ms) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-     value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 FROM json_each(?)";
-
-/// Marks ended the checkouts of a JSON array of `[seq, row]` (migration 0008).
-const MARK_ENDED: &str =
-    "INSERT INTO ended (seq, row) SELECT value ->> 0, value ->> 1 FROM json_each(?)";
-
-/// Deletes the checkouts of a JSON array of row numbers (ended ones, swept).
-const SWEEP_ROWS: &str = "DELETE FROM checkouts WHERE row IN (SELECT value FROM json_each(?))";
-
-/// Puts a JSON array of records in the outbox (`WHERE true` lets SQLite parse the upsert
-/// after a SELECT).
-const INSERT_RECORDS: &str = "INSERT INTO outbox (id, kind, body, created_ms) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?) WHERE true \
-     ON CONFLICT (id) DO NOTHING";
-
-/// Sets the totals of a JSON array of products (see [`totals_json`]).
-const UPDATE_TOTALS: &str = "UPDATE products SET peak_in_use = t.value ->> 1, \
-     checkouts = t.value ->> 2, denials = t.value ->> 3, overdrafts = t.value ->> 4, \
-     staleouts = t.value ->> 5, instant_requests = t.value ->> 6 \
-     FROM json_each(?) AS t WHERE products.name = t.value ->> 0";
-
-/// The products' totals as a JSON array of rows: name, then the counters.
-fn totals_json(totals: &[(String, UsageCounters)]) -> Result<String, StoreError> {
-    let rows: Vec<_> = totals
-        .iter()
-        .map(|(name, t)| {
-            (
-                name,
-                t.peak_in_use,
-                i64_of(t.checkouts),
-                i64_of(t.denials),
-                i64_of(t.overdrafts),
-                i64_of(t.staleouts),
-                i64_of(t.instant_requests),
-            )
-        })
-        .collect();
-    json(&rows)
-}
-
-/// One JSON array to bind for `json_each`.
-fn json<T: serde::Serialize + ?Sized>(rows: &T) -> Result<String, StoreError> {
-    serde_json::to_string(rows).map_err(|e| StoreError::Corrupt(format!("batch rows: {e}")))
 }
 
 /// The products a batch touched, so only their totals are written.
@@ -1014,39 +952,46 @@ mod tests {
     }
 
     /// A generation sweeps the rows marked before it began, lowest first, twice as many a
-    /// commit as it marked (plus the base), and its last step names the marks it covers.
+    /// commit as it marked (plus the base); then its marks go, a bounded number a commit, and
+    /// only those made before it began.
     #[test]
     fn a_sweep_deletes_each_marked_row_once_and_then_its_marks() {
-        let mut sweep = Sweep::restored(Some(10));
-        for row in (1..=SWEEP_AT_LEAST as i64).rev() {
+        // Marks 3 to 10 are in the file from before (their rows are gone or unswept).
+        let mut sweep = Sweep::restored(Some((3, 10)));
+        let n = 5_000;
+        for row in (1..=n).rev() {
             sweep.mark(row);
         }
-        // A quarter of 8,000 live rows is more than were marked: no generation yet.
-        assert_eq!(sweep.step(8_000, 0), None);
-        let first = sweep.step(100, 3).unwrap();
+        // A quarter of 80,000 live rows is more than were marked: no generation yet.
+        assert_eq!(sweep.step(80_000, 0), SweepStep::default());
+        let first = sweep.step(100, 3);
         assert_eq!(first.rows, (1..=70).collect::<Vec<i64>>(), "lowest first");
-        assert_eq!(first.marks_through, None);
-        // Marks made now belong to the next generation.
-        let late = sweep.mark(5_000);
-        let mut deleted = first.rows;
-        let through = loop {
-            let step = sweep.step(100, 10).unwrap();
-            deleted.extend(step.rows);
-            if let Some(through) = step.marks_through {
-                break through;
-            }
-        };
-        assert_eq!(deleted, (1..=SWEEP_AT_LEAST as i64).collect::<Vec<i64>>());
         assert_eq!(
-            through,
-            10 + SWEEP_AT_LEAST as i64,
-            "every mark made before it"
+            first.marks, None,
+            "no mark goes before its generation is swept"
         );
-        assert!(
-            late > through,
-            "the late mark waits for the next generation"
+        // Marks made now belong to the next generation.
+        let late = sweep.mark(9_999);
+        let mut deleted = first.rows;
+        let mut marks = Vec::new();
+        for _ in 0..1_000 {
+            let step = sweep.step(100, 10);
+            deleted.extend(step.rows);
+            marks.extend(step.marks);
+        }
+        assert_eq!(deleted, (1..=n).collect::<Vec<i64>>(), "each row once");
+        let through = 10 + n;
+        assert!(late > through);
+        // The marks from 3 on, in bounded contiguous ranges, up to the generation's last.
+        assert_eq!(marks.first().map(|m| m.0), Some(2));
+        assert_eq!(marks.last().map(|m| m.1), Some(through));
+        assert!(marks.windows(2).all(|w| w[0].1 == w[1].0));
+        assert!(marks.iter().all(|(a, b)| b - a <= MARKS_AT_ONCE));
+        assert_eq!(
+            sweep.step(100, 0),
+            SweepStep::default(),
+            "one mark starts nothing"
         );
-        assert_eq!(sweep.step(100, 0), None, "one mark does not start one");
     }
 
     /// Checkins mark rows and the sweep deletes them: across restarts the live checkouts are
