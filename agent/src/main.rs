@@ -89,6 +89,13 @@ struct ServeArgs {
     /// Most waiting clients; past it waiting checkouts answer 503 `unavailable`.
     #[arg(long, env = "ALLOT_MAX_WAITING", default_value_t = 10_000)]
     max_waiting: usize,
+    /// Threads serving HTTP. One by default: every change passes through one book lock and one
+    /// writer thread anyway, and on a shared 2-core machine one thread served more checkouts
+    /// than one per core (fewer hand-offs between threads; docs/BENCHMARKS.md). Raise it only
+    /// if one core of HTTP is the limit.
+    #[arg(long, env = "ALLOT_WORKER_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Balancer URL(s), comma-separated, tried in order; none → standalone (no lease).
     #[arg(long, env = "ALLOT_BALANCER", value_delimiter = ',')]
     balancer: Vec<String>,
@@ -270,6 +277,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(
+        worker_threads = args.worker_threads,
+        "HTTP served by {} runtime thread(s)",
+        args.worker_threads
+    );
     server::run(listener, config, shutdown_signal()).await?;
     Ok(())
 }
@@ -279,11 +291,24 @@ fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     Ok(Client::with_trust(&args.url, &trust)?.with_bearer(args.client_key.clone()))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    allot_http::tls::install_crypto_provider();
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(a) = &args.command {
+        runtime.worker_threads(usize::from(a.worker_threads));
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
+    allot_http::tls::install_crypto_provider();
     let code = match args.command {
         Command::Serve(a) => match serve(a).await {
             Ok(()) => 0,
