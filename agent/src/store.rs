@@ -126,9 +126,9 @@ pub struct LeaseRecord {
 /// Why the row numbers: a handle is a random secret, so an index on handles put every
 /// checkout's insert and every checkin's delete on a random page of it (about one page written
 /// per row of a group commit). The table is keyed by a row number this store assigns instead:
-/// inserts append to its last page and a checkin deletes by the number kept here. After a
-/// failed write the map may be ahead of the file; the server then refuses further changes
-/// and a restart rebuilds it from the file.
+/// inserts append to its last page and a checkin marks the number kept here ended (see
+/// `Sweep`). After a failed write the map may be ahead of the file; the server then refuses
+/// further changes and a restart rebuilds it from the file.
 #[derive(Debug)]
 pub struct Store {
     conn: SqliteConnection,
