@@ -1,9 +1,12 @@
 //! kill -9 of the real `allot-agent` binary during a checkout storm, then a restart on the same
 //! data directory: every acknowledged checkout is still live under its handle, acknowledged
-//! checkins stay checked in, hard stop is not over-granted, applied moves stay applied.
+//! checkins stay checked in, hard stop is not over-granted, applied moves stay applied. And the
+//! same while checkins are marked and swept (migration 0008).
 
 use serde_json::{Value, json};
+use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,17 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("allot-agent did not become healthy");
+}
+
+/// A handle's heartbeat status: 200 live, 404 ended.
+async fn heartbeat(http: &reqwest::Client, url: &str, handle: &str) -> u16 {
+    http.post(format!("{url}/v1/heartbeat"))
+        .json(&json!({"handle": handle}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 #[derive(Default)]
@@ -179,22 +193,12 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
     let mut child = spawn(&data, port, &products);
     wait_healthy(&http, &url).await;
     for handle in &acked.live {
-        let r = http
-            .post(format!("{url}/v1/heartbeat"))
-            .json(&json!({"handle": handle}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "acknowledged checkout {handle} was lost");
+        let status = heartbeat(&http, &url, handle).await;
+        assert_eq!(status, 200, "acknowledged checkout {handle} was lost");
     }
     for handle in &acked.checked_in {
-        let r = http
-            .post(format!("{url}/v1/heartbeat"))
-            .json(&json!({"handle": handle}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 404, "acknowledged checkin {handle} came back");
+        let status = heartbeat(&http, &url, handle).await;
+        assert_eq!(status, 404, "acknowledged checkin {handle} came back");
     }
     for (req, answer) in &acked.moves {
         let r = http
@@ -240,6 +244,159 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
         .max()
         .unwrap_or(0);
     assert!(p["generation"].as_u64().unwrap() >= last_generation);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Posts every body to `path` from 32 concurrent clients (each body once), counting the
+/// acknowledged in `done`; the acknowledged bodies with their answers.
+async fn post_all(
+    http: &reqwest::Client,
+    url: &str,
+    path: &'static str,
+    bodies: Vec<Value>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<(Value, Value)> {
+    let per = bodies.len().div_ceil(32).max(1);
+    let mut clients = Vec::new();
+    for chunk in bodies.chunks(per) {
+        let (http, url, chunk, done) = (http.clone(), url.to_owned(), chunk.to_vec(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for body in chunk {
+                let Ok(r) = http.post(format!("{url}{path}")).json(&body).send().await else {
+                    break;
+                };
+                if r.status() == 200
+                    && let Ok(answer) = r.json::<Value>().await
+                {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    acked.push((body, answer));
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for c in clients {
+        acked.extend(c.await.unwrap());
+    }
+    acked
+}
+
+/// Checks out `n` units named from `first`; the acknowledged handles.
+async fn checkouts(http: &reqwest::Client, url: &str, first: usize, n: usize) -> Vec<String> {
+    let bodies = (first..first + n)
+        .map(|i| json!({"product": "cad", "user": format!("u{i}"), "host": "h"}))
+        .collect();
+    let done = Arc::new(AtomicUsize::new(0));
+    post_all(http, url, "/v1/checkout", bodies, &done)
+        .await
+        .into_iter()
+        .map(|(_, answer)| answer["handle"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Checks `handles` in, counting the acknowledged in `done`; the acknowledged handles.
+async fn checkins(
+    http: &reqwest::Client,
+    url: &str,
+    handles: &[String],
+    done: &Arc<AtomicUsize>,
+) -> Vec<String> {
+    let bodies = handles.iter().map(|h| json!({"handle": h})).collect();
+    post_all(http, url, "/v1/checkin", bodies, done)
+        .await
+        .into_iter()
+        .map(|(body, _)| body["handle"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_checkins_are_swept_keeps_every_acknowledged_checkin_and_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let products = dir.path().join("products.json");
+    std::fs::write(
+        &products,
+        json!({"products": [{"product": "cad", "allocation": 100_000,
+            "policy": {"enforcement": "hard_stop", "heartbeat_seconds": 600,
+                       "staleout_seconds": 3600}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut child = spawn(&data, port, &products);
+    wait_healthy(&http, &url).await;
+
+    // 4,000 checkouts, then 2,000 checkins: past the 1,024 marks that start a sweep.
+    let live = checkouts(&http, &url, 0, 4_000).await;
+    assert_eq!(live.len(), 4_000);
+    let (first, rest) = live.split_at(2_000);
+    let ended_before = checkins(&http, &url, first, &Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(ended_before.len(), 2_000);
+
+    // Checkins of the rest (marks and sweeps in every commit), then more checkouts; killed
+    // once 300 of those checkins are acknowledged. Each side records what was acknowledged.
+    let (to_end, untouched) = rest.split_at(1_500);
+    let done = Arc::new(AtomicUsize::new(0));
+    let traffic = {
+        let (http, url, to_end, done) = (http.clone(), url.clone(), to_end.to_vec(), done.clone());
+        tokio::spawn(async move {
+            let ended = checkins(&http, &url, &to_end, &done).await;
+            let new = checkouts(&http, &url, 4_000, 1_500).await;
+            (ended, new)
+        })
+    };
+    while done.load(Ordering::SeqCst) < 300 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    let (ended_during, new_live) = traffic.await.unwrap();
+    assert!(
+        ended_during.len() < to_end.len() || new_live.len() < 1_500,
+        "the kill came mid-traffic: {} of {} checkins, {} of 1,500 checkouts acknowledged",
+        ended_during.len(),
+        to_end.len(),
+        new_live.len()
+    );
+
+    let mut child = spawn(&data, port, &products);
+    wait_healthy(&http, &url).await;
+    let ended: HashSet<&String> = ended_before.iter().chain(&ended_during).collect();
+    let untouched: HashSet<&String> = untouched.iter().collect();
+    let mut alive_before = 0;
+    for handle in &live {
+        let status = heartbeat(&http, &url, handle).await;
+        alive_before += usize::from(status == 200);
+        if ended.contains(handle) {
+            assert_eq!(status, 404, "acknowledged checkin {handle} came back");
+        } else if untouched.contains(handle) {
+            assert_eq!(status, 200, "acknowledged checkout {handle} was lost");
+        }
+    }
+    // In use: the earlier checkouts still live, the new ones acknowledged, and at most the
+    // new ones sent but unanswered.
+    let view: Value = http
+        .get(format!("{url}/v1/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let in_use = view["products"][0]["in_use"].as_u64().unwrap() as usize;
+    assert!(
+        (alive_before + new_live.len()..=alive_before + 1_500).contains(&in_use),
+        "in use {in_use}: {alive_before} earlier checkouts live and {} new ones acknowledged",
+        new_live.len()
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
