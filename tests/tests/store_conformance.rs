@@ -38,6 +38,7 @@ on_both_backends!(
     batched_moves_are_logged_and_booked_all_or_none,
     a_booking_across_products_books_each_pool,
     an_instant_runs_record_and_grant_commit_together,
+    an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
     books_survive_a_reopen,
@@ -742,6 +743,108 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(instant_runs().await[0].status, "partial");
+}
+
+/// An instant balance the reserve covers books its grant, closes its run and records its
+/// request in one commit, and answers the allocation as booked; a refused booking (the server
+/// applied fewer units than sent) writes none of the three.
+async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    grant(&*store, "s1", 2).await;
+    let outcome = RunOutcome {
+        status: "ok".into(),
+        moves: 1,
+        units_moved: 3,
+        ping_pong_units: 1,
+        ..RunOutcome::default()
+    };
+    let answered = InstantRecord {
+        server: "s1".into(),
+        product: "cad".into(),
+        units: 3,
+        granted: 3,
+    };
+    let open_run = || async {
+        let grant = new_move(MoveKind::Grant, "cad", "s1", 3);
+        let (run_id, _) = store
+            .begin_run_with_moves(
+                RunTrigger::Instant,
+                &Fence::alone(),
+                std::slice::from_ref(&grant),
+            )
+            .await
+            .unwrap();
+        (run_id, grant)
+    };
+    let landed = |id: Uuid, applied_units: u64| LandedMove {
+        id,
+        applied_units,
+        generation: 2,
+    };
+
+    // Refused: two of three units applied is not a grant the books can take.
+    let (refused_run, refused) = open_run().await;
+    let before = store.books().await.unwrap();
+    let request = Uuid::new_v4();
+    assert!(matches!(
+        store
+            .complete_instant_grant(
+                landed(refused.id, 2),
+                &Fence::alone(),
+                refused_run,
+                &outcome,
+                (request, &answered),
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.books().await.unwrap(), before);
+    assert_eq!(store.instant_request(request).await.unwrap(), None);
+    assert_eq!(store.run(refused_run).await.unwrap().run.status, "running");
+    assert_eq!(
+        store.unfinished_moves().await.unwrap()[0].state,
+        MoveState::Planned
+    );
+    store
+        .abandon_move(refused.id, "test", &Fence::alone())
+        .await
+        .unwrap();
+
+    // Booked: the allocation answered is the books' (2 before, 3 granted).
+    let (run_id, grant) = open_run().await;
+    let (booked, allocation) = store
+        .complete_instant_grant(
+            landed(grant.id, 3),
+            &Fence::alone(),
+            run_id,
+            &outcome,
+            (request, &answered),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (booked.state, booked.applied_units, allocation),
+        (MoveState::Applied, Some(3), 5)
+    );
+    assert_eq!(
+        store.instant_request(request).await.unwrap(),
+        Some(answered)
+    );
+    let run = store.run(run_id).await.unwrap().run;
+    assert_eq!(
+        (
+            run.status.as_str(),
+            run.moves,
+            run.units_moved,
+            run.ping_pong_units
+        ),
+        ("ok", 1, 3, 1)
+    );
+    assert!(run.finished_at.is_some());
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit), (5, 0));
+    assert!(store.unfinished_moves().await.unwrap().is_empty());
+    assert_balanced(&*store).await;
 }
 
 async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {

@@ -135,7 +135,9 @@ pub(super) async fn instant_balance(
             req.units
         )));
     }
-    state.store.product(&req.product).await?;
+    // An unknown product is refused before the engine makes it a lock, by one row's read
+    // (the product's whole books, a thousand cells on a large estate, were read here once).
+    state.store.reserve(&req.product).await?;
     match state.engine.instant(&server, &req).await {
         Ok(answer) => Ok(Json(answer)),
         // Another balancer leads the product's shard: the server is sent there.

@@ -5,12 +5,14 @@
 //! [`allot_core::instant::plan_instant`], and executes: under the product's lock it logs the
 //! grant from the reserve and the releases; outside the lock it sends them; once releases are
 //! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
-//! same request id twice grants once.
+//! same request id twice grants once. A request the reserve covers (most) commits twice: its
+//! run with the grant logged, then the grant booked with the run closed and the request
+//! recorded (`Store::complete_instant_grant`).
 
 use super::phases::Phases;
 use super::snapshot::instant_cells;
 use super::{BalanceError, Engine, adopted};
-use crate::store::{InstantRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
+use crate::store::{InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
@@ -162,7 +164,22 @@ impl Engine {
             }
         };
         let releasing = execute_all(self, &releases);
-        let (first, released) = tokio::join!(grant_now, releasing);
+        // The reserve alone covers the request (most do): its grant is booked, the run closed
+        // and the request recorded in one commit, which also reads the allocation answered.
+        let reserve_only =
+            plan.releases.is_empty() && errors.is_empty() && plan.from_reserve >= urgent;
+        let (first, released) = match &first_grant {
+            Some(mv) if reserve_only => match self.grant_and_close(server, req, mv, run_id).await {
+                Ok((granted, allocation)) => {
+                    phases.lap("send_and_book");
+                    tally.finish(wanted, granted);
+                    tracing::info!(granted, reclaimed = 0, run_id, phases = %phases, "instant balance answered");
+                    return Ok(answer(granted, allocation));
+                }
+                Err(failure) => (Some(Err(failure)), Vec::new()),
+            },
+            _ => tokio::join!(grant_now, releasing),
+        };
         phases.lap("send_and_book");
         if let Some(result) = first {
             match result {
@@ -295,6 +312,69 @@ impl Engine {
             free_elsewhere: (unserved > 0).then_some(unserved_false > 0),
             ..answer(granted, allocation)
         })
+    }
+}
+
+impl Engine {
+    /// Carries an instant balance's grant from the reserve to the asker and, once applied,
+    /// books it, closes the run and records the request answered, in one commit
+    /// ([`crate::store::Store::complete_instant_grant`]): the units granted and the allocation
+    /// as booked.
+    async fn grant_and_close(
+        &self,
+        server: &ServerRecord,
+        req: &InstantBalanceRequest,
+        mv: &MoveRecord,
+        run_id: i64,
+    ) -> Result<(u64, u64), super::MoveFailure> {
+        let applied = self.deliver(server, mv).await?;
+        let granted = u64::from(applied.units);
+        let ping_pong = self.memory.lock().expect("engine memory").returning(
+            &server.name,
+            &mv.product,
+            granted,
+        );
+        let outcome = RunOutcome {
+            status: "ok".into(),
+            servers_queried: 0,
+            servers_unreachable: 0,
+            moves: 1,
+            units_moved: granted,
+            unserved_true: 0,
+            unserved_false: 0,
+            ping_pong_units: ping_pong,
+            errors: Vec::new(),
+        };
+        let answered = InstantRecord {
+            server: server.name.clone(),
+            product: req.product.clone(),
+            units: u64::from(req.units),
+            granted,
+        };
+        let landed = LandedMove {
+            id: mv.id,
+            applied_units: granted,
+            generation: applied.generation,
+        };
+        let (booked, allocation) = self
+            .store
+            .complete_instant_grant(
+                landed,
+                &self.write_fence(),
+                run_id,
+                &outcome,
+                (req.request_id, &answered),
+            )
+            .await
+            .map_err(|e| super::not_booked(mv, server, &e))?;
+        self.remember(&booked);
+        // Counted in the run's record above, which is closed.
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .take_ping_pong(run_id);
+        tracing::info!(move_id = %mv.id, applied = applied.units, generation = applied.generation, "move applied");
+        Ok((granted, allocation))
     }
 }
 

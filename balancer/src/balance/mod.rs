@@ -40,7 +40,7 @@ use allot_core::ErrorCode;
 use allot_core::demand::SignalConfig;
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::planner::PlannerConfig;
-use allot_core::wire::agent::{AgentStatus, MoveRequest, ProductStatus};
+use allot_core::wire::agent::{AgentStatus, MoveRequest, MoveResponse, ProductStatus};
 use allot_core::wire::balancer::{DoctorCell, DoctorProduct, DoctorReport, MoveView};
 use chrono::Utc;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -274,6 +274,34 @@ impl Engine {
         server: &ServerRecord,
         mv: &MoveRecord,
     ) -> Result<MoveRecord, MoveFailure> {
+        let answer = self.deliver(server, mv).await?;
+        let booked = self
+            .store
+            .complete_move(
+                mv.id,
+                u64::from(answer.units),
+                answer.generation,
+                &self.write_fence(),
+            )
+            .await
+            .map_err(|e| not_booked(mv, server, &e))?;
+        self.remember(&booked);
+        tracing::info!(
+            applied = answer.units,
+            generation = answer.generation,
+            "move applied"
+        );
+        Ok(booked)
+    }
+
+    /// Carries one logged move to its server: the server's answer, which the caller books,
+    /// or why there is none to book (a refused move is abandoned here, an unanswered one
+    /// stays planned).
+    async fn deliver(
+        &self,
+        server: &ServerRecord,
+        mv: &MoveRecord,
+    ) -> Result<MoveResponse, MoveFailure> {
         let request = MoveRequest {
             move_id: mv.id,
             product: mv.product.clone(),
@@ -285,23 +313,7 @@ impl Engine {
                 if mv.kind == MoveKind::Retire {
                     allot_http::fault::point("after_retire_sent");
                 }
-                let booked = self
-                    .store
-                    .complete_move(
-                        mv.id,
-                        u64::from(answer.units),
-                        answer.generation,
-                        &self.write_fence(),
-                    )
-                    .await
-                    .map_err(|e| not_booked(mv, server, &e))?;
-                self.remember(&booked);
-                tracing::info!(
-                    applied = answer.units,
-                    generation = answer.generation,
-                    "move applied"
-                );
-                Ok(booked)
+                Ok(answer)
             }
             Err(CallError::Refused {
                 status,

@@ -43,6 +43,22 @@ pub(super) struct Memory {
 pub(super) const PING_PONG_WINDOW: Duration = Duration::from_secs(3600);
 
 impl Memory {
+    /// The units of a grant of `units` to a cell that come back within the ping-pong window of
+    /// a release from it: what [`Memory::granted`] will count, known before the grant is booked
+    /// (an instant balance writes it into its run's record in the booking's own commit).
+    pub(super) fn returning(&self, server: &str, product: &str, units: u64) -> u64 {
+        self.released
+            .get(&(server.to_owned(), product.to_owned()))
+            .map_or(0, |released| {
+                released
+                    .iter()
+                    .filter(|(at, _)| at.elapsed() < PING_PONG_WINDOW)
+                    .map(|(_, r)| *r)
+                    .sum::<u64>()
+                    .min(units)
+            })
+    }
+
     /// Notes a grant applied to a cell; returns the units of it that come back within the
     /// ping-pong window of a release from the same cell.
     pub(super) fn granted(&mut self, server: &str, product: &str, units: u64) -> u64 {

@@ -354,6 +354,21 @@ impl Store for ErrorReporting {
         )
     }
 
+    async fn complete_instant_grant(
+        &self,
+        landed: crate::store::LandedMove,
+        fence: &Fence,
+        run_id: i64,
+        outcome: &RunOutcome,
+        answered: (Uuid, &InstantRecord),
+    ) -> StoreResult<(MoveRecord, u64)> {
+        self.seen(
+            self.inner
+                .complete_instant_grant(landed, fence, run_id, outcome, answered)
+                .await,
+        )
+    }
+
     async fn record_samples(
         &self,
         run_id: i64,

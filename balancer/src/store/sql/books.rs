@@ -317,8 +317,8 @@ pub(super) async fn product_cells(pool: &Pool<Db>, product: &str) -> StoreResult
     .collect())
 }
 
-pub(super) async fn cell(
-    pool: &Pool<Db>,
+pub(super) async fn cell<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
     server: &str,
     product: &str,
 ) -> StoreResult<Option<CellRecord>> {
@@ -331,7 +331,7 @@ pub(super) async fn cell(
     ))
     .bind(server)
     .bind(product)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await?
     .map(CellRecord::from))
 }

@@ -715,6 +715,17 @@ impl Store for SqlStore {
         runs::finish_instant_run(&self.pool, run_id, outcome, answered).await
     }
 
+    async fn complete_instant_grant(
+        &self,
+        landed: crate::store::LandedMove,
+        fence: &Fence,
+        run_id: i64,
+        outcome: &RunOutcome,
+        answered: (Uuid, &InstantRecord),
+    ) -> StoreResult<(MoveRecord, u64)> {
+        runs::complete_instant_grant(&self.pool, landed, fence, run_id, outcome, answered).await
+    }
+
     async fn record_samples(
         &self,
         run_id: i64,

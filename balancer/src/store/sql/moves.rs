@@ -202,20 +202,31 @@ pub(super) async fn complete_moves(
     fence: &Fence,
 ) -> StoreResult<Vec<MoveRecord>> {
     let mut tx = begin_write(pool).await?;
+    let records = complete_moves_in(&mut tx, landed, fence).await?;
+    tx.commit().await?;
+    Ok(records)
+}
+
+/// [`complete_moves`] inside the caller's write transaction, which commits the booking (or,
+/// on a refusal, drops it with whatever else it wrote).
+pub(super) async fn complete_moves_in(
+    tx: &mut Conn,
+    landed: &[LandedMove],
+    fence: &Fence,
+) -> StoreResult<Vec<MoveRecord>> {
     let ids: Vec<Uuid> = landed.iter().map(|l| l.id).collect();
-    let before = move_rows(&mut tx, &ids).await?;
+    let before = move_rows(tx, &ids).await?;
     let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
-    lock_products(&mut tx, &pids).await?;
+    lock_products(tx, &pids).await?;
     let products: BTreeSet<String> = before.values().map(|r| r.product.clone()).collect();
     let products: Vec<String> = products.into_iter().collect();
-    check_fence(&mut tx, fence, &products).await?;
-    let rows = move_rows(&mut tx, &ids).await?;
+    check_fence(tx, fence, &products).await?;
+    let rows = move_rows(tx, &ids).await?;
     if rows.values().any(|r| r.kind == MoveKind::Retire.as_str()) {
         let mut records = Vec::with_capacity(landed.len());
         for l in landed {
-            records.push(complete_move_in(&mut tx, *l, fence).await?);
+            records.push(complete_move_in(tx, *l, fence).await?);
         }
-        tx.commit().await?;
         return Ok(records);
     }
     // What each planned move changes; repeats change nothing.
@@ -259,16 +270,16 @@ pub(super) async fn complete_moves(
         }
         applied_now.insert(row.id.clone(), applied);
     }
-    shift_landed(&mut tx, &transit_out, &reserve_in).await?;
+    shift_landed(tx, &transit_out, &reserve_in).await?;
     for (sid, by_product) in &cells {
         let by_product: Vec<(i64, (i64, i64))> = by_product.iter().map(|(p, c)| (*p, *c)).collect();
         for chunk in by_product.chunks(CHUNK / 2) {
-            apply_to_allocations(&mut tx, *sid, chunk).await?;
+            apply_to_allocations(tx, *sid, chunk).await?;
         }
     }
     let now = now_ms();
     let applied: Vec<(&String, &i64)> = applied_now.iter().collect();
-    let marked = mark_applied(&mut tx, &applied, now).await?;
+    let marked = mark_applied(tx, &applied, now).await?;
     if marked != applied.len() as u64 {
         // The moves were read planned under the products' locks, which every end of a move
         // takes: another writer cannot have ended one since.
@@ -277,7 +288,6 @@ pub(super) async fn complete_moves(
             applied.len()
         )));
     }
-    tx.commit().await?;
     // The records as booked: the rows read under the locks, with what this booking applied
     // (no read back, a round trip per chunk under the locks).
     ids.iter()

@@ -1,7 +1,9 @@
 //! Balance runs and the answered instant-balance requests (idempotence by request id).
 
+use crate::store::LandedMove;
+
 use super::{
-    CHUNK, Db, ExplainedCell, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove, Pool,
+    CHUNK, Db, ExplainedCell, Fence, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove, Pool,
     RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError,
     StoreResult, Uuid, begin_write, count, json, move_columns, now_ms, run_columns,
     values_placeholders,
@@ -90,6 +92,31 @@ pub(super) async fn finish_instant_run(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Books an instant balance's grant from the reserve, closes its run and records the request
+/// answered, in one transaction; returns the booked move and the server's allocation as booked
+/// (see [`crate::store::Store::complete_instant_grant`]).
+pub(super) async fn complete_instant_grant(
+    pool: &Pool<Db>,
+    landed: LandedMove,
+    fence: &Fence,
+    run_id: i64,
+    outcome: &RunOutcome,
+    (request_id, answered): (Uuid, &InstantRecord),
+) -> StoreResult<(MoveRecord, u64)> {
+    let mut tx = begin_write(pool).await?;
+    let booked = super::moves::complete_moves_in(&mut tx, &[landed], fence)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("a booked move vanished".into()))?;
+    finish_run(&mut *tx, run_id, outcome).await?;
+    record_instant_request(&mut *tx, request_id, answered).await?;
+    let allocation = super::books::cell(&mut *tx, &booked.server, &booked.product)
+        .await?
+        .map_or(0, |c| c.units);
+    tx.commit().await?;
+    Ok((booked, allocation))
 }
 
 pub(super) async fn runs(pool: &Pool<Db>, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
