@@ -391,11 +391,12 @@ pub async fn run(
             .build()
             .map_err(|e| ServeError::Balancer(format!("webhook client: {e}")))?,
     });
-    let writer = writer::spawn(store.into_writer().await?, rx, app.clone())?;
+    let commits = Arc::new(Notify::new());
+    let writer = writer::spawn(store.into_writer().await?, rx, app.clone(), commits.clone())?;
     let checkpointer = tokio::spawn(
         crate::store::Checkpointer::open(&config.data_dir)
             .await?
-            .run(app.stopping.subscribe()),
+            .run(app.stopping.subscribe(), commits),
     );
 
     // Local product definitions (standalone use), logged like any other change.

@@ -9,8 +9,9 @@
 use super::App;
 use crate::error::ApiError;
 use crate::store::{self, Mutation, StoreWriter};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// What the writer receives. `Write` is by far the most common message, so it is not
 /// boxed to keep the other variants small.
@@ -42,20 +43,28 @@ const MAX_BATCH: usize = 4096;
 
 /// Starts the group-commit writer on a thread of its own; it ends once every sender is gone
 /// or after a [`WriterMsg::Close`].
+/// `commits` is notified after every commit that wrote something (the checkpointer waits on it
+/// once it has copied the whole WAL).
 pub(super) fn spawn(
     store: StoreWriter,
     rx: mpsc::UnboundedReceiver<WriterMsg>,
     app: App,
+    commits: Arc<Notify>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("allot-writer".to_owned())
-        .spawn(move || writer_loop(store, rx, app))
+        .spawn(move || writer_loop(store, rx, app, &commits))
 }
 
 /// The group-commit writer: takes every pending mutation, commits them in one transaction,
 /// then acknowledges each. On a failed commit it poisons the server (memory is ahead of the
 /// log) and answers every waiter with failure.
-fn writer_loop(mut store: StoreWriter, mut rx: mpsc::UnboundedReceiver<WriterMsg>, app: App) {
+fn writer_loop(
+    mut store: StoreWriter,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    app: App,
+    commits: &Notify,
+) {
     let mut msgs = Vec::with_capacity(1024);
     let mut batch: Vec<Mutation> = Vec::with_capacity(1024);
     let mut acks: Vec<oneshot::Sender<bool>> = Vec::with_capacity(1024);
@@ -102,7 +111,10 @@ fn writer_loop(mut store: StoreWriter, mut rx: mpsc::UnboundedReceiver<WriterMsg
             true
         } else {
             match store.write_batch(&batch, &totals) {
-                Ok(()) => true,
+                Ok(()) => {
+                    commits.notify_one();
+                    true
+                }
                 Err(e) => {
                     tracing::error!(error = %e, mutations = batch.len(), "store write failed; refusing further changes");
                     app.poisoned.store(true, Ordering::Relaxed);
