@@ -83,6 +83,25 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// CPU seconds this process has used (user and system, from `/proc/self/stat`, in the kernel's
+/// clock ticks of 1/100 s).
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Past the command name in parentheses, `utime` and `stime` are the 12th and 13th fields.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// `p` in 0..=1 of sorted µs, in ms.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -932,6 +951,16 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         }
         panic!("allot-balancer did not start; see {}", log.display());
     });
+    // What the fleet costs doing nothing: this process hosts only the servers (no run, no
+    // request), so the CPU it uses over these seconds is theirs, taken from what the balancer,
+    // PostgreSQL and a run would otherwise have.
+    let (cpu_before, wall) = (own_cpu_seconds(), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    println!(
+        "  the idle fleet used {:.1}% of a core over {:.0} s",
+        100.0 * (own_cpu_seconds() - cpu_before) / wall.elapsed().as_secs_f64(),
+        wall.elapsed().as_secs_f64()
+    );
     let idle = rss_mib(pid);
     println!(
         "  balancer pid {pid} up; RSS idle {:.1} MiB; its log {}",
@@ -1073,6 +1102,9 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         instant.p50, instant.p99, instant.max
     );
     println!("  {}", instant_phases(&log));
+    for phases in run_phases(&log) {
+        println!("  run phases: {phases}");
+    }
     println!("  balancer RSS now {rss:.1} MiB, peak {peak:.1} MiB");
     let _ = child.kill();
     let _ = child.wait();
@@ -1125,6 +1157,25 @@ fn instant_phases(log: &std::path::Path) -> String {
         "instant balance phases, p50 / p99 ms ({answers} answers in the balancer's log): {}",
         shown.join(", ")
     )
+}
+
+/// Each run's phases, in order, from the balancer's closing line of it (`balance run finished
+/// … phases=resume=…ms observe=…ms …`), so a slow run shows where its time went.
+fn run_phases(log: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("balance run finished"))
+        .filter_map(|l| {
+            let line = without_colours(l);
+            let (_, laps) = line.split_once("phases=")?;
+            Some(
+                laps.split(" balance run finished")
+                    .next()?
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// `line` without its ANSI colour sequences (`ESC [ … m`).
