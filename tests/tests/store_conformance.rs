@@ -3,12 +3,14 @@
 
 use allot_balancer::store::{
     self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery,
-    InstantRecord, LandedMove, NewMove, RunOutcome, RunsQuery, ScheduleSetting, Store, StoreError,
-    UsageSample,
+    InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, Store,
+    StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::shard_of;
-use allot_core::wire::balancer::{AddEntitlement, CreateProduct, RegisterServer, SetAllocation};
+use allot_core::wire::balancer::{
+    AddEntitlement, CreateProduct, ExplainedCell, RegisterServer, RunDecision, SetAllocation,
+};
 use allot_tests::{Backend, on_both_backends};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -39,6 +41,7 @@ on_both_backends!(
     a_booking_across_products_books_each_pool,
     an_instant_runs_record_and_grant_commit_together,
     an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all,
+    a_runs_decisions_are_kept_field_for_field,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
     books_survive_a_reopen,
@@ -646,6 +649,21 @@ async fn moves_that_would_break_the_books_change_nothing(backend: Backend) {
     assert!(store.unfinished_moves().await.unwrap().is_empty());
 }
 
+/// An instant balance's run opened with a grant of `units` of `cad` to `s1` from the reserve:
+/// the run's id, the grant and what was logged.
+async fn instant_run_with_grant(store: &dyn Store, units: u64) -> (i64, NewMove, Vec<MoveRecord>) {
+    let grant = new_move(MoveKind::Grant, "cad", "s1", units);
+    let (run_id, logged) = store
+        .begin_run_with_moves(
+            RunTrigger::Instant,
+            &Fence::alone(),
+            std::slice::from_ref(&grant),
+        )
+        .await
+        .unwrap();
+    (run_id, grant, logged)
+}
+
 /// An instant balance's run opens with its grant from the reserve in one transaction (a
 /// refused grant leaves no run behind), and closes with the answered request in another.
 async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
@@ -675,15 +693,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
     assert!(instant_runs().await.is_empty());
     assert_eq!(store.books().await.unwrap(), before);
 
-    let grant = new_move(MoveKind::Grant, "cad", "s1", 4);
-    let (run_id, logged) = store
-        .begin_run_with_moves(
-            RunTrigger::Instant,
-            &Fence::alone(),
-            std::slice::from_ref(&grant),
-        )
-        .await
-        .unwrap();
+    let (run_id, grant, logged) = instant_run_with_grant(&*store, 4).await;
     assert_eq!(logged.len(), 1);
     assert_eq!((logged[0].id, logged[0].run_id), (grant.id, Some(run_id)));
     let p = store.product("cad").await.unwrap().product;
@@ -764,18 +774,6 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         units: 3,
         granted: 3,
     };
-    let open_run = || async {
-        let grant = new_move(MoveKind::Grant, "cad", "s1", 3);
-        let (run_id, _) = store
-            .begin_run_with_moves(
-                RunTrigger::Instant,
-                &Fence::alone(),
-                std::slice::from_ref(&grant),
-            )
-            .await
-            .unwrap();
-        (run_id, grant)
-    };
     let landed = |id: Uuid, applied_units: u64| LandedMove {
         id,
         applied_units,
@@ -783,7 +781,7 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
     };
 
     // Refused: two of three units applied is not a grant the books can take.
-    let (refused_run, refused) = open_run().await;
+    let (refused_run, refused, _) = instant_run_with_grant(&*store, 3).await;
     let before = store.books().await.unwrap();
     let request = Uuid::new_v4();
     assert!(matches!(
@@ -811,7 +809,7 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         .unwrap();
 
     // Booked: the allocation answered is the books' (2 before, 3 granted).
-    let (run_id, grant) = open_run().await;
+    let (run_id, grant, _) = instant_run_with_grant(&*store, 3).await;
     let (booked, allocation) = store
         .complete_instant_grant(
             landed(grant.id, 3),
@@ -845,6 +843,53 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
     assert_eq!((p.reserve, p.in_transit), (5, 0));
     assert!(store.unfinished_moves().await.unwrap().is_empty());
     assert_balanced(&*store).await;
+}
+
+/// A run's decisions come back as recorded, every field (a window peak or none, held or not),
+/// whichever way the backend writes them (PostgreSQL one array per column, SQLite rows).
+async fn a_runs_decisions_are_kept_field_for_field(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    store
+        .register_server("admin", &server("s2"), "salt", "hash-s2")
+        .await
+        .unwrap();
+    let run_id = store
+        .begin_run(RunTrigger::Manual, &Fence::alone())
+        .await
+        .unwrap();
+    let decision = |server: &str, n: u64, window_peak: Option<u64>, held: bool| RunDecision {
+        product: "cad".into(),
+        cell: ExplainedCell {
+            server: server.into(),
+            allocation: n,
+            in_use: n + 1,
+            waiting: n + 2,
+            min_units: n + 3,
+            buffer_units: n + 4,
+            peak_in_use: n + 5,
+            denials: n + 6,
+            level: n + 7,
+            forecast: n + 8,
+            window_peak,
+            held,
+            need: n + 9,
+            want: n + 10,
+            fair_share: n + 11,
+            target: n + 12,
+            decision: format!("rule-{n}"),
+        },
+    };
+    let recorded = vec![
+        decision("s1", 10, Some(99), true),
+        decision("s2", 20, None, false),
+    ];
+    store
+        .record_decisions(run_id, 1_000, &recorded)
+        .await
+        .unwrap();
+    let mut read = store.run(run_id).await.unwrap().decisions;
+    read.sort_by(|a, b| a.cell.server.cmp(&b.cell.server));
+    assert_eq!(read, recorded);
 }
 
 async fn batched_moves_are_logged_and_booked_all_or_none(backend: Backend) {
