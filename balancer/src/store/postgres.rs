@@ -94,55 +94,6 @@ async fn mark_applied(
 /// this transaction, and every transaction after it sees the new epoch and is fenced.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard FOR SHARE";
 
-/// A run's decisions in one `INSERT … SELECT FROM UNNEST` of one array per column, as its
-/// samples: a first distribution over 100,000 cells changes every cell's decision, and two
-/// hundred statements of 500 rows and 10,000 parameters each are far more for PostgreSQL to
-/// parse and plan than one statement of eighteen arrays.
-async fn insert_decisions(
-    conn: &mut sqlx::PgConnection,
-    run_id: i64,
-    at_ms: i64,
-    rows: &[sql::DecisionValues<'_>],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let bigints = |from: usize, n: usize| -> Vec<String> {
-        (from..from + n)
-            .map(|i| format!("${i}::BIGINT[]"))
-            .collect()
-    };
-    let statement = format!(
-        "INSERT INTO run_decisions (run_id, at, {}) SELECT $1, $2, * FROM UNNEST({}, \
-         $5::TEXT[], {}, $15::BIGINT[], $16::BOOLEAN[], {})",
-        sql::DECISION_COLUMNS,
-        bigints(3, 2).join(", "),
-        bigints(6, 9).join(", "),
-        bigints(17, 4).join(", ")
-    );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
-        .bind(run_id)
-        .bind(at_ms)
-        .bind(rows.iter().map(|r| r.product_id).collect::<Vec<i64>>())
-        .bind(rows.iter().map(|r| r.server_id).collect::<Vec<i64>>())
-        .bind(rows.iter().map(|r| r.decision).collect::<Vec<&str>>());
-    for i in 0..9 {
-        query = query.bind(rows.iter().map(|r| r.counts[i]).collect::<Vec<i64>>());
-    }
-    query = query
-        .bind(
-            rows.iter()
-                .map(|r| r.window_peak)
-                .collect::<Vec<Option<i64>>>(),
-        )
-        .bind(rows.iter().map(|r| r.held).collect::<Vec<bool>>());
-    for i in 0..4 {
-        query = query.bind(rows.iter().map(|r| r.shares[i]).collect::<Vec<i64>>());
-    }
-    query.execute(conn).await?;
-    Ok(())
-}
-
 /// A run's usage samples in one `INSERT … SELECT FROM UNNEST` of one array per column: a
 /// run over 100,000 cells writes 100,000 samples, and one statement of sixteen arrays costs
 /// PostgreSQL far less to parse and plan than two hundred statements of 500 rows each.

@@ -88,42 +88,6 @@ async fn mark_applied(
 /// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";
 
-/// A run's decisions in multi-row `INSERT`s of 500 rows (10,000 parameters, within SQLite's
-/// 32,766), all in the caller's transaction.
-async fn insert_decisions(
-    conn: &mut sqlx::SqliteConnection,
-    run_id: i64,
-    at_ms: i64,
-    rows: &[sql::DecisionValues<'_>],
-) -> Result<(), sqlx::Error> {
-    const CHUNK: usize = 500;
-    for chunk in rows.chunks(CHUNK) {
-        let statement = format!(
-            "INSERT INTO run_decisions (run_id, at, {}) VALUES {}",
-            sql::DECISION_COLUMNS,
-            sql::values_placeholders(chunk.len(), 20)
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement));
-        for row in chunk {
-            query = query
-                .bind(run_id)
-                .bind(at_ms)
-                .bind(row.product_id)
-                .bind(row.server_id)
-                .bind(row.decision);
-            for count in row.counts {
-                query = query.bind(count);
-            }
-            query = query.bind(row.window_peak).bind(row.held);
-            for share in row.shares {
-                query = query.bind(share);
-            }
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
 /// A run's usage samples in multi-row `INSERT`s of 500 rows (8,000 parameters, within
 /// SQLite's 32,766), all in the caller's transaction.
 async fn insert_samples(

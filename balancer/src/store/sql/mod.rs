@@ -26,7 +26,7 @@ mod settings;
 
 use super::{
     BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, begin_read,
-    begin_write, connect_pool, insert_decisions, insert_samples, mark_applied,
+    begin_write, connect_pool, insert_samples, mark_applied,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -188,26 +188,6 @@ pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
 
 /// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
 pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
-
-/// One decision of a run as its row's values, names resolved to ids; `run_id` and `at` are
-/// the run's. The columns of `run_decisions` in their order, grouped by type.
-pub(super) struct DecisionValues<'a> {
-    pub product_id: i64,
-    pub server_id: i64,
-    pub decision: &'a str,
-    /// `allocation`, `in_use`, `waiting`, `min_units`, `buffer_units`, `peak_in_use`,
-    /// `denials`, `level`, `forecast`.
-    pub counts: [i64; 9],
-    pub window_peak: Option<i64>,
-    pub held: bool,
-    /// `need`, `want`, `fair_share`, `target`.
-    pub shares: [i64; 4],
-}
-
-/// The columns of `run_decisions` after `run_id` and `at`, in [`DecisionValues`]'s order.
-pub(super) const DECISION_COLUMNS: &str = "product_id, server_id, decision, allocation, in_use, \
-     waiting, min_units, buffer_units, peak_in_use, denials, level, forecast, window_peak, held, \
-     need, want, fair_share, target";
 
 /// Rows per multi-row statement: far below both backends' parameter limits.
 const CHUNK: usize = 500;

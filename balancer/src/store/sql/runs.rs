@@ -3,10 +3,10 @@
 use crate::store::LandedMove;
 
 use super::{
-    Db, DecisionValues, ExplainedCell, Fence, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove,
-    Pool, RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery,
-    StoreError, StoreResult, Uuid, begin_write, count, insert_decisions, json, move_columns,
-    now_ms, run_columns,
+    CHUNK, Db, ExplainedCell, Fence, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove, Pool,
+    RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError,
+    StoreResult, Uuid, begin_write, count, json, move_columns, now_ms, run_columns,
+    values_placeholders,
 };
 
 pub(super) async fn begin_run<'c>(
@@ -231,53 +231,63 @@ impl DecisionRow {
     }
 }
 
-/// Names resolved to ids in the same transaction, then the backend's bulk insert
-/// (`insert_decisions`); a decision naming a removed server or product is skipped (it cannot
-/// be shown anyway).
+/// One multi-row `INSERT` per chunk, names resolved to ids in the same transaction; a
+/// decision naming a removed server or product is skipped (it cannot be shown anyway).
 pub(super) async fn record_decisions(
     pool: &Pool<Db>,
     run_id: i64,
     at_ms: i64,
     decisions: &[RunDecision],
 ) -> StoreResult<()> {
+    /// Columns bound per row.
+    const COLUMNS: usize = 20;
     let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     if decisions.is_empty() {
         return Ok(());
     }
     let mut tx = begin_write(pool).await?;
     let ids = NameIds::read(&mut tx).await?;
-    let rows: Vec<DecisionValues<'_>> = decisions
+    let rows: Vec<(i64, i64, &RunDecision)> = decisions
         .iter()
         .filter_map(|d| {
-            let (server_id, product_id) = ids.cell(&d.cell.server, &d.product)?;
-            let c = &d.cell;
-            Some(DecisionValues {
-                product_id,
-                server_id,
-                decision: &c.decision,
-                counts: [
-                    wide(c.allocation),
-                    wide(c.in_use),
-                    wide(c.waiting),
-                    wide(c.min_units),
-                    wide(c.buffer_units),
-                    wide(c.peak_in_use),
-                    wide(c.denials),
-                    wide(c.level),
-                    wide(c.forecast),
-                ],
-                window_peak: c.window_peak.map(wide),
-                held: c.held,
-                shares: [
-                    wide(c.need),
-                    wide(c.want),
-                    wide(c.fair_share),
-                    wide(c.target),
-                ],
-            })
+            let (server, product) = ids.cell(&d.cell.server, &d.product)?;
+            Some((server, product, d))
         })
         .collect();
-    insert_decisions(&mut tx, run_id, at_ms, &rows).await?;
+    for chunk in rows.chunks(CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO run_decisions (run_id, product_id, server_id, at, decision, \
+             allocation, in_use, waiting, min_units, buffer_units, peak_in_use, denials, \
+             level, forecast, window_peak, held, need, want, fair_share, target) VALUES ",
+        );
+        sql.push_str(&values_placeholders(chunk.len(), COLUMNS));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (server_id, product_id, d) in chunk {
+            let c = &d.cell;
+            query = query
+                .bind(run_id)
+                .bind(*product_id)
+                .bind(*server_id)
+                .bind(at_ms)
+                .bind(&c.decision)
+                .bind(wide(c.allocation))
+                .bind(wide(c.in_use))
+                .bind(wide(c.waiting))
+                .bind(wide(c.min_units))
+                .bind(wide(c.buffer_units))
+                .bind(wide(c.peak_in_use))
+                .bind(wide(c.denials))
+                .bind(wide(c.level))
+                .bind(wide(c.forecast))
+                .bind(c.window_peak.map(wide))
+                .bind(c.held)
+                .bind(wide(c.need))
+                .bind(wide(c.want))
+                .bind(wide(c.fair_share))
+                .bind(wide(c.target));
+        }
+        query.execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
