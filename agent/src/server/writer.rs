@@ -42,9 +42,8 @@ pub(super) async fn durable(rx: oneshot::Receiver<bool>) -> Result<(), ApiError>
 const MAX_BATCH: usize = 4096;
 
 /// Starts the group-commit writer on a thread of its own; it ends once every sender is gone
-/// or after a [`WriterMsg::Close`].
-/// `commits` is notified after every commit that wrote something (the checkpointer waits on it
-/// once it has copied the whole WAL).
+/// or after a [`WriterMsg::Close`]. `commits` is notified after every commit that wrote
+/// something (the checkpointer waits on it once it has copied the whole WAL).
 pub(super) fn spawn(
     store: StoreWriter,
     rx: mpsc::UnboundedReceiver<WriterMsg>,
