@@ -53,6 +53,42 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) {
     panic!("allot-agent did not become healthy");
 }
 
+/// One agent's data directory, port and products file, for starting the real binary on them
+/// again and again (each start waits until it answers `/healthz`).
+struct Agent {
+    data: std::path::PathBuf,
+    port: u16,
+    products: std::path::PathBuf,
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Agent {
+    /// An agent in `dir` defining `products` (a products file's JSON).
+    fn new(dir: &std::path::Path, products: Value) -> Self {
+        let file = dir.join("products.json");
+        std::fs::write(&file, products.to_string()).unwrap();
+        let port = free_port();
+        Self {
+            data: dir.join("data"),
+            port,
+            products: file,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts the binary and waits until it is healthy.
+    async fn start(&self) -> Child {
+        let child = spawn(&self.data, self.port, &self.products);
+        wait_healthy(&self.http, &self.url).await;
+        child
+    }
+}
+
 /// A handle's heartbeat status: 200 live, 404 ended.
 async fn heartbeat(http: &reqwest::Client, url: &str, handle: &str) -> u16 {
     http.post(format!("{url}/v1/heartbeat"))
@@ -74,24 +110,14 @@ struct Acked {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
     let dir = tempfile::tempdir().unwrap();
-    let products = dir.path().join("products.json");
-    std::fs::write(
-        &products,
+    let agent = Agent::new(
+        dir.path(),
         json!({"products": [{"product": "cad", "allocation": 40,
-            "policy": {"enforcement": "hard_stop", "seat": "concurrent",
-                       "heartbeat_seconds": 60, "staleout_seconds": 600}}]})
-        .to_string(),
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let mut child = spawn(&data, port, &products);
-    wait_healthy(&http, &url).await;
+                "policy": {"enforcement": "hard_stop", "seat": "concurrent",
+                           "heartbeat_seconds": 60, "staleout_seconds": 600}}]}),
+    );
+    let (http, url) = (agent.http.clone(), agent.url.clone());
+    let mut child = agent.start().await;
 
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut workers = Vec::new();
@@ -190,8 +216,7 @@ async fn kill_9_during_a_checkout_storm_loses_no_acknowledged_checkout() {
         "the storm acknowledged too little to prove anything"
     );
 
-    let mut child = spawn(&data, port, &products);
-    wait_healthy(&http, &url).await;
+    let mut child = agent.start().await;
     for handle in &acked.live {
         let status = heartbeat(&http, &url, handle).await;
         assert_eq!(status, 200, "acknowledged checkout {handle} was lost");
@@ -315,24 +340,14 @@ async fn checkins(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_checkins_are_swept_keeps_every_acknowledged_checkin_and_checkout() {
     let dir = tempfile::tempdir().unwrap();
-    let products = dir.path().join("products.json");
-    std::fs::write(
-        &products,
+    let agent = Agent::new(
+        dir.path(),
         json!({"products": [{"product": "cad", "allocation": 100_000,
-            "policy": {"enforcement": "hard_stop", "heartbeat_seconds": 600,
-                       "staleout_seconds": 3600}}]})
-        .to_string(),
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let mut child = spawn(&data, port, &products);
-    wait_healthy(&http, &url).await;
+                "policy": {"enforcement": "hard_stop", "heartbeat_seconds": 600,
+                           "staleout_seconds": 3600}}]}),
+    );
+    let (http, url) = (agent.http.clone(), agent.url.clone());
+    let mut child = agent.start().await;
 
     // 4,000 checkouts, then 2,000 checkins: past the 1,024 marks that start a sweep.
     let live = checkouts(&http, &url, 0, 4_000).await;
@@ -367,8 +382,7 @@ async fn kill_9_while_checkins_are_swept_keeps_every_acknowledged_checkin_and_ch
         new_live.len()
     );
 
-    let mut child = spawn(&data, port, &products);
-    wait_healthy(&http, &url).await;
+    let mut child = agent.start().await;
     let ended: HashSet<&String> = ended_before.iter().chain(&ended_during).collect();
     let untouched: HashSet<&String> = untouched.iter().collect();
     let mut alive_before = 0;
