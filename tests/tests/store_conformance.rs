@@ -39,6 +39,7 @@ on_both_backends!(
     moves_that_would_break_the_books_change_nothing,
     batched_moves_are_logged_and_booked_all_or_none,
     a_booking_across_products_books_each_pool,
+    a_booking_across_servers_books_each_cell_and_its_generation,
     an_instant_runs_record_and_grant_commit_together,
     an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all,
     a_runs_decisions_are_kept_field_for_field,
@@ -1023,6 +1024,54 @@ async fn a_booking_across_products_books_each_pool(backend: Backend) {
     );
     assert_eq!(store.reserve("cad").await.unwrap(), cad.product.reserve);
     assert!(store.unfinished_moves().await.unwrap().is_empty());
+    assert_balanced(&*store).await;
+}
+
+/// A run's booking group spans servers too (all of their cells changed by one statement on
+/// PostgreSQL): each cell gets its own change, and its generation rises to the one its server
+/// reported but never falls.
+async fn a_booking_across_servers_books_each_cell_and_its_generation(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    for name in ["s2", "s3"] {
+        store
+            .register_server("admin", &server(name), "salt", "hash")
+            .await
+            .unwrap();
+    }
+    grant(&*store, "s1", 5).await;
+    let batch = [
+        new_move(MoveKind::Release, "cad", "s1", 3),
+        new_move(MoveKind::Grant, "cad", "s2", 2),
+        new_move(MoveKind::Grant, "cad", "s3", 4),
+        new_move(MoveKind::Grant, "cad", "s2", 1),
+    ];
+    store.begin_moves(&batch).await.unwrap();
+    // s1 answers with a generation older than its cell's (1): the cell keeps 1.
+    let landed = [
+        (&batch[0], 0),
+        (&batch[1], 6),
+        (&batch[2], 2),
+        (&batch[3], 6),
+    ]
+    .map(|(mv, generation)| LandedMove {
+        id: mv.id,
+        applied_units: mv.units,
+        generation,
+    });
+    let booked = store
+        .complete_moves(&landed, &Fence::alone())
+        .await
+        .unwrap();
+    assert!(booked.iter().all(|m| m.state == MoveState::Applied));
+    let detail = store.product("cad").await.unwrap();
+    let cells: Vec<(&str, u64, u64)> = detail
+        .servers
+        .iter()
+        .map(|c| (c.server.as_str(), c.allocation, c.generation))
+        .collect();
+    assert_eq!(cells, vec![("s1", 2, 1), ("s2", 3, 6), ("s3", 4, 2)]);
+    let p = detail.product;
+    assert_eq!((p.reserve, p.in_transit, p.allocated), (1, 0, 9));
     assert_balanced(&*store).await;
 }
 

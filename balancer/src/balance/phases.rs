@@ -22,6 +22,18 @@ impl Phases {
         self.laps.push((name, now - self.lap_started));
         self.lap_started = now;
     }
+
+    /// Adds `other`'s laps to this one's of the same name (new names at the end): the parts
+    /// of a phase that runs once per product, summed over the products (work done
+    /// concurrently is counted once per product, so the sum may exceed the phase).
+    pub(super) fn absorb(&mut self, other: &Phases) {
+        for (name, took) in &other.laps {
+            match self.laps.iter_mut().find(|(n, _)| n == name) {
+                Some((_, total)) => *total += *took,
+                None => self.laps.push((name, *took)),
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for Phases {
@@ -56,5 +68,20 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .expect("second lap in ms");
         assert!(second >= 3.0, "{shown}");
+    }
+
+    #[test]
+    fn absorbed_laps_are_summed_by_name() {
+        let mut product = Phases::start();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        product.lap("read");
+        product.lap("plan");
+        let mut totals = Phases::start();
+        totals.absorb(&product);
+        totals.absorb(&product);
+        let read = |p: &Phases| p.laps.iter().find(|(n, _)| *n == "read").expect("read").1;
+        assert_eq!(read(&totals), read(&product) * 2);
+        let names: Vec<&str> = totals.laps.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["read", "plan"]);
     }
 }

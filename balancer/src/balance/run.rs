@@ -150,6 +150,7 @@ impl Engine {
         let mut planned = Vec::new();
         let mut releases = Vec::new();
         let mut decisions = Vec::new();
+        let mut planning = Phases::start();
         // A few products at once, so one product's store round trips overlap another's
         // planning; in the products' order, so the run's moves are the same either way.
         // (By index: a stream of closures over borrowed items trips the compiler's `Send`
@@ -160,12 +161,16 @@ impl Engine {
                 let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
                 let view = &view;
                 async move {
-                    let planned = self.plan_product(run_id, epoch, &product.name, view).await;
-                    (product, planned)
+                    let mut parts = Phases::start();
+                    let planned = self
+                        .plan_product(run_id, epoch, &product.name, view, &mut parts)
+                        .await;
+                    (product, planned, parts)
                 }
             })
             .buffered(PRODUCTS_AT_ONCE);
-        while let Some((product, result)) = plans.next().await {
+        while let Some((product, result, parts)) = plans.next().await {
+            planning.absorb(&parts);
             match result {
                 Ok(Some((mut p, mut why))) => {
                     releases.append(&mut p.releases);
@@ -177,6 +182,7 @@ impl Engine {
             }
         }
         drop(plans);
+        phases.lap("plan");
         // Why the run did what it did, kept with the run in one write; its loss loses no
         // unit, only the explanation, so a failure to record it is logged, not fatal.
         if let Err(e) = self
@@ -190,7 +196,7 @@ impl Engine {
             .iter()
             .any(|p| p.plan.moves.iter().any(|m| m.kind() == MoveKind::Grant));
         let released_first = !releases.is_empty() && grants_follow;
-        phases.lap("plan");
+        phases.lap("decisions");
         self.send_batched(releases, &by_name, &mut moved).await;
         phases.lap("release");
         if released_first {
@@ -243,6 +249,7 @@ impl Engine {
             units = outcome.units_moved,
             elapsed_ms = started.elapsed().as_millis() as u64,
             phases = %phases,
+            planning = %planning,
             "balance run finished"
         );
         Ok(self.store.run(run_id).await?)
@@ -251,18 +258,21 @@ impl Engine {
     /// Plans one product under its lock (the books reread: instant balances may have moved
     /// them since the run began) and logs its releases in one transaction; returns it with
     /// the decisions worth recording (those that changed). `None`: nothing to plan (no server
-    /// holds or wants it).
+    /// holds or wants it). Where its time went is lapped in `parts` (the run logs the sums).
     async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
         name: &str,
         view: &RunView<'_>,
+        parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let lock = self.product_lock(name);
         let _serialised = lock.lock().await;
+        parts.lap("lock");
         let product = self.store.product_books(name).await?;
         let cells = self.store.product_cells(name).await?;
+        parts.lap("read");
         let Some(BuiltSnapshot {
             snapshot,
             server_names,
@@ -272,6 +282,7 @@ impl Engine {
         };
         let plan = planner::plan_product(&snapshot, &self.config.planner)
             .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+        parts.lap("plan");
         let releases = self
             .log_moves(
                 run_id,
@@ -283,6 +294,7 @@ impl Engine {
                 None,
             )
             .await?;
+        parts.lap("log_releases");
         let explained = explained_cells(&snapshot, &plan, &server_names);
         let decisions: Vec<RunDecision> = {
             let mut memory = self.memory.lock().expect("engine memory");
@@ -295,6 +307,7 @@ impl Engine {
                 })
                 .collect()
         };
+        parts.lap("explain");
         let planned = Planned {
             name: name.to_owned(),
             plan,

@@ -25,8 +25,8 @@ mod runs;
 mod settings;
 
 use super::{
-    BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, begin_read,
-    begin_write, connect_pool, insert_samples, mark_applied,
+    BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, apply_to_allocations,
+    begin_read, begin_write, connect_pool, insert_samples, mark_applied,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -188,6 +188,17 @@ pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
 
 /// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
 pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
+
+/// One allocation's change as a booking makes it: its units by `delta` (a release's never
+/// below zero, which the table's check refuses) and its generation raised to at least
+/// `generation`, the one its server reported with the move.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CellChange {
+    pub(super) server_id: i64,
+    pub(super) product_id: i64,
+    pub(super) delta: i64,
+    pub(super) generation: i64,
+}
 
 /// Rows per multi-row statement: far below both backends' parameter limits.
 const CHUNK: usize = 500;

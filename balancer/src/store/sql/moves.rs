@@ -4,11 +4,11 @@
 use crate::store::LandedMove;
 
 use super::{
-    CHUNK, Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove, Pool,
-    PoolShift, StoreError, StoreResult, Uuid, begin_write, check_epoch_of, check_fence,
-    conflict_on_constraint, count, lock_product, lock_products, mark_applied, move_columns,
-    move_row, now_ms, sequential_params, set_move_state, shard_epochs, shift_pool,
-    values_placeholders,
+    CHUNK, CellChange, Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove,
+    Pool, PoolShift, StoreError, StoreResult, Uuid, apply_to_allocations, begin_write,
+    check_epoch_of, check_fence, conflict_on_constraint, count, lock_product, lock_products,
+    mark_applied, move_columns, move_row, now_ms, sequential_params, set_move_state, shard_epochs,
+    shift_pool, values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -271,11 +271,27 @@ pub(super) async fn complete_moves_in(
         applied_now.insert(row.id.clone(), applied);
     }
     shift_landed(tx, &transit_out, &reserve_in).await?;
-    for (sid, by_product) in &cells {
-        let by_product: Vec<(i64, (i64, i64))> = by_product.iter().map(|(p, c)| (*p, *c)).collect();
-        for chunk in by_product.chunks(CHUNK / 2) {
-            apply_to_allocations(tx, *sid, chunk).await?;
-        }
+    let changes: Vec<CellChange> = cells
+        .iter()
+        .flat_map(|(sid, by_product)| {
+            by_product
+                .iter()
+                .map(|(pid, (delta, generation))| CellChange {
+                    server_id: *sid,
+                    product_id: *pid,
+                    delta: *delta,
+                    generation: *generation,
+                })
+        })
+        .collect();
+    let changed = apply_to_allocations(tx, &changes)
+        .await
+        .map_err(|e| conflict_on_constraint(e, "allocations of the landed moves"))?;
+    if changed != changes.len() as u64 {
+        return Err(StoreError::Conflict(format!(
+            "{changed} of {} allocations to book exist",
+            changes.len()
+        )));
     }
     let now = now_ms();
     let applied: Vec<(&String, &i64)> = applied_now.iter().collect();
@@ -364,64 +380,6 @@ fn case_by_id(next: &mut usize, arms: usize) -> String {
         })
         .collect();
     format!("CASE id{arms} END")
-}
-
-/// Changes one server's allocations of several products by one statement: each cell's units
-/// by its delta (a release's never below zero: refused as a conflict) and its generation to at
-/// least the one its server reported.
-async fn apply_to_allocations(
-    tx: &mut Conn,
-    server_id: i64,
-    cells: &[(i64, (i64, i64))],
-) -> StoreResult<()> {
-    let mut sql = String::from("UPDATE allocations SET units = units + CASE product_id");
-    let mut n = 0;
-    let mut param = || {
-        n += 1;
-        format!("${n}")
-    };
-    let mut units_case = String::new();
-    let mut generation_case = String::new();
-    let mut list = Vec::new();
-    for _ in cells {
-        let (p1, d, p2, g, p3) = (param(), param(), param(), param(), param());
-        units_case.push_str(&format!(" WHEN {p1} THEN {d}"));
-        generation_case.push_str(&format!(
-            " WHEN {p2} THEN CASE WHEN generation > {g} THEN generation ELSE {g} END"
-        ));
-        list.push(p3);
-    }
-    sql.push_str(&units_case);
-    sql.push_str(" END, generation = CASE product_id");
-    sql.push_str(&generation_case);
-    let server = param();
-    sql.push_str(&format!(
-        " END WHERE server_id = {server} AND product_id IN ({})",
-        list.join(", ")
-    ));
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for (pid, (delta, generation)) in cells {
-        query = query
-            .bind(*pid)
-            .bind(*delta)
-            .bind(*pid)
-            .bind(*generation)
-            .bind(*pid);
-    }
-    let changed = query
-        .bind(server_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| conflict_on_constraint(e, &format!("allocations of server {server_id}")))?
-        .rows_affected();
-    if changed != cells.len() as u64 {
-        return Err(StoreError::Conflict(format!(
-            "server {server_id}: {} of {} cells to book exist",
-            changed,
-            cells.len()
-        )));
-    }
-    Ok(())
 }
 
 /// Books one move `applied` inside the caller's transaction: a release's units to the
