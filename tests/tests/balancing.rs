@@ -3,6 +3,7 @@
 //! scenario the doctor must find the books and every server in agreement.
 
 use allot_tests::fleet::Fleet;
+use allot_tests::proxy::{Link, Mode};
 use allot_tests::{Backend, on_both_backends};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ on_both_backends!(
     a_silent_server_is_reclaimed_once_and_rejoins,
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
+    a_retry_while_the_first_attempt_is_sending_grants_once,
     a_plan_is_explained_server_by_server_and_nothing_moves,
     one_product_that_cannot_be_planned_does_not_stop_the_run,
 );
@@ -555,6 +557,48 @@ async fn the_same_instant_request_twice_grants_once(backend: Backend) {
         .await;
     assert_eq!(status.as_u16(), 401);
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
+    fleet.assert_doctor_ok().await;
+}
+
+/// A metering server whose instant request timed out on its side sends it again; if the first
+/// attempt is still sending its grant, the retry waits for it and is answered from its record.
+async fn a_retry_while_the_first_attempt_is_sending_grants_once(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 10).await;
+    // The balancer reaches Paris through a link that can be slowed.
+    let link = Link::new();
+    let port = allot_tests::process::free_port();
+    let to_paris = link.proxy(port).await;
+    let balancer_url = fleet.balancer.url().to_owned();
+    fleet
+        .add_meter_at("paris", port, &to_paris.url(), &balancer_url)
+        .await;
+    fleet.wait_synced("cad").await;
+    let as_paris =
+        allot_tests::balancer::Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
+    let request = serde_json::json!({
+        "request_id": "0b7e4c57-3f0e-4d43-9d7a-1f1bd2a9c001",
+        "product": "cad",
+        "units": 2,
+    });
+    // The grant takes over a second to reach Paris and come back: the retry, 200 ms after the
+    // first attempt, arrives while that attempt is sending it.
+    link.set(Mode::Delay(Duration::from_millis(600)));
+    let first = as_paris.post("/v1/instant-balance", request.clone());
+    let retry = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        as_paris.post("/v1/instant-balance", request.clone()).await
+    };
+    let (first, retry) = tokio::join!(first, retry);
+    link.set(Mode::Pass);
+    assert_eq!(first["granted"], 2, "{first}");
+    assert_eq!(
+        retry["granted"], 2,
+        "answered from the first attempt: {retry}"
+    );
+    assert_eq!(retry["allocation"], 2, "{retry}");
+    assert_eq!(fleet.allocation("paris", "cad").await, 2, "granted once");
+    assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
     fleet.assert_doctor_ok().await;
 }
 

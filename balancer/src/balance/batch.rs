@@ -221,8 +221,12 @@ impl Engine {
 /// The server does not know `POST /v1/allocations/batch` (older than batches).
 struct BatchUnsupported;
 
-/// At most this many moves are booked in one transaction (several batches' worth).
-const MAX_GROUP_MOVES: usize = 4 * MAX_BATCH_MOVES;
+/// A group takes landed batches until it holds this many moves (about one full batch's
+/// worth). A group locks every product it touches until it commits, and an instant balance of
+/// any of them waits for it: groups of four batches' worth made instant balances during a
+/// 1,000-server distribution wait 160-200 ms at the p99, groups of one 100-110 ms, for a
+/// distribution 10-25 % longer (docs/BENCHMARKS.md).
+const MAX_GROUP_MOVES: usize = MAX_BATCH_MOVES;
 
 /// One batch's applied moves, waiting for the booker.
 struct Landing {

@@ -7,7 +7,8 @@
 //! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
 //! same request id twice grants once. A request the reserve covers (most) commits twice: its
 //! run with the grant logged, then the grant booked with the run closed and the request
-//! recorded (`Store::complete_instant_grant`).
+//! recorded (`Store::complete_instant_grant`). A retry that arrives while its first attempt
+//! is still being answered waits for it ([`InFlight`]), then is answered from its record.
 
 use super::phases::Phases;
 use super::snapshot::instant_cells;
@@ -16,7 +17,54 @@ use crate::store::{InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, S
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
+
+/// The instant requests being answered, by request id, each with the turn its attempts take.
+pub(super) type InFlight = Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// One attempt's turn at answering a request id: attempts of the same request (a server's
+/// retries) answer one after another, so a retry sees what the attempt before it booked. The
+/// id leaves the map with the last attempt.
+struct RequestTurn {
+    in_flight: InFlight,
+    id: Uuid,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    held: Option<OwnedMutexGuard<()>>,
+}
+
+impl RequestTurn {
+    /// Waits for the attempts of `id` before this one to finish.
+    async fn take(in_flight: &InFlight, id: Uuid) -> Self {
+        let turn = in_flight
+            .lock()
+            .expect("requests in flight")
+            .entry(id)
+            .or_default()
+            .clone();
+        let held = Some(turn.clone().lock_owned().await);
+        Self {
+            in_flight: in_flight.clone(),
+            id,
+            turn,
+            held,
+        }
+    }
+}
+
+impl Drop for RequestTurn {
+    fn drop(&mut self) {
+        self.held.take();
+        if let Ok(mut in_flight) = self.in_flight.lock() {
+            // The map's handle and this one: no other attempt holds or awaits the turn.
+            if Arc::strong_count(&self.turn) == 2 {
+                in_flight.remove(&self.id);
+            }
+        }
+    }
+}
 
 impl Engine {
     /// Serves a server that asked for units (DESIGN.md flow 3; the engine's `instant` module
@@ -34,9 +82,11 @@ impl Engine {
             allocation,
             free_elsewhere: None,
         };
-        // A retry of a request already answered grants nothing more. Read once, under the
-        // lock (a read before it too would cost every request a round trip for a rare retry).
+        // A retry of a request already answered grants nothing more: it waits for an attempt
+        // still being answered, then reads the record once, under the product's lock (a read
+        // before it too would cost every request a round trip for a rare retry).
         let mut phases = Phases::start();
+        let _turn = RequestTurn::take(&self.requests_in_flight, req.request_id).await;
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         phases.lap("lock");

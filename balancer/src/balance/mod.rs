@@ -172,6 +172,10 @@ pub struct Engine {
     /// One balance at a time per product: instant requests for a product are serialised with
     /// each other and with runs; different products proceed in parallel.
     product_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The instant requests being answered, by request id: a retry that arrives while its
+    /// first attempt is still sending waits for that attempt and is answered from its record,
+    /// rather than granting again (the record is written only when the grant is booked).
+    requests_in_flight: instant::InFlight,
     /// One scheduled/manual/reclaim run at a time.
     run_lock: Arc<tokio::sync::Mutex<()>>,
     /// The shards this balancer leads, with their epochs; none while it follows.
@@ -223,6 +227,7 @@ impl Engine {
             store,
             config: Arc::new(config),
             product_locks: Arc::default(),
+            requests_in_flight: Arc::default(),
             run_lock: Arc::default(),
             leadership,
             memory: Arc::default(),

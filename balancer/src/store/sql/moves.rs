@@ -153,7 +153,7 @@ pub(super) async fn begin_moves_in(
         .collect())
 }
 
-/// Moves read by one statement: a run's booking group (four batches of 500) in one round trip,
+/// Moves read by one statement: a run's booking group (a batch of 500 or a few smaller) in one round trip,
 /// within both backends' parameter limits (the parameters are sequential, none used twice).
 const MOVES_PER_READ: usize = 2_000;
 
