@@ -223,9 +223,9 @@ struct BatchUnsupported;
 
 /// A group takes landed batches until it holds this many moves (about one full batch's
 /// worth). A group locks every product it touches until it commits, and an instant balance of
-/// any of them waits for it: groups of four batches' worth made instant balances during a
-/// 1,000-server distribution wait 160-200 ms at the p99, groups of one 100-110 ms, for a
-/// distribution 10-25 % longer (docs/BENCHMARKS.md).
+/// any of them waits for it: with groups of four batches' worth, instant balances during a
+/// 1,000-server distribution took 162-201 ms at the p99, with groups of one 100-117 ms, for a
+/// distribution about a third longer (docs/BENCHMARKS.md, session 20).
 const MAX_GROUP_MOVES: usize = MAX_BATCH_MOVES;
 
 /// One batch's applied moves, waiting for the booker.

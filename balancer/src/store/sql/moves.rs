@@ -153,8 +153,9 @@ pub(super) async fn begin_moves_in(
         .collect())
 }
 
-/// Moves read by one statement: a run's booking group (a batch of 500 or a few smaller) in one round trip,
-/// within both backends' parameter limits (the parameters are sequential, none used twice).
+/// Moves read by one statement: a run's booking group (a batch of 500, or a few smaller ones)
+/// in one round trip, within both backends' parameter limits (the parameters are sequential,
+/// none used twice).
 const MOVES_PER_READ: usize = 2_000;
 
 /// The move log's rows of `ids`, by id, read by one statement per [`MOVES_PER_READ`]; a
@@ -186,13 +187,14 @@ async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String,
     Ok(rows)
 }
 
-/// Books moves `applied` in one transaction, in a fixed number of statements per server
-/// whatever the number of moves and products (a run's group touches every product, and holds
+/// Books moves `applied` in one transaction, in a fixed number of statements whatever the
+/// number of moves, servers and products (a run's group touches every product, and holds
 /// their locks until it commits, so an instant balance may wait on it): the moves read, their
 /// products locked in id order by one statement, the epoch checked, the moves read again under
 /// the locks (a concurrent end may have just committed), then the products' pools changed by
-/// one statement, each server's allocations by one, and the moves marked by one. A move already applied is a repeat and changes nothing. Any refusal books
-/// none of them (the caller then books them one by one, so one bad answer does not hold
+/// one statement, the allocations by one (on SQLite, in-process, one per server), and the
+/// moves marked by one. A move already applied is a repeat and changes nothing. Any refusal
+/// books none of them (the caller then books them one by one, so one bad answer does not hold
 /// back the rest). A batch holding a retirement is booked move by move (retirements also
 /// settle expired entitlements, and they are rare).
 #[tracing::instrument(skip_all, fields(moves = landed.len()))]
