@@ -24,31 +24,67 @@ impl Balancer {
     }
 
     /// Starts a balancer with extra `serve` flags and environment (e.g. a crash point).
+    /// Its two ports are picked at random among free ones, and a parallel test may bind one
+    /// first (the balancer then exits at start-up): it is started again on two others, up to
+    /// three times.
     pub async fn start_with(backend: &Backend, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let console_port = free_port();
-        let mut args = vec![
-            "serve".to_owned(),
-            "--listen".to_owned(),
-            format!("127.0.0.1:{port}"),
-            "--console-listen".to_owned(),
-            format!("127.0.0.1:{console_port}"),
-            "--data-dir".to_owned(),
-            backend.data_dir.path().display().to_string(),
-            "--admin-token".to_owned(),
-            ADMIN_TOKEN.to_owned(),
-        ];
-        if let Some(url) = &backend.database_url {
-            args.extend(["--database-url".to_owned(), url.clone()]);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = free_port();
+            let console_port = free_port();
+            let mut args = vec![
+                "serve".to_owned(),
+                "--listen".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--console-listen".to_owned(),
+                format!("127.0.0.1:{console_port}"),
+                "--data-dir".to_owned(),
+                backend.data_dir.path().display().to_string(),
+                "--admin-token".to_owned(),
+                ADMIN_TOKEN.to_owned(),
+            ];
+            if let Some(url) = &backend.database_url {
+                args.extend(["--database-url".to_owned(), url.clone()]);
+            }
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            match Self::try_spawn(&args, port, env).await {
+                Ok(process) => {
+                    return Self {
+                        process,
+                        port,
+                        console_port,
+                        args,
+                    };
+                }
+                Err(status) if attempts < 3 => {
+                    eprintln!(
+                        "balancer on ports {port}/{console_port} exited at start-up ({status}); trying two others"
+                    );
+                }
+                Err(status) => panic!(
+                    "the balancer exited before it became healthy, {attempts} times: {status}"
+                ),
+            }
         }
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let process = Self::spawn(&args, port, env).await;
-        Self {
-            process,
-            port,
-            console_port,
-            args,
-        }
+    }
+
+    async fn try_spawn(
+        args: &[String],
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Result<Running, std::process::ExitStatus> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut envs = vec![("RUST_LOG", "warn")];
+        envs.extend_from_slice(env);
+        Running::try_start_at(
+            &binary("allot-balancer"),
+            &args,
+            &envs,
+            format!("http://127.0.0.1:{port}"),
+            &reqwest::Client::new(),
+        )
+        .await
     }
 
     async fn spawn(args: &[String], port: u16, env: &[(&str, &str)]) -> Running {

@@ -88,6 +88,24 @@ impl Running {
         url: String,
         client: &reqwest::Client,
     ) -> Self {
+        let url_shown = url.clone();
+        Self::try_start_at(binary, args, envs, url, client)
+            .await
+            .unwrap_or_else(|status| {
+                panic!("the process for {url_shown} exited before it became healthy: {status}")
+            })
+    }
+
+    /// Like [`Running::start_at`], but a process that exits before it becomes healthy (e.g.
+    /// because another test bound its port first) is its exit status, for a caller that can
+    /// try again on other ports.
+    pub async fn try_start_at(
+        binary: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        url: String,
+        client: &reqwest::Client,
+    ) -> Result<Self, std::process::ExitStatus> {
         let child = Command::new(binary)
             .args(args)
             // No balancer's console on its default port (tests run in parallel); a test that
@@ -98,25 +116,28 @@ impl Running {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
         let mut running = Self { child, url };
-        running.wait_healthy(client, Duration::from_secs(30)).await;
         running
+            .wait_healthy(client, Duration::from_secs(30))
+            .await?;
+        Ok(running)
     }
 
-    /// Polls `/healthz` until it answers; fails at once, with the exit status, if the process
-    /// has ended (e.g. its port was taken), rather than waiting out `limit`.
-    async fn wait_healthy(&mut self, client: &reqwest::Client, limit: Duration) {
+    /// Polls `/healthz` until it answers; returns at once, with the exit status, if the
+    /// process has ended (e.g. its port was taken), rather than waiting out `limit`.
+    async fn wait_healthy(
+        &mut self,
+        client: &reqwest::Client,
+        limit: Duration,
+    ) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the process for {} exited before it became healthy: {status}",
-                    self.url
-                );
+                return Err(status);
             }
             assert!(
                 Instant::now() < deadline,
