@@ -87,11 +87,13 @@ impl Balancer {
         .await
     }
 
+    /// Starts the balancer again on its own ports (a restart keeps the URL servers know).
     async fn spawn(args: &[String], port: u16, env: &[(&str, &str)]) -> Running {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut envs = vec![("RUST_LOG", "warn")];
-        envs.extend_from_slice(env);
-        Running::start(&binary("allot-balancer"), &args, &envs, port).await
+        Self::try_spawn(args, port, env)
+            .await
+            .unwrap_or_else(|status| {
+                panic!("the balancer on port {port} exited before it became healthy: {status}")
+            })
     }
 
     /// The balancer's base URL.
