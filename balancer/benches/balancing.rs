@@ -48,7 +48,8 @@
 //! `ALLOT_BENCH_BACKENDS` (`sqlite,postgres`), `ALLOT_BENCH_BALANCER_BIN` (the estate's balancer
 //! binary, for an A/B of two builds in one session), `ALLOT_BENCH_PG_ASYNC_COMMIT=1` (diagnostic
 //! only: `synchronous_commit = off` on the bench database, to show what commit fsyncs cost;
-//! not durable, never a reported target figure).
+//! not durable, never a reported target figure), `ALLOT_BENCH_KEEP_LOG=<file>` (the estate
+//! balancer's log copied there before its directory goes).
 
 use allot_balancer::auth::{self, ServerTokens};
 use allot_balancer::balance::{Engine, EngineConfig};
@@ -911,6 +912,16 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// What the estate bench's client measures beside each instant balance, at the same moments:
+/// the floors under it.
+#[derive(Default)]
+struct Floors {
+    /// `GET /healthz` on the same balancer (HTTP and its threads, no store, no server).
+    healthz: Vec<u64>,
+    /// One row inserted and committed on PostgreSQL (the store's round trip and WAL flush).
+    commit: Vec<u64>,
+}
+
 /// Section 6 (`ALLOT_BENCH_ONLY=estate`): a large estate — `ALLOT_BENCH_SERVERS` metering
 /// servers (here 1,000) × `ALLOT_BENCH_PRODUCTS` products (100), the servers in this process,
 /// the balancer the real binary in its own process. Runs are asked of it over HTTP
@@ -967,10 +978,26 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         idle.0,
         log.display()
     );
+    // The store's floor (PostgreSQL only): one row inserted and committed on a connection of
+    // the bench's own, what each of an instant balance's two commits costs at that moment.
+    let commit_probe: Option<sqlx::PgPool> = estate.books.pg.as_ref().map(|pg| {
+        client_rt.block_on(async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&pg.url)
+                .await
+                .expect("the floor's connection");
+            sqlx::query("CREATE TABLE bench_floor (at BIGINT NOT NULL)")
+                .execute(&pool)
+                .await
+                .expect("the floor's table");
+            pool
+        })
+    });
     // One timed run over HTTP with instant balances sent back to back while it lasts.
-    let timed_run = |label: &str, instants: &mut Vec<u64>| {
+    let timed_run = |label: &str, instants: &mut Vec<u64>, floors: &mut Floors| {
         let load = load_average();
-        let (elapsed, moves, sent, this_run) = client_rt.block_on(async {
+        let (elapsed, moves, sent, this_run, this_floor) = client_rt.block_on(async {
             let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
             let requester = {
                 let (http, url, running) = (http.clone(), url.clone(), running.clone());
@@ -980,10 +1007,33 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                     .map(|a| (a.name.clone(), a.token.clone()))
                     .collect();
                 let products = estate.products.clone();
+                let commit_probe = commit_probe.clone();
                 tokio::spawn(async move {
-                    let (mut latencies, mut refused) = (Vec::new(), Vec::new());
+                    let (mut latencies, mut refused, mut floor) =
+                        (Vec::new(), Vec::new(), Floors::default());
                     let mut k = 0usize;
                     while running.load(std::sync::atomic::Ordering::Relaxed) {
+                        // The floor: the same client's `GET /healthz` to the same balancer at
+                        // the same moments (no store, no metering server), so the machine's
+                        // own share of an instant balance's latency is measured beside it.
+                        let started = Instant::now();
+                        http.get(format!("{url}/healthz"))
+                            .send()
+                            .await
+                            .expect("healthz")
+                            .bytes()
+                            .await
+                            .expect("healthz answer");
+                        floor.healthz.push(started.elapsed().as_micros() as u64);
+                        if let Some(pool) = &commit_probe {
+                            let started = Instant::now();
+                            sqlx::query("INSERT INTO bench_floor (at) VALUES ($1)")
+                                .bind(k as i64)
+                                .execute(pool)
+                                .await
+                                .expect("the floor's commit");
+                            floor.commit.push(started.elapsed().as_micros() as u64);
+                        }
                         // An ample product (every tenth is scarce), a server in turn.
                         let index = k % products.len();
                         let product = &products[if index % 10 == 9 { index - 1 } else { index }];
@@ -1011,7 +1061,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                             refused.push(took);
                         }
                     }
-                    (latencies, refused)
+                    (latencies, refused, floor)
                 })
             };
             let started = Instant::now();
@@ -1035,14 +1085,17 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             };
             let elapsed = started.elapsed().as_secs_f64();
             running.store(false, std::sync::atomic::Ordering::Relaxed);
-            let (latencies, refused) = requester.await.expect("instant requester");
+            let (latencies, refused, floor) = requester.await.expect("instant requester");
             let sent = latencies.len() + refused.len();
             if !refused.is_empty() {
                 println!("    {} of {sent} instant balances refused", refused.len());
             }
             let this_run = series(latencies.iter().chain(&refused).copied().collect());
+            let this_floor = (series(floor.healthz.clone()), series(floor.commit.clone()));
             instants.extend(latencies);
             instants.extend(refused);
+            floors.healthz.extend(floor.healthz);
+            floors.commit.extend(floor.commit);
             (
                 elapsed,
                 // `POST /v1/balance` answers the run's detail (its record flattened);
@@ -1053,25 +1106,36 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                     .unwrap_or(0),
                 sent,
                 this_run,
+                this_floor,
             )
         });
         println!(
             "  {label:<26} {elapsed:>8.3} s  moves {moves:>6}  instant balances during it {sent:>5} \
-             (p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms)  load {load}",
-            this_run.p50, this_run.p99, this_run.max
+             (p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; healthz p99 {:.1} ms; a commit p50 {:.1} ms, \
+             p99 {:.1} ms)  load {load}",
+            this_run.p50,
+            this_run.p99,
+            this_run.max,
+            this_floor.0.p99,
+            this_floor.1.p50,
+            this_floor.1.p99
         );
         elapsed
     };
-    let mut instants = Vec::new();
-    let first = timed_run("first run (distribution)", &mut instants);
+    let (mut instants, mut floors) = (Vec::new(), Floors::default());
+    let first = timed_run("first run (distribution)", &mut instants, &mut floors);
     let mut quiet = Vec::new();
     // The first distribution and the run after it (which records a decision for every cell
     // the distribution changed) are one-offs; the runs after them are what a schedule runs.
-    let mut scheduled_from = 0;
+    let (mut scheduled_from, mut floor_from) = (0, 0);
     for i in 0..3 {
-        quiet.push(timed_run("quiet run (no change)", &mut instants));
+        quiet.push(timed_run(
+            "quiet run (no change)",
+            &mut instants,
+            &mut floors,
+        ));
         if i == 0 {
-            scheduled_from = instants.len();
+            (scheduled_from, floor_from) = (instants.len(), floors.healthz.len());
         }
     }
     let mut steady = Vec::new();
@@ -1090,6 +1154,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         steady.push(timed_run(
             &format!("steady run ({hot} hot cells)"),
             &mut instants,
+            &mut floors,
         ));
     }
     let (rss, peak) = rss_mib(pid);
@@ -1099,6 +1164,9 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     };
     let instants_after_first_two = instants.len() - scheduled_from;
     let scheduled = series(instants[scheduled_from..].to_vec());
+    let scheduled_floor = series(floors.healthz[floor_from..].to_vec());
+    // The commits' vector is empty on SQLite (no probe), else as long as the healthz one.
+    let scheduled_commit = series(floors.commit.get(floor_from..).unwrap_or(&[]).to_vec());
     let instant = series(instants);
     println!(
         "  first {first:.2} s; median quiet {:.2} s, median steady {:.2} s",
@@ -1114,13 +1182,39 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
          max {:.2} ms ({} requests)",
         scheduled.p50, scheduled.p99, scheduled.max, instants_after_first_two
     );
+    println!(
+        "  healthz from the same client in those runs (the floor): p50 {:.2} ms  p99 {:.2} ms  \
+         max {:.2} ms; ratio instant/healthz p50 {:.1}x, p99 {:.1}x",
+        scheduled_floor.p50,
+        scheduled_floor.p99,
+        scheduled_floor.max,
+        scheduled.p50 / scheduled_floor.p50,
+        scheduled.p99 / scheduled_floor.p99
+    );
+    if !floors.commit.is_empty() {
+        println!(
+            "  one row committed by the same client in those runs (the store's floor; an instant \
+             balance commits twice): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            scheduled_commit.p50, scheduled_commit.p99, scheduled_commit.max
+        );
+    }
     println!("  {}", instant_phases(&log));
     for phases in run_phases(&log) {
         println!("  run phases: {phases}");
     }
     println!("  balancer RSS now {rss:.1} MiB, peak {peak:.1} MiB");
+    // The balancer's log leaves with the estate's directory unless it is asked to be kept.
+    if let Ok(keep) = std::env::var("ALLOT_BENCH_KEEP_LOG") {
+        match std::fs::copy(&log, &keep) {
+            Ok(_) => println!("  the balancer's log kept in {keep}"),
+            Err(e) => println!("  the balancer's log not kept in {keep}: {e}"),
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
+    if let Some(pool) = commit_probe {
+        client_rt.block_on(pool.close());
+    }
     println!("  books balance: {}", estate.books_balance(server_rt));
     estate.stop(server_rt);
 }

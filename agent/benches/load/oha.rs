@@ -464,6 +464,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One open-loop arrival rate's rounds: the agent's runs and cores, and the bare handler's runs
+/// at the same rate (the floor that HTTP and the load generator set on these cores).
+struct OpenRow {
+    /// The rate as a share of the agent's closed-loop pair rate.
+    load: f64,
+    agent: Vec<[Run; 2]>,
+    cores: Vec<Cores>,
+    bare: Vec<[Run; 2]>,
+}
+
 /// Requests/s of checkout+checkin pairs, from the two rates measured apart.
 fn pair_rate(checkouts: f64, checkins: f64) -> f64 {
     2.0 / (1.0 / checkouts + 1.0 / checkins)
@@ -572,7 +582,7 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
 
     // Open loop: checkouts and checkins at once, 1:1, at a share of the agent's pair rate:
     // 80 % (the issue's target) and 50 % (where the tail stands with room to spare).
-    let mut open_rows: Vec<(f64, Vec<[Run; 2]>, Vec<Cores>)> = Vec::new();
+    let mut open_rows: Vec<OpenRow> = Vec::new();
     // `ALLOT_BENCH_OPEN_RATE=<requests/s>` runs the open loop at that one rate instead, so two
     // builds of the agent (`ALLOT_BENCH_AGENT_BIN`) compare at the same load, not each at a
     // share of its own peak.
@@ -587,35 +597,42 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
         let load = target / agent_pairs;
         let mut open: Vec<[Run; 2]> = Vec::new();
         let mut open_cores: Vec<Cores> = Vec::new();
-        for round in 0..rounds {
-            write_pool(dir, &pool);
+        let mut bare_open: Vec<[Run; 2]> = Vec::new();
+        // Checkouts and checkins at `target` pairs/s in all, half each, against one server.
+        let mixed = |server: &Server, pool: &Path| {
             let half = (conns / 2).max(1);
-            let ((o_co, o_ci), cores) = with_cores(agent_pid, || {
-                let checkouts = oha_command(
-                    &oha,
-                    &co(&agent),
-                    &Body::Fixed(CHECKOUT_BODY),
-                    half,
-                    secs,
-                    Some(target / 2.0),
-                )
-                .spawn()
-                .unwrap();
-                let checkins = oha_command(
-                    &oha,
-                    &ci(&agent),
-                    &Body::Lines(&pool),
-                    half,
-                    secs,
-                    Some(target / 2.0),
-                )
-                .spawn()
-                .unwrap();
-                (
-                    parse_run(checkouts.wait_with_output().unwrap()),
-                    parse_run(checkins.wait_with_output().unwrap()),
-                )
-            });
+            let checkouts = oha_command(
+                &oha,
+                &co(server),
+                &Body::Fixed(CHECKOUT_BODY),
+                half,
+                secs,
+                Some(target / 2.0),
+            )
+            .spawn()
+            .unwrap();
+            let checkins = oha_command(
+                &oha,
+                &ci(server),
+                &Body::Lines(pool),
+                half,
+                secs,
+                Some(target / 2.0),
+            )
+            .spawn()
+            .unwrap();
+            (
+                parse_run(checkouts.wait_with_output().unwrap()),
+                parse_run(checkins.wait_with_output().unwrap()),
+            )
+        };
+        for round in 0..rounds {
+            // The floor at this load: the bare handler at the same arrival rate, from the same
+            // two `oha`, on the same cores (what HTTP and the load generator alone cost).
+            let (b_co, b_ci) = mixed(&bare, &pool);
+            bare_open.push([b_co, b_ci]);
+            write_pool(dir, &pool);
+            let ((o_co, o_ci), cores) = with_cores(agent_pid, || mixed(&agent, &pool));
             eprintln!(
                 "open round {round} at {:.0}% ({target:.0} req/s): checkout {:.0}/s p50 {:.2} p99 {:.2} p99.9 {:.2} ms; \
                  checkin {:.0} ok/s ({:.1}% repeats) p50 {:.2} p99 {:.2} p99.9 {:.2} ms; cores agent {:.2} machine {:.2}",
@@ -632,10 +649,23 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
                 cores.server,
                 cores.machine,
             );
+            eprintln!(
+                "open round {round} at {:.0}%, bare handler at the same rate: checkout p50 {:.2} p99 {:.2} ms; checkin p50 {:.2} p99 {:.2} ms",
+                load * 100.0,
+                b_co.p50_ms,
+                b_co.p99_ms,
+                b_ci.p50_ms,
+                b_ci.p99_ms,
+            );
             open.push([o_co, o_ci]);
             open_cores.push(cores);
         }
-        open_rows.push((load, open, open_cores));
+        open_rows.push(OpenRow {
+            load,
+            agent: open,
+            cores: open_cores,
+            bare: bare_open,
+        });
     }
 
     if let Ok(file) = std::env::var("ALLOT_BENCH_PERF") {
@@ -727,21 +757,30 @@ pub fn honest_ceiling(dir: &Path, conns: usize, secs: u64, rounds: usize) {
         cmed(&agent_cores, |c| c.server),
         cmed(&agent_cores, |c| c.machine)
     );
-    for (load, open, cores) in &open_rows {
+    for row in &open_rows {
+        let (load, open, cores) = (row.load, &row.agent, &row.cores);
         let omed = |i: usize, f: fn(&Run) -> f64| median(open.iter().map(|r| f(&r[i])).collect());
+        let bmed =
+            |i: usize, f: fn(&Run) -> f64| median(row.bare.iter().map(|r| f(&r[i])).collect());
         let pct = load * 100.0;
         println!(
-            "| open loop at {pct:.0}% ({:.0} req/s: {:.0} checkouts/s + {:.0} checkins/s achieved), checkout p50 / p99 / p99.9 | | {:.2} / {:.2} / {:.2} ms | |",
+            "| open loop at {pct:.0}% ({:.0} req/s: {:.0} checkouts/s + {:.0} checkins/s achieved), checkout p50 / p99 / p99.9 | {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms | |",
             agent_pairs * load,
             omed(0, |r| r.ok_per_s),
             omed(1, |r| r.ok_per_s),
+            bmed(0, |r| r.p50_ms),
+            bmed(0, |r| r.p99_ms),
+            bmed(0, |r| r.p999_ms),
             omed(0, |r| r.p50_ms),
             omed(0, |r| r.p99_ms),
             omed(0, |r| r.p999_ms)
         );
         println!(
-            "| open loop at {pct:.0}%, checkin p50 / p99 / p99.9 ({:.1}% repeats) | | {:.2} / {:.2} / {:.2} ms | |",
+            "| open loop at {pct:.0}%, checkin p50 / p99 / p99.9 ({:.1}% repeats) | {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms | |",
             omed(1, |r| r.not_ok) * 100.0,
+            bmed(1, |r| r.p50_ms),
+            bmed(1, |r| r.p99_ms),
+            bmed(1, |r| r.p999_ms),
             omed(1, |r| r.p50_ms),
             omed(1, |r| r.p99_ms),
             omed(1, |r| r.p999_ms)
