@@ -727,8 +727,19 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
         .unwrap();
     assert_eq!(
         store.instant_request(request).await.unwrap(),
-        Some(answered)
+        Some(answered.clone())
     );
+    // An instant balance's first read: the record and the reserve by one statement; a request
+    // never answered has none; an unknown product is refused.
+    let p = store.product("cad").await.unwrap().product;
+    let start = store.instant_start(request, "cad").await.unwrap();
+    assert_eq!((start.answered, start.reserve), (Some(answered), p.reserve));
+    let fresh = store.instant_start(Uuid::new_v4(), "cad").await.unwrap();
+    assert_eq!((fresh.answered, fresh.reserve), (None, p.reserve));
+    assert!(matches!(
+        store.instant_start(request, "nope").await,
+        Err(StoreError::UnknownProduct(n)) if n == "nope"
+    ));
     let closed = &instant_runs().await[0];
     assert_eq!(
         (closed.status.as_str(), closed.moves, closed.units_moved),

@@ -136,8 +136,11 @@ pub(super) async fn instant_balance(
         )));
     }
     // An unknown product is refused before the engine makes it a lock, by one row's read
-    // (the product's whole books, a thousand cells on a large estate, were read here once).
-    state.store.reserve(&req.product).await?;
+    // (the product's whole books, a thousand cells on a large estate, were read here once),
+    // unless the engine already holds a lock for it (a product it has balanced exists).
+    if !state.engine.knows_product(&req.product) {
+        state.store.reserve(&req.product).await?;
+    }
     match state.engine.instant(&server, &req).await {
         Ok(answer) => Ok(Json(answer)),
         // Another balancer leads the product's shard: the server is sent there.

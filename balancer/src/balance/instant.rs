@@ -84,15 +84,19 @@ impl Engine {
         };
         // A retry of a request already answered grants nothing more: it waits for an attempt
         // still being answered, then reads the record once, under the product's lock (a read
-        // before it too would cost every request a round trip for a rare retry).
+        // before it too would cost every request a round trip for a rare retry), by the same
+        // statement that reads the reserve.
         let mut phases = Phases::start();
         let _turn = RequestTurn::take(&self.requests_in_flight, req.request_id).await;
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         phases.lap("lock");
-        let seen = self.store.instant_request(req.request_id).await?;
+        let start = self
+            .store
+            .instant_start(req.request_id, &req.product)
+            .await?;
         phases.lap("request");
-        if let Some(done) = seen {
+        if let Some(done) = start.answered {
             return Ok(answer(
                 done.granted,
                 self.allocation_of(&server.name, &req.product).await?,
@@ -135,7 +139,7 @@ impl Engine {
             urgent,
             topup: wanted - urgent,
         };
-        let mut reserve = self.available_reserve(&req.product).await?;
+        let mut reserve = self.less_earmarked(&req.product, start.reserve);
         phases.lap("reserve");
         let (snapshot, names, servers) = if ask.needs_donors(reserve) {
             // What the last run saw of the donors may be a quarter of an hour old, so read the
@@ -532,12 +536,18 @@ impl Engine {
     /// The product's reserve less the units earmarked for instant balances under way.
     pub(super) async fn available_reserve(&self, product: &str) -> Result<u64, BalanceError> {
         let reserve = self.store.reserve(product).await?;
+        Ok(self.less_earmarked(product, reserve))
+    }
+
+    /// `reserve`, the product's as just read, less the units earmarked for instant balances
+    /// under way.
+    fn less_earmarked(&self, product: &str, reserve: u64) -> u64 {
         let earmarked = self
             .memory
             .lock()
             .expect("engine memory")
             .earmarked(product);
-        Ok(reserve.saturating_sub(earmarked))
+        reserve.saturating_sub(earmarked)
     }
 
     /// The statuses of `donors` that answer within [`super::EngineConfig::donor_read_timeout`]

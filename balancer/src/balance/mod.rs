@@ -266,6 +266,15 @@ impl Engine {
         &self.config
     }
 
+    /// Whether `product` is known to exist without asking the store: its lock is made only
+    /// for products read from the store or found there, and products are never deleted.
+    pub fn knows_product(&self, product: &str) -> bool {
+        self.product_locks
+            .lock()
+            .expect("product locks")
+            .contains_key(product)
+    }
+
     fn product_lock(&self, product: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.product_locks.lock().expect("product locks");
         locks.entry(product.to_owned()).or_default().clone()

@@ -473,6 +473,15 @@ pub struct InstantRecord {
     pub granted: u64,
 }
 
+/// What an instant balance learns by its first read ([`Store::instant_start`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstantStart {
+    /// The request's outcome, if an earlier attempt answered it.
+    pub answered: Option<InstantRecord>,
+    /// The product's reserve.
+    pub reserve: u64,
+}
+
 /// Which usage history to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryQuery {
@@ -925,6 +934,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The outcome of an instant-balance request already answered, if any.
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;
+    /// What an instant balance reads first under its product's lock, by one statement: the
+    /// request's outcome if it was already answered, and the product's reserve (refused as
+    /// [`StoreError::UnknownProduct`] for a product that does not exist).
+    async fn instant_start(&self, request_id: Uuid, product: &str) -> StoreResult<InstantStart>;
 }
 
 /// Opens the store named by `database_url` (`postgres://…`), or the SQLite file

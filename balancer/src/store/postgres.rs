@@ -45,6 +45,18 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
     pool.begin().await
 }
 
+/// A write that books moves a server has already applied: its commit does not wait for the
+/// WAL's flush (`synchronous_commit = off` for this transaction alone, set in the same round
+/// trip as its `BEGIN`). Losing it in a crash of PostgreSQL loses nothing of the books: the
+/// moves stay logged `planned` by a commit that did wait, their units in transit, and the
+/// balancer's restart resends them (a server answers a move it applied with what it applied)
+/// and books them again. Every later commit that waits for its flush also makes this one
+/// durable (the WAL is one sequence), so a grant funded by a booked release never outlives it.
+async fn begin_booking(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+        .await
+}
+
 /// A read of several statements that must see one commit (a product and its cells): at READ
 /// COMMITTED each statement would take its own snapshot, and a move committed between them
 /// would show books that do not add up.

@@ -6,9 +6,9 @@
 //! failures, and are not reported.
 
 use super::{
-    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, MoveRecord,
-    NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store, StoreError,
-    StoreResult, UsageSample,
+    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, InstantStart,
+    MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store,
+    StoreError, StoreResult, UsageSample,
 };
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::RunTrigger;
@@ -485,5 +485,9 @@ impl Store for ErrorReporting {
 
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
         self.seen(self.inner.instant_request(request_id).await)
+    }
+
+    async fn instant_start(&self, request_id: Uuid, product: &str) -> StoreResult<InstantStart> {
+        self.seen(self.inner.instant_start(request_id, product).await)
     }
 }

@@ -43,6 +43,12 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 
+/// A write that books moves a server has already applied: on SQLite a write like any other
+/// (`synchronous` is the connection's, not a transaction's; and the commit is in-process).
+async fn begin_booking(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {
+    begin_write(pool).await
+}
+
 /// A read of several statements that must see one commit: in WAL mode a deferred transaction
 /// reads one snapshot, taken at its first read, and takes no write lock.
 async fn begin_read(pool: &Pool<Db>) -> Result<Transaction<'static, Db>, sqlx::Error> {

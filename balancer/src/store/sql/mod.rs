@@ -26,7 +26,7 @@ mod settings;
 
 use super::{
     BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, apply_to_allocations,
-    begin_read, begin_write, connect_pool, insert_samples, mark_applied,
+    begin_booking, begin_read, begin_write, connect_pool, insert_samples, mark_applied,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -38,7 +38,7 @@ use crate::store::{
     MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store,
     StoreError, StoreResult, UsageSample,
 };
-use crate::store::{RecordsQuery, UsageTotals};
+use crate::store::{InstantStart, RecordsQuery, UsageTotals};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::Fence;
 use allot_core::usage::Interval;
@@ -120,43 +120,52 @@ impl NameIds {
     }
 
     /// Only the named servers and products (a batch of moves names a few of them; an instant
-    /// balance's single move one of each), by one statement each per 500 names.
+    /// balance's single move one of each): both kinds by one statement (a `UNION ALL`) per 500
+    /// names, so an instant balance resolves its two names in one round trip, not two.
     async fn read_named(
         conn: &mut Conn,
         servers: &std::collections::BTreeSet<&str>,
         products: &std::collections::BTreeSet<&str>,
     ) -> StoreResult<Self> {
-        async fn ids(
-            conn: &mut Conn,
-            select: &str,
-            names: &std::collections::BTreeSet<&str>,
-        ) -> StoreResult<std::collections::HashMap<String, i64>> {
-            let names: Vec<&str> = names.iter().copied().collect();
-            let mut found = std::collections::HashMap::with_capacity(names.len());
-            for chunk in names.chunks(500) {
-                let sql = format!("{select} ({})", sequential_params(&mut 0, chunk.len()));
-                let mut query = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
-                for name in chunk {
-                    query = query.bind(*name);
-                }
-                found.extend(query.fetch_all(&mut *conn).await?);
+        // 0 names a server, 1 a product.
+        let names: Vec<(i32, &str)> = servers
+            .iter()
+            .map(|n| (0, *n))
+            .chain(products.iter().map(|n| (1, *n)))
+            .collect();
+        let mut found = Self {
+            servers: std::collections::HashMap::with_capacity(servers.len()),
+            products: std::collections::HashMap::with_capacity(products.len()),
+        };
+        for chunk in names.chunks(500) {
+            let (of_servers, of_products) = chunk.iter().partition::<Vec<_>, _>(|(k, _)| *k == 0);
+            let mut next = 0;
+            let mut selects = Vec::with_capacity(2);
+            if !of_servers.is_empty() {
+                selects.push(format!(
+                    "SELECT 0 AS kind, name, id FROM servers WHERE removed_at IS NULL AND name IN ({})",
+                    sequential_params(&mut next, of_servers.len())
+                ));
             }
-            Ok(found)
+            if !of_products.is_empty() {
+                selects.push(format!(
+                    "SELECT 1 AS kind, name, id FROM products WHERE name IN ({})",
+                    sequential_params(&mut next, of_products.len())
+                ));
+            }
+            let sql = selects.join(" UNION ALL ");
+            let mut query = sqlx::query_as::<_, (i32, String, i64)>(sqlx::AssertSqlSafe(sql));
+            for (_, name) in of_servers.iter().chain(&of_products) {
+                query = query.bind(*name);
+            }
+            for (kind, name, id) in query.fetch_all(&mut *conn).await? {
+                match kind {
+                    0 => found.servers.insert(name, id),
+                    _ => found.products.insert(name, id),
+                };
+            }
         }
-        Ok(Self {
-            servers: ids(
-                conn,
-                "SELECT name, id FROM servers WHERE removed_at IS NULL AND name IN",
-                servers,
-            )
-            .await?,
-            products: ids(
-                conn,
-                "SELECT name, id FROM products WHERE name IN",
-                products,
-            )
-            .await?,
-        })
+        Ok(found)
     }
 
     /// (server id, product id), when both exist.
@@ -798,6 +807,10 @@ impl Store for SqlStore {
 
     async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
         runs::instant_request(&self.pool, request_id).await
+    }
+
+    async fn instant_start(&self, request_id: Uuid, product: &str) -> StoreResult<InstantStart> {
+        runs::instant_start(&self.pool, request_id, product).await
     }
 
     async fn history(&self, q: &HistoryQuery) -> StoreResult<Vec<HistoryBucket>> {

@@ -4,11 +4,12 @@
 use crate::store::LandedMove;
 
 use super::{
-    CHUNK, CellChange, Conn, Db, Fence, MoveKind, MoveRecord, MoveRow, MoveState, NameIds, NewMove,
-    Pool, PoolShift, StoreError, StoreResult, Uuid, apply_to_allocations, begin_write,
-    check_epoch_of, check_fence, conflict_on_constraint, count, lock_product, lock_products,
-    mark_applied, move_columns, move_row, now_ms, sequential_params, set_move_state, shard_epochs,
-    shift_pool, values_placeholders,
+    CHUNK, CellChange, Conn, Db, Fence, LOCK_PRODUCTS_SUFFIX, MoveKind, MoveRecord, MoveRow,
+    MoveState, NameIds, NewMove, Pool, PoolShift, StoreError, StoreResult, Uuid,
+    apply_to_allocations, begin_booking, begin_write, check_epoch_of, check_fence,
+    conflict_on_constraint, count, lock_product, lock_products, mark_applied, move_columns,
+    move_row, now_ms, sequential_params, set_move_state, shard_epochs, shift_pool,
+    values_placeholders,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -160,6 +161,22 @@ const MOVES_PER_READ: usize = 2_000;
 
 /// The move log's rows of `ids`, by id, read by one statement per [`MOVES_PER_READ`]; a
 /// missing one is `NotFound`.
+/// Locks the products of the moves `ids` (at most [`MOVES_PER_READ`]) in id order, as
+/// [`lock_products`] does, by one statement that also finds them.
+async fn lock_products_of_moves(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<()> {
+    let sql = format!(
+        "SELECT id FROM products WHERE id IN (SELECT product_id FROM moves WHERE id IN ({})) \
+         ORDER BY id{LOCK_PRODUCTS_SUFFIX}",
+        sequential_params(&mut 0, ids.len())
+    );
+    let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(id.to_string());
+    }
+    query.fetch_all(&mut *conn).await?;
+    Ok(())
+}
+
 async fn move_rows(conn: &mut Conn, ids: &[Uuid]) -> StoreResult<HashMap<String, MoveRow>> {
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(MOVES_PER_READ) {
@@ -203,7 +220,8 @@ pub(super) async fn complete_moves(
     landed: &[LandedMove],
     fence: &Fence,
 ) -> StoreResult<Vec<MoveRecord>> {
-    let mut tx = begin_write(pool).await?;
+    // The moves are applied already: their booking's commit need not wait for the WAL flush.
+    let mut tx = begin_booking(pool).await?;
     let records = complete_moves_in(&mut tx, landed, fence).await?;
     tx.commit().await?;
     Ok(records)
@@ -217,13 +235,20 @@ pub(super) async fn complete_moves_in(
     fence: &Fence,
 ) -> StoreResult<Vec<MoveRecord>> {
     let ids: Vec<Uuid> = landed.iter().map(|l| l.id).collect();
-    let before = move_rows(tx, &ids).await?;
-    let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
-    lock_products(tx, &pids).await?;
-    let products: BTreeSet<String> = before.values().map(|r| r.product.clone()).collect();
+    if ids.len() <= MOVES_PER_READ {
+        // Their products locked by one statement that finds them (an instant balance's
+        // booking, or a batch of up to a read's worth): one round trip, not two.
+        lock_products_of_moves(tx, &ids).await?;
+    } else {
+        let before = move_rows(tx, &ids).await?;
+        let pids: BTreeSet<i64> = before.values().map(|r| r.product_id).collect();
+        lock_products(tx, &pids).await?;
+    }
+    // A move's product never changes, so the rows read under the locks name the same ones.
+    let rows = move_rows(tx, &ids).await?;
+    let products: BTreeSet<String> = rows.values().map(|r| r.product.clone()).collect();
     let products: Vec<String> = products.into_iter().collect();
     check_fence(tx, fence, &products).await?;
-    let rows = move_rows(tx, &ids).await?;
     if rows.values().any(|r| r.kind == MoveKind::Retire.as_str()) {
         let mut records = Vec::with_capacity(landed.len());
         for l in landed {

@@ -3,10 +3,10 @@
 use crate::store::LandedMove;
 
 use super::{
-    CHUNK, Db, ExplainedCell, Fence, InstantRecord, MoveRecord, MoveRow, NameIds, NewMove, Pool,
-    RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError,
-    StoreResult, Uuid, begin_write, count, json, move_columns, now_ms, run_columns,
-    values_placeholders,
+    CHUNK, Db, ExplainedCell, Fence, InstantRecord, InstantStart, MoveRecord, MoveRow, NameIds,
+    NewMove, Pool, RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery,
+    StoreError, StoreResult, Uuid, begin_booking, begin_write, count, json, move_columns, now_ms,
+    run_columns, values_placeholders,
 };
 
 pub(super) async fn begin_run<'c>(
@@ -105,7 +105,8 @@ pub(super) async fn complete_instant_grant(
     outcome: &RunOutcome,
     (request_id, answered): (Uuid, &InstantRecord),
 ) -> StoreResult<(MoveRecord, u64)> {
-    let mut tx = begin_write(pool).await?;
+    // The grant is applied already: its booking's commit need not wait for the WAL flush.
+    let mut tx = begin_booking(pool).await?;
     let booked = super::moves::complete_moves_in(&mut tx, &[landed], fence)
         .await?
         .pop()
@@ -310,6 +311,48 @@ pub(super) async fn instant_request(
         units: count(units),
         granted: count(granted),
     }))
+}
+
+/// [`crate::store::Store::instant_start`]: the product's row, and the request's record if any
+/// (a left join on its id), by one statement.
+pub(super) async fn instant_start(
+    pool: &Pool<Db>,
+    request_id: Uuid,
+    product: &str,
+) -> StoreResult<InstantStart> {
+    type Row = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT p.reserve, s.name, rp.name, i.units, i.granted FROM products p \
+         LEFT JOIN instant_requests i ON i.id = $1 \
+         LEFT JOIN servers s ON s.id = i.server_id \
+         LEFT JOIN products rp ON rp.id = i.product_id \
+         WHERE p.name = $2",
+    )
+    .bind(request_id.to_string())
+    .bind(product)
+    .fetch_optional(pool)
+    .await?;
+    let (reserve, server, asked_for, units, granted) =
+        row.ok_or_else(|| StoreError::UnknownProduct(product.to_owned()))?;
+    let answered = match (server, asked_for, units, granted) {
+        (Some(server), Some(product), Some(units), Some(granted)) => Some(InstantRecord {
+            server,
+            product,
+            units: count(units),
+            granted: count(granted),
+        }),
+        _ => None,
+    };
+    Ok(InstantStart {
+        answered,
+        reserve: count(reserve),
+    })
 }
 
 async fn record_instant_request<'c>(
