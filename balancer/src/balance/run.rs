@@ -14,13 +14,13 @@ use super::explain::explained_cells;
 use super::phases::Phases;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
-use crate::store::{MoveRecord, NewMove, RunOutcome, ServerRecord};
+use crate::store::{CellRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger};
-use allot_core::planner::{self, Move, ProductPlan};
+use allot_core::planner::{self, Move, ProductPlan, ProductSnapshot};
 use allot_core::wire::balancer::{Product, RunDecision, RunDetail};
 use chrono::Utc;
 use futures_util::{StreamExt, stream};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -79,7 +79,9 @@ impl Engine {
         phases.lap("observe");
         let answered: Vec<String> = statuses.keys().cloned().collect();
         self.store.touch_servers(&answered).await?;
-        let cells = self.store.cells().await?;
+        // The products with their cells in one snapshot: each product is planned from them
+        // first (`plan_product`).
+        let (listed, cells) = self.store.products_and_cells().await?;
         let mut servers = servers;
         for server in servers.iter_mut().filter(|s| s.needs_reset) {
             if adopted(&server.name, &cells, &statuses) {
@@ -131,10 +133,7 @@ impl Engine {
             hold: self.config.hold,
         };
         phases.lap("signals");
-        let products: Vec<Product> = self
-            .store
-            .products()
-            .await?
+        let products: Vec<Product> = listed
             .into_iter()
             .filter(|p| only.is_none_or(|o| o == p.name))
             // Other shards' products are their leaders' to balance.
@@ -155,15 +154,22 @@ impl Engine {
         // planning; in the products' order, so the run's moves are the same either way.
         // (By index: a stream of closures over borrowed items trips the compiler's `Send`
         // inference for the spawned run, rust-lang/rust#102211.)
+        // Each product's cells as the run read them (sorted by product): what it is planned
+        // from first, without its lock.
+        let seen: HashMap<&str, &[CellRecord]> = cells
+            .chunk_by(|a, b| a.product == b.product)
+            .map(|of_one| (of_one[0].product.as_str(), of_one))
+            .collect();
         let mut plans = stream::iter(0..products.len())
             .map(|i| {
                 let product = &products[i];
                 let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
                 let view = &view;
+                let seen = seen.get(product.name.as_str()).copied().unwrap_or_default();
                 async move {
                     let mut parts = Phases::start();
                     let planned = self
-                        .plan_product(run_id, epoch, &product.name, view, &mut parts)
+                        .plan_product(run_id, epoch, product, seen, view, &mut parts)
                         .await;
                     (product, planned, parts)
                 }
@@ -255,18 +261,47 @@ impl Engine {
         Ok(self.store.run(run_id).await?)
     }
 
-    /// Plans one product under its lock (the books reread: instant balances may have moved
-    /// them since the run began) and logs its releases in one transaction; returns it with
-    /// the decisions worth recording (those that changed). `None`: nothing to plan (no server
-    /// holds or wants it). Where its time went is lapped in `parts` (the run logs the sums).
+    /// Plans one product and logs its releases; returns it with the decisions worth
+    /// recording (those that changed). `None`: nothing to plan (no server holds or wants it).
+    /// Where its time went is lapped in `parts` (the run logs the sums).
+    ///
+    /// First from `seen`, its cells as the run read them, and `product`, its books as the run
+    /// listed them, without its lock: a product with nothing to move (most, in most runs) is
+    /// done then, its books not read again. A product with moves is planned again under its
+    /// lock from its books read again (instant balances may have moved them since the run
+    /// began), and its releases logged in one transaction. A change that lands after the
+    /// first plan found nothing to move waits for the next run, as one landing after the
+    /// run's read would.
     async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
-        name: &str,
+        product: &Product,
+        seen: &[CellRecord],
         view: &RunView<'_>,
         parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
+        let name = product.name.as_str();
+        // (The two reads were not one snapshot: books that do not add up are planned again
+        // from a consistent read, not reported.)
+        if let Some(BuiltSnapshot {
+            snapshot,
+            server_names,
+        }) = build_snapshot(product, seen, view)
+            && let Ok(plan) = planner::plan_product(&snapshot, &self.config.planner)
+            && plan.moves.is_empty()
+        {
+            let decisions = self.decisions_to_record(name, &snapshot, &plan, &server_names);
+            parts.lap("unlocked");
+            let planned = Planned {
+                name: name.to_owned(),
+                plan,
+                server_names,
+                releases: Vec::new(),
+            };
+            return Ok(Some((planned, decisions)));
+        }
+        parts.lap("unlocked");
         let lock = self.product_lock(name);
         let _serialised = lock.lock().await;
         parts.lap("lock");
@@ -295,18 +330,7 @@ impl Engine {
             )
             .await?;
         parts.lap("log_releases");
-        let explained = explained_cells(&snapshot, &plan, &server_names);
-        let decisions: Vec<RunDecision> = {
-            let mut memory = self.memory.lock().expect("engine memory");
-            explained
-                .into_iter()
-                .filter(|cell| memory.decided(name, cell))
-                .map(|cell| RunDecision {
-                    product: name.to_owned(),
-                    cell,
-                })
-                .collect()
-        };
+        let decisions = self.decisions_to_record(name, &snapshot, &plan, &server_names);
         parts.lap("explain");
         let planned = Planned {
             name: name.to_owned(),
@@ -315,6 +339,27 @@ impl Engine {
             releases,
         };
         Ok(Some((planned, decisions)))
+    }
+
+    /// Why the plan did what it did, for each of the product's cells whose decision changed
+    /// since the last run that recorded one.
+    fn decisions_to_record(
+        &self,
+        name: &str,
+        snapshot: &ProductSnapshot,
+        plan: &ProductPlan,
+        server_names: &[String],
+    ) -> Vec<RunDecision> {
+        let explained = explained_cells(snapshot, plan, server_names);
+        let mut memory = self.memory.lock().expect("engine memory");
+        explained
+            .into_iter()
+            .filter(|cell| memory.decided(name, cell))
+            .map(|cell| RunDecision {
+                product: name.to_owned(),
+                cell,
+            })
+            .collect()
     }
 
     /// Logs a planned product's grants under its lock, capped at the reserve as it stands

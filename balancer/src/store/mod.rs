@@ -794,6 +794,9 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_reset(&self, name: &str) -> StoreResult<()>;
     /// Every cell of every registered server.
     async fn cells(&self) -> StoreResult<Vec<CellRecord>>;
+    /// Every product and every cell, read in one snapshot, so each product's books add up
+    /// with its cells (what a run plans from first).
+    async fn products_and_cells(&self) -> StoreResult<(Vec<Product>, Vec<CellRecord>)>;
     /// The cells of one product (a run rereads them per product: instant balances may have
     /// moved units since the run began).
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>>;

@@ -308,6 +308,10 @@ impl Store for ErrorReporting {
         self.seen(self.inner.cells().await)
     }
 
+    async fn products_and_cells(&self) -> StoreResult<(Vec<Product>, Vec<CellRecord>)> {
+        self.seen(self.inner.products_and_cells().await)
+    }
+
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>> {
         self.seen(self.inner.product_cells(product).await)
     }

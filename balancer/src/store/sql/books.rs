@@ -87,13 +87,15 @@ pub(super) async fn set_policy(
     Ok(product)
 }
 
-pub(super) async fn products(pool: &Pool<Db>) -> StoreResult<Vec<Product>> {
+pub(super) async fn products<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
+) -> StoreResult<Vec<Product>> {
     sqlx::query_as::<_, ProductRow>(concat!(
         "SELECT ",
         product_columns!(),
         " FROM products p ORDER BY p.name"
     ))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?
     .into_iter()
     .map(ProductRow::into_product)
@@ -357,7 +359,20 @@ pub(super) async fn last_peaks(
         .collect())
 }
 
-pub(super) async fn cells(pool: &Pool<Db>) -> StoreResult<Vec<CellRecord>> {
+/// [`crate::store::Store::products_and_cells`]: both read in one snapshot.
+pub(super) async fn products_and_cells(
+    pool: &Pool<Db>,
+) -> StoreResult<(Vec<Product>, Vec<CellRecord>)> {
+    let mut conn = begin_read(pool).await?;
+    let products = products(&mut *conn).await?;
+    let cells = cells(&mut *conn).await?;
+    conn.commit().await?;
+    Ok((products, cells))
+}
+
+pub(super) async fn cells<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
+) -> StoreResult<Vec<CellRecord>> {
     Ok(sqlx::query_as::<_, CellRecordRow>(concat!(
         "SELECT ",
         cell_record_columns!(),
@@ -365,7 +380,7 @@ pub(super) async fn cells(pool: &Pool<Db>) -> StoreResult<Vec<CellRecord>> {
           JOIN products p ON p.id = a.product_id \
           WHERE s.removed_at IS NULL ORDER BY p.name, s.name"
     ))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?
     .into_iter()
     .map(CellRecord::from)

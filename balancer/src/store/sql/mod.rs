@@ -709,6 +709,10 @@ impl Store for SqlStore {
         books::cells(&self.pool).await
     }
 
+    async fn products_and_cells(&self) -> StoreResult<(Vec<Product>, Vec<CellRecord>)> {
+        books::products_and_cells(&self.pool).await
+    }
+
     async fn begin_run(&self, trigger: RunTrigger, fence: &Fence) -> StoreResult<i64> {
         runs::begin_run(&self.pool, trigger, fence.newest_epoch()).await
     }
