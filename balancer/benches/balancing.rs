@@ -928,6 +928,7 @@ struct Floors {
 /// (`POST /v1/balance`, as the scheduler's runs but timed by the caller) while one client,
 /// acting as the metering servers in turn, sends instant balances back to back: their
 /// latency during runs is what a server that ran dry waits while a large run is under way.
+/// Each is followed by the floors under it, at the same moments ([`Floors`]).
 /// The balancer's resident memory (now and peak) is read from `/proc`.
 fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let n_servers = env_or("ALLOT_BENCH_SERVERS", 1000);

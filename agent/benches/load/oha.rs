@@ -19,8 +19,10 @@
 //! alike; the ratio of the two is the honest ceiling. The open loop then runs two `oha` at once
 //! (`-q` at half of 50 %, then of 80 %, of the agent's pair rate each, `--latency-correction`, so
 //! latency counts from the intended send time): checkouts and checkins of pool handles in a 1:1
-//! mix. Every run also reports the cores the server and the whole machine used meanwhile (from
-//! `/proc`), which says whether the cores or something serial in the server bound it.
+//! mix, and each round drives the bare handler at the same rate (the floor HTTP and `oha` set
+//! at that load). Every run also reports the cores the server and the whole machine used
+//! meanwhile (from `/proc`), which says whether the cores or something serial in the server
+//! bound it.
 //!
 //! `ALLOT_BENCH_AGENT_BIN=<path>` runs that `allot-agent` binary instead of this build's (for an
 //! A/B against a baseline build, run alternately); `ALLOT_BENCH_OPEN_RATE=<requests/s>` runs the
