@@ -327,6 +327,20 @@ fn series(mut us: Vec<u64>) -> Series {
     }
 }
 
+/// One `GET /healthz` of the balancer at `url`, answered whole: its latency in µs (the
+/// baseline beside instant balances: HTTP and the balancer's threads, no store).
+async fn healthz_micros(http: &reqwest::Client, url: &str) -> u64 {
+    let started = Instant::now();
+    http.get(format!("{url}/healthz"))
+        .send()
+        .await
+        .expect("healthz")
+        .bytes()
+        .await
+        .expect("healthz body");
+    started.elapsed().as_micros() as u64
+}
+
 /// The instant-balance bench on one backend.
 fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let requests = env_or("ALLOT_BENCH_INSTANT", 2000);
@@ -409,17 +423,7 @@ fn instant_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         };
         let one_health = |http: reqwest::Client| {
             let url = url.clone();
-            async move {
-                let started = Instant::now();
-                http.get(format!("{url}/healthz"))
-                    .send()
-                    .await
-                    .expect("healthz")
-                    .bytes()
-                    .await
-                    .expect("healthz body");
-                started.elapsed().as_micros() as u64
-            }
+            async move { healthz_micros(&http, &url).await }
         };
         // Warm-up: connections, caches, the store's statement caches.
         for _ in 0..50 {
@@ -1017,15 +1021,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                         // The floor: the same client's `GET /healthz` to the same balancer at
                         // the same moments (no store, no metering server), so the machine's
                         // own share of an instant balance's latency is measured beside it.
-                        let started = Instant::now();
-                        http.get(format!("{url}/healthz"))
-                            .send()
-                            .await
-                            .expect("healthz")
-                            .bytes()
-                            .await
-                            .expect("healthz answer");
-                        floor.healthz.push(started.elapsed().as_micros() as u64);
+                        floor.healthz.push(healthz_micros(&http, &url).await);
                         if let Some(pool) = &commit_probe {
                             let started = Instant::now();
                             sqlx::query("INSERT INTO bench_floor (at) VALUES ($1)")
