@@ -726,7 +726,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        store.instant_request(request).await.unwrap(),
+        store.instant_start(request, "cad").await.unwrap().answered,
         Some(answered.clone())
     );
     // An instant balance's first read: the record and the reserve by one statement; a request
@@ -809,7 +809,10 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.books().await.unwrap(), before);
-    assert_eq!(store.instant_request(request).await.unwrap(), None);
+    assert_eq!(
+        store.instant_start(request, "cad").await.unwrap().answered,
+        None
+    );
     assert_eq!(store.run(refused_run).await.unwrap().run.status, "running");
     assert_eq!(
         store.unfinished_moves().await.unwrap()[0].state,
@@ -837,7 +840,7 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         (MoveState::Applied, Some(3), 5)
     );
     assert_eq!(
-        store.instant_request(request).await.unwrap(),
+        store.instant_start(request, "cad").await.unwrap().answered,
         Some(answered)
     );
     let run = store.run(run_id).await.unwrap().run;

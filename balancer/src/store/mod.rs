@@ -935,8 +935,6 @@ pub trait Store: Send + Sync + 'static {
     /// Sets a named setting, audited.
     async fn set_setting(&self, actor: &str, key: &str, value: &str) -> StoreResult<()>;
 
-    /// The outcome of an instant-balance request already answered, if any.
-    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>>;
     /// What an instant balance reads first under its product's lock, by one statement: the
     /// request's outcome if it was already answered, and the product's reserve (refused as
     /// [`StoreError::UnknownProduct`] for a product that does not exist).

@@ -487,10 +487,6 @@ impl Store for ErrorReporting {
         self.seen(self.inner.set_setting(actor, key, value).await)
     }
 
-    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
-        self.seen(self.inner.instant_request(request_id).await)
-    }
-
     async fn instant_start(&self, request_id: Uuid, product: &str) -> StoreResult<InstantStart> {
         self.seen(self.inner.instant_start(request_id, product).await)
     }

@@ -809,10 +809,6 @@ impl Store for SqlStore {
         runs::run(&self.pool, run_id).await
     }
 
-    async fn instant_request(&self, request_id: Uuid) -> StoreResult<Option<InstantRecord>> {
-        runs::instant_request(&self.pool, request_id).await
-    }
-
     async fn instant_start(&self, request_id: Uuid, product: &str) -> StoreResult<InstantStart> {
         runs::instant_start(&self.pool, request_id, product).await
     }

@@ -293,26 +293,6 @@ pub(super) async fn record_decisions(
     Ok(())
 }
 
-pub(super) async fn instant_request(
-    pool: &Pool<Db>,
-    request_id: Uuid,
-) -> StoreResult<Option<InstantRecord>> {
-    let row: Option<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT s.name, p.name, i.units, i.granted FROM instant_requests i \
-         JOIN servers s ON s.id = i.server_id JOIN products p ON p.id = i.product_id \
-         WHERE i.id = $1",
-    )
-    .bind(request_id.to_string())
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(server, product, units, granted)| InstantRecord {
-        server,
-        product,
-        units: count(units),
-        granted: count(granted),
-    }))
-}
-
 /// [`crate::store::Store::instant_start`]: the product's row, and the request's record if any
 /// (a left join on its id), by one statement.
 pub(super) async fn instant_start(
