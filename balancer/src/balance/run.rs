@@ -13,7 +13,7 @@ use super::batch::Booker;
 use super::explain::explained_cells;
 use super::phases::Phases;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
-use super::{BalanceError, Engine, Observation, adopted, reconcile, usage_samples};
+use super::{BalanceError, Engine, Observation, adopted, cpu_bound, reconcile, usage_samples};
 use crate::store::{CellRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger};
 use allot_core::planner::{self, Move, ProductPlan, ProductSnapshot};
@@ -110,7 +110,7 @@ impl Engine {
         self.store.record_samples(run_id, now_ms, &samples).await?;
         phases.lap("samples");
         let in_flight = self.store.unfinished_moves().await?;
-        let discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
+        let discrepancies = cpu_bound(|| reconcile(&cells_before, &cells, &in_flight, &statuses));
         self.metrics
             .discrepancies
             .inc_by(discrepancies.len() as u64);
@@ -282,16 +282,22 @@ impl Engine {
         parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let name = product.name.as_str();
-        // (The two reads were not one snapshot: books that do not add up are planned again
-        // from a consistent read, not reported.)
-        if let Some(BuiltSnapshot {
-            snapshot,
-            server_names,
-        }) = build_snapshot(product, seen, view)
-            && let Ok(plan) = planner::plan_product(&snapshot, &self.config.planner)
+        let plan_from = |product: &Product, cells: &[CellRecord]| {
+            let BuiltSnapshot {
+                snapshot,
+                server_names,
+            } = build_snapshot(product, cells, view)?;
+            let plan = planner::plan_product(&snapshot, &self.config.planner)
+                .map_err(|e| BalanceError::Plan(format!("{name}: {e}")));
+            Some((snapshot, server_names, plan))
+        };
+        // (Books the run read that do not add up, or a plan that fails on them, are planned
+        // again under the lock from a fresh read, not reported.)
+        if let Some((snapshot, server_names, Ok(plan))) = cpu_bound(|| plan_from(product, seen))
             && plan.moves.is_empty()
         {
-            let decisions = self.decisions_to_record(name, &snapshot, &plan, &server_names);
+            let decisions =
+                cpu_bound(|| self.decisions_to_record(name, &snapshot, &plan, &server_names));
             parts.lap("unlocked");
             let planned = Planned {
                 name: name.to_owned(),
@@ -308,15 +314,10 @@ impl Engine {
         let product = self.store.product_books(name).await?;
         let cells = self.store.product_cells(name).await?;
         parts.lap("read");
-        let Some(BuiltSnapshot {
-            snapshot,
-            server_names,
-        }) = build_snapshot(&product, &cells, view)
-        else {
+        let Some((snapshot, server_names, plan)) = cpu_bound(|| plan_from(&product, &cells)) else {
             return Ok(None);
         };
-        let plan = planner::plan_product(&snapshot, &self.config.planner)
-            .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+        let plan = plan?;
         parts.lap("plan");
         let releases = self
             .log_moves(
@@ -330,7 +331,8 @@ impl Engine {
             )
             .await?;
         parts.lap("log_releases");
-        let decisions = self.decisions_to_record(name, &snapshot, &plan, &server_names);
+        let decisions =
+            cpu_bound(|| self.decisions_to_record(name, &snapshot, &plan, &server_names));
         parts.lap("explain");
         let planned = Planned {
             name: name.to_owned(),
