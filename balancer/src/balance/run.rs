@@ -108,9 +108,14 @@ impl Engine {
             m.ping_pong_units.with_label_values(&[product]);
         }
         self.store.record_samples(run_id, now_ms, &samples).await?;
+        // What a phase no longer needs is freed before the next, so that a large estate's run
+        // does not hold its samples, both reads of the books, its statuses and signals at once
+        // while it sends its moves (the balancer's peak memory is that of its first run).
+        drop(samples);
         phases.lap("samples");
         let in_flight = self.store.unfinished_moves().await?;
         let discrepancies = cpu_bound(|| reconcile(&cells_before, &cells, &in_flight, &statuses));
+        drop(cells_before);
         self.metrics
             .discrepancies
             .inc_by(discrepancies.len() as u64);
@@ -160,16 +165,38 @@ impl Engine {
             .chunk_by(|a, b| a.product == b.product)
             .map(|of_one| (of_one[0].product.as_str(), of_one))
             .collect();
-        let mut plans = stream::iter(0..products.len())
+        // Every product's first plan, from the run's own read and without its lock, in one
+        // step off the async worker: a product with nothing to move (most, in most runs) is
+        // done then.
+        let firsts: Vec<Option<(Planned, Vec<RunDecision>)>> = cpu_bound(|| {
+            products
+                .iter()
+                .map(|product| {
+                    let seen = seen.get(product.name.as_str()).copied().unwrap_or_default();
+                    self.plan_quiet(product, seen, &view)
+                })
+                .collect()
+        });
+        planning.lap("unlocked");
+        let mut to_lock = Vec::new();
+        for (i, first) in firsts.into_iter().enumerate() {
+            match first {
+                Some((p, mut why)) => {
+                    decisions.append(&mut why);
+                    planned.push(p);
+                }
+                None => to_lock.push(i),
+            }
+        }
+        let mut plans = stream::iter(to_lock)
             .map(|i| {
                 let product = &products[i];
                 let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
                 let view = &view;
-                let seen = seen.get(product.name.as_str()).copied().unwrap_or_default();
                 async move {
                     let mut parts = Phases::start();
                     let planned = self
-                        .plan_product(run_id, epoch, product, seen, view, &mut parts)
+                        .plan_product(run_id, epoch, &product.name, view, &mut parts)
                         .await;
                     (product, planned, parts)
                 }
@@ -188,6 +215,8 @@ impl Engine {
             }
         }
         drop(plans);
+        drop(seen);
+        drop((cells, signals, statuses));
         phases.lap("plan");
         // Why the run did what it did, kept with the run in one write; its loss loses no
         // unit, only the explanation, so a failure to record it is logged, not fatal.
@@ -198,6 +227,7 @@ impl Engine {
         {
             tracing::warn!(run_id, error = %e, "run decisions not recorded");
         }
+        drop(decisions);
         let grants_follow = planned
             .iter()
             .any(|p| p.plan.moves.iter().any(|m| m.kind() == MoveKind::Grant));
@@ -236,7 +266,7 @@ impl Engine {
             .take_ping_pong(run_id);
         let outcome = RunOutcome {
             status: if errors.is_empty() { "ok" } else { "partial" }.into(),
-            servers_queried: statuses.len() as u64,
+            servers_queried: answered.len() as u64,
             servers_unreachable: unreachable.len() as u64,
             moves,
             units_moved,
@@ -245,7 +275,7 @@ impl Engine {
             ..RunOutcome::default()
         };
         self.store.finish_run(run_id, &outcome).await?;
-        tally.finish(&outcome.status, statuses.keys(), unreachable.keys());
+        tally.finish(&outcome.status, &answered, unreachable.keys());
         tracing::info!(
             run_id,
             trigger = %trigger,
@@ -261,63 +291,64 @@ impl Engine {
         Ok(self.store.run(run_id).await?)
     }
 
-    /// Plans one product and logs its releases; returns it with the decisions worth
-    /// recording (those that changed). `None`: nothing to plan (no server holds or wants it).
-    /// Where its time went is lapped in `parts` (the run logs the sums).
-    ///
-    /// First from `seen`, its cells as the run read them, and `product`, its books as the run
-    /// listed them, without its lock: a product with nothing to move (most, in most runs) is
-    /// done then, its books not read again. A product with moves is planned again under its
-    /// lock from its books read again (instant balances may have moved them since the run
-    /// began), and its releases logged in one transaction. A change that lands after the
-    /// first plan found nothing to move waits for the next run, as one landing after the
-    /// run's read would.
+    /// A product's first plan, from `seen`, its cells as the run read them, and `product`,
+    /// its books as the run listed them, without its lock: when it has nothing to move, the
+    /// product planned with the decisions worth recording; `None` when it has moves (or its
+    /// books, or a plan on them, fail), for [`Self::plan_product`] to plan under its lock.
+    /// A change that lands after a first plan found nothing to move waits for the next run,
+    /// as one landing after the run's read would.
+    fn plan_quiet(
+        &self,
+        product: &Product,
+        seen: &[CellRecord],
+        view: &RunView<'_>,
+    ) -> Option<(Planned, Vec<RunDecision>)> {
+        let BuiltSnapshot {
+            snapshot,
+            server_names,
+        } = build_snapshot(product, seen, view)?;
+        let plan = planner::plan_product(&snapshot, &self.config.planner).ok()?;
+        if !plan.moves.is_empty() {
+            return None;
+        }
+        let decisions = self.decisions_to_record(&product.name, &snapshot, &plan, &server_names);
+        let planned = Planned {
+            name: product.name.clone(),
+            plan,
+            server_names,
+            releases: Vec::new(),
+        };
+        Some((planned, decisions))
+    }
+
+    /// Plans a product with moves under its lock, from its books read again (instant balances
+    /// may have moved them since the run's read), and logs its releases in one transaction;
+    /// returns it with the decisions worth recording (those that changed). `None`: nothing to
+    /// plan (no server holds or wants it). Where its time went is lapped in `parts` (the run
+    /// logs the sums).
     async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
-        product: &Product,
-        seen: &[CellRecord],
+        name: &str,
         view: &RunView<'_>,
         parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
-        let name = product.name.as_str();
-        let plan_from = |product: &Product, cells: &[CellRecord]| {
-            let BuiltSnapshot {
-                snapshot,
-                server_names,
-            } = build_snapshot(product, cells, view)?;
-            let plan = planner::plan_product(&snapshot, &self.config.planner)
-                .map_err(|e| BalanceError::Plan(format!("{name}: {e}")));
-            Some((snapshot, server_names, plan))
-        };
-        // (Books the run read that do not add up, or a plan that fails on them, are planned
-        // again under the lock from a fresh read, not reported.)
-        if let Some((snapshot, server_names, Ok(plan))) = cpu_bound(|| plan_from(product, seen))
-            && plan.moves.is_empty()
-        {
-            let decisions =
-                cpu_bound(|| self.decisions_to_record(name, &snapshot, &plan, &server_names));
-            parts.lap("unlocked");
-            let planned = Planned {
-                name: name.to_owned(),
-                plan,
-                server_names,
-                releases: Vec::new(),
-            };
-            return Ok(Some((planned, decisions)));
-        }
-        parts.lap("unlocked");
         let lock = self.product_lock(name);
         let _serialised = lock.lock().await;
         parts.lap("lock");
         let product = self.store.product_books(name).await?;
         let cells = self.store.product_cells(name).await?;
         parts.lap("read");
-        let Some((snapshot, server_names, plan)) = cpu_bound(|| plan_from(&product, &cells)) else {
+        let Some(BuiltSnapshot {
+            snapshot,
+            server_names,
+        }) = build_snapshot(&product, &cells, view)
+        else {
             return Ok(None);
         };
-        let plan = plan?;
+        let plan = planner::plan_product(&snapshot, &self.config.planner)
+            .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
         parts.lap("plan");
         let releases = self
             .log_moves(
@@ -331,8 +362,7 @@ impl Engine {
             )
             .await?;
         parts.lap("log_releases");
-        let decisions =
-            cpu_bound(|| self.decisions_to_record(name, &snapshot, &plan, &server_names));
+        let decisions = self.decisions_to_record(name, &snapshot, &plan, &server_names);
         parts.lap("explain");
         let planned = Planned {
             name: name.to_owned(),
