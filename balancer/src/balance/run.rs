@@ -155,10 +155,6 @@ impl Engine {
         let mut releases = Vec::new();
         let mut decisions = Vec::new();
         let mut planning = Phases::start();
-        // A few products at once, so one product's store round trips overlap another's
-        // planning; in the products' order, so the run's moves are the same either way.
-        // (By index: a stream of closures over borrowed items trips the compiler's `Send`
-        // inference for the spawned run, rust-lang/rust#102211.)
         // Each product's cells as the run read them (sorted by product): what it is planned
         // from first, without its lock.
         let seen: HashMap<&str, &[CellRecord]> = cells
@@ -188,6 +184,10 @@ impl Engine {
                 None => to_lock.push(i),
             }
         }
+        // The products with moves, a few at once under their locks, so one product's store
+        // round trips overlap another's planning; in the products' order, so the run's moves
+        // are the same either way. (By index: a stream of closures over borrowed items trips
+        // the compiler's `Send` inference for the spawned run, rust-lang/rust#102211.)
         let mut plans = stream::iter(to_lock)
             .map(|i| {
                 let product = &products[i];
