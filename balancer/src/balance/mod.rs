@@ -754,13 +754,14 @@ fn usage_samples(statuses: &StatusMap, memory: &mut snapshot::Memory) -> Vec<Usa
         .collect()
 }
 
-/// Runs a run's CPU-bound step (a product's planning, the reconciliation of every cell) off
-/// the async worker it is called on: on a multi-threaded runtime the worker's other tasks move
-/// to a fresh worker first ([`tokio::task::block_in_place`]), so instant balances and every
-/// other request keep being served while a large estate's run computes. Why: planned in line,
-/// a run of 1,000 servers × 100 products held one of two workers for hundreds of milliseconds
-/// at a time, and each of an instant balance's round trips waited for a worker behind it.
-/// On a current-thread runtime (tests) it runs in line.
+/// Runs a run's CPU-bound step (every product's first plan, the reconciliation of every cell)
+/// off the async worker it is called on: on a multi-threaded runtime the worker's other tasks
+/// move to a fresh worker first ([`tokio::task::block_in_place`]), so instant balances and
+/// every other request keep being served while a large estate's run computes. Why: planned in
+/// line, a run of 1,000 servers × 100 products held one of two workers for hundreds of
+/// milliseconds at a time, and each of an instant balance's round trips waited for a worker
+/// behind it. On a current-thread runtime (tests) it runs in line. Not for a task driven by a
+/// `LocalSet`, where `block_in_place` panics (nothing here runs one).
 fn cpu_bound<R>(step: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(step),
@@ -787,11 +788,13 @@ mod tests {
             let step = tokio::spawn(async move {
                 cpu_bound(move || rx.recv_timeout(Duration::from_secs(20)).is_ok())
             });
-            // Spawned after the step started (the spawn above runs on the one worker).
-            tokio::task::yield_now().await;
-            tokio::spawn(async move { tx.send(()).unwrap() })
-                .await
-                .unwrap();
+            // Queued behind the step on the one worker: it runs only if the step hands the
+            // worker over.
+            tokio::spawn(async move {
+                let _ = tx.send(());
+            })
+            .await
+            .unwrap();
             step.await.unwrap()
         });
         assert!(

@@ -1,8 +1,10 @@
 //! Scheduled and manual runs (DESIGN.md flow 2): read every server, plan each product with the
 //! core's planner, execute the moves.
 //!
-//! In two phases over the whole estate: each product is planned and its releases logged under
-//! its lock (one transaction per product), and every server's releases are sent in one batch
+//! In two phases over the whole estate: each product is planned, first from the run's own read
+//! of the books without its lock (most products, with nothing to move, are done then), and a
+//! product with moves planned again and its releases logged under its lock (one transaction
+//! per product); every server's releases are sent in one batch
 //! with the locks released; then each product's grants are logged under its lock again (capped
 //! at what the reserve then holds, since an instant balance may have drawn on it meanwhile) and
 //! every server's grants are sent in one batch. Releases always precede the grants they fund,
@@ -80,7 +82,7 @@ impl Engine {
         let answered: Vec<String> = statuses.keys().cloned().collect();
         self.store.touch_servers(&answered).await?;
         // The products with their cells in one snapshot: each product is planned from them
-        // first (`plan_product`).
+        // first (`plan_quiet`).
         let (listed, cells) = self.store.products_and_cells().await?;
         let mut servers = servers;
         for server in servers.iter_mut().filter(|s| s.needs_reset) {
@@ -293,8 +295,10 @@ impl Engine {
 
     /// A product's first plan, from `seen`, its cells as the run read them, and `product`,
     /// its books as the run listed them, without its lock: when it has nothing to move, the
-    /// product planned with the decisions worth recording; `None` when it has moves (or its
-    /// books, or a plan on them, fail), for [`Self::plan_product`] to plan under its lock.
+    /// product planned with the decisions worth recording; `None` when it has moves, for
+    /// [`Self::plan_product`] to plan under its lock. Also `None` when it has units in transit
+    /// or the planner fails on these books: the locked path reads them afresh and reports what
+    /// is still wrong then.
     /// A change that lands after a first plan found nothing to move waits for the next run,
     /// as one landing after the run's read would.
     fn plan_quiet(
@@ -323,9 +327,9 @@ impl Engine {
 
     /// Plans a product with moves under its lock, from its books read again (instant balances
     /// may have moved them since the run's read), and logs its releases in one transaction;
-    /// returns it with the decisions worth recording (those that changed). `None`: nothing to
-    /// plan (no server holds or wants it). Where its time went is lapped in `parts` (the run
-    /// logs the sums).
+    /// returns it with the decisions worth recording (those that changed). `None`: units of it
+    /// are in transit (a move not yet booked), so it waits for the next run. Where its time
+    /// went is lapped in `parts` (the run logs the sums).
     async fn plan_product(
         &self,
         run_id: i64,
