@@ -111,8 +111,8 @@ impl Engine {
         }
         self.store.record_samples(run_id, now_ms, &samples).await?;
         // What a phase no longer needs is freed before the next, so that a large estate's run
-        // does not hold its samples, both reads of the books, its statuses and signals at once
-        // while it sends its moves (the balancer's peak memory is that of its first run).
+        // does not hold its samples, both reads of the books, its statuses and signals while
+        // it sends its moves.
         drop(samples);
         phases.lap("samples");
         let in_flight = self.store.unfinished_moves().await?;
