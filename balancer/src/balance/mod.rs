@@ -597,7 +597,8 @@ impl Engine {
         } = self.observe(true).await?;
         let cells = self.store.cells().await?;
         let in_flight = self.store.unfinished_moves().await?;
-        let mut discrepancies = reconcile(&cells_before, &cells, &in_flight, &statuses);
+        let mut discrepancies =
+            cpu_bound(|| reconcile(&cells_before, &cells, &in_flight, &statuses));
         for check in self.store.books().await? {
             discrepancies.extend(check.errors());
         }
@@ -754,14 +755,15 @@ fn usage_samples(statuses: &StatusMap, memory: &mut snapshot::Memory) -> Vec<Usa
         .collect()
 }
 
-/// Runs a run's CPU-bound step (every product's first plan, the reconciliation of every cell)
-/// off the async worker it is called on: on a multi-threaded runtime the worker's other tasks
-/// move to a fresh worker first ([`tokio::task::block_in_place`]), so instant balances and
-/// every other request keep being served while a large estate's run computes. Why: planned in
-/// line, a run of 1,000 servers × 100 products held one of two workers for hundreds of
-/// milliseconds at a time, and each of an instant balance's round trips waited for a worker
-/// behind it. On a current-thread runtime (tests) it runs in line. Not for a task driven by a
-/// `LocalSet`, where `block_in_place` panics (nothing here runs one).
+/// Runs a CPU-bound step of a run or the doctor (every product's first plan, the
+/// reconciliation of every cell) off the async worker it is called on: on a multi-threaded
+/// runtime the worker's other tasks move to a fresh worker first
+/// ([`tokio::task::block_in_place`]), so instant balances and every other request keep being
+/// served while a large estate's run computes. Why: planned in line, a run of 1,000 servers ×
+/// 100 products held one of two workers for hundreds of milliseconds at a time, and each of an
+/// instant balance's round trips waited for a worker behind it. On a current-thread runtime
+/// (tests) it runs in line. Not for a task driven by a `LocalSet`, where `block_in_place`
+/// panics (nothing here runs one).
 fn cpu_bound<R>(step: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(step),

@@ -298,9 +298,8 @@ impl Engine {
     /// product planned with the decisions worth recording; `None` when it has moves, for
     /// [`Self::plan_product`] to plan under its lock. Also `None` when it has units in transit
     /// or the planner fails on these books: the locked path reads them afresh and reports what
-    /// is still wrong then.
-    /// A change that lands after a first plan found nothing to move waits for the next run,
-    /// as one landing after the run's read would.
+    /// is still wrong then. A change that lands after a first plan found nothing to move waits
+    /// for the next run, as one landing after the run's read would.
     fn plan_quiet(
         &self,
         product: &Product,
