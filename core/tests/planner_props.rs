@@ -234,11 +234,6 @@ fn margin(config: &PlannerConfig, allocation: u64) -> u64 {
     (allocation * u64::from(config.hysteresis_percent) / 100).max(config.hysteresis_min_units)
 }
 
-/// A recently granted live cell that holds units above its plain floor.
-fn holds_units(c: &CellSnapshot) -> bool {
-    c.recently_granted && !c.draining && c.allocation > plain_floor(c)
-}
-
 /// Rule 2: the floor, the whole allocation of a recently granted live cell when `hold`.
 fn floor(c: &CellSnapshot, hold: bool) -> u64 {
     if hold && c.recently_granted && !c.draining {
@@ -286,13 +281,39 @@ fn pool(p: &ProductSnapshot) -> u64 {
     p.reserve + p.cells.iter().map(|c| c.allocation).sum::<u64>()
 }
 
-/// Rule 2: whether the plan keeps recently granted cells at their whole allocation, i.e. the
-/// held levels leave in-use, mins and needs covered, or no cell holds anything to give.
-fn holds(p: &ProductSnapshot, config: &PlannerConfig) -> bool {
-    let lv: Vec<[u64; 5]> = p.cells.iter().map(|c| levels(c, config)).collect();
-    let floors: Vec<u64> = p.cells.iter().map(|c| floor(c, true)).collect();
-    let shortage = matches!(scarce_tier(&lv, &floors, pool(p)), Some(1..=3));
-    !(shortage && p.cells.iter().any(holds_units))
+/// Rule 2: every cell's floor (`cells` in server order, `lv` their levels) and whether holds
+/// stand. A held cell's floor is its whole allocation; when the held floors leave in-use, mins
+/// or needs uncovered, the held cells give the shortfall from their units above their own
+/// needs, the largest such holding first, then by server; when all of those are fewer than the
+/// shortfall, no cell is held.
+fn floors_of(cells: &[&CellSnapshot], lv: &[[u64; 5]], pool: u64) -> (Vec<u64>, bool) {
+    let mut floors: Vec<u64> = cells.iter().map(|c| floor(c, true)).collect();
+    let uncovered: u64 = lv
+        .iter()
+        .zip(&floors)
+        .map(|(l, &f)| l[3].saturating_sub(f))
+        .sum();
+    let free = pool - floors.iter().sum::<u64>();
+    if uncovered <= free {
+        return (floors, true);
+    }
+    let mut short = uncovered - free;
+    let give: Vec<u64> = floors
+        .iter()
+        .zip(lv)
+        .map(|(&f, l)| f.saturating_sub(l[3]))
+        .collect();
+    if give.iter().sum::<u64>() < short {
+        return (cells.iter().map(|c| floor(c, false)).collect(), false);
+    }
+    let mut givers: Vec<usize> = (0..cells.len()).filter(|&k| give[k] > 0).collect();
+    givers.sort_by_key(|&k| std::cmp::Reverse(give[k]));
+    for k in givers {
+        let take = give[k].min(short);
+        floors[k] -= take;
+        short -= take;
+    }
+    (floors, true)
 }
 
 fn cell_of(p: &ProductSnapshot, server: u32) -> &CellSnapshot {
@@ -533,9 +554,8 @@ fn check_product(
     }
 
     // Rules 2–4: floors (held or not), levels, fair shares, scarcity.
-    let hold = holds(p, config);
     let lv: Vec<[u64; 5]> = cells.iter().map(|c| levels(c, config)).collect();
-    let floors: Vec<u64> = cells.iter().map(|c| floor(c, hold)).collect();
+    let (floors, hold) = floors_of(&cells, &lv, pool);
     for (k, cp) in pp.cells.iter().enumerate() {
         let c = cells[k];
         if cp.allocation != c.allocation
@@ -631,10 +651,10 @@ fn check_product(
         if needs_covered && !c.draining && t < a.min(need(c)) {
             return fail("released below its need although needs fit");
         }
-        // Rule 2: a held cell keeps its units unless a shortage of in-use, mins or needs
-        // (recomputed with the holds) forced the plan without holds.
-        if c.recently_granted && !c.draining && t < a && hold {
-            return fail("a recently granted cell lost units without a shortage");
+        // Rule 2: a held cell keeps its units but for what a shortage of in-use, mins or needs
+        // (recomputed with the holds) took from it, unless the shortage dropped every hold.
+        if hold && t < floors[k] {
+            return fail("a held cell lost more than a shortage took");
         }
         // Rule 6: a release is a drain, an idle release (6b) or funds grants beyond the reserve
         // (6a, then the reserve ends empty).
@@ -1214,16 +1234,70 @@ fn recently_granted_units_are_held_unless_a_need_is_short() {
     assert!(pp.moves.is_empty(), "{:?}", pp.moves);
     assert_eq!(decisions(&pp), [Decision::Hold, Decision::Steady]);
 
-    // Clients waiting elsewhere: the hold yields. Without it wants fit, so the fresh cell's
-    // units fund the other's whole want, not just its need.
+    // Clients waiting elsewhere: the hold yields the shortfall, the other's need, and no
+    // more — its units do not fund the other's want.
     other.demand.waiting = 2;
     let pp = plan_checked(&books(0, vec![fresh, other]), &PlannerConfig::default());
-    assert_eq!(pp.scarcity, Scarcity::Ample);
-    assert_eq!(targets(&pp), [0, 10]);
+    assert_eq!(pp.scarcity, Scarcity::Wants);
+    assert_eq!(pp.water_level, Some(0));
+    assert_eq!(targets(&pp), [8, 2]);
+    assert_eq!(pp.cells[0].floor, 8);
     assert_eq!(
         decisions(&pp),
         [Decision::ReleaseForShortage, Decision::GrantNeeded]
     );
+
+    // More waiting than the hold has to give above its own needs: every hold is dropped and
+    // the needs are water-filled.
+    fresh.in_use = 4;
+    other.demand.waiting = 9;
+    let pp = plan_checked(&books(0, vec![fresh, other]), &PlannerConfig::default());
+    assert_eq!(pp.scarcity, Scarcity::Needs);
+    assert_eq!(pp.cells[0].floor, 4);
+}
+
+/// A shortage that lowers the holds leaves nothing for wants: had every hold been dropped,
+/// the idle cells' wants would be shared out of held units no rule releases, and the next run,
+/// its holds standing again, would move a unit from one idle cell to another (a case proptest
+/// found).
+#[test]
+fn a_shortage_takes_from_holds_no_more_than_it_needs() {
+    let idle = |server: u32, allocation: u64, min_units: u64| CellSnapshot {
+        server,
+        allocation,
+        min_units,
+        ..CellSnapshot::default()
+    };
+    let mut config = PlannerConfig::exact();
+    config.trigger.low_watermark_min_units = 1;
+    let mut levelled = idle(0, 7, 4);
+    levelled.demand.signals.level = 3;
+    let mut forecast = idle(2, 1, 1);
+    forecast.demand.signals.forecast = 1;
+    let mut held_a = idle(3, 2, 0);
+    held_a.recently_granted = true;
+    let mut held_b = idle(4, 7, 0);
+    held_b.recently_granted = true;
+    let p = books(
+        0,
+        vec![
+            levelled,
+            idle(1, 0, 4),
+            forecast,
+            held_a,
+            held_b,
+            idle(5, 0, 0),
+        ],
+    );
+    // Server 1's min lacks 4 units; the reserve is empty and server 0 has 3 above its floor:
+    // the largest hold gives the fourth, and the wants get nothing.
+    let pp = plan_checked(&p, &config);
+    assert_eq!(pp.scarcity, Scarcity::Wants);
+    assert_eq!(targets(&pp), [4, 4, 1, 2, 6, 0]);
+    let mut after = apply_product(&p, &pp).unwrap();
+    after.cells[1].recently_granted = true;
+    let again = plan_checked(&after, &config);
+    assert!(again.moves.is_empty(), "{:?}", again.moves);
 }
 
 #[test]

@@ -4,19 +4,25 @@
 use super::*;
 
 /// Rules 2–4: fills `scratch.work` with every cell's floor, levels and fair share (`level`).
-/// With `hold`, a recently granted live cell's floor is its whole allocation.
+///
+/// A recently granted live cell is held: its floor is its whole allocation. When the held
+/// floors leave in-use, mins or needs uncovered, the held cells give up the shortfall — no more
+/// — from their units above their own needs (rule 2); if all they could give is less than the
+/// shortfall, every hold is dropped. Taking only the shortfall keeps the plan a fixed point: had
+/// the holds been dropped whole, the other cells' wants would be water-filled from held units
+/// that no rule then releases, and the next run, its holds standing again, would share the
+/// wants differently and move units between idle cells.
 pub(super) fn fair_shares(
     product: &ProductSnapshot,
     config: &PlannerConfig,
     pool: u128,
-    hold: bool,
     scratch: &mut Scratch,
 ) -> Result<(Scarcity, Option<u64>), PlanError> {
     let work = &mut scratch.work;
     work.clear();
     work.extend(product.cells.iter().enumerate().map(|(i, c)| {
         let plain_floor = c.floor();
-        let floor = if hold && c.recently_granted && !c.draining {
+        let floor = if c.recently_granted && !c.draining {
             c.allocation
         } else {
             plain_floor
@@ -57,6 +63,7 @@ pub(super) fn fair_shares(
             server: pair[0].server,
         });
     }
+    release_holds_for_shortage(work, pool);
     let floors: u128 = work.iter().map(|w| u128::from(w.level)).sum();
     // Floors never exceed allocations, so they fit the pool.
     let mut remaining = pool - floors;
@@ -92,6 +99,46 @@ pub(super) fn fair_shares(
         }
     }
     Ok((Scarcity::Ample, None))
+}
+
+/// Rule 2's exception: lowers the held floors just enough to cover in-use, mins and needs, or
+/// drops every hold when even that is not enough. Held cells give their units above their own
+/// needs level, the largest such holding first, then by server id.
+fn release_holds_for_shortage(work: &mut [Work], pool: u128) {
+    let floors: u128 = work.iter().map(|w| u128::from(w.floor)).sum();
+    let uncovered: u128 = work
+        .iter()
+        .map(|w| u128::from(w.levels[2].saturating_sub(w.floor)))
+        .sum();
+    // Floors never exceed allocations, so they fit the pool.
+    let Some(mut shortfall) = uncovered.checked_sub(pool - floors).filter(|&s| s > 0) else {
+        return;
+    };
+    // A live cell's needs level is at least its plain floor.
+    let givable = |w: &Work| w.floor.saturating_sub(w.levels[2]);
+    let mut givers: Vec<usize> = (0..work.len()).filter(|&k| givable(&work[k]) > 0).collect();
+    let can_give: u128 = givers.iter().map(|&k| u128::from(givable(&work[k]))).sum();
+    if can_give < shortfall {
+        for w in work.iter_mut() {
+            w.floor = w.plain_floor;
+        }
+    } else {
+        // Stable: `work` is in server order.
+        givers.sort_by_key(|&k| std::cmp::Reverse(givable(&work[k])));
+        for k in givers {
+            if shortfall == 0 {
+                break;
+            }
+            let give = u64::try_from(u128::from(givable(&work[k])).min(shortfall))
+                .expect("at most a floor");
+            work[k].floor -= give;
+            shortfall -= u128::from(give);
+        }
+    }
+    for w in work.iter_mut() {
+        w.level = w.floor;
+        w.target = w.floor;
+    }
 }
 
 /// Raises every cell toward `levels[tier]` by max-min fair increments, spending exactly

@@ -29,8 +29,11 @@
 //!    otherwise — in-use units are never released (a release takes only free units) and, as
 //!    DESIGN.md says, a live server is never reclaimed below its `min_units`. A cell granted
 //!    units recently ([`CellSnapshot::recently_granted`]) is *held*: its floor is its whole
-//!    allocation, unless a real shortage (rule 3's in-use, mins or needs not covered) needs its
-//!    units, so a run never takes back what an instant balance has just brought.
+//!    allocation, so a run never takes back what an instant balance has just brought — unless
+//!    a real shortage (rule 3's in-use, mins or needs not covered) needs its units. Then the
+//!    held cells give up just the shortfall from their units above their own needs, the
+//!    largest such holding first, then by server id; if all of those cannot cover it, every
+//!    hold is dropped.
 //! 3. **Levels, filled in order.** Above the floor the pool fills four levels, each completely
 //!    before the next starts: (a) *in-use cover* — `in_use` (a soft-stop overdraft gets units
 //!    to cover it); (b) *mins* — `max(in_use, min_units)`; (c) *needs* — in use plus the units
@@ -73,7 +76,10 @@
 //! (idempotence), also when the cells it granted are held at the next run: the fair shares
 //! depend on the allocations only through the floors, and a hold a grant raised sits where the
 //! water-fill brings the cell anyway; a grant reaches the fair share, a held difference is held
-//! again, and a release stops at the fair share or the window's want.
+//! again, and a release stops at the fair share or the window's want. A shortage that lowered
+//! the holds is covered exactly, so nothing is left for wants: every grant is urgent, rule 6a
+//! takes every unit above a fair share, and the next run finds each cell at its share with
+//! nothing short.
 //!
 //! # Where each part lives
 //!
@@ -137,7 +143,8 @@ struct Work {
     level: u64,
     /// Units planned.
     target: u64,
-    /// The floor the fill started from (the whole allocation while held).
+    /// The floor the fill started from: while held, the whole allocation less what a shortage
+    /// took (rule 2).
     floor: u64,
     /// The floor without a hold ([`CellSnapshot::floor`]).
     plain_floor: u64,
@@ -190,13 +197,9 @@ fn plan_product_with(
     // At most `purchased`, so every per-product sum below fits in u64 once the floors are in.
     let pool = u128::from(product.reserve) + allocated;
 
-    // Rules 2–4 with recently granted cells held; if that leaves in-use, a min or a need
-    // uncovered while a held cell has units above its own floor, plan again without holds.
-    let (mut scarcity, mut water_level) = fair_shares(product, config, pool, true, scratch)?;
-    let held_units = scratch.work.iter().any(|w| w.floor > cells[w.cell].floor());
-    if held_units && !matches!(scarcity, Scarcity::Ample | Scarcity::Wants) {
-        (scarcity, water_level) = fair_shares(product, config, pool, false, scratch)?;
-    }
+    // Rules 2–4, recently granted cells held but for what a shortage of in-use, mins or needs
+    // takes from them.
+    let (scarcity, water_level) = fair_shares(product, config, pool, scratch)?;
     let work = &mut scratch.work;
 
     // Rules 5 and 6: grant fast, take back slow.
