@@ -4,7 +4,7 @@
 
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation};
-use allot_core::planner::{self, ProductPlan, ProductSnapshot, Scarcity};
+use allot_core::planner::{self, CellPlan, ProductPlan, ProductSnapshot, Scarcity};
 use allot_core::wire::balancer::{ExplainedCell, Explanation};
 use chrono::Utc;
 
@@ -87,34 +87,41 @@ pub(super) fn explained_cells(
 ) -> Vec<ExplainedCell> {
     plan.cells
         .iter()
-        .map(|cp| {
-            // Built snapshots number their cells by position; any other is searched.
-            let c = snapshot
-                .cells
-                .get(cp.server as usize)
-                .filter(|c| c.server == cp.server)
-                .or_else(|| snapshot.cells.iter().find(|c| c.server == cp.server))
-                .expect("the plan's cells are the snapshot's");
-            let s = c.demand.signals;
-            ExplainedCell {
-                server: server_names[cp.server as usize].clone(),
-                allocation: c.allocation,
-                in_use: c.in_use,
-                waiting: c.demand.waiting,
-                min_units: c.min_units,
-                buffer_units: c.buffer_units,
-                peak_in_use: c.demand.peak_in_use,
-                denials: c.demand.denials,
-                level: s.level,
-                forecast: s.forecast,
-                window_peak: (s.window_peak != u64::MAX).then_some(s.window_peak),
-                held: c.recently_granted,
-                need: cp.need,
-                want: cp.want,
-                fair_share: cp.fair_share,
-                target: cp.target,
-                decision: cp.decision.as_str().into(),
-            }
-        })
+        .map(|cp| explained_cell(snapshot, cp, server_names))
         .collect()
+}
+
+/// One cell of a product's plan as an operator reads it (see [`explained_cells`]).
+pub(super) fn explained_cell(
+    snapshot: &ProductSnapshot,
+    cp: &CellPlan,
+    server_names: &[String],
+) -> ExplainedCell {
+    // Built snapshots number their cells by position; any other is searched.
+    let c = snapshot
+        .cells
+        .get(cp.server as usize)
+        .filter(|c| c.server == cp.server)
+        .or_else(|| snapshot.cells.iter().find(|c| c.server == cp.server))
+        .expect("the plan's cells are the snapshot's");
+    let s = c.demand.signals;
+    ExplainedCell {
+        server: server_names[cp.server as usize].clone(),
+        allocation: c.allocation,
+        in_use: c.in_use,
+        waiting: c.demand.waiting,
+        min_units: c.min_units,
+        buffer_units: c.buffer_units,
+        peak_in_use: c.demand.peak_in_use,
+        denials: c.demand.denials,
+        level: s.level,
+        forecast: s.forecast,
+        window_peak: (s.window_peak != u64::MAX).then_some(s.window_peak),
+        held: c.recently_granted,
+        need: cp.need,
+        want: cp.want,
+        fair_share: cp.fair_share,
+        target: cp.target,
+        decision: cp.decision.as_str().into(),
+    }
 }

@@ -12,7 +12,7 @@
 //! recorded in the run's errors and the run goes on with the next.
 
 use super::batch::Booker;
-use super::explain::explained_cells;
+use super::explain::explained_cell;
 use super::phases::Phases;
 use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, cpu_bound, reconcile, usage_samples};
@@ -385,14 +385,13 @@ impl Engine {
         plan: &ProductPlan,
         server_names: &[String],
     ) -> Vec<RunDecision> {
-        let explained = explained_cells(snapshot, plan, server_names);
         let mut memory = self.memory.lock().expect("engine memory");
-        explained
-            .into_iter()
-            .filter(|cell| memory.decided(name, cell))
-            .map(|cell| RunDecision {
+        plan.cells
+            .iter()
+            .filter(|cp| memory.decided(&server_names[cp.server as usize], name, cp))
+            .map(|cp| RunDecision {
                 product: name.to_owned(),
-                cell,
+                cell: explained_cell(snapshot, cp, server_names),
             })
             .collect()
     }

@@ -6,14 +6,95 @@ use super::StatusMap;
 use crate::store::{CellAccounting, CellRecord, ServerRecord, Store, StoreError};
 use allot_core::demand::{PeakSample, SignalConfig, Signals, signals};
 use allot_core::domain::ServerState;
-use allot_core::planner::{CellSnapshot, Decision, Demand, ProductSnapshot};
-use allot_core::wire::balancer::{ExplainedCell, Product};
+use allot_core::planner::{CellPlan, CellSnapshot, Decision, Demand, ProductSnapshot};
+use allot_core::wire::balancer::Product;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// (server, product): the key of everything per cell.
-pub(super) type CellKey = (String, String);
+/// Something per cell, keyed product → server so that a lookup borrows the names: a run
+/// looks up every one of its cells (100,000 on a 1,000 × 100 estate) in several of these, and
+/// a key of two owned strings would allocate both for every lookup.
+#[derive(Debug)]
+pub(super) struct CellMap<V> {
+    by_product: HashMap<String, HashMap<String, V>>,
+}
+
+impl<V> Default for CellMap<V> {
+    fn default() -> Self {
+        Self {
+            by_product: HashMap::new(),
+        }
+    }
+}
+
+impl<V> CellMap<V> {
+    /// The cell's value.
+    pub(super) fn get(&self, server: &str, product: &str) -> Option<&V> {
+        self.by_product.get(product)?.get(server)
+    }
+
+    /// The cell's value, to change.
+    pub(super) fn get_mut(&mut self, server: &str, product: &str) -> Option<&mut V> {
+        self.by_product.get_mut(product)?.get_mut(server)
+    }
+
+    /// The cell's value, a default one put in first when it has none (the names are copied
+    /// only then).
+    pub(super) fn entry(&mut self, server: &str, product: &str) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.by_product.contains_key(product) {
+            self.by_product.insert(product.to_owned(), HashMap::new());
+        }
+        let servers = self.by_product.get_mut(product).expect("just put in");
+        if !servers.contains_key(server) {
+            servers.insert(server.to_owned(), V::default());
+        }
+        servers.get_mut(server).expect("just put in")
+    }
+
+    /// Sets the cell's value (the names are copied only for a new cell).
+    pub(super) fn insert(&mut self, server: &str, product: &str, value: V)
+    where
+        V: Default,
+    {
+        *self.entry(server, product) = value;
+    }
+
+    /// Takes the cell's value out.
+    pub(super) fn remove(&mut self, server: &str, product: &str) -> Option<V> {
+        let servers = self.by_product.get_mut(product)?;
+        let value = servers.remove(server);
+        if servers.is_empty() {
+            self.by_product.remove(product);
+        }
+        value
+    }
+
+    /// Keeps only the cells whose value `keep` accepts (it may change them).
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&mut V) -> bool) {
+        self.by_product.retain(|_, servers| {
+            servers.retain(|_, value| keep(value));
+            !servers.is_empty()
+        });
+    }
+
+    /// Every cell's value turned into another.
+    pub(super) fn map<W>(self, mut f: impl FnMut(V) -> W) -> CellMap<W> {
+        CellMap {
+            by_product: self
+                .by_product
+                .into_iter()
+                .map(|(product, servers)| {
+                    let servers = servers.into_iter().map(|(s, v)| (s, f(v))).collect();
+                    (product, servers)
+                })
+                .collect(),
+        }
+    }
+}
 
 /// What the engine remembers between runs, so an instant balance — which reads no statuses —
 /// judges donors by what the last run saw, and so a run holds units an instant balance has
@@ -22,21 +103,21 @@ pub(super) type CellKey = (String, String);
 #[derive(Debug, Default)]
 pub(super) struct Memory {
     /// Per cell, the demand and in-use the last run planned with.
-    seen: HashMap<CellKey, (Demand, u64)>,
+    seen: CellMap<(Demand, u64)>,
     /// Per cell, when units were last granted to it.
-    granted_at: HashMap<CellKey, Instant>,
+    granted_at: CellMap<Option<Instant>>,
     /// Per cell, the units it released within the ping-pong window, and when.
-    released: HashMap<CellKey, Vec<(Instant, u64)>>,
+    released: CellMap<Vec<(Instant, u64)>>,
     /// Ping-pong units per run still running, for its record.
     ping_pong_by_run: HashMap<i64, u64>,
     /// Per cell, what balancing did to and for it since its last usage sample.
-    accounting: HashMap<CellKey, CellAccounting>,
+    accounting: CellMap<CellAccounting>,
     /// Per product, units being released for an instant balance's waiting clients: they reach
     /// the reserve before the grant that carries them on, and no other request may take them.
     earmarked: HashMap<String, u64>,
     /// Per cell, the rule, target and allocation of its last decision, so a run records only
     /// the decisions that changed.
-    decided: HashMap<CellKey, (String, u64, u64)>,
+    decided: CellMap<Option<(Decision, u64, u64)>>,
 }
 
 /// A unit released and granted back to the same server within this long is ping-pong.
@@ -47,24 +128,22 @@ impl Memory {
     /// a release from it: what [`Memory::granted`] will count, known before the grant is booked
     /// (an instant balance writes it into its run's record in the booking's own commit).
     pub(super) fn returning(&self, server: &str, product: &str, units: u64) -> u64 {
-        self.released
-            .get(&(server.to_owned(), product.to_owned()))
-            .map_or(0, |released| {
-                released
-                    .iter()
-                    .filter(|(at, _)| at.elapsed() < PING_PONG_WINDOW)
-                    .map(|(_, r)| *r)
-                    .sum::<u64>()
-                    .min(units)
-            })
+        self.released.get(server, product).map_or(0, |released| {
+            released
+                .iter()
+                .filter(|(at, _)| at.elapsed() < PING_PONG_WINDOW)
+                .map(|(_, r)| *r)
+                .sum::<u64>()
+                .min(units)
+        })
     }
 
     /// Notes a grant applied to a cell; returns the units of it that come back within the
     /// ping-pong window of a release from the same cell.
     pub(super) fn granted(&mut self, server: &str, product: &str, units: u64) -> u64 {
-        let key = (server.to_owned(), product.to_owned());
-        self.granted_at.insert(key.clone(), Instant::now());
-        let back = match self.released.get_mut(&key) {
+        self.granted_at
+            .insert(server, product, Some(Instant::now()));
+        let back = match self.released.get_mut(server, product) {
             None => 0,
             Some(released) => {
                 released.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
@@ -78,7 +157,7 @@ impl Memory {
                 units - left
             }
         };
-        let tally = self.accounting.entry(key).or_default();
+        let tally = self.accounting.entry(server, product);
         tally.units_granted += units;
         tally.ping_pong_units += back;
         back
@@ -89,19 +168,14 @@ impl Memory {
         if truly + falsely == 0 {
             return;
         }
-        let tally = self
-            .accounting
-            .entry((server.to_owned(), product.to_owned()))
-            .or_default();
+        let tally = self.accounting.entry(server, product);
         tally.unserved_true += truly;
         tally.unserved_false += falsely;
     }
 
     /// Takes a cell's accounting since its last sample (zero when nothing happened).
     pub(super) fn take_accounting(&mut self, server: &str, product: &str) -> CellAccounting {
-        self.accounting
-            .remove(&(server.to_owned(), product.to_owned()))
-            .unwrap_or_default()
+        self.accounting.remove(server, product).unwrap_or_default()
     }
 
     /// The product's units earmarked for instant balances under way.
@@ -132,12 +206,8 @@ impl Memory {
 
     /// Notes a release applied by a cell.
     pub(super) fn released(&mut self, server: &str, product: &str, units: u64) {
-        let key = (server.to_owned(), product.to_owned());
-        self.accounting
-            .entry(key.clone())
-            .or_default()
-            .units_released += units;
-        let entry = self.released.entry(key).or_default();
+        self.accounting.entry(server, product).units_released += units;
+        let entry = self.released.entry(server, product);
         entry.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
         entry.push((Instant::now(), units));
     }
@@ -145,19 +215,18 @@ impl Memory {
     /// Whether the cell was granted units within `hold`.
     pub(super) fn recently_granted(&self, server: &str, product: &str, hold: Duration) -> bool {
         self.granted_at
-            .get(&(server.to_owned(), product.to_owned()))
+            .get(server, product)
+            .copied()
+            .flatten()
             .is_some_and(|at| at.elapsed() < hold)
     }
 
     /// Whether some cell of `product` in `cells` was never seen by a run of this balancer
     /// (after a restart): an instant balance then reads the newest samples' peaks for them.
     pub(super) fn unseen_any(&self, product: &str, cells: &[CellRecord]) -> bool {
-        cells.iter().any(|c| {
-            c.product == product
-                && !self
-                    .seen
-                    .contains_key(&(c.server.clone(), c.product.clone()))
-        })
+        cells
+            .iter()
+            .any(|c| c.product == product && self.seen.get(&c.server, &c.product).is_none())
     }
 
     /// Notes a cell's decision in a run and says whether the run records it: when the cell's
@@ -165,27 +234,24 @@ impl Memory {
     /// (a first decision counts when it is not `steady`). A cell kept in excess for a day is
     /// recorded when it got there and when it left, not once a run: on a 100,000-cell estate
     /// a run would otherwise write 100,000 rows of unchanged reasons.
-    pub(super) fn decided(&mut self, product: &str, cell: &ExplainedCell) -> bool {
-        let now = (cell.decision.clone(), cell.target, cell.allocation);
-        match self
-            .decided
-            .insert((cell.server.clone(), product.to_owned()), now.clone())
-        {
+    pub(super) fn decided(&mut self, server: &str, product: &str, cell: &CellPlan) -> bool {
+        let now = (cell.decision, cell.target, cell.allocation);
+        match self.decided.entry(server, product).replace(now) {
             Some(before) => before != now,
-            None => cell.decision != Decision::Steady.as_str(),
+            None => cell.decision != Decision::Steady,
         }
     }
 
     /// Notes what a run planned one cell with.
     pub(super) fn saw(&mut self, server: &str, product: &str, demand: Demand, in_use: u64) {
-        self.seen
-            .insert((server.to_owned(), product.to_owned()), (demand, in_use));
+        self.seen.insert(server, product, (demand, in_use));
     }
 
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
     pub(super) fn forget_older_than(&mut self, hold: Duration) {
-        self.granted_at.retain(|_, at| at.elapsed() < hold);
-        self.released.retain(|_, r| {
+        self.granted_at
+            .retain(|at| at.is_some_and(|at| at.elapsed() < hold));
+        self.released.retain(|r| {
             r.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
             !r.is_empty()
         });
@@ -197,7 +263,7 @@ pub(super) async fn read_signals(
     store: &dyn Store,
     now_ms: i64,
     config: &SignalConfig,
-) -> Result<HashMap<CellKey, Signals>, StoreError> {
+) -> Result<CellMap<Signals>, StoreError> {
     let now = u64::try_from(now_ms).unwrap_or(0);
     let ranges: Vec<(i64, i64)> = config
         .ranges(now)
@@ -210,23 +276,14 @@ pub(super) async fn read_signals(
             )
         })
         .collect();
-    let mut samples: HashMap<CellKey, Vec<PeakSample>> = HashMap::new();
+    let mut samples: CellMap<Vec<PeakSample>> = CellMap::default();
     for (server, product, at, peak) in store.peak_samples(&ranges).await? {
-        samples
-            .entry((server, product))
-            .or_default()
-            .push(PeakSample {
-                at: u64::try_from(at).unwrap_or(0),
-                peak,
-            });
+        samples.entry(&server, &product).push(PeakSample {
+            at: u64::try_from(at).unwrap_or(0),
+            peak,
+        });
     }
-    Ok(samples
-        .into_iter()
-        .map(|(key, s)| {
-            let signals = signals(&s, now, config);
-            (key, signals)
-        })
-        .collect())
+    Ok(samples.map(|s| signals(&s, now, config)))
 }
 
 /// A planner snapshot of one product and the names behind its compact server ids.
@@ -239,7 +296,7 @@ pub(super) struct BuiltSnapshot {
 pub(super) struct RunView<'a> {
     pub statuses: &'a StatusMap,
     pub servers: &'a [ServerRecord],
-    pub signals: &'a HashMap<CellKey, Signals>,
+    pub signals: &'a CellMap<Signals>,
     pub memory: &'a Mutex<Memory>,
     pub hold: Duration,
 }
@@ -273,13 +330,16 @@ pub(super) fn build_snapshot(
         };
         let id = u32::try_from(server_names.len()).expect("fewer than 2^32 servers");
         server_names.push(server.name.clone());
-        let key = (server.name.clone(), product.name.clone());
         let demand = Demand {
             peak_in_use: u64::from(seen.since_last.peak_in_use),
             denials: seen.since_last.denials,
             waiting: u64::from(seen.waiting),
             instant_requests: seen.since_last.instant_requests,
-            signals: view.signals.get(&key).copied().unwrap_or_default(),
+            signals: view
+                .signals
+                .get(&server.name, &product.name)
+                .copied()
+                .unwrap_or_default(),
         };
         // Reserved units still free are needed here, never free to take (FlexNet RESERVE).
         let in_use = u64::from(seen.needed());
@@ -331,7 +391,7 @@ pub(super) fn instant_cells(
         };
         let (mut demand, mut in_use) = memory
             .seen
-            .get(&(c.server.clone(), c.product.clone()))
+            .get(&c.server, &c.product)
             .copied()
             // Never seen since this balancer started: the newest sample's peak stands in
             // for what is in use, so a donor is never assumed idle without evidence.
@@ -363,25 +423,16 @@ pub(super) fn instant_cells(
 mod tests {
     use super::*;
 
-    fn cell(server: &str, decision: Decision, target: u64, allocation: u64) -> ExplainedCell {
-        ExplainedCell {
-            server: server.into(),
+    fn cell(decision: Decision, target: u64, allocation: u64) -> CellPlan {
+        CellPlan {
+            server: 0,
             allocation,
-            in_use: 0,
-            waiting: 0,
-            min_units: 0,
-            buffer_units: 0,
-            peak_in_use: 0,
-            denials: 0,
-            level: 0,
-            forecast: 0,
-            window_peak: None,
-            held: false,
+            floor: 0,
             need: 0,
             want: 0,
             fair_share: 0,
             target,
-            decision: decision.as_str().into(),
+            decision,
         }
     }
 
@@ -389,19 +440,19 @@ mod tests {
     fn a_decision_is_recorded_when_it_changes_not_every_run() {
         let mut memory = Memory::default();
         // First sight: a non-steady decision is recorded, a steady one is not.
-        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 2, 5)));
-        assert!(!memory.decided("cad", &cell("tokyo", Decision::Steady, 3, 3)));
+        assert!(memory.decided("paris", "cad", &cell(Decision::KeptExcess, 2, 5)));
+        assert!(!memory.decided("tokyo", "cad", &cell(Decision::Steady, 3, 3)));
         // The same decision run after run: recorded once.
-        assert!(!memory.decided("cad", &cell("paris", Decision::KeptExcess, 2, 5)));
+        assert!(!memory.decided("paris", "cad", &cell(Decision::KeptExcess, 2, 5)));
         // Another product's cell of the same server is its own.
-        assert!(memory.decided("cae", &cell("paris", Decision::KeptExcess, 2, 5)));
+        assert!(memory.decided("paris", "cae", &cell(Decision::KeptExcess, 2, 5)));
         // The rule, the target or the allocation changing is recorded, and so is the return
         // to steady that ends an episode.
-        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 3, 5)));
-        assert!(memory.decided("cad", &cell("paris", Decision::KeptExcess, 3, 4)));
-        assert!(memory.decided("cad", &cell("paris", Decision::ReleaseIdle, 3, 4)));
-        assert!(memory.decided("cad", &cell("paris", Decision::Steady, 3, 3)));
-        assert!(!memory.decided("cad", &cell("paris", Decision::Steady, 3, 3)));
-        assert!(memory.decided("cad", &cell("tokyo", Decision::GrantNeeded, 5, 3)));
+        assert!(memory.decided("paris", "cad", &cell(Decision::KeptExcess, 3, 5)));
+        assert!(memory.decided("paris", "cad", &cell(Decision::KeptExcess, 3, 4)));
+        assert!(memory.decided("paris", "cad", &cell(Decision::ReleaseIdle, 3, 4)));
+        assert!(memory.decided("paris", "cad", &cell(Decision::Steady, 3, 3)));
+        assert!(!memory.decided("paris", "cad", &cell(Decision::Steady, 3, 3)));
+        assert!(memory.decided("tokyo", "cad", &cell(Decision::GrantNeeded, 5, 3)));
     }
 }
