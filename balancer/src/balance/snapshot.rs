@@ -56,11 +56,16 @@ impl<V> CellMap<V> {
     }
 
     /// Sets the cell's value (the names are copied only for a new cell).
-    pub(super) fn insert(&mut self, server: &str, product: &str, value: V)
-    where
-        V: Default,
-    {
-        *self.entry(server, product) = value;
+    pub(super) fn insert(&mut self, server: &str, product: &str, value: V) {
+        match self.get_mut(server, product) {
+            Some(slot) => *slot = value,
+            None => {
+                self.by_product
+                    .entry(product.to_owned())
+                    .or_default()
+                    .insert(server.to_owned(), value);
+            }
+        }
     }
 
     /// Takes the cell's value out.
@@ -105,7 +110,7 @@ pub(super) struct Memory {
     /// Per cell, the demand and in-use the last run planned with.
     seen: CellMap<(Demand, u64)>,
     /// Per cell, when units were last granted to it.
-    granted_at: CellMap<Option<Instant>>,
+    granted_at: CellMap<Instant>,
     /// Per cell, the units it released within the ping-pong window, and when.
     released: CellMap<Vec<(Instant, u64)>>,
     /// Ping-pong units per run still running, for its record.
@@ -117,7 +122,7 @@ pub(super) struct Memory {
     earmarked: HashMap<String, u64>,
     /// Per cell, the rule, target and allocation of its last decision, so a run records only
     /// the decisions that changed.
-    decided: CellMap<Option<(Decision, u64, u64)>>,
+    decided: CellMap<(Decision, u64, u64)>,
 }
 
 /// A unit released and granted back to the same server within this long is ping-pong.
@@ -141,8 +146,7 @@ impl Memory {
     /// Notes a grant applied to a cell; returns the units of it that come back within the
     /// ping-pong window of a release from the same cell.
     pub(super) fn granted(&mut self, server: &str, product: &str, units: u64) -> u64 {
-        self.granted_at
-            .insert(server, product, Some(Instant::now()));
+        self.granted_at.insert(server, product, Instant::now());
         let back = match self.released.get_mut(server, product) {
             None => 0,
             Some(released) => {
@@ -216,8 +220,6 @@ impl Memory {
     pub(super) fn recently_granted(&self, server: &str, product: &str, hold: Duration) -> bool {
         self.granted_at
             .get(server, product)
-            .copied()
-            .flatten()
             .is_some_and(|at| at.elapsed() < hold)
     }
 
@@ -236,9 +238,12 @@ impl Memory {
     /// a run would otherwise write 100,000 rows of unchanged reasons.
     pub(super) fn decided(&mut self, server: &str, product: &str, cell: &CellPlan) -> bool {
         let now = (cell.decision, cell.target, cell.allocation);
-        match self.decided.entry(server, product).replace(now) {
-            Some(before) => before != now,
-            None => cell.decision != Decision::Steady,
+        match self.decided.get_mut(server, product) {
+            Some(before) => std::mem::replace(before, now) != now,
+            None => {
+                self.decided.insert(server, product, now);
+                cell.decision != Decision::Steady
+            }
         }
     }
 
@@ -249,8 +254,7 @@ impl Memory {
 
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
     pub(super) fn forget_older_than(&mut self, hold: Duration) {
-        self.granted_at
-            .retain(|at| at.is_some_and(|at| at.elapsed() < hold));
+        self.granted_at.retain(|at| at.elapsed() < hold);
         self.released.retain(|r| {
             r.retain(|(at, _)| at.elapsed() < PING_PONG_WINDOW);
             !r.is_empty()
@@ -434,6 +438,27 @@ mod tests {
             target,
             decision,
         }
+    }
+
+    #[test]
+    fn a_cell_map_keeps_each_cell_apart_and_forgets_empty_products() {
+        let mut map: CellMap<u64> = CellMap::default();
+        map.insert("paris", "cad", 1);
+        map.insert("tokyo", "cad", 2);
+        map.insert("paris", "cae", 3);
+        *map.entry("paris", "cad") += 10;
+        *map.entry("lima", "cad") += 5;
+        assert_eq!(map.get("paris", "cad"), Some(&11));
+        assert_eq!(map.get("paris", "cae"), Some(&3));
+        assert_eq!(map.get("lima", "cad"), Some(&5));
+        assert_eq!(map.get("cad", "paris"), None);
+        assert_eq!(map.remove("paris", "cae"), Some(3));
+        assert!(!map.by_product.contains_key("cae"));
+        map.retain(|v| *v > 4);
+        assert_eq!(map.get("tokyo", "cad"), None);
+        let doubled = map.map(|v| v * 2);
+        assert_eq!(doubled.get("paris", "cad"), Some(&22));
+        assert_eq!(doubled.get("lima", "cad"), Some(&10));
     }
 
     #[test]
