@@ -70,9 +70,7 @@ impl Engine {
                     .iter()
                     .map(|c| Holding {
                         allocation: c.units,
-                        in_use: statuses
-                            .get(&c.server)
-                            .and_then(|s| s.products.iter().find(|p| p.product == product))
+                        in_use: super::reported(&statuses, &c.server, &product)
                             .map_or(c.units, |p| u64::from(p.in_use)),
                     })
                     .collect();

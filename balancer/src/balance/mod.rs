@@ -711,9 +711,9 @@ fn reconcile(
         .collect();
     let mut found = Vec::new();
     for cell in after {
-        let Some(status) = statuses.get(&cell.server) else {
+        if !statuses.contains_key(&cell.server) {
             continue;
-        };
+        }
         let key = (cell.server.as_str(), cell.product.as_str());
         // A move in flight may be applied at the server and not yet booked: not a discrepancy.
         if in_flight.contains(&key) {
@@ -722,7 +722,7 @@ fn reconcile(
         if before.get(&key) != Some(&(cell.units, cell.generation)) {
             continue;
         }
-        let seen = status.products.iter().find(|p| p.product == cell.product);
+        let seen = reported(statuses, &cell.server, &cell.product);
         let (allocation, generation) =
             seen.map_or((0, 0), |p| (u64::from(p.allocation), p.generation));
         if allocation != cell.units {
