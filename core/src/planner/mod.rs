@@ -49,10 +49,11 @@
 //!    still short, ordered cells with clients waiting or denied since the last run first, then
 //!    by a fixed mix of (product, server) ids — an order that never reads the allocation. A
 //!    held cell's increment counts from where it would stand without its hold: it gets
-//!    `max(allocation, previous level + min(need, s))`, so a hold keeps units but never earns
-//!    a larger share (else a cell granted units would, held at its new allocation, be
-//!    water-filled again on top of it at every run). The result is the cell's *fair share*; no
-//!    fair share exceeds the want, or a held cell's allocation if that is more.
+//!    `max(floor, previous level + min(need, s))` (its floor: the allocation, less what a
+//!    shortage took), so a hold keeps units but never earns a larger share (else a cell
+//!    granted units would, held at its new allocation, be water-filled again on top of it at
+//!    every run). The result is the cell's *fair share*; no fair share exceeds the want, or a
+//!    held cell's floor if that is more.
 //! 5. **Grant fast.** A cell below its fair share is granted the difference when it is urgent
 //!    (the allocation does not cover its in-use, min or need, or the cell is starving) or when
 //!    the difference exceeds the dead band (`margin`: [`PlannerConfig::margin`] of the

@@ -314,8 +314,8 @@ pub struct CellPlan {
     pub server: ServerId,
     /// Units it held before the run.
     pub allocation: u64,
-    /// Units the planner would not take back (see [`CellSnapshot::floor`]; the whole
-    /// allocation while held).
+    /// Units the planner would not take back (see [`CellSnapshot::floor`]; while held, the
+    /// whole allocation less what a shortage took, rule 2).
     pub floor: u64,
     /// Units it needs now (see [`CellSnapshot::need`]).
     pub need: u64,
