@@ -653,10 +653,15 @@ impl Engine {
     }
 }
 
-/// What `server` reported of `product`. Its products are sorted by name as read
-/// ([`AgentClient::status`]): a run looks up every cell, 100,000 on a 1,000 × 100 estate.
+/// What `server` reported of `product`.
 fn reported<'a>(statuses: &'a StatusMap, server: &str, product: &str) -> Option<&'a ProductStatus> {
-    let products = &statuses.get(server)?.products;
+    product_status(statuses.get(server)?, product)
+}
+
+/// What a status says of `product`. Its products are sorted by name as read
+/// ([`AgentClient::status`]): a run looks up every cell, 100,000 on a 1,000 × 100 estate.
+fn product_status<'a>(status: &'a AgentStatus, product: &str) -> Option<&'a ProductStatus> {
+    let products = &status.products;
     debug_assert!(products.is_sorted_by(|a, b| a.product <= b.product));
     products
         .binary_search_by(|p| p.product.as_str().cmp(product))
@@ -682,7 +687,7 @@ fn adopted(server: &str, cells: &[CellRecord], statuses: &StatusMap) -> bool {
         && cells
             .iter()
             .filter(|c| c.server == server && c.units > 0)
-            .all(|c| status.products.iter().any(|p| p.product == c.product))
+            .all(|c| product_status(status, &c.product).is_some())
 }
 
 /// Every way a reachable server's applied allocation disagrees with the books. `before` and
@@ -711,9 +716,9 @@ fn reconcile(
         .collect();
     let mut found = Vec::new();
     for cell in after {
-        if !statuses.contains_key(&cell.server) {
+        let Some(status) = statuses.get(&cell.server) else {
             continue;
-        }
+        };
         let key = (cell.server.as_str(), cell.product.as_str());
         // A move in flight may be applied at the server and not yet booked: not a discrepancy.
         if in_flight.contains(&key) {
@@ -722,7 +727,7 @@ fn reconcile(
         if before.get(&key) != Some(&(cell.units, cell.generation)) {
             continue;
         }
-        let seen = reported(statuses, &cell.server, &cell.product);
+        let seen = product_status(status, &cell.product);
         let (allocation, generation) =
             seen.map_or((0, 0), |p| (u64::from(p.allocation), p.generation));
         if allocation != cell.units {

@@ -45,10 +45,7 @@ impl<V> CellMap<V> {
     where
         V: Default,
     {
-        if !self.by_product.contains_key(product) {
-            self.by_product.insert(product.to_owned(), HashMap::new());
-        }
-        let servers = self.by_product.get_mut(product).expect("just put in");
+        let servers = self.servers_of(product);
         if !servers.contains_key(server) {
             servers.insert(server.to_owned(), V::default());
         }
@@ -57,15 +54,21 @@ impl<V> CellMap<V> {
 
     /// Sets the cell's value (the names are copied only for a new cell).
     pub(super) fn insert(&mut self, server: &str, product: &str, value: V) {
-        match self.get_mut(server, product) {
+        let servers = self.servers_of(product);
+        match servers.get_mut(server) {
             Some(slot) => *slot = value,
             None => {
-                self.by_product
-                    .entry(product.to_owned())
-                    .or_default()
-                    .insert(server.to_owned(), value);
+                servers.insert(server.to_owned(), value);
             }
         }
+    }
+
+    /// The product's cells, an empty map put in first when it has none.
+    fn servers_of(&mut self, product: &str) -> &mut HashMap<String, V> {
+        if !self.by_product.contains_key(product) {
+            self.by_product.insert(product.to_owned(), HashMap::new());
+        }
+        self.by_product.get_mut(product).expect("just put in")
     }
 
     /// Takes the cell's value out.

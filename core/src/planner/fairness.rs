@@ -63,7 +63,7 @@ pub(super) fn fair_shares(
             server: pair[0].server,
         });
     }
-    release_holds_for_shortage(work, pool);
+    release_holds_for_shortage(work, pool, &mut scratch.short);
     let floors: u128 = work.iter().map(|w| u128::from(w.level)).sum();
     // Floors never exceed allocations, so they fit the pool.
     let mut remaining = pool - floors;
@@ -103,8 +103,9 @@ pub(super) fn fair_shares(
 
 /// Rule 2's exception: lowers the held floors just enough to cover in-use, mins and needs, or
 /// drops every hold when even that is not enough. Held cells give their units above their own
-/// needs level, the largest such holding first, then by server id.
-fn release_holds_for_shortage(work: &mut [Work], pool: u128) {
+/// needs level, the cell with the most such units first, then by server id (`givers` is
+/// scratch space for their positions).
+fn release_holds_for_shortage(work: &mut [Work], pool: u128, givers: &mut Vec<usize>) {
     let floors: u128 = work.iter().map(|w| u128::from(w.floor)).sum();
     let uncovered: u128 = work
         .iter()
@@ -116,7 +117,8 @@ fn release_holds_for_shortage(work: &mut [Work], pool: u128) {
     };
     // A live cell's needs level is at least its plain floor.
     let givable = |w: &Work| w.floor.saturating_sub(w.levels[2]);
-    let mut givers: Vec<usize> = (0..work.len()).filter(|&k| givable(&work[k]) > 0).collect();
+    givers.clear();
+    givers.extend((0..work.len()).filter(|&k| givable(&work[k]) > 0));
     let can_give: u128 = givers.iter().map(|&k| u128::from(givable(&work[k]))).sum();
     if can_give < shortfall {
         for w in work.iter_mut() {
@@ -125,7 +127,7 @@ fn release_holds_for_shortage(work: &mut [Work], pool: u128) {
     } else {
         // Stable: `work` is in server order.
         givers.sort_by_key(|&k| std::cmp::Reverse(givable(&work[k])));
-        for k in givers {
+        for &k in givers.iter() {
             if shortfall == 0 {
                 break;
             }
