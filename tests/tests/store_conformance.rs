@@ -45,6 +45,7 @@ on_both_backends!(
     a_runs_decisions_are_kept_field_for_field,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
+    a_runs_samples_beyond_one_statement_are_all_kept,
     books_survive_a_reopen,
     concurrent_mutations_keep_conservation,
     history_rolls_up_without_losing_the_peak,
@@ -1183,6 +1184,48 @@ async fn demand_signals_read_positive_peaks_and_each_cells_oldest_sample(backend
             row("s2", 2_000, 3),
         ]
     );
+}
+
+/// A run records its samples a chunk at a time (10,000 rows to a statement): 101 servers ×
+/// 100 products, 10,100 samples, are all kept, each with its own values.
+async fn a_runs_samples_beyond_one_statement_are_all_kept(backend: Backend) {
+    let store = open(&backend).await;
+    let (servers, products) = (101u64, 100u64);
+    for p in 0..products {
+        store
+            .create_product("admin", &product(&format!("p{p:03}")))
+            .await
+            .unwrap();
+    }
+    for s in 0..servers {
+        let name = format!("s{s:03}");
+        store
+            .register_server("admin", &server(&name), "salt", &format!("hash-{name}"))
+            .await
+            .unwrap();
+    }
+    let samples: Vec<UsageSample> = (0..servers)
+        .flat_map(|s| {
+            (0..products).map(move |p| UsageSample {
+                server: format!("s{s:03}"),
+                product: format!("p{p:03}"),
+                in_use: s * products + p,
+                ..UsageSample::default()
+            })
+        })
+        .collect();
+    let run = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
+    store.record_samples(run, 5_000, &samples).await.unwrap();
+    let kept = store.samples_between(5_000, 5_001).await.unwrap();
+    assert_eq!(kept.len(), samples.len());
+    // Read back ordered by server and product, as written.
+    for ((at, read), written) in kept.iter().zip(&samples) {
+        assert_eq!(*at, 5_000);
+        assert_eq!(read, written);
+    }
 }
 
 async fn books_survive_a_reopen(backend: Backend) {

@@ -6,11 +6,20 @@ use super::{
     StoreResult, UsageSample, begin_write, count, insert_samples,
 };
 
+/// How many samples [`record_samples`] turns into rows and sends at once. Why not all: a
+/// run over 1,000 servers × 100 products records 100,000 samples while it still holds its
+/// statuses and both reads of the books, and all of their rows, one array per column and the
+/// encoded statement at once were the balancer's peak of memory (423–478 MiB against 349–384
+/// MiB a chunk at a time, BENCHMARKS.md "A 1,000-server estate"); ten statements write them
+/// no slower than one did.
+const SAMPLES_AT_ONCE: usize = 10_000;
+
 /// One multi-row `INSERT` per chunk of samples instead of one statement per sample: a run
 /// over 200 servers × 50 products writes 10,000 samples, and every statement costs a
 /// network round trip (PostgreSQL) or a hop to the driver's thread (SQLite). Names are
 /// resolved to ids once, in the same transaction; a sample naming a removed server or an
-/// unknown product is skipped, as the per-row `INSERT … SELECT` did.
+/// unknown product is skipped, as the per-row `INSERT … SELECT` did. The rows are built and
+/// sent [`SAMPLES_AT_ONCE`] at a time, all in one transaction.
 pub(super) async fn record_samples(
     pool: &Pool<Db>,
     run_id: i64,
@@ -23,31 +32,33 @@ pub(super) async fn record_samples(
     }
     let mut tx = begin_write(pool).await?;
     let ids = NameIds::read(&mut tx).await?;
-    let rows: Vec<SampleRow> = samples
-        .iter()
-        .filter_map(|s| {
-            let (server, product) = ids.cell(&s.server, &s.product)?;
-            Some([
-                server,
-                product,
-                wide(s.allocation),
-                wide(s.in_use),
-                wide(s.peak_in_use),
-                wide(s.checkouts),
-                wide(s.denials),
-                wide(s.overdrafts),
-                wide(s.staleouts),
-                wide(s.waiting),
-                wide(s.instant_requests),
-                wide(s.accounting.units_granted),
-                wide(s.accounting.units_released),
-                wide(s.accounting.ping_pong_units),
-                wide(s.accounting.unserved_true),
-                wide(s.accounting.unserved_false),
-            ])
-        })
-        .collect();
-    insert_samples(&mut tx, run_id, at_ms, &rows).await?;
+    for chunk in samples.chunks(SAMPLES_AT_ONCE) {
+        let rows: Vec<SampleRow> = chunk
+            .iter()
+            .filter_map(|s| {
+                let (server, product) = ids.cell(&s.server, &s.product)?;
+                Some([
+                    server,
+                    product,
+                    wide(s.allocation),
+                    wide(s.in_use),
+                    wide(s.peak_in_use),
+                    wide(s.checkouts),
+                    wide(s.denials),
+                    wide(s.overdrafts),
+                    wide(s.staleouts),
+                    wide(s.waiting),
+                    wide(s.instant_requests),
+                    wide(s.accounting.units_granted),
+                    wide(s.accounting.units_released),
+                    wide(s.accounting.ping_pong_units),
+                    wide(s.accounting.unserved_true),
+                    wide(s.accounting.unserved_false),
+                ])
+            })
+            .collect();
+        insert_samples(&mut tx, run_id, at_ms, &rows).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
