@@ -924,6 +924,24 @@ struct Floors {
     healthz: Vec<u64>,
     /// One row inserted and committed on PostgreSQL (the store's round trip and WAL flush).
     commit: Vec<u64>,
+    /// An 8 KiB append to a file on the machine's disk and its `fdatasync`: what every durable
+    /// commit (PostgreSQL's WAL, a metering server's SQLite) waits for at that moment.
+    disk: Vec<u64>,
+}
+
+/// One 8 KiB append to `file` and its `fdatasync`, in microseconds; the file starts again
+/// every 1,000 appends so that it stays small.
+fn disk_sync_micros(file: &mut std::fs::File, appended: usize) -> u64 {
+    use std::io::{Seek, Write};
+    if appended.is_multiple_of(1_000) {
+        file.set_len(0).expect("the disk floor's file");
+        file.rewind().expect("the disk floor's file");
+    }
+    let started = Instant::now();
+    file.write_all(&[0x5a; 8192])
+        .expect("the disk floor's append");
+    file.sync_data().expect("the disk floor's fdatasync");
+    started.elapsed().as_micros() as u64
 }
 
 /// Section 6 (`ALLOT_BENCH_ONLY=estate`): a large estate — `ALLOT_BENCH_SERVERS` metering
@@ -1013,7 +1031,9 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                     .collect();
                 let products = estate.products.clone();
                 let commit_probe = commit_probe.clone();
+                let disk_floor = estate.books.dir.path().join("disk-floor");
                 tokio::spawn(async move {
+                    let mut disk_file = std::fs::File::create(&disk_floor).expect("the disk floor");
                     let (mut latencies, mut refused, mut floor) =
                         (Vec::new(), Vec::new(), Floors::default());
                     let mut k = 0usize;
@@ -1031,6 +1051,13 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                                 .expect("the floor's commit");
                             floor.commit.push(started.elapsed().as_micros() as u64);
                         }
+                        // The disk's floor: every durable commit of the instant balance (its
+                        // run's on PostgreSQL, the grant's on the metering server) waits for
+                        // a sync like this one (blocking this client for its length, as the
+                        // instant balance after it would wait anyway).
+                        floor
+                            .disk
+                            .push(disk_sync_micros(&mut disk_file, floor.disk.len()));
                         // An ample product (every tenth is scarce), a server in turn.
                         let index = k % products.len();
                         let product = &products[if index % 10 == 9 { index - 1 } else { index }];
@@ -1088,11 +1115,16 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                 println!("    {} of {sent} instant balances refused", refused.len());
             }
             let this_run = series(latencies.iter().chain(&refused).copied().collect());
-            let this_floor = (series(floor.healthz.clone()), series(floor.commit.clone()));
+            let this_floor = (
+                series(floor.healthz.clone()),
+                series(floor.commit.clone()),
+                series(floor.disk.clone()),
+            );
             instants.extend(latencies);
             instants.extend(refused);
             floors.healthz.extend(floor.healthz);
             floors.commit.extend(floor.commit);
+            floors.disk.extend(floor.disk);
             (
                 elapsed,
                 // `POST /v1/balance` answers the run's detail (its record flattened);
@@ -1109,13 +1141,15 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         println!(
             "  {label:<26} {elapsed:>8.3} s  moves {moves:>6}  instant balances during it {sent:>5} \
              (p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; healthz p99 {:.1} ms; a commit p50 {:.1} ms, \
-             p99 {:.1} ms)  load {load}",
+             p99 {:.1} ms; a disk sync p50 {:.1} ms, p99 {:.1} ms)  load {load}",
             this_run.p50,
             this_run.p99,
             this_run.max,
             this_floor.0.p99,
             this_floor.1.p50,
-            this_floor.1.p99
+            this_floor.1.p99,
+            this_floor.2.p50,
+            this_floor.2.p99
         );
         elapsed
     };
@@ -1164,6 +1198,7 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
     let scheduled_floor = series(floors.healthz[floor_from..].to_vec());
     // The commits' vector is empty on SQLite (no probe), else as long as the healthz one.
     let scheduled_commit = series(floors.commit.get(floor_from..).unwrap_or(&[]).to_vec());
+    let scheduled_disk = series(floors.disk[floor_from..].to_vec());
     let instant = series(instants);
     println!(
         "  first {first:.2} s; median quiet {:.2} s, median steady {:.2} s",
@@ -1195,6 +1230,12 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
             scheduled_commit.p50, scheduled_commit.p99, scheduled_commit.max
         );
     }
+    println!(
+        "  an 8 KiB append and its fdatasync on the same disk by the same client in those runs (what \
+         each durable commit waits for; an instant balance waits for two): p50 {:.2} ms  p99 {:.2} ms  \
+         max {:.2} ms",
+        scheduled_disk.p50, scheduled_disk.p99, scheduled_disk.max
+    );
     println!("  {}", instant_phases(&log));
     for phases in run_phases(&log) {
         println!("  run phases: {phases}");
