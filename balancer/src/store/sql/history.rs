@@ -9,7 +9,7 @@ use super::{
 /// How many samples [`record_samples`] turns into rows and sends at once. Why not all: a
 /// run over 1,000 servers × 100 products records 100,000 samples while it still holds its
 /// statuses and both reads of the books, and all of their rows, one array per column and the
-/// encoded statement at once were the balancer's peak of memory (423–478 MiB against 349–384
+/// encoded statement at once were the balancer's peak of memory (423–478 MiB against 341–384
 /// MiB a chunk at a time, BENCHMARKS.md "A 1,000-server estate"); ten statements write them
 /// no slower than one did.
 const SAMPLES_AT_ONCE: usize = 10_000;
