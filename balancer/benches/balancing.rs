@@ -924,8 +924,10 @@ struct Floors {
     healthz: Vec<u64>,
     /// One row inserted and committed on PostgreSQL (the store's round trip and WAL flush).
     commit: Vec<u64>,
-    /// An 8 KiB append to a file on the machine's disk and its `fdatasync`: what every durable
-    /// commit (PostgreSQL's WAL, a metering server's SQLite) waits for at that moment.
+    /// An 8 KiB append to a file in the estate's temporary directory and its `fdatasync`: a
+    /// proxy, from above (the file grows, so each sync also commits its size), for what a
+    /// durable commit (a metering server's SQLite, PostgreSQL's WAL when it is on the same
+    /// disk, as on the test machine) waits for at that moment.
     disk: Vec<u64>,
 }
 
@@ -1053,8 +1055,8 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
                         }
                         // The disk's floor: every durable commit of the instant balance (its
                         // run's on PostgreSQL, the grant's on the metering server) waits for
-                        // a sync like this one (blocking this client for its length, as the
-                        // instant balance after it would wait anyway).
+                        // a sync of the disk. Blocking: this current-thread client (and the
+                        // run's request it drives) waits for the sync, at most a few ms.
                         floor
                             .disk
                             .push(disk_sync_micros(&mut disk_file, floor.disk.len()));
@@ -1231,8 +1233,8 @@ fn estate_bench(server_rt: &Runtime, client_rt: &Runtime, backend: &str) {
         );
     }
     println!(
-        "  an 8 KiB append and its fdatasync on the same disk by the same client in those runs (what \
-         each durable commit waits for; an instant balance waits for two): p50 {:.2} ms  p99 {:.2} ms  \
+        "  an 8 KiB append and its fdatasync in the estate's directory by the same client in those \
+         runs (a durable commit's floor; an instant balance waits for two): p50 {:.2} ms  p99 {:.2} ms  \
          max {:.2} ms",
         scheduled_disk.p50, scheduled_disk.p99, scheduled_disk.max
     );

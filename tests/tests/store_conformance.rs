@@ -1186,7 +1186,8 @@ async fn demand_signals_read_positive_peaks_and_each_cells_oldest_sample(backend
     );
 }
 
-/// A run records its samples a chunk at a time (10,000 rows to a statement): 101 servers ×
+/// A run records its samples a chunk at a time (10,000 samples, `SAMPLES_AT_ONCE` in the
+/// store's `history`; keep this test above it if it grows): 101 servers ×
 /// 100 products, 10,100 samples, are all kept, each with its own values.
 async fn a_runs_samples_beyond_one_statement_are_all_kept(backend: Backend) {
     let store = open(&backend).await;

@@ -135,9 +135,9 @@ async fn apply_to_allocations(
 /// this transaction, and every transaction after it sees the new epoch and is fenced.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard FOR SHARE";
 
-/// A run's usage samples in one `INSERT … SELECT FROM UNNEST` of one array per column: a
-/// run over 100,000 cells writes 100,000 samples, and one statement of sixteen arrays costs
-/// PostgreSQL far less to parse and plan than two hundred statements of 500 rows each.
+/// A chunk of a run's usage samples (up to 10,000, `sql::history`'s `SAMPLES_AT_ONCE`) in one
+/// `INSERT … SELECT FROM UNNEST` of one array per column: one statement of sixteen arrays costs
+/// PostgreSQL far less to parse and plan than twenty statements of 500 rows each.
 async fn insert_samples(
     conn: &mut sqlx::PgConnection,
     run_id: i64,

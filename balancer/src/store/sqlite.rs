@@ -135,7 +135,7 @@ async fn apply_to_allocations(
 /// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";
 
-/// A run's usage samples in multi-row `INSERT`s of 500 rows (8,000 parameters, within
+/// A run's usage samples in multi-row `INSERT`s of 500 rows (9,000 parameters, within
 /// SQLite's 32,766), all in the caller's transaction.
 async fn insert_samples(
     conn: &mut sqlx::SqliteConnection,
