@@ -276,6 +276,8 @@ pub async fn run_with_metrics(
         std::time::Duration::from_secs(6 * 3600),
         stop_scheduler.subscribe(),
     ));
+    // Kept to wait, at shutdown, for the bookings of instant grants already answered.
+    let settling = engine.clone();
     let state = AppState {
         metrics,
         retention,
@@ -321,6 +323,7 @@ pub async fn run_with_metrics(
     let _ = history.await;
     let _ = autotune.await;
     let _ = expiry.await;
+    settling.settle().await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())

@@ -7,6 +7,8 @@
 //! - `between_release_and_grant` (balancer): a run sent its releases, none of its grants yet.
 //! - `after_move_sent` (balancer): a server answered a move; the balancer has not booked it.
 //! - `after_retire_sent` (balancer): the same, for a `retire` move (an expired entitlement's).
+//! - `instant_answered` (balancer): an instant balance's grant from the reserve is applied and
+//!   its answer on its way; the balancer has not booked the grant.
 //! - `agent_grant_applied` (metering server): a grant move is durably applied; its answer is
 //!   not sent yet.
 

@@ -14,6 +14,7 @@ on_both_backends!(
     instant_balance_reclaims_from_an_idle_server,
     kill9_between_release_and_grant_loses_nothing,
     kill9_of_a_server_before_it_confirms_a_grant_loses_nothing,
+    kill9_after_an_instant_answer_before_its_booking_loses_nothing,
     a_dead_server_stops_its_own_resends_at_the_first_unconfirmed_move,
     a_resend_refused_for_its_token_leaves_the_move_in_transit,
     a_silent_server_is_reclaimed_once_and_rejoins,
@@ -323,6 +324,60 @@ async fn kill9_of_a_server_before_it_confirms_a_grant_loses_nothing(backend: Bac
         "applied exactly once"
     );
     fleet.assert_no_over_grant("cad", 5).await;
+    fleet.assert_doctor_ok().await;
+}
+
+/// The balancer dies once a server has applied an instant balance's grant from the reserve and
+/// the answer is on its way, before booking the grant (the booking follows the answer): the
+/// grant stays logged in transit until the restarted balancer resends it (the server answers
+/// from its log) and books it. The units are granted once and nothing is lost.
+async fn kill9_after_an_instant_answer_before_its_booking_loses_nothing(backend: Backend) {
+    let mut fleet = Fleet::start(
+        backend,
+        &[],
+        &[("ALLOT_FAULT_CRASH_AT", "instant_answered")],
+    )
+    .await;
+    fleet.product("cad", 10).await;
+    fleet.add_meter("paris").await;
+    fleet.wait_synced("cad").await;
+    let as_paris =
+        allot_tests::balancer::Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
+    let request = serde_json::json!({
+        "request_id": "5f0c3a0e-6a43-4c55-8d0e-2b6f4c8e7a01",
+        "product": "cad",
+        "units": 2,
+    });
+    // The answer may or may not leave before the process aborts.
+    let _ = as_paris
+        .try_raw(
+            reqwest::Method::POST,
+            "/v1/instant-balance",
+            Some(request.to_string().into_bytes()),
+        )
+        .await;
+    fleet
+        .balancer
+        .restart_after_exit(Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        fleet.meters[0].product("cad").await["allocated"],
+        2,
+        "the server applied the grant once"
+    );
+    // The restarted leader resumes the unfinished move before anything else.
+    allot_tests::eventually("the grant is booked", Duration::from_secs(10), || async {
+        fleet.api().get("/v1/products/cad").await["in_transit"] == 0
+    })
+    .await;
+    let detail = fleet.api().get("/v1/products/cad").await;
+    assert_eq!(
+        (detail["purchased"].as_u64(), detail["reserve"].as_u64()),
+        (Some(10), Some(8))
+    );
+    assert_eq!(fleet.allocation("paris", "cad").await, 2);
+    assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
+    fleet.assert_no_over_grant("cad", 10).await;
     fleet.assert_doctor_ok().await;
 }
 

@@ -6,8 +6,9 @@
 //! grant from the reserve and the releases; outside the lock it sends them; once releases are
 //! confirmed, it logs (under the lock again) and sends a grant of the reclaimed units. The
 //! same request id twice grants once. A request the reserve covers (most) commits twice: its
-//! run with the grant logged, then the grant booked with the run closed and the request
-//! recorded (`Store::complete_instant_grant`). A retry that arrives while its first attempt
+//! run with the grant logged, then — once the server has applied the grant and the request is
+//! answered — the grant booked with the run closed and the request recorded
+//! (`Store::complete_instant_grant`). A retry that arrives while its first attempt
 //! is still being answered waits for it ([`InFlight`]), then is answered from its record.
 
 use super::phases::Phases;
@@ -16,10 +17,12 @@ use super::{BalanceError, Engine, adopted};
 use crate::store::{InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
+use allot_core::wire::agent::MoveResponse;
 use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// The instant requests being answered, by request id, each with the turn its attempts take.
@@ -87,7 +90,7 @@ impl Engine {
         // before it too would cost every request a round trip for a rare retry), by the same
         // statement that reads the reserve.
         let mut phases = Phases::start();
-        let _turn = RequestTurn::take(&self.requests_in_flight, req.request_id).await;
+        let turn = RequestTurn::take(&self.requests_in_flight, req.request_id).await;
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         phases.lap("lock");
@@ -218,16 +221,43 @@ impl Engine {
             }
         };
         let releasing = execute_all(self, &releases);
-        // The reserve alone covers the request (most do): its grant is booked, the run closed
-        // and the request recorded in one commit, which also reads the allocation answered.
+        // The reserve alone covers the request (most do): once the server has applied its
+        // grant the units are the server's and the request is answered; the grant is booked,
+        // the run closed and the request recorded in one commit after the answer, by a task
+        // that keeps the request's turn (a retry waits for the booking, then reads its record).
         let reserve_only =
             plan.releases.is_empty() && errors.is_empty() && plan.from_reserve >= urgent;
         let (first, released) = match &first_grant {
-            Some(mv) if reserve_only => match self.grant_and_close(server, req, mv, run_id).await {
-                Ok((granted, allocation)) => {
-                    phases.lap("send_and_book");
+            Some(mv) if reserve_only => match self.deliver(server, mv).await {
+                Ok(applied) => {
+                    phases.lap("send");
+                    let (granted, allocation) =
+                        (u64::from(applied.units), u64::from(applied.allocation));
                     tally.finish(wanted, granted);
                     tracing::info!(granted, reclaimed = 0, run_id, phases = %phases, "instant balance answered");
+                    let (engine, server, mv) = (self.clone(), server.clone(), mv.clone());
+                    let asked = InstantRecord {
+                        server: server.name.clone(),
+                        product: req.product.clone(),
+                        units: wanted,
+                        granted,
+                    };
+                    let request_id = req.request_id;
+                    self.bookings.spawn(
+                        async move {
+                            let _turn = turn;
+                            engine
+                                .book_instant_grant(
+                                    &server,
+                                    &mv,
+                                    run_id,
+                                    &applied,
+                                    (request_id, asked),
+                                )
+                                .await;
+                        }
+                        .instrument(tracing::Span::current()),
+                    );
                     return Ok(answer(granted, allocation));
                 }
                 Err(failure) => (Some(Err(failure)), Vec::new()),
@@ -370,19 +400,21 @@ impl Engine {
 }
 
 impl Engine {
-    /// Carries an instant balance's grant from the reserve to the asker and, once applied,
-    /// books it, closes the run and records the request answered, in one commit
-    /// ([`crate::store::Store::complete_instant_grant`]): the units granted and the allocation
-    /// as booked.
-    async fn grant_and_close(
+    /// Books an instant balance's grant from the reserve that its server has applied, closes
+    /// its run and records the request answered, in one commit
+    /// ([`crate::store::Store::complete_instant_grant`]). Runs after the answer: a failure is
+    /// logged and the run closed `partial`; the grant stays logged `planned`, and the next run
+    /// re-sends it (the server answers with what it applied) and books it.
+    async fn book_instant_grant(
         &self,
         server: &ServerRecord,
-        req: &InstantBalanceRequest,
         mv: &MoveRecord,
         run_id: i64,
-    ) -> Result<(u64, u64), super::MoveFailure> {
-        let applied = self.deliver(server, mv).await?;
-        let granted = u64::from(applied.units);
+        applied: &MoveResponse,
+        (request_id, answered): (Uuid, InstantRecord),
+    ) {
+        allot_http::fault::point("instant_answered");
+        let granted = answered.granted;
         let ping_pong = self.memory.lock().expect("engine memory").returning(
             &server.name,
             &mv.product,
@@ -399,36 +431,45 @@ impl Engine {
             ping_pong_units: ping_pong,
             errors: Vec::new(),
         };
-        let answered = InstantRecord {
-            server: server.name.clone(),
-            product: req.product.clone(),
-            units: u64::from(req.units),
-            granted,
-        };
         let landed = LandedMove {
             id: mv.id,
             applied_units: granted,
             generation: applied.generation,
         };
-        let (booked, allocation) = self
+        let booked = self
             .store
             .complete_instant_grant(
                 landed,
                 &self.write_fence(),
                 run_id,
                 &outcome,
-                (req.request_id, &answered),
+                (request_id, &answered),
             )
-            .await
-            .map_err(|e| super::not_booked(mv, server, &e))?;
-        self.remember(&booked);
-        // Counted in the run's record above, which is closed.
+            .await;
+        // Counted in the run's record, closed either way below.
         self.memory
             .lock()
             .expect("engine memory")
             .take_ping_pong(run_id);
-        tracing::info!(move_id = %mv.id, applied = applied.units, generation = applied.generation, "move applied");
-        Ok((granted, allocation))
+        match booked {
+            Ok(booked) => {
+                self.remember(&booked);
+                tracing::info!(move_id = %mv.id, applied = applied.units, generation = applied.generation, "move applied");
+            }
+            Err(e) => {
+                let failure = super::not_booked(mv, server, &e).to_string();
+                tracing::warn!(move_id = %mv.id, error = %e,
+                    "instant grant applied but not booked; the next run books it");
+                let outcome = RunOutcome {
+                    status: "partial".into(),
+                    errors: vec![failure],
+                    ..outcome
+                };
+                if let Err(e) = self.store.finish_instant_run(run_id, &outcome, None).await {
+                    tracing::warn!(run_id, error = %e, "instant balance's run not closed");
+                }
+            }
+        }
     }
 }
 

@@ -184,6 +184,9 @@ pub struct Engine {
     memory: Arc<Mutex<snapshot::Memory>>,
     /// Where runs, moves and instant balances are counted: this balancer's own metrics.
     metrics: Arc<Metrics>,
+    /// The bookings of instant grants already answered (the server holds the units once it has
+    /// applied them; the books follow without it waiting), so a shutdown can wait for them.
+    bookings: tokio_util::task::TaskTracker,
 }
 
 /// A server's answer to a status read in a run.
@@ -231,7 +234,17 @@ impl Engine {
             run_lock: Arc::default(),
             leadership,
             memory: Arc::default(),
+            bookings: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits for the bookings of instant grants already answered: a graceful shutdown's step
+    /// before the store closes. A booking cut short (a crash) loses nothing: its grant stays
+    /// logged `planned`, and the next run re-sends it (the server answers with what it
+    /// applied) and books it.
+    pub async fn settle(&self) {
+        self.bookings.close();
+        self.bookings.wait().await;
     }
 
     /// The shards this balancer leads, or [`BalanceError::NotLeader`] when it leads none.

@@ -835,10 +835,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Books an instant balance's grant from the reserve as [`Store::complete_move`] does,
     /// closes its run with `outcome` and records the request as answered, in one transaction;
-    /// returns the booked move and the server's allocation as booked. An instant balance the
-    /// reserve covers thus commits twice (its grant logged, then booked with the rest), not
-    /// three times, and reads nothing after: each round trip it saves is one it does not wait
-    /// for a busy database during a large run. Any refusal writes none of it.
+    /// returns the booked move. An instant balance the reserve covers thus commits twice (its
+    /// grant logged, then booked with the rest), not three times; the second comes after its
+    /// answer (the server holds the units once it has applied them). Any refusal writes none
+    /// of it.
     async fn complete_instant_grant(
         &self,
         landed: LandedMove,
@@ -846,7 +846,7 @@ pub trait Store: Send + Sync + 'static {
         run_id: i64,
         outcome: &RunOutcome,
         answered: (Uuid, &InstantRecord),
-    ) -> StoreResult<(MoveRecord, u64)>;
+    ) -> StoreResult<MoveRecord>;
     /// Records the usage samples of a run, taken at `at_ms`.
     async fn record_samples(
         &self,

@@ -365,7 +365,7 @@ impl Store for ErrorReporting {
         run_id: i64,
         outcome: &RunOutcome,
         answered: (Uuid, &InstantRecord),
-    ) -> StoreResult<(MoveRecord, u64)> {
+    ) -> StoreResult<MoveRecord> {
         self.seen(
             self.inner
                 .complete_instant_grant(landed, fence, run_id, outcome, answered)

@@ -616,7 +616,8 @@ pub struct InstantBalanceResponse {
     pub product: String,
     /// Units granted (0 when none could be found).
     pub granted: u64,
-    /// The server's allocation after the grant, as booked.
+    /// The server's allocation after the grant: as the server applied it when the reserve
+    /// covered the request (the books follow just after the answer), else as booked.
     pub allocation: u64,
     /// When urgent units (clients waiting) went unserved: whether units were free elsewhere —
     /// in the reserve or above another server's need — when the balancer answered (a false

@@ -746,7 +746,7 @@ impl Store for SqlStore {
         run_id: i64,
         outcome: &RunOutcome,
         answered: (Uuid, &InstantRecord),
-    ) -> StoreResult<(MoveRecord, u64)> {
+    ) -> StoreResult<MoveRecord> {
         runs::complete_instant_grant(&self.pool, landed, fence, run_id, outcome, answered).await
     }
 

@@ -95,8 +95,8 @@ pub(super) async fn finish_instant_run(
 }
 
 /// Books an instant balance's grant from the reserve, closes its run and records the request
-/// answered, in one transaction; returns the booked move and the server's allocation as booked
-/// (see [`crate::store::Store::complete_instant_grant`]).
+/// answered, in one transaction; returns the booked move (see
+/// [`crate::store::Store::complete_instant_grant`]).
 pub(super) async fn complete_instant_grant(
     pool: &Pool<Db>,
     landed: LandedMove,
@@ -104,7 +104,7 @@ pub(super) async fn complete_instant_grant(
     run_id: i64,
     outcome: &RunOutcome,
     (request_id, answered): (Uuid, &InstantRecord),
-) -> StoreResult<(MoveRecord, u64)> {
+) -> StoreResult<MoveRecord> {
     // The grant is applied already: its booking's commit need not wait for the WAL flush.
     let mut tx = begin_booking(pool).await?;
     let booked = super::moves::complete_moves_in(&mut tx, &[landed], fence)
@@ -113,11 +113,8 @@ pub(super) async fn complete_instant_grant(
         .ok_or_else(|| StoreError::Corrupt("a booked move vanished".into()))?;
     finish_run(&mut *tx, run_id, outcome).await?;
     record_instant_request(&mut *tx, request_id, answered).await?;
-    let allocation = super::books::cell(&mut *tx, &booked.server, &booked.product)
-        .await?
-        .map_or(0, |c| c.units);
     tx.commit().await?;
-    Ok((booked, allocation))
+    Ok(booked)
 }
 
 pub(super) async fn runs(pool: &Pool<Db>, q: &RunsQuery) -> StoreResult<Vec<RunSummary>> {
