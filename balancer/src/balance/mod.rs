@@ -34,7 +34,8 @@ pub use holders::{HoldersError, HoldersQuery};
 use crate::auth::ServerTokens;
 use crate::metrics::Metrics;
 use crate::store::{
-    CellRecord, Fence, MoveRecord, RunOutcome, ServerRecord, Store, StoreError, UsageSample,
+    CellAccounting, CellRecord, Fence, MoveRecord, RunOutcome, ServerRecord, Store, StoreError,
+    UsageSample,
 };
 use allot_core::ErrorCode;
 use allot_core::demand::SignalConfig;
@@ -755,7 +756,10 @@ fn reconcile(
 
 /// One usage sample per (server, product) the statuses report, each carrying the balancer's
 /// accounting of the cell since its previous sample (taken from `memory`, so counted once).
-fn usage_samples(statuses: &StatusMap, memory: &mut snapshot::Memory) -> Vec<UsageSample> {
+fn usage_samples(
+    statuses: &StatusMap,
+    accountings: &mut snapshot::CellMap<CellAccounting>,
+) -> Vec<UsageSample> {
     statuses
         .iter()
         .flat_map(|(server, status)| status.products.iter().map(move |p| (server, p)))
@@ -771,7 +775,7 @@ fn usage_samples(statuses: &StatusMap, memory: &mut snapshot::Memory) -> Vec<Usa
             staleouts: p.since_last.staleouts,
             waiting: u64::from(p.waiting),
             instant_requests: p.since_last.instant_requests,
-            accounting: memory.take_accounting(server, &p.product),
+            accounting: accountings.remove(server, &p.product).unwrap_or_default(),
         })
         .collect()
 }

@@ -96,7 +96,18 @@ impl Engine {
         // are set aside like an unreachable server's.
         let servers: Vec<ServerRecord> = servers.into_iter().filter(|s| !s.needs_reset).collect();
         let now_ms = Utc::now().timestamp_millis();
-        let samples = usage_samples(&statuses, &mut self.memory.lock().expect("engine memory"));
+        // Made off the async worker and without holding the engine's memory, which every
+        // instant balance takes: a sample per cell, a hundred thousand on a large estate.
+        let mut accountings = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .take_accountings();
+        let samples = cpu_bound(|| usage_samples(&statuses, &mut accountings));
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .restore_accountings(accountings);
         let m = &self.metrics;
         for s in &samples {
             let product = s.product.as_str();

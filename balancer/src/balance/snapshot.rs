@@ -89,6 +89,19 @@ impl<V> CellMap<V> {
         });
     }
 
+    /// Moves every cell of `other` into this map, `merge` combining a value with the one
+    /// already there.
+    pub(super) fn absorb(&mut self, other: CellMap<V>, mut merge: impl FnMut(&mut V, V))
+    where
+        V: Default,
+    {
+        for (product, servers) in other.by_product {
+            for (server, value) in servers {
+                merge(self.entry(&server, &product), value);
+            }
+        }
+    }
+
     /// Every cell's value turned into another.
     pub(super) fn map<W>(self, mut f: impl FnMut(V) -> W) -> CellMap<W> {
         CellMap {
@@ -180,9 +193,16 @@ impl Memory {
         tally.unserved_false += falsely;
     }
 
-    /// Takes a cell's accounting since its last sample (zero when nothing happened).
-    pub(super) fn take_accounting(&mut self, server: &str, product: &str) -> CellAccounting {
-        self.accounting.remove(server, product).unwrap_or_default()
+    /// Takes every cell's accounting since its last sample out at once (a run's samples are made from it without
+    /// holding the memory, which every instant balance also takes).
+    pub(super) fn take_accountings(&mut self) -> CellMap<CellAccounting> {
+        std::mem::take(&mut self.accounting)
+    }
+
+    /// Puts back accountings no sample took, beside what was counted meanwhile.
+    pub(super) fn restore_accountings(&mut self, unsampled: CellMap<CellAccounting>) {
+        self.accounting
+            .absorb(unsampled, |counted, earlier| counted.add(&earlier));
     }
 
     /// The product's units earmarked for instant balances under way.
@@ -283,14 +303,18 @@ pub(super) async fn read_signals(
             )
         })
         .collect();
-    let mut samples: CellMap<Vec<PeakSample>> = CellMap::default();
-    for (server, product, at, peak) in store.peak_samples(&ranges).await? {
-        samples.entry(&server, &product).push(PeakSample {
-            at: u64::try_from(at).unwrap_or(0),
-            peak,
-        });
-    }
-    Ok(samples.map(|s| signals(&s, now, config)))
+    let rows = store.peak_samples(&ranges).await?;
+    // A sample per cell per run in the window: a large estate's are millions of rows.
+    Ok(super::cpu_bound(|| {
+        let mut samples: CellMap<Vec<PeakSample>> = CellMap::default();
+        for (server, product, at, peak) in rows {
+            samples.entry(&server, &product).push(PeakSample {
+                at: u64::try_from(at).unwrap_or(0),
+                peak,
+            });
+        }
+        samples.map(|s| signals(&s, now, config))
+    }))
 }
 
 /// A planner snapshot of one product and the names behind its compact server ids.
@@ -482,5 +506,37 @@ mod tests {
         assert!(memory.decided("paris", "cad", &cell(Decision::Steady, 3, 3)));
         assert!(!memory.decided("paris", "cad", &cell(Decision::Steady, 3, 3)));
         assert!(memory.decided("tokyo", "cad", &cell(Decision::GrantNeeded, 5, 3)));
+    }
+
+    #[test]
+    fn accountings_taken_for_samples_lose_nothing_counted_meanwhile() {
+        let mut memory = Memory::default();
+        memory.granted("paris", "cad", 3);
+        memory.unserved("tokyo", "cad", 1, 2);
+        let mut taken = memory.take_accountings();
+        // A run samples Paris; Tokyo did not answer. Meanwhile an instant balance grants
+        // Paris 2 and Tokyo 4.
+        let sampled = taken.remove("paris", "cad").unwrap_or_default();
+        assert_eq!(sampled.units_granted, 3);
+        memory.granted("paris", "cad", 2);
+        memory.granted("tokyo", "cad", 4);
+        memory.restore_accountings(taken);
+        let mut next = memory.take_accountings();
+        let paris = next.remove("paris", "cad").unwrap_or_default();
+        let tokyo = next.remove("tokyo", "cad").unwrap_or_default();
+        assert_eq!(
+            paris.units_granted, 2,
+            "the sampled 3 are not counted twice"
+        );
+        assert_eq!(
+            (
+                tokyo.units_granted,
+                tokyo.unserved_true,
+                tokyo.unserved_false
+            ),
+            (4, 1, 2),
+            "the unsampled tally kept, beside what was counted meanwhile"
+        );
+        assert!(memory.take_accountings().by_product.is_empty());
     }
 }

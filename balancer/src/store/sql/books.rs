@@ -373,14 +373,16 @@ pub(super) async fn products_and_cells(
 pub(super) async fn cells<'c>(
     conn: impl sqlx::Executor<'c, Database = Db>,
 ) -> StoreResult<Vec<CellRecord>> {
-    Ok(sqlx::query_as::<_, CellRecordRow>(concat!(
-        "SELECT ",
-        cell_record_columns!(),
-        " FROM allocations a JOIN servers s ON s.id = a.server_id \
-          JOIN products p ON p.id = a.product_id \
-          WHERE s.removed_at IS NULL ORDER BY p.name, s.name"
-    ))
-    .fetch_all(conn)
+    Ok(super::collect_yielding(
+        sqlx::query_as::<_, CellRecordRow>(concat!(
+            "SELECT ",
+            cell_record_columns!(),
+            " FROM allocations a JOIN servers s ON s.id = a.server_id \
+              JOIN products p ON p.id = a.product_id \
+              WHERE s.removed_at IS NULL ORDER BY p.name, s.name"
+        ))
+        .fetch(conn),
+    )
     .await?
     .into_iter()
     .map(CellRecord::from)

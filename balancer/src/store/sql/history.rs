@@ -286,14 +286,16 @@ pub(super) async fn peak_samples(
 ) -> StoreResult<Vec<(String, String, i64, u64)>> {
     let mut out = Vec::new();
     for &(from, to) in ranges {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT s.name, p.name, u.at, u.peak_in_use FROM usage_samples u \
-             JOIN servers s ON s.id = u.server_id JOIN products p ON p.id = u.product_id \
-             WHERE u.at >= $1 AND u.at <= $2 AND u.peak_in_use > 0",
+        let rows: Vec<(String, String, i64, i64)> = super::collect_yielding(
+            sqlx::query_as(
+                "SELECT s.name, p.name, u.at, u.peak_in_use FROM usage_samples u \
+                 JOIN servers s ON s.id = u.server_id JOIN products p ON p.id = u.product_id \
+                 WHERE u.at >= $1 AND u.at <= $2 AND u.peak_in_use > 0",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch(pool),
         )
-        .bind(from)
-        .bind(to)
-        .fetch_all(pool)
         .await?;
         out.extend(
             rows.into_iter()
@@ -305,16 +307,18 @@ pub(super) async fn peak_samples(
     // cost follows the number of cells, not the history the window holds (a GROUP BY over
     // the window read every sample of every run in it, and grew with each run).
     if let Some(&(from, to)) = ranges.first() {
-        let oldest: Vec<(String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT s.name, p.name, (SELECT MIN(u.at) FROM usage_samples u \
-             WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
-             AND u.at >= $1 AND u.at <= $2) \
-             FROM allocations a JOIN servers s ON s.id = a.server_id \
-             JOIN products p ON p.id = a.product_id",
+        let oldest: Vec<(String, String, Option<i64>)> = super::collect_yielding(
+            sqlx::query_as(
+                "SELECT s.name, p.name, (SELECT MIN(u.at) FROM usage_samples u \
+                 WHERE u.server_id = a.server_id AND u.product_id = a.product_id \
+                 AND u.at >= $1 AND u.at <= $2) \
+                 FROM allocations a JOIN servers s ON s.id = a.server_id \
+                 JOIN products p ON p.id = a.product_id",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch(pool),
         )
-        .bind(from)
-        .bind(to)
-        .fetch_all(pool)
         .await?;
         out.extend(
             oldest

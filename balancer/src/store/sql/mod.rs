@@ -212,6 +212,29 @@ pub(super) struct CellChange {
 /// Rows per multi-row statement: far below both backends' parameter limits.
 const CHUNK: usize = 500;
 
+/// Rows a large read decodes between two returns to the scheduler.
+const ROWS_PER_TURN: usize = 2_000;
+
+/// Collects the rows of a large read (every cell, a window of samples), handing the async
+/// worker back every [`ROWS_PER_TURN`] rows: sqlx decodes rows that have already arrived
+/// without returning to the scheduler, so 100,000 cells read by one `fetch_all` held a worker
+/// for the whole of their decoding, and instant balances queued behind it waited (measured:
+/// a stall of about 100 ms at the same point of every run of a 1,000 × 100 estate).
+async fn collect_yielding<T>(
+    rows: impl futures_util::Stream<Item = Result<T, sqlx::Error>>,
+) -> Result<Vec<T>, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    let mut out = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        out.push(row);
+        if out.len() % ROWS_PER_TURN == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(out)
+}
+
 /// `($1, …, $c), ($c+1, …), …` for a multi-row `INSERT` of `rows` rows of `columns` columns:
 /// one statement per chunk instead of one per row (each statement is a round trip).
 pub(super) fn values_placeholders(rows: usize, columns: usize) -> String {
