@@ -769,7 +769,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
 }
 
 /// An instant balance the reserve covers books its grant, closes its run and records its
-/// request in one commit, and answers the allocation as booked; a refused booking (the server
+/// request in one commit, the allocation then as booked; a refused booking (the server
 /// applied fewer units than sent) writes none of the three.
 async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backend: Backend) {
     let store = stocked(&backend, 10).await;

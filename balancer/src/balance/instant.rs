@@ -19,7 +19,7 @@ use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::wire::agent::MoveResponse;
 use allot_core::wire::balancer::{InstantBalanceRequest, InstantBalanceResponse};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 use tracing::Instrument;
@@ -65,6 +65,39 @@ impl Drop for RequestTurn {
             if Arc::strong_count(&self.turn) == 2 {
                 in_flight.remove(&self.id);
             }
+        }
+    }
+}
+
+/// The grants from the reserve that instant balances are sending or booking, by move id.
+pub(super) type GrantsInHand = Arc<Mutex<HashSet<Uuid>>>;
+
+/// An instant balance's hold on its grant from the reserve, from its send until its booking
+/// ends: a run that resumes unfinished moves meanwhile leaves the grant to it, rather than
+/// sending and booking it a second time (which would count its units twice in the cell's
+/// accounting and the metrics). Released on drop; a crash releases it with the process, and
+/// the next leader resumes the grant.
+struct GrantInHand {
+    in_hand: GrantsInHand,
+    id: Uuid,
+}
+
+impl GrantInHand {
+    fn take(in_hand: &GrantsInHand, id: Uuid) -> Self {
+        if let Ok(mut ids) = in_hand.lock() {
+            ids.insert(id);
+        }
+        Self {
+            in_hand: in_hand.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for GrantInHand {
+    fn drop(&mut self) {
+        if let Ok(mut ids) = self.in_hand.lock() {
+            ids.remove(&self.id);
         }
     }
 }
@@ -228,8 +261,11 @@ impl Engine {
         let reserve_only =
             plan.releases.is_empty() && errors.is_empty() && plan.from_reserve >= urgent;
         let (first, released) = match &first_grant {
-            Some(mv) if reserve_only => match self.deliver(server, mv).await {
-                Ok(applied) => {
+            Some(mv) if reserve_only => match (
+                GrantInHand::take(&self.instant_grants, mv.id),
+                self.deliver(server, mv).await,
+            ) {
+                (in_hand, Ok(applied)) => {
                     phases.lap("send");
                     let (granted, allocation) =
                         (u64::from(applied.units), u64::from(applied.allocation));
@@ -245,7 +281,7 @@ impl Engine {
                     let request_id = req.request_id;
                     self.bookings.spawn(
                         async move {
-                            let _turn = turn;
+                            let (_turn, _in_hand) = (turn, in_hand);
                             engine
                                 .book_instant_grant(
                                     &server,
@@ -260,7 +296,7 @@ impl Engine {
                     );
                     return Ok(answer(granted, allocation));
                 }
-                Err(failure) => (Some(Err(failure)), Vec::new()),
+                (_, Err(failure)) => (Some(Err(failure)), Vec::new()),
             },
             _ => tokio::join!(grant_now, releasing),
         };
@@ -446,11 +482,6 @@ impl Engine {
                 (request_id, &answered),
             )
             .await;
-        // Counted in the run's record, closed either way below.
-        self.memory
-            .lock()
-            .expect("engine memory")
-            .take_ping_pong(run_id);
         match booked {
             Ok(booked) => {
                 self.remember(&booked);
@@ -470,6 +501,12 @@ impl Engine {
                 }
             }
         }
+        // Counted in the run's record, closed above either way (after `remember`, which notes
+        // a ping-pong grant against its run).
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .take_ping_pong(run_id);
     }
 }
 

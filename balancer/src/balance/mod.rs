@@ -185,6 +185,9 @@ pub struct Engine {
     memory: Arc<Mutex<snapshot::Memory>>,
     /// Where runs, moves and instant balances are counted: this balancer's own metrics.
     metrics: Arc<Metrics>,
+    /// The grants from the reserve that instant balances are sending or booking: a run's
+    /// resume of unfinished moves leaves them to their requests.
+    instant_grants: instant::GrantsInHand,
     /// The bookings of instant grants already answered (the server holds the units once it has
     /// applied them; the books follow without it waiting), so a shutdown can wait for them.
     bookings: tokio_util::task::TaskTracker,
@@ -235,6 +238,7 @@ impl Engine {
             run_lock: Arc::default(),
             leadership,
             memory: Arc::default(),
+            instant_grants: Arc::default(),
             bookings: tokio_util::task::TaskTracker::new(),
         }
     }
@@ -419,9 +423,15 @@ impl Engine {
         let mut errors = Vec::new();
         let mut queues: BTreeMap<String, Vec<MoveRecord>> = BTreeMap::new();
         let fence = self.write_fence();
-        // Other shards' moves are their leaders' to resume.
+        let in_hand = self
+            .instant_grants
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
         for mv in self.store.unfinished_moves().await? {
-            if !fence.leads(&mv.product) {
+            // Other shards' moves are their leaders' to resume; a grant an instant balance is
+            // sending or booking is its request's.
+            if !fence.leads(&mv.product) || in_hand.contains(&mv.id) {
                 continue;
             }
             if servers.contains_key(&mv.server) {
@@ -609,8 +619,10 @@ impl Engine {
             unreachable,
             ..
         } = self.observe(true).await?;
-        let cells = self.store.cells().await?;
+        // The moves in flight read before the books' second read: a move booked between the
+        // two reads would otherwise be in neither, and its server's cell look wrong.
         let in_flight = self.store.unfinished_moves().await?;
+        let cells = self.store.cells().await?;
         let mut discrepancies =
             cpu_bound(|| reconcile(&cells_before, &cells, &in_flight, &statuses));
         for check in self.store.books().await? {
@@ -755,7 +767,8 @@ fn reconcile(
 }
 
 /// One usage sample per (server, product) the statuses report, each carrying the balancer's
-/// accounting of the cell since its previous sample (taken from `memory`, so counted once).
+/// accounting of the cell since its previous sample (taken out of `accountings`, so counted
+/// once; what no sample takes stays there).
 fn usage_samples(
     statuses: &StatusMap,
     accountings: &mut snapshot::CellMap<CellAccounting>,

@@ -81,6 +81,9 @@ impl Engine {
         phases.lap("observe");
         let answered: Vec<String> = statuses.keys().cloned().collect();
         self.store.touch_servers(&answered).await?;
+        // The moves in flight read before the books' second read: a move booked between the
+        // two reads would otherwise be in neither, and its server's cell look wrong.
+        let in_flight = self.store.unfinished_moves().await?;
         // The products with their cells in one snapshot: each product is planned from them
         // first (`plan_quiet`).
         let (listed, cells) = self.store.products_and_cells().await?;
@@ -126,7 +129,6 @@ impl Engine {
         // it sends its moves.
         drop(samples);
         phases.lap("samples");
-        let in_flight = self.store.unfinished_moves().await?;
         let discrepancies = cpu_bound(|| reconcile(&cells_before, &cells, &in_flight, &statuses));
         drop(cells_before);
         self.metrics
