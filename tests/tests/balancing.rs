@@ -21,6 +21,7 @@ on_both_backends!(
     a_drained_server_empties_as_its_checkouts_end,
     the_same_instant_request_twice_grants_once,
     a_retry_while_the_first_attempt_is_sending_grants_once,
+    a_run_leaves_an_instant_grant_in_flight_to_its_request,
     a_plan_is_explained_server_by_server_and_nothing_moves,
     one_product_that_cannot_be_planned_does_not_stop_the_run,
 );
@@ -654,6 +655,60 @@ async fn a_retry_while_the_first_attempt_is_sending_grants_once(backend: Backend
     assert_eq!(retry["allocation"], 2, "{retry}");
     assert_eq!(fleet.allocation("paris", "cad").await, 2, "granted once");
     assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
+    fleet.assert_doctor_ok().await;
+}
+
+/// A run that starts while an instant balance is still sending its grant (and then booking it)
+/// leaves that grant to the request: it is sent and booked once, so the server's history counts
+/// its units once.
+async fn a_run_leaves_an_instant_grant_in_flight_to_its_request(backend: Backend) {
+    let mut fleet = Fleet::start(backend, &[], &[]).await;
+    fleet.product("cad", 10).await;
+    let link = Link::new();
+    let port = allot_tests::process::free_port();
+    let to_paris = link.proxy(port).await;
+    let balancer_url = fleet.balancer.url().to_owned();
+    fleet
+        .add_meter_at("paris", port, &to_paris.url(), &balancer_url)
+        .await;
+    fleet.wait_synced("cad").await;
+    let as_paris =
+        allot_tests::balancer::Api::new(fleet.balancer.url(), Some(&fleet.meters[0].token));
+    let request = serde_json::json!({
+        "request_id": "3c1f6f0a-8d5e-4b7a-9c2d-7e4f1a6b5c02",
+        "product": "cad",
+        "units": 2,
+    });
+    // The grant takes over a second to reach Paris and come back; a run starts 200 ms in, and
+    // resumes the moves still logged `planned` first.
+    link.set(Mode::Delay(Duration::from_millis(600)));
+    let asked = as_paris.post("/v1/instant-balance", request);
+    let run = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fleet.balance().await
+    };
+    let (answer, _) = tokio::join!(asked, run);
+    link.set(Mode::Pass);
+    assert_eq!(answer["granted"], 2, "{answer}");
+    allot_tests::eventually("the grant is booked", Duration::from_secs(10), || async {
+        fleet.api().get("/v1/products/cad").await["in_transit"] == 0
+    })
+    .await;
+    assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
+    // The next run's sample carries what balancing did to Paris since the last one.
+    fleet.balance().await;
+    let history = fleet
+        .api()
+        .get("/v1/history?since=1h&product=cad&server=paris")
+        .await;
+    let granted: u64 = history["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["points"].as_array().unwrap())
+        .map(|p| p["units_granted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(granted, 2, "granted once, counted once: {history:#}");
     fleet.assert_doctor_ok().await;
 }
 
