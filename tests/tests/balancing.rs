@@ -378,6 +378,23 @@ async fn kill9_after_an_instant_answer_before_its_booking_loses_nothing(backend:
     );
     assert_eq!(fleet.allocation("paris", "cad").await, 2);
     assert_eq!(fleet.meters[0].product("cad").await["allocated"], 2);
+    // The request's run, which the crashed leader never closed, is closed by the new leader
+    // as interrupted: nothing is left `running` forever in the history.
+    let runs = fleet.api().get("/v1/runs?limit=100").await;
+    let runs = runs["items"].as_array().unwrap();
+    assert!(runs.iter().all(|r| r["status"] != "running"), "{runs:#?}");
+    let instant = runs
+        .iter()
+        .find(|r| r["trigger"] == "instant")
+        .expect("the request's run is recorded");
+    assert_eq!(instant["status"], "failed", "{instant:#}");
+    assert!(
+        instant["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("interrupted")),
+        "{instant:#}"
+    );
+    assert!(instant["finished_at"].is_string(), "{instant:#}");
     fleet.assert_no_over_grant("cad", 10).await;
     fleet.assert_doctor_ok().await;
 }

@@ -345,7 +345,9 @@ pub struct RunSummary {
     pub id: i64,
     /// What started it.
     pub trigger: crate::domain::RunTrigger,
-    /// `running`, `ok`, `partial` (some servers unreachable or moves unfinished) or `failed`.
+    /// `running`, `ok`, `partial` (some servers unreachable or moves unfinished) or `failed`
+    /// (also a run its leader never finished: closed by the next leader, its error
+    /// `interrupted: …`).
     pub status: String,
     /// When it started.
     pub started_at: DateTime<Utc>,

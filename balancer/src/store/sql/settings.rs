@@ -176,6 +176,15 @@ pub(super) async fn take_shard(pool: &Pool<Db>, shard: u32, url: &str) -> StoreR
     if taken == 0 {
         return Err(StoreError::NotFound(format!("shard {shard}")));
     }
+    let interrupted = close_interrupted_runs(&mut tx).await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            shard,
+            epoch,
+            runs = interrupted,
+            "closed runs whose leader stopped before finishing them"
+        );
+    }
     write_audit(
         &mut tx,
         "balancer",
@@ -188,6 +197,27 @@ pub(super) async fn take_shard(pool: &Pool<Db>, shard: u32, url: &str) -> StoreR
     tx.commit().await?;
     Ok(epoch)
 }
+
+/// Closes, as `failed`, the runs left `running` by a leadership that has ended (a crash, a
+/// lost lock, a new shard count): no shard holds their epoch any more, so no balancer will
+/// finish them. Epochs are unique to one leadership of one shard, and a run carries the newest
+/// epoch its leader held, so a live leader's runs are never touched. The moves such a run
+/// logged stay in its move log; the next leader resumes the unfinished ones.
+async fn close_interrupted_runs(conn: &mut Conn) -> StoreResult<u64> {
+    Ok(sqlx::query(
+        "UPDATE balance_runs SET status = 'failed', finished_at = $1, errors = $2 \
+         WHERE status = 'running' AND epoch NOT IN (SELECT epoch FROM leader_shards)",
+    )
+    .bind(now_ms())
+    .bind(json(&[INTERRUPTED_RUN]))
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// The error an interrupted run is closed with.
+const INTERRUPTED_RUN: &str = "interrupted: the balancer running it stopped or lost \
+     its shard's leadership before finishing it; the next leader resumed its unfinished moves";
 
 pub(super) async fn shard_leaders(pool: &Pool<Db>) -> StoreResult<Vec<ShardLeader>> {
     let rows: Vec<(i32, i64, String, Option<i64>)> = sqlx::query_as(
