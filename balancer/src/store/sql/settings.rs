@@ -201,8 +201,9 @@ pub(super) async fn take_shard(pool: &Pool<Db>, shard: u32, url: &str) -> StoreR
 /// Closes, as `failed`, the runs left `running` by a leadership that has ended (a crash, a
 /// lost lock, a new shard count): no shard holds their epoch any more, so no balancer will
 /// finish them. Epochs are unique to one leadership of one shard, and a run carries the newest
-/// epoch its leader held, so a live leader's runs are never touched. The moves such a run
-/// logged stay in its move log; the next leader resumes the unfinished ones.
+/// epoch its leader held, so a live leader's run is closed only once that leadership is over
+/// (and should that leader still finish it, its own outcome replaces this one). The moves such
+/// a run logged stay in its move log; the next leader resumes the unfinished ones.
 async fn close_interrupted_runs(conn: &mut Conn) -> StoreResult<u64> {
     Ok(sqlx::query(
         "UPDATE balance_runs SET status = 'failed', finished_at = $1, errors = $2 \
