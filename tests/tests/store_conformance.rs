@@ -692,10 +692,49 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
             .await,
         Err(StoreError::Conflict(_))
     ));
+    // Refused like any move, a single grant (logged by one statement on PostgreSQL) leaves
+    // neither a run nor a change behind.
+    for (refused, is_expected) in [
+        (
+            new_move(MoveKind::Grant, "cad", "ghost", 1),
+            (|e: &StoreError| matches!(e, StoreError::NotFound(_))) as fn(&StoreError) -> bool,
+        ),
+        (new_move(MoveKind::Grant, "nope", "s1", 1), |e| {
+            matches!(e, StoreError::UnknownProduct(_))
+        }),
+        (new_move(MoveKind::Grant, "cad", "s1", 0), |e| {
+            matches!(e, StoreError::Conflict(_))
+        }),
+    ] {
+        let result = store
+            .begin_run_with_moves(
+                RunTrigger::Instant,
+                &Fence::alone(),
+                std::slice::from_ref(&refused),
+            )
+            .await;
+        assert!(
+            result.as_ref().is_err_and(is_expected),
+            "{refused:?}: {result:?}"
+        );
+    }
     assert!(instant_runs().await.is_empty());
     assert_eq!(store.books().await.unwrap(), before);
 
     let (run_id, grant, logged) = instant_run_with_grant(&*store, 4).await;
+    // The same move id again is a conflict, and logs nothing more.
+    let logged_again = store
+        .begin_run_with_moves(
+            RunTrigger::Instant,
+            &Fence::alone(),
+            std::slice::from_ref(&grant),
+        )
+        .await;
+    assert!(
+        matches!(logged_again, Err(StoreError::Conflict(_))),
+        "{logged_again:?}"
+    );
+    assert_eq!(instant_runs().await.len(), 1);
     assert_eq!(logged.len(), 1);
     assert_eq!((logged[0].id, logged[0].run_id), (grant.id, Some(run_id)));
     let p = store.product("cad").await.unwrap().product;
@@ -1515,9 +1554,18 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
     let store = stocked(&backend, 10).await;
     let old = new_move(MoveKind::Grant, "cad", "s1", 2);
     store.begin_move(&old).await.unwrap();
-    // A new leader takes over: every write of epoch 0 is refused from now on.
+    let unfinished = store
+        .begin_run(RunTrigger::Scheduled, &Fence::alone())
+        .await
+        .unwrap();
+    // A new leader takes over: every write of epoch 0 is refused from now on, and the run the
+    // old leader left open is closed as interrupted.
     let epoch = store.take_shard(0, "http://new-leader:7400").await.unwrap();
     assert_eq!(epoch, 1);
+    let closed = store.run(unfinished).await.unwrap().run;
+    assert_eq!(closed.status, "failed");
+    assert!(closed.finished_at.is_some());
+    assert!(closed.errors[0].starts_with("interrupted"), "{closed:?}");
     let leaders = store.shard_leaders().await.unwrap();
     assert_eq!(leaders.len(), 1, "one shard until told otherwise");
     assert_eq!(
@@ -1537,6 +1585,29 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
             current: 1
         })
     ));
+    // An instant balance's single grant (one statement on PostgreSQL) is fenced alike and
+    // leaves no run behind.
+    let every_run = RunsQuery {
+        limit: 100,
+        before_id: None,
+        trigger: None,
+        since_ms: None,
+    };
+    let runs_before = store.runs(&every_run).await.unwrap().len();
+    assert!(matches!(
+        store
+            .begin_run_with_moves(
+                RunTrigger::Instant,
+                &Fence::alone(),
+                std::slice::from_ref(&stale)
+            )
+            .await,
+        Err(StoreError::Fenced {
+            epoch: 0,
+            current: 1
+        })
+    ));
+    assert_eq!(store.runs(&every_run).await.unwrap().len(), runs_before);
     assert!(matches!(
         store.complete_move(old.id, 2, 1, &Fence::alone()).await,
         Err(StoreError::Fenced { .. })

@@ -135,6 +135,54 @@ async fn apply_to_allocations(
 /// this transaction, and every transaction after it sees the new epoch and is fenced.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard FOR SHARE";
 
+/// Opens an instant balance's run and logs its one grant from the reserve by a single
+/// statement, committed on its own (durably): one round trip where the general transaction
+/// takes nine (`BEGIN`, the run, the names, the product's lock, the shards' epochs, the pool,
+/// the cell, the move, `COMMIT`), each a wake-up of two processes that, during a run, wait
+/// for a busy core. The same checks, in the same locks: the epoch's shard row under a share
+/// lock (a takeover waits for it; an older epoch matches no row, since every leadership and
+/// every new shard count draws new epochs), the pool's conditional `UPDATE` (the product's
+/// row lock, the reserve re-checked on the locked row), a live server. The run and the move
+/// are inserted only if the pool moved. Returns the run's id, or `None` when nothing was
+/// logged (the caller then takes the general path, which says why).
+async fn log_run_with_grant(
+    pool: &Pool<Db>,
+    trigger: &str,
+    run_epoch: i64,
+    grant: &crate::store::NewMove,
+    units: i64,
+    now_ms: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH fence AS (SELECT shard FROM leader_shards WHERE epoch = $1 FOR SHARE), \
+         server AS (SELECT id FROM servers WHERE name = $2 AND removed_at IS NULL), \
+         pool AS (UPDATE products SET reserve = reserve - $3, in_transit = in_transit + $3 \
+                  WHERE name = $4 AND reserve >= $3 \
+                  AND EXISTS (SELECT 1 FROM fence) AND EXISTS (SELECT 1 FROM server) \
+                  RETURNING id), \
+         run AS (INSERT INTO balance_runs (trigger, status, epoch, started_at) \
+                 SELECT $5, 'running', $6, $7 FROM pool RETURNING id), \
+         cell AS (INSERT INTO allocations (server_id, product_id) \
+                  SELECT server.id, pool.id FROM server, pool \
+                  ON CONFLICT (server_id, product_id) DO NOTHING), \
+         logged AS (INSERT INTO moves (id, run_id, product_id, server_id, kind, units, state, \
+                    epoch, created_at, updated_at) \
+                    SELECT $8, run.id, pool.id, server.id, 'grant', $3, 'planned', $1, $7, $7 \
+                    FROM run, pool, server) \
+         SELECT id FROM run",
+    )
+    .bind(grant.epoch)
+    .bind(&grant.server)
+    .bind(units)
+    .bind(&grant.product)
+    .bind(trigger)
+    .bind(run_epoch)
+    .bind(now_ms)
+    .bind(grant.id.to_string())
+    .fetch_optional(pool)
+    .await
+}
+
 /// A chunk of a run's usage samples (up to 10,000, `sql::history`'s `SAMPLES_AT_ONCE`) in one
 /// `INSERT … SELECT FROM UNNEST` of one array per column: one statement of sixteen arrays costs
 /// PostgreSQL far less to parse and plan than twenty statements of 500 rows each.

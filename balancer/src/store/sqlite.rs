@@ -135,6 +135,20 @@ async fn apply_to_allocations(
 /// The shards' epochs; `BEGIN IMMEDIATE` already serialises them with a takeover.
 const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard";
 
+/// The one-statement log of an instant balance's grant is PostgreSQL's (see there): SQLite has
+/// no data-modifying `WITH`, and its statements are calls inside this process, not round trips,
+/// so the general transaction costs little more. Always `None`: take the general path.
+async fn log_run_with_grant(
+    _pool: &Pool<Db>,
+    _trigger: &str,
+    _run_epoch: i64,
+    _grant: &crate::store::NewMove,
+    _units: i64,
+    _now_ms: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    Ok(None)
+}
+
 /// A run's usage samples in multi-row `INSERT`s of 500 rows (9,000 parameters, within
 /// SQLite's 32,766), all in the caller's transaction.
 async fn insert_samples(

@@ -26,7 +26,8 @@ mod settings;
 
 use super::{
     BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, apply_to_allocations,
-    begin_booking, begin_read, begin_write, connect_pool, insert_samples, mark_applied,
+    begin_booking, begin_read, begin_write, connect_pool, insert_samples, log_run_with_grant,
+    mark_applied,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,

@@ -138,20 +138,22 @@ pub(super) async fn begin_moves_in(
             .map_err(|e| conflict_on_constraint(e, &format!("moves {}…", chunk[0].0.id)))?;
     }
     // The records are what was just inserted: no read back (a round trip under the locks).
-    Ok(moves
-        .iter()
-        .map(|mv| MoveRecord {
-            id: mv.id,
-            run_id: mv.run_id,
-            product: mv.product.clone(),
-            server: mv.server.clone(),
-            kind: mv.kind,
-            units: mv.units,
-            state: MoveState::Planned,
-            applied_units: None,
-            epoch: mv.epoch,
-        })
-        .collect())
+    Ok(moves.iter().map(logged_record).collect())
+}
+
+/// The record of a move just logged `planned`, as it was inserted.
+pub(super) fn logged_record(mv: &NewMove) -> MoveRecord {
+    MoveRecord {
+        id: mv.id,
+        run_id: mv.run_id,
+        product: mv.product.clone(),
+        server: mv.server.clone(),
+        kind: mv.kind,
+        units: mv.units,
+        state: MoveState::Planned,
+        applied_units: None,
+        epoch: mv.epoch,
+    }
 }
 
 /// Moves read by one statement: a run's booking group (a batch of 500, or a few smaller ones)

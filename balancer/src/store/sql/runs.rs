@@ -5,9 +5,10 @@ use crate::store::LandedMove;
 use super::{
     CHUNK, Db, ExplainedCell, Fence, InstantRecord, InstantStart, MoveRecord, MoveRow, NameIds,
     NewMove, Pool, RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery,
-    StoreError, StoreResult, Uuid, begin_booking, begin_write, count, json, move_columns, now_ms,
-    run_columns, values_placeholders,
+    StoreError, StoreResult, Uuid, begin_booking, begin_write, conflict_on_constraint, count, json,
+    log_run_with_grant, move_columns, now_ms, run_columns, values_placeholders,
 };
+use allot_core::domain::MoveKind;
 
 pub(super) async fn begin_run<'c>(
     conn: impl sqlx::Executor<'c, Database = Db>,
@@ -25,13 +26,30 @@ pub(super) async fn begin_run<'c>(
     .await?)
 }
 
-/// Opens a run and logs its first moves, which become the run's, in one transaction.
+/// Opens a run and logs its first moves, which become the run's, in one transaction. A single
+/// grant (an instant balance served from the reserve, the common case) is logged by one
+/// statement where the backend has one (`log_run_with_grant`); when that logs nothing, the
+/// general transaction below runs and says why (or logs it, if the books changed between).
 pub(super) async fn begin_run_with_moves(
     pool: &Pool<Db>,
     trigger: RunTrigger,
     epoch: i64,
     moves: &[NewMove],
 ) -> StoreResult<(i64, Vec<MoveRecord>)> {
+    if let [grant] = moves
+        && grant.kind == MoveKind::Grant
+        && let Ok(units @ 1..) = i64::try_from(grant.units)
+        && let Some(run_id) =
+            log_run_with_grant(pool, trigger.as_str(), epoch, grant, units, now_ms())
+                .await
+                .map_err(|e| conflict_on_constraint(e, &format!("move {}", grant.id)))?
+    {
+        let logged = NewMove {
+            run_id: Some(run_id),
+            ..grant.clone()
+        };
+        return Ok((run_id, vec![super::moves::logged_record(&logged)]));
+    }
     let mut tx = begin_write(pool).await?;
     let run_id = begin_run(&mut *tx, trigger, epoch).await?;
     let moves: Vec<NewMove> = moves
