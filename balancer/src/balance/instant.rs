@@ -226,6 +226,9 @@ impl Engine {
             )
             .await?;
         let first_grant: Option<MoveRecord> = logged.pop();
+        if first_grant.is_some() {
+            self.changed(&req.product);
+        }
         phases.lap("plan_and_log");
         let log = |target: &str, kind: MoveKind, units: u64| log(Some(run_id), target, kind, units);
         let mut releases: Vec<(ServerRecord, MoveRecord)> = Vec::new();
@@ -239,6 +242,9 @@ impl Engine {
                 Ok(record) => releases.push((servers[name].clone(), record)),
                 Err(e) => errors.push(format!("release of {units} from {name} not logged: {e}")),
             }
+        }
+        if !releases.is_empty() {
+            self.changed(&req.product);
         }
         let _earmark = Earmark::new(self, &req.product, plan.reclaimed());
         drop(serialised);
@@ -328,11 +334,12 @@ impl Engine {
                 let reserve = self.store.reserve(&req.product).await?;
                 let units = reclaimed.min(reserve);
                 if units > 0 {
-                    Some(
-                        self.store
-                            .begin_move(&log(&server.name, MoveKind::Grant, units))
-                            .await?,
-                    )
+                    let grant = self
+                        .store
+                        .begin_move(&log(&server.name, MoveKind::Grant, units))
+                        .await?;
+                    self.changed(&req.product);
+                    Some(grant)
                 } else {
                     None
                 }

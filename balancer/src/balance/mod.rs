@@ -361,6 +361,12 @@ impl Engine {
         }
     }
 
+    /// Counts a committed change to `product`'s books made outside a run's planning, so a run
+    /// that read them before plans it from a fresh read (see [`snapshot::Memory::changed`]).
+    fn changed(&self, product: &str) {
+        self.memory.lock().expect("engine memory").changed(product);
+    }
+
     /// Notes a booked move in the metrics and the engine's memory (what was granted and
     /// released where, for the ping-pong count and the hold).
     fn remember(&self, booked: &MoveRecord) {
@@ -370,6 +376,7 @@ impl Engine {
             return;
         }
         let mut memory = self.memory.lock().expect("engine memory");
+        memory.changed(&booked.product);
         if booked.kind == MoveKind::Grant {
             let back = memory.granted(&booked.server, &booked.product, applied);
             if let Some(run_id) = booked.run_id {
@@ -402,6 +409,7 @@ impl Engine {
         {
             return MoveFailure::NotBooked(e.to_string());
         }
+        self.changed(&mv.product);
         tracing::warn!(move_id = %mv.id, server = %server.name, %reason,
             "move refused by the server; abandoned");
         MoveFailure::Refused(format!(

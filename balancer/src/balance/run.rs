@@ -14,7 +14,7 @@
 use super::batch::Booker;
 use super::explain::explained_cell;
 use super::phases::Phases;
-use super::snapshot::{BuiltSnapshot, RunView, build_snapshot, read_signals};
+use super::snapshot::{BuiltSnapshot, ChangesSeen, RunView, build_snapshot, read_signals};
 use super::{BalanceError, Engine, Observation, adopted, cpu_bound, reconcile, usage_samples};
 use crate::store::{CellRecord, MoveRecord, NewMove, RunOutcome, ServerRecord};
 use allot_core::domain::{MoveKind, RunTrigger};
@@ -84,8 +84,11 @@ impl Engine {
         // The moves in flight read before the books' second read: a move booked between the
         // two reads would otherwise be in neither, and its server's cell look wrong.
         let in_flight = self.store.unfinished_moves().await?;
+        // Each product's count of changes before the read: a product whose count has not moved
+        // when the run holds its lock is still as read (see `plan_product`).
+        let changes_seen = self.memory.lock().expect("engine memory").changes();
         // The products with their cells in one snapshot: each product is planned from them
-        // first (`plan_quiet`).
+        // first (`plan_first`).
         let (listed, cells) = self.store.products_and_cells().await?;
         let mut servers = servers;
         for server in servers.iter_mut().filter(|s| s.needs_reset) {
@@ -179,12 +182,12 @@ impl Engine {
         // Every product's first plan, from the run's own read and without its lock, in one
         // step off the async worker: a product with nothing to move (most, in most runs) is
         // done then.
-        let firsts: Vec<Option<(Planned, Vec<RunDecision>)>> = cpu_bound(|| {
+        let firsts: Vec<FirstPlan> = cpu_bound(|| {
             products
                 .iter()
                 .map(|product| {
                     let seen = seen.get(product.name.as_str()).copied().unwrap_or_default();
-                    self.plan_quiet(product, seen, &view)
+                    self.plan_first(product, seen, &view)
                 })
                 .collect()
         });
@@ -192,11 +195,12 @@ impl Engine {
         let mut to_lock = Vec::new();
         for (i, first) in firsts.into_iter().enumerate() {
             match first {
-                Some((p, mut why)) => {
+                FirstPlan::Quiet(p, mut why) => {
                     decisions.append(&mut why);
                     planned.push(p);
                 }
-                None => to_lock.push(i),
+                FirstPlan::Moves(built, plan) => to_lock.push((i, Some((built, plan)))),
+                FirstPlan::Unplanned => to_lock.push((i, None)),
             }
         }
         // The products with moves, a few at once under their locks, so one product's store
@@ -204,14 +208,15 @@ impl Engine {
         // are the same either way. (By index: a stream of closures over borrowed items trips
         // the compiler's `Send` inference for the spawned run, rust-lang/rust#102211.)
         let mut plans = stream::iter(to_lock)
-            .map(|i| {
+            .map(|(i, first)| {
                 let product = &products[i];
                 let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
-                let view = &view;
+                let (view, changes_seen) = (&view, &changes_seen);
                 async move {
                     let mut parts = Phases::start();
+                    let first = first.map(|plan| (plan, changes_seen));
                     let planned = self
-                        .plan_product(run_id, epoch, &product.name, view, &mut parts)
+                        .plan_product(run_id, epoch, &product.name, view, first, &mut parts)
                         .await;
                     (product, planned, parts)
                 }
@@ -308,25 +313,26 @@ impl Engine {
 
     /// A product's first plan, from `seen`, its cells as the run read them, and `product`,
     /// its books as the run listed them, without its lock: when it has nothing to move, the
-    /// product planned with the decisions worth recording; `None` when it has moves, for
-    /// [`Self::plan_product`] to plan under its lock. Also `None` when it has units in transit
-    /// or the planner fails on these books: the locked path reads them afresh and reports what
-    /// is still wrong then. A change that lands after a first plan found nothing to move waits
-    /// for the next run, as one landing after the run's read would.
-    fn plan_quiet(
-        &self,
-        product: &Product,
-        seen: &[CellRecord],
-        view: &RunView<'_>,
-    ) -> Option<(Planned, Vec<RunDecision>)> {
+    /// product planned with the decisions worth recording; when it has moves, the plan, for
+    /// [`Self::plan_product`] to log under its lock (or to make again from a fresh read if its
+    /// books changed meanwhile). Unplanned when it has units in transit or the planner fails on
+    /// these books: the locked path reads them afresh and reports what is still wrong then. A
+    /// change that lands after a first plan found nothing to move waits for the next run, as
+    /// one landing after the run's read would.
+    fn plan_first(&self, product: &Product, seen: &[CellRecord], view: &RunView<'_>) -> FirstPlan {
+        let Some(built) = build_snapshot(product, seen, view) else {
+            return FirstPlan::Unplanned;
+        };
+        let Ok(plan) = planner::plan_product(&built.snapshot, &self.config.planner) else {
+            return FirstPlan::Unplanned;
+        };
+        if !plan.moves.is_empty() {
+            return FirstPlan::Moves(built, plan);
+        }
         let BuiltSnapshot {
             snapshot,
             server_names,
-        } = build_snapshot(product, seen, view)?;
-        let plan = planner::plan_product(&snapshot, &self.config.planner).ok()?;
-        if !plan.moves.is_empty() {
-            return None;
-        }
+        } = built;
         let decisions = self.decisions_to_record(&product.name, &snapshot, &plan, &server_names);
         let planned = Planned {
             name: product.name.clone(),
@@ -334,12 +340,15 @@ impl Engine {
             server_names,
             releases: Vec::new(),
         };
-        Some((planned, decisions))
+        FirstPlan::Quiet(planned, decisions)
     }
 
-    /// Plans a product with moves under its lock, from its books read again (instant balances
-    /// may have moved them since the run's read), and logs its releases in one transaction;
-    /// returns it with the decisions worth recording (those that changed). `None`: units of it
+    /// Plans a product with moves under its lock and logs its releases in one transaction;
+    /// returns it with the decisions worth recording (those that changed). The plan is the
+    /// run's `first` one while no change to the product's books has been committed since the
+    /// run's read (its count of changes is where the run found it: the books are as read); it
+    /// is made again from the books read afresh otherwise (an instant balance moved them, or a
+    /// booking landed), and for a product the first plan could not plan. `None`: units of it
     /// are in transit (a move not yet booked), so it waits for the next run. Where its time
     /// went is lapped in `parts` (the run logs the sums).
     async fn plan_product(
@@ -348,24 +357,40 @@ impl Engine {
         epoch: i64,
         name: &str,
         view: &RunView<'_>,
+        first: Option<((BuiltSnapshot, ProductPlan), &ChangesSeen)>,
         parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let lock = self.product_lock(name);
         let _serialised = lock.lock().await;
         parts.lap("lock");
-        let product = self.store.product_books(name).await?;
-        let cells = self.store.product_cells(name).await?;
-        parts.lap("read");
-        let Some(BuiltSnapshot {
-            snapshot,
-            server_names,
-        }) = build_snapshot(&product, &cells, view)
-        else {
-            return Ok(None);
+        let as_read = first.and_then(|(plan, seen)| {
+            let memory = self.memory.lock().expect("engine memory");
+            (!memory.changed_since(name, seen)).then_some(plan)
+        });
+        let (
+            BuiltSnapshot {
+                snapshot,
+                server_names,
+            },
+            plan,
+        ) = match as_read {
+            Some(first) => {
+                parts.lap("as_read");
+                first
+            }
+            None => {
+                let product = self.store.product_books(name).await?;
+                let cells = self.store.product_cells(name).await?;
+                parts.lap("read");
+                let Some(built) = build_snapshot(&product, &cells, view) else {
+                    return Ok(None);
+                };
+                let plan = planner::plan_product(&built.snapshot, &self.config.planner)
+                    .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+                parts.lap("plan");
+                (built, plan)
+            }
         };
-        let plan = planner::plan_product(&snapshot, &self.config.planner)
-            .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
-        parts.lap("plan");
         let releases = self
             .log_moves(
                 run_id,
@@ -530,6 +555,16 @@ struct Planned {
     server_names: Vec<String>,
     /// Its logged releases, until the run gathers them into the servers' batches.
     releases: Vec<(String, MoveRecord)>,
+}
+
+/// A product's first plan in a run, from the run's own read (see [`Engine::plan_first`]).
+enum FirstPlan {
+    /// Nothing to move: planned, with the decisions worth recording.
+    Quiet(Planned, Vec<RunDecision>),
+    /// Moves to make, planned from the run's read.
+    Moves(BuiltSnapshot, ProductPlan),
+    /// Not planned from the run's read (units in transit, or the planner refused the books).
+    Unplanned,
 }
 
 /// Records that a product was not balanced this run; the run goes on with the others.

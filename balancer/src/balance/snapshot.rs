@@ -139,7 +139,15 @@ pub(super) struct Memory {
     /// Per cell, the rule, target and allocation of its last decision, so a run records only
     /// the decisions that changed.
     decided: CellMap<(Decision, u64, u64)>,
+    /// Per product, the changes to its books committed outside a run's planning (an instant
+    /// balance's logged moves, every booking, every abandon), counted once each is committed:
+    /// a run that read the books before the count moved reads them again under the product's
+    /// lock; one that finds it where it was plans from its own read.
+    changes: HashMap<String, u64>,
 }
+
+/// Each product's count of changes (see [`Memory::changed`]) when a run took it.
+pub(super) type ChangesSeen = HashMap<String, u64>;
 
 /// A unit released and granted back to the same server within this long is ping-pong.
 pub(super) const PING_PONG_WINDOW: Duration = Duration::from_secs(3600);
@@ -273,6 +281,26 @@ impl Memory {
     /// Notes what a run planned one cell with.
     pub(super) fn saw(&mut self, server: &str, product: &str, demand: Demand, in_use: u64) {
         self.seen.insert(server, product, (demand, in_use));
+    }
+
+    /// Counts a change to `product`'s books, once it is committed (see the field's doc).
+    pub(super) fn changed(&mut self, product: &str) {
+        match self.changes.get_mut(product) {
+            Some(count) => *count += 1,
+            None => {
+                self.changes.insert(product.to_owned(), 1);
+            }
+        }
+    }
+
+    /// Every product's count of changes, taken by a run before it reads the books.
+    pub(super) fn changes(&self) -> ChangesSeen {
+        self.changes.clone()
+    }
+
+    /// Whether `product`'s books changed since `seen` was taken.
+    pub(super) fn changed_since(&self, product: &str, seen: &ChangesSeen) -> bool {
+        self.changes.get(product) != seen.get(product)
     }
 
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
@@ -538,5 +566,20 @@ mod tests {
             "the unsampled tally kept, beside what was counted meanwhile"
         );
         assert!(memory.take_accountings().by_product.is_empty());
+    }
+
+    #[test]
+    fn a_product_changed_after_the_runs_count_is_planned_afresh() {
+        let mut memory = Memory::default();
+        memory.changed("cad");
+        let seen = memory.changes();
+        assert!(!memory.changed_since("cad", &seen), "as the run read it");
+        assert!(!memory.changed_since("cam", &seen), "never changed");
+        // An instant balance logs a grant of cad, then a booking of cam lands.
+        memory.changed("cad");
+        memory.changed("cam");
+        assert!(memory.changed_since("cad", &seen));
+        assert!(memory.changed_since("cam", &seen), "first change after the count");
+        assert!(!memory.changed_since("sim", &seen));
     }
 }
