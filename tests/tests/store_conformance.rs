@@ -43,6 +43,7 @@ on_both_backends!(
     an_instant_runs_record_and_grant_commit_together,
     an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all,
     a_runs_decisions_are_kept_field_for_field,
+    some_cells_of_a_product_are_read_again_by_server,
     estate_totals_sum_each_cells_newest_sample_per_site,
     demand_signals_read_positive_peaks_and_each_cells_oldest_sample,
     a_runs_samples_beyond_one_statement_are_all_kept,
@@ -649,6 +650,43 @@ async fn moves_that_would_break_the_books_change_nothing(backend: Backend) {
     ));
     assert_eq!(store.books().await.unwrap(), before);
     assert!(store.unfinished_moves().await.unwrap().is_empty());
+}
+
+/// A run reads again only the cells that changed since its read: by server, the same records
+/// as the whole product's read, none for a server without a cell or unknown.
+async fn some_cells_of_a_product_are_read_again_by_server(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    for name in ["s2", "s3"] {
+        store
+            .register_server("admin", &server(name), "salt", &format!("hash-{name}"))
+            .await
+            .unwrap();
+    }
+    grant(&*store, "s1", 2).await;
+    grant(&*store, "s3", 3).await;
+    let all = store.product_cells("cad").await.unwrap();
+    let wanted: Vec<String> = ["s3", "s1", "s2", "ghost"].map(String::from).to_vec();
+    let some = store.product_cells_of("cad", &wanted).await.unwrap();
+    let expected: Vec<_> = all
+        .iter()
+        .filter(|c| c.server == "s1" || c.server == "s3")
+        .cloned()
+        .collect();
+    assert_eq!(some, expected);
+    assert!(
+        store
+            .product_cells_of("cad", &["s2".to_owned()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .product_cells_of("nope", &wanted)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// An instant balance's run opened with a grant of `units` of `cad` to `s1` from the reserve:

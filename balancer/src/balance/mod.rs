@@ -361,10 +361,13 @@ impl Engine {
         }
     }
 
-    /// Counts a committed change to `product`'s books made outside a run's planning, so a run
-    /// that read them before plans it from a fresh read (see [`snapshot::Memory::changed`]).
+    /// Counts a committed change to `product`'s pool made outside a run's planning, so a run
+    /// that read it before reads it again (see [`snapshot::Memory::changed`]).
     fn changed(&self, product: &str) {
-        self.memory.lock().expect("engine memory").changed(product);
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .changed(product, None);
     }
 
     /// Notes a booked move in the metrics and the engine's memory (what was granted and
@@ -376,7 +379,7 @@ impl Engine {
             return;
         }
         let mut memory = self.memory.lock().expect("engine memory");
-        memory.changed(&booked.product);
+        memory.changed(&booked.product, Some(&booked.server));
         if booked.kind == MoveKind::Grant {
             let back = memory.granted(&booked.server, &booked.product, applied);
             if let Some(run_id) = booked.run_id {

@@ -3,8 +3,9 @@
 //!
 //! In two phases over the whole estate: each product is planned, first from the run's own read
 //! of the books without its lock (most products, with nothing to move, are done then), and a
-//! product with moves planned again and its releases logged under its lock (one transaction
-//! per product); every server's releases are sent in one batch
+//! product with moves has its releases logged under its lock (one transaction per product),
+//! planned again first if its books changed since the read (only what changed is read
+//! again); every server's releases are sent in one batch
 //! with the locks released; then each product's grants are logged under its lock again (capped
 //! at what the reserve then holds, since an instant balance may have drawn on it meanwhile) and
 //! every server's grants are sent in one batch. Releases always precede the grants they fund,
@@ -211,10 +212,15 @@ impl Engine {
             .map(|(i, first)| {
                 let product = &products[i];
                 let epoch = fence.epoch_for(&product.name).unwrap_or(-1);
-                let (view, changes_seen) = (&view, &changes_seen);
+                let (view, changes_seen, seen) = (&view, &changes_seen, &seen);
                 async move {
                     let mut parts = Phases::start();
-                    let first = first.map(|plan| (plan, changes_seen));
+                    let first = first.map(|(built, plan)| AsRead {
+                        built,
+                        plan,
+                        cells: seen.get(product.name.as_str()).copied().unwrap_or_default(),
+                        changes_seen,
+                    });
                     let planned = self
                         .plan_product(run_id, epoch, &product.name, view, first, &mut parts)
                         .await;
@@ -346,50 +352,78 @@ impl Engine {
     /// Plans a product with moves under its lock and logs its releases in one transaction;
     /// returns it with the decisions worth recording (those that changed). The plan is the
     /// run's `first` one while no change to the product's books has been committed since the
-    /// run's read (its count of changes is where the run found it: the books are as read); it
-    /// is made again from the books read afresh otherwise (an instant balance moved them, or a
-    /// booking landed), and for a product the first plan could not plan. `None`: units of it
-    /// are in transit (a move not yet booked), so it waits for the next run. Where its time
-    /// went is lapped in `parts` (the run logs the sums).
+    /// run's read (its count of changes is where the run found it: the books are as read).
+    /// Otherwise (an instant balance moved units, a booking landed) it is made again from the
+    /// product's pool and the cells that changed read afresh, the others as the run read them;
+    /// and from a whole fresh read for a product the first plan could not plan. `None`: units
+    /// of it are in transit (a move not yet booked), so it waits for the next run. Where its
+    /// time went is lapped in `parts` (the run logs the sums).
     async fn plan_product(
         &self,
         run_id: i64,
         epoch: i64,
         name: &str,
         view: &RunView<'_>,
-        first: Option<((BuiltSnapshot, ProductPlan), &ChangesSeen)>,
+        first: Option<AsRead<'_>>,
         parts: &mut Phases,
     ) -> Result<Option<(Planned, Vec<RunDecision>)>, BalanceError> {
         let lock = self.product_lock(name);
         let _serialised = lock.lock().await;
         parts.lap("lock");
-        let as_read = first.and_then(|(plan, seen)| {
-            let memory = self.memory.lock().expect("engine memory");
-            (!memory.changed_since(name, seen)).then_some(plan)
+        let plan_afresh = |product: &Product,
+                           cells: &[CellRecord]|
+         -> Result<Option<(BuiltSnapshot, ProductPlan)>, BalanceError> {
+            let Some(built) = build_snapshot(product, cells, view) else {
+                return Ok(None);
+            };
+            let plan = planner::plan_product(&built.snapshot, &self.config.planner)
+                .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
+            Ok(Some((built, plan)))
+        };
+        let changed = first.as_ref().map(|first| {
+            self.memory
+                .lock()
+                .expect("engine memory")
+                .changed_since(name, first.changes_seen)
         });
-        let (
+        let planned = match (first, changed) {
+            (Some(first), Some(None)) => {
+                parts.lap("as_read");
+                Some((first.built, first.plan))
+            }
+            // Changed since the run's read: the pool and the cells that changed read again,
+            // the others as the run read them (nothing else has changed them since).
+            (Some(first), Some(Some(servers))) => {
+                let product = self.store.product_books(name).await?;
+                let cells = if servers.is_empty() {
+                    first.cells.to_vec()
+                } else {
+                    let fresh = self.store.product_cells_of(name, &servers).await?;
+                    patched(first.cells, &servers, fresh)
+                };
+                parts.lap("read_changes");
+                let planned = plan_afresh(&product, &cells)?;
+                parts.lap("plan");
+                planned
+            }
+            _ => {
+                let product = self.store.product_books(name).await?;
+                let cells = self.store.product_cells(name).await?;
+                parts.lap("read");
+                let planned = plan_afresh(&product, &cells)?;
+                parts.lap("plan");
+                planned
+            }
+        };
+        let Some((
             BuiltSnapshot {
                 snapshot,
                 server_names,
             },
             plan,
-        ) = match as_read {
-            Some(first) => {
-                parts.lap("as_read");
-                first
-            }
-            None => {
-                let product = self.store.product_books(name).await?;
-                let cells = self.store.product_cells(name).await?;
-                parts.lap("read");
-                let Some(built) = build_snapshot(&product, &cells, view) else {
-                    return Ok(None);
-                };
-                let plan = planner::plan_product(&built.snapshot, &self.config.planner)
-                    .map_err(|e| BalanceError::Plan(format!("{name}: {e}")))?;
-                parts.lap("plan");
-                (built, plan)
-            }
+        )) = planned
+        else {
+            return Ok(None);
         };
         let releases = self
             .log_moves(
@@ -557,6 +591,37 @@ struct Planned {
     releases: Vec<(String, MoveRecord)>,
 }
 
+/// A product with moves as the run first planned it, for [`Engine::plan_product`].
+struct AsRead<'a> {
+    built: BuiltSnapshot,
+    plan: ProductPlan,
+    /// Its cells as the run read them.
+    cells: &'a [CellRecord],
+    /// Every product's count of changes just before that read.
+    changes_seen: &'a ChangesSeen,
+}
+
+/// `cells` with those of `servers` replaced by `fresh` (a cell missing from `fresh` is gone:
+/// its server was removed), in their places; a new cell at the end.
+fn patched(cells: &[CellRecord], servers: &[String], fresh: Vec<CellRecord>) -> Vec<CellRecord> {
+    let mut fresh: HashMap<String, CellRecord> =
+        fresh.into_iter().map(|c| (c.server.clone(), c)).collect();
+    let mut out: Vec<CellRecord> = cells
+        .iter()
+        .filter_map(|c| {
+            if servers.contains(&c.server) {
+                fresh.remove(&c.server)
+            } else {
+                Some(c.clone())
+            }
+        })
+        .collect();
+    let mut new: Vec<CellRecord> = fresh.into_values().collect();
+    new.sort_by(|a, b| a.server.cmp(&b.server));
+    out.extend(new);
+    out
+}
+
 /// A product's first plan in a run, from the run's own read (see [`Engine::plan_first`]).
 enum FirstPlan {
     /// Nothing to move: planned, with the decisions worth recording.
@@ -572,4 +637,34 @@ fn not_balanced(errors: &mut Vec<String>, product: &str, e: &BalanceError, run_i
     tracing::error!(%product, error = %e, run_id,
         "product not balanced this run; the run goes on");
     errors.push(format!("{product}: not balanced: {e}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::patched;
+    use crate::store::CellRecord;
+
+    fn cell(server: &str, units: u64) -> CellRecord {
+        CellRecord {
+            server: server.into(),
+            product: "cad".into(),
+            units,
+            min_units: 0,
+            buffer_units: 0,
+            generation: 0,
+        }
+    }
+
+    #[test]
+    fn changed_cells_replace_the_runs_read_in_place_and_the_rest_stays() {
+        let read = [cell("lyon", 1), cell("oslo", 2), cell("paris", 3)];
+        let changed = ["oslo", "paris", "tokyo"].map(String::from);
+        // Oslo's cell grew; Paris's server was removed meanwhile; Tokyo got its first units.
+        let fresh = vec![cell("tokyo", 4), cell("oslo", 5)];
+        assert_eq!(
+            patched(&read, &changed, fresh),
+            [cell("lyon", 1), cell("oslo", 5), cell("tokyo", 4)]
+        );
+        assert_eq!(patched(&read, &[], Vec::new()), read);
+    }
 }

@@ -140,10 +140,20 @@ pub(super) struct Memory {
     /// the decisions that changed.
     decided: CellMap<(Decision, u64, u64)>,
     /// Per product, the changes to its books committed outside a run's planning (an instant
-    /// balance's logged moves, every booking, every abandon), counted once each is committed:
-    /// a run that read the books before the count moved reads them again under the product's
+    /// balance's logged moves, every booking, every abandon), counted once each is committed,
+    /// and the count at each cell's last change: a run that read the books before the count
+    /// moved reads the product's pool and the cells changed since again, under the product's
     /// lock; one that finds it where it was plans from its own read.
-    changes: HashMap<String, u64>,
+    changes: HashMap<String, ProductChanges>,
+}
+
+/// One product's changes (see [`Memory::changed`]).
+#[derive(Debug, Default)]
+struct ProductChanges {
+    /// Changes counted so far.
+    count: u64,
+    /// Per server, the count at its cell's last change.
+    cells: HashMap<String, u64>,
 }
 
 /// Each product's count of changes (see [`Memory::changed`]) when a run took it.
@@ -283,24 +293,45 @@ impl Memory {
         self.seen.insert(server, product, (demand, in_use));
     }
 
-    /// Counts a change to `product`'s books, once it is committed (see the field's doc).
-    pub(super) fn changed(&mut self, product: &str) {
-        match self.changes.get_mut(product) {
-            Some(count) => *count += 1,
-            None => {
-                self.changes.insert(product.to_owned(), 1);
+    /// Counts a change to `product`'s books, once it is committed: to its pool only, or to
+    /// `server`'s cell too (see the field's doc).
+    pub(super) fn changed(&mut self, product: &str, server: Option<&str>) {
+        let changes = match self.changes.get_mut(product) {
+            Some(changes) => changes,
+            None => self.changes.entry(product.to_owned()).or_default(),
+        };
+        changes.count += 1;
+        if let Some(server) = server {
+            match changes.cells.get_mut(server) {
+                Some(at) => *at = changes.count,
+                None => {
+                    changes.cells.insert(server.to_owned(), changes.count);
+                }
             }
         }
     }
 
     /// Every product's count of changes, taken by a run before it reads the books.
     pub(super) fn changes(&self) -> ChangesSeen {
-        self.changes.clone()
+        self.changes
+            .iter()
+            .map(|(product, changes)| (product.clone(), changes.count))
+            .collect()
     }
 
-    /// Whether `product`'s books changed since `seen` was taken.
-    pub(super) fn changed_since(&self, product: &str, seen: &ChangesSeen) -> bool {
-        self.changes.get(product) != seen.get(product)
+    /// What changed of `product`'s books since `seen` was taken: `None` when nothing did;
+    /// else the servers whose cells changed (none when only its pool did).
+    pub(super) fn changed_since(&self, product: &str, seen: &ChangesSeen) -> Option<Vec<String>> {
+        let changes = self.changes.get(product)?;
+        let then = seen.get(product).copied().unwrap_or(0);
+        (changes.count != then).then(|| {
+            changes
+                .cells
+                .iter()
+                .filter(|(_, at)| **at > then)
+                .map(|(server, _)| server.clone())
+                .collect()
+        })
     }
 
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
@@ -569,17 +600,32 @@ mod tests {
     }
 
     #[test]
-    fn a_product_changed_after_the_runs_count_is_planned_afresh() {
+    fn a_product_changed_after_the_runs_count_names_the_cells_to_read_again() {
         let mut memory = Memory::default();
-        memory.changed("cad");
+        memory.changed("cad", Some("paris"));
         let seen = memory.changes();
-        assert!(!memory.changed_since("cad", &seen), "as the run read it");
-        assert!(!memory.changed_since("cam", &seen), "never changed");
-        // An instant balance logs a grant of cad, then a booking of cam lands.
-        memory.changed("cad");
-        memory.changed("cam");
-        assert!(memory.changed_since("cad", &seen));
-        assert!(memory.changed_since("cam", &seen), "first change after the count");
-        assert!(!memory.changed_since("sim", &seen));
+        assert_eq!(
+            memory.changed_since("cad", &seen),
+            None,
+            "as the run read it"
+        );
+        assert_eq!(memory.changed_since("cam", &seen), None, "never changed");
+        // An instant balance logs a grant of cad (its pool), then its booking lands (Tokyo's
+        // cell), and a booking of cam lands (Oslo's cell).
+        memory.changed("cad", None);
+        assert_eq!(memory.changed_since("cad", &seen), Some(vec![]));
+        memory.changed("cad", Some("tokyo"));
+        memory.changed("cam", Some("oslo"));
+        assert_eq!(
+            memory.changed_since("cad", &seen),
+            Some(vec!["tokyo".to_owned()]),
+            "Paris changed before the count"
+        );
+        assert_eq!(
+            memory.changed_since("cam", &seen),
+            Some(vec!["oslo".to_owned()]),
+            "the first change after the count"
+        );
+        assert_eq!(memory.changed_since("sim", &seen), None);
     }
 }

@@ -800,6 +800,13 @@ pub trait Store: Send + Sync + 'static {
     /// The cells of one product (a run rereads them per product: instant balances may have
     /// moved units since the run began).
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>>;
+    /// The cells of one product held by `servers` (a run rereads only the cells that changed
+    /// since it read them all), by server name.
+    async fn product_cells_of(
+        &self,
+        product: &str,
+        servers: &[String],
+    ) -> StoreResult<Vec<CellRecord>>;
     /// One cell, if the server holds the product in the books: what an instant balance
     /// answers the asker holds, without reading the product's thousand other cells.
     async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>>;

@@ -316,6 +316,14 @@ impl Store for ErrorReporting {
         self.seen(self.inner.product_cells(product).await)
     }
 
+    async fn product_cells_of(
+        &self,
+        product: &str,
+        servers: &[String],
+    ) -> StoreResult<Vec<CellRecord>> {
+        self.seen(self.inner.product_cells_of(product, servers).await)
+    }
+
     async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>> {
         self.seen(self.inner.cell(server, product).await)
     }

@@ -2,11 +2,11 @@
 //! reserve, in transit and the per-server cells.
 
 use super::{
-    AddEntitlement, BooksCheck, CellRecord, CellRecordRow, CellRow, CreateProduct, Db, Entitlement,
-    EntitlementRow, Pool, Product, ProductDetail, ProductRow, StoreError, StoreResult, begin_read,
-    begin_write, cell_columns, cell_record_columns, conflict_on_constraint, count,
+    AddEntitlement, BooksCheck, CHUNK, CellRecord, CellRecordRow, CellRow, CreateProduct, Db,
+    Entitlement, EntitlementRow, Pool, Product, ProductDetail, ProductRow, StoreError, StoreResult,
+    begin_read, begin_write, cell_columns, cell_record_columns, conflict_on_constraint, count,
     entitlement_columns, json, lock_product, now_ms, product_by_id, product_columns, product_id,
-    write_audit,
+    sequential_params, write_audit,
 };
 use std::collections::HashMap;
 
@@ -317,6 +317,43 @@ pub(super) async fn product_cells(pool: &Pool<Db>, product: &str) -> StoreResult
     .into_iter()
     .map(CellRecord::from)
     .collect())
+}
+
+/// The cells of `product` held by `servers` (some of its cells, read again), by one
+/// statement per [`CHUNK`] servers.
+pub(super) async fn product_cells_of(
+    pool: &Pool<Db>,
+    product: &str,
+    servers: &[String],
+) -> StoreResult<Vec<CellRecord>> {
+    let mut cells = Vec::with_capacity(servers.len());
+    for chunk in servers.chunks(CHUNK) {
+        let mut next = 0;
+        let product_param = sequential_params(&mut next, 1);
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                cell_record_columns!(),
+                " FROM allocations a JOIN servers s ON s.id = a.server_id \
+                  JOIN products p ON p.id = a.product_id \
+                  WHERE s.removed_at IS NULL AND p.name = {} AND s.name IN ({}) ORDER BY s.name"
+            ),
+            product_param,
+            sequential_params(&mut next, chunk.len())
+        );
+        let mut query = sqlx::query_as::<_, CellRecordRow>(sqlx::AssertSqlSafe(sql)).bind(product);
+        for server in chunk {
+            query = query.bind(server.as_str());
+        }
+        cells.extend(
+            query
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(CellRecord::from),
+        );
+    }
+    Ok(cells)
 }
 
 pub(super) async fn cell<'c>(

@@ -713,6 +713,14 @@ impl Store for SqlStore {
         books::product_cells(&self.pool, product).await
     }
 
+    async fn product_cells_of(
+        &self,
+        product: &str,
+        servers: &[String],
+    ) -> StoreResult<Vec<CellRecord>> {
+        books::product_cells_of(&self.pool, product, servers).await
+    }
+
     async fn cell(&self, server: &str, product: &str) -> StoreResult<Option<CellRecord>> {
         books::cell(&self.pool, server, product).await
     }
