@@ -797,8 +797,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every product and every cell, read in one snapshot, so each product's books add up
     /// with its cells (what a run plans from first).
     async fn products_and_cells(&self) -> StoreResult<(Vec<Product>, Vec<CellRecord>)>;
-    /// The cells of one product (a run rereads them per product: instant balances may have
-    /// moved units since the run began).
+    /// The cells of one product, read afresh (an instant balance's donors; a run's product it
+    /// could not plan from its own read).
     async fn product_cells(&self, product: &str) -> StoreResult<Vec<CellRecord>>;
     /// The cells of one product held by `servers` (a run rereads only the cells that changed
     /// since it read them all), by server name.
