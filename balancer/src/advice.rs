@@ -203,6 +203,7 @@ fn current_schedule(
 /// when the schedule changed.
 pub async fn apply(
     store: &dyn Store,
+    engine: &crate::balance::Engine,
     advice: &Advice,
     actor: &str,
     schedule_changed: &Notify,
@@ -233,9 +234,12 @@ pub async fn apply(
             .set_allocation_limits(actor, &cell.server, &cell.product, &limits)
             .await
         {
-            Ok(_) => applied
-                .cells
-                .push(format!("{}/{}", cell.server, cell.product)),
+            Ok(_) => {
+                engine.books_changed(&cell.product, Some(&cell.server));
+                applied
+                    .cells
+                    .push(format!("{}/{}", cell.server, cell.product));
+            }
             // The server or product went away since the advice was made: skip it.
             Err(StoreError::NotFound(_) | StoreError::UnknownProduct(_)) => {}
             Err(e) => return Err(e),
@@ -266,6 +270,7 @@ pub async fn set_autotune(
 /// When autotune is on, applies the bounded advice every `every` until `shutdown`.
 pub async fn autotune_task(
     store: Arc<dyn Store>,
+    engine: crate::balance::Engine,
     schedule_changed: Arc<Notify>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -283,7 +288,7 @@ pub async fn autotune_task(
             let window = Duration::from_secs(u64::from(setting.window_days.max(1)) * 86_400);
             let advice = advise(&*store, window, Utc::now()).await?;
             let bounded = advisor::apply_bounds(advice, &setting.bounds);
-            apply(&*store, &bounded, "autotune", &schedule_changed)
+            apply(&*store, &engine, &bounded, "autotune", &schedule_changed)
                 .await
                 .map(Some)
         }

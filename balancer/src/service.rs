@@ -272,6 +272,7 @@ pub async fn run_with_metrics(
     ));
     let autotune = tokio::spawn(crate::advice::autotune_task(
         store.clone(),
+        engine.clone(),
         schedule_changed.clone(),
         std::time::Duration::from_secs(6 * 3600),
         stop_scheduler.subscribe(),

@@ -1714,6 +1714,22 @@ async fn each_shard_fences_its_own_products(backend: Backend) {
         store.begin_move(&with(a, &other, 1)).await,
         Err(StoreError::Fenced { .. })
     ));
+    // An instant balance's single grant (one statement on PostgreSQL) is fenced to its
+    // product's shard alike: another shard's current epoch does not let it through.
+    assert!(matches!(
+        store
+            .begin_run_with_moves(RunTrigger::Instant, &fence_b, &[with(b, "cad", 1)])
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let (_, logged) = store
+        .begin_run_with_moves(RunTrigger::Instant, &fence_a, &[with(a, "cad", 1)])
+        .await
+        .unwrap();
+    store
+        .complete_move(logged[0].id, 1, 2, &fence_a)
+        .await
+        .unwrap();
     let theirs = with(b, &other, 1);
     store.begin_move(&theirs).await.unwrap();
     assert!(matches!(
@@ -1727,7 +1743,7 @@ async fn each_shard_fences_its_own_products(backend: Backend) {
     // A lost server: each leader reclaims its own shard's units, once.
     assert_eq!(
         store.reclaim_lost_server("s1", &fence_a).await.unwrap(),
-        vec![("cad".to_owned(), 2)]
+        vec![("cad".to_owned(), 3)]
     );
     assert_eq!(
         store.reclaim_lost_server("s1", &fence_a).await.unwrap(),

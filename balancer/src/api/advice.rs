@@ -64,6 +64,7 @@ pub(super) async fn apply_advice(
     let advice = advice::advise(&*state.store, since, chrono::Utc::now()).await?;
     let applied = advice::apply(
         &*state.store,
+        &state.engine,
         &advice,
         &format!("{} (advice)", admin.actor()),
         &state.schedule_changed,

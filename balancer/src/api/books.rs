@@ -118,6 +118,7 @@ pub(super) async fn add_entitlement(
         .store
         .add_entitlement(admin.actor(), &product, &req)
         .await?;
+    state.engine.books_changed(&product, None);
     tracing::info!(%product, id = entitlement.id, units = entitlement.units, "entitlement added");
     Ok((StatusCode::CREATED, Json(entitlement)))
 }
@@ -157,6 +158,7 @@ pub(super) async fn remove_entitlement(
         .store
         .remove_entitlement(admin.actor(), &product, id)
         .await?;
+    state.engine.books_changed(&product, None);
     tracing::info!(%product, id, units = entitlement.units, "entitlement removed");
     Ok(Json(entitlement))
 }

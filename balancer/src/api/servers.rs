@@ -151,6 +151,7 @@ pub(super) async fn set_allocation_limits(
         .store
         .set_allocation_limits(admin.actor(), &server, &product, &req)
         .await?;
+    state.engine.books_changed(&product, Some(&server));
     tracing::info!(%server, %product, min = req.min_units, buffer = req.buffer_units, "allocation limits set");
     Ok(Json(view))
 }

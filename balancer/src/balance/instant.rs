@@ -227,7 +227,7 @@ impl Engine {
             .await?;
         let first_grant: Option<MoveRecord> = logged.pop();
         if first_grant.is_some() {
-            self.changed(&req.product);
+            self.books_changed(&req.product, None);
         }
         phases.lap("plan_and_log");
         let log = |target: &str, kind: MoveKind, units: u64| log(Some(run_id), target, kind, units);
@@ -244,7 +244,7 @@ impl Engine {
             }
         }
         if !releases.is_empty() {
-            self.changed(&req.product);
+            self.books_changed(&req.product, None);
         }
         let _earmark = Earmark::new(self, &req.product, plan.reclaimed());
         drop(serialised);
@@ -338,7 +338,7 @@ impl Engine {
                         .store
                         .begin_move(&log(&server.name, MoveKind::Grant, units))
                         .await?;
-                    self.changed(&req.product);
+                    self.books_changed(&req.product, None);
                     Some(grant)
                 } else {
                     None
@@ -479,6 +479,7 @@ impl Engine {
             applied_units: granted,
             generation: applied.generation,
         };
+        let changing = self.changing(&mv.product, Some(&server.name));
         let booked = self
             .store
             .complete_instant_grant(
@@ -489,6 +490,7 @@ impl Engine {
                 (request_id, &answered),
             )
             .await;
+        drop(changing);
         match booked {
             Ok(booked) => {
                 self.remember(&booked);

@@ -193,6 +193,21 @@ pub struct Engine {
     bookings: tokio_util::task::TaskTracker,
 }
 
+/// A change to a product's books under way outside its lock (see [`Engine::changing`]).
+struct Changing {
+    memory: Arc<Mutex<snapshot::Memory>>,
+    product: String,
+    server: Option<String>,
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        if let Ok(mut memory) = self.memory.lock() {
+            memory.change_done(&self.product, self.server.as_deref());
+        }
+    }
+}
+
 /// A server's answer to a status read in a run.
 type StatusMap = BTreeMap<String, AgentStatus>;
 
@@ -307,6 +322,7 @@ impl Engine {
         mv: &MoveRecord,
     ) -> Result<MoveRecord, MoveFailure> {
         let answer = self.deliver(server, mv).await?;
+        let _changing = self.changing(&mv.product, Some(&server.name));
         let booked = self
             .store
             .complete_move(
@@ -361,13 +377,29 @@ impl Engine {
         }
     }
 
-    /// Counts a committed change to `product`'s pool made outside a run's planning, so a run
-    /// that read it before reads it again (see [`snapshot::Memory::changed`]).
-    fn changed(&self, product: &str) {
+    /// Counts a committed change to `product`'s books made outside a run's planning (to its
+    /// pool, and to `server`'s cell if named), so a run that read them before reads what
+    /// changed again (see [`snapshot::Memory::changed`]). The API calls it after an
+    /// operator's change to a product's purchases or a cell's limits.
+    pub fn books_changed(&self, product: &str, server: Option<&str>) {
         self.memory
             .lock()
             .expect("engine memory")
-            .changed(product, None);
+            .changed(product, server);
+    }
+
+    /// A change to `product`'s books about to be made outside its lock (a booking, an
+    /// abandon), counted as under way until the returned guard is dropped, then as done.
+    fn changing(&self, product: &str, server: Option<&str>) -> Changing {
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .changing(product, server);
+        Changing {
+            memory: self.memory.clone(),
+            product: product.to_owned(),
+            server: server.map(str::to_owned),
+        }
     }
 
     /// Notes a booked move in the metrics and the engine's memory (what was granted and
@@ -405,6 +437,8 @@ impl Engine {
         message: &str,
     ) -> MoveFailure {
         let reason = format!("{code}: {message}");
+        // An abandoned grant's units go back to the pool.
+        let _changing = self.changing(&mv.product, None);
         if let Err(e) = self
             .store
             .abandon_move(mv.id, &reason, &self.write_fence())
@@ -412,7 +446,6 @@ impl Engine {
         {
             return MoveFailure::NotBooked(e.to_string());
         }
-        self.changed(&mv.product);
         tracing::warn!(move_id = %mv.id, server = %server.name, %reason,
             "move refused by the server; abandoned");
         MoveFailure::Refused(format!(

@@ -154,6 +154,9 @@ struct ProductChanges {
     count: u64,
     /// Per server, the count at its cell's last change.
     cells: HashMap<String, u64>,
+    /// Changes under way outside the product's lock (a booking, an abandon: its commit may
+    /// land before it is counted), by the server whose cell it changes, if any.
+    pending: HashMap<Option<String>, u32>,
 }
 
 /// Each product's count of changes (see [`Memory::changed`]) when a run took it.
@@ -311,6 +314,34 @@ impl Memory {
         }
     }
 
+    /// Notes a change to `product`'s books about to be made outside its lock (a booking, an
+    /// abandon): until [`Memory::change_done`], a run treats the product as changed, with
+    /// `server`'s cell among those to read again.
+    pub(super) fn changing(&mut self, product: &str, server: Option<&str>) {
+        let changes = match self.changes.get_mut(product) {
+            Some(changes) => changes,
+            None => self.changes.entry(product.to_owned()).or_default(),
+        };
+        *changes
+            .pending
+            .entry(server.map(str::to_owned))
+            .or_default() += 1;
+    }
+
+    /// Ends a change noted by [`Memory::changing`], committed or not, and counts it.
+    pub(super) fn change_done(&mut self, product: &str, server: Option<&str>) {
+        if let Some(changes) = self.changes.get_mut(product) {
+            let key = server.map(str::to_owned);
+            if let Some(n) = changes.pending.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    changes.pending.remove(&key);
+                }
+            }
+        }
+        self.changed(product, server);
+    }
+
     /// Every product's count of changes, taken by a run before it reads the books.
     pub(super) fn changes(&self) -> ChangesSeen {
         self.changes
@@ -321,17 +352,23 @@ impl Memory {
 
     /// What changed of `product`'s books since `seen` was taken: `None` when nothing did;
     /// else the servers whose cells changed (none when only its pool did).
+    /// A change under way counts as a change, its cell among those to read again.
     pub(super) fn changed_since(&self, product: &str, seen: &ChangesSeen) -> Option<Vec<String>> {
         let changes = self.changes.get(product)?;
         let then = seen.get(product).copied().unwrap_or(0);
-        (changes.count != then).then(|| {
-            changes
-                .cells
-                .iter()
-                .filter(|(_, at)| **at > then)
-                .map(|(server, _)| server.clone())
-                .collect()
-        })
+        if changes.count == then && changes.pending.is_empty() {
+            return None;
+        }
+        let mut servers: Vec<String> = changes
+            .cells
+            .iter()
+            .filter(|(_, at)| **at > then)
+            .map(|(server, _)| server.clone())
+            .chain(changes.pending.keys().flatten().cloned())
+            .collect();
+        servers.sort_unstable();
+        servers.dedup();
+        Some(servers)
     }
 
     /// Forgets holds older than `hold`, so the map does not grow with the estate's history.
@@ -627,5 +664,19 @@ mod tests {
             "the first change after the count"
         );
         assert_eq!(memory.changed_since("sim", &seen), None);
+        // A booking of Lyon's cell under way (begun before the count, say): changed, with its
+        // cell, until it is done; then counted as any change.
+        let seen = memory.changes();
+        memory.changing("cad", Some("lyon"));
+        assert_eq!(
+            memory.changed_since("cad", &seen),
+            Some(vec!["lyon".to_owned()])
+        );
+        memory.change_done("cad", Some("lyon"));
+        assert_eq!(
+            memory.changed_since("cad", &seen),
+            Some(vec!["lyon".to_owned()])
+        );
+        assert_eq!(memory.changed_since("cad", &memory.changes()), None);
     }
 }

@@ -139,22 +139,23 @@ const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard
 /// statement, committed on its own (durably): one round trip where the general transaction
 /// takes nine (`BEGIN`, the run, the names, the product's lock, the shards' epochs, the pool,
 /// the cell, the move, `COMMIT`), each a wake-up of two processes that, during a run, wait
-/// for a busy core. The same checks, in the same locks: the epoch's shard row under a share
-/// lock (a takeover waits for it; an older epoch matches no row, since every leadership and
-/// every new shard count draws new epochs), the pool's conditional `UPDATE` (the product's
+/// for a busy core. The same checks, in the same locks: the product's shard row, at the
+/// fence's epoch and shard count, under a share lock (a takeover waits for it), the pool's
+/// conditional `UPDATE` (the product's
 /// row lock, the reserve re-checked on the locked row), a live server. The run and the move
 /// are inserted only if the pool moved. Returns the run's id, or `None` when nothing was
 /// logged (the caller then takes the general path, which says why).
 async fn log_run_with_grant(
     pool: &Pool<Db>,
     trigger: &str,
-    run_epoch: i64,
+    fence: &allot_core::shard::Fence,
     grant: &crate::store::NewMove,
     units: i64,
     now_ms: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
-        "WITH fence AS (SELECT shard FROM leader_shards WHERE epoch = $1 FOR SHARE), \
+        "WITH fence AS (SELECT shard FROM leader_shards WHERE shard = $9 AND epoch = $1 \
+                        AND (SELECT COUNT(*) FROM leader_shards) = $10 FOR SHARE), \
          server AS (SELECT id FROM servers WHERE name = $2 AND removed_at IS NULL), \
          pool AS (UPDATE products SET reserve = reserve - $3, in_transit = in_transit + $3 \
                   WHERE name = $4 AND reserve >= $3 \
@@ -176,9 +177,11 @@ async fn log_run_with_grant(
     .bind(units)
     .bind(&grant.product)
     .bind(trigger)
-    .bind(run_epoch)
+    .bind(fence.newest_epoch())
     .bind(now_ms)
     .bind(grant.id.to_string())
+    .bind(i64::from(fence.shard_of(&grant.product)))
+    .bind(i64::from(fence.count()))
     .fetch_optional(pool)
     .await
 }

@@ -141,7 +141,7 @@ const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard
 async fn log_run_with_grant(
     _pool: &Pool<Db>,
     _trigger: &str,
-    _run_epoch: i64,
+    _fence: &allot_core::shard::Fence,
     _grant: &crate::store::NewMove,
     _units: i64,
     _now_ms: i64,

@@ -759,7 +759,7 @@ impl Store for SqlStore {
         fence: &Fence,
         moves: &[NewMove],
     ) -> StoreResult<(i64, Vec<MoveRecord>)> {
-        runs::begin_run_with_moves(&self.pool, trigger, fence.newest_epoch(), moves).await
+        runs::begin_run_with_moves(&self.pool, trigger, fence, moves).await
     }
 
     async fn finish_instant_run(

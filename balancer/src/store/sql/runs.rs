@@ -5,8 +5,8 @@ use crate::store::LandedMove;
 use super::{
     CHUNK, Db, ExplainedCell, Fence, InstantRecord, InstantStart, MoveRecord, MoveRow, NameIds,
     NewMove, Pool, RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery,
-    StoreError, StoreResult, Uuid, begin_booking, begin_write, conflict_on_constraint, count, json,
-    log_run_with_grant, move_columns, now_ms, run_columns, values_placeholders,
+    StoreError, StoreResult, Uuid, begin_booking, begin_write, count, json, log_run_with_grant,
+    move_columns, now_ms, run_columns, values_placeholders,
 };
 use allot_core::domain::MoveKind;
 
@@ -33,23 +33,40 @@ pub(super) async fn begin_run<'c>(
 pub(super) async fn begin_run_with_moves(
     pool: &Pool<Db>,
     trigger: RunTrigger,
-    epoch: i64,
+    fence: &Fence,
     moves: &[NewMove],
 ) -> StoreResult<(i64, Vec<MoveRecord>)> {
     if let [grant] = moves
         && grant.kind == MoveKind::Grant
         && let Ok(units @ 1..) = i64::try_from(grant.units)
-        && let Some(run_id) =
-            log_run_with_grant(pool, trigger.as_str(), epoch, grant, units, now_ms())
-                .await
-                .map_err(|e| conflict_on_constraint(e, &format!("move {}", grant.id)))?
     {
-        let logged = NewMove {
-            run_id: Some(run_id),
-            ..grant.clone()
-        };
-        return Ok((run_id, vec![super::moves::logged_record(&logged)]));
+        match log_run_with_grant(pool, trigger.as_str(), fence, grant, units, now_ms()).await {
+            Ok(Some(run_id)) => {
+                let logged = NewMove {
+                    run_id: Some(run_id),
+                    ..grant.clone()
+                };
+                return Ok((run_id, vec![super::moves::logged_record(&logged)]));
+            }
+            Ok(None) => {}
+            Err(sqlx::Error::Database(db))
+                if db.is_unique_violation()
+                    || db.is_check_violation()
+                    || db.is_foreign_key_violation() =>
+            {
+                return Err(StoreError::Conflict(format!(
+                    "move {}: {}",
+                    grant.id,
+                    db.message()
+                )));
+            }
+            // Anything else (a deadlock PostgreSQL broke, say): the general way decides.
+            Err(e) => {
+                tracing::debug!(error = %e, "one-statement grant log failed; logging it the general way")
+            }
+        }
     }
+    let epoch = fence.newest_epoch();
     let mut tx = begin_write(pool).await?;
     let run_id = begin_run(&mut *tx, trigger, epoch).await?;
     let moves: Vec<NewMove> = moves
