@@ -299,10 +299,7 @@ impl Memory {
     /// Counts a change to `product`'s books, once it is committed: to its pool only, or to
     /// `server`'s cell too (see the field's doc).
     pub(super) fn changed(&mut self, product: &str, server: Option<&str>) {
-        let changes = match self.changes.get_mut(product) {
-            Some(changes) => changes,
-            None => self.changes.entry(product.to_owned()).or_default(),
-        };
+        let changes = self.changes_of(product);
         changes.count += 1;
         if let Some(server) = server {
             match changes.cells.get_mut(server) {
@@ -318,11 +315,8 @@ impl Memory {
     /// abandon): until [`Memory::change_done`], a run treats the product as changed, with
     /// `server`'s cell among those to read again.
     pub(super) fn changing(&mut self, product: &str, server: Option<&str>) {
-        let changes = match self.changes.get_mut(product) {
-            Some(changes) => changes,
-            None => self.changes.entry(product.to_owned()).or_default(),
-        };
-        *changes
+        *self
+            .changes_of(product)
             .pending
             .entry(server.map(str::to_owned))
             .or_default() += 1;
@@ -340,6 +334,15 @@ impl Memory {
             }
         }
         self.changed(product, server);
+    }
+
+    /// `product`'s changes, made empty on its first (the name copied only then).
+    fn changes_of(&mut self, product: &str) -> &mut ProductChanges {
+        if !self.changes.contains_key(product) {
+            self.changes
+                .insert(product.to_owned(), ProductChanges::default());
+        }
+        self.changes.get_mut(product).expect("just inserted")
     }
 
     /// Every product's count of changes, taken by a run before it reads the books.
