@@ -452,9 +452,14 @@ pub struct InstantTally {
 impl InstantTally {
     /// Starts timing a request, counted in `metrics`.
     pub fn start(metrics: Arc<Metrics>) -> Self {
+        Self::since(metrics, Instant::now())
+    }
+
+    /// Times a request that began at `started`.
+    pub fn since(metrics: Arc<Metrics>, started: Instant) -> Self {
         Self {
             metrics,
-            started: Instant::now(),
+            started,
             finished: false,
         }
     }

@@ -2,9 +2,9 @@
 //! database per test), so both backends keep exactly the same behaviour.
 
 use allot_balancer::store::{
-    self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery,
-    InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, Store,
-    StoreError, UsageSample,
+    self, AuditQuery, CellAccounting, EstateTotal, Fence, HistoryBucket, HistoryQuery, InstantLog,
+    InstantRecord, InstantStart, LandedMove, MoveRecord, NewMove, RunOutcome, RunsQuery,
+    ScheduleSetting, Store, StoreError, UsageSample,
 };
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::shard_of;
@@ -41,6 +41,7 @@ on_both_backends!(
     a_booking_across_products_books_each_pool,
     a_booking_across_servers_books_each_cell_and_its_generation,
     an_instant_runs_record_and_grant_commit_together,
+    an_instant_grant_is_logged_only_while_the_books_are_as_read,
     an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all,
     a_runs_decisions_are_kept_field_for_field,
     some_cells_of_a_product_are_read_again_by_server,
@@ -702,6 +703,132 @@ async fn instant_run_with_grant(store: &dyn Store, units: u64) -> (i64, NewMove,
         .await
         .unwrap();
     (run_id, grant, logged)
+}
+
+/// An instant balance planned from the reserve as last seen logs its run and grant only while
+/// the reserve is still that and its request has no record; otherwise nothing is logged and
+/// the books are returned as they stand. Refusals (a ghost server, an unknown product, zero
+/// units) are refused as by `begin_run_with_moves`, and leave no run.
+async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Backend) {
+    let store = stocked(&backend, 10).await;
+    let instant_runs = || async {
+        store
+            .runs(&RunsQuery {
+                limit: 10,
+                before_id: None,
+                trigger: Some(RunTrigger::Instant),
+                since_ms: None,
+            })
+            .await
+            .unwrap()
+    };
+    let before = store.books().await.unwrap();
+    let request = Uuid::new_v4();
+    let grant = new_move(MoveKind::Grant, "cad", "s1", 3);
+    // A reserve other than the one read (10): nothing logged, the reserve as it stands.
+    for stale in [9, 11, 0] {
+        let moved = store
+            .log_instant_grant(&Fence::alone(), &grant, request, stale)
+            .await
+            .unwrap();
+        assert_eq!(
+            moved,
+            InstantLog::Moved(InstantStart {
+                answered: None,
+                reserve: 10
+            }),
+            "as read {stale}"
+        );
+    }
+    for (refused, is_expected) in [
+        (
+            new_move(MoveKind::Grant, "cad", "ghost", 1),
+            (|e: &StoreError| matches!(e, StoreError::NotFound(_))) as fn(&StoreError) -> bool,
+        ),
+        (new_move(MoveKind::Grant, "nope", "s1", 1), |e| {
+            matches!(e, StoreError::UnknownProduct(_))
+        }),
+        (new_move(MoveKind::Grant, "cad", "s1", 0), |e| {
+            matches!(e, StoreError::Conflict(_))
+        }),
+        (new_move(MoveKind::Grant, "cad", "s1", 11), |e| {
+            matches!(e, StoreError::Conflict(_))
+        }),
+    ] {
+        let result = store
+            .log_instant_grant(&Fence::alone(), &refused, request, 10)
+            .await;
+        assert!(
+            result.as_ref().is_err_and(is_expected),
+            "{refused:?}: {result:?}"
+        );
+    }
+    assert!(instant_runs().await.is_empty());
+    assert_eq!(store.books().await.unwrap(), before);
+
+    // As read: the run and the grant, in transit.
+    let InstantLog::Logged(run_id, logged) = store
+        .log_instant_grant(&Fence::alone(), &grant, request, 10)
+        .await
+        .unwrap()
+    else {
+        panic!("the books were as read");
+    };
+    assert_eq!(
+        (logged.id, logged.run_id, logged.units),
+        (grant.id, Some(run_id), 3)
+    );
+    assert_eq!(logged.state, MoveState::Planned);
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit), (7, 3));
+    let opened = instant_runs().await;
+    assert_eq!((opened.len(), opened[0].id), (1, run_id));
+    assert_eq!(opened[0].status, "running");
+    assert_balanced(&*store).await;
+    // The same move again is a conflict, and logs nothing more.
+    assert!(matches!(
+        store
+            .log_instant_grant(&Fence::alone(), &grant, Uuid::new_v4(), 7)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    // Once the request is answered, it is not logged again, even as read.
+    store
+        .complete_move(grant.id, 3, 1, &Fence::alone())
+        .await
+        .unwrap();
+    let answered = InstantRecord {
+        server: "s1".into(),
+        product: "cad".into(),
+        units: 3,
+        granted: 3,
+    };
+    let outcome = RunOutcome {
+        status: "ok".into(),
+        moves: 1,
+        units_moved: 3,
+        ..RunOutcome::default()
+    };
+    store
+        .finish_instant_run(run_id, &outcome, Some((request, &answered)))
+        .await
+        .unwrap();
+    let again = new_move(MoveKind::Grant, "cad", "s1", 2);
+    assert_eq!(
+        store
+            .log_instant_grant(&Fence::alone(), &again, request, 7)
+            .await
+            .unwrap(),
+        InstantLog::Moved(InstantStart {
+            answered: Some(answered),
+            reserve: 7
+        })
+    );
+    assert_eq!(instant_runs().await.len(), 1);
+    let p = store.product("cad").await.unwrap().product;
+    assert_eq!((p.reserve, p.in_transit), (7, 0));
+    assert_balanced(&*store).await;
 }
 
 /// An instant balance's run opens with its grant from the reserve in one transaction (a
@@ -1645,6 +1772,16 @@ async fn a_deposed_leader_is_fenced(backend: Backend) {
             current: 1
         })
     ));
+    let reserve = store.product("cad").await.unwrap().product.reserve;
+    assert!(matches!(
+        store
+            .log_instant_grant(&Fence::alone(), &stale, Uuid::new_v4(), reserve)
+            .await,
+        Err(StoreError::Fenced {
+            epoch: 0,
+            current: 1
+        })
+    ));
     assert_eq!(store.runs(&every_run).await.unwrap().len(), runs_before);
     assert!(matches!(
         store.complete_move(old.id, 2, 1, &Fence::alone()).await,
@@ -1719,6 +1856,13 @@ async fn each_shard_fences_its_own_products(backend: Backend) {
     assert!(matches!(
         store
             .begin_run_with_moves(RunTrigger::Instant, &fence_b, &[with(b, "cad", 1)])
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let reserve = store.product("cad").await.unwrap().product.reserve;
+    assert!(matches!(
+        store
+            .log_instant_grant(&fence_b, &with(b, "cad", 1), Uuid::new_v4(), reserve)
             .await,
         Err(StoreError::Fenced { .. })
     ));

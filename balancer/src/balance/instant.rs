@@ -14,7 +14,9 @@
 use super::phases::Phases;
 use super::snapshot::instant_cells;
 use super::{BalanceError, Engine, adopted};
-use crate::store::{InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, ServerRecord};
+use crate::store::{
+    InstantLog, InstantRecord, LandedMove, MoveRecord, NewMove, RunOutcome, ServerRecord,
+};
 use allot_core::domain::{MoveKind, RunTrigger, ServerState};
 use allot_core::instant::{InstantAsk, plan_instant};
 use allot_core::wire::agent::MoveResponse;
@@ -119,118 +121,155 @@ impl Engine {
             free_elsewhere: None,
         };
         // A retry of a request already answered grants nothing more: it waits for an attempt
-        // still being answered, then reads the record once, under the product's lock (a read
-        // before it too would cost every request a round trip for a rare retry), by the same
-        // statement that reads the reserve.
+        // still being answered, then finds the record under the product's lock (a read before
+        // it too would cost every request a round trip for a rare retry), by the statement that
+        // logs a grant from the reserve as last seen (it logs nothing for an answered request)
+        // or by the one that reads the reserve.
+        let started = std::time::Instant::now();
         let mut phases = Phases::start();
         let turn = RequestTurn::take(&self.requests_in_flight, req.request_id).await;
         let lock = self.product_lock(&req.product);
         let mut serialised = lock.lock().await;
         phases.lap("lock");
-        let start = self
-            .store
-            .instant_start(req.request_id, &req.product)
-            .await?;
-        phases.lap("request");
-        if let Some(done) = start.answered {
-            return Ok(answer(
-                done.granted,
-                self.allocation_of(&server.name, &req.product).await?,
-            ));
-        }
-        if server.state == ServerState::Draining {
-            tracing::info!("server is draining; nothing granted");
-            return Ok(answer(
-                0,
-                self.allocation_of(&server.name, &req.product).await?,
-            ));
-        }
-        if server.needs_reset {
-            let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
-            if adopted(
-                &server.name,
-                &self.store.product_cells(&req.product).await?,
-                &statuses,
-            ) {
-                self.store.clear_reset(&server.name).await?;
-            } else {
-                tracing::warn!("server has not adopted the books after its reset; nothing granted");
-                return Ok(answer(
-                    0,
-                    self.allocation_of(&server.name, &req.product).await?,
-                ));
-            }
-        }
         let wanted = u64::from(req.units);
         let urgent = u64::from(req.urgent());
-        let tally = crate::metrics::InstantTally::start(self.metrics.clone());
-        let epoch = self.epoch_for(&req.product)?;
-        let mut errors = Vec::new();
-
-        // Plan and log under the lock. The other servers' cells matter only when the reserve
-        // cannot cover the clients waiting (`InstantAsk::needs_donors`): most requests are
-        // served from the reserve alone and read nothing else.
         let mut ask = InstantAsk {
             asker: u32::MAX,
             urgent,
             topup: wanted - urgent,
         };
-        let mut reserve = self.less_earmarked(&req.product, start.reserve);
-        phases.lap("reserve");
-        let (snapshot, names, servers) = if ask.needs_donors(reserve) {
-            // What the last run saw of the donors may be a quarter of an hour old, so read the
-            // statuses of those holding units now, outside the lock.
-            let cells = self.store.product_cells(&req.product).await?;
-            let all = self.servers_by_name().await?;
-            let donors: Vec<ServerRecord> = cells
-                .iter()
-                .filter(|c| c.server != server.name && c.units > c.min_units)
-                .filter_map(|c| all.get(&c.server))
-                .filter(|s| s.state != ServerState::Lost && !s.needs_reset)
-                .cloned()
-                .collect();
-            drop(serialised);
-            let fresh = self.donor_statuses(donors).await;
-            serialised = lock.lock().await;
-            reserve = self.available_reserve(&req.product).await?;
-            let (snapshot, names, servers) =
-                self.instant_donors(server, &req.product, &fresh).await?;
-            ask.asker = names
-                .iter()
-                .position(|n| *n == server.name)
-                .map_or(u32::MAX, |i| i as u32);
-            (snapshot, names, servers)
-        } else {
-            Default::default()
-        };
+        let mut errors = Vec::new();
+        let (plan, run_id, first_grant, (snapshot, names, servers), tally, epoch) =
+            match self.grant_as_last_seen(server, req, &ask).await? {
+                // Most requests: the reserve covers them, and it was as last seen.
+                Some(FromReserve {
+                    plan,
+                    run_id,
+                    grant,
+                    epoch,
+                }) => {
+                    phases.lap("plan_and_log");
+                    let tally = crate::metrics::InstantTally::since(self.metrics.clone(), started);
+                    (plan, run_id, Some(grant), Default::default(), tally, epoch)
+                }
+                None => {
+                    let start = self
+                        .store
+                        .instant_start(req.request_id, &req.product)
+                        .await?;
+                    self.saw_reserve(&req.product, start.reserve);
+                    phases.lap("request");
+                    if let Some(done) = start.answered {
+                        return Ok(answer(
+                            done.granted,
+                            self.allocation_of(&server.name, &req.product).await?,
+                        ));
+                    }
+                    if server.state == ServerState::Draining {
+                        tracing::info!("server is draining; nothing granted");
+                        return Ok(answer(
+                            0,
+                            self.allocation_of(&server.name, &req.product).await?,
+                        ));
+                    }
+                    if server.needs_reset {
+                        let (statuses, _) = self.statuses(std::slice::from_ref(server), true).await;
+                        if adopted(
+                            &server.name,
+                            &self.store.product_cells(&req.product).await?,
+                            &statuses,
+                        ) {
+                            self.store.clear_reset(&server.name).await?;
+                        } else {
+                            tracing::warn!(
+                                "server has not adopted the books after its reset; nothing granted"
+                            );
+                            return Ok(answer(
+                                0,
+                                self.allocation_of(&server.name, &req.product).await?,
+                            ));
+                        }
+                    }
+                    let tally = crate::metrics::InstantTally::start(self.metrics.clone());
+                    let epoch = self.epoch_for(&req.product)?;
+
+                    // Plan and log under the lock. The other servers' cells matter only when the
+                    // reserve cannot cover the clients waiting (`InstantAsk::needs_donors`): most
+                    // requests are served from the reserve alone and read nothing else.
+                    let mut reserve = self.less_earmarked(&req.product, start.reserve);
+                    phases.lap("reserve");
+                    let donors = ask.needs_donors(reserve);
+                    let (snapshot, names, servers) = if donors {
+                        // What the last run saw of the donors may be a quarter of an hour old, so
+                        // read the statuses of those holding units now, outside the lock.
+                        let cells = self.store.product_cells(&req.product).await?;
+                        let all = self.servers_by_name().await?;
+                        let donors: Vec<ServerRecord> = cells
+                            .iter()
+                            .filter(|c| c.server != server.name && c.units > c.min_units)
+                            .filter_map(|c| all.get(&c.server))
+                            .filter(|s| s.state != ServerState::Lost && !s.needs_reset)
+                            .cloned()
+                            .collect();
+                        drop(serialised);
+                        let fresh = self.donor_statuses(donors).await;
+                        serialised = lock.lock().await;
+                        reserve = self.available_reserve(&req.product).await?;
+                        let (snapshot, names, servers) =
+                            self.instant_donors(server, &req.product, &fresh).await?;
+                        ask.asker = names
+                            .iter()
+                            .position(|n| *n == server.name)
+                            .map_or(u32::MAX, |i| i as u32);
+                        (snapshot, names, servers)
+                    } else {
+                        Default::default()
+                    };
+                    let plan = plan_instant(reserve, &snapshot, &ask, &self.config.planner);
+                    // The run's record and the grant from the reserve in one commit.
+                    let from_reserve = (plan.from_reserve > 0).then(|| {
+                        instant_move(
+                            req,
+                            epoch,
+                            None,
+                            &server.name,
+                            MoveKind::Grant,
+                            plan.from_reserve,
+                        )
+                    });
+                    let (run_id, mut logged) = self
+                        .store
+                        .begin_run_with_moves(
+                            RunTrigger::Instant,
+                            &self.write_fence(),
+                            from_reserve.as_slice(),
+                        )
+                        .await?;
+                    let first_grant: Option<MoveRecord> = logged.pop();
+                    if first_grant.is_some() {
+                        self.books_changed(&req.product, None);
+                        if !donors {
+                            self.saw_reserve(
+                                &req.product,
+                                start.reserve.saturating_sub(plan.from_reserve),
+                            );
+                        }
+                    }
+                    phases.lap("plan_and_log");
+                    (
+                        plan,
+                        run_id,
+                        first_grant,
+                        (snapshot, names, servers),
+                        tally,
+                        epoch,
+                    )
+                }
+            };
         let asker = ask.asker;
-        let plan = plan_instant(reserve, &snapshot, &ask, &self.config.planner);
-        let log = |run_id: Option<i64>, target: &str, kind: MoveKind, units: u64| NewMove {
-            id: Uuid::now_v7(),
-            run_id,
-            product: req.product.clone(),
-            server: target.to_owned(),
-            kind,
-            units,
-            epoch,
+        let log = |target: &str, kind: MoveKind, units: u64| {
+            instant_move(req, epoch, Some(run_id), target, kind, units)
         };
-        // The run's record and the grant from the reserve in one commit.
-        let from_reserve = (plan.from_reserve > 0)
-            .then(|| log(None, &server.name, MoveKind::Grant, plan.from_reserve));
-        let (run_id, mut logged) = self
-            .store
-            .begin_run_with_moves(
-                RunTrigger::Instant,
-                &self.write_fence(),
-                from_reserve.as_slice(),
-            )
-            .await?;
-        let first_grant: Option<MoveRecord> = logged.pop();
-        if first_grant.is_some() {
-            self.books_changed(&req.product, None);
-        }
-        phases.lap("plan_and_log");
-        let log = |target: &str, kind: MoveKind, units: u64| log(Some(run_id), target, kind, units);
         let mut releases: Vec<(ServerRecord, MoveRecord)> = Vec::new();
         for &(donor, units) in &plan.releases {
             let name = &names[donor as usize];
@@ -439,6 +478,120 @@ impl Engine {
             free_elsewhere: (unserved > 0).then_some(unserved_false > 0),
             ..answer(granted, allocation)
         })
+    }
+}
+
+/// A move of an instant balance, logged with a fresh id.
+fn instant_move(
+    req: &InstantBalanceRequest,
+    epoch: i64,
+    run_id: Option<i64>,
+    target: &str,
+    kind: MoveKind,
+    units: u64,
+) -> NewMove {
+    NewMove {
+        id: Uuid::now_v7(),
+        run_id,
+        product: req.product.clone(),
+        server: target.to_owned(),
+        kind,
+        units,
+        epoch,
+    }
+}
+
+/// How many times an instant balance plans from the reserve as last seen and finds it moved
+/// before it reads the books the general way: each miss returns the reserve as it stands, so
+/// a second try fails only if it moved again within one round trip.
+const AS_SEEN_TRIES: usize = 3;
+
+/// An instant balance the reserve covered, planned from the reserve as last seen and logged.
+struct FromReserve {
+    plan: allot_core::instant::InstantPlan,
+    run_id: i64,
+    grant: MoveRecord,
+    epoch: i64,
+}
+
+impl Engine {
+    /// Serves a request the reserve covers by one round trip, under the product's lock: planned
+    /// from the reserve this balancer last saw of the product, and logged only while that is
+    /// still the reserve and the request has no record
+    /// ([`crate::store::Store::log_instant_grant`]); when the reserve moved, planned again from
+    /// what that call found. `None`: the request goes the general way, which reads the books
+    /// (nothing seen yet, a draining or resetting server, the clients waiting need other
+    /// servers' units, the request was answered, or the reserve kept moving).
+    async fn grant_as_last_seen(
+        &self,
+        server: &ServerRecord,
+        req: &InstantBalanceRequest,
+        ask: &InstantAsk,
+    ) -> Result<Option<FromReserve>, BalanceError> {
+        if server.state != ServerState::Active || server.needs_reset {
+            return Ok(None);
+        }
+        let Ok(epoch) = self.epoch_for(&req.product) else {
+            return Ok(None);
+        };
+        let seen = self
+            .memory
+            .lock()
+            .expect("engine memory")
+            .reserve_seen(&req.product);
+        let Some(mut reserve) = seen else {
+            return Ok(None);
+        };
+        for _ in 0..AS_SEEN_TRIES {
+            let available = self.less_earmarked(&req.product, reserve);
+            if ask.needs_donors(available) {
+                return Ok(None);
+            }
+            let plan = plan_instant(available, &[], ask, &self.config.planner);
+            if !plan.releases.is_empty() || plan.from_reserve == 0 {
+                return Ok(None);
+            }
+            let grant = instant_move(
+                req,
+                epoch,
+                None,
+                &server.name,
+                MoveKind::Grant,
+                plan.from_reserve,
+            );
+            match self
+                .store
+                .log_instant_grant(&self.write_fence(), &grant, req.request_id, reserve)
+                .await?
+            {
+                InstantLog::Logged(run_id, grant) => {
+                    self.books_changed(&req.product, None);
+                    self.saw_reserve(&req.product, reserve.saturating_sub(plan.from_reserve));
+                    return Ok(Some(FromReserve {
+                        plan,
+                        run_id,
+                        grant,
+                        epoch,
+                    }));
+                }
+                InstantLog::Moved(now) => {
+                    self.saw_reserve(&req.product, now.reserve);
+                    if now.answered.is_some() {
+                        return Ok(None);
+                    }
+                    reserve = now.reserve;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Notes the product's reserve as an instant balance just read or left it.
+    fn saw_reserve(&self, product: &str, reserve: u64) {
+        self.memory
+            .lock()
+            .expect("engine memory")
+            .saw_reserve(product, reserve);
     }
 }
 

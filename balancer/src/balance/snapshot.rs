@@ -145,6 +145,10 @@ pub(super) struct Memory {
     /// moved reads the product's pool and the cells changed since again, under the product's
     /// lock; one that finds it where it was plans from its own read.
     changes: HashMap<String, ProductChanges>,
+    /// Per product, its reserve as an instant balance last read or left it: what the next
+    /// one plans from, checked by the store as it logs (it logs nothing if the reserve moved,
+    /// and says what it is now), so a stale value costs a round trip, never a wrong grant.
+    reserves: HashMap<String, u64>,
 }
 
 /// One product's changes (see [`Memory::changed`]).
@@ -229,6 +233,21 @@ impl Memory {
     /// The product's units earmarked for instant balances under way.
     pub(super) fn earmarked(&self, product: &str) -> u64 {
         self.earmarked.get(product).copied().unwrap_or(0)
+    }
+
+    /// The product's reserve as an instant balance last read or left it, if one did.
+    pub(super) fn reserve_seen(&self, product: &str) -> Option<u64> {
+        self.reserves.get(product).copied()
+    }
+
+    /// Notes the product's reserve as an instant balance just read or left it.
+    pub(super) fn saw_reserve(&mut self, product: &str, reserve: u64) {
+        match self.reserves.get_mut(product) {
+            Some(seen) => *seen = reserve,
+            None => {
+                self.reserves.insert(product.to_owned(), reserve);
+            }
+        }
     }
 
     /// Earmarks (or, negative, frees) reclaimed units of a product.

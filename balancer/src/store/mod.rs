@@ -482,6 +482,18 @@ pub struct InstantStart {
     pub reserve: u64,
 }
 
+/// How an instant balance's log of its grant from the reserve ended
+/// ([`Store::log_instant_grant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstantLog {
+    /// The run opened and the grant logged: the run's id and the grant's record.
+    Logged(i64, MoveRecord),
+    /// Nothing logged: the product's reserve was no longer the one the plan was made from, or
+    /// the request had been answered meanwhile. How the books stand now, as
+    /// [`Store::instant_start`] would have read them.
+    Moved(InstantStart),
+}
+
 /// Which usage history to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryQuery {
@@ -831,6 +843,19 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
         moves: &[NewMove],
     ) -> StoreResult<(i64, Vec<MoveRecord>)>;
+    /// Opens an instant balance's run and logs its one grant from the reserve, as
+    /// [`Store::begin_run_with_moves`] does, only while the books are as its plan read them:
+    /// the product's reserve still `reserve_as_read` and no record of `request_id`. Otherwise
+    /// it logs nothing and says how they stand ([`InstantLog::Moved`]), so the caller plans
+    /// again from that without another read. An instant balance plans from the reserve its
+    /// balancer last saw and lets this call check it: a read and a log become one round trip.
+    async fn log_instant_grant(
+        &self,
+        fence: &Fence,
+        grant: &NewMove,
+        request_id: Uuid,
+        reserve_as_read: u64,
+    ) -> StoreResult<InstantLog>;
     /// Closes an instant balance's run record and, when `answered` (its outcome is settled),
     /// records the request as answered, in one transaction: a retry of the request then
     /// finds it, and the run is never left open behind an answered request.

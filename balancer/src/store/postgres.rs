@@ -141,10 +141,12 @@ const LOCK_SHARDS: &str = "SELECT shard, epoch FROM leader_shards ORDER BY shard
 /// the cell, the move, `COMMIT`), each a wake-up of two processes that, during a run, wait
 /// for a busy core. The same checks, in the same locks: the product's shard row, at the
 /// fence's epoch and shard count, under a share lock (a takeover waits for it), the pool's
-/// conditional `UPDATE` (the product's
-/// row lock, the reserve re-checked on the locked row), a live server. The run and the move
-/// are inserted only if the pool moved. Returns the run's id, or `None` when nothing was
-/// logged (the caller then takes the general path, which says why).
+/// conditional `UPDATE` (the product's row lock, the reserve re-checked on the locked row), a
+/// live server. With `as_read` (the reserve the plan was made from, the request's id) it logs
+/// only while the reserve is still that and the request has no record. The run and the move
+/// are inserted only if the pool moved. Returns the run's id if it logged, and the product's
+/// row as [`crate::store::Store::instant_start`] reads it (`None`: no such product); nothing logged, the
+/// caller either plans again from that row or takes the general path, which says why.
 async fn log_run_with_grant(
     pool: &Pool<Db>,
     trigger: &str,
@@ -152,13 +154,25 @@ async fn log_run_with_grant(
     grant: &crate::store::NewMove,
     units: i64,
     now_ms: i64,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    as_read: Option<(i64, &str)>,
+) -> Result<Option<(Option<i64>, sql::InstantStartRow)>, sqlx::Error> {
+    type Row = (
+        Option<i64>,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let row: Option<Row> = sqlx::query_as(
         "WITH fence AS (SELECT shard FROM leader_shards WHERE shard = $9 AND epoch = $1 \
                         AND (SELECT COUNT(*) FROM leader_shards) = $10 FOR SHARE), \
          server AS (SELECT id FROM servers WHERE name = $2 AND removed_at IS NULL), \
          pool AS (UPDATE products SET reserve = reserve - $3, in_transit = in_transit + $3 \
                   WHERE name = $4 AND reserve >= $3 \
+                  AND ($11::BIGINT IS NULL OR reserve = $11) \
+                  AND ($12::TEXT IS NULL OR NOT EXISTS \
+                       (SELECT 1 FROM instant_requests WHERE id = $12)) \
                   AND EXISTS (SELECT 1 FROM fence) AND EXISTS (SELECT 1 FROM server) \
                   RETURNING id), \
          run AS (INSERT INTO balance_runs (trigger, status, epoch, started_at) \
@@ -170,7 +184,12 @@ async fn log_run_with_grant(
                     epoch, created_at, updated_at) \
                     SELECT $8, run.id, pool.id, server.id, 'grant', $3, 'planned', $1, $7, $7 \
                     FROM run, pool, server) \
-         SELECT id FROM run",
+         SELECT (SELECT id FROM run), p.reserve, s.name, rp.name, i.units, i.granted \
+         FROM products p \
+         LEFT JOIN instant_requests i ON i.id = $12 \
+         LEFT JOIN servers s ON s.id = i.server_id \
+         LEFT JOIN products rp ON rp.id = i.product_id \
+         WHERE p.name = $4",
     )
     .bind(grant.epoch)
     .bind(&grant.server)
@@ -182,8 +201,13 @@ async fn log_run_with_grant(
     .bind(grant.id.to_string())
     .bind(i64::from(fence.shard_of(&grant.product)))
     .bind(i64::from(fence.count()))
+    .bind(as_read.map(|(reserve, _)| reserve))
+    .bind(as_read.map(|(_, request)| request))
     .fetch_optional(pool)
-    .await
+    .await?;
+    Ok(row.map(|(run, reserve, server, product, asked, granted)| {
+        (run, (reserve, server, product, asked, granted))
+    }))
 }
 
 /// A chunk of a run's usage samples (up to 10,000, `sql::history`'s `SAMPLES_AT_ONCE`) in one

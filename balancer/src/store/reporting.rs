@@ -6,9 +6,9 @@
 //! failures, and are not reported.
 
 use super::{
-    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantRecord, InstantStart,
-    MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store,
-    StoreError, StoreResult, UsageSample,
+    AuditQuery, BooksCheck, CellRecord, HistoryBucket, HistoryQuery, InstantLog, InstantRecord,
+    InstantStart, MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord,
+    ShardLeader, Store, StoreError, StoreResult, UsageSample,
 };
 use crate::store::{RecordsQuery, UsageTotals};
 use allot_core::domain::RunTrigger;
@@ -351,6 +351,20 @@ impl Store for ErrorReporting {
         moves: &[NewMove],
     ) -> StoreResult<(i64, Vec<MoveRecord>)> {
         self.seen(self.inner.begin_run_with_moves(trigger, fence, moves).await)
+    }
+
+    async fn log_instant_grant(
+        &self,
+        fence: &Fence,
+        grant: &NewMove,
+        request_id: Uuid,
+        reserve_as_read: u64,
+    ) -> StoreResult<InstantLog> {
+        self.seen(
+            self.inner
+                .log_instant_grant(fence, grant, request_id, reserve_as_read)
+                .await,
+        )
     }
 
     async fn finish_instant_run(

@@ -145,7 +145,8 @@ async fn log_run_with_grant(
     _grant: &crate::store::NewMove,
     _units: i64,
     _now_ms: i64,
-) -> Result<Option<i64>, sqlx::Error> {
+    _as_read: Option<(i64, &str)>,
+) -> Result<Option<(Option<i64>, sql::InstantStartRow)>, sqlx::Error> {
     Ok(None)
 }
 

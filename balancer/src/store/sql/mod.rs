@@ -39,7 +39,7 @@ use crate::store::{
     MoveRecord, NewMove, RunOutcome, RunsQuery, ScheduleSetting, ServerRecord, ShardLeader, Store,
     StoreError, StoreResult, UsageSample,
 };
-use crate::store::{InstantStart, RecordsQuery, UsageTotals};
+use crate::store::{InstantLog, InstantStart, RecordsQuery, UsageTotals};
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::Fence;
 use allot_core::usage::Interval;
@@ -198,6 +198,16 @@ pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
 
 /// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
 pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
+
+/// What an instant balance reads of its product and request: the reserve, then the request's
+/// record if it has one (its server, product, units asked and granted), else four `None`s.
+pub(super) type InstantStartRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// One allocation's change as a booking makes it: its units by `delta` (a release's never
 /// below zero, which the table's check refuses) and its generation raised to at least
@@ -760,6 +770,16 @@ impl Store for SqlStore {
         moves: &[NewMove],
     ) -> StoreResult<(i64, Vec<MoveRecord>)> {
         runs::begin_run_with_moves(&self.pool, trigger, fence, moves).await
+    }
+
+    async fn log_instant_grant(
+        &self,
+        fence: &Fence,
+        grant: &NewMove,
+        request_id: Uuid,
+        reserve_as_read: u64,
+    ) -> StoreResult<InstantLog> {
+        runs::log_instant_grant(&self.pool, fence, grant, request_id, reserve_as_read).await
     }
 
     async fn finish_instant_run(

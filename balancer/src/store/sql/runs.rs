@@ -3,10 +3,11 @@
 use crate::store::LandedMove;
 
 use super::{
-    CHUNK, Db, ExplainedCell, Fence, InstantRecord, InstantStart, MoveRecord, MoveRow, NameIds,
-    NewMove, Pool, RunDecision, RunDetail, RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery,
-    StoreError, StoreResult, Uuid, begin_booking, begin_write, count, json, log_run_with_grant,
-    move_columns, now_ms, run_columns, values_placeholders,
+    CHUNK, Conn, Db, ExplainedCell, Fence, InstantLog, InstantRecord, InstantStart,
+    InstantStartRow, MoveRecord, MoveRow, NameIds, NewMove, Pool, RunDecision, RunDetail,
+    RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid,
+    begin_booking, begin_write, count, json, lock_product, log_run_with_grant, move_columns,
+    now_ms, product_id, run_columns, values_placeholders,
 };
 use allot_core::domain::MoveKind;
 
@@ -37,38 +38,146 @@ pub(super) async fn begin_run_with_moves(
     moves: &[NewMove],
 ) -> StoreResult<(i64, Vec<MoveRecord>)> {
     if let [grant] = moves
-        && grant.kind == MoveKind::Grant
-        && let Ok(units @ 1..) = i64::try_from(grant.units)
+        && let Some(units) = one_statement_units(grant)
+        && let Some((run_id, record)) =
+            grant_in_one_statement(pool, trigger, fence, grant, units, None)
+                .await?
+                .and_then(|(run_id, _)| run_id)
     {
-        match log_run_with_grant(pool, trigger.as_str(), fence, grant, units, now_ms()).await {
-            Ok(Some(run_id)) => {
-                let logged = NewMove {
-                    run_id: Some(run_id),
-                    ..grant.clone()
-                };
-                return Ok((run_id, vec![super::moves::logged_record(&logged)]));
+        return Ok((run_id, vec![record]));
+    }
+    let mut tx = begin_write(pool).await?;
+    let opened = open_run_in(&mut tx, trigger, fence, moves).await?;
+    tx.commit().await?;
+    Ok(opened)
+}
+
+/// [`crate::store::Store::log_instant_grant`]: by one statement where the backend has one (it
+/// logs only while the books are as read, and otherwise returns them as they stand);
+/// otherwise, or when that statement logs nothing for another reason (fenced, say), by the
+/// general transaction, which checks the books as read under the product's lock first.
+pub(super) async fn log_instant_grant(
+    pool: &Pool<Db>,
+    fence: &Fence,
+    grant: &NewMove,
+    request_id: Uuid,
+    reserve_as_read: u64,
+) -> StoreResult<InstantLog> {
+    let as_read = i64::try_from(reserve_as_read).unwrap_or(i64::MAX);
+    let request = request_id.to_string();
+    if let Some(units) = one_statement_units(grant) {
+        let attempt = grant_in_one_statement(
+            pool,
+            RunTrigger::Instant,
+            fence,
+            grant,
+            units,
+            Some((as_read, &request)),
+        )
+        .await?;
+        match attempt {
+            Some((Some((run_id, record)), _)) => return Ok(InstantLog::Logged(run_id, record)),
+            Some((None, now)) if now.answered.is_some() || now.reserve != reserve_as_read => {
+                return Ok(InstantLog::Moved(now));
             }
-            Ok(None) => {}
-            Err(sqlx::Error::Database(db))
-                if db.is_unique_violation()
-                    || db.is_check_violation()
-                    || db.is_foreign_key_violation() =>
-            {
-                return Err(StoreError::Conflict(format!(
-                    "move {}: {}",
-                    grant.id,
-                    db.message()
-                )));
-            }
-            // Anything else (a deadlock PostgreSQL broke, say): the general way decides.
-            Err(e) => {
-                tracing::debug!(error = %e, "one-statement grant log failed; logging it the general way")
-            }
+            // As read, and still not logged: the general way says why.
+            _ => {}
         }
     }
-    let epoch = fence.newest_epoch();
     let mut tx = begin_write(pool).await?;
-    let run_id = begin_run(&mut *tx, trigger, epoch).await?;
+    let product = product_id(&mut tx, &grant.product).await?;
+    lock_product(&mut tx, product).await?;
+    let now = instant_start(&mut *tx, request_id, &grant.product).await?;
+    if now.answered.is_some() || now.reserve != reserve_as_read {
+        return Ok(InstantLog::Moved(now));
+    }
+    let (run_id, mut records) = open_run_in(
+        &mut tx,
+        RunTrigger::Instant,
+        fence,
+        std::slice::from_ref(grant),
+    )
+    .await?;
+    tx.commit().await?;
+    let record = records
+        .pop()
+        .ok_or_else(|| StoreError::Conflict(format!("move {}: not logged", grant.id)))?;
+    Ok(InstantLog::Logged(run_id, record))
+}
+
+/// A grant's units if the one-statement log can take it (a positive count).
+fn one_statement_units(grant: &NewMove) -> Option<i64> {
+    (grant.kind == MoveKind::Grant)
+        .then(|| i64::try_from(grant.units).ok())
+        .flatten()
+        .filter(|units| *units > 0)
+}
+
+/// What [`grant_in_one_statement`] returns: the run and its grant if logged, and the
+/// product's reserve and the request's record as the statement found them.
+type OneStatement = (Option<(i64, MoveRecord)>, InstantStart);
+
+/// The backend's one-statement log of a run and its one grant (`log_run_with_grant`), or
+/// `None` where it has none or the product does not exist. A constraint it broke (the move's
+/// id logged already) is a conflict; any other database error (a deadlock PostgreSQL broke,
+/// say) is `None` too: the general way decides.
+async fn grant_in_one_statement(
+    pool: &Pool<Db>,
+    trigger: RunTrigger,
+    fence: &Fence,
+    grant: &NewMove,
+    units: i64,
+    as_read: Option<(i64, &str)>,
+) -> StoreResult<Option<OneStatement>> {
+    match log_run_with_grant(
+        pool,
+        trigger.as_str(),
+        fence,
+        grant,
+        units,
+        now_ms(),
+        as_read,
+    )
+    .await
+    {
+        Ok(Some((run_id, row))) => {
+            let logged = run_id.map(|run_id| {
+                let record = super::moves::logged_record(&NewMove {
+                    run_id: Some(run_id),
+                    ..grant.clone()
+                });
+                (run_id, record)
+            });
+            Ok(Some((logged, instant_start_of(row))))
+        }
+        Ok(None) => Ok(None),
+        Err(sqlx::Error::Database(db))
+            if db.is_unique_violation()
+                || db.is_check_violation()
+                || db.is_foreign_key_violation() =>
+        {
+            Err(StoreError::Conflict(format!(
+                "move {}: {}",
+                grant.id,
+                db.message()
+            )))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "one-statement grant log failed; logging it the general way");
+            Ok(None)
+        }
+    }
+}
+
+/// Opens a run at the fence's newest epoch and logs `moves` as its own, in the caller's
+/// transaction.
+async fn open_run_in(
+    tx: &mut Conn,
+    trigger: RunTrigger,
+    fence: &Fence,
+    moves: &[NewMove],
+) -> StoreResult<(i64, Vec<MoveRecord>)> {
+    let run_id = begin_run(&mut *tx, trigger, fence.newest_epoch()).await?;
     let moves: Vec<NewMove> = moves
         .iter()
         .map(|mv| NewMove {
@@ -79,9 +188,8 @@ pub(super) async fn begin_run_with_moves(
     let records = if moves.is_empty() {
         Vec::new()
     } else {
-        super::moves::begin_moves_in(&mut tx, &moves).await?
+        super::moves::begin_moves_in(tx, &moves).await?
     };
-    tx.commit().await?;
     Ok((run_id, records))
 }
 
@@ -327,19 +435,12 @@ pub(super) async fn record_decisions(
 
 /// [`crate::store::Store::instant_start`]: the product's row, and the request's record if any
 /// (a left join on its id), by one statement.
-pub(super) async fn instant_start(
-    pool: &Pool<Db>,
+pub(super) async fn instant_start<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
     request_id: Uuid,
     product: &str,
 ) -> StoreResult<InstantStart> {
-    type Row = (
-        i64,
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-    );
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<InstantStartRow> = sqlx::query_as(
         "SELECT p.reserve, s.name, rp.name, i.units, i.granted FROM products p \
          LEFT JOIN instant_requests i ON i.id = $1 \
          LEFT JOIN servers s ON s.id = i.server_id \
@@ -348,10 +449,14 @@ pub(super) async fn instant_start(
     )
     .bind(request_id.to_string())
     .bind(product)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await?;
-    let (reserve, server, asked_for, units, granted) =
-        row.ok_or_else(|| StoreError::UnknownProduct(product.to_owned()))?;
+    let row = row.ok_or_else(|| StoreError::UnknownProduct(product.to_owned()))?;
+    Ok(instant_start_of(row))
+}
+
+/// The reserve and the request's outcome (if answered) in an [`InstantStartRow`].
+fn instant_start_of((reserve, server, asked_for, units, granted): InstantStartRow) -> InstantStart {
     let answered = match (server, asked_for, units, granted) {
         (Some(server), Some(product), Some(units), Some(granted)) => Some(InstantRecord {
             server,
@@ -361,10 +466,10 @@ pub(super) async fn instant_start(
         }),
         _ => None,
     };
-    Ok(InstantStart {
+    InstantStart {
         answered,
         reserve: count(reserve),
-    })
+    }
 }
 
 async fn record_instant_request<'c>(
