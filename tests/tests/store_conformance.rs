@@ -1028,8 +1028,27 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         .await
         .unwrap();
 
-    // Booked: the allocation is the books' 2 and the 3 granted.
+    // Booked: the allocation is the books' 2 and the 3 granted. Under a fence whose epoch is
+    // not the shard's, nothing is booked (one statement on PostgreSQL, fenced alike).
     let (run_id, grant, _) = instant_run_with_grant(&*store, 3).await;
+    let before = store.books().await.unwrap();
+    assert!(matches!(
+        store
+            .complete_instant_grant(
+                landed(grant.id, 3),
+                &Fence::new(1, [(0, 7)].into()),
+                run_id,
+                &outcome,
+                (request, &answered),
+            )
+            .await,
+        Err(StoreError::Fenced {
+            epoch: 7,
+            current: 0
+        })
+    ));
+    assert_eq!(store.books().await.unwrap(), before);
+    assert_eq!(store.run(run_id).await.unwrap().run.status, "running");
     let booked = store
         .complete_instant_grant(
             landed(grant.id, 3),
@@ -1040,13 +1059,35 @@ async fn an_instant_grant_is_booked_with_its_run_and_request_or_not_at_all(backe
         )
         .await
         .unwrap();
-    assert_eq!(
-        (booked.state, booked.applied_units),
-        (MoveState::Applied, Some(3))
-    );
+    let expected = MoveRecord {
+        id: grant.id,
+        run_id: Some(run_id),
+        product: "cad".into(),
+        server: "s1".into(),
+        kind: MoveKind::Grant,
+        units: 3,
+        state: MoveState::Applied,
+        applied_units: Some(3),
+        epoch: 0,
+    };
+    assert_eq!(booked, expected);
     let cells = store.product_cells("cad").await.unwrap();
     let s1 = cells.iter().find(|c| c.server == "s1").unwrap();
-    assert_eq!(s1.units, 5);
+    assert_eq!((s1.units, s1.generation), (5, 2));
+    // A repeat books nothing more and answers the same.
+    let booked_books = store.books().await.unwrap();
+    let again = store
+        .complete_instant_grant(
+            landed(grant.id, 3),
+            &Fence::alone(),
+            run_id,
+            &outcome,
+            (request, &answered),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, expected);
+    assert_eq!(store.books().await.unwrap(), booked_books);
     assert_eq!(
         store.instant_start(request, "cad").await.unwrap().answered,
         Some(answered)

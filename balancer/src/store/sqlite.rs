@@ -150,6 +150,16 @@ async fn log_run_with_grant(
     Ok(None)
 }
 
+/// The one-statement booking of an instant balance's grant is PostgreSQL's (see there), for
+/// the reasons [`log_run_with_grant`] gives. Always `None`: book it the general way.
+async fn book_instant_grant(
+    _conn: &mut sqlx::SqliteConnection,
+    _grant: &sql::InstantBooking<'_>,
+    _now_ms: i64,
+) -> Result<Option<(Option<i64>, String, i64)>, sqlx::Error> {
+    Ok(None)
+}
+
 /// A run's usage samples in multi-row `INSERT`s of 500 rows (9,000 parameters, within
 /// SQLite's 32,766), all in the caller's transaction.
 async fn insert_samples(

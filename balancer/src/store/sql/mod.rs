@@ -26,8 +26,8 @@ mod settings;
 
 use super::{
     BACKEND, Db, LOCK_PRODUCT, LOCK_PRODUCTS_SUFFIX, LOCK_SHARDS, MIGRATOR, apply_to_allocations,
-    begin_booking, begin_read, begin_write, connect_pool, insert_samples, log_run_with_grant,
-    mark_applied,
+    begin_booking, begin_read, begin_write, book_instant_grant, connect_pool, insert_samples,
+    log_run_with_grant, mark_applied,
 };
 use crate::store::rows::{
     AuditRow, CellRecordRow, CellRow, EntitlementRow, MoveRow, ProductRow, RunRow, ServerRow,
@@ -198,6 +198,17 @@ pub(super) const SAMPLE_COLUMNS: [&str; 16] = [
 
 /// One usage sample as its row's values, names resolved to ids: see [`SAMPLE_COLUMNS`].
 pub(super) type SampleRow = [i64; SAMPLE_COLUMNS.len()];
+
+/// An instant balance's grant to book with its run's closing and its request's record
+/// ([`crate::store::Store::complete_instant_grant`]'s arguments).
+pub(super) struct InstantBooking<'a> {
+    pub(super) landed: crate::store::LandedMove,
+    pub(super) fence: &'a Fence,
+    pub(super) run_id: i64,
+    pub(super) outcome: &'a RunOutcome,
+    pub(super) request_id: Uuid,
+    pub(super) answered: &'a InstantRecord,
+}
 
 /// What an instant balance reads of its product and request: the reserve, then the request's
 /// record if it has one (its server, product, units asked and granted), else four `None`s.

@@ -6,10 +6,10 @@ use super::{
     CHUNK, Conn, Db, ExplainedCell, Fence, InstantLog, InstantRecord, InstantStart,
     InstantStartRow, MoveRecord, MoveRow, NameIds, NewMove, Pool, RunDecision, RunDetail,
     RunOutcome, RunRow, RunSummary, RunTrigger, RunsQuery, StoreError, StoreResult, Uuid,
-    begin_booking, begin_write, count, json, lock_product, log_run_with_grant, move_columns,
-    now_ms, product_id, run_columns, values_placeholders,
+    begin_booking, begin_write, book_instant_grant, count, json, lock_product, log_run_with_grant,
+    move_columns, now_ms, product_id, run_columns, values_placeholders,
 };
-use allot_core::domain::MoveKind;
+use allot_core::domain::{MoveKind, MoveState};
 
 pub(super) async fn begin_run<'c>(
     conn: impl sqlx::Executor<'c, Database = Db>,
@@ -250,12 +250,44 @@ pub(super) async fn complete_instant_grant(
 ) -> StoreResult<MoveRecord> {
     // The grant is applied already: its booking's commit need not wait for the WAL flush.
     let mut tx = begin_booking(pool).await?;
-    let booked = super::moves::complete_moves_in(&mut tx, &[landed], fence)
+    let booking = super::InstantBooking {
+        landed,
+        fence,
+        run_id,
+        outcome,
+        request_id,
+        answered,
+    };
+    // By one statement where the backend has one; what it does not book (a repeat, a
+    // refusal), the general way books or refuses, and says why.
+    match book_instant_grant(&mut tx, &booking, now_ms()).await {
+        Ok(Some((run, server, epoch))) => {
+            tx.commit().await?;
+            return Ok(MoveRecord {
+                id: landed.id,
+                run_id: run,
+                product: answered.product.clone(),
+                server,
+                kind: MoveKind::Grant,
+                units: landed.applied_units,
+                state: MoveState::Applied,
+                applied_units: Some(landed.applied_units),
+                epoch,
+            });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "one-statement booking failed; booking the general way");
+            drop(tx);
+            tx = begin_booking(pool).await?;
+        }
+    }
+    let booked = super::moves::complete_moves_in(&mut tx, &[booking.landed], booking.fence)
         .await?
         .pop()
         .ok_or_else(|| StoreError::Corrupt("a booked move vanished".into()))?;
-    finish_run(&mut *tx, run_id, outcome).await?;
-    record_instant_request(&mut *tx, request_id, answered).await?;
+    finish_run(&mut *tx, booking.run_id, booking.outcome).await?;
+    record_instant_request(&mut *tx, booking.request_id, booking.answered).await?;
     tx.commit().await?;
     Ok(booked)
 }
