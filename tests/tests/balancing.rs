@@ -24,6 +24,7 @@ on_both_backends!(
     a_run_leaves_an_instant_grant_in_flight_to_its_request,
     a_plan_is_explained_server_by_server_and_nothing_moves,
     one_product_that_cannot_be_planned_does_not_stop_the_run,
+    a_change_after_a_runs_read_is_planned_from,
 );
 
 fn moves_of(run: &Value) -> Vec<(String, String, u64)> {
@@ -851,4 +852,53 @@ async fn one_product_that_cannot_be_planned_does_not_stop_the_run(backend: Backe
     // The product after it was balanced: its min reached Paris; the broken one moved nothing.
     assert_eq!(fleet.allocation("paris", "cad").await, 2, "{run}");
     assert_eq!(fleet.allocation("paris", "bad").await, 0, "{run}");
+}
+
+/// A run plans every product from one read, then takes each product with moves under its lock
+/// to log them. A change committed in between (here an operator's, to a cell's buffer) must
+/// be planned from, not the read: the run reads what changed again. Paused between its read and
+/// its locked step (`ALLOT_FAULT_PAUSE_AT=run_planned_unlocked`), a run that read Tokyo's buffer
+/// of 4 (a grant ahead of demand) must grant nothing once the buffer is back to 0.
+async fn a_change_after_a_runs_read_is_planned_from(backend: Backend) {
+    let fleet = {
+        let mut fleet = Fleet::start(
+            backend,
+            &[],
+            &[
+                ("ALLOT_FAULT_PAUSE_AT", "run_planned_unlocked"),
+                ("ALLOT_FAULT_PAUSE_MS", "3000"),
+            ],
+        )
+        .await;
+        fleet.product("cad", 10).await;
+        fleet.add_meter("paris").await;
+        fleet.add_meter("tokyo").await;
+        fleet.wait_synced("cad").await;
+        fleet
+    };
+    fleet.limits("tokyo", "cad", 0, 4).await;
+    let (run, ()) = tokio::join!(fleet.balance(), async {
+        // Well inside the run's pause: its read has long been made.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        fleet.limits("tokyo", "cad", 0, 0).await;
+    });
+    assert_eq!(run["status"], "ok", "{run:#}");
+    assert_eq!(
+        moves_of(&run),
+        [],
+        "the run planned from the buffer it read, not the one set since: {run:#}"
+    );
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 0);
+
+    // The same run without the change grants Tokyo its buffer: the scenario has a move to undo.
+    fleet.limits("tokyo", "cad", 0, 4).await;
+    let run = fleet.balance().await;
+    assert_eq!(
+        moves_of(&run),
+        [("grant".to_owned(), "tokyo".to_owned(), 4)],
+        "{run:#}"
+    );
+    assert_eq!(fleet.allocation("tokyo", "cad").await, 4);
+    fleet.assert_no_over_grant("cad", 10).await;
+    fleet.assert_doctor_ok().await;
 }

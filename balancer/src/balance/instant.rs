@@ -227,16 +227,8 @@ impl Engine {
                     };
                     let plan = plan_instant(reserve, &snapshot, &ask, &self.config.planner);
                     // The run's record and the grant from the reserve in one commit.
-                    let from_reserve = (plan.from_reserve > 0).then(|| {
-                        instant_move(
-                            req,
-                            epoch,
-                            None,
-                            &server.name,
-                            MoveKind::Grant,
-                            plan.from_reserve,
-                        )
-                    });
+                    let from_reserve = (plan.from_reserve > 0)
+                        .then(|| reserve_grant(req, epoch, &server.name, plan.from_reserve));
                     let (run_id, mut logged) = self
                         .store
                         .begin_run_with_moves(
@@ -501,6 +493,11 @@ fn instant_move(
     }
 }
 
+/// An instant balance's grant from the reserve to its asker, opening its run.
+fn reserve_grant(req: &InstantBalanceRequest, epoch: i64, asker: &str, units: u64) -> NewMove {
+    instant_move(req, epoch, None, asker, MoveKind::Grant, units)
+}
+
 /// How many times an instant balance plans from the reserve as last seen and finds it moved
 /// before it reads the books the general way: each miss returns the reserve as it stands, so
 /// a second try fails only if it moved again within one round trip.
@@ -551,14 +548,7 @@ impl Engine {
             if !plan.releases.is_empty() || plan.from_reserve == 0 {
                 return Ok(None);
             }
-            let grant = instant_move(
-                req,
-                epoch,
-                None,
-                &server.name,
-                MoveKind::Grant,
-                plan.from_reserve,
-            );
+            let grant = reserve_grant(req, epoch, &server.name, plan.from_reserve);
             match self
                 .store
                 .log_instant_grant(&self.write_fence(), &grant, req.request_id, reserve)

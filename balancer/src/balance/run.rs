@@ -193,6 +193,7 @@ impl Engine {
                 .collect()
         });
         planning.lap("unlocked");
+        allot_http::fault::pause("run_planned_unlocked").await;
         let mut to_lock = Vec::new();
         for (i, first) in firsts.into_iter().enumerate() {
             match first {
