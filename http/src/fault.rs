@@ -12,9 +12,10 @@
 //! - `agent_grant_applied` (metering server): a grant move is durably applied; its answer is
 //!   not sent yet.
 //!
-//! `ALLOT_FAULT_PAUSE_AT=<point>` makes the process wait `ALLOT_FAULT_PAUSE_MS` (default 2000)
-//! every time it reaches that point instead, so a test can act in a window that is otherwise
-//! too short to hit. Points:
+//! `ALLOT_FAULT_PAUSE_AT=<point>` with `ALLOT_FAULT_PAUSE_DIR=<dir>` makes the process stop at
+//! that point instead, every time it reaches it: it creates `<dir>/<point>.reached`, then waits
+//! (at most a minute) until `<dir>/<point>.go` exists. A test thereby acts in a window that is
+//! otherwise too short to hit, knowing the process is in it. Points:
 //!
 //! - `run_planned_unlocked` (balancer): a run has read the books and planned every product
 //!   from that read; it has not yet taken any product's lock to log its moves.
@@ -31,21 +32,27 @@ pub fn point(name: &str) {
     }
 }
 
-/// Waits `ALLOT_FAULT_PAUSE_MS` (default 2000) if `ALLOT_FAULT_PAUSE_AT` names this point.
+/// Stops here, as the module describes, if `ALLOT_FAULT_PAUSE_AT` names this point.
 pub async fn pause(name: &str) {
-    static PAUSE_AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static PAUSE_AT: OnceLock<Option<(String, std::path::PathBuf)>> = OnceLock::new();
     let pause_at = PAUSE_AT.get_or_init(|| {
         let point = std::env::var("ALLOT_FAULT_PAUSE_AT").ok()?;
-        let ms = std::env::var("ALLOT_FAULT_PAUSE_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .unwrap_or(2000);
-        Some((point, ms))
+        let dir = std::env::var_os("ALLOT_FAULT_PAUSE_DIR")?;
+        Some((point, dir.into()))
     });
-    if let Some((point, ms)) = pause_at
-        && point == name
-    {
-        tracing::warn!(point = name, ms, "fault injection: pausing");
-        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    let Some((point, dir)) = pause_at else {
+        return;
+    };
+    if point != name {
+        return;
+    }
+    tracing::warn!(point = name, "fault injection: pausing");
+    if let Err(e) = std::fs::write(dir.join(format!("{name}.reached")), b"") {
+        tracing::error!(point = name, error = %e, "fault injection: cannot say the point was reached");
+    }
+    let go = dir.join(format!("{name}.go"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !go.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -856,17 +856,19 @@ async fn one_product_that_cannot_be_planned_does_not_stop_the_run(backend: Backe
 
 /// A run plans every product from one read, then takes each product with moves under its lock
 /// to log them. A change committed in between (here an operator's, to a cell's buffer) must
-/// be planned from, not the read: the run reads what changed again. Paused between its read and
-/// its locked step (`ALLOT_FAULT_PAUSE_AT=run_planned_unlocked`), a run that read Tokyo's buffer
-/// of 4 (a grant ahead of demand) must grant nothing once the buffer is back to 0.
+/// be planned from, not the read: the run reads what changed again. Stopped between its read
+/// and its locked step (`ALLOT_FAULT_PAUSE_AT=run_planned_unlocked`), a run that read Tokyo's
+/// buffer of 4 (a grant ahead of demand) must grant nothing once the buffer is back to 0.
 async fn a_change_after_a_runs_read_is_planned_from(backend: Backend) {
+    let gate = tempfile::tempdir().expect("a directory for the pause's files");
+    let dir = gate.path().display().to_string();
     let fleet = {
         let mut fleet = Fleet::start(
             backend,
             &[],
             &[
                 ("ALLOT_FAULT_PAUSE_AT", "run_planned_unlocked"),
-                ("ALLOT_FAULT_PAUSE_MS", "3000"),
+                ("ALLOT_FAULT_PAUSE_DIR", &dir),
             ],
         )
         .await;
@@ -878,9 +880,15 @@ async fn a_change_after_a_runs_read_is_planned_from(backend: Backend) {
     };
     fleet.limits("tokyo", "cad", 0, 4).await;
     let (run, ()) = tokio::join!(fleet.balance(), async {
-        // Well inside the run's pause: its read has long been made.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Once the run has read the books and planned from them, and before it logs.
+        allot_tests::eventually(
+            "the run stopped after its read",
+            Duration::from_secs(30),
+            || async { gate.path().join("run_planned_unlocked.reached").exists() },
+        )
+        .await;
         fleet.limits("tokyo", "cad", 0, 0).await;
+        std::fs::write(gate.path().join("run_planned_unlocked.go"), b"").expect("let the run go");
     });
     assert_eq!(run["status"], "ok", "{run:#}");
     assert_eq!(

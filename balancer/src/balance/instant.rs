@@ -190,7 +190,7 @@ impl Engine {
                             ));
                         }
                     }
-                    let tally = crate::metrics::InstantTally::start(self.metrics.clone());
+                    let tally = crate::metrics::InstantTally::since(self.metrics.clone(), started);
                     let epoch = self.epoch_for(&req.product)?;
 
                     // Plan and log under the lock. The other servers' cells matter only when the

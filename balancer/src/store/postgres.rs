@@ -214,11 +214,12 @@ async fn log_run_with_grant(
 /// and records the request answered, by one statement in the caller's booking transaction:
 /// two round trips under the product's row lock (this and the commit) where the general
 /// booking takes nine, so the next request for the same product waits that much less. The
-/// same checks under the same locks: the product's row locked first (as every writer takes
-/// it), the shard's row at the fence's epoch and shard count under a share lock, the move
-/// still `planned`, a grant of the units applied, its cell present; the pool, the cell, the
-/// run and the request change only if the move did, and a broken constraint aborts all of
-/// it. Returns the booked move's run, server and epoch, or `None` when it booked nothing
+/// same checks under the same locks: the shard's row at the fence's epoch and shard count
+/// under a share lock, the product's row locked before the move's (as every writer orders
+/// them), the move still `planned` (written so that the partial index of planned moves cannot
+/// serve it: see [`mark_applied`]), a grant of the units applied, its cell present; the pool,
+/// the cell, the run and the request change only if the move did, and a broken constraint
+/// aborts all of it. Returns the booked move's run, server and epoch, or `None` when it booked nothing
 /// (the caller then books the general way, which says why, or finds a repeat).
 async fn book_instant_grant(
     conn: &mut sqlx::PgConnection,
@@ -239,7 +240,7 @@ async fn book_instant_grant(
                         AND (SELECT COUNT(*) FROM leader_shards) = $3 FOR SHARE), \
          lock AS (SELECT id FROM products WHERE name = $4 FOR NO KEY UPDATE), \
          mv AS (UPDATE moves SET state = 'applied', applied_units = $6, updated_at = $7 \
-                WHERE id = $5 AND state = 'planned' AND kind = 'grant' AND units = $6 \
+                WHERE id = $5 AND state || '' = 'planned' AND kind = 'grant' AND units = $6 \
                 AND product_id = (SELECT id FROM lock) AND EXISTS (SELECT 1 FROM fence) \
                 AND EXISTS (SELECT 1 FROM allocations a WHERE a.server_id = moves.server_id \
                             AND a.product_id = moves.product_id) \

@@ -163,7 +163,7 @@ async fn grant_in_one_statement(
             )))
         }
         Err(e) => {
-            tracing::debug!(error = %e, "one-statement grant log failed; logging it the general way");
+            tracing::warn!(error = %e, "one-statement grant log failed; logging it the general way");
             Ok(None)
         }
     }
@@ -277,7 +277,7 @@ pub(super) async fn complete_instant_grant(
         }
         Ok(None) => {}
         Err(e) => {
-            tracing::debug!(error = %e, "one-statement booking failed; booking the general way");
+            tracing::warn!(error = %e, "one-statement booking failed; booking the general way");
             drop(tx);
             tx = begin_booking(pool).await?;
         }
