@@ -9,7 +9,8 @@ use allot_balancer::store::{
 use allot_core::domain::{MoveKind, MoveState, RunTrigger, ServerState};
 use allot_core::shard::shard_of;
 use allot_core::wire::balancer::{
-    AddEntitlement, CreateProduct, ExplainedCell, RegisterServer, RunDecision, SetAllocation,
+    AddEntitlement, CreateProduct, ExplainedCell, RegisterServer, RunDecision, RunSummary,
+    SetAllocation,
 };
 use allot_tests::{Backend, on_both_backends};
 use std::sync::Arc;
@@ -690,6 +691,70 @@ async fn some_cells_of_a_product_are_read_again_by_server(backend: Backend) {
     );
 }
 
+/// The instant balances' runs, newest first.
+async fn instant_runs(store: &dyn Store) -> Vec<RunSummary> {
+    store
+        .runs(&RunsQuery {
+            limit: 10,
+            before_id: None,
+            trigger: Some(RunTrigger::Instant),
+            since_ms: None,
+        })
+        .await
+        .unwrap()
+}
+
+/// A move that must be refused, and how.
+type Refusal = (NewMove, fn(&StoreError) -> bool);
+
+/// The refusals every way of logging an instant balance's single grant shares: a server or a
+/// product that does not exist, and a grant of nothing.
+fn single_grant_refusals() -> Vec<Refusal> {
+    vec![
+        (new_move(MoveKind::Grant, "cad", "ghost", 1), |e| {
+            matches!(e, StoreError::NotFound(_))
+        }),
+        (new_move(MoveKind::Grant, "nope", "s1", 1), |e| {
+            matches!(e, StoreError::UnknownProduct(_))
+        }),
+        (new_move(MoveKind::Grant, "cad", "s1", 0), |e| {
+            matches!(e, StoreError::Conflict(_))
+        }),
+    ]
+}
+
+/// Books an instant balance's grant of `units` of `cad` to `s1` as its server applied it, and
+/// closes its run with request `request` answered in full; returns the request's record.
+async fn answer_instant(
+    store: &dyn Store,
+    run_id: i64,
+    grant: Uuid,
+    units: u64,
+    request: Uuid,
+) -> InstantRecord {
+    store
+        .complete_move(grant, units, 1, &Fence::alone())
+        .await
+        .unwrap();
+    let answered = InstantRecord {
+        server: "s1".into(),
+        product: "cad".into(),
+        units,
+        granted: units,
+    };
+    let outcome = RunOutcome {
+        status: "ok".into(),
+        moves: 1,
+        units_moved: units,
+        ..RunOutcome::default()
+    };
+    store
+        .finish_instant_run(run_id, &outcome, Some((request, &answered)))
+        .await
+        .unwrap();
+    answered
+}
+
 /// An instant balance's run opened with a grant of `units` of `cad` to `s1` from the reserve:
 /// the run's id, the grant and what was logged.
 async fn instant_run_with_grant(store: &dyn Store, units: u64) -> (i64, NewMove, Vec<MoveRecord>) {
@@ -711,17 +776,6 @@ async fn instant_run_with_grant(store: &dyn Store, units: u64) -> (i64, NewMove,
 /// units) are refused as by `begin_run_with_moves`, and leave no run.
 async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Backend) {
     let store = stocked(&backend, 10).await;
-    let instant_runs = || async {
-        store
-            .runs(&RunsQuery {
-                limit: 10,
-                before_id: None,
-                trigger: Some(RunTrigger::Instant),
-                since_ms: None,
-            })
-            .await
-            .unwrap()
-    };
     let before = store.books().await.unwrap();
     let request = Uuid::new_v4();
     let grant = new_move(MoveKind::Grant, "cad", "s1", 3);
@@ -740,21 +794,13 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
             "as read {stale}"
         );
     }
-    for (refused, is_expected) in [
-        (
-            new_move(MoveKind::Grant, "cad", "ghost", 1),
-            (|e: &StoreError| matches!(e, StoreError::NotFound(_))) as fn(&StoreError) -> bool,
-        ),
-        (new_move(MoveKind::Grant, "nope", "s1", 1), |e| {
-            matches!(e, StoreError::UnknownProduct(_))
-        }),
-        (new_move(MoveKind::Grant, "cad", "s1", 0), |e| {
-            matches!(e, StoreError::Conflict(_))
-        }),
-        (new_move(MoveKind::Grant, "cad", "s1", 11), |e| {
-            matches!(e, StoreError::Conflict(_))
-        }),
-    ] {
+    let beyond_the_reserve: Refusal = (new_move(MoveKind::Grant, "cad", "s1", 11), |e| {
+        matches!(e, StoreError::Conflict(_))
+    });
+    for (refused, is_expected) in single_grant_refusals()
+        .into_iter()
+        .chain([beyond_the_reserve])
+    {
         let result = store
             .log_instant_grant(&Fence::alone(), &refused, request, 10)
             .await;
@@ -763,7 +809,7 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
             "{refused:?}: {result:?}"
         );
     }
-    assert!(instant_runs().await.is_empty());
+    assert!(instant_runs(&*store).await.is_empty());
     assert_eq!(store.books().await.unwrap(), before);
 
     // As read: the run and the grant, in transit.
@@ -781,7 +827,7 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
     assert_eq!(logged.state, MoveState::Planned);
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit), (7, 3));
-    let opened = instant_runs().await;
+    let opened = instant_runs(&*store).await;
     assert_eq!((opened.len(), opened[0].id), (1, run_id));
     assert_eq!(opened[0].status, "running");
     assert_balanced(&*store).await;
@@ -794,26 +840,7 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
     ));
 
     // Once the request is answered, it is not logged again, even as read.
-    store
-        .complete_move(grant.id, 3, 1, &Fence::alone())
-        .await
-        .unwrap();
-    let answered = InstantRecord {
-        server: "s1".into(),
-        product: "cad".into(),
-        units: 3,
-        granted: 3,
-    };
-    let outcome = RunOutcome {
-        status: "ok".into(),
-        moves: 1,
-        units_moved: 3,
-        ..RunOutcome::default()
-    };
-    store
-        .finish_instant_run(run_id, &outcome, Some((request, &answered)))
-        .await
-        .unwrap();
+    let answered = answer_instant(&*store, run_id, grant.id, 3, request).await;
     let again = new_move(MoveKind::Grant, "cad", "s1", 2);
     assert_eq!(
         store
@@ -825,7 +852,7 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
             reserve: 7
         })
     );
-    assert_eq!(instant_runs().await.len(), 1);
+    assert_eq!(instant_runs(&*store).await.len(), 1);
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit), (7, 0));
     assert_balanced(&*store).await;
@@ -835,17 +862,6 @@ async fn an_instant_grant_is_logged_only_while_the_books_are_as_read(backend: Ba
 /// refused grant leaves no run behind), and closes with the answered request in another.
 async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
     let store = stocked(&backend, 10).await;
-    let instant_runs = || async {
-        store
-            .runs(&RunsQuery {
-                limit: 10,
-                before_id: None,
-                trigger: Some(RunTrigger::Instant),
-                since_ms: None,
-            })
-            .await
-            .unwrap()
-    };
     let before = store.books().await.unwrap();
     assert!(matches!(
         store
@@ -859,18 +875,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
     ));
     // Refused like any move, a single grant (logged by one statement on PostgreSQL) leaves
     // neither a run nor a change behind.
-    for (refused, is_expected) in [
-        (
-            new_move(MoveKind::Grant, "cad", "ghost", 1),
-            (|e: &StoreError| matches!(e, StoreError::NotFound(_))) as fn(&StoreError) -> bool,
-        ),
-        (new_move(MoveKind::Grant, "nope", "s1", 1), |e| {
-            matches!(e, StoreError::UnknownProduct(_))
-        }),
-        (new_move(MoveKind::Grant, "cad", "s1", 0), |e| {
-            matches!(e, StoreError::Conflict(_))
-        }),
-    ] {
+    for (refused, is_expected) in single_grant_refusals() {
         let result = store
             .begin_run_with_moves(
                 RunTrigger::Instant,
@@ -883,7 +888,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
             "{refused:?}: {result:?}"
         );
     }
-    assert!(instant_runs().await.is_empty());
+    assert!(instant_runs(&*store).await.is_empty());
     assert_eq!(store.books().await.unwrap(), before);
 
     let (run_id, grant, logged) = instant_run_with_grant(&*store, 4).await;
@@ -899,37 +904,18 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
         matches!(logged_again, Err(StoreError::Conflict(_))),
         "{logged_again:?}"
     );
-    assert_eq!(instant_runs().await.len(), 1);
+    assert_eq!(instant_runs(&*store).await.len(), 1);
     assert_eq!(logged.len(), 1);
     assert_eq!((logged[0].id, logged[0].run_id), (grant.id, Some(run_id)));
     let p = store.product("cad").await.unwrap().product;
     assert_eq!((p.reserve, p.in_transit), (6, 4));
-    let opened = instant_runs().await;
+    let opened = instant_runs(&*store).await;
     assert_eq!((opened.len(), opened[0].id), (1, run_id));
     assert_eq!(opened[0].status, "running");
     assert_balanced(&*store).await;
 
-    store
-        .complete_move(grant.id, 4, 1, &Fence::alone())
-        .await
-        .unwrap();
     let request = Uuid::new_v4();
-    let answered = InstantRecord {
-        server: "s1".into(),
-        product: "cad".into(),
-        units: 4,
-        granted: 4,
-    };
-    let outcome = RunOutcome {
-        status: "ok".into(),
-        moves: 1,
-        units_moved: 4,
-        ..RunOutcome::default()
-    };
-    store
-        .finish_instant_run(run_id, &outcome, Some((request, &answered)))
-        .await
-        .unwrap();
+    let answered = answer_instant(&*store, run_id, grant.id, 4, request).await;
     assert_eq!(
         store.instant_start(request, "cad").await.unwrap().answered,
         Some(answered.clone())
@@ -945,7 +931,7 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
         store.instant_start(request, "nope").await,
         Err(StoreError::UnknownProduct(n)) if n == "nope"
     ));
-    let closed = &instant_runs().await[0];
+    let closed = &instant_runs(&*store).await[0];
     assert_eq!(
         (closed.status.as_str(), closed.moves, closed.units_moved),
         ("ok", 1, 4)
@@ -963,13 +949,15 @@ async fn an_instant_runs_record_and_grant_commit_together(backend: Backend) {
             unsettled,
             &RunOutcome {
                 status: "partial".into(),
-                ..outcome
+                moves: 1,
+                units_moved: 4,
+                ..RunOutcome::default()
             },
             None,
         )
         .await
         .unwrap();
-    assert_eq!(instant_runs().await[0].status, "partial");
+    assert_eq!(instant_runs(&*store).await[0].status, "partial");
 }
 
 /// An instant balance the reserve covers books its grant, closes its run and records its

@@ -223,17 +223,15 @@ async fn log_run_with_grant(
 /// (the caller then books the general way, which says why, or finds a repeat).
 async fn book_instant_grant(
     conn: &mut sqlx::PgConnection,
-    grant: &sql::InstantBooking<'_>,
+    booking: &sql::InstantBooking<'_>,
     now_ms: i64,
 ) -> Result<Option<(Option<i64>, String, i64)>, sqlx::Error> {
-    let sql::InstantBooking {
-        landed,
-        fence,
-        run_id,
-        outcome,
-        request_id,
-        answered,
-    } = grant;
+    let (landed, fence, outcome, answered) = (
+        &booking.landed,
+        booking.fence,
+        booking.outcome,
+        booking.answered,
+    );
     let wide = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     sqlx::query_as(
         "WITH fence AS (SELECT shard FROM leader_shards WHERE shard = $1 AND epoch = $2 \
@@ -279,8 +277,8 @@ async fn book_instant_grant(
     .bind(wide(outcome.unserved_true))
     .bind(wide(outcome.unserved_false))
     .bind(wide(outcome.ping_pong_units))
-    .bind(*run_id)
-    .bind(request_id.to_string())
+    .bind(booking.run_id)
+    .bind(booking.request_id.to_string())
     .bind(wide(answered.units))
     .bind(wide(answered.granted))
     .bind(&answered.server)

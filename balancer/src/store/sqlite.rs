@@ -154,7 +154,7 @@ async fn log_run_with_grant(
 /// the reasons [`log_run_with_grant`] gives. Always `None`: book it the general way.
 async fn book_instant_grant(
     _conn: &mut sqlx::SqliteConnection,
-    _grant: &sql::InstantBooking<'_>,
+    _booking: &sql::InstantBooking<'_>,
     _now_ms: i64,
 ) -> Result<Option<(Option<i64>, String, i64)>, sqlx::Error> {
     Ok(None)
